@@ -1,0 +1,1 @@
+"""The RISC-V RV64GC hart."""

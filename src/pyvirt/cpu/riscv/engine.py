@@ -1,0 +1,283 @@
+"""The execution engine: block cache, interpreter tier, translated tier, dispatcher.
+
+Guest code runs in *blocks*: straight-line runs of instructions inside one
+4 KiB page that end at a control transfer or a system instruction.  A block
+is keyed by (privilege, virtual pc, physical page) and cached per privilege
+by virtual pc; each dispatch checks that the fetch TLB still maps the pc's
+page to the block's physical page.
+
+Tiers behind one interface (a block entry is `(fn, length, ppn)` where
+`fn(hart)` runs the block and returns the next pc):
+
+* `interp`: every block runs its instructions one by one through generic
+  handlers (emit.GenericEmitter), using the hart's checked memory slow path.
+  This is the reference.
+* `jit`: a block executed `hot` times is translated to a Python function
+  (emit.BlockEmitter) with registers in locals and TLB-based RAM access.
+
+Stores into a page holding translated code (by the CPU or by device DMA)
+invalidate that page's blocks: the bus watches those pages, and the harts'
+write TLBs never map them.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from pyvirt.cpu.riscv import isa
+from pyvirt.cpu.riscv.decode import Insn, decode
+from pyvirt.cpu.riscv.emit import BlockEmitter, GenericEmitter
+from pyvirt.cpu.riscv.hart import Hart
+from pyvirt.cpu.riscv.traps import ContextChange, StopSlice, Trap
+from pyvirt.memory import Bus
+
+MAX_BLOCK = 64
+ENGINES = ("interp", "jit")
+
+Entry = tuple[Callable[[Hart], int], int, int]
+
+# Instructions that end a block.  csrr (csrrs/csrrc reading with rs1 = x0)
+# is a pure read and does not.
+_ENDS = {"jal", "jalr", "beq", "bne", "blt", "bge", "bltu", "bgeu", "ecall", "ebreak",
+         "mret", "sret", "wfi", "sfence_vma", "fence_i", "illegal",
+         "csrrw", "csrrwi", "csrrs", "csrrc", "csrrsi", "csrrci"}
+
+
+def ends_block(ins: Insn) -> bool:
+    if ins.name in _ENDS:
+        return not (ins.name in ("csrrs", "csrrc", "csrrsi", "csrrci") and ins.rs1 == 0)
+    return False
+
+
+def _struct_helpers() -> dict[str, Any]:
+    fmts = {"LBU": "<B", "LB": "<b", "LHU": "<H", "LH": "<h", "LWU": "<I", "LW": "<i", "LD": "<Q"}
+    out: dict[str, Any] = {k: struct.Struct(f).unpack_from for k, f in fmts.items()}
+    for k, f in {"SB": "<B", "SH": "<H", "SW": "<I", "SD": "<Q"}.items():
+        out[k] = struct.Struct(f).pack_into
+    return out
+
+
+_BASE_GLOBALS: dict[str, Any] = {"Trap": Trap, **isa.HELPERS, **_struct_helpers()}
+
+
+def _build_handlers() -> dict[str, Callable[[Hart, tuple[Any, ...]], int | None]]:
+    handlers = {}
+    ns: dict[str, Any] = dict(_BASE_GLOBALS)
+    for name, tmpl in isa.TEMPLATES.items():
+        e = GenericEmitter()
+        tmpl(e)
+        src = e.function(f"op_{name}")
+        exec(compile(src, f"<handler {name}>", "exec"), ns)
+        handlers[name] = ns[f"op_{name}"]
+    return handlers
+
+
+HANDLERS = _build_handlers()
+
+
+class Engine:
+    """Runs harts of one machine; owns the translated-code caches."""
+
+    def __init__(self, bus: Bus, mode: str = "jit", hot: int = 2) -> None:
+        if mode not in ENGINES:
+            raise ValueError(f"unknown engine {mode!r}")
+        self.bus = bus
+        self.mode = mode
+        self.hot = hot
+        self.harts: list[Hart] = []
+        self.caches: dict[int, dict[int, Entry]] = {0: {}, 1: {}, 3: {}}
+        self.blocks: dict[tuple[int, int, int], Entry] = {}
+        self.page_keys: dict[int, list[tuple[int, int, int]]] = {}
+        self.globals: dict[str, Any] = dict(_BASE_GLOBALS, ram=bus.ram)
+        self.stats = {"translated": 0, "interp_blocks": 0, "invalidated": 0}
+
+    def add_hart(self, hart: Hart) -> None:
+        self.harts.append(hart)
+
+    # -- dispatch ---------------------------------------------------------------
+    def run(self, h: Hart, budget: int) -> int:
+        """Run hart `h` for about `budget` instructions; returns how many ran."""
+        caches = self.caches
+        lookup = self.lookup
+        start = budget
+        pc = h.pc
+        while True:
+            cache = caches[h.priv]
+            itlb = h.itlb
+            try:
+                while budget > 0:
+                    ent = cache.get(pc)
+                    if ent is None or itlb.get(pc >> 12) != ent[2]:
+                        h.pc = pc
+                        ent = lookup(h, pc)
+                    pc = ent[0](h)
+                    budget -= ent[1]
+                h.pc = pc
+                break
+            except Trap as t:
+                budget -= 1
+                h.take_trap(t.cause, t.tval)
+                pc = h.pc
+            except ContextChange:
+                budget -= 1
+                pc = h.pc
+            except StopSlice:
+                budget -= 1
+                break
+        ran = start - budget
+        h.instret += ran
+        return ran
+
+    def lookup(self, h: Hart, pc: int) -> Entry:
+        ppn = h.fetch_ppn(pc)
+        key = (h.priv, pc, ppn)
+        ent = self.blocks.get(key)
+        if ent is None:
+            ent = self._build(key)
+            if ent[0] is self._crossing_insn:
+                return ent     # reads h.pc, so it must go through lookup every time
+        self.caches[h.priv][pc] = ent
+        return ent
+
+    # -- building blocks -------------------------------------------------------------
+    def _decode_block(self, pc: int, ppn: int) -> list[tuple[Insn, int]]:
+        ram = self.bus.ram
+        base = (ppn << 12) - self.bus.ram_base
+        out: list[tuple[Insn, int]] = []
+        a = pc
+        while len(out) < MAX_BLOCK:
+            po = a & 0xFFF
+            lo = ram[base + po] | (ram[base + po + 1] << 8) if po <= 0xFFE else 0
+            if lo & 3 == 3:
+                if po > 0xFFC:
+                    break                      # crosses into the next page
+                word = lo | ((ram[base + po + 2] | (ram[base + po + 3] << 8)) << 16)
+            else:
+                word = lo
+            ins = decode(word)
+            out.append((ins, a))
+            a = (a + ins.length) & isa.M
+            if ends_block(ins) or not a & 0xFFF:
+                break
+        return out
+
+    def _build(self, key: tuple[int, int, int]) -> Entry:
+        priv, pc, ppn = key
+        insns = self._decode_block(pc, ppn)
+        if not insns:
+            return (self._crossing_insn, 1, ppn)   # never cached: see lookup()
+        ops = tuple((HANDLERS[ins.name], ins.rd, ins.rs1, ins.rs2, ins.rs3, ins.imm, ins.rm,
+                     ins.length, ins.raw, a) for ins, a in insns)
+        last, last_pc = insns[-1]
+        end_pc = (last_pc + last.length) & isa.M
+        n = len(insns)
+        if self.mode == "jit" and self.hot <= 1:
+            ent = (self._compile(insns, end_pc), n, ppn)
+        else:
+            ent = (self._interp_block(key, insns, ops, end_pc), n, ppn)
+        self._register(key, ent)
+        return ent
+
+    def _register(self, key: tuple[int, int, int], ent: Entry) -> None:
+        ppn = key[2]
+        keys = self.page_keys.get(ppn)
+        if keys is None:
+            keys = self.page_keys[ppn] = []
+            self.bus.watch(ppn, self._code_written)
+            for h in self.harts:
+                h.drop_write_mapping(ppn)
+        keys.append(key)
+        self.blocks[key] = ent
+
+    def _interp_block(self, key: tuple[int, int, int], insns: list[tuple[Insn, int]],
+                      ops: tuple[tuple[Any, ...], ...], end_pc: int) -> Callable[[Hart], int]:
+        self.stats["interp_blocks"] += 1
+        promote = self.mode == "jit"
+        remaining = self.hot - 1
+
+        def run(h: Hart) -> int:
+            nonlocal remaining
+            if promote:
+                remaining -= 1
+                if remaining <= 0:
+                    self._promote(key, insns, end_pc)
+            for d in ops:
+                nxt = d[0](h, d)
+                if nxt is not None:
+                    return nxt
+            return end_pc
+        return run
+
+    def _promote(self, key: tuple[int, int, int], insns: list[tuple[Insn, int]], end_pc: int) -> None:
+        old = self.blocks.get(key)
+        if old is None:
+            return                              # invalidated meanwhile
+        ent = (self._compile(insns, end_pc), old[1], old[2])
+        self.blocks[key] = ent
+        cache = self.caches[key[0]]
+        if cache.get(key[1]) is old:
+            cache[key[1]] = ent
+
+    def _compile(self, insns: list[tuple[Insn, int]], end_pc: int) -> Callable[[Hart], int]:
+        e = BlockEmitter()
+        for ins, a in insns:
+            e.begin(ins, a)
+            isa.TEMPLATES[ins.name](e)
+            if e.ended:
+                break
+        name = f"b_{insns[0][1]:x}"
+        src = e.function(name, end_pc)
+        ns: dict[str, Any] = {}
+        exec(compile(src, f"<block {insns[0][1]:#x}>", "exec"), self.globals, ns)
+        self.stats["translated"] += 1
+        fn: Callable[[Hart], int] = ns[name]
+        return fn
+
+    def block_source(self, pc: int, ppn: int) -> str:
+        """The Python source the translator makes for the block at pc (for debugging)."""
+        insns = self._decode_block(pc, ppn)
+        e = BlockEmitter()
+        for ins, a in insns:
+            e.begin(ins, a)
+            isa.TEMPLATES[ins.name](e)
+            if e.ended:
+                break
+        last, last_pc = insns[-1]
+        return e.function("block", (last_pc + last.length) & isa.M)
+
+    @staticmethod
+    def _crossing_insn(h: Hart) -> int:
+        """A 32-bit instruction straddling two pages: fetch both halves every time."""
+        pc = h.pc
+        lo = h.fetch_half(pc)
+        hi = h.fetch_half((pc + 2) & isa.M)
+        ins = decode(lo | (hi << 16))
+        d = (HANDLERS[ins.name], ins.rd, ins.rs1, ins.rs2, ins.rs3, ins.imm, ins.rm,
+             ins.length, ins.raw, pc)
+        nxt = d[0](h, d)
+        return (pc + ins.length) & isa.M if nxt is None else nxt
+
+    # -- invalidation ---------------------------------------------------------------------
+    def _code_written(self, addr: int, length: int) -> None:
+        for ppn in range(addr >> 12, ((addr + length - 1) >> 12) + 1):
+            keys = self.page_keys.pop(ppn, None)
+            if keys is None:
+                continue
+            self.bus.unwatch(ppn)
+            for key in keys:
+                ent = self.blocks.pop(key, None)
+                cache = self.caches[key[0]]
+                if ent is not None and cache.get(key[1]) is ent:
+                    del cache[key[1]]
+                self.stats["invalidated"] += 1
+
+    def flush(self) -> None:
+        """Drop every translation (e.g. after loading a snapshot into RAM)."""
+        for ppn in list(self.page_keys):
+            self.bus.unwatch(ppn)
+        self.page_keys.clear()
+        self.blocks.clear()
+        for c in self.caches.values():
+            c.clear()

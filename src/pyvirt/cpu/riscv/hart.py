@@ -1,0 +1,455 @@
+"""One RV64GC hart: architectural state, traps, interrupts and the memory slow path.
+
+Translated code reaches RAM through the software TLB (three dicts per
+privilege mode: read, write, fetch) mapping a virtual page number to the
+offset that turns a virtual address into an index of the RAM buffer.  Misses,
+MMIO, watched pages and page-crossing accesses come here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from struct import Struct
+from typing import Any
+
+from pyvirt.clock import Clock
+from pyvirt.cpu.riscv import mmu
+from pyvirt.cpu.riscv.csr import (
+    FS,
+    MIE,
+    MPIE,
+    MPP,
+    MPP_SHIFT,
+    MPRV,
+    MXR,
+    SIE,
+    SPIE,
+    SPP,
+    SUM,
+    TSR,
+    TVM,
+    TW,
+    CsrMixin,
+)
+from pyvirt.cpu.riscv.traps import (
+    ECALL_FROM_U,
+    ILLEGAL_INSN,
+    INSN_ACCESS_FAULT,
+    INTERRUPT_BIT,
+    LOAD_ACCESS_FAULT,
+    LOAD_MISALIGNED,
+    STORE_ACCESS_FAULT,
+    STORE_MISALIGNED,
+    ContextChange,
+    StopSlice,
+    Trap,
+)
+from pyvirt.memory import Bus, BusError
+
+M64 = (1 << 64) - 1
+TLB_LIMIT = 8192
+# Interrupt priority order (3.1.9): MEI, MSI, MTI, SEI, SSI, STI.
+_PRIORITY = (11, 3, 7, 9, 1, 5)
+_SEXT = {1: (0x80, 0x100), 2: (0x8000, 0x10000), 4: (0x80000000, 1 << 32), 8: (1 << 63, 1 << 64)}
+_AMO_MASK = {4: 0xFFFFFFFF, 8: M64}
+
+HART_STARTED, HART_STOPPED, HART_START_PENDING = 0, 1, 2
+
+
+def _sext(v: int, size: int) -> int:
+    sign, span = _SEXT[size]
+    return (v - span) & M64 if v & sign else v
+
+
+class Hart(CsrMixin):
+    __slots__ = (
+        "hartid", "bus", "clock", "ram", "ram_base", "ram_end",
+        "x", "f", "pc", "priv", "fflags", "frm",
+        "mstatus", "medeleg", "mideleg", "mie", "mip", "mtvec", "stvec",
+        "mscratch", "sscratch", "mepc", "sepc", "mcause", "scause", "mtval", "stval",
+        "satp", "mcounteren", "scounteren", "mcountinhibit", "menvcfg", "senvcfg", "pmp",
+        "instret", "resv", "idle", "state", "stimecmp",
+        "tlbs", "rtlb", "wtlb", "itlb", "superpages",
+        "ecall_hook", "on_watch",
+    )
+
+    def __init__(self, hartid: int, bus: Bus, clock: Clock) -> None:
+        self.hartid = hartid
+        self.bus = bus
+        self.clock = clock
+        self.ram = bus.ram
+        self.ram_base = bus.ram_base
+        self.ram_end = bus.ram_end
+        # ecall_hook(hart) -> bool: serves ecalls the VMM implements itself
+        # (the SBI for an S-mode kernel, system calls for user-mode tests).
+        self.ecall_hook: Callable[[Hart], bool] | None = None
+        # The translator's hook to drop code on pages it is about to watch.
+        self.on_watch: Callable[[int], None] | None = None
+        self.tlbs = {p: ({}, {}, {}) for p in (0, 1, 3)}
+        self.superpages: set[int] = set()
+        self.reset()
+
+    # -- state ------------------------------------------------------------------
+    def reset(self) -> None:
+        self.x = [0] * 32
+        self.f = [0] * 32
+        self.pc = 0
+        self.fflags = 0
+        self.frm = 0
+        self.mstatus = 0
+        self.medeleg = self.mideleg = self.mie = self.mip = 0
+        self.mtvec = self.stvec = self.mscratch = self.sscratch = 0
+        self.mepc = self.sepc = self.mcause = self.scause = self.mtval = self.stval = 0
+        self.satp = 0
+        self.mcounteren = self.scounteren = self.mcountinhibit = 0
+        self.menvcfg = self.senvcfg = 0
+        self.pmp = [0] * 80
+        self.instret = 0
+        self.resv = -1
+        self.idle = False
+        self.state = HART_STARTED
+        self.stimecmp = M64
+        self.flush_tlb(all_modes=True)
+        self.set_priv(3)
+
+    _SAVED = ("pc", "priv", "fflags", "frm", "mstatus", "medeleg", "mideleg", "mie", "mip",
+              "mtvec", "stvec", "mscratch", "sscratch", "mepc", "sepc", "mcause", "scause",
+              "mtval", "stval", "satp", "mcounteren", "scounteren", "mcountinhibit", "menvcfg",
+              "senvcfg", "instret", "idle", "state", "stimecmp")
+
+    def save(self) -> dict[str, Any]:
+        state: dict[str, Any] = {k: getattr(self, k) for k in self._SAVED}
+        state.update(x=list(self.x), f=list(self.f), pmp=list(self.pmp))
+        return state
+
+    def load(self, state: dict[str, Any]) -> None:
+        for k in self._SAVED:
+            setattr(self, k, state[k])
+        self.x[:] = state["x"]
+        self.f[:] = state["f"]
+        self.pmp[:] = state["pmp"]
+        self.resv = -1
+        self.flush_tlb(all_modes=True)
+        self.set_priv(state["priv"])
+
+    # -- privilege and TLB -------------------------------------------------------
+    def set_priv(self, priv: int) -> None:
+        self.priv = priv
+        self.rtlb, self.wtlb, self.itlb = self.tlbs[priv]
+
+    def flush_tlb(self, all_modes: bool = False) -> None:
+        for priv, dicts in self.tlbs.items():
+            if priv != 3 or all_modes:
+                for d in dicts:
+                    d.clear()
+        if all_modes:
+            for d in self.tlbs[3]:
+                d.clear()
+        self.superpages.clear()
+
+    def flush_tlb_page(self, va: int) -> None:
+        vpn = (va & M64) >> 12
+        for level in (1, 2, 3):
+            if (vpn >> (9 * level)) in self.superpages:
+                self.flush_tlb()
+                return
+        for priv in (0, 1):
+            for d in self.tlbs[priv]:
+                d.pop(vpn, None)
+
+    def drop_write_mapping(self, ppn: int) -> None:
+        """Remove write-TLB entries that map physical page `ppn` (about to be watched)."""
+        target = (ppn << 12) - self.ram_base
+        for dicts in self.tlbs.values():
+            w = dicts[1]
+            stale = [vpn for vpn, o in w.items() if (vpn << 12) + o == target]
+            for vpn in stale:
+                del w[vpn]
+
+    def status_changed(self, old: int, new: int) -> None:
+        changed = old ^ new
+        if changed & (SUM | MXR):
+            for priv in (0, 1):
+                for d in self.tlbs[priv][:2]:
+                    d.clear()
+        if changed & (MPRV | MPP) or new & MPRV:
+            for d in self.tlbs[3][:2]:
+                d.clear()
+
+    # -- address translation -------------------------------------------------------
+    def translate(self, va: int, access: int) -> int:
+        """Physical address for `va`; fills the TLB for RAM pages."""
+        priv = self.priv
+        mprv = access != mmu.FETCH and priv == 3 and self.mstatus & MPRV
+        if mprv:
+            priv = (self.mstatus & MPP) >> MPP_SHIFT
+        mode = self.satp >> 60
+        level = 0
+        if priv == 3 or mode == 0:
+            pa = va
+        else:
+            st = self.mstatus
+            pa, level = mmu.walk(self.bus, mode, self.satp & ((1 << 44) - 1), va, access, priv,
+                                 bool(st & SUM), bool(st & MXR))
+        if not mprv and self.ram_base <= pa < self.ram_end:
+            vpn = va >> 12
+            page_off = (pa & ~0xFFF) - self.ram_base - (vpn << 12)
+            r, w, ix = self.tlbs[self.priv]
+            if len(r) > TLB_LIMIT or len(w) > TLB_LIMIT or len(ix) > TLB_LIMIT:
+                self.flush_tlb(all_modes=True)
+            if level:
+                self.superpages.add(vpn >> (9 * level))
+            if access == mmu.FETCH:
+                ix[vpn] = pa >> 12
+            elif access == mmu.LOAD:
+                r[vpn] = page_off
+            else:
+                r[vpn] = page_off
+                if (pa >> 12) not in self.bus.watched:
+                    w[vpn] = page_off
+        return pa
+
+    def fetch_ppn(self, va: int) -> int:
+        """Physical page number of the instruction at `va` (which must be in RAM)."""
+        ppn = self.itlb.get(va >> 12)
+        if ppn is None:
+            pa = self.translate(va, mmu.FETCH)
+            if not (self.ram_base <= pa < self.ram_end):
+                raise Trap(INSN_ACCESS_FAULT, va)
+            ppn = pa >> 12
+        return ppn
+
+    def fetch_half(self, va: int) -> int:
+        """Read 16 instruction bits at `va` through the full translation path."""
+        pa = (self.fetch_ppn(va) << 12) | (va & 0xFFF)
+        off = pa - self.ram_base
+        return self.ram[off] | (self.ram[off + 1] << 8)
+
+    # -- memory slow path -------------------------------------------------------------
+    def load(self, va: int, size: int, is_signed: bool) -> int:
+        if (va & 0xFFF) + size > 0x1000:
+            v = 0
+            for i in range(size):
+                v |= self.load((va + i) & M64, 1, False) << (8 * i)
+        else:
+            pa = self.translate(va, mmu.LOAD)
+            try:
+                v = self.bus.read(pa, size)
+            except BusError:
+                raise Trap(LOAD_ACCESS_FAULT, va) from None
+        return _sext(v, size) if is_signed else v
+
+    def store(self, va: int, size: int, value: int) -> None:
+        if (va & 0xFFF) + size > 0x1000:
+            # Translate every byte first so a fault leaves memory untouched.
+            pas = [self.translate((va + i) & M64, mmu.STORE) for i in range(size)]
+            for i, pa in enumerate(pas):
+                self._store_pa(pa, 1, (value >> (8 * i)) & 0xFF, va)
+            return
+        self._store_pa(self.translate(va, mmu.STORE), size, value, va)
+
+    def _store_pa(self, pa: int, size: int, value: int, va: int) -> None:
+        try:
+            self.bus.write(pa, size, value)
+        except BusError:
+            raise Trap(STORE_ACCESS_FAULT, va) from None
+
+    # -- A extension -------------------------------------------------------------------
+    def lr(self, va: int, size: int) -> int:
+        if va & (size - 1):
+            raise Trap(LOAD_MISALIGNED, va)
+        pa = self.translate(va, mmu.LOAD)
+        try:
+            v = self.bus.read(pa, size)
+        except BusError:
+            raise Trap(LOAD_ACCESS_FAULT, va) from None
+        self.resv = pa
+        return _sext(v, size)
+
+    def sc(self, va: int, value: int, size: int) -> int:
+        if va & (size - 1):
+            raise Trap(STORE_MISALIGNED, va)
+        pa = self.translate(va, mmu.STORE)
+        ok = self.resv == pa
+        self.resv = -1
+        if not ok:
+            return 1
+        self._store_pa(pa, size, value & _AMO_MASK[size], va)
+        return 0
+
+    def amo(self, op: str, va: int, src: int, size: int) -> int:
+        if va & (size - 1):
+            raise Trap(STORE_MISALIGNED, va)
+        pa = self.translate(va, mmu.STORE)
+        try:
+            old = self.bus.read(pa, size)
+        except BusError:
+            raise Trap(STORE_ACCESS_FAULT, va) from None
+        mask = _AMO_MASK[size]
+        b = src & mask
+        if op == "amoswap":
+            new = b
+        elif op == "amoadd":
+            new = (old + b) & mask
+        elif op == "amoxor":
+            new = old ^ b
+        elif op == "amoand":
+            new = old & b
+        elif op == "amoor":
+            new = old | b
+        elif op in ("amominu", "amomaxu"):
+            new = min(old, b) if op == "amominu" else max(old, b)
+        else:
+            so, sb = _sext(old, size), _sext(b, size)
+            so = so - (1 << 64) if so >> 63 else so
+            sb = sb - (1 << 64) if sb >> 63 else sb
+            pick = min(so, sb) if op == "amomin" else max(so, sb)
+            new = pick & mask
+        self._store_pa(pa, size, new, va)
+        return _sext(old, size)
+
+    # -- floating-point rounding mode ----------------------------------------------------
+    def dyn_rm(self) -> int:
+        if self.frm > 4:
+            raise Trap(ILLEGAL_INSN, 0)
+        return self.frm
+
+    def check_rm(self, rm: int) -> int:
+        if rm == 7:
+            return self.dyn_rm()
+        if rm > 4:
+            raise Trap(ILLEGAL_INSN, 0)
+        return rm
+
+    # -- interrupts and traps ----------------------------------------------------------------
+    def set_irq(self, bit: int, level: bool) -> None:
+        """An interrupt line into mip (from the CLINT, PLIC or the SBI timer)."""
+        if level:
+            self.mip |= bit
+        else:
+            self.mip &= ~bit
+
+    def pending_interrupt(self) -> int:
+        """The interrupt to take now (cause code), or -1."""
+        pend = self.mip & self.mie
+        if not pend:
+            return -1
+        m = pend & ~self.mideleg
+        if m and (self.priv < 3 or self.mstatus & MIE):
+            pend = m
+        else:
+            pend &= self.mideleg
+            if not pend or self.priv > 1 or (self.priv == 1 and not self.mstatus & SIE):
+                return -1
+        for code in _PRIORITY:
+            if pend >> code & 1:
+                return code
+        return -1
+
+    def interrupt_now(self) -> None:
+        """After a CSR write: take a newly enabled interrupt before the next instruction."""
+        code = self.pending_interrupt()
+        if code >= 0:
+            raise Trap(INTERRUPT_BIT | code, 0)
+
+    def take_trap(self, cause: int, tval: int) -> None:
+        """Enter the trap handler (privileged spec 3.1.6.1, 3.3.1); xepc = self.pc."""
+        interrupt = cause >> 63
+        code = cause & 0x7FFF_FFFF_FFFF_FFFF
+        deleg = self.mideleg if interrupt else self.medeleg
+        st = self.mstatus
+        self.idle = False
+        if self.priv <= 1 and (deleg >> code) & 1:
+            self.scause, self.sepc, self.stval = cause, self.pc, tval & M64
+            st &= ~(SPIE | SPP)
+            if st & SIE:
+                st |= SPIE
+            st = (st & ~SIE) | (self.priv << 8)
+            vec = self.stvec
+            self.mstatus = st
+            self.set_priv(1)
+        else:
+            self.mcause, self.mepc, self.mtval = cause, self.pc, tval & M64
+            st &= ~(MPIE | MPP)
+            if st & MIE:
+                st |= MPIE
+            st = (st & ~MIE) | (self.priv << MPP_SHIFT)
+            vec = self.mtvec
+            self.mstatus = st
+            self.set_priv(3)
+        base = vec & ~3
+        self.pc = base + 4 * code if (vec & 1 and interrupt) else base
+
+    def take_pending_interrupt(self) -> bool:
+        code = self.pending_interrupt()
+        if code < 0:
+            return False
+        self.take_trap(INTERRUPT_BIT | code, 0)
+        return True
+
+    # -- system instructions ---------------------------------------------------------------
+    def ecall(self) -> int:
+        hook = self.ecall_hook
+        if hook is not None and hook(self):
+            return (self.pc + 4) & M64
+        raise Trap(ECALL_FROM_U + self.priv, 0)
+
+    def _after_xret(self, old_priv: int) -> int:
+        code = self.pending_interrupt()
+        if code >= 0:
+            raise Trap(INTERRUPT_BIT | code, 0)
+        if self.priv != old_priv:
+            raise ContextChange()
+        return self.pc
+
+    def mret(self) -> int:
+        if self.priv != 3:
+            raise Trap(ILLEGAL_INSN, 0)
+        st = self.mstatus
+        mpp = (st & MPP) >> MPP_SHIFT
+        st = (st & ~MIE) | (MIE if st & MPIE else 0)
+        st = (st | MPIE) & ~MPP
+        if mpp != 3:
+            st &= ~MPRV
+        old = self.mstatus
+        self.mstatus = st
+        self.status_changed(old, st)
+        self.pc = self.mepc
+        self.set_priv(mpp)
+        return self._after_xret(3)
+
+    def sret(self) -> int:
+        if self.priv == 0 or (self.priv == 1 and self.mstatus & TSR):
+            raise Trap(ILLEGAL_INSN, 0)
+        old_priv = self.priv
+        st = self.mstatus
+        spp = (st >> 8) & 1
+        st = (st & ~SIE) | (SIE if st & SPIE else 0)
+        st = (st | SPIE) & ~SPP
+        st &= ~MPRV
+        old = self.mstatus
+        self.mstatus = st
+        self.status_changed(old, st)
+        self.pc = self.sepc
+        self.set_priv(spp)
+        return self._after_xret(old_priv)
+
+    def wfi(self, npc: int) -> int:
+        if self.priv == 0 or (self.priv == 1 and self.mstatus & TW):
+            raise Trap(ILLEGAL_INSN, 0)
+        self.pc = npc
+        if not (self.mip & self.mie):
+            self.idle = True
+        raise StopSlice()
+
+    def sfence_vma(self, rs1: int, vaddr: int, npc: int) -> int:
+        if self.priv == 0 or (self.priv == 1 and self.mstatus & TVM):
+            raise Trap(ILLEGAL_INSN, 0)
+        if rs1 == 0:
+            self.flush_tlb()
+        else:
+            self.flush_tlb_page(vaddr)
+        return npc
+
+    def fs_enabled(self) -> bool:
+        return bool(self.mstatus & FS)

@@ -1,0 +1,1 @@
+"""Device models.  Devices never import the CPU: they see the bus and interrupt lines."""

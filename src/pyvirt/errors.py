@@ -1,0 +1,34 @@
+"""Host-side errors.
+
+Errors caused by the *guest* are never Python exceptions that escape the VMM:
+CPU faults are `pyvirt.cpu.riscv.traps.Trap` values delivered to the guest, and
+device misuse completes a request with an error status.  The classes here are
+for the *host* side and form this tree::
+
+    PyvirtError                 anything pyvirt reports to its user as one line
+    ├── ConfigError             bad flags, bad VM specification
+    ├── ImageError              missing/corrupt kernel, initrd, disk image
+    ├── BuildError              building a guest image failed
+    └── GuestMemoryError        a guest-supplied physical range is not RAM
+                                (caught by devices and turned into a device error)
+"""
+
+
+class PyvirtError(Exception):
+    """Base of all user-facing pyvirt errors; str(e) is a one-line message."""
+
+
+class ConfigError(PyvirtError):
+    """The user asked for something invalid."""
+
+
+class ImageError(PyvirtError):
+    """A kernel, initrd or disk image is missing or malformed."""
+
+
+class BuildError(PyvirtError):
+    """Building a guest image failed."""
+
+
+class GuestMemoryError(PyvirtError):
+    """A guest-supplied guest-physical range lies outside guest RAM."""

@@ -1,0 +1,1 @@
+"""Boards: memory map, devices and boot."""

@@ -1,0 +1,154 @@
+"""Guest physical memory: RAM in one anonymous mmap, plus MMIO dispatch.
+
+The CPU reads and writes RAM directly through `Bus.ram` (its software TLB maps
+guest pages straight to offsets in it).  Everything else -- MMIO, accesses from
+devices (DMA), and CPU accesses that miss the TLB -- goes through the bus.
+
+Pages can be *watched*: the CPU watches pages it has translated code from, and
+the HTIF `tohost` word of bare-metal programs is watched too.  Writes to a
+watched page through the bus (CPU slow path or device DMA) call the watcher,
+so translated code is invalidated whatever writes to it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+from collections.abc import Callable
+from struct import Struct
+from typing import Any
+
+from pyvirt.devices.base import MmioDevice
+from pyvirt.errors import ConfigError, GuestMemoryError
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
+_UNPACK = {1: Struct("<B").unpack_from, 2: Struct("<H").unpack_from,
+           4: Struct("<I").unpack_from, 8: Struct("<Q").unpack_from}
+_PACK = {1: Struct("<B").pack_into, 2: Struct("<H").pack_into,
+         4: Struct("<I").pack_into, 8: Struct("<Q").pack_into}
+_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
+
+
+class BusError(Exception):
+    """No RAM and no device at a physical address (an access fault for the CPU)."""
+
+    def __init__(self, addr: int) -> None:
+        super().__init__(f"no memory or device at physical address {addr:#x}")
+        self.addr = addr
+
+
+class Bus:
+    """The physical address space of one VM."""
+
+    def __init__(self, ram_base: int, ram_size: int) -> None:
+        if ram_size <= 0 or ram_size % PAGE_SIZE:
+            raise ConfigError(f"memory size must be a positive multiple of 4 KiB, not {ram_size}")
+        self.ram_base = ram_base
+        self.ram_size = ram_size
+        self.ram_end = ram_base + ram_size
+        # An 8-byte tail lets unaligned fast-path accesses at the very end of RAM
+        # stay inside the buffer; the CPU never maps it to the guest.
+        self.ram = mmap.mmap(-1, ram_size + 8)
+        self._bases: list[int] = []
+        self._regions: list[tuple[int, int, MmioDevice, str]] = []
+        self.watched: dict[int, Callable[[int, int], None]] = {}
+
+    # -- layout ---------------------------------------------------------------
+    def add_mmio(self, base: int, size: int, device: MmioDevice, name: str = "") -> None:
+        end = base + size
+        if base < self.ram_end and end > self.ram_base:
+            raise ConfigError(f"MMIO region {name} {base:#x}+{size:#x} overlaps RAM")
+        for b, s, _, n in self._regions:
+            if base < b + s and end > b:
+                raise ConfigError(f"MMIO region {name} {base:#x}+{size:#x} overlaps {n}")
+        i = bisect.bisect(self._bases, base)
+        self._bases.insert(i, base)
+        self._regions.insert(i, (base, size, device, name))
+
+    def regions(self) -> list[tuple[int, int, MmioDevice, str]]:
+        return list(self._regions)
+
+    def find_mmio(self, addr: int) -> tuple[MmioDevice, int] | None:
+        i = bisect.bisect(self._bases, addr) - 1
+        if i >= 0:
+            base, size, dev, _ = self._regions[i]
+            if addr < base + size:
+                return dev, addr - base
+        return None
+
+    def is_ram(self, addr: int, length: int = 1) -> bool:
+        return self.ram_base <= addr and addr + length <= self.ram_end and length >= 0
+
+    # -- watched pages ----------------------------------------------------------
+    def watch(self, page: int, callback: Callable[[int, int], None]) -> None:
+        """Call `callback(addr, length)` when page number `page` is written via the bus."""
+        self.watched[page] = callback
+
+    def unwatch(self, page: int) -> None:
+        self.watched.pop(page, None)
+
+    def _notify(self, addr: int, length: int) -> None:
+        first = addr >> PAGE_SHIFT
+        last = (addr + length - 1) >> PAGE_SHIFT
+        watched = self.watched
+        for page in range(first, last + 1):
+            cb = watched.get(page)
+            if cb is not None:
+                cb(addr, length)
+
+    # -- word access (CPU slow path, devices' register-sized DMA) ---------------
+    def read(self, addr: int, size: int) -> int:
+        off = addr - self.ram_base
+        if 0 <= off and addr + size <= self.ram_end:
+            return _UNPACK[size](self.ram, off)[0]
+        hit = self.find_mmio(addr)
+        if hit is None:
+            raise BusError(addr)
+        dev, offset = hit
+        return dev.read(offset, size) & _MASK[size]
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        off = addr - self.ram_base
+        if 0 <= off and addr + size <= self.ram_end:
+            _PACK[size](self.ram, off, value & _MASK[size])
+            if self.watched:
+                self._notify(addr, size)
+            return
+        hit = self.find_mmio(addr)
+        if hit is None:
+            raise BusError(addr)
+        dev, offset = hit
+        dev.write(offset, size, value & _MASK[size])
+
+    # -- DMA ---------------------------------------------------------------------
+    def _ram_offset(self, addr: int, length: int) -> int:
+        if length < 0 or not (self.ram_base <= addr and addr + length <= self.ram_end):
+            raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is outside RAM")
+        return addr - self.ram_base
+
+    def view(self, addr: int, length: int) -> memoryview:
+        """A zero-copy view of guest RAM.  Call `dma_written` after writing through it."""
+        off = self._ram_offset(addr, length)
+        return memoryview(self.ram)[off:off + length]
+
+    def read_bytes(self, addr: int, length: int) -> bytes:
+        off = self._ram_offset(addr, length)
+        return self.ram[off:off + length]
+
+    def write_bytes(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        length = len(data)
+        off = self._ram_offset(addr, length)
+        self.ram[off:off + length] = data
+        if self.watched and length:
+            self._notify(addr, length)
+
+    def dma_written(self, addr: int, length: int) -> None:
+        """Tell the bus that `length` bytes at `addr` were written through a view."""
+        if self.watched and length > 0:
+            self._notify(addr, length)
+
+    # -- state ---------------------------------------------------------------------
+    def save_devices(self) -> dict[str, Any]:
+        return {name: dev.save() for _, _, dev, name in self._regions}

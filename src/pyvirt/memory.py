@@ -53,7 +53,7 @@ class Bus:
         self.ram = mmap.mmap(-1, ram_size + 8)
         self._bases: list[int] = []
         self._regions: list[tuple[int, int, MmioDevice, str]] = []
-        self.watched: dict[int, Callable[[int, int], None]] = {}
+        self.watched: dict[int, list[Callable[[int, int], None]]] = {}
 
     # -- layout ---------------------------------------------------------------
     def add_mmio(self, base: int, size: int, device: MmioDevice, name: str = "") -> None:
@@ -84,19 +84,24 @@ class Bus:
     # -- watched pages ----------------------------------------------------------
     def watch(self, page: int, callback: Callable[[int, int], None]) -> None:
         """Call `callback(addr, length)` when page number `page` is written via the bus."""
-        self.watched[page] = callback
+        self.watched.setdefault(page, []).append(callback)
 
-    def unwatch(self, page: int) -> None:
-        self.watched.pop(page, None)
+    def unwatch(self, page: int, callback: Callable[[int, int], None]) -> None:
+        cbs = self.watched.get(page)
+        if cbs is not None and callback in cbs:
+            cbs.remove(callback)
+            if not cbs:
+                del self.watched[page]
 
     def _notify(self, addr: int, length: int) -> None:
         first = addr >> PAGE_SHIFT
         last = (addr + length - 1) >> PAGE_SHIFT
         watched = self.watched
         for page in range(first, last + 1):
-            cb = watched.get(page)
-            if cb is not None:
-                cb(addr, length)
+            cbs = watched.get(page)
+            if cbs is not None:
+                for cb in list(cbs):
+                    cb(addr, length)
 
     # -- word access (CPU slow path, devices' register-sized DMA) ---------------
     def read(self, addr: int, size: int) -> int:

@@ -265,7 +265,7 @@ class Engine:
             keys = self.page_keys.pop(ppn, None)
             if keys is None:
                 continue
-            self.bus.unwatch(ppn)
+            self.bus.unwatch(ppn, self._code_written)
             for key in keys:
                 ent = self.blocks.pop(key, None)
                 cache = self.caches[key[0]]
@@ -276,7 +276,7 @@ class Engine:
     def flush(self) -> None:
         """Drop every translation (e.g. after loading a snapshot into RAM)."""
         for ppn in list(self.page_keys):
-            self.bus.unwatch(ppn)
+            self.bus.unwatch(ppn, self._code_written)
         self.page_keys.clear()
         self.blocks.clear()
         for c in self.caches.values():

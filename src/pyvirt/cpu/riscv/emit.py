@@ -27,6 +27,7 @@ _LOAD_FMT = {(1, False): "LBU", (1, True): "LB", (2, False): "LHU", (2, True): "
              (4, False): "LWU", (4, True): "LW", (8, False): "LD", (8, True): "LD"}
 _STORE_FMT = {1: "SB", 2: "SH", 4: "SW", 8: "SD"}
 _STORE_MASK = {1: "0xFF", 2: "0xFFFF", 4: "0xFFFFFFFF", 8: None}
+_WRITEBACK = "#writeback"
 
 
 def sx32(expr: str) -> str:
@@ -87,7 +88,7 @@ class Emitter:
     def store(self, size: int, addr: str, value: str) -> None:
         raise NotImplementedError
 
-    def jump(self, target: str) -> None:
+    def jump(self, target: str, direct: bool = False) -> None:
         raise NotImplementedError
 
     def branch(self, cond: str, target: str) -> None:
@@ -111,6 +112,15 @@ class Emitter:
         self.sync()
         self.line(f"return {expr}")
         self.ended = True
+
+    def amo(self, op: str, size: int, addr: str, src: str) -> str:
+        return self.call(f"h.amo({op!r}, {addr}, {src}, {size})")
+
+    def lr(self, size: int, addr: str) -> str:
+        return self.call(f"h.lr({addr}, {size})")
+
+    def sc(self, size: int, addr: str, src: str) -> str:
+        return self.call(f"h.sc({addr}, {src}, {size})")
 
     def trap(self, cause: str, tval: str) -> None:
         self.sync()
@@ -167,7 +177,7 @@ class GenericEmitter(Emitter):
         self.sync()
         self.line(f"h.store({addr}, {size}, {value})")
 
-    def jump(self, target: str) -> None:
+    def jump(self, target: str, direct: bool = False) -> None:
         self.line(f"return {target}")
         self.ended = True
 
@@ -185,23 +195,41 @@ class GenericEmitter(Emitter):
 
 
 class BlockEmitter(Emitter):
-    """Emits the straight-line body of a translated block, operands constant."""
+    """Emits the body of a translated block, operands constant.
+
+    A block may continue past conditional branches (side exits) and through
+    direct jumps inside its page.  When a branch or jump leads back to the
+    block's entry the body becomes a loop: registers stay in locals across
+    iterations, and the loop returns to the dispatcher after LOOP_BUDGET
+    instructions so interrupts and other harts still get their turn.
+
+    Instruction accounting: the dispatcher charges the block's full length
+    per call; exits adjust `h.adj` by the difference so `instret` is exact
+    for blocks that complete (a trap loses the partial block's count).
+    """
 
     static = True
+    LOOP_BUDGET = 20_000
 
-    def __init__(self) -> None:
+    def __init__(self, entry: int = 0, total: int = 0, loop: bool = False) -> None:
         super().__init__()
-        self.loaded: set[int] = set()      # registers read before written: loaded on entry
-        self.written: set[int] = set()     # registers assigned so far
+        self.entry = entry
+        self.total = total
+        self.loop = loop
+        self.loaded: set[int] = set()
+        self.written: set[int] = set()
         self.uses_r = False
         self.uses_w = False
-        self.uses_f = False
+        self.final: list[str] | None = None
         self.n = 0
+        self.indent = 3 if loop else 2
 
-    def begin(self, insn: object, pc: int) -> None:
+    def begin(self, insn: object, pc: int, index: int = 0, next_pc: int | None = None) -> None:
         """Point the emitter at the next instruction of the block."""
         self.ins = insn
         self._pc = pc
+        self.index = index
+        self.next_pc = next_pc
         rd, rs1, rs2, rs3, imm = insn.rd, insn.rs1, insn.rs2, insn.rs3, insn.imm  # type: ignore[attr-defined]
         self._rd = rd
         self.rs1 = self._read(rs1)
@@ -235,27 +263,114 @@ class BlockEmitter(Emitter):
         self.written.add(rd)
 
     def fd_set(self, expr: str) -> None:
-        self.uses_f = True
         self.line(f"F[{self._rd}] = {expr}")
         self.line("h.mstatus |= 0x6000")
 
     def _writeback(self) -> None:
-        for r in sorted(self.written):
-            self.line(f"X[{r}] = x{r}")
+        # Expanded by function() to store every register the block writes: in a
+        # loop, registers written later in the body are live at earlier exits.
+        self.line(_WRITEBACK)
 
     def sync(self) -> None:
-        self._writeback()
+        # Only the pc: if the call raises, the block's exception handler stores
+        # the registers, whose locals hold exactly the state at that point.
         self.line(f"h.pc = {self.pc}")
 
-    def load(self, size: int, is_signed: bool, addr: str) -> str:
-        self.uses_r = True
-        a, o, t = self.tmp("a"), self.tmp("o"), self.tmp("v")
-        self.line(f"{a} = {addr}")
-        self.line(f"{o} = R.get({a} >> 12)")
-        if size == 1:
+    # -- leaving the block ---------------------------------------------------------
+    def _account(self) -> None:
+        """Correct the dispatcher's charge when leaving after instruction `index`."""
+        done = self.index + 1 - self.total
+        if self.loop:
+            self.line(f"h.adj += cnt + {done}" if done else "h.adj += cnt")
+        elif done:
+            self.line(f"h.adj += {done}")
+
+    def _leave(self, target: str) -> None:
+        """Write back and transfer to `target`: loop back or return."""
+        if self.loop and target == hex(self.entry):
+            self.line(f"cnt += {self.index + 1}")
+            self.line(f"if cnt < {self.LOOP_BUDGET}:")
+            self.line("    continue")
+            self._writeback()
+            self.line(f"h.adj += cnt - {self.total}")
+            self.line(f"return {target}")
+            return
+        self._writeback()
+        self._account()
+        self.line(f"return {target}")
+
+    def jump(self, target: str, direct: bool = False) -> None:
+        if direct:
+            ins = self.ins
+            static = hex((self._pc + ins.imm) & 0xFFFFFFFFFFFFFFFF)  # type: ignore[attr-defined]
+            if self.next_pc is not None and static == hex(self.next_pc):
+                return                       # followed inside the block
+            self._leave(static)
+            self.ended = True
+            return
+        t = self.tmp()
+        self.line(f"{t} = {target}")
+        self._leave(t)
+        self.ended = True
+
+    def branch(self, cond: str, target: str) -> None:
+        ins = self.ins
+        static = hex((self._pc + ins.imm) & 0xFFFFFFFFFFFFFFFF)  # type: ignore[attr-defined]
+        last = self.next_pc is None
+        c = self.tmp("c")
+        self.line(f"{c} = {cond}")
+        if not last:
+            self.line(f"if {c}:")
+            self.indent += 1
+            self._leave(static)
+            self.indent -= 1
+            return
+        if self.loop and static == hex(self.entry):
+            self.line(f"if {c}:")
+            self.indent += 1
+            self._leave(static)
+            self.indent -= 1
+            self._leave(self.npc)
+        elif self.loop:
+            self._writeback()
+            self._account()
+            self.line(f"return {static} if {c} else {self.npc}")
+        else:
+            self._writeback()
+            self._account()
+            self.line(f"return {static} if {c} else {self.npc}")
+        self.ended = True
+
+    def exit_call(self, expr: str) -> None:
+        # The helper reads and writes h.x itself, so it runs after the block's
+        # exception handler, with the registers stored (always the last instruction).
+        done = self.index + 1 - self.total
+        self.final = [_WRITEBACK, f"h.pc = {self.pc}"]
+        if self.loop:
+            self.final.append(f"h.adj += cnt + {done}" if done else "h.adj += cnt")
+            self.line("break")
+        elif done:
+            self.final.append(f"h.adj += {done}")
+        self.final.append(f"return {expr}")
+        self.ended = True
+
+    # -- memory ---------------------------------------------------------------------
+    def _tlb(self, which: str, a: str, size: int, align: bool = False) -> str:
+        o = self.tmp("o")
+        self.line(f"{o} = {which}.get({a} >> 12)")
+        if align:
+            self.line(f"if {o} is None or {a} & {size - 1}:")
+        elif size == 1:
             self.line(f"if {o} is None:")
         else:
             self.line(f"if {o} is None or {a} & 0xFFF > {4096 - size}:")
+        return o
+
+    def load(self, size: int, is_signed: bool, addr: str) -> str:
+        self.uses_r = True
+        a, t = self.tmp("a"), self.tmp("v")
+        self.line(f"{a} = {addr}")
+        o = self._tlb("R", a, size)
         self.indent += 1
         self.sync()
         self.line(f"{t} = h.load({a}, {size}, {is_signed})")
@@ -269,15 +384,11 @@ class BlockEmitter(Emitter):
 
     def store(self, size: int, addr: str, value: str) -> None:
         self.uses_w = True
-        a, o, v = self.tmp("a"), self.tmp("o"), self.tmp("s")
+        a, v = self.tmp("a"), self.tmp("s")
         self.line(f"{a} = {addr}")
         mask = _STORE_MASK[size]
         self.line(f"{v} = {value}" if mask is None else f"{v} = ({value}) & {mask}")
-        self.line(f"{o} = W.get({a} >> 12)")
-        if size == 1:
-            self.line(f"if {o} is None:")
-        else:
-            self.line(f"if {o} is None or {a} & 0xFFF > {4096 - size}:")
+        o = self._tlb("W", a, size)
         self.indent += 1
         self.sync()
         self.line(f"h.store({a}, {size}, {v})")
@@ -285,22 +396,69 @@ class BlockEmitter(Emitter):
         self.line("else:")
         self.line(f"    {_STORE_FMT[size]}(ram, {a} + {o}, {v})")
 
-    def jump(self, target: str) -> None:
-        t = self.tmp()
-        self.line(f"{t} = {target}")
-        self._writeback()
-        self.line(f"return {t}")
-        self.ended = True
+    def amo(self, op: str, size: int, addr: str, src: str) -> str:
+        self.uses_w = True
+        a, b, t = self.tmp("a"), self.tmp("b"), self.tmp("v")
+        self.line(f"{a} = {addr}")
+        o = self._tlb("W", a, size, align=True)
+        self.indent += 1
+        self.sync()
+        self.line(f"{t} = h.amo({op!r}, {a}, {src}, {size})")
+        self.indent -= 1
+        self.line("else:")
+        self.indent += 1
+        mask = "0xFFFFFFFF" if size == 4 else M64
+        sign = "0x80000000" if size == 4 else SIGN64
+        i = self.tmp("i")
+        self.line(f"{i} = {a} + {o}")
+        self.line(f"{b} = {src}" if size == 8 else f"{b} = {src} & 0xFFFFFFFF")
+        self.line(f"{t} = {'LWU' if size == 4 else 'LD'}(ram, {i})[0]")
+        new = {
+            "amoswap": b, "amoadd": f"({t} + {b}) & {mask}", "amoxor": f"{t} ^ {b}",
+            "amoand": f"{t} & {b}", "amoor": f"{t} | {b}",
+            "amomin": f"{t} if ({t} ^ {sign}) < ({b} ^ {sign}) else {b}",
+            "amomax": f"{t} if ({t} ^ {sign}) > ({b} ^ {sign}) else {b}",
+            "amominu": f"{t} if {t} < {b} else {b}", "amomaxu": f"{t} if {t} > {b} else {b}",
+        }[op]
+        self.line(f"{'SW' if size == 4 else 'SD'}(ram, {i}, {new})")
+        if size == 4:
+            self.line(f"{t} = {sx32(t)}")
+        self.indent -= 1
+        return t
 
-    def branch(self, cond: str, target: str) -> None:
-        c = self.tmp("c")
-        self.line(f"{c} = {cond}")
-        self._writeback()
-        self.line(f"return {target} if {c} else {self.npc}")
-        self.ended = True
+    def lr(self, size: int, addr: str) -> str:
+        self.uses_r = True
+        a, t = self.tmp("a"), self.tmp("v")
+        self.line(f"{a} = {addr}")
+        o = self._tlb("R", a, size, align=True)
+        self.indent += 1
+        self.sync()
+        self.line(f"{t} = h.lr({a}, {size})")
+        self.indent -= 1
+        self.line("else:")
+        self.line(f"    h.resv = {a} + {o}")
+        fetch = f"LW(ram, {a} + {o})[0] & {M64}" if size == 4 else f"LD(ram, {a} + {o})[0]"
+        self.line(f"    {t} = {fetch}")
+        return t
 
-    def exit_call(self, expr: str) -> None:
-        super().exit_call(expr)
+    def sc(self, size: int, addr: str, src: str) -> str:
+        self.uses_w = True
+        a, t = self.tmp("a"), self.tmp("v")
+        self.line(f"{a} = {addr}")
+        o = self._tlb("W", a, size, align=True)
+        self.indent += 1
+        self.sync()
+        self.line(f"{t} = h.sc({a}, {src}, {size})")
+        self.indent -= 1
+        self.line(f"elif h.resv == {a} + {o}:")
+        value = src if size == 8 else f"{src} & 0xFFFFFFFF"
+        self.line(f"    {'SW' if size == 4 else 'SD'}(ram, {a} + {o}, {value})")
+        self.line("    h.resv = -1")
+        self.line(f"    {t} = 0")
+        self.line("else:")
+        self.line("    h.resv = -1")
+        self.line(f"    {t} = 1")
+        return t
 
     def function(self, name: str, end_pc: int) -> str:
         head = [f"def {name}(h):", "    X = h.x"]
@@ -311,11 +469,30 @@ class BlockEmitter(Emitter):
         body = "\n".join(self.lines)
         if "F[" in body:
             head.append("    F = h.f")
-        for r in sorted(self.loaded):
+        for r in sorted(self.loaded | self.written):
             head.append(f"    x{r} = X[{r}]")
+        if self.loop:
+            head.append("    cnt = 0")
+        head.append("    try:")
+        if self.loop:
+            head.append("        while True:")
+        head.append("    " * self.indent + "pass")
+        pad = "    " * self.indent
         tail: list[str] = []
         if not self.ended:
-            for r in sorted(self.written):
-                tail.append(f"    X[{r}] = x{r}")
-            tail.append(f"    return {hex(end_pc)}")
-        return "\n".join(head + self.lines + tail)
+            tail.append(pad + _WRITEBACK)
+            if self.loop:
+                tail.append(f"{pad}h.adj += cnt")
+            tail.append(f"{pad}return {hex(end_pc)}")
+        tail += ["    except BaseException:", "        " + _WRITEBACK, "        raise"]
+        if self.final:
+            tail += ["    " + line for line in self.final]
+        wb = [f"X[{r}] = x{r}" for r in sorted(self.written)] or ["pass"]
+        out = []
+        for line in head + self.lines + tail:
+            if line.strip() == _WRITEBACK:
+                indent = line[:len(line) - len(line.lstrip())]
+                out.extend(indent + w for w in wb)
+            else:
+                out.append(line)
+        return "\n".join(out)

@@ -40,9 +40,12 @@ Entry = tuple[Callable[[Hart], int], int, int]
 
 # Instructions that end a block.  csrr (csrrs/csrrc reading with rs1 = x0)
 # is a pure read and does not.
-_ENDS = {"jal", "jalr", "beq", "bne", "blt", "bge", "bltu", "bgeu", "ecall", "ebreak",
+_ENDS = {"jal", "jalr", "ecall", "ebreak",
          "mret", "sret", "wfi", "sfence_vma", "fence_i", "illegal",
          "csrrw", "csrrwi", "csrrs", "csrrc", "csrrsi", "csrrci"}
+
+
+_DIRECT = {"jal", "beq", "bne", "blt", "bge", "bltu", "bgeu"}
 
 
 def ends_block(ins: Insn) -> bool:
@@ -80,7 +83,7 @@ HANDLERS = _build_handlers()
 class Engine:
     """Runs harts of one machine; owns the translated-code caches."""
 
-    def __init__(self, bus: Bus, mode: str = "jit", hot: int = 2) -> None:
+    def __init__(self, bus: Bus, mode: str = "jit", hot: int = 16) -> None:
         if mode not in ENGINES:
             raise ValueError(f"unknown engine {mode!r}")
         self.bus = bus
@@ -126,7 +129,8 @@ class Engine:
             except StopSlice:
                 budget -= 1
                 break
-        ran = start - budget
+        ran = start - budget + h.adj
+        h.adj = 0
         h.instret += ran
         return ran
 
@@ -143,11 +147,15 @@ class Engine:
 
     # -- building blocks -------------------------------------------------------------
     def _decode_block(self, pc: int, ppn: int) -> list[tuple[Insn, int]]:
+        """Decode the block entered at `pc`: it runs on past conditional branches
+        (side exits) and follows direct jumps that stay in the page."""
         ram = self.bus.ram
         base = (ppn << 12) - self.bus.ram_base
+        page = pc & ~0xFFF
         out: list[tuple[Insn, int]] = []
+        seen: set[int] = set()
         a = pc
-        while len(out) < MAX_BLOCK:
+        while len(out) < MAX_BLOCK and a not in seen:
             po = a & 0xFFF
             lo = ram[base + po] | (ram[base + po + 1] << 8) if po <= 0xFFE else 0
             if lo & 3 == 3:
@@ -158,8 +166,15 @@ class Engine:
                 word = lo
             ins = decode(word)
             out.append((ins, a))
+            seen.add(a)
+            if ins.name == "jal":
+                target = (a + ins.imm) & isa.M
+                if target & ~0xFFF != page or target in seen:
+                    break
+                a = target
+                continue
             a = (a + ins.length) & isa.M
-            if ends_block(ins) or not a & 0xFFF:
+            if ends_block(ins) or a & ~0xFFF != page:
                 break
         return out
 
@@ -203,11 +218,16 @@ class Engine:
                 remaining -= 1
                 if remaining <= 0:
                     self._promote(key, insns, end_pc)
+            i = 0
             for d in ops:
+                i += 1
                 nxt = d[0](h, d)
                 if nxt is not None:
+                    if i != n:
+                        h.adj += i - n
                     return nxt
             return end_pc
+        n = len(ops)
         return run
 
     def _promote(self, key: tuple[int, int, int], insns: list[tuple[Insn, int]], end_pc: int) -> None:
@@ -220,15 +240,26 @@ class Engine:
         if cache.get(key[1]) is old:
             cache[key[1]] = ent
 
+    @staticmethod
+    def _emit(insns: list[tuple[Insn, int]], end_pc: int) -> str:
+        entry = insns[0][1]
+        loop = any(ins.name in _DIRECT and (a + ins.imm) & isa.M == entry for ins, a in insns)
+        total = len(insns)
+
+        def emit(e: BlockEmitter) -> BlockEmitter:
+            for i, (ins, a) in enumerate(insns):
+                e.begin(ins, a, i, insns[i + 1][1] if i + 1 < total else None)
+                isa.TEMPLATES[ins.name](e)
+                if e.ended:
+                    break
+            return e
+
+        e = emit(BlockEmitter(entry, total, loop))
+        return e.function(f"b_{entry:x}", end_pc)
+
     def _compile(self, insns: list[tuple[Insn, int]], end_pc: int) -> Callable[[Hart], int]:
-        e = BlockEmitter()
-        for ins, a in insns:
-            e.begin(ins, a)
-            isa.TEMPLATES[ins.name](e)
-            if e.ended:
-                break
+        src = self._emit(insns, end_pc)
         name = f"b_{insns[0][1]:x}"
-        src = e.function(name, end_pc)
         ns: dict[str, Any] = {}
         exec(compile(src, f"<block {insns[0][1]:#x}>", "exec"), self.globals, ns)
         self.stats["translated"] += 1
@@ -238,14 +269,8 @@ class Engine:
     def block_source(self, pc: int, ppn: int) -> str:
         """The Python source the translator makes for the block at pc (for debugging)."""
         insns = self._decode_block(pc, ppn)
-        e = BlockEmitter()
-        for ins, a in insns:
-            e.begin(ins, a)
-            isa.TEMPLATES[ins.name](e)
-            if e.ended:
-                break
         last, last_pc = insns[-1]
-        return e.function("block", (last_pc + last.length) & isa.M)
+        return self._emit(insns, (last_pc + last.length) & isa.M)
 
     @staticmethod
     def _crossing_insn(h: Hart) -> int:

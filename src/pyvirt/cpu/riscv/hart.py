@@ -9,7 +9,6 @@ MMIO, watched pages and page-crossing accesses come here.
 from __future__ import annotations
 
 from collections.abc import Callable
-from struct import Struct
 from typing import Any
 
 from pyvirt.clock import Clock
@@ -68,7 +67,7 @@ class Hart(CsrMixin):
         "mstatus", "medeleg", "mideleg", "mie", "mip", "mtvec", "stvec",
         "mscratch", "sscratch", "mepc", "sepc", "mcause", "scause", "mtval", "stval",
         "satp", "mcounteren", "scounteren", "mcountinhibit", "menvcfg", "senvcfg", "pmp",
-        "instret", "resv", "idle", "state", "stimecmp",
+        "instret", "adj", "resv", "idle", "state", "stimecmp",
         "tlbs", "rtlb", "wtlb", "itlb", "superpages",
         "ecall_hook", "on_watch",
     )
@@ -105,6 +104,7 @@ class Hart(CsrMixin):
         self.menvcfg = self.senvcfg = 0
         self.pmp = [0] * 80
         self.instret = 0
+        self.adj = 0
         self.resv = -1
         self.idle = False
         self.state = HART_STARTED
@@ -263,14 +263,14 @@ class Hart(CsrMixin):
             v = self.bus.read(pa, size)
         except BusError:
             raise Trap(LOAD_ACCESS_FAULT, va) from None
-        self.resv = pa
+        self.resv = pa - self.ram_base
         return _sext(v, size)
 
     def sc(self, va: int, value: int, size: int) -> int:
         if va & (size - 1):
             raise Trap(STORE_MISALIGNED, va)
         pa = self.translate(va, mmu.STORE)
-        ok = self.resv == pa
+        ok = self.resv == pa - self.ram_base
         self.resv = -1
         if not ok:
             return 1

@@ -200,7 +200,7 @@ def _auipc(e: Emitter) -> None:
 @template("jal")
 def _jal(e: Emitter) -> None:
     e.rd_set(e.npc)
-    e.jump(f"({e.pc} + {e.imm}) & {M64}")
+    e.jump(f"({e.pc} + {e.imm}) & {M64}", direct=True)
 
 
 @template("jalr")
@@ -262,8 +262,7 @@ for _name, _size in _STORES.items():
 # ---------------------------------------------------------------------------
 def _amo(op: str, size: int) -> Template:
     def build(e: Emitter) -> None:
-        v = e.call(f"h.amo({op!r}, {e.rs1}, {e.rs2}, {size})")
-        e.rd_set(v)
+        e.rd_set(e.amo(op, size, e.rs1, e.rs2))
     return build
 
 
@@ -275,13 +274,13 @@ for _op in ("amoadd", "amoswap", "amoxor", "amoor", "amoand", "amomin", "amomax"
 
 def _lr(size: int) -> Template:
     def build(e: Emitter) -> None:
-        e.rd_set(e.call(f"h.lr({e.rs1}, {size})"))
+        e.rd_set(e.lr(size, e.rs1))
     return build
 
 
 def _sc(size: int) -> Template:
     def build(e: Emitter) -> None:
-        e.rd_set(e.call(f"h.sc({e.rs1}, {e.rs2}, {size})"))
+        e.rd_set(e.sc(size, e.rs1, e.rs2))
     return build
 
 

@@ -167,7 +167,8 @@ def _decode32(word: int) -> Insn:
         return Insn(name, rd, rs1, rs2, raw=word) if name else _illegal(word, 4)
     if opcode == 0x0F:
         if f3 == 0:
-            return Insn("fence", raw=word)
+            # Zihintpause: `pause` is the fence with pred = W, succ = 0.
+            return Insn("pause" if word == 0x0100000F else "fence", raw=word)
         if f3 == 1:
             return Insn("fence_i", raw=word)
         return _illegal(word, 4)

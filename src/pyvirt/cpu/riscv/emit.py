@@ -285,6 +285,15 @@ class BlockEmitter(Emitter):
         elif done:
             self.line(f"h.adj += {done}")
 
+    def _return(self, target: str) -> None:
+        if self.loop:
+            # Loops run more than the dispatcher charges: once the slice's
+            # surplus passes a slice length, end the slice (fairness, timers).
+            self.line(f"return {target} if h.adj < {self.LOOP_BUDGET} "
+                      f"else h.stop_at({target}, {self.total - 1})")
+        else:
+            self.line(f"return {target}")
+
     def _leave(self, target: str) -> None:
         """Write back and transfer to `target`: loop back or return."""
         if self.loop and target == hex(self.entry):
@@ -293,11 +302,11 @@ class BlockEmitter(Emitter):
             self.line("    continue")
             self._writeback()
             self.line(f"h.adj += cnt - {self.total}")
-            self.line(f"return {target}")
+            self.line(f"return h.stop_at({target}, {self.total - 1})")
             return
         self._writeback()
         self._account()
-        self.line(f"return {target}")
+        self._return(target)
 
     def jump(self, target: str, direct: bool = False) -> None:
         if direct:
@@ -334,7 +343,7 @@ class BlockEmitter(Emitter):
         elif self.loop:
             self._writeback()
             self._account()
-            self.line(f"return {static} if {c} else {self.npc}")
+            self._return(f"({static} if {c} else {self.npc})")
         else:
             self._writeback()
             self._account()
@@ -483,7 +492,10 @@ class BlockEmitter(Emitter):
             tail.append(pad + _WRITEBACK)
             if self.loop:
                 tail.append(f"{pad}h.adj += cnt")
-            tail.append(f"{pad}return {hex(end_pc)}")
+                tail.append(f"{pad}return {hex(end_pc)} if h.adj < {self.LOOP_BUDGET} "
+                            f"else h.stop_at({hex(end_pc)}, {self.total - 1})")
+            else:
+                tail.append(f"{pad}return {hex(end_pc)}")
         tail += ["    except BaseException:", "        " + _WRITEBACK, "        raise"]
         if self.final:
             tail += ["    " + line for line in self.final]

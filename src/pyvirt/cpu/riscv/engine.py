@@ -40,7 +40,7 @@ Entry = tuple[Callable[[Hart], int], int, int]
 
 # Instructions that end a block.  csrr (csrrs/csrrc reading with rs1 = x0)
 # is a pure read and does not.
-_ENDS = {"jal", "jalr", "ecall", "ebreak",
+_ENDS = {"jal", "jalr", "ecall", "ebreak", "pause",
          "mret", "sret", "wfi", "sfence_vma", "fence_i", "illegal",
          "csrrw", "csrrwi", "csrrs", "csrrc", "csrrsi", "csrrci"}
 

@@ -69,7 +69,7 @@ class Hart(CsrMixin):
         "satp", "mcounteren", "scounteren", "mcountinhibit", "menvcfg", "senvcfg", "pmp",
         "instret", "adj", "resv", "idle", "state", "stimecmp",
         "tlbs", "rtlb", "wtlb", "itlb", "superpages",
-        "ecall_hook", "on_watch",
+        "ecall_hook", "yield_on_pause",
     )
 
     def __init__(self, hartid: int, bus: Bus, clock: Clock) -> None:
@@ -82,8 +82,8 @@ class Hart(CsrMixin):
         # ecall_hook(hart) -> bool: serves ecalls the VMM implements itself
         # (the SBI for an S-mode kernel, system calls for user-mode tests).
         self.ecall_hook: Callable[[Hart], bool] | None = None
-        # The translator's hook to drop code on pages it is about to watch.
-        self.on_watch: Callable[[int], None] | None = None
+        # Set when other harts may hold what this one spins on.
+        self.yield_on_pause = False
         self.tlbs = {p: ({}, {}, {}) for p in (0, 1, 3)}
         self.superpages: set[int] = set()
         self.reset()
@@ -440,6 +440,19 @@ class Hart(CsrMixin):
         self.pc = npc
         if not (self.mip & self.mie):
             self.idle = True
+        raise StopSlice()
+
+    def pause(self, npc: int) -> int:
+        if self.yield_on_pause:
+            self.pc = npc
+            raise StopSlice()
+        return npc
+
+    def stop_at(self, pc: int, uncharged: int = 0) -> int:
+        """End this hart's slice; it resumes at `pc`.  `uncharged`: instructions the
+        dispatcher has not counted for the block ending here (it counts one)."""
+        self.pc = pc
+        self.adj += uncharged
         raise StopSlice()
 
     def sfence_vma(self, rs1: int, vaddr: int, npc: int) -> int:

@@ -317,6 +317,12 @@ def _fence(e: Emitter) -> None:
     pass  # one hart at a time runs: memory is always coherent
 
 
+@template("pause")
+def _pause(e: Emitter) -> None:
+    # A spin-wait hint: with several harts, give the others the host CPU.
+    e.exit_call(f"h.pause({e.npc})")
+
+
 @template("fence_i")
 def _fence_i(e: Emitter) -> None:
     # Stores to translated code invalidate it when they happen; ending the

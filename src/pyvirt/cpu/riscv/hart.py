@@ -9,6 +9,7 @@ MMIO, watched pages and page-crossing accesses come here.
 from __future__ import annotations
 
 from collections.abc import Callable
+from struct import Struct
 from typing import Any
 
 from pyvirt.clock import Clock
@@ -51,6 +52,8 @@ TLB_LIMIT = 8192
 _PRIORITY = (11, 3, 7, 9, 1, 5)
 _SEXT = {1: (0x80, 0x100), 2: (0x8000, 0x10000), 4: (0x80000000, 1 << 32), 8: (1 << 63, 1 << 64)}
 _AMO_MASK = {4: 0xFFFFFFFF, 8: M64}
+_UNPACK = {n: Struct(f).unpack_from for n, f in ((1, "<B"), (2, "<H"), (4, "<I"), (8, "<Q"))}
+_PACK = {n: Struct(f).pack_into for n, f in ((1, "<B"), (2, "<H"), (4, "<I"), (8, "<Q"))}
 
 HART_STARTED, HART_STOPPED, HART_START_PENDING = 0, 1, 2
 
@@ -227,6 +230,10 @@ class Hart(CsrMixin):
 
     # -- memory slow path -------------------------------------------------------------
     def load(self, va: int, size: int, is_signed: bool) -> int:
+        o = self.rtlb.get(va >> 12)
+        if o is not None and (va & 0xFFF) + size <= 0x1000:
+            v = _UNPACK[size](self.ram, va + o)[0]
+            return _sext(v, size) if is_signed else v
         if (va & 0xFFF) + size > 0x1000:
             v = 0
             for i in range(size):
@@ -240,6 +247,10 @@ class Hart(CsrMixin):
         return _sext(v, size) if is_signed else v
 
     def store(self, va: int, size: int, value: int) -> None:
+        o = self.wtlb.get(va >> 12)
+        if o is not None and (va & 0xFFF) + size <= 0x1000:
+            _PACK[size](self.ram, va + o, value & ((1 << (8 * size)) - 1))
+            return
         if (va & 0xFFF) + size > 0x1000:
             # Translate every byte first so a fault leaves memory untouched.
             pas = [self.translate((va + i) & M64, mmu.STORE) for i in range(size)]

@@ -27,7 +27,6 @@ _LOAD_FMT = {(1, False): "LBU", (1, True): "LB", (2, False): "LHU", (2, True): "
              (4, False): "LWU", (4, True): "LW", (8, False): "LD", (8, True): "LD"}
 _STORE_FMT = {1: "SB", 2: "SH", 4: "SW", 8: "SD"}
 _STORE_MASK = {1: "0xFF", 2: "0xFFFF", 4: "0xFFFFFFFF", 8: None}
-_WRITEBACK = "#writeback"
 
 
 def sx32(expr: str) -> str:
@@ -222,7 +221,7 @@ class BlockEmitter(Emitter):
         self.uses_w = False
         self.final: list[str] | None = None
         self.n = 0
-        self.indent = 3 if loop else 2
+        self.indent = 3
 
     def begin(self, insn: object, pc: int, index: int = 0, next_pc: int | None = None) -> None:
         """Point the emitter at the next instruction of the block."""
@@ -266,47 +265,33 @@ class BlockEmitter(Emitter):
         self.line(f"F[{self._rd}] = {expr}")
         self.line("h.mstatus |= 0x6000")
 
-    def _writeback(self) -> None:
-        # Expanded by function() to store every register the block writes: in a
-        # loop, registers written later in the body are live at earlier exits.
-        self.line(_WRITEBACK)
-
     def sync(self) -> None:
         # Only the pc: if the call raises, the block's exception handler stores
         # the registers, whose locals hold exactly the state at that point.
         self.line(f"h.pc = {self.pc}")
 
     # -- leaving the block ---------------------------------------------------------
-    def _account(self) -> None:
-        """Correct the dispatcher's charge when leaving after instruction `index`."""
+    # Every exit sets `nxt` (the next pc) and `d` (the correction to the
+    # dispatcher's charge) and breaks out of the body's `while` loop; one common
+    # exit after the loop stores the registers and returns.  This keeps blocks
+    # with many side exits small, which is what compile time depends on.
+    def _exit(self, target: str) -> None:
         done = self.index + 1 - self.total
-        if self.loop:
-            self.line(f"h.adj += cnt + {done}" if done else "h.adj += cnt")
-        elif done:
-            self.line(f"h.adj += {done}")
-
-    def _return(self, target: str) -> None:
-        if self.loop:
-            # Loops run more than the dispatcher charges: once the slice's
-            # surplus passes a slice length, end the slice (fairness, timers).
-            self.line(f"return {target} if h.adj < {self.LOOP_BUDGET} "
-                      f"else h.stop_at({target}, {self.total - 1})")
-        else:
-            self.line(f"return {target}")
+        self.line(f"nxt = {target}")
+        self.line(f"d = {done}")
+        self.line("break")
 
     def _leave(self, target: str) -> None:
-        """Write back and transfer to `target`: loop back or return."""
+        """Transfer to `target`: loop back to the entry, or leave the block."""
         if self.loop and target == hex(self.entry):
             self.line(f"cnt += {self.index + 1}")
             self.line(f"if cnt < {self.LOOP_BUDGET}:")
             self.line("    continue")
-            self._writeback()
-            self.line(f"h.adj += cnt - {self.total}")
-            self.line(f"return h.stop_at({target}, {self.total - 1})")
+            self.line(f"nxt = {target}")
+            self.line(f"d = {-self.total}")       # cnt already counts this iteration
+            self.line("break")
             return
-        self._writeback()
-        self._account()
-        self._return(target)
+        self._exit(target)
 
     def jump(self, target: str, direct: bool = False) -> None:
         if direct:
@@ -317,50 +302,31 @@ class BlockEmitter(Emitter):
             self._leave(static)
             self.ended = True
             return
-        t = self.tmp()
-        self.line(f"{t} = {target}")
-        self._leave(t)
+        self._leave(target)
         self.ended = True
 
     def branch(self, cond: str, target: str) -> None:
         ins = self.ins
         static = hex((self._pc + ins.imm) & 0xFFFFFFFFFFFFFFFF)  # type: ignore[attr-defined]
-        last = self.next_pc is None
-        c = self.tmp("c")
-        self.line(f"{c} = {cond}")
-        if not last:
-            self.line(f"if {c}:")
-            self.indent += 1
-            self._leave(static)
-            self.indent -= 1
-            return
-        if self.loop and static == hex(self.entry):
-            self.line(f"if {c}:")
-            self.indent += 1
-            self._leave(static)
-            self.indent -= 1
-            self._leave(self.npc)
-        elif self.loop:
-            self._writeback()
-            self._account()
-            self._return(f"({static} if {c} else {self.npc})")
-        else:
-            self._writeback()
-            self._account()
-            self.line(f"return {static} if {c} else {self.npc}")
-        self.ended = True
+        self.line(f"if {cond}:")
+        self.indent += 1
+        self._leave(static)
+        self.indent -= 1
+        if self.next_pc is None:
+            self._exit(self.npc)
+            self.ended = True
 
     def exit_call(self, expr: str) -> None:
         # The helper reads and writes h.x itself, so it runs after the block's
         # exception handler, with the registers stored (always the last instruction).
         done = self.index + 1 - self.total
-        self.final = [_WRITEBACK, f"h.pc = {self.pc}"]
+        self.final = [f"h.pc = {self.pc}"]
         if self.loop:
-            self.final.append(f"h.adj += cnt + {done}" if done else "h.adj += cnt")
-            self.line("break")
+            self.final.append(f"h.adj += cnt + {done}")
         elif done:
             self.final.append(f"h.adj += {done}")
         self.final.append(f"return {expr}")
+        self._exit("-1")
         self.ended = True
 
     # -- memory ---------------------------------------------------------------------
@@ -482,29 +448,22 @@ class BlockEmitter(Emitter):
             head.append(f"    x{r} = X[{r}]")
         if self.loop:
             head.append("    cnt = 0")
-        head.append("    try:")
-        if self.loop:
-            head.append("        while True:")
-        head.append("    " * self.indent + "pass")
+        head += ["    try:", "        while True:"]
         pad = "    " * self.indent
-        tail: list[str] = []
+        lines = list(self.lines)
         if not self.ended:
-            tail.append(pad + _WRITEBACK)
-            if self.loop:
-                tail.append(f"{pad}h.adj += cnt")
-                tail.append(f"{pad}return {hex(end_pc)} if h.adj < {self.LOOP_BUDGET} "
-                            f"else h.stop_at({hex(end_pc)}, {self.total - 1})")
-            else:
-                tail.append(f"{pad}return {hex(end_pc)}")
-        tail += ["    except BaseException:", "        " + _WRITEBACK, "        raise"]
+            self.index = self.total - 1
+            self.indent = 3
+            self._exit(hex(end_pc))
+            lines = self.lines
+        wb = ["    " + line for line in ([f"X[{r}] = x{r}" for r in sorted(self.written)] or ["pass"])]
+        tail = ["    except BaseException:"] + ["    " + w for w in wb] + ["        raise"] + wb
         if self.final:
-            tail += ["    " + line for line in self.final]
-        wb = [f"X[{r}] = x{r}" for r in sorted(self.written)] or ["pass"]
-        out = []
-        for line in head + self.lines + tail:
-            if line.strip() == _WRITEBACK:
-                indent = line[:len(line) - len(line.lstrip())]
-                out.extend(indent + w for w in wb)
-            else:
-                out.append(line)
-        return "\n".join(out)
+            tail += ["    if nxt < 0:"] + ["        " + line for line in self.final]
+        if self.loop:
+            tail += ["    h.adj += cnt + d",
+                     f"    return nxt if h.adj < {self.LOOP_BUDGET} else h.stop_at(nxt, {self.total - 1})"]
+        else:
+            tail += ["    if d:", "        h.adj += d", "    return nxt"]
+        del pad
+        return "\n".join(head + lines + tail)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Union
 
 import libfdt
 
@@ -20,7 +19,7 @@ class U64:
     value: int
 
 
-Value = Union[int, list[int], U64, str, list[str], bytes, None]
+Value = int | list[int] | U64 | str | list[str] | bytes | None
 
 
 @dataclass

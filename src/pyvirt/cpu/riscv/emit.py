@@ -169,12 +169,12 @@ class GenericEmitter(Emitter):
     def load(self, size: int, is_signed: bool, addr: str) -> str:
         self.sync()
         t = self.tmp()
-        self.line(f"{t} = h.load({addr}, {size}, {is_signed})")
+        self.line(f"{t} = h.mem_load({addr}, {size}, {is_signed})")
         return t
 
     def store(self, size: int, addr: str, value: str) -> None:
         self.sync()
-        self.line(f"h.store({addr}, {size}, {value})")
+        self.line(f"h.mem_store({addr}, {size}, {value})")
 
     def jump(self, target: str, direct: bool = False) -> None:
         self.line(f"return {target}")
@@ -348,7 +348,7 @@ class BlockEmitter(Emitter):
         o = self._tlb("R", a, size)
         self.indent += 1
         self.sync()
-        self.line(f"{t} = h.load({a}, {size}, {is_signed})")
+        self.line(f"{t} = h.mem_load({a}, {size}, {is_signed})")
         self.indent -= 1
         self.line("else:")
         fetch = f"{_LOAD_FMT[size, is_signed]}(ram, {a} + {o})[0]"
@@ -366,7 +366,7 @@ class BlockEmitter(Emitter):
         o = self._tlb("W", a, size)
         self.indent += 1
         self.sync()
-        self.line(f"h.store({a}, {size}, {v})")
+        self.line(f"h.mem_store({a}, {size}, {v})")
         self.indent -= 1
         self.line("else:")
         self.line(f"    {_STORE_FMT[size]}(ram, {a} + {o}, {v})")

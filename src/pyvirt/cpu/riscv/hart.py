@@ -229,7 +229,7 @@ class Hart(CsrMixin):
         return self.ram[off] | (self.ram[off + 1] << 8)
 
     # -- memory slow path -------------------------------------------------------------
-    def load(self, va: int, size: int, is_signed: bool) -> int:
+    def mem_load(self, va: int, size: int, is_signed: bool) -> int:
         o = self.rtlb.get(va >> 12)
         if o is not None and (va & 0xFFF) + size <= 0x1000:
             v = _UNPACK[size](self.ram, va + o)[0]
@@ -237,7 +237,7 @@ class Hart(CsrMixin):
         if (va & 0xFFF) + size > 0x1000:
             v = 0
             for i in range(size):
-                v |= self.load((va + i) & M64, 1, False) << (8 * i)
+                v |= self.mem_load((va + i) & M64, 1, False) << (8 * i)
         else:
             pa = self.translate(va, mmu.LOAD)
             try:
@@ -246,7 +246,7 @@ class Hart(CsrMixin):
                 raise Trap(LOAD_ACCESS_FAULT, va) from None
         return _sext(v, size) if is_signed else v
 
-    def store(self, va: int, size: int, value: int) -> None:
+    def mem_store(self, va: int, size: int, value: int) -> None:
         o = self.wtlb.get(va >> 12)
         if o is not None and (va & 0xFFF) + size <= 0x1000:
             _PACK[size](self.ram, va + o, value & ((1 << (8 * size)) - 1))

@@ -1,0 +1,1 @@
+"""Backends: block (raw files), char (terminal, buffers).  They know nothing about devices."""

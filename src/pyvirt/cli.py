@@ -1,0 +1,134 @@
+"""The `pyvirt` command line.
+
+    pyvirt run [--kernel IMAGE --initrd FILE --append ARGS | --bios ELF] [--cpus N]
+               [--memory SIZE] [--disk PATH[,ro]]... [--command CMD] [--engine interp|jit]
+    pyvirt image build
+
+Every user error ends in one line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import sys
+from typing import NoReturn
+
+from pyvirt import __version__
+from pyvirt.errors import ConfigError, PyvirtError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pyvirt", description="pyvirt: virtual machines in Python")
+    p.add_argument("--version", action="version", version=f"pyvirt {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="boot a virtual machine (the default guest with no arguments)")
+    run.add_argument("--kernel", help="Linux Image or ELF vmlinux to boot")
+    run.add_argument("--initrd", help="initramfs/initrd to load")
+    run.add_argument("--append", help="kernel command line")
+    run.add_argument("--bios", help="M-mode ELF to start instead of the built-in SBI (OpenSBI, bare metal)")
+    run.add_argument("--cpus", type=int, default=1, help="number of harts, 1..8 (default 1)")
+    run.add_argument("--memory", "-m", default="256M", help="RAM size (default 256M)")
+    run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
+                     help="attach a raw disk image as virtio-blk (repeatable)")
+    run.add_argument("--no-rng", action="store_true", help="no virtio-rng device")
+    run.add_argument("--engine", choices=("interp", "jit"), default="jit",
+                     help="CPU engine: interp (reference interpreter) or jit (translated blocks)")
+    run.add_argument("--mmu", choices=("sv39", "sv48"), default="sv39", help="MMU mode in the device tree")
+    run.add_argument("--command", "-c", metavar="CMD",
+                     help="run CMD in the default guest's shell, print its output, exit with its status")
+    run.add_argument("--timeout", type=float, help="stop the VM after this many seconds (exit status 124)")
+    run.add_argument("--stats", action="store_true", help="print instructions run and MIPS at exit")
+
+    image = sub.add_parser("image", help="guest images")
+    isub = image.add_subparsers(dest="image_cmd", metavar="ACTION", parser_class=_Parser)
+    isub.add_parser("build", help="build (or find in the cache) the default guest kernel and initramfs")
+    isub.add_parser("path", help="print where the default guest image is cached")
+    return p
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pyvirt.spec import DiskSpec, make_spec, parse_size
+
+    disks = [DiskSpec.parse(d) for d in args.disk]
+    kernel, initrd, append = args.kernel, args.initrd, args.append
+    if args.bios is None and kernel is None:
+        from pyvirt.images import default_image
+        img = default_image(build=True, progress=sys.stderr.isatty())
+        kernel = str(img.kernel)
+        initrd = initrd or str(img.initrd)
+        if append is None:
+            append = img.cmdline
+    elif args.command is not None and append is None:
+        append = "console=ttyS0"
+    if args.command is not None:
+        if kernel is None:
+            raise ConfigError("--command needs a Linux guest (not --bios alone)")
+        encoded = base64.b64encode(args.command.encode()).decode()
+        # Keep the console to the command's own output.
+        parts = [a for a in (append or "").split() if not a.startswith("earlycon")]
+        append = " ".join(parts + ["quiet", "loglevel=0", f"pyvirt.cmd={encoded}"])
+    spec = make_spec(cpus=args.cpus, memory=parse_size(args.memory), kernel=kernel, initrd=initrd,
+                     append=append, bios=args.bios, disks=disks, rng=not args.no_rng,
+                     engine=args.engine, mmu=args.mmu)
+    from pyvirt.vmm.console import open_console
+    from pyvirt.vmm.vm import Vm
+
+    with open_console(interactive=args.command is None) as console:
+        vm = Vm(spec, console)
+        console.on_quit = vm.request_quit
+        code = vm.run(timeout=args.timeout)
+    if args.stats:
+        s = vm.stats
+        sys.stderr.write(f"pyvirt: {s.instructions:,} instructions in {s.wall:.2f} s "
+                         f"({s.mips:.2f} MIPS)\n")
+    if code is None:
+        return 124 if args.timeout and not vm.quit_requested else 0
+    return code
+
+
+def _cmd_image(args: argparse.Namespace) -> int:
+    from pyvirt.images import cached_default_image, default_image
+    if args.image_cmd == "build":
+        img = default_image(build=True, progress=sys.stderr.isatty())
+        print(f"kernel: {img.kernel}\ninitrd: {img.initrd}")
+        return 0
+    if args.image_cmd == "path":
+        cached = cached_default_image()
+        if cached is None:
+            raise ConfigError("the default image is not built yet: run `pyvirt image build`")
+        print(f"kernel: {cached.kernel}\ninitrd: {cached.initrd}")
+        return 0
+    raise ConfigError("pyvirt image needs an action: build or path")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "run":
+            return _cmd_run(args)
+        if args.cmd == "image":
+            return _cmd_image(args)
+        _parser().print_help()
+        return EXIT_USAGE
+    except PyvirtError as e:
+        sys.stderr.write(f"pyvirt: error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

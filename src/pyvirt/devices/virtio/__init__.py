@@ -1,0 +1,1 @@
+"""virtio devices (virtio 1.2) and the MMIO transport."""

@@ -1,0 +1,89 @@
+"""The VM specification: one validated description of a virtual machine.
+
+CLI flags, a TOML file and the API's JSON all produce a `VmSpec`; device
+models never parse user input.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pyvirt.errors import ConfigError
+
+MIB = 1 << 20
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNITS = {"": MIB, "k": 1 << 10, "m": MIB, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str | int, default_unit: str = "m") -> int:
+    """'256M', '1G', '512' (MiB) -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ConfigError(f"invalid size {text!r} (examples: 256M, 1G)")
+    unit = m.group(2).lower() or default_unit
+    return int(m.group(1)) * _UNITS[unit]
+
+
+class DiskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: Path
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> DiskSpec:
+        """'PATH[,ro]' as given to --disk."""
+        path, *opts = text.split(",")
+        ro = False
+        for o in opts:
+            if o in ("ro", "readonly", "read-only"):
+                ro = True
+            elif o in ("rw",):
+                ro = False
+            else:
+                raise ConfigError(f"unknown disk option {o!r} in --disk {text} (known: ro, rw)")
+        if not path:
+            raise ConfigError("--disk needs a path")
+        return cls(path=Path(path), read_only=ro)
+
+
+class VmSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: int = Field(1, ge=1, le=8)
+    memory: int = Field(256 * MIB, ge=16 * MIB, le=64 << 30)
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
+    bios: Path | None = None
+    disks: list[DiskSpec] = Field(default_factory=list)
+    rng: bool = True
+    engine: Literal["interp", "jit"] = "jit"
+    mmu: Literal["sv39", "sv48"] = "sv39"
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _size(cls, v: object) -> object:
+        return parse_size(v) if isinstance(v, str) else v
+
+    @field_validator("memory")
+    @classmethod
+    def _page_multiple(cls, v: int) -> int:
+        if v % (1 << 21):
+            raise ValueError("must be a multiple of 2 MiB")
+        return v
+
+
+def make_spec(**fields: object) -> VmSpec:
+    """Build a VmSpec, turning validation errors into one-line ConfigErrors."""
+    try:
+        return VmSpec(**fields)  # type: ignore[arg-type]
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "spec"
+        raise ConfigError(f"invalid {where}: {err['msg']}") from None

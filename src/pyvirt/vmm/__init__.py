@@ -1,0 +1,1 @@
+"""One running VM: run loop, console, event loop."""

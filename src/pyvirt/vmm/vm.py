@@ -1,0 +1,110 @@
+"""One running VM: the run loop and its I/O event loop.
+
+The main thread runs the harts round-robin in slices of SLICE instructions.
+Between slices it brings timer interrupts up to date and polls the I/O event
+loop without blocking.  When every hart waits for an interrupt (WFI) it
+blocks in the selector until the next timer deadline or host input, so an
+idle guest costs no host CPU.
+"""
+
+from __future__ import annotations
+
+import selectors
+import time
+from dataclasses import dataclass
+
+from pyvirt.backends.char import CharBackend
+from pyvirt.cpu.riscv.hart import HART_STARTED
+from pyvirt.machine.riscv_virt import VirtBoard
+from pyvirt.spec import VmSpec
+
+SLICE = 20_000
+MAX_IDLE_WAIT = 0.5
+
+
+@dataclass
+class RunStats:
+    instructions: int = 0
+    wall: float = 0.0
+    resets: int = 0
+
+    @property
+    def mips(self) -> float:
+        return self.instructions / self.wall / 1e6 if self.wall else 0.0
+
+
+class Vm:
+    def __init__(self, spec: VmSpec, console: CharBackend) -> None:
+        self.spec = spec
+        self.console = console
+        self.quit_requested = False
+        self.stats = RunStats()
+        self.board = VirtBoard(spec, console)
+
+    def request_quit(self) -> None:
+        self.quit_requested = True
+
+    def run(self, max_instructions: int | None = None, timeout: float | None = None) -> int | None:
+        """Run until power-off (returns the exit status), quit, or a limit (returns None)."""
+        sel = selectors.DefaultSelector()
+        fd = self.console.fileno()
+        if fd is not None:
+            try:
+                sel.register(fd, selectors.EVENT_READ)
+            except (OSError, ValueError):      # e.g. /dev/null or a regular file
+                pass
+        start = time.monotonic()
+        deadline = start + timeout if timeout else None
+        try:
+            while True:
+                board = self.board
+                code = self._run_board(board, sel, max_instructions, deadline)
+                if board.reset_requested and not self.quit_requested:
+                    board.close()
+                    self.stats.resets += 1
+                    self.board = VirtBoard(self.spec, self.console)
+                    continue
+                return code
+        finally:
+            self.stats.wall = time.monotonic() - start
+            sel.close()
+            self.console.flush()
+
+    def _run_board(self, board: VirtBoard, sel: selectors.BaseSelector,
+                   max_instructions: int | None, deadline: float | None) -> int | None:
+        engine, harts, console, stats = board.engine, board.harts, self.console, self.stats
+        multi = len(harts) > 1
+        while True:
+            ran = 0
+            for h in harts:
+                if h.state != HART_STARTED:
+                    continue
+                if h.idle:
+                    if not h.mip & h.mie:
+                        continue
+                    h.idle = False
+                h.take_pending_interrupt()
+                ran += engine.run(h, SLICE)
+            stats.instructions += ran
+            if multi:
+                for h in harts:
+                    h.resv = -1
+            board.poll()
+            if board.exit_code is not None or board.reset_requested or self.quit_requested:
+                return board.exit_code
+            if max_instructions is not None and stats.instructions >= max_instructions:
+                return None
+            wait = 0.0
+            if not ran:
+                nxt = board.next_deadline()
+                wait = MAX_IDLE_WAIT if nxt is None else min(MAX_IDLE_WAIT, board.clock.seconds_until(nxt))
+                if deadline is not None:
+                    wait = min(wait, max(0.0, deadline - time.monotonic()))
+            if wait > 0:
+                if sel.get_map():
+                    sel.select(wait)
+                else:
+                    time.sleep(wait)
+            console.poll()
+            if deadline is not None and time.monotonic() >= deadline:
+                return None

@@ -1,0 +1,40 @@
+"""The VM specification validates user input into one clear message."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyvirt.errors import ConfigError
+from pyvirt.spec import DiskSpec, make_spec, parse_size
+
+
+@pytest.mark.parametrize("text, size", [("256M", 256 << 20), ("1G", 1 << 30), ("512", 512 << 20),
+                                        ("64MiB", 64 << 20), ("2g", 2 << 30)])
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "lots", "12Q", "-5M"])
+def test_bad_sizes(text: str) -> None:
+    with pytest.raises(ConfigError, match="invalid size"):
+        parse_size(text)
+
+
+def test_disk_options() -> None:
+    assert DiskSpec.parse("a.img,ro").read_only
+    assert not DiskSpec.parse("a.img").read_only
+    with pytest.raises(ConfigError, match="unknown disk option 'rx'"):
+        DiskSpec.parse("a.img,rx")
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"cpus": 0}, "invalid cpus"),
+    ({"cpus": 9}, "invalid cpus"),
+    ({"memory": 1 << 20}, "invalid memory"),
+    ({"memory": (256 << 20) + 4096}, "multiple of 2 MiB"),
+    ({"engine": "warp"}, "invalid engine"),
+    ({"flux": 1}, "invalid flux"),
+])
+def test_bad_specs(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_spec(**fields)

@@ -42,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
                      help="attach a raw disk image as virtio-blk (repeatable)")
     run.add_argument("--no-rng", action="store_true", help="no virtio-rng device")
-    run.add_argument("--engine", choices=("interp", "jit"), default="jit",
-                     help="CPU engine: interp (reference interpreter) or jit (translated blocks)")
+    run.add_argument("--engine", choices=("interp", "jit", "native"), default=None,
+                     help="CPU engine: interp (reference interpreter), jit (Python blocks) or native "
+                          "(x86-64 code for hot blocks; the default where the host allows)")
     run.add_argument("--mmu", choices=("sv39", "sv48"), default="sv39", help="MMU mode in the device tree")
     run.add_argument("--command", "-c", metavar="CMD",
                      help="run CMD in the default guest's shell, print its output, exit with its status")
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from pyvirt.cpu.riscv.engine import default_engine
     from pyvirt.spec import DiskSpec, make_spec, parse_size
 
     disks = [DiskSpec.parse(d) for d in args.disk]
@@ -80,7 +82,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         append = " ".join(parts + ["quiet", "loglevel=0", f"pyvirt.cmd={encoded}"])
     spec = make_spec(cpus=args.cpus, memory=parse_size(args.memory), kernel=kernel, initrd=initrd,
                      append=append, bios=args.bios, disks=disks, rng=not args.no_rng,
-                     engine=args.engine, mmu=args.mmu)
+                     engine=args.engine or default_engine(), mmu=args.mmu)
     from pyvirt.vmm.console import open_console
     from pyvirt.vmm.vm import Vm
 

@@ -69,7 +69,8 @@ class VirtBoard:
         self.clock = Clock()
         self.bus = Bus(RAM_BASE, spec.memory)
         self.engine = Engine(self.bus, spec.engine)
-        self.harts = [Hart(i, self.bus, self.clock) for i in range(spec.cpus)]
+        self.harts = [Hart(i, self.bus, self.clock, native_regs=spec.engine == "native")
+                      for i in range(spec.cpus)]
         for h in self.harts:
             self.engine.add_hart(h)
             h.yield_on_pause = spec.cpus > 1

@@ -42,7 +42,7 @@ def run_bare(path: str | Path, engine: str = "jit", max_instructions: int = 20_0
     tohost = image.symbols.get("tohost")
     if tohost is None:
         raise ValueError(f"{path} has no tohost symbol")
-    hart = Hart(0, bus, Clock())
+    hart = Hart(0, bus, Clock(), native_regs=engine == "native")
     eng = Engine(bus, engine, hot=hot)
     eng.add_hart(hart)
     result: dict[str, int] = {}

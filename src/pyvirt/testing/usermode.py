@@ -74,7 +74,7 @@ def run_elf(path: str | Path, engine: str = "jit", max_instructions: int = 50_00
             raise ValueError("test program does not fit in the user-mode test RAM")
         bus.write_bytes(seg.vaddr, seg.data)
     bus.write(TRAP_STUB, 4, WFI)
-    hart = Hart(0, bus, Clock())
+    hart = Hart(0, bus, Clock(), native_regs=engine == "native")
     eng = Engine(bus, engine, hot=hot)
     eng.add_hart(hart)
     sys = _Syscalls(bus)

@@ -34,6 +34,16 @@ def sx32(expr: str) -> str:
     return f"(((({expr}) & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000) & {M64}"
 
 
+def add64(a: str, b: str) -> str:
+    """`a + b` wrapped to 64 bits, simplified when an operand is the constant 0
+    (mv, sext.w, zero-offset addresses: very common)."""
+    if b == "0":
+        return a
+    if a == "0":
+        return b if not b.lstrip("-").isdigit() else f"{int(b) & 0xFFFFFFFFFFFFFFFF:#x}"
+    return f"({a} + {b}) & {M64}"
+
+
 def signed(expr: str) -> str:
     """The 64-bit unsigned `expr` as a signed Python int."""
     return f"(({expr}) ^ {SIGN64}) - {SIGN64}"

@@ -26,7 +26,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from pyvirt.cpu.riscv import isa
+from pyvirt.cpu.riscv import isa, native
 from pyvirt.cpu.riscv.decode import Insn, decode
 from pyvirt.cpu.riscv.emit import BlockEmitter, GenericEmitter
 from pyvirt.cpu.riscv.hart import Hart
@@ -34,7 +34,14 @@ from pyvirt.cpu.riscv.traps import ContextChange, StopSlice, Trap
 from pyvirt.memory import Bus
 
 MAX_BLOCK = 64
-ENGINES = ("interp", "jit")
+ENGINES = ("interp", "jit", "native")
+
+
+def default_engine() -> str:
+    # The native tier runs user loops hundreds of times faster, but until its
+    # blocks chain natively it loses to the Python blocks on kernel code (many
+    # short blocks, each paying a ctypes call): opt in with --engine native.
+    return "jit"
 
 Entry = tuple[Callable[[Hart], int], int, int]
 
@@ -95,9 +102,15 @@ class Engine:
         self.page_keys: dict[int, list[tuple[int, int, int]]] = {}
         self.globals: dict[str, Any] = dict(_BASE_GLOBALS, ram=bus.ram)
         self.stats = {"translated": 0, "interp_blocks": 0, "invalidated": 0}
+        if mode == "native" and not native.available():
+            raise ValueError("the native engine needs an x86-64 Linux host")
+        self.native = native.Translator() if mode == "native" else None
 
     def add_hart(self, hart: Hart) -> None:
+        if self.native is not None and isinstance(hart.x, list):
+            raise ValueError("the native engine needs harts made with native_regs=True")
         self.harts.append(hart)
+        hart.native_exit_hook = self._native_exit
 
     # -- dispatch ---------------------------------------------------------------
     def run(self, h: Hart, budget: int) -> int:
@@ -188,8 +201,8 @@ class Engine:
         last, last_pc = insns[-1]
         end_pc = (last_pc + last.length) & isa.M
         n = len(insns)
-        if self.mode == "jit" and self.hot <= 1:
-            ent = (self._compile(insns, end_pc), n, ppn)
+        if self.mode != "interp" and self.hot <= 1:
+            ent = self._translated(insns, end_pc, ppn)
         else:
             ent = (self._interp_block(key, insns, ops, end_pc), n, ppn)
         self._register(key, ent)
@@ -209,7 +222,7 @@ class Engine:
     def _interp_block(self, key: tuple[int, int, int], insns: list[tuple[Insn, int]],
                       ops: tuple[tuple[Any, ...], ...], end_pc: int) -> Callable[[Hart], int]:
         self.stats["interp_blocks"] += 1
-        promote = self.mode == "jit"
+        promote = self.mode != "interp"
         remaining = self.hot - 1
 
         def run(h: Hart) -> int:
@@ -234,11 +247,35 @@ class Engine:
         old = self.blocks.get(key)
         if old is None:
             return                              # invalidated meanwhile
-        ent = (self._compile(insns, end_pc), old[1], old[2])
+        ent = self._translated(insns, end_pc, old[2])
         self.blocks[key] = ent
         cache = self.caches[key[0]]
         if cache.get(key[1]) is old:
             cache[key[1]] = ent
+
+    def _translated(self, insns: list[tuple[Insn, int]], end_pc: int, ppn: int) -> Entry:
+        """The best translation of a block: native if it can start natively, else Python."""
+        if self.native is not None:
+            done = self.native.translate(insns)
+            if done is not None:
+                fn, cut = done
+                return (native.native_entry(fn, cut), cut, ppn)
+        return (self._compile(insns, end_pc), len(insns), ppn)
+
+    def _native_exit(self, h: Hart, pc: int) -> int:
+        """Run the one instruction a native block could not, through the interpreter."""
+        h.pc = pc
+        ppn = h.fetch_ppn(pc)
+        off = (ppn << 12) - self.bus.ram_base + (pc & 0xFFF)
+        ram = self.bus.ram
+        word = ram[off] | (ram[off + 1] << 8)
+        if word & 3 == 3:
+            word |= (ram[off + 2] | (ram[off + 3] << 8)) << 16
+        ins = decode(word)
+        d = (HANDLERS[ins.name], ins.rd, ins.rs1, ins.rs2, ins.rs3, ins.imm, ins.rm, ins.length, ins.raw, pc)
+        nxt = d[0](h, d)
+        h.adj += 1
+        return (pc + ins.length) & isa.M if nxt is None else nxt
 
     @staticmethod
     def _emit(insns: list[tuple[Insn, int]], end_pc: int) -> str:

@@ -8,12 +8,13 @@ MMIO, watched pages and page-crossing accesses come here.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from struct import Struct
 from typing import Any
 
 from pyvirt.clock import Clock
-from pyvirt.cpu.riscv import mmu
+from pyvirt.cpu.riscv import mmu, native
 from pyvirt.cpu.riscv.csr import (
     FS,
     MIE,
@@ -73,9 +74,10 @@ class Hart(CsrMixin):
         "instret", "adj", "resv", "idle", "state", "stimecmp",
         "tlbs", "rtlb", "wtlb", "itlb", "superpages",
         "ecall_hook", "yield_on_pause",
+        "_state", "sq", "_as_parameter_", "_ntlb", "_ntlb_views", "_ram_host", "native_exit_hook",
     )
 
-    def __init__(self, hartid: int, bus: Bus, clock: Clock) -> None:
+    def __init__(self, hartid: int, bus: Bus, clock: Clock, native_regs: bool = False) -> None:
         self.hartid = hartid
         self.bus = bus
         self.clock = clock
@@ -89,11 +91,27 @@ class Hart(CsrMixin):
         self.yield_on_pause = False
         self.tlbs = {p: ({}, {}, {}) for p in (0, 1, 3)}
         self.superpages: set[int] = set()
+        # For the native tier (native.py) the integer registers live in a native
+        # buffer and `x` is a 64-bit view of its first 32 words; the Python
+        # tiers alone are faster with a list.
+        self._state = (ctypes.c_uint64 * native.STATE_WORDS)()
+        raw = memoryview(self._state).cast("B")
+        self.x = raw.cast("Q")[:32] if native_regs else [0] * 32
+        self.sq = raw.cast("q")
+        self._as_parameter_ = ctypes.addressof(self._state)    # what ctypes passes for `hart`
+        # Native TLB tables per privilege: reads then writes, (vpn, addend) pairs.
+        self._ntlb = {p: (ctypes.c_uint64 * (4 * native.TLB_ENTRIES))() for p in (0, 1, 3)}
+        self._ntlb_views = {p: memoryview(t).cast("B").cast("Q") for p, t in self._ntlb.items()}
+        self._ram_host = ctypes.addressof(ctypes.c_char.from_buffer(bus.ram))
+        self.native_exit_hook: Callable[[Hart, int], int] | None = None
         self.reset()
 
     # -- state ------------------------------------------------------------------
     def reset(self) -> None:
-        self.x = [0] * 32
+        for i in range(native.STATE_WORDS):
+            self._state[i] = 0
+        for i in range(32):
+            self.x[i] = 0
         self.f = [0] * 32
         self.pc = 0
         self.fflags = 0
@@ -128,7 +146,8 @@ class Hart(CsrMixin):
     def load(self, state: dict[str, Any]) -> None:
         for k in self._SAVED:
             setattr(self, k, state[k])
-        self.x[:] = state["x"]
+        for i, v in enumerate(state["x"]):
+            self.x[i] = v
         self.f[:] = state["f"]
         self.pmp[:] = state["pmp"]
         self.resv = -1
@@ -139,15 +158,25 @@ class Hart(CsrMixin):
     def set_priv(self, priv: int) -> None:
         self.priv = priv
         self.rtlb, self.wtlb, self.itlb = self.tlbs[priv]
+        base = ctypes.addressof(self._ntlb[priv])
+        st = self._state
+        st[native.W_TLB_R] = base
+        st[native.W_TLB_W] = base + native.TLB_BYTES
+
+    def _native_clear(self, priv: int, which: int | None = None) -> None:
+        """Invalidate native TLB entries of `priv`: reads (0), writes (1) or both."""
+        table = self._ntlb[priv]
+        if which is None:
+            ctypes.memset(table, 0xFF, 2 * native.TLB_BYTES)
+        else:
+            ctypes.memset(ctypes.addressof(table) + which * native.TLB_BYTES, 0xFF, native.TLB_BYTES)
 
     def flush_tlb(self, all_modes: bool = False) -> None:
         for priv, dicts in self.tlbs.items():
             if priv != 3 or all_modes:
                 for d in dicts:
                     d.clear()
-        if all_modes:
-            for d in self.tlbs[3]:
-                d.clear()
+                self._native_clear(priv)
         self.superpages.clear()
 
     def flush_tlb_page(self, va: int) -> None:
@@ -156,18 +185,27 @@ class Hart(CsrMixin):
             if (vpn >> (9 * level)) in self.superpages:
                 self.flush_tlb()
                 return
+        slot = 2 * (vpn & (native.TLB_ENTRIES - 1))
         for priv in (0, 1):
             for d in self.tlbs[priv]:
                 d.pop(vpn, None)
+            view = self._ntlb_views[priv]
+            for base in (0, 2 * native.TLB_ENTRIES):
+                if view[base + slot] == vpn:
+                    view[base + slot] = M64
 
     def drop_write_mapping(self, ppn: int) -> None:
         """Remove write-TLB entries that map physical page `ppn` (about to be watched)."""
         target = (ppn << 12) - self.ram_base
-        for dicts in self.tlbs.values():
+        for priv, dicts in self.tlbs.items():
             w = dicts[1]
             stale = [vpn for vpn, o in w.items() if (vpn << 12) + o == target]
             for vpn in stale:
                 del w[vpn]
+                view = self._ntlb_views[priv]
+                slot = 2 * native.TLB_ENTRIES + 2 * (vpn & (native.TLB_ENTRIES - 1))
+                if view[slot] == vpn:
+                    view[slot] = M64
 
     def status_changed(self, old: int, new: int) -> None:
         changed = old ^ new
@@ -175,9 +213,11 @@ class Hart(CsrMixin):
             for priv in (0, 1):
                 for d in self.tlbs[priv][:2]:
                     d.clear()
+                self._native_clear(priv)
         if changed & (MPRV | MPP) or new & MPRV:
             for d in self.tlbs[3][:2]:
                 d.clear()
+            self._native_clear(3)
 
     # -- address translation -------------------------------------------------------
     def translate(self, va: int, access: int) -> int:
@@ -202,14 +242,20 @@ class Hart(CsrMixin):
                 self.flush_tlb(all_modes=True)
             if level:
                 self.superpages.add(vpn >> (9 * level))
+            view = self._ntlb_views[self.priv]
+            slot = 2 * (vpn & (native.TLB_ENTRIES - 1))
+            addend = (self._ram_host + page_off) & M64
             if access == mmu.FETCH:
                 ix[vpn] = pa >> 12
-            elif access == mmu.LOAD:
-                r[vpn] = page_off
             else:
                 r[vpn] = page_off
-                if (pa >> 12) not in self.bus.watched:
+                view[slot] = vpn
+                view[slot + 1] = addend
+                if access == mmu.STORE and (pa >> 12) not in self.bus.watched:
                     w[vpn] = page_off
+                    slot += 2 * native.TLB_ENTRIES
+                    view[slot] = vpn
+                    view[slot + 1] = addend
         return pa
 
     def fetch_ppn(self, va: int) -> int:
@@ -458,6 +504,11 @@ class Hart(CsrMixin):
             self.pc = npc
             raise StopSlice()
         return npc
+
+    def native_exit(self, pc: int) -> int:
+        """A native block stopped before the instruction at `pc`: run it here."""
+        assert self.native_exit_hook is not None
+        return self.native_exit_hook(self, pc)
 
     def stop_at(self, pc: int, uncharged: int = 0) -> int:
         """End this hart's slice; it resumes at `pc`.  `uncharged`: instructions the

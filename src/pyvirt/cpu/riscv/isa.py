@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pyvirt.cpu.riscv.emit import M64, SIGN64, Emitter, signed, sx32
+from pyvirt.cpu.riscv.emit import M64, SIGN64, Emitter, add64, signed, sx32
 
 Template = Callable[[Emitter], None]
 TEMPLATES: dict[str, Template] = {}
@@ -146,6 +146,10 @@ _R_OPS = {
 
 
 def _expand(pattern: str, a: str, b: str) -> str:
+    if pattern == _R_OPS["add"]:
+        return add64(a, b)
+    if pattern == _R_OPS["addw"] and b == "0":
+        return sx32(a)
     out = pattern.replace("SA", f"({signed(a)})").replace("SB", f"({signed(b)})")
     out = out.replace("SW", f"((({a} & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000)")
     out = out.replace("M64", M64).replace("S64", SIGN64)
@@ -239,14 +243,14 @@ _STORES = {"sb": 1, "sh": 2, "sw": 4, "sd": 8}
 
 def _load(size: int, is_signed: bool) -> Template:
     def build(e: Emitter) -> None:
-        v = e.load(size, is_signed, f"({e.rs1} + {e.imm}) & {M64}")
+        v = e.load(size, is_signed, add64(e.rs1, e.imm))
         e.rd_set(v)
     return build
 
 
 def _store(size: int) -> Template:
     def build(e: Emitter) -> None:
-        e.store(size, f"({e.rs1} + {e.imm}) & {M64}", e.rs2)
+        e.store(size, add64(e.rs1, e.imm), e.rs2)
     return build
 
 

@@ -1,0 +1,382 @@
+"""The native tier: hot blocks translated to x86-64 machine code.
+
+A native block is called through ctypes with the hart's state buffer: the 32
+integer registers, then bookkeeping words, then pointers to the current
+privilege's native TLB tables.  It runs the block's instructions directly on
+that buffer and returns the next pc.  Anything it cannot do natively — a TLB
+miss, MMIO, a page crossing, an instruction it does not implement — it hands
+back: it returns the pc of that instruction with bit 0 set, and the hart
+executes that one instruction in the interpreter (`Hart.native_exit`).  So
+every exit makes progress and faults are raised by the Python slow path, with
+the registers already in memory: state is always precise.
+
+Native TLB: per privilege, 256 direct-mapped entries for reads and 256 for
+writes, each (virtual page number, addend) with host address = va + addend.
+The hart fills them exactly when it fills its Python TLB dicts, so the write
+table never maps a page holding translated code.
+
+Only on x86-64 hosts (Linux, System V ABI); elsewhere the Python tiers run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import platform
+from collections.abc import Callable
+from typing import Any
+
+from pyvirt.cpu.riscv.decode import Insn
+from pyvirt.cpu.riscv.x86asm import (
+    ALU_ADD,
+    ALU_AND,
+    ALU_CMP,
+    ALU_OR,
+    ALU_SUB,
+    ALU_XOR,
+    CC_A,
+    CC_AE,
+    CC_B,
+    CC_E,
+    CC_GE,
+    CC_L,
+    CC_NE,
+    RAX,
+    RCX,
+    RDI,
+    RDX,
+    SAR,
+    SHL,
+    SHR,
+    Asm,
+    Label,
+)
+
+M64 = (1 << 64) - 1
+
+# State buffer layout (8-byte words).
+W_X = 0            # x0..x31
+W_ADJ = 32         # signed correction to the dispatcher's instruction charge
+W_TLB_R = 33       # address of the current read table
+W_TLB_W = 34       # address of the current write table
+STATE_WORDS = 40
+TLB_ENTRIES = 1024
+TLB_BYTES = TLB_ENTRIES * 16
+LOOP_BUDGET = 20_000
+
+R10 = 10
+
+_BRANCH_CC = {"beq": CC_E, "bne": CC_NE, "blt": CC_L, "bge": CC_GE, "bltu": CC_B, "bgeu": CC_AE}
+_ALU_R = {"add": ALU_ADD, "sub": ALU_SUB, "and": ALU_AND, "or": ALU_OR, "xor": ALU_XOR}
+_ALU_I = {"addi": ALU_ADD, "andi": ALU_AND, "ori": ALU_OR, "xori": ALU_XOR}
+_SHIFT = {"sll": SHL, "srl": SHR, "sra": SAR, "slli": SHL, "srli": SHR, "srai": SAR,
+          "sllw": SHL, "srlw": SHR, "sraw": SAR, "slliw": SHL, "srliw": SHR, "sraiw": SAR}
+_LOADS = {"lb": (1, True), "lh": (2, True), "lw": (4, True), "ld": (8, False),
+          "lbu": (1, False), "lhu": (2, False), "lwu": (4, False)}
+_STORES = {"sb": 1, "sh": 2, "sw": 4, "sd": 8}
+SUPPORTED = (set(_BRANCH_CC) | set(_ALU_R) | set(_ALU_I) | set(_SHIFT) | set(_LOADS) | set(_STORES)
+             | {"lui", "auipc", "jal", "jalr", "slt", "sltu", "slti", "sltiu", "addw", "subw", "addiw",
+                "mul", "mulw", "mulh", "mulhu", "fence"})
+
+
+def available() -> bool:
+    return platform.machine() in ("x86_64", "AMD64") and platform.system() == "Linux"
+
+
+def _reg(r: int) -> int:
+    return 8 * (W_X + r)
+
+
+class CodeBuffer:
+    """Executable memory for native blocks, handed out bump-pointer style."""
+
+    CHUNK = 4 << 20
+
+    def __init__(self) -> None:
+        self._chunks: list[mmap.mmap] = []
+        self._free = 0
+        self._base = 0
+
+    def put(self, code: bytes) -> int:
+        if not self._chunks or self._free + len(code) > self.CHUNK:
+            m = mmap.mmap(-1, self.CHUNK, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+            self._chunks.append(m)
+            self._base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+            self._free = 0
+        m = self._chunks[-1]
+        at = self._free
+        m[at:at + len(code)] = code
+        self._free = (at + len(code) + 15) & ~15
+        return self._base + at
+
+
+_BLOCK_TYPE = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p)
+
+
+class Translator:
+    """Turns a decoded block into x86-64 code; `None` if nothing in it is native."""
+
+    def __init__(self) -> None:
+        self.code = CodeBuffer()
+        self.stats = {"native_blocks": 0, "native_bytes": 0}
+
+    def translate(self, insns: list[tuple[Insn, int]]) -> tuple[Callable[..., int], int] | None:
+        """(callable, number of instructions covered) or None."""
+        cut = 0
+        for ins, _ in insns:
+            if ins.name not in SUPPORTED:
+                break
+            cut += 1
+        if cut == 0:
+            return None
+        block = insns[:cut]
+        a = Asm()
+        gen = _BlockGen(a, block, insns[cut][1] if cut < len(insns) else None)
+        gen.emit()
+        code = a.finish()
+        addr = self.code.put(code)
+        self.stats["native_blocks"] += 1
+        self.stats["native_bytes"] += len(code)
+        return _BLOCK_TYPE(addr), cut
+
+
+class _BlockGen:
+    def __init__(self, a: Asm, insns: list[tuple[Insn, int]], stop_pc: int | None) -> None:
+        self.a = a
+        self.insns = insns
+        self.total = len(insns)
+        self.entry = insns[0][1]
+        self.stop_pc = stop_pc
+        self.loop = any(ins.name in _BRANCH_CC or ins.name == "jal" for ins, _ in insns
+                        if (insns_target(ins, _) == self.entry))
+        self.misses: list[tuple[Label, int, int]] = []     # (label, pc, index)
+
+    # -- exits -----------------------------------------------------------------------
+    def _exit(self, index: int, target: int | None, odd: bool = False) -> None:
+        """Leave after instruction `index` (or before it when `odd`) for `target` (None: rax)."""
+        a = self.a
+        done = (index if odd else index + 1) - self.total
+        if self.loop:
+            if done:
+                a.alu_imm(ALU_ADD, R10, done)
+            a.alu_mem(ALU_ADD, R10, RDI, 8 * W_ADJ)          # r10 += [adj]
+            a.store(RDI, 8 * W_ADJ, R10)
+        elif done:
+            a.add_mem_imm(RDI, 8 * W_ADJ, done)
+        if target is not None:
+            a.mov_imm(RAX, target | (1 if odd else 0))
+        a.ret()
+
+    def _miss(self, index: int, pc: int) -> Label:
+        label = self.a.label()
+        self.misses.append((label, pc, index))
+        return label
+
+    # -- operands --------------------------------------------------------------------
+    def _get(self, dst: int, r: int) -> None:
+        if r == 0:
+            self.a.alu(ALU_XOR, dst, dst, w=False)
+        else:
+            self.a.load(dst, RDI, _reg(r))
+
+    def _set(self, r: int, src: int) -> None:
+        if r:
+            self.a.store(RDI, _reg(r), src)
+
+    # -- the block ---------------------------------------------------------------------
+    def emit(self) -> None:
+        a = self.a
+        top = a.label()
+        if self.loop:
+            a.alu(ALU_XOR, R10, R10, w=False)
+        a.bind(top)
+        self.top = top
+        for i, (ins, pc) in enumerate(self.insns):
+            nxt = self.insns[i + 1][1] if i + 1 < self.total else None
+            ended = self._insn(i, ins, pc, nxt)
+            if ended:
+                break
+        else:
+            # Ran off the end: continue at the first instruction not translated.
+            last, lpc = self.insns[-1]
+            self._exit(self.total - 1, self.stop_pc if self.stop_pc is not None
+                       else (lpc + last.length) & M64)
+        for label, pc, index in self.misses:
+            a.bind(label)
+            self._exit(index, pc, odd=True)
+
+    def _back_edge(self, index: int) -> None:
+        """Loop back to the top, or leave for the entry after LOOP_BUDGET instructions."""
+        a = self.a
+        a.alu_imm(ALU_ADD, R10, index + 1)
+        a.alu_imm(ALU_CMP, R10, LOOP_BUDGET)
+        a.jcc(CC_L, self.top)
+        a.alu_imm(ALU_ADD, R10, -self.total)
+        a.alu_mem(ALU_ADD, R10, RDI, 8 * W_ADJ)
+        a.store(RDI, 8 * W_ADJ, R10)
+        a.mov_imm(RAX, self.entry)
+        a.ret()
+
+    def _goto(self, index: int, target: int) -> None:
+        if self.loop and target == self.entry:
+            self._back_edge(index)
+        else:
+            self._exit(index, target)
+
+    def _insn(self, i: int, ins: Insn, pc: int, nxt: int | None) -> bool:
+        a = self.a
+        name, rd, rs1, rs2, imm = ins.name, ins.rd, ins.rs1, ins.rs2, ins.imm
+        npc = (pc + ins.length) & M64
+        if name in _ALU_I:
+            self._get(RAX, rs1)
+            a.alu_imm(_ALU_I[name], RAX, imm)
+            self._set(rd, RAX)
+        elif name in _ALU_R:
+            self._get(RAX, rs1)
+            self._get(RCX, rs2)
+            a.alu(_ALU_R[name], RAX, RCX)
+            self._set(rd, RAX)
+        elif name in ("slt", "sltu", "slti", "sltiu"):
+            self._get(RAX, rs1)
+            if name in ("slt", "sltu"):
+                self._get(RCX, rs2)
+                a.alu(ALU_CMP, RAX, RCX)
+            else:
+                a.alu_imm(ALU_CMP, RAX, imm)
+            a.setcc(CC_L if name in ("slt", "slti") else CC_B, RAX)
+            self._set(rd, RAX)
+        elif name in _SHIFT:
+            word = name.endswith("w")
+            self._get(RAX, rs1)
+            if name.endswith("i") or name.endswith("iw"):
+                a.shift_imm(_SHIFT[name], RAX, imm & (31 if word else 63), w=not word)
+            else:
+                self._get(RCX, rs2)
+                a.shift_cl(_SHIFT[name], RAX, w=not word)
+            if word:
+                a.movsxd(RAX, RAX)
+            self._set(rd, RAX)
+        elif name in ("addw", "subw", "addiw"):
+            self._get(RAX, rs1)
+            if name == "addiw":
+                a.alu_imm(ALU_ADD, RAX, imm, w=False)
+            else:
+                self._get(RCX, rs2)
+                a.alu(ALU_ADD if name == "addw" else ALU_SUB, RAX, RCX, w=False)
+            a.movsxd(RAX, RAX)
+            self._set(rd, RAX)
+        elif name in ("mul", "mulw"):
+            self._get(RAX, rs1)
+            self._get(RCX, rs2)
+            a.imul(RAX, RCX, w=name == "mul")
+            if name == "mulw":
+                a.movsxd(RAX, RAX)
+            self._set(rd, RAX)
+        elif name in ("mulh", "mulhu"):
+            self._get(RAX, rs1)
+            self._get(RCX, rs2)
+            a.mul_wide(RCX, signed=name == "mulh")
+            self._set(rd, RDX)
+        elif name == "lui":
+            if rd:
+                a.mov_imm(RAX, imm)
+                self._set(rd, RAX)
+        elif name == "auipc":
+            if rd:
+                a.mov_imm(RAX, (pc + imm) & M64)
+                self._set(rd, RAX)
+        elif name == "fence":
+            pass
+        elif name in _LOADS:
+            size, signed = _LOADS[name]
+            self._address(i, pc, rs1, imm, size, W_TLB_R)
+            a.load_sized(RCX, RAX, size, signed)
+            self._set(rd, RCX)
+        elif name in _STORES:
+            size = _STORES[name]
+            self._address(i, pc, rs1, imm, size, W_TLB_W)
+            self._get(RCX, rs2)
+            a.store_sized(RAX, RCX, size)
+        elif name in _BRANCH_CC:
+            target = (pc + imm) & M64
+            self._get(RAX, rs1)
+            self._get(RCX, rs2)
+            a.alu(ALU_CMP, RAX, RCX)
+            taken = a.label()
+            skip = a.label()
+            a.jcc(_BRANCH_CC[name], taken)
+            a.jmp(skip)
+            a.bind(taken)
+            self._goto(i, target)
+            a.bind(skip)
+            if nxt is None:
+                self._goto(i, npc)
+                return True
+        elif name == "jal":
+            target = (pc + imm) & M64
+            if rd:
+                a.mov_imm(RAX, npc)
+                self._set(rd, RAX)
+            if nxt == target:
+                return False
+            self._goto(i, target)
+            return True
+        elif name == "jalr":
+            self._get(RAX, rs1)
+            if imm:
+                a.alu_imm(ALU_ADD, RAX, imm)
+            a.alu_imm(ALU_AND, RAX, -2)
+            if rd:
+                a.mov_imm(RCX, npc)
+                self._set(rd, RCX)
+            self._exit(i, None)
+            return True
+        else:                                  # pragma: no cover - filtered by SUPPORTED
+            raise AssertionError(name)
+        return False
+
+    def _address(self, i: int, pc: int, rs1: int, imm: int, size: int, table: int) -> None:
+        """rax = host address of [rs1 + imm] through the native TLB, or jump to a miss exit."""
+        a = self.a
+        miss = self._miss(i, pc)
+        self._get(RAX, rs1)
+        if imm:
+            a.alu_imm(ALU_ADD, RAX, imm)
+        a.mov(RCX, RAX)
+        a.shift_imm(SHR, RCX, 12)
+        a.mov32(RDX, RCX)
+        a.alu_imm(ALU_AND, RDX, TLB_ENTRIES - 1, w=False)
+        a.shift_imm(SHL, RDX, 4, w=False)
+        a.alu_mem(ALU_ADD, RDX, RDI, 8 * table)
+        a.alu_mem(ALU_CMP, RCX, RDX, 0)
+        a.jcc(CC_NE, miss)
+        if size > 1:
+            a.mov32(RCX, RAX)
+            a.alu_imm(ALU_AND, RCX, 0xFFF, w=False)
+            a.alu_imm(ALU_CMP, RCX, 4096 - size, w=False)
+            a.jcc(CC_A, miss)
+        a.alu_mem(ALU_ADD, RAX, RDX, 8)
+
+
+def insns_target(ins: Insn, pc: int) -> int | None:
+    if ins.name in _BRANCH_CC or ins.name == "jal":
+        return (pc + ins.imm) & M64
+    return None
+
+
+def native_entry(fn: Callable[..., int], n: int) -> Callable[[Any], int]:
+    """Wrap a native block as a dispatcher entry `run(hart) -> next pc`."""
+
+    def run(h: Any) -> int:
+        pc = fn(h)
+        sq = h.sq
+        d = sq[W_ADJ]
+        if d:
+            sq[W_ADJ] = 0
+            h.adj += d
+            if h.adj >= LOOP_BUDGET and not pc & 1:
+                return h.stop_at(pc, n - 1)
+        if pc & 1:
+            return h.native_exit(pc ^ 1)
+        return pc
+    return run

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pyvirt.cpu.riscv import fpu
-from pyvirt.cpu.riscv.emit import M64, Emitter, sx32
+from pyvirt.cpu.riscv.emit import Emitter, add64, sx32
 
 HELPERS: dict[str, Any] = {"fpu": fpu}
 
@@ -92,7 +92,7 @@ def _sgnj(name: str) -> Callable[[Emitter], None]:
 def _fload(size: int) -> Callable[[Emitter], None]:
     def build(e: Emitter) -> None:
         e.fp_check()
-        v = e.load(size, False, f"({e.rs1} + {e.imm}) & {M64}")
+        v = e.load(size, False, add64(e.rs1, e.imm))
         e.fd_set(f"{v} | 0xFFFFFFFF00000000" if size == 4 else v)
     return build
 
@@ -101,7 +101,7 @@ def _fstore(size: int) -> Callable[[Emitter], None]:
     def build(e: Emitter) -> None:
         e.fp_check()
         value = f"{e.f2} & 0xFFFFFFFF" if size == 4 else e.f2
-        e.store(size, f"({e.rs1} + {e.imm}) & {M64}", value)
+        e.store(size, add64(e.rs1, e.imm), value)
     return build
 
 

@@ -19,6 +19,7 @@ from pyvirt import __version__
 from pyvirt.errors import ConfigError, PyvirtError
 
 EXIT_USAGE = 2
+MAX_COMMAND_B64 = 900     # the riscv kernel command line holds 1024 bytes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +78,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if kernel is None:
             raise ConfigError("--command needs a Linux guest (not --bios alone)")
         encoded = base64.b64encode(args.command.encode()).decode()
+        if len(encoded) > MAX_COMMAND_B64:
+            raise ConfigError(f"--command is too long ({len(args.command.encode())} bytes; the kernel "
+                              f"command line allows about {MAX_COMMAND_B64 * 3 // 4})")
         # Keep the console to the command's own output.
         parts = [a for a in (append or "").split() if not a.startswith("earlycon")]
         append = " ".join(parts + ["quiet", "loglevel=0", f"pyvirt.cmd={encoded}"])

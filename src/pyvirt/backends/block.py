@@ -1,32 +1,57 @@
-"""Block backends: raw image files.
+"""Block backends: where a virtual disk's bytes live.
 
-`RawFileBackend` serves reads and writes with preadv/pwritev straight from
-and into guest memory views, flushes with fdatasync, and holds an fcntl lock
-on the image (exclusive when writable, shared when read-only) so two VMs
-cannot write one image.
+A `BlockBackend` knows nothing about virtio: it reads into and writes from
+bytes-like buffers at byte offsets.  The vectored calls (`readv`/`writev`)
+take lists of memoryviews so a device can hand it views of guest RAM and the
+data moves with one preadv/pwritev system call, no copies.
+
+`RawFileBackend` serves a raw image file (or block device):
+
+* reads and writes with os.preadv / os.pwritev, looping over short transfers;
+* `flush()` is fdatasync, so a completed FLUSH request means the data is on
+  stable storage;
+* an fcntl lock on the image -- exclusive when writable, shared when read-only
+  -- so two VMs cannot open one image for writing (nor one writer and any
+  reader); a conflict is a one-line `ImageError`;
+* a size that is not a multiple of 512 bytes is rounded down: a partial last
+  sector is not addressable.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pyvirt.errors import ImageError
 
 SECTOR = 512
 
+# fallocate(2) mode bits (linux/falloc.h)
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+Buffer = bytes | bytearray | memoryview
+
 
 class BlockBackend(Protocol):
-    size: int
+    """What a block device model needs from its storage."""
+
+    size: int              # bytes, a multiple of SECTOR
     read_only: bool
 
-    def readinto(self, offset: int, bufs: list[memoryview]) -> int: ...
+    def readinto(self, offset: int, buf: memoryview) -> int: ...
 
-    def write(self, offset: int, bufs: list[memoryview]) -> int: ...
+    def readv(self, offset: int, bufs: Sequence[memoryview]) -> int: ...
+
+    def write(self, offset: int, data: Buffer) -> int: ...
+
+    def writev(self, offset: int, bufs: Sequence[Buffer]) -> int: ...
 
     def flush(self) -> None: ...
 
@@ -34,11 +59,39 @@ class BlockBackend(Protocol):
 
     def close(self) -> None: ...
 
+    def save(self) -> dict[str, Any]: ...
+
+    def load(self, state: dict[str, Any]) -> None: ...
+
+
+def advance(bufs: Sequence[Buffer], n: int) -> list[memoryview]:
+    """The buffers with their first `n` bytes dropped (no data copied)."""
+    out: list[memoryview] = []
+    for b in bufs:
+        mv = memoryview(b)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        if n >= len(mv):
+            n -= len(mv)
+            continue
+        out.append(mv[n:])
+        n = 0
+    return out
+
+
+def _fill_zero(bufs: Sequence[memoryview], start: int) -> None:
+    """Zero every byte of `bufs` from byte `start` on (a read past end of file)."""
+    for b in advance(bufs, start):
+        b[:] = bytes(len(b))
+
 
 class RawFileBackend:
+    """A raw disk image file, locked for the lifetime of the backend."""
+
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
         self.path = Path(path)
         self.read_only = read_only
+        self.fd = -1
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -47,64 +100,106 @@ class RawFileBackend:
             raise ImageError(f"cannot open disk image {self.path}: {e.strerror}") from None
         if stat.S_ISDIR(st.st_mode):
             raise ImageError(f"disk image {self.path} is a directory")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise ImageError(f"disk image {self.path} is not a regular file or block device")
         try:
-            self.fd = os.open(self.path, os.O_RDONLY if read_only else os.O_RDWR)
+            fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        except PermissionError:
+            mode = "reading" if read_only else "reading and writing"
+            raise ImageError(f"no permission to open disk image {self.path} for {mode}"
+                             + ("" if read_only else " (add ,ro for a read-only disk)")) from None
         except OSError as e:
             raise ImageError(f"cannot open disk image {self.path}: {e.strerror}") from None
         try:
-            fcntl.flock(self.fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as e:
-            os.close(self.fd)
+            os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise ImageError(f"disk image {self.path} is in use by another VM") from None
             raise ImageError(f"cannot lock disk image {self.path}: {e.strerror}") from None
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)
-        if stat.S_ISBLK(st.st_mode) is False and self.size % SECTOR:
-            self.size -= self.size % SECTOR     # a partial last sector is not addressable
+        self.fd = fd
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+            # An unreadable file (EIO, a directory-like special) fails here, not in the guest.
+            os.pread(fd, min(SECTOR, size), 0)
+        except OSError as e:
+            self.close()
+            raise ImageError(f"cannot read disk image {self.path}: {e.strerror}") from None
+        self.size = size - size % SECTOR
 
-    def readinto(self, offset: int, bufs: list[memoryview]) -> int:
-        total = sum(len(b) for b in bufs)
-        done = os.preadv(self.fd, bufs, offset)
-        if done < total:           # past the end of a sparse/short file: zeros
-            remaining = done
-            for b in bufs:
-                if remaining >= len(b):
-                    remaining -= len(b)
-                    continue
-                b[remaining:] = bytes(len(b) - remaining)
-                remaining = 0
-        return total
+    def _check(self, offset: int, length: int) -> None:
+        if self.fd < 0:
+            raise OSError(errno.EBADF, "disk image is closed")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OSError(errno.EINVAL, f"range {offset:#x}+{length:#x} beyond the disk")
 
-    def write(self, offset: int, bufs: list[memoryview]) -> int:
-        if self.read_only:
-            raise OSError(errno.EROFS, "read-only disk")
+    # -- reads -----------------------------------------------------------------------
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        return self.readv(offset, [buf])
+
+    def readv(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        """Fill `bufs` from `offset` on; bytes past the end of the file read as zeros."""
         total = sum(len(b) for b in bufs)
+        self._check(offset, total)
         done = 0
         while done < total:
-            n = os.pwritev(self.fd, bufs, offset + done) if done == 0 else \
-                os.pwrite(self.fd, b"".join(bytes(b) for b in bufs)[done:], offset + done)
+            n = os.preadv(self.fd, advance(bufs, done) if done else bufs, offset + done)
+            if n == 0:                       # the file shrank under us: zeros, like a hole
+                _fill_zero(bufs, done)
+                break
+            done += n
+        return total
+
+    # -- writes ----------------------------------------------------------------------
+    def write(self, offset: int, data: Buffer) -> int:
+        return self.writev(offset, [data])
+
+    def writev(self, offset: int, bufs: Sequence[Buffer]) -> int:
+        if self.read_only:
+            raise OSError(errno.EROFS, "read-only disk")
+        total = sum(memoryview(b).nbytes for b in bufs)
+        self._check(offset, total)
+        done = 0
+        while done < total:
+            n = os.pwritev(self.fd, advance(bufs, done) if done else bufs, offset + done)
             if n <= 0:
-                raise OSError(errno.EIO, "short write")
+                raise OSError(errno.EIO, "short write to disk image")
             done += n
         return total
 
     def flush(self) -> None:
-        if not self.read_only:
+        """Make completed writes durable (fdatasync)."""
+        if self.fd >= 0 and not self.read_only:
             os.fdatasync(self.fd)
 
     def discard(self, offset: int, length: int) -> None:
+        """Let the host free the range (punch a hole); the range then reads as zeros.
+
+        Discard is advisory: where the file system cannot punch holes this does
+        nothing.
+        """
         if self.read_only:
             raise OSError(errno.EROFS, "read-only disk")
-        punch = getattr(fcntl, "FALLOC_FL_PUNCH_HOLE", 0x02) | getattr(fcntl, "FALLOC_FL_KEEP_SIZE", 0x01)
-        try:
-            os.posix_fallocate  # noqa: B018 - availability check only
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.fallocate(self.fd, punch, ctypes.c_long(offset), ctypes.c_long(length))
-        except (OSError, AttributeError):
-            pass
+        self._check(offset, length)
+        if length == 0:
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate = libc.fallocate
+        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
 
     def close(self) -> None:
+        """Release the lock and the file; idempotent."""
         if self.fd >= 0:
-            os.close(self.fd)
+            os.close(self.fd)        # closing the descriptor drops the flock
             self.fd = -1
+
+    # -- state ---------------------------------------------------------------------------
+    def save(self) -> dict[str, Any]:
+        """No volatile state (writes go straight to the file); what it serves, for checking."""
+        return {"path": str(self.path), "size": self.size, "read_only": self.read_only}
+
+    def load(self, state: dict[str, Any]) -> None:
+        if state.get("size", self.size) != self.size:
+            raise ImageError(f"disk image {self.path} is {self.size} bytes, "
+                             f"the snapshot expects {state['size']}")

@@ -1,8 +1,17 @@
-"""The SiFive test finisher at virt's 0x100000 (QEMU "sifive_test").
+"""The SiFive test finisher ("sifive,test0"/"sifive,test1", QEMU's "sifive_test") at
+virt's 0x100000, exposed to Linux as a "syscon" regmap.
 
-Linux's syscon-poweroff and syscon-reboot drivers write 0x5555 and 0x7777;
-firmware and pyvirt's /init write (code << 16) | 0x3333 to power off with an
-exit status.
+One 32-bit register at offset 0; writes are commands, reads return 0::
+
+    0x5555                  FINISHER_PASS  power off, exit status 0
+                                           (Linux syscon-poweroff's value)
+    0x7777                  FINISHER_RESET reset the machine
+                                           (Linux syscon-reboot's value)
+    (code << 16) | 0x3333   FINISHER_FAIL  power off with exit status `code`
+
+Any other value is ignored, as are writes of other widths or offsets.  The
+device only reports: `on_event(kind, code)` with kind "poweroff" or
+"reset"; stopping the machine is the VMM's business.
 """
 
 from __future__ import annotations
@@ -20,13 +29,13 @@ class Syscon:
         self.on_event = on_event
 
     def reset(self) -> None:
-        pass
+        pass                             # stateless
 
     def read(self, offset: int, size: int) -> int:
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
-        if offset != 0 or size < 4:
+        if offset != 0 or size != 4:
             return
         status, code = value & 0xFFFF, (value >> 16) & 0xFFFF
         if status == FINISHER_PASS:

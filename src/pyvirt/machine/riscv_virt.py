@@ -96,7 +96,7 @@ class VirtBoard:
         bus.add_mmio(CLINT_BASE, CLINT_SIZE, self.clint, "clint")
         self.uart = Uart16550(self.plic.irq_line(UART_IRQ), self.console)
         bus.add_mmio(UART_BASE, 0x100, self.uart, "uart0")
-        self.rtc = GoldfishRtc(self.plic.irq_line(RTC_IRQ))
+        self.rtc = GoldfishRtc(self.plic.irq_line(RTC_IRQ), clock=self.clock)
         bus.add_mmio(RTC_BASE, 0x1000, self.rtc, "rtc")
         self.syscon = Syscon(self._power_event)
         bus.add_mmio(TEST_BASE, 0x1000, self.syscon, "test")
@@ -245,7 +245,8 @@ class VirtBoard:
             h.ecall_hook = sbi
             h.medeleg = SBI_MEDELEG
             h.mideleg = S_INTERRUPTS
-            h.mcounteren = 7
+            # As OpenSBI does: let S- and U-mode read cycle, time and instret.
+            h.mcounteren = h.scounteren = 7
             h.set_priv(1)
             h.state = HART_STOPPED
         boot_hart = self.harts[0]

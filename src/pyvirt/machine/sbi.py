@@ -153,7 +153,7 @@ class Sbi:
                 return SBI_ERR_ALREADY_AVAILABLE, 0
             t.reset()
             t.mideleg, t.medeleg = h.mideleg, h.medeleg
-            t.mcounteren = h.mcounteren
+            t.mcounteren, t.scounteren = h.mcounteren, 7
             t.ecall_hook = h.ecall_hook
             t.set_priv(1)
             t.pc = x[11]

@@ -100,6 +100,9 @@ class Vm:
                 wait = MAX_IDLE_WAIT if nxt is None else min(MAX_IDLE_WAIT, board.clock.seconds_until(nxt))
                 if deadline is not None:
                     wait = min(wait, max(0.0, deadline - time.monotonic()))
+            if sel.get_map() and console.fileno() is None:
+                for key in list(sel.get_map().values()):     # input ended: stop watching it
+                    sel.unregister(key.fileobj)
             if wait > 0:
                 if sel.get_map():
                     sel.select(wait)

@@ -1,15 +1,38 @@
-"""Split virtqueues (virtio 1.2, section 2.7), hostile-guest proof.
+"""Split virtqueues (virtio 1.2, section 2.7), proof against a hostile driver.
 
-The driver owns the descriptor table and the available ring, the device the
-used ring.  Everything read from the guest is checked: descriptor indices,
-chain lengths (a chain longer than the queue is a loop), indirect tables
-(no nesting, sane length), and every buffer must lie inside guest RAM.  A
-violation raises `QueueError`; the device then stops using the queue and
-asks for a reset (DEVICE_NEEDS_RESET), as section 2.1.2 describes.
+Three areas in guest RAM, placed by the driver (2.7, "Split Virtqueues")::
+
+    descriptor table  16 * size bytes, align 16   {le64 addr; le32 len; le16 flags; le16 next}
+    available ring    6 + 2 * size, align 2        {le16 flags; le16 idx; le16 ring[size];
+                                                    le16 used_event}
+    used ring         6 + 8 * size, align 4        {le16 flags; le16 idx;
+                                                    {le32 id; le32 len} ring[size];
+                                                    le16 avail_event}
+
+The driver owns the descriptor table and the available ring; the device owns
+the used ring.  Everything read from the guest is checked before use: the
+ring layout when the queue is enabled (size a power of two no larger than the
+device's maximum, areas aligned and inside RAM), each head index, each
+descriptor's buffer (inside RAM), chain length (a chain may not be longer
+than the queue -- 2.7.5.3.1 -- so a loop is caught after at most `size`
+steps), indirect tables (2.7.5.3: no NEXT with INDIRECT, no table inside a
+table, a length that is a non-zero multiple of 16 and inside RAM), buffer
+order (device-writable after device-readable, 2.7.4.2), and the available
+index (it cannot run ahead of the device by more than the queue size).
+
+A violation raises `QueueError` and marks the queue broken: the device stops
+using it and reports DEVICE_NEEDS_RESET (2.1.2).  Nothing here raises any
+other exception for guest input, and nothing touches memory outside RAM.
+
+Notification suppression (2.7.7, 2.7.10): without VIRTIO_F_EVENT_IDX the
+device interrupts unless the driver set VIRTQ_AVAIL_F_NO_INTERRUPT; with it,
+only when the used index passes the driver's `used_event`, and the device
+publishes `avail_event` so the driver kicks only when needed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from struct import Struct
 from typing import Any
@@ -17,186 +40,280 @@ from typing import Any
 from pyvirt.errors import GuestMemoryError
 from pyvirt.memory import Bus
 
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_WRITE = 2
-VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_DESC_F_NEXT = 1        # the buffer continues in the `next` descriptor
+VIRTQ_DESC_F_WRITE = 2       # device-writable (otherwise device-readable)
+VIRTQ_DESC_F_INDIRECT = 4    # the buffer is a table of descriptors
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+MAX_QUEUE_SIZE = 32768       # 2.7: "The maximum Queue Size value is 32768"
 
 _DESC = Struct("<QIHH")
+
+Span = tuple[int, int]       # (guest-physical address, length)
 
 
 class QueueError(Exception):
     """The driver broke the virtqueue rules; the device must stop using the queue."""
 
 
-@dataclass
+def vring_need_event(event: int, new: int, old: int) -> bool:
+    """2.7.10: has the index moved from `old` to `new` past `event`?"""
+    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
+@dataclass(slots=True)
 class Chain:
-    """One request: the head index and its buffers in order."""
+    """One request popped from the available ring: its head and its buffers."""
 
     head: int
-    readable: list[tuple[int, int]] = field(default_factory=list)    # (guest address, length)
-    writable: list[tuple[int, int]] = field(default_factory=list)
+    readable: list[Span] = field(default_factory=list)
+    writable: list[Span] = field(default_factory=list)
+    readable_len: int = 0
+    writable_len: int = 0
 
-    @property
-    def readable_len(self) -> int:
-        return sum(n for _, n in self.readable)
 
-    @property
-    def writable_len(self) -> int:
-        return sum(n for _, n in self.writable)
+def split_spans(spans: Sequence[Span], n: int) -> tuple[list[Span], list[Span]]:
+    """The first `n` bytes of `spans` and the rest, as two span lists."""
+    head: list[Span] = []
+    tail: list[Span] = []
+    for addr, length in spans:
+        if n >= length:
+            head.append((addr, length))
+            n -= length
+        elif n > 0:
+            head.append((addr, n))
+            tail.append((addr + n, length - n))
+            n = 0
+        else:
+            tail.append((addr, length))
+    return head, tail
+
+
+def spans_len(spans: Sequence[Span]) -> int:
+    return sum(n for _, n in spans)
 
 
 class SplitQueue:
+    """The device's side of one split virtqueue."""
+
     MAX_SIZE = 256
 
-    def __init__(self, bus: Bus, max_size: int = MAX_SIZE) -> None:
-        self.bus = bus
+    def __init__(self, max_size: int = MAX_SIZE, bus: Bus | None = None) -> None:
+        if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"queue size {max_size} must be a power of two up to {MAX_QUEUE_SIZE}")
         self.max_size = max_size
+        self.bus: Bus = bus  # type: ignore[assignment]   # set by the device's attach()
         self.reset()
 
     def reset(self) -> None:
-        self.size = self.max_size
+        self.size = self.max_size      # QueueNum; the driver may lower it
         self.ready = False
         self.desc = self.avail = self.used = 0
-        self.last_avail = 0
-        self.used_idx = 0
-        self.event_idx = False
-        self.broken = False
+        self.last_avail = 0            # next available-ring entry to take
+        self.used_idx = 0              # next used-ring entry to fill
+        self.signalled_used = 0        # used_idx at the last notification decision
+        self.event_idx = False         # VIRTIO_F_EVENT_IDX negotiated
+        self.broken = ""               # why the device stopped using the queue ("" if fine)
 
-    # -- guest memory, checked --------------------------------------------------
-    def _read(self, addr: int, size: int) -> int:
-        if not self.bus.is_ram(addr, size):
-            raise QueueError(f"ring address {addr:#x} is outside RAM")
-        return self.bus.read(addr, size)
+    # -- set-up -------------------------------------------------------------------------
+    def enable(self, event_idx: bool) -> None:
+        """QueueReady was set: check the layout once (4.2.3.2); a bad one breaks the queue."""
+        self.ready = True
+        self.event_idx = event_idx
+        self.last_avail = self.used_idx = self.signalled_used = 0
+        self.broken = ""
+        try:
+            self._check_layout()
+        except QueueError as e:
+            self.broken = str(e)
 
-    def _write(self, addr: int, size: int, value: int) -> None:
-        if not self.bus.is_ram(addr, size):
-            raise QueueError(f"ring address {addr:#x} is outside RAM")
-        self.bus.write(addr, size, value)
+    def disable(self) -> None:
+        self.ready = False
 
     def _check_layout(self) -> None:
         n = self.size
-        if not n or n & (n - 1) or n > self.max_size:
-            raise QueueError(f"bad queue size {n}")
-        for base, length in ((self.desc, 16 * n), (self.avail, 6 + 2 * n), (self.used, 6 + 8 * n)):
+        if not 1 <= n <= self.max_size or n & (n - 1):
+            raise QueueError(f"queue size {n} is not a power of two in 1..{self.max_size}")
+        for name, base, length, align in (("descriptor table", self.desc, 16 * n, 16),
+                                          ("available ring", self.avail, 6 + 2 * n, 2),
+                                          ("used ring", self.used, 6 + 8 * n, 4)):
+            if base % align:
+                raise QueueError(f"{name} at {base:#x} is not {align}-byte aligned")
             if not self.bus.is_ram(base, length):
-                raise QueueError(f"ring {base:#x}+{length:#x} is outside RAM")
+                raise QueueError(f"{name} {base:#x}+{length:#x} is outside RAM")
 
-    # -- the device's side -------------------------------------------------------------
+    # -- checked guest memory (only ring fields; the layout is already known to be in RAM)
+    def _read16(self, addr: int) -> int:
+        return self.bus.read(addr, 2)
+
+    def _write16(self, addr: int, value: int) -> None:
+        self.bus.write(addr, 2, value)
+
+    def _fail(self, why: str) -> QueueError:
+        self.broken = why
+        return QueueError(why)
+
+    # -- taking requests ----------------------------------------------------------------------
+    def avail_idx(self) -> int:
+        return self._read16(self.avail + 2)
+
     def has_work(self) -> bool:
-        return self.ready and not self.broken and self._read(self.avail + 2, 2) != self.last_avail
+        return self.ready and not self.broken and self.avail_idx() != self.last_avail
 
     def pop(self) -> Chain | None:
-        """The next available chain, or None.  Raises QueueError on a broken queue."""
-        if not self.ready or self.broken:
+        """The next available chain, or None.  Raises QueueError if the driver broke the rules."""
+        if not self.ready:
             return None
+        if self.broken:
+            raise QueueError(self.broken)
+        avail_idx = self.avail_idx()
+        pending = (avail_idx - self.last_avail) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            raise self._fail(f"available index {avail_idx} is {pending} entries ahead "
+                             f"of the device, more than the queue size {self.size}")
+        head = self._read16(self.avail + 4 + 2 * (self.last_avail & (self.size - 1)))
         try:
-            self._check_layout()
-            avail_idx = self._read(self.avail + 2, 2)
-            if avail_idx == self.last_avail:
-                return None
-            if (avail_idx - self.last_avail) & 0xFFFF > self.size:
-                raise QueueError("available index moved further than the queue size")
-            head = self._read(self.avail + 4 + 2 * (self.last_avail % self.size), 2)
             chain = self._walk(head)
-        except QueueError:
-            self.broken = True
+        except QueueError as e:
+            self.broken = str(e)
             raise
         self.last_avail = (self.last_avail + 1) & 0xFFFF
-        if self.event_idx:
-            self._write(self.used + 4 + 8 * self.size, 2, self.last_avail)   # avail_event
         return chain
 
     def _walk(self, head: int) -> Chain:
-        if head >= self.size:
-            raise QueueError(f"descriptor index {head} >= queue size {self.size}")
+        size = self.size
+        if head >= size:
+            raise QueueError(f"head descriptor {head} is beyond the queue size {size}")
+        bus = self.bus
         chain = Chain(head)
-        table, table_len, idx = self.desc, self.size, head
-        budget = self.size            # a chain longer than the queue is a loop
+        table, table_len, idx = self.desc, size, head
         indirect = False
+        count = 0
         while True:
-            if budget <= 0:
-                raise QueueError("descriptor chain loops or is longer than the queue")
-            budget -= 1
-            addr, length, flags, nxt = _DESC.unpack(self._desc_bytes(table, idx))
+            count += 1
+            if count > size:
+                raise QueueError(f"descriptor chain from head {head} is longer than the "
+                                 f"queue size {size} (a loop?)")
+            addr, length, flags, nxt = _DESC.unpack(bus.read_bytes(table + 16 * idx, 16))
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if indirect:
-                    raise QueueError("nested indirect descriptor table")
+                    raise QueueError("indirect descriptor inside an indirect table")
                 if flags & VIRTQ_DESC_F_NEXT:
                     raise QueueError("indirect descriptor with NEXT set")
-                if length == 0 or length % 16 or length // 16 > self.max_size:
-                    raise QueueError(f"bad indirect table length {length}")
-                if not self.bus.is_ram(addr, length):
-                    raise QueueError("indirect table outside RAM")
+                if length == 0 or length % 16:
+                    raise QueueError(f"indirect table length {length} is not a multiple of 16")
+                if not bus.is_ram(addr, length):
+                    raise QueueError(f"indirect table {addr:#x}+{length:#x} is outside RAM")
                 table, table_len, idx, indirect = addr, length // 16, 0, True
-                budget = table_len
+                count -= 1                 # the table pointer is not a buffer
                 continue
-            if not self.bus.is_ram(addr, length):
+            if not bus.is_ram(addr, length):
                 raise QueueError(f"buffer {addr:#x}+{length:#x} is outside RAM")
             if flags & VIRTQ_DESC_F_WRITE:
                 chain.writable.append((addr, length))
+                chain.writable_len += length
             else:
                 if chain.writable:
-                    raise QueueError("device-readable buffer after a writable one")
+                    raise QueueError("device-readable buffer after a device-writable one")
                 chain.readable.append((addr, length))
+                chain.readable_len += length
             if not flags & VIRTQ_DESC_F_NEXT:
                 return chain
             if nxt >= table_len:
-                raise QueueError(f"next descriptor {nxt} out of range")
+                raise QueueError(f"next descriptor {nxt} is beyond its table of {table_len}")
             idx = nxt
 
-    def _desc_bytes(self, table: int, idx: int) -> bytes:
-        addr = table + 16 * idx
-        if not self.bus.is_ram(addr, 16):
-            raise QueueError("descriptor outside RAM")
-        return self.bus.read_bytes(addr, 16)
+    # -- returning requests --------------------------------------------------------------------
+    def push(self, head: int, written: int) -> None:
+        """Put a finished chain on the used ring; `written` = bytes the device wrote.
 
-    def push(self, chain: Chain, written: int) -> bool:
-        """Return a chain to the driver; True if the driver wants an interrupt."""
-        old = self.used_idx
-        slot = self.used + 4 + 8 * (old % self.size)
-        self._write(slot, 4, chain.head)
-        self._write(slot + 4, 4, written)
-        self.used_idx = (old + 1) & 0xFFFF
-        self._write(self.used + 2, 2, self.used_idx)
-        return self._should_notify(old, self.used_idx)
+        A chain finished after the queue was reset or broke is dropped: its ring is gone.
+        """
+        if not self.ready or self.broken:
+            return
+        slot = self.used + 4 + 8 * (self.used_idx & (self.size - 1))
+        self.bus.write(slot, 4, head)
+        self.bus.write(slot + 4, 4, written & 0xFFFF_FFFF)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self._write16(self.used + 2, self.used_idx)
 
-    def _should_notify(self, old: int, new: int) -> bool:
-        if self.event_idx:                                        # 2.7.10
-            used_event = self._read(self.avail + 4 + 2 * self.size, 2)
-            return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
-        return not self._read(self.avail, 2) & VIRTQ_AVAIL_F_NO_INTERRUPT
+    def publish_avail_event(self) -> None:
+        """With EVENT_IDX: ask to be kicked when the driver makes entry `last_avail` available."""
+        if self.event_idx and self.ready and not self.broken:
+            self._write16(self.used + 4 + 8 * self.size, self.last_avail)
 
-    # -- buffers ---------------------------------------------------------------------------
-    def views(self, bufs: list[tuple[int, int]]) -> list[memoryview]:
+    def should_notify(self) -> bool:
+        """Does the driver want an interrupt for what was used since the last decision?"""
+        if not self.ready or self.broken:
+            return False
+        old, new = self.signalled_used, self.used_idx
+        self.signalled_used = new
+        if old == new:
+            return False
+        if self.event_idx:
+            used_event = self._read16(self.avail + 4 + 2 * self.size)
+            return vring_need_event(used_event, new, old)
+        return not self._read16(self.avail) & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    # -- buffers --------------------------------------------------------------------------------
+    def views(self, spans: Sequence[Span]) -> list[memoryview]:
+        """Zero-copy views of guest RAM; release them after use (`release_views`)."""
         try:
-            return [self.bus.view(a, n) for a, n in bufs]
-        except GuestMemoryError as e:
+            return [self.bus.view(a, n) for a, n in spans]
+        except GuestMemoryError as e:            # cannot happen for checked spans
             raise QueueError(str(e)) from None
 
-    def gather(self, bufs: list[tuple[int, int]], limit: int) -> bytes:
+    @staticmethod
+    def release_views(views: Sequence[memoryview]) -> None:
+        for v in views:
+            v.release()
+
+    def dma_written(self, spans: Sequence[Span], count: int | None = None) -> None:
+        """Tell the bus that the device wrote the first `count` bytes of `spans`."""
+        left = spans_len(spans) if count is None else count
+        for addr, length in spans:
+            if left <= 0:
+                break
+            n = min(length, left)
+            self.bus.dma_written(addr, n)
+            left -= n
+
+    def gather(self, spans: Sequence[Span], limit: int) -> bytes:
+        """Up to `limit` bytes read from `spans` in order."""
         out = bytearray()
-        for a, n in bufs:
+        for addr, length in spans:
             if len(out) >= limit:
                 break
-            out += self.bus.read_bytes(a, min(n, limit - len(out)))
+            out += self.bus.read_bytes(addr, min(length, limit - len(out)))
         return bytes(out)
 
-    def scatter(self, bufs: list[tuple[int, int]], data: bytes) -> int:
-        """Copy `data` into the writable buffers in order; returns bytes written."""
+    def scatter(self, spans: Sequence[Span], data: bytes | bytearray | memoryview) -> int:
+        """Copy `data` into `spans` in order; returns the bytes written."""
         pos = 0
-        for a, n in bufs:
-            if pos >= len(data):
+        mv = memoryview(data)
+        for addr, length in spans:
+            if pos >= len(mv):
                 break
-            piece = data[pos:pos + n]
-            self.bus.write_bytes(a, piece)
+            piece = mv[pos:pos + length]
+            self.bus.write_bytes(addr, piece)
             pos += len(piece)
         return pos
 
+    # -- state ----------------------------------------------------------------------------------
+    _FIELDS = ("size", "ready", "desc", "avail", "used", "last_avail", "used_idx", "signalled_used",
+               "event_idx", "broken")
+
     def save(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("size", "ready", "desc", "avail", "used", "last_avail",
-                                              "used_idx", "event_idx", "broken")}
+        return {k: getattr(self, k) for k in self._FIELDS}
 
     def load(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
+        for k in self._FIELDS:
+            setattr(self, k, state[k])
+        if self.ready and not self.broken:
+            try:                                 # a snapshot is input too
+                self._check_layout()
+            except QueueError as e:
+                self.broken = str(e)

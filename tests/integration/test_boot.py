@@ -1,0 +1,122 @@
+"""Boot the default guest and drive it: the acceptance checks of the foundation issue."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import pyvirt
+
+pytestmark = pytest.mark.slow
+
+
+def test_command_output_and_status(default_image, engine: str) -> None:
+    r = pyvirt("run", "--engine", engine, "--command", "cat /proc/cpuinfo; uname -m; echo $((6*7))")
+    assert r.code == 0, r.err
+    assert "processor\t: 0" in r.out
+    assert "isa\t\t: rv64imafdc" in r.out
+    lines = r.out.splitlines()
+    assert lines[-2:] == ["riscv64", "42"]
+
+
+def test_command_exit_status(default_image, engine: str) -> None:
+    r = pyvirt("run", "--engine", engine, "--command", "echo bye; exit 3")
+    assert r.code == 3
+    assert r.out == "bye\n"
+
+
+def test_four_cpus_online(default_image, engine: str) -> None:
+    r = pyvirt("run", "--engine", engine, "--cpus", "4", "--command",
+               "grep -c ^processor /proc/cpuinfo; cat /sys/devices/system/cpu/online")
+    assert r.code == 0, r.err
+    assert r.out.split() == ["4", "0-3"]
+
+
+def test_interactive_console_reaches_prompt(default_image) -> None:
+    """What `make run` does: a shell prompt on the console, Ctrl-A x quits."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-m", "pyvirt", "run"])
+    buf = b""
+    deadline = time.monotonic() + 300
+
+    def expect(pattern: bytes) -> None:
+        nonlocal buf
+        while not re.search(pattern, buf):
+            assert time.monotonic() < deadline, f"no {pattern!r} in {buf[-500:]!r}"
+            r, _, _ = select.select([fd], [], [], 1)
+            if r:
+                try:
+                    buf += os.read(fd, 4096)
+                except OSError:
+                    break
+    try:
+        expect(rb"root@pyvirt:[^\r\n]*# ")
+        os.write(fd, b"uname -m\r")
+        expect(rb"riscv64\r\n")
+        os.write(fd, b"\x01x")                       # Ctrl-A x
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status)
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def _mkfs(path: Path, files: dict[str, bytes], size_mb: int = 16) -> None:
+    root = path.parent / (path.name + ".d")
+    root.mkdir()
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(root), str(path), f"{size_mb}M"], check=True,
+                   env=dict(os.environ, E2FSPROGS_FAKE_TIME="1700000000"))
+
+
+def _debugfs_cat(image: Path, name: str) -> bytes:
+    p = subprocess.run(["debugfs", "-R", f"cat /{name}", str(image)], capture_output=True, check=True)
+    return p.stdout
+
+
+def test_disk_write_survives_poweroff(default_image, engine: str, tmp_path: Path) -> None:
+    img = tmp_path / "data.img"
+    _mkfs(img, {"hello.txt": b"from the host\n"})
+    r = pyvirt("run", "--engine", engine, "--disk", str(img), "--command",
+               "mount /dev/vda /mnt && cat /mnt/hello.txt && echo written-in-guest > /mnt/new.txt "
+               "&& sync && umount /mnt")
+    assert r.code == 0, r.out + r.err
+    assert "from the host" in r.out
+    assert _debugfs_cat(img, "new.txt") == b"written-in-guest\n"
+    fsck = subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True)
+    assert fsck.returncode == 0, fsck.stdout
+
+
+def test_mkfs_in_guest(default_image, tmp_path: Path) -> None:
+    img = tmp_path / "blank.img"
+    img.write_bytes(bytes(8 << 20))
+    r = pyvirt("run", "--disk", str(img), "--command",
+               "mke2fs -q /dev/vda && mount /dev/vda /mnt && echo made-here > /mnt/f && umount /mnt && sync")
+    assert r.code == 0, r.out + r.err
+    assert _debugfs_cat(img, "f") == b"made-here\n"
+
+
+def test_read_only_disk_refuses_writes(default_image, tmp_path: Path) -> None:
+    img = tmp_path / "ro.img"
+    _mkfs(img, {"keep.txt": b"keep me\n"})
+    before = img.read_bytes()
+    r = pyvirt("run", "--disk", f"{img},ro", "--command",
+               "cat /sys/block/vda/ro; dd if=/dev/zero of=/dev/vda bs=512 count=1 conv=fsync; echo dd=$?; "
+               "mount -o ro /dev/vda /mnt && cat /mnt/keep.txt")
+    assert r.code == 0, r.out + r.err
+    assert r.out.splitlines()[0] == "1"
+    assert "dd=1" in r.out
+    assert "keep me" in r.out
+    assert img.read_bytes() == before

@@ -42,7 +42,7 @@ def time_qemu(exe: Path) -> tuple[float, bytes]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--engine", default="jit", choices=("jit", "interp"))
+    ap.add_argument("--engine", default="jit", choices=("jit", "interp", "native"))
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -110,6 +110,7 @@ SECTIONS {
   .bss : { *(.bss*) *(.sbss*) *(COMMON) }
   . = ALIGN(4096);
   .tohost : { *(.tohost) }
+  /DISCARD/ : { *(.note*) *(.comment) }
 }
 """
 
@@ -128,11 +129,16 @@ _start:
     .align 6
     .globl tohost
 tohost: .dword 0
+    .size tohost, 8
+    .type tohost, @object
     .globl fromhost
 fromhost: .dword 0
+    .size fromhost, 8
+    .type fromhost, @object
     .bss
     .align 12
     .space 16384
+    .globl _stack_top
 _stack_top:
 """
 
@@ -153,7 +159,7 @@ def bare_program(c_source: str) -> Path:
     cfile.write_text(src)
     tmp = _DIR / f"bare-{digest}.tmp"
     p = subprocess.run([f"{CROSS}gcc", "-O1", "-nostdlib", "-static", "-ffreestanding", "-fno-stack-protector",
-                        "-mcmodel=medany", "-march=rv64gc", "-mabi=lp64d", "-T", str(ld), "-o", str(tmp),
+                        "-mcmodel=medany", "-fno-pie", "-no-pie", "-march=rv64gc", "-mabi=lp64d", "-T", str(ld), "-o", str(tmp),
                         str(start), str(cfile)], capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"building bare-metal program failed:\n{p.stderr}")

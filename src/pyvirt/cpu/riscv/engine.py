@@ -105,12 +105,16 @@ class Engine:
         if mode == "native" and not native.available():
             raise ValueError("the native engine needs an x86-64 Linux host")
         self.native = native.Translator() if mode == "native" else None
+        self.jumps = native.JumpTables() if mode == "native" else None
 
     def add_hart(self, hart: Hart) -> None:
         if self.native is not None and isinstance(hart.x, list):
             raise ValueError("the native engine needs harts made with native_regs=True")
         self.harts.append(hart)
         hart.native_exit_hook = self._native_exit
+        if self.jumps is not None:
+            hart.jump_tables = self.jumps
+            hart.set_priv(hart.priv)
 
     # -- dispatch ---------------------------------------------------------------
     def run(self, h: Hart, budget: int) -> int:
@@ -202,7 +206,7 @@ class Engine:
         end_pc = (last_pc + last.length) & isa.M
         n = len(insns)
         if self.mode != "interp" and self.hot <= 1:
-            ent = self._translated(insns, end_pc, ppn)
+            ent = self._translated(insns, end_pc, key)
         else:
             ent = (self._interp_block(key, insns, ops, end_pc), n, ppn)
         self._register(key, ent)
@@ -247,18 +251,20 @@ class Engine:
         old = self.blocks.get(key)
         if old is None:
             return                              # invalidated meanwhile
-        ent = self._translated(insns, end_pc, old[2])
+        ent = self._translated(insns, end_pc, key)
         self.blocks[key] = ent
         cache = self.caches[key[0]]
         if cache.get(key[1]) is old:
             cache[key[1]] = ent
 
-    def _translated(self, insns: list[tuple[Insn, int]], end_pc: int, ppn: int) -> Entry:
+    def _translated(self, insns: list[tuple[Insn, int]], end_pc: int, key: tuple[int, int, int]) -> Entry:
         """The best translation of a block: native if it can start natively, else Python."""
-        if self.native is not None:
+        priv, pc, ppn = key
+        if self.native is not None and self.jumps is not None:
             done = self.native.translate(insns)
             if done is not None:
-                fn, cut = done
+                fn, cut, code = done
+                self.jumps.insert(priv, pc, ppn, code)
                 return (native.native_entry(fn, cut), cut, ppn)
         return (self._compile(insns, end_pc), len(insns), ppn)
 
@@ -329,6 +335,8 @@ class Engine:
                 continue
             self.bus.unwatch(ppn, self._code_written)
             for key in keys:
+                if self.jumps is not None:
+                    self.jumps.remove(*key)
                 ent = self.blocks.pop(key, None)
                 cache = self.caches[key[0]]
                 if ent is not None and cache.get(key[1]) is ent:
@@ -341,5 +349,7 @@ class Engine:
             self.bus.unwatch(ppn, self._code_written)
         self.page_keys.clear()
         self.blocks.clear()
+        if self.jumps is not None:
+            self.jumps.clear()
         for c in self.caches.values():
             c.clear()

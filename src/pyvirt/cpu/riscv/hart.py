@@ -75,6 +75,7 @@ class Hart(CsrMixin):
         "tlbs", "rtlb", "wtlb", "itlb", "superpages",
         "ecall_hook", "yield_on_pause",
         "_state", "sq", "_as_parameter_", "_ntlb", "_ntlb_views", "_ram_host", "native_exit_hook",
+        "jump_tables",
     )
 
     def __init__(self, hartid: int, bus: Bus, clock: Clock, native_regs: bool = False) -> None:
@@ -99,8 +100,10 @@ class Hart(CsrMixin):
         self.x = raw.cast("Q")[:32] if native_regs else [0] * 32
         self.sq = raw.cast("q")
         self._as_parameter_ = ctypes.addressof(self._state)    # what ctypes passes for `hart`
-        # Native TLB tables per privilege: reads then writes, (vpn, addend) pairs.
-        self._ntlb = {p: (ctypes.c_uint64 * (4 * native.TLB_ENTRIES))() for p in (0, 1, 3)}
+        # Native TLB tables per privilege: reads then writes, (vpn, addend) pairs,
+        # then fetches, (vpn, ppn) pairs.
+        self._ntlb = {p: (ctypes.c_uint64 * (6 * native.TLB_ENTRIES))() for p in (0, 1, 3)}
+        self.jump_tables: native.JumpTables | None = None
         self._ntlb_views = {p: memoryview(t).cast("B").cast("Q") for p, t in self._ntlb.items()}
         self._ram_host = ctypes.addressof(ctypes.c_char.from_buffer(bus.ram))
         self.native_exit_hook: Callable[[Hart, int], int] | None = None
@@ -162,12 +165,15 @@ class Hart(CsrMixin):
         st = self._state
         st[native.W_TLB_R] = base
         st[native.W_TLB_W] = base + native.TLB_BYTES
+        st[native.W_TLB_X] = base + 2 * native.TLB_BYTES
+        if self.jump_tables is not None:
+            st[native.W_JMP] = self.jump_tables.address(priv)
 
     def _native_clear(self, priv: int, which: int | None = None) -> None:
         """Invalidate native TLB entries of `priv`: reads (0), writes (1) or both."""
         table = self._ntlb[priv]
         if which is None:
-            ctypes.memset(table, 0xFF, 2 * native.TLB_BYTES)
+            ctypes.memset(table, 0xFF, 3 * native.TLB_BYTES)
         else:
             ctypes.memset(ctypes.addressof(table) + which * native.TLB_BYTES, 0xFF, native.TLB_BYTES)
 
@@ -190,7 +196,7 @@ class Hart(CsrMixin):
             for d in self.tlbs[priv]:
                 d.pop(vpn, None)
             view = self._ntlb_views[priv]
-            for base in (0, 2 * native.TLB_ENTRIES):
+            for base in (0, 2 * native.TLB_ENTRIES, 4 * native.TLB_ENTRIES):
                 if view[base + slot] == vpn:
                     view[base + slot] = M64
 
@@ -247,6 +253,8 @@ class Hart(CsrMixin):
             addend = (self._ram_host + page_off) & M64
             if access == mmu.FETCH:
                 ix[vpn] = pa >> 12
+                view[4 * native.TLB_ENTRIES + slot] = vpn
+                view[4 * native.TLB_ENTRIES + slot + 1] = pa >> 12
             else:
                 r[vpn] = page_off
                 view[slot] = vpn

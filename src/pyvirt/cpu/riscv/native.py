@@ -41,6 +41,7 @@ from pyvirt.cpu.riscv.x86asm import (
     CC_GE,
     CC_L,
     CC_NE,
+    R8,
     RAX,
     RCX,
     RDI,
@@ -56,13 +57,18 @@ M64 = (1 << 64) - 1
 
 # State buffer layout (8-byte words).
 W_X = 0            # x0..x31
-W_ADJ = 32         # signed correction to the dispatcher's instruction charge
+W_RET = 32         # instructions retired by native code since the last call returned
 W_TLB_R = 33       # address of the current read table
 W_TLB_W = 34       # address of the current write table
+W_TLB_X = 35       # address of the current fetch table: (vpn, ppn)
+W_JMP = 36         # address of the current privilege's jump table
 STATE_WORDS = 40
 TLB_ENTRIES = 1024
 TLB_BYTES = TLB_ENTRIES * 16
 LOOP_BUDGET = 20_000
+CHAIN_BUDGET = 20_000      # instructions native code runs before returning to Python
+JMP_ENTRIES = 4096         # jump table: (pc, ppn, code address, unused) per entry
+JMP_BYTES = JMP_ENTRIES * 32
 
 R10 = 10
 
@@ -120,8 +126,8 @@ class Translator:
         self.code = CodeBuffer()
         self.stats = {"native_blocks": 0, "native_bytes": 0}
 
-    def translate(self, insns: list[tuple[Insn, int]]) -> tuple[Callable[..., int], int] | None:
-        """(callable, number of instructions covered) or None."""
+    def translate(self, insns: list[tuple[Insn, int]]) -> tuple[Callable[..., int], int, int] | None:
+        """(callable, number of instructions covered, code address) or None."""
         cut = 0
         for ins, _ in insns:
             if ins.name not in SUPPORTED:
@@ -137,7 +143,7 @@ class Translator:
         addr = self.code.put(code)
         self.stats["native_blocks"] += 1
         self.stats["native_bytes"] += len(code)
-        return _BLOCK_TYPE(addr), cut
+        return _BLOCK_TYPE(addr), cut, addr
 
 
 class _BlockGen:
@@ -150,21 +156,60 @@ class _BlockGen:
         self.loop = any(ins.name in _BRANCH_CC or ins.name == "jal" for ins, _ in insns
                         if (insns_target(ins, _) == self.entry))
         self.misses: list[tuple[Label, int, int]] = []     # (label, pc, index)
+        self.chain = a.label()
 
     # -- exits -----------------------------------------------------------------------
     def _exit(self, index: int, target: int | None, odd: bool = False) -> None:
-        """Leave after instruction `index` (or before it when `odd`) for `target` (None: rax)."""
+        """Leave after instruction `index` (or before it when `odd`) for `target` (None: rax).
+
+        Counts the instructions retired into [W_RET]; an ordinary exit then tries
+        to chain straight into the native block for the target."""
         a = self.a
-        done = (index if odd else index + 1) - self.total
+        done = index if odd else index + 1
         if self.loop:
             if done:
                 a.alu_imm(ALU_ADD, R10, done)
-            a.alu_mem(ALU_ADD, R10, RDI, 8 * W_ADJ)          # r10 += [adj]
-            a.store(RDI, 8 * W_ADJ, R10)
+            a.alu_mem(ALU_ADD, R10, RDI, 8 * W_RET)
+            a.store(RDI, 8 * W_RET, R10)
         elif done:
-            a.add_mem_imm(RDI, 8 * W_ADJ, done)
+            a.add_mem_imm(RDI, 8 * W_RET, done)
         if target is not None:
             a.mov_imm(RAX, target | (1 if odd else 0))
+        if odd:
+            a.ret()
+        else:
+            a.jmp(self.chain)
+
+    def _emit_chain(self) -> None:
+        """rax = next pc.  Jump to its native block if the jump table has one for this
+        pc and physical page (checked through the native fetch TLB) and the budget
+        allows; else return rax to Python."""
+        a = self.a
+        out = a.label()
+        a.bind(self.chain)
+        a.load(RCX, RDI, 8 * W_RET)
+        a.alu_imm(ALU_CMP, RCX, CHAIN_BUDGET)
+        a.jcc(CC_GE, out)
+        a.mov(RCX, RAX)
+        a.shift_imm(SHR, RCX, 1)
+        a.alu_imm(ALU_AND, RCX, JMP_ENTRIES - 1, w=False)
+        a.shift_imm(SHL, RCX, 5, w=False)
+        a.alu_mem(ALU_ADD, RCX, RDI, 8 * W_JMP)
+        a.alu_mem(ALU_CMP, RAX, RCX, 0)
+        a.jcc(CC_NE, out)
+        a.mov(RDX, RAX)
+        a.shift_imm(SHR, RDX, 12)
+        a.mov32(R8, RDX)
+        a.alu_imm(ALU_AND, R8, TLB_ENTRIES - 1, w=False)
+        a.shift_imm(SHL, R8, 4, w=False)
+        a.alu_mem(ALU_ADD, R8, RDI, 8 * W_TLB_X)
+        a.alu_mem(ALU_CMP, RDX, R8, 0)
+        a.jcc(CC_NE, out)
+        a.load(RDX, R8, 8)
+        a.alu_mem(ALU_CMP, RDX, RCX, 8)
+        a.jcc(CC_NE, out)
+        a.jmp_mem(RCX, 16)
+        a.bind(out)
         a.ret()
 
     def _miss(self, index: int, pc: int) -> Label:
@@ -204,6 +249,7 @@ class _BlockGen:
         for label, pc, index in self.misses:
             a.bind(label)
             self._exit(index, pc, odd=True)
+        self._emit_chain()
 
     def _back_edge(self, index: int) -> None:
         """Loop back to the top, or leave for the entry after LOOP_BUDGET instructions."""
@@ -211,11 +257,10 @@ class _BlockGen:
         a.alu_imm(ALU_ADD, R10, index + 1)
         a.alu_imm(ALU_CMP, R10, LOOP_BUDGET)
         a.jcc(CC_L, self.top)
-        a.alu_imm(ALU_ADD, R10, -self.total)
-        a.alu_mem(ALU_ADD, R10, RDI, 8 * W_ADJ)
-        a.store(RDI, 8 * W_ADJ, R10)
+        a.alu_mem(ALU_ADD, R10, RDI, 8 * W_RET)
+        a.store(RDI, 8 * W_RET, R10)
         a.mov_imm(RAX, self.entry)
-        a.ret()
+        a.jmp(self.chain)
 
     def _goto(self, index: int, target: int) -> None:
         if self.loop and target == self.entry:
@@ -365,14 +410,17 @@ def insns_target(ins: Insn, pc: int) -> int | None:
 
 
 def native_entry(fn: Callable[..., int], n: int) -> Callable[[Any], int]:
-    """Wrap a native block as a dispatcher entry `run(hart) -> next pc`."""
+    """Wrap a native block as a dispatcher entry `run(hart) -> next pc`.
+
+    The dispatcher charges `n`; native code counted what really retired
+    (chained blocks and loop iterations included) in [W_RET]."""
 
     def run(h: Any) -> int:
         pc = fn(h)
-        sq = h.sq
-        d = sq[W_ADJ]
+        x = h.sq
+        d = x[W_RET] - n
+        x[W_RET] = 0
         if d:
-            sq[W_ADJ] = 0
             h.adj += d
             if h.adj >= LOOP_BUDGET and not pc & 1:
                 return h.stop_at(pc, n - 1)
@@ -380,3 +428,31 @@ def native_entry(fn: Callable[..., int], n: int) -> Callable[[Any], int]:
             return h.native_exit(pc ^ 1)
         return pc
     return run
+
+
+class JumpTables:
+    """Per privilege, the native code address of each native block by (pc, ppn)."""
+
+    def __init__(self) -> None:
+        self.tables = {p: (ctypes.c_uint64 * (4 * JMP_ENTRIES))() for p in (0, 1, 3)}
+        self.views = {p: memoryview(t).cast("B").cast("Q") for p, t in self.tables.items()}
+        for t in self.tables.values():
+            ctypes.memset(t, 0xFF, JMP_BYTES)
+
+    def address(self, priv: int) -> int:
+        return ctypes.addressof(self.tables[priv])
+
+    def insert(self, priv: int, pc: int, ppn: int, code: int) -> None:
+        v = self.views[priv]
+        slot = 4 * ((pc >> 1) & (JMP_ENTRIES - 1))
+        v[slot], v[slot + 1], v[slot + 2] = pc, ppn, code
+
+    def remove(self, priv: int, pc: int, ppn: int) -> None:
+        v = self.views[priv]
+        slot = 4 * ((pc >> 1) & (JMP_ENTRIES - 1))
+        if v[slot] == pc and v[slot + 1] == ppn:
+            v[slot] = M64
+
+    def clear(self) -> None:
+        for t in self.tables.values():
+            ctypes.memset(t, 0xFF, JMP_BYTES)

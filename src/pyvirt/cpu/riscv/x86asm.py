@@ -202,6 +202,9 @@ class Asm:
         self._fixups.append((len(self.buf), label))
         self.buf += b"\0\0\0\0"
 
+    def jmp_mem(self, base: int, disp: int) -> None:          # jmp qword [base+disp]
+        self._op_mem(b"\xff", 4, base, disp, w=False)
+
     def ret(self) -> None:
         self.buf.append(0xC3)
 

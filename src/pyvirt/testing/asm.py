@@ -41,7 +41,7 @@ from pyvirt.machine.elf import parse_elf
 
 CROSS = "riscv64-linux-gnu-"
 ARCH_FLAGS = ["-march=rv64gc", "-mabi=lp64d"]
-USER_FLAGS = ["-nostdlib", "-static", "-no-pie", *ARCH_FLAGS, "-Wl,--no-relax", "-Wl,--build-id=none",
+USER_FLAGS = ["-nostdlib", "-static", "-no-pie", "-fno-pie", *ARCH_FLAGS, "-Wl,--no-relax", "-Wl,--build-id=none",
               "-Wl,--no-warn-rwx-segments"]
 BARE_FLAGS = ["-nostdlib", "-static", "-no-pie", "-fno-pie", "-ffreestanding", "-fno-stack-protector",
               "-fno-builtin", "-mcmodel=medany", "-O1", *ARCH_FLAGS, "-Wl,--no-relax",
@@ -95,11 +95,11 @@ def _no_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _first_error(text: str) -> str:
-    for line in text.splitlines():
-        if "error" in line.lower():
-            return line.strip()
-    return text.strip().splitlines()[0] if text.strip() else "no output"
+def _errors(text: str) -> str:
+    """The tool's error lines, joined into one line."""
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and "collect2" not in line and "in function" not in line]
+    return " | ".join(lines[:6]) or "no output"
 
 
 def _build(kind: str, files: dict[str, str], flags: list[str]) -> Path:
@@ -129,7 +129,7 @@ def _build(kind: str, files: dict[str, str], flags: list[str]) -> Path:
         except FileNotFoundError:
             raise BuildError(f"{CROSS}gcc is not installed") from None
         if p.returncode != 0:
-            raise BuildError(f"assembling a test program failed ({work}): {_first_error(p.stderr)}")
+            raise BuildError(f"assembling a test program failed ({work}): {_errors(p.stderr)}")
         os.replace(work / "prog.tmp", exe)
     _built[digest] = exe
     return exe

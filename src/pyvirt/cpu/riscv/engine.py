@@ -278,9 +278,14 @@ class Engine:
         if word & 3 == 3:
             word |= (ram[off + 2] | (ram[off + 3] << 8)) << 16
         ins = decode(word)
+        va = (h.x[ins.rs1] + ins.imm) & isa.M
         d = (HANDLERS[ins.name], ins.rd, ins.rs1, ins.rs2, ins.rs3, ins.imm, ins.rm, ins.length, ins.raw, pc)
         nxt = d[0](h, d)
         h.adj += 1
+        if ins.name in native.MEMORY_OPS:
+            # The Python TLB may have had the page all along (the native table is
+            # direct-mapped and smaller): copy it over so the next access stays native.
+            h.native_refill(va)
         return (pc + ins.length) & isa.M if nxt is None else nxt
 
     @staticmethod

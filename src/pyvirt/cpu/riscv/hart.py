@@ -513,6 +513,21 @@ class Hart(CsrMixin):
             raise StopSlice()
         return npc
 
+    def native_refill(self, va: int) -> None:
+        """Copy the Python TLB's mappings of `va`'s page into the native tables."""
+        vpn = va >> 12
+        view = self._ntlb_views[self.priv]
+        slot = 2 * (vpn & (native.TLB_ENTRIES - 1))
+        o = self.rtlb.get(vpn)
+        if o is not None:
+            view[slot] = vpn
+            view[slot + 1] = (self._ram_host + o) & M64
+        o = self.wtlb.get(vpn)
+        if o is not None:
+            slot += 2 * native.TLB_ENTRIES
+            view[slot] = vpn
+            view[slot + 1] = (self._ram_host + o) & M64
+
     def native_exit(self, pc: int) -> int:
         """A native block stopped before the instruction at `pc`: run it here."""
         assert self.native_exit_hook is not None

@@ -80,8 +80,11 @@ _SHIFT = {"sll": SHL, "srl": SHR, "sra": SAR, "slli": SHL, "srli": SHR, "srai": 
 _LOADS = {"lb": (1, True), "lh": (2, True), "lw": (4, True), "ld": (8, False),
           "lbu": (1, False), "lhu": (2, False), "lwu": (4, False)}
 _STORES = {"sb": 1, "sh": 2, "sw": 4, "sd": 8}
+_AMO = {"amoadd": ALU_ADD, "amoand": ALU_AND, "amoor": ALU_OR, "amoxor": ALU_XOR, "amoswap": None}
+AMOS = {f"{op}_{w}": (alu, 4 if w == "w" else 8) for op, alu in _AMO.items() for w in ("w", "d")}
+MEMORY_OPS = set(_LOADS) | set(_STORES) | set(AMOS)
 SUPPORTED = (set(_BRANCH_CC) | set(_ALU_R) | set(_ALU_I) | set(_SHIFT) | set(_LOADS) | set(_STORES)
-             | {"lui", "auipc", "jal", "jalr", "slt", "sltu", "slti", "sltiu", "addw", "subw", "addiw",
+             | set(AMOS) | {"lui", "auipc", "jal", "jalr", "slt", "sltu", "slti", "sltiu", "addw", "subw", "addiw",
                 "mul", "mulw", "mulh", "mulhu", "fence"})
 
 
@@ -342,6 +345,18 @@ class _BlockGen:
             self._address(i, pc, rs1, imm, size, W_TLB_W)
             self._get(RCX, rs2)
             a.store_sized(RAX, RCX, size)
+        elif name in AMOS:
+            alu, size = AMOS[name]
+            self._address(i, pc, rs1, 0, size, W_TLB_W, aligned=True)
+            word = size == 4
+            a.load_sized(RCX, RAX, size, False)              # old value, zero-extended
+            self._get(RDX, rs2)
+            if alu is not None:
+                a.alu(alu, RDX, RCX, w=not word)
+            a.store_sized(RAX, RDX, size)
+            if word:
+                a.movsxd(RCX, RCX)
+            self._set(rd, RCX)
         elif name in _BRANCH_CC:
             target = (pc + imm) & M64
             self._get(RAX, rs1)
@@ -380,7 +395,8 @@ class _BlockGen:
             raise AssertionError(name)
         return False
 
-    def _address(self, i: int, pc: int, rs1: int, imm: int, size: int, table: int) -> None:
+    def _address(self, i: int, pc: int, rs1: int, imm: int, size: int, table: int,
+                 aligned: bool = False) -> None:
         """rax = host address of [rs1 + imm] through the native TLB, or jump to a miss exit."""
         a = self.a
         miss = self._miss(i, pc)
@@ -395,7 +411,11 @@ class _BlockGen:
         a.alu_mem(ALU_ADD, RDX, RDI, 8 * table)
         a.alu_mem(ALU_CMP, RCX, RDX, 0)
         a.jcc(CC_NE, miss)
-        if size > 1:
+        if aligned:                      # AMOs: misaligned is a fault the slow path raises
+            a.mov32(RCX, RAX)
+            a.alu_imm(ALU_AND, RCX, size - 1, w=False)
+            a.jcc(CC_NE, miss)
+        elif size > 1:
             a.mov32(RCX, RAX)
             a.alu_imm(ALU_AND, RCX, 0xFFF, w=False)
             a.alu_imm(ALU_CMP, RCX, 4096 - size, w=False)

@@ -63,7 +63,7 @@ class VmSpec(BaseModel):
     bios: Path | None = None
     disks: list[DiskSpec] = Field(default_factory=list)
     rng: bool = True
-    engine: Literal["interp", "jit", "native"] = "jit"
+    engine: Literal["interp", "jit", "native"] = "jit"      # the CLI picks default_engine()
     mmu: Literal["sv39", "sv48"] = "sv39"
 
     @field_validator("memory", mode="before")

@@ -33,6 +33,6 @@ def default_image():
     return img
 
 
-@pytest.fixture(params=[os.environ.get("PYVIRT_TEST_ENGINE", "jit")])
+@pytest.fixture(params=os.environ.get("PYVIRT_TEST_ENGINES", "native,jit").split(","))
 def engine(request: pytest.FixtureRequest) -> str:
     return request.param

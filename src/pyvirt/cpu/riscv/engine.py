@@ -38,10 +38,8 @@ ENGINES = ("interp", "jit", "native")
 
 
 def default_engine() -> str:
-    # The native tier runs user loops hundreds of times faster, but until its
-    # blocks chain natively it loses to the Python blocks on kernel code (many
-    # short blocks, each paying a ctypes call): opt in with --engine native.
-    return "jit"
+    """The native tier where the host can run it (x86-64 Linux), else Python blocks."""
+    return "native" if native.available() else "jit"
 
 Entry = tuple[Callable[[Hart], int], int, int]
 

@@ -82,9 +82,12 @@ _LOADS = {"lb": (1, True), "lh": (2, True), "lw": (4, True), "ld": (8, False),
 _STORES = {"sb": 1, "sh": 2, "sw": 4, "sd": 8}
 _AMO = {"amoadd": ALU_ADD, "amoand": ALU_AND, "amoor": ALU_OR, "amoxor": ALU_XOR, "amoswap": None}
 AMOS = {f"{op}_{w}": (alu, 4 if w == "w" else 8) for op, alu in _AMO.items() for w in ("w", "d")}
+_DIVS = {"div": (True, False, True), "divu": (False, False, True), "rem": (True, True, True),
+         "remu": (False, True, True), "divw": (True, False, False), "divuw": (False, False, False),
+         "remw": (True, True, False), "remuw": (False, True, False)}   # signed, remainder, 64-bit
 MEMORY_OPS = set(_LOADS) | set(_STORES) | set(AMOS)
 SUPPORTED = (set(_BRANCH_CC) | set(_ALU_R) | set(_ALU_I) | set(_SHIFT) | set(_LOADS) | set(_STORES)
-             | set(AMOS) | {"lui", "auipc", "jal", "jalr", "slt", "sltu", "slti", "sltiu", "addw", "subw", "addiw",
+             | set(AMOS) | set(_DIVS) | {"lui", "auipc", "jal", "jalr", "slt", "sltu", "slti", "sltiu", "addw", "subw", "addiw",
                 "mul", "mulw", "mulh", "mulhu", "fence"})
 
 
@@ -345,6 +348,8 @@ class _BlockGen:
             self._address(i, pc, rs1, imm, size, W_TLB_W)
             self._get(RCX, rs2)
             a.store_sized(RAX, RCX, size)
+        elif name in _DIVS:
+            self._divide(rd, rs1, rs2, *_DIVS[name])
         elif name in AMOS:
             alu, size = AMOS[name]
             self._address(i, pc, rs1, 0, size, W_TLB_W, aligned=True)
@@ -394,6 +399,43 @@ class _BlockGen:
         else:                                  # pragma: no cover - filtered by SUPPORTED
             raise AssertionError(name)
         return False
+
+    def _divide(self, rd: int, rs1: int, rs2: int, signed: bool, rem: bool, wide: bool) -> None:
+        """RISC-V division (M chapter 7.2): x / 0 gives all ones (remainder x), the
+        signed overflow MIN / -1 gives MIN (remainder 0) -- where x86 would trap."""
+        a = self.a
+        done, special = a.label(), a.label()
+        self._get(RAX, rs1)
+        self._get(RCX, rs2)
+        a.alu(ALU_OR, RCX, RCX, w=wide)                      # sets ZF for a zero divisor
+        a.jcc(CC_E, special)
+        if signed:
+            a.alu_imm(ALU_CMP, RCX, -1, w=wide)
+            ok = a.label()
+            a.jcc(CC_NE, ok)
+            # divisor -1: quotient = -x (MIN stays MIN), remainder 0; no division needed
+            if rem:
+                a.alu(ALU_XOR, RAX, RAX, w=False)
+            else:
+                a.alu(ALU_XOR, RDX, RDX, w=False)
+                a.alu(ALU_SUB, RDX, RAX, w=wide)
+                a.mov(RAX, RDX)
+            a.jmp(done)
+            a.bind(ok)
+            a.sign_extend_rax(w=wide)
+        else:
+            a.alu(ALU_XOR, RDX, RDX, w=False)
+        a.divide(RCX, signed, w=wide)
+        if rem:
+            a.mov(RAX, RDX)
+        a.jmp(done)
+        a.bind(special)                                      # divide by zero
+        if not rem:
+            a.mov_imm(RAX, M64)
+        a.bind(done)
+        if not wide:
+            a.movsxd(RAX, RAX)
+        self._set(rd, RAX)
 
     def _address(self, i: int, pc: int, rs1: int, imm: int, size: int, table: int,
                  aligned: bool = False) -> None:

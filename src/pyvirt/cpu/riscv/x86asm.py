@@ -142,6 +142,17 @@ class Asm:
         self.buf += b"\xf7"
         self._modrm_reg(5 if signed else 4, src)
 
+    def divide(self, src: int, signed: bool, w: bool = True) -> None:
+        """rdx:rax / src (edx:eax for 32-bit): quotient in rax, remainder in rdx."""
+        self._rex(w, 0, src)
+        self.buf += b"\xf7"
+        self._modrm_reg(7 if signed else 6, src)
+
+    def sign_extend_rax(self, w: bool = True) -> None:         # cqo / cdq
+        if w:
+            self.buf.append(0x48)
+        self.buf.append(0x99)
+
     def movsxd(self, dst: int, src: int) -> None:              # sign-extend 32 -> 64
         self._rex(True, dst, src)
         self.buf += b"\x63"

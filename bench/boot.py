@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 
+from pyvirt.cpu.riscv.engine import default_engine
 from pyvirt.images import default_image
 
 PROMPT = re.compile(rb"root@pyvirt:[^\r\n]*# ")
@@ -53,7 +54,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cpus", type=int, default=1)
     ap.add_argument("--memory", default="256M")
-    ap.add_argument("--engine", default="jit", choices=("jit", "interp", "native"))
+    ap.add_argument("--engine", default=default_engine(), choices=("jit", "interp", "native"))
     args = ap.parse_args()
     img = default_image(build=True, progress=False)
     ours = [sys.executable, "-m", "pyvirt", "run", "--engine", args.engine, "--cpus", str(args.cpus),

@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pyvirt.cpu.riscv.engine import default_engine
 from pyvirt.testing.usermode import run_elf
 
 HERE = Path(__file__).resolve().parent
@@ -42,7 +43,7 @@ def time_qemu(exe: Path) -> tuple[float, bytes]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--engine", default="jit", choices=("jit", "interp", "native"))
+    ap.add_argument("--engine", default=default_engine(), choices=("jit", "interp", "native"))
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

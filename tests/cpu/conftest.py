@@ -53,7 +53,7 @@ def check_user(engine: tuple[str, int]) -> CheckUser:
         q = asm.run_qemu_user(elf)
         assert q.returncode == 0, f"qemu-riscv64 exit {q.returncode}: {q.stderr.decode(errors='replace')}"
         r = run_elf(elf, engine=engine[0], hot=engine[1], max_instructions=max_instructions)
-        assert r.fault is None, "pyvirt faulted: mcause=%#x mepc=%#x mtval=%#x" % r.fault
+        assert r.fault is None, "pyvirt faulted: mcause={:#x} mepc={:#x} mtval={:#x}".format(*r.fault)
         assert r.exit_code == 0
         assert r.stdout == q.stdout, asm.describe_difference(r.stdout, q.stdout, bufsize)
         return r

@@ -32,6 +32,7 @@ import resource
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -46,7 +47,6 @@ USER_FLAGS = ["-nostdlib", "-static", "-no-pie", "-fno-pie", *ARCH_FLAGS, "-Wl,-
 BARE_FLAGS = ["-nostdlib", "-static", "-no-pie", "-fno-pie", "-ffreestanding", "-fno-stack-protector",
               "-fno-builtin", "-mcmodel=medany", "-O1", *ARCH_FLAGS, "-Wl,--no-relax",
               "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments"]
-BARE_BASE = 0x8000_0000
 
 _cache_dir: Path | None = None
 _built: dict[str, Path] = {}
@@ -84,6 +84,7 @@ def set_cache_dir(path: str | Path) -> None:
 
 
 def cache_dir() -> Path:
+    """Where builds go: `set_cache_dir()`'s, or a temporary directory removed at exit."""
     global _cache_dir
     if _cache_dir is None:
         _cache_dir = Path(tempfile.mkdtemp(prefix="pyvirt-asm-"))
@@ -102,11 +103,15 @@ def _errors(text: str) -> str:
     return " | ".join(lines[:6]) or "no output"
 
 
-def _build(kind: str, files: dict[str, str], flags: list[str]) -> Path:
-    """Compile and link `files` (name -> text; .S, .c or .ld) into a cached ELF."""
+def _build(kind: str, files: dict[str, str], flags: list[str], extra: dict[str, str] | None = None) -> Path:
+    """Compile and link `files` (name -> text; .S, .c or .ld) into a cached ELF; `extra`
+    files (headers) are written beside them but not passed to the compiler."""
+    extra = extra or {}
     h = hashlib.sha256(kind.encode())
     for name in sorted(files):
         h.update(f"\0{name}\0{files[name]}".encode())
+    for name in sorted(extra):
+        h.update(f"\0h:{name}\0{extra[name]}".encode())
     h.update("\0".join(flags).encode())
     digest = h.hexdigest()[:20]
     exe = _built.get(digest)
@@ -115,7 +120,11 @@ def _build(kind: str, files: dict[str, str], flags: list[str]) -> Path:
     work = cache_dir() / f"{kind}-{digest}"
     exe = work / "prog.elf"
     if not exe.exists():
+        if any("/" in name or name.startswith(".") for name in [*files, *extra]):
+            raise ValueError("source names must be plain file names")
         work.mkdir(parents=True, exist_ok=True)
+        for name, text in extra.items():
+            (work / name).write_text(text)
         inputs = []
         for name, text in files.items():
             (work / name).write_text(text)
@@ -176,7 +185,7 @@ class QemuSpikeResult:
 @lru_cache(maxsize=256)
 def run_qemu_spike(elf: Path, timeout: float = 20) -> QemuSpikeResult:
     """Run a bare-metal program on qemu-system-riscv64 -M spike; HTIF gives the exit code."""
-    cmd = ["qemu-system-riscv64", "-M", "spike", "-smp", "1", "-m", "128M", "-bios", "none",
+    cmd = ["qemu-system-riscv64", "-M", "spike", "-smp", "1", "-m", "64M", "-bios", "none",
            "-kernel", str(elf), "-display", "none", "-serial", "stdio", "-monitor", "none"]
     try:
         p = subprocess.run(cmd, capture_output=True, timeout=timeout, cwd=cache_dir(),
@@ -243,7 +252,7 @@ __exit:
 def _dump_routine(bufsize: int) -> str:
     stores = [f"    sd x{r}, {8 * r}(gp)" for r in range(4, 32)]
     stores += [f"    fsd f{r}, {DUMP_FREGS + 8 * r}(gp)" for r in range(32)]
-    loads = [f"    ld x{r}, {8 * r}(gp)" for r in range(4, 31) if r not in (3,)]
+    loads = [f"    ld x{r}, {8 * r}(gp)" for r in range(4, 31)]
     return _DUMP_ROUTINE.format(stores="\n".join(stores), loads="\n".join(loads), fcsr=DUMP_FCSR,
                                 marker=DUMP_MARKER, head=DUMP_HEAD, bufsize=bufsize, t6off=8 * 31)
 
@@ -370,7 +379,7 @@ SECTIONS
   .rodata : { *(.rodata .rodata.* .srodata .srodata.*) }
   . = ALIGN(4096);
   .data : { *(.data .data.* .sdata .sdata.*) }
-  .bss (NOLOAD) : { *(.bss .bss.* .sbss .sbss.* COMMON) }
+  .bss : { *(.bss .bss.* .sbss .sbss.* COMMON) }
   . = ALIGN(4096);
   .tohost : { *(.tohost) }
   . = ALIGN(4096);
@@ -428,16 +437,22 @@ fromhost: .dword 0
 """
 
 
-def bare_elf(asm: str = "", c: str = "") -> Path:
-    """Link an M-mode program at 0x8000_0000: `asm` and/or `c` sources plus `BARE_RUNTIME`.
+def bare_elf(asm: str | Sequence[str] = (), c: str | Sequence[str] = (),
+             headers: Mapping[str, str] | None = None,
+             defines: Mapping[str, int | str] | None = None) -> Path:
+    """Link an M-mode program at 0x8000_0000 from assembly and C sources plus `BARE_RUNTIME`.
 
-    `_start` sets up a stack and calls `main()`; when main returns its value
-    is the exit code.  Both sources may call `htif_exit(code)` and
-    `htif_putchar(c)`.
+    `_start` sets up a stack and calls `main()`; when main returns, its value
+    is the exit code.  Sources may call `htif_exit(code)` and
+    `htif_putchar(c)`.  `headers` are written next to the sources (for
+    ``#include "name.h"``); `defines` become ``-DNAME=value`` (.S files go
+    through the preprocessor too).
     """
     files = {"runtime.S": BARE_RUNTIME, "link.ld": BARE_LINKER_SCRIPT}
-    if asm:
-        files["prog.S"] = asm
-    if c:
-        files["prog.c"] = "#include <stdint.h>\n" + c
-    return _build("bare", files, BARE_FLAGS)
+    for i, text in enumerate([asm] if isinstance(asm, str) else asm):
+        files[f"prog{i}.S"] = text
+    for i, text in enumerate([c] if isinstance(c, str) else c):
+        files[f"prog{i}.c"] = text
+    extra = {name: text for name, text in (headers or {}).items()}
+    flags = BARE_FLAGS + [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
+    return _build("bare", files, flags, extra)

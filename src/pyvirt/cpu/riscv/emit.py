@@ -472,7 +472,7 @@ class BlockEmitter(Emitter):
             tail += ["    if nxt < 0:"] + ["        " + line for line in self.final]
         if self.loop:
             tail += ["    h.adj += cnt + d",
-                     f"    return nxt if h.adj < {self.LOOP_BUDGET} else h.stop_at(nxt, {self.total - 1})"]
+                     f"    return nxt if h.adj < {self.LOOP_BUDGET} else h.stop_at(nxt)"]
         else:
             tail += ["    if d:", "        h.adj += d", "    return nxt"]
         del pad

@@ -30,7 +30,7 @@ from pyvirt.cpu.riscv import isa, native
 from pyvirt.cpu.riscv.decode import Insn, decode
 from pyvirt.cpu.riscv.emit import BlockEmitter, GenericEmitter
 from pyvirt.cpu.riscv.hart import Hart
-from pyvirt.cpu.riscv.traps import ContextChange, StopSlice, Trap
+from pyvirt.cpu.riscv.traps import ILLEGAL_INSN, ContextChange, StopSlice, Trap
 from pyvirt.memory import Bus
 
 MAX_BLOCK = 64
@@ -136,13 +136,18 @@ class Engine:
                 break
             except Trap as t:
                 budget -= 1
-                h.take_trap(t.cause, t.tval)
+                tval = t.tval
+                if t.cause == ILLEGAL_INSN and tval == 0:
+                    tval = self._insn_bits(h)   # helpers find the fault; tval is the instruction
+                h.take_trap(t.cause, tval)
                 pc = h.pc
             except ContextChange:
-                budget -= 1
+                # Raised by a block's last instruction (mret, sret), after it
+                # accounted for itself against the block's full charge.
+                budget -= ent[1]
                 pc = h.pc
             except StopSlice:
-                budget -= 1
+                budget -= ent[1]                  # likewise (wfi, pause, ecall, loop stops)
                 break
         ran = start - budget + h.adj
         h.adj = 0
@@ -265,6 +270,17 @@ class Engine:
                 self.jumps.insert(priv, pc, ppn, code)
                 return (native.native_entry(fn, cut), cut, ppn)
         return (self._compile(insns, end_pc), len(insns), ppn)
+
+    @staticmethod
+    def _insn_bits(h: Hart) -> int:
+        """The instruction at h.pc, for an illegal-instruction tval (0 if it can't be fetched)."""
+        try:
+            lo = h.fetch_half(h.pc)
+            if lo & 3 != 3:
+                return lo
+            return lo | (h.fetch_half((h.pc + 2) & isa.M) << 16)
+        except Trap:
+            return 0
 
     def _native_exit(self, h: Hart, pc: int) -> int:
         """Run the one instruction a native block could not, through the interpreter."""

@@ -533,11 +533,9 @@ class Hart(CsrMixin):
         assert self.native_exit_hook is not None
         return self.native_exit_hook(self, pc)
 
-    def stop_at(self, pc: int, uncharged: int = 0) -> int:
-        """End this hart's slice; it resumes at `pc`.  `uncharged`: instructions the
-        dispatcher has not counted for the block ending here (it counts one)."""
+    def stop_at(self, pc: int) -> int:
+        """End this hart's slice; it resumes at `pc` (the block's count is settled)."""
         self.pc = pc
-        self.adj += uncharged
         raise StopSlice()
 
     def sfence_vma(self, rs1: int, vaddr: int, npc: int) -> int:

@@ -485,7 +485,7 @@ def native_entry(fn: Callable[..., int], n: int) -> Callable[[Any], int]:
         if d:
             h.adj += d
             if h.adj >= LOOP_BUDGET and not pc & 1:
-                return h.stop_at(pc, n - 1)
+                return h.stop_at(pc)
         if pc & 1:
             return h.native_exit(pc ^ 1)
         return pc

@@ -169,13 +169,10 @@ class Hart(CsrMixin):
         if self.jump_tables is not None:
             st[native.W_JMP] = self.jump_tables.address(priv)
 
-    def _native_clear(self, priv: int, which: int | None = None) -> None:
-        """Invalidate native TLB entries of `priv`: reads (0), writes (1) or both."""
-        table = self._ntlb[priv]
-        if which is None:
-            ctypes.memset(table, 0xFF, 3 * native.TLB_BYTES)
-        else:
-            ctypes.memset(ctypes.addressof(table) + which * native.TLB_BYTES, 0xFF, native.TLB_BYTES)
+    def _native_clear(self, priv: int, fetch: bool = True) -> None:
+        """Invalidate the native TLB tables of `priv`: reads and writes, and fetches
+        unless `fetch` is false (the fetch table mirrors the `itlb` dict)."""
+        ctypes.memset(self._ntlb[priv], 0xFF, (3 if fetch else 2) * native.TLB_BYTES)
 
     def flush_tlb(self, all_modes: bool = False) -> None:
         for priv, dicts in self.tlbs.items():
@@ -219,11 +216,11 @@ class Hart(CsrMixin):
             for priv in (0, 1):
                 for d in self.tlbs[priv][:2]:
                     d.clear()
-                self._native_clear(priv)
+                self._native_clear(priv, fetch=False)
         if changed & (MPRV | MPP) or new & MPRV:
             for d in self.tlbs[3][:2]:
                 d.clear()
-            self._native_clear(3)
+            self._native_clear(3, fetch=False)
 
     # -- address translation -------------------------------------------------------
     def translate(self, va: int, access: int) -> int:

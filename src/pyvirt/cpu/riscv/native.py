@@ -67,7 +67,9 @@ TLB_ENTRIES = 1024
 TLB_BYTES = TLB_ENTRIES * 16
 LOOP_BUDGET = 20_000
 CHAIN_BUDGET = 20_000      # instructions native code runs before returning to Python
-JMP_ENTRIES = 4096         # jump table: (pc, ppn, code address, unused) per entry
+JMP_ENTRIES = 1 << 16     # jump table: (pc, ppn, code address, unused) per entry
+JMP_SET_BITS = 15          # two-way sets: 2**15 sets of two entries
+JMP_HASH = 0x9E3779B97F4A7C15   # set = (pc * JMP_HASH mod 2**64) >> (64 - JMP_SET_BITS)
 JMP_BYTES = JMP_ENTRIES * 32
 
 R10 = 10
@@ -196,13 +198,18 @@ class _BlockGen:
         a.load(RCX, RDI, 8 * W_RET)
         a.alu_imm(ALU_CMP, RCX, CHAIN_BUDGET)
         a.jcc(CC_GE, out)
-        a.mov(RCX, RAX)
-        a.shift_imm(SHR, RCX, 1)
-        a.alu_imm(ALU_AND, RCX, JMP_ENTRIES - 1, w=False)
-        a.shift_imm(SHL, RCX, 5, w=False)
+        found = a.label()
+        a.mov_imm(RCX, JMP_HASH)
+        a.imul(RCX, RAX)
+        a.shift_imm(SHR, RCX, 64 - JMP_SET_BITS)
+        a.shift_imm(SHL, RCX, 6, w=False)
         a.alu_mem(ALU_ADD, RCX, RDI, 8 * W_JMP)
         a.alu_mem(ALU_CMP, RAX, RCX, 0)
+        a.jcc(CC_E, found)
+        a.alu_imm(ALU_ADD, RCX, 32)
+        a.alu_mem(ALU_CMP, RAX, RCX, 0)
         a.jcc(CC_NE, out)
+        a.bind(found)
         a.mov(RDX, RAX)
         a.shift_imm(SHR, RDX, 12)
         a.mov32(R8, RDX)
@@ -504,16 +511,28 @@ class JumpTables:
     def address(self, priv: int) -> int:
         return ctypes.addressof(self.tables[priv])
 
+    @staticmethod
+    def set_of(pc: int) -> int:
+        """Index in the table's words of the first entry of `pc`'s two-way set."""
+        return 8 * (((pc * JMP_HASH) & M64) >> (64 - JMP_SET_BITS))
+
     def insert(self, priv: int, pc: int, ppn: int, code: int) -> None:
+        """Enter a block: over an entry for the same pc, else into a free way,
+        else over the second way (the first keeps the older, often hotter, block)."""
         v = self.views[priv]
-        slot = 4 * ((pc >> 1) & (JMP_ENTRIES - 1))
+        s = self.set_of(pc)
+        if v[s] == pc or v[s] == M64:
+            slot = s
+        else:
+            slot = s + 4
         v[slot], v[slot + 1], v[slot + 2] = pc, ppn, code
 
     def remove(self, priv: int, pc: int, ppn: int) -> None:
         v = self.views[priv]
-        slot = 4 * ((pc >> 1) & (JMP_ENTRIES - 1))
-        if v[slot] == pc and v[slot + 1] == ppn:
-            v[slot] = M64
+        s = self.set_of(pc)
+        for slot in (s, s + 4):
+            if v[slot] == pc and v[slot + 1] == ppn:
+                v[slot] = M64
 
     def clear(self) -> None:
         for t in self.tables.values():

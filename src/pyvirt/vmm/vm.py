@@ -75,9 +75,9 @@ class Vm:
                     continue
                 return code
         finally:
+            self.stats.wall = time.monotonic() - start
             gc.set_threshold(*saved_gc)
             gc.unfreeze()
-            self.stats.wall = time.monotonic() - start
             sel.close()
             self.console.flush()
 

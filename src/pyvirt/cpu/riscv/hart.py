@@ -72,7 +72,7 @@ class Hart(CsrMixin):
         "mscratch", "sscratch", "mepc", "sepc", "mcause", "scause", "mtval", "stval",
         "satp", "mcounteren", "scounteren", "mcountinhibit", "menvcfg", "senvcfg", "pmp",
         "instret", "adj", "resv", "idle", "state", "stimecmp",
-        "tlbs", "rtlb", "wtlb", "itlb", "superpages",
+        "tlbs", "rtlb", "wtlb", "itlb", "superpages", "s_user_pages",
         "ecall_hook", "yield_on_pause",
         "_state", "sq", "_as_parameter_", "_ntlb", "_ntlb_views", "_ram_host", "native_exit_hook",
         "jump_tables",
@@ -92,6 +92,7 @@ class Hart(CsrMixin):
         self.yield_on_pause = False
         self.tlbs = {p: ({}, {}, {}) for p in (0, 1, 3)}
         self.superpages: set[int] = set()
+        self.s_user_pages: set[int] = set()     # user pages in S-mode's TLB (SUM=1)
         # For the native tier (native.py) the integer registers live in a native
         # buffer and `x` is a 64-bit view of its first 32 words; the Python
         # tiers alone are faster with a list.
@@ -174,6 +175,21 @@ class Hart(CsrMixin):
         unless `fetch` is false (the fetch table mirrors the `itlb` dict)."""
         ctypes.memset(self._ntlb[priv], 0xFF, (3 if fetch else 2) * native.TLB_BYTES)
 
+    def _drop_s_user_pages(self) -> None:
+        r, w, _ = self.tlbs[1]
+        view = self._ntlb_views[1]
+        mask = native.TLB_ENTRIES - 1
+        for vpn in self.s_user_pages:
+            r.pop(vpn, None)
+            w.pop(vpn, None)
+            slot = 2 * (vpn & mask)
+            if view[slot] == vpn:
+                view[slot] = M64
+            slot += 2 * native.TLB_ENTRIES
+            if view[slot] == vpn:
+                view[slot] = M64
+        self.s_user_pages.clear()
+
     def flush_tlb(self, all_modes: bool = False) -> None:
         for priv, dicts in self.tlbs.items():
             if priv != 3 or all_modes:
@@ -212,11 +228,16 @@ class Hart(CsrMixin):
 
     def status_changed(self, old: int, new: int) -> None:
         changed = old ^ new
-        if changed & (SUM | MXR):
+        if changed & MXR:
             for priv in (0, 1):
                 for d in self.tlbs[priv][:2]:
                     d.clear()
                 self._native_clear(priv, fetch=False)
+        elif changed & SUM:
+            # SUM only decides whether S-mode may load/store user pages: drop
+            # exactly the user pages S-mode's TLB holds (the kernel toggles SUM
+            # around every copy to or from user memory).
+            self._drop_s_user_pages()
         if changed & (MPRV | MPP) or new & MPRV:
             for d in self.tlbs[3][:2]:
                 d.clear()
@@ -231,14 +252,17 @@ class Hart(CsrMixin):
             priv = (self.mstatus & MPP) >> MPP_SHIFT
         mode = self.satp >> 60
         level = 0
+        user = False
         if priv == 3 or mode == 0:
             pa = va
         else:
             st = self.mstatus
-            pa, level = mmu.walk(self.bus, mode, self.satp & ((1 << 44) - 1), va, access, priv,
+            pa, level, user = mmu.walk(self.bus, mode, self.satp & ((1 << 44) - 1), va, access, priv,
                                  bool(st & SUM), bool(st & MXR))
         if not mprv and self.ram_base <= pa < self.ram_end:
             vpn = va >> 12
+            if user and priv == 1:
+                self.s_user_pages.add(vpn)
             page_off = (pa & ~0xFFF) - self.ram_base - (vpn << 12)
             r, w, ix = self.tlbs[self.priv]
             if len(r) > TLB_LIMIT or len(w) > TLB_LIMIT or len(ix) > TLB_LIMIT:

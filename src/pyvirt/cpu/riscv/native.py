@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import platform
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -93,6 +94,15 @@ SUPPORTED = (set(_BRANCH_CC) | set(_ALU_R) | set(_ALU_I) | set(_SHIFT) | set(_LO
                 "mul", "mulw", "mulh", "mulhu", "fence"})
 
 
+# Instructions whose machine code depends only on the instruction (not on its pc
+# or place in the block) and whose only jumps go to their TLB-miss exit.
+_SNIPPET_OPS = ((set(_ALU_R) | set(_ALU_I) | set(_SHIFT) | set(_LOADS) | set(_STORES) | set(AMOS))
+                | {"lui", "slt", "sltu", "slti", "sltiu", "addw", "subw", "addiw",
+                   "mul", "mulw", "mulh", "mulhu", "fence"})
+_SNIPPETS: dict[Insn, tuple[bytes, tuple[int, ...]]] = {}
+_SNIPPET_LIMIT = 1 << 16
+
+
 def available() -> bool:
     return platform.machine() in ("x86_64", "AMD64") and platform.system() == "Linux"
 
@@ -102,7 +112,10 @@ def _reg(r: int) -> int:
 
 
 class CodeBuffer:
-    """Executable memory for native blocks, handed out bump-pointer style."""
+    """Executable memory for native blocks, handed out bump-pointer style.
+
+    Each chunk starts with the chaining stub (`_chain_stub`) that every block
+    in it jumps to when it leaves."""
 
     CHUNK = 4 << 20
 
@@ -110,18 +123,66 @@ class CodeBuffer:
         self._chunks: list[mmap.mmap] = []
         self._free = 0
         self._base = 0
+        self._stub = 0
 
-    def put(self, code: bytes) -> int:
+    def put(self, code: bytes | bytearray, far: list[int] = []) -> int:   # noqa: B006 - read only
+        """Place `code`; its far jumps (rel32 offsets at `far`) go to the chunk's stub."""
         if not self._chunks or self._free + len(code) > self.CHUNK:
             m = mmap.mmap(-1, self.CHUNK, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
             self._chunks.append(m)
             self._base = ctypes.addressof(ctypes.c_char.from_buffer(m))
-            self._free = 0
+            stub = _chain_stub()
+            m[:len(stub)] = stub
+            self._stub = self._base
+            self._free = (len(stub) + 15) & ~15
         m = self._chunks[-1]
         at = self._free
+        addr = self._base + at
+        if far:
+            code = bytearray(code)
+            for off in far:
+                struct.pack_into("<i", code, off, self._stub - (addr + off + 4))
         m[at:at + len(code)] = code
         self._free = (at + len(code) + 15) & ~15
-        return self._base + at
+        return addr
+
+
+def _chain_stub() -> bytes:
+    """rax = next pc.  Jump to its native block if the jump table has one for this
+    pc and physical page (checked through the native fetch TLB) and the chaining
+    budget allows; else return rax to Python."""
+    a = Asm()
+    out = a.label()
+    a.load(RCX, RDI, 8 * W_RET)
+    a.alu_imm(ALU_CMP, RCX, CHAIN_BUDGET)
+    a.jcc(CC_GE, out)
+    found = a.label()
+    a.mov_imm(RCX, JMP_HASH)
+    a.imul(RCX, RAX)
+    a.shift_imm(SHR, RCX, 64 - JMP_SET_BITS)
+    a.shift_imm(SHL, RCX, 6, w=False)
+    a.alu_mem(ALU_ADD, RCX, RDI, 8 * W_JMP)
+    a.alu_mem(ALU_CMP, RAX, RCX, 0)
+    a.jcc(CC_E, found)
+    a.alu_imm(ALU_ADD, RCX, 32)
+    a.alu_mem(ALU_CMP, RAX, RCX, 0)
+    a.jcc(CC_NE, out)
+    a.bind(found)
+    a.mov(RDX, RAX)
+    a.shift_imm(SHR, RDX, 12)
+    a.mov32(R8, RDX)
+    a.alu_imm(ALU_AND, R8, TLB_ENTRIES - 1, w=False)
+    a.shift_imm(SHL, R8, 4, w=False)
+    a.alu_mem(ALU_ADD, R8, RDI, 8 * W_TLB_X)
+    a.alu_mem(ALU_CMP, RDX, R8, 0)
+    a.jcc(CC_NE, out)
+    a.load(RDX, R8, 8)
+    a.alu_mem(ALU_CMP, RDX, RCX, 8)
+    a.jcc(CC_NE, out)
+    a.jmp_mem(RCX, 16)
+    a.bind(out)
+    a.ret()
+    return a.finish()
 
 
 _BLOCK_TYPE = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p)
@@ -148,7 +209,7 @@ class Translator:
         gen = _BlockGen(a, block, insns[cut][1] if cut < len(insns) else None)
         gen.emit()
         code = a.finish()
-        addr = self.code.put(code)
+        addr = self.code.put(code, a.far)
         self.stats["native_blocks"] += 1
         self.stats["native_bytes"] += len(code)
         return _BLOCK_TYPE(addr), cut, addr
@@ -164,7 +225,6 @@ class _BlockGen:
         self.loop = any(ins.name in _BRANCH_CC or ins.name == "jal" for ins, _ in insns
                         if (insns_target(ins, _) == self.entry))
         self.misses: list[tuple[Label, int, int]] = []     # (label, pc, index)
-        self.chain = a.label()
 
     # -- exits -----------------------------------------------------------------------
     def _exit(self, index: int, target: int | None, odd: bool = False) -> None:
@@ -186,44 +246,7 @@ class _BlockGen:
         if odd:
             a.ret()
         else:
-            a.jmp(self.chain)
-
-    def _emit_chain(self) -> None:
-        """rax = next pc.  Jump to its native block if the jump table has one for this
-        pc and physical page (checked through the native fetch TLB) and the budget
-        allows; else return rax to Python."""
-        a = self.a
-        out = a.label()
-        a.bind(self.chain)
-        a.load(RCX, RDI, 8 * W_RET)
-        a.alu_imm(ALU_CMP, RCX, CHAIN_BUDGET)
-        a.jcc(CC_GE, out)
-        found = a.label()
-        a.mov_imm(RCX, JMP_HASH)
-        a.imul(RCX, RAX)
-        a.shift_imm(SHR, RCX, 64 - JMP_SET_BITS)
-        a.shift_imm(SHL, RCX, 6, w=False)
-        a.alu_mem(ALU_ADD, RCX, RDI, 8 * W_JMP)
-        a.alu_mem(ALU_CMP, RAX, RCX, 0)
-        a.jcc(CC_E, found)
-        a.alu_imm(ALU_ADD, RCX, 32)
-        a.alu_mem(ALU_CMP, RAX, RCX, 0)
-        a.jcc(CC_NE, out)
-        a.bind(found)
-        a.mov(RDX, RAX)
-        a.shift_imm(SHR, RDX, 12)
-        a.mov32(R8, RDX)
-        a.alu_imm(ALU_AND, R8, TLB_ENTRIES - 1, w=False)
-        a.shift_imm(SHL, R8, 4, w=False)
-        a.alu_mem(ALU_ADD, R8, RDI, 8 * W_TLB_X)
-        a.alu_mem(ALU_CMP, RDX, R8, 0)
-        a.jcc(CC_NE, out)
-        a.load(RDX, R8, 8)
-        a.alu_mem(ALU_CMP, RDX, RCX, 8)
-        a.jcc(CC_NE, out)
-        a.jmp_mem(RCX, 16)
-        a.bind(out)
-        a.ret()
+            a.jmp_far()
 
     def _miss(self, index: int, pc: int) -> Label:
         label = self.a.label()
@@ -262,7 +285,6 @@ class _BlockGen:
         for label, pc, index in self.misses:
             a.bind(label)
             self._exit(index, pc, odd=True)
-        self._emit_chain()
 
     def _back_edge(self, index: int) -> None:
         """Loop back to the top, or leave for the entry after LOOP_BUDGET instructions."""
@@ -273,7 +295,7 @@ class _BlockGen:
         a.alu_mem(ALU_ADD, R10, RDI, 8 * W_RET)
         a.store(RDI, 8 * W_RET, R10)
         a.mov_imm(RAX, self.entry)
-        a.jmp(self.chain)
+        a.jmp_far()
 
     def _goto(self, index: int, target: int) -> None:
         if self.loop and target == self.entry:
@@ -282,6 +304,34 @@ class _BlockGen:
             self._exit(index, target)
 
     def _insn(self, i: int, ins: Insn, pc: int, nxt: int | None) -> bool:
+        """Emit one instruction; True when it ended the block.
+
+        Straight-line instructions encode the same wherever they are (their only
+        jumps go to the instruction's own TLB-miss exit), so their bytes are
+        cached by instruction and reused."""
+        name = ins.name
+        if name in _SNIPPET_OPS:
+            a = self.a
+            hit = _SNIPPETS.get(ins)
+            if hit is not None:
+                code, offsets = hit
+                base = len(a.buf)
+                a.buf += code
+                if offsets:
+                    label = self._miss(i, pc)
+                    for off in offsets:
+                        a._fixups.append((base + off, label))
+                return False
+            start, nfix = len(a.buf), len(a._fixups)
+            self._emit_insn(i, ins, pc, nxt)
+            fixups = a._fixups[nfix:]
+            if len(_SNIPPETS) >= _SNIPPET_LIMIT:
+                _SNIPPETS.clear()
+            _SNIPPETS[ins] = (bytes(a.buf[start:]), tuple(at - start for at, _ in fixups))
+            return False
+        return self._emit_insn(i, ins, pc, nxt)
+
+    def _emit_insn(self, i: int, ins: Insn, pc: int, nxt: int | None) -> bool:
         a = self.a
         name, rd, rs1, rs2, imm = ins.name, ins.rd, ins.rs1, ins.rs2, ins.imm
         npc = (pc + ins.length) & M64

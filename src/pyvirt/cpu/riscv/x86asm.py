@@ -8,6 +8,11 @@ ModRM with mod=01/10, SIB for rsp/r12 bases).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., None])
+_MEMO_LIMIT = 1 << 16
 
 RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI = range(8)
 R8, R9, R10, R11, R12, R13, R14, R15 = range(8, 16)
@@ -21,6 +26,29 @@ _ALU_RM = {ALU_ADD: 0x03, ALU_OR: 0x0B, ALU_AND: 0x23, ALU_SUB: 0x2B, ALU_XOR: 0
 SHL, SHR, SAR = 4, 5, 7
 
 
+def _memo(fn: F) -> F:
+    """Cache the bytes an instruction form encodes to, by its arguments: the
+    translator emits the same few hundred forms over and over, and encoding
+    them in Python was most of a block's translation time."""
+    cache: dict[Any, bytes] = {}
+
+    def emit(self: Asm, *args: Any, **kw: Any) -> None:
+        key = (args, tuple(kw.items())) if kw else args
+        code = cache.get(key)
+        if code is None:
+            buf = self.buf
+            start = len(buf)
+            fn(self, *args, **kw)
+            if len(cache) >= _MEMO_LIMIT:
+                cache.clear()
+            cache[key] = bytes(buf[start:])
+        else:
+            self.buf += code
+    emit.__doc__ = fn.__doc__
+    emit.__name__ = fn.__name__
+    return emit  # type: ignore[return-value]
+
+
 class Label:
     __slots__ = ("pos",)
 
@@ -32,6 +60,7 @@ class Asm:
     def __init__(self) -> None:
         self.buf = bytearray()
         self._fixups: list[tuple[int, Label]] = []
+        self.far: list[int] = []
 
     # -- encoding helpers ---------------------------------------------------------
     def _rex(self, w: bool, reg: int, base: int, force: bool = False) -> None:
@@ -69,15 +98,19 @@ class Asm:
         self._modrm_reg(reg, rm)
 
     # -- moves ---------------------------------------------------------------------------
+    @_memo
     def load(self, dst: int, base: int, disp: int) -> None:          # mov dst, [base+disp]
         self._op_mem(b"\x8b", dst, base, disp)
 
+    @_memo
     def store(self, base: int, disp: int, src: int) -> None:         # mov [base+disp], src
         self._op_mem(b"\x89", src, base, disp)
 
+    @_memo
     def mov(self, dst: int, src: int) -> None:
         self._op_reg(b"\x89", src, dst)
 
+    @_memo
     def mov_imm(self, dst: int, value: int) -> None:
         value &= (1 << 64) - 1
         if value < 1 << 32:
@@ -94,21 +127,26 @@ class Asm:
             self.buf.append(0xB8 | (dst & 7))
             self.buf += struct.pack("<Q", value)
 
+    @_memo
     def store_imm32(self, base: int, disp: int, value: int) -> None:  # mov qword [m], simm32
         self._op_mem(b"\xc7", 0, base, disp)
         self.buf += struct.pack("<i", value)
 
+    @_memo
     def add_mem_imm(self, base: int, disp: int, value: int) -> None:  # add qword [m], simm32
         self._op_mem(b"\x81", 0, base, disp)
         self.buf += struct.pack("<i", value)
 
     # -- arithmetic ---------------------------------------------------------------------------
+    @_memo
     def alu(self, op: int, dst: int, src: int, w: bool = True) -> None:
         self._op_reg(bytes([_ALU_RM[op]]), dst, src, w)   # op dst, src  (reg form via r/m = src)
 
+    @_memo
     def alu_mem(self, op: int, dst: int, base: int, disp: int) -> None:
         self._op_mem(bytes([_ALU_RM[op]]), dst, base, disp)
 
+    @_memo
     def alu_imm(self, op: int, dst: int, value: int, w: bool = True) -> None:
         if -128 <= value < 128:
             self._rex(w, 0, dst)
@@ -121,49 +159,59 @@ class Asm:
             self._modrm_reg(op, dst)
             self.buf += struct.pack("<i", value)
 
+    @_memo
     def shift_imm(self, kind: int, dst: int, count: int, w: bool = True) -> None:
         self._rex(w, 0, dst)
         self.buf += b"\xc1"
         self._modrm_reg(kind, dst)
         self.buf.append(count)
 
+    @_memo
     def shift_cl(self, kind: int, dst: int, w: bool = True) -> None:
         self._rex(w, 0, dst)
         self.buf += b"\xd3"
         self._modrm_reg(kind, dst)
 
+    @_memo
     def imul(self, dst: int, src: int, w: bool = True) -> None:
         self._rex(w, dst, src)
         self.buf += b"\x0f\xaf"
         self._modrm_reg(dst, src)
 
+    @_memo
     def mul_wide(self, src: int, signed: bool) -> None:       # rdx:rax = rax * src
         self._rex(True, 0, src)
         self.buf += b"\xf7"
         self._modrm_reg(5 if signed else 4, src)
 
+    @_memo
     def divide(self, src: int, signed: bool, w: bool = True) -> None:
         """rdx:rax / src (edx:eax for 32-bit): quotient in rax, remainder in rdx."""
         self._rex(w, 0, src)
         self.buf += b"\xf7"
         self._modrm_reg(7 if signed else 6, src)
 
+    @_memo
     def sign_extend_rax(self, w: bool = True) -> None:         # cqo / cdq
         if w:
             self.buf.append(0x48)
         self.buf.append(0x99)
 
+    @_memo
     def movsxd(self, dst: int, src: int) -> None:              # sign-extend 32 -> 64
         self._rex(True, dst, src)
         self.buf += b"\x63"
         self._modrm_reg(dst, src)
 
+    @_memo
     def mov32(self, dst: int, src: int) -> None:               # zero-extend 32 -> 64
         self._op_reg(b"\x89", src, dst, w=False)
 
+    @_memo
     def lea(self, dst: int, base: int, disp: int) -> None:
         self._op_mem(b"\x8d", dst, base, disp)
 
+    @_memo
     def setcc(self, cc: int, dst: int) -> None:                # dst = cc ? 1 : 0 (full width)
         self._rex(False, 0, dst, force=True)
         self.buf += bytes((0x0F, 0x90 | cc))
@@ -173,6 +221,7 @@ class Asm:
         self._modrm_reg(dst, dst)
 
     # -- memory access of guest data (host address in a register) --------------------------
+    @_memo
     def load_sized(self, dst: int, base: int, size: int, signed: bool) -> None:
         if size == 8:
             self._op_mem(b"\x8b", dst, base, 0)
@@ -186,6 +235,7 @@ class Asm:
         else:
             self._op_mem(b"\x0f\xbe" if signed else b"\x0f\xb6", dst, base, 0, w=signed)
 
+    @_memo
     def store_sized(self, base: int, src: int, size: int) -> None:
         if size == 8:
             self._op_mem(b"\x89", src, base, 0)
@@ -213,6 +263,14 @@ class Asm:
         self._fixups.append((len(self.buf), label))
         self.buf += b"\0\0\0\0"
 
+    def jmp_far(self) -> None:
+        """jmp rel32 to an address outside this code, patched where it is placed
+        (its offsets are in `far`)."""
+        self.buf.append(0xE9)
+        self.far.append(len(self.buf))
+        self.buf += b"\0\0\0\0"
+
+    @_memo
     def jmp_mem(self, base: int, disp: int) -> None:          # jmp qword [base+disp]
         self._op_mem(b"\xff", 4, base, disp, w=False)
 

@@ -21,6 +21,7 @@ PROGRAMS: dict[str, list[dict[str, int]]] = {
     "interrupts": [{}],
     "blockfault": [{}],
     "illegal_tval": [{}],
+    "sstatus": [{}],
 }
 
 # Programs that find CPU bugs: expected to fail on pyvirt until they are fixed (QEMU passes).

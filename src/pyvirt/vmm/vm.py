@@ -50,8 +50,12 @@ class Vm:
     def request_quit(self) -> None:
         self.quit_requested = True
 
-    def run(self, max_instructions: int | None = None, timeout: float | None = None) -> int | None:
-        """Run until power-off (returns the exit status), quit, or a limit (returns None)."""
+    def run(self, max_instructions: int | None = None, timeout: float | None = None,
+            restore_gc: bool = True) -> int | None:
+        """Run until power-off (returns the exit status), quit, or a limit (returns None).
+
+        `restore_gc=False` leaves the collector as the run set it (objects frozen,
+        rare collections): for a process that ends with the VM."""
         sel = selectors.DefaultSelector()
         fd = self.console.fileno()
         if fd is not None:
@@ -76,8 +80,9 @@ class Vm:
                 return code
         finally:
             self.stats.wall = time.monotonic() - start
-            gc.set_threshold(*saved_gc)
-            gc.unfreeze()
+            if restore_gc:
+                gc.set_threshold(*saved_gc)
+                gc.unfreeze()
             sel.close()
             self.console.flush()
 

@@ -264,7 +264,7 @@ class Engine:
         """The best translation of a block: native if it can start natively, else Python."""
         priv, pc, ppn = key
         if self.native is not None and self.jumps is not None:
-            done = self.native.translate(insns)
+            done = self.native.translate(insns, priv)
             if done is not None:
                 fn, cut, code = done
                 self.jumps.insert(priv, pc, ppn, code)

@@ -68,13 +68,13 @@ class Hart(CsrMixin):
     __slots__ = (
         "hartid", "bus", "clock", "ram", "ram_base", "ram_end",
         "x", "f", "pc", "priv", "fflags", "frm",
-        "mstatus", "medeleg", "mideleg", "mie", "mip", "mtvec", "stvec",
+        "medeleg", "mideleg", "mtvec", "stvec",
         "mscratch", "sscratch", "mepc", "sepc", "mcause", "scause", "mtval", "stval",
         "satp", "mcounteren", "scounteren", "mcountinhibit", "menvcfg", "senvcfg", "pmp",
-        "instret", "adj", "resv", "idle", "state", "stimecmp",
+        "instret", "adj", "idle", "state", "stimecmp",
         "tlbs", "rtlb", "wtlb", "itlb", "superpages", "s_user_pages",
         "ecall_hook", "yield_on_pause",
-        "_state", "sq", "_as_parameter_", "_ntlb", "_ntlb_views", "_ram_host", "native_exit_hook",
+        "_state", "sq", "_uq", "_as_parameter_", "_ntlb", "_ntlb_views", "_ram_host", "native_exit_hook",
         "jump_tables",
     )
 
@@ -100,6 +100,7 @@ class Hart(CsrMixin):
         raw = memoryview(self._state).cast("B")
         self.x = raw.cast("Q")[:32] if native_regs else [0] * 32
         self.sq = raw.cast("q")
+        self._uq = raw.cast("Q")
         self._as_parameter_ = ctypes.addressof(self._state)    # what ctypes passes for `hart`
         # Native TLB tables per privilege: reads then writes, (vpn, addend) pairs,
         # then fetches, (vpn, ppn) pairs.
@@ -110,10 +111,45 @@ class Hart(CsrMixin):
         self.native_exit_hook: Callable[[Hart, int], int] | None = None
         self.reset()
 
+    # mstatus, mip, mie and the LR reservation live in the native state buffer,
+    # where native code reads and updates them.
+    @property
+    def mstatus(self) -> int:
+        return self._uq[native.W_MSTATUS]
+
+    @mstatus.setter
+    def mstatus(self, v: int) -> None:
+        self._uq[native.W_MSTATUS] = v
+
+    @property
+    def mip(self) -> int:
+        return self._uq[native.W_MIP]
+
+    @mip.setter
+    def mip(self, v: int) -> None:
+        self._uq[native.W_MIP] = v
+
+    @property
+    def mie(self) -> int:
+        return self._uq[native.W_MIE]
+
+    @mie.setter
+    def mie(self, v: int) -> None:
+        self._uq[native.W_MIE] = v
+
+    @property
+    def resv(self) -> int:
+        return self.sq[native.W_RESV]
+
+    @resv.setter
+    def resv(self, v: int) -> None:
+        self.sq[native.W_RESV] = v
+
     # -- state ------------------------------------------------------------------
     def reset(self) -> None:
         for i in range(native.STATE_WORDS):
             self._state[i] = 0
+        self._state[native.W_RAM] = self._ram_host
         for i in range(32):
             self.x[i] = 0
         self.f = [0] * 32

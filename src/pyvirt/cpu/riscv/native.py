@@ -27,6 +27,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from pyvirt.cpu.riscv.csr import FS, MXR, SD, SIE, SPIE, SPP, SSTATUS_MASK, SUM, UXL_SXL
 from pyvirt.cpu.riscv.decode import Insn
 from pyvirt.cpu.riscv.x86asm import (
     ALU_ADD,
@@ -43,6 +44,7 @@ from pyvirt.cpu.riscv.x86asm import (
     CC_L,
     CC_NE,
     R8,
+    R9,
     RAX,
     RCX,
     RDI,
@@ -63,7 +65,12 @@ W_TLB_R = 33       # address of the current read table
 W_TLB_W = 34       # address of the current write table
 W_TLB_X = 35       # address of the current fetch table: (vpn, ppn)
 W_JMP = 36         # address of the current privilege's jump table
-STATE_WORDS = 40
+W_MSTATUS = 37     # mstatus as stored (Hart.mstatus)
+W_MIP = 38         # Hart.mip
+W_MIE = 39         # Hart.mie
+W_RESV = 40        # LR reservation: offset in RAM, or -1 (Hart.resv)
+W_RAM = 41         # host address of guest RAM
+STATE_WORDS = 48
 TLB_ENTRIES = 1024
 TLB_BYTES = TLB_ENTRIES * 16
 LOOP_BUDGET = 20_000
@@ -88,9 +95,10 @@ AMOS = {f"{op}_{w}": (alu, 4 if w == "w" else 8) for op, alu in _AMO.items() for
 _DIVS = {"div": (True, False, True), "divu": (False, False, True), "rem": (True, True, True),
          "remu": (False, True, True), "divw": (True, False, False), "divuw": (False, False, False),
          "remw": (True, True, False), "remuw": (False, True, False)}   # signed, remainder, 64-bit
-MEMORY_OPS = set(_LOADS) | set(_STORES) | set(AMOS)
+_LRSC = {"lr_w": 4, "lr_d": 8, "sc_w": 4, "sc_d": 8}
+MEMORY_OPS = set(_LOADS) | set(_STORES) | set(AMOS) | set(_LRSC)
 SUPPORTED = (set(_BRANCH_CC) | set(_ALU_R) | set(_ALU_I) | set(_SHIFT) | set(_LOADS) | set(_STORES)
-             | set(AMOS) | set(_DIVS) | {"lui", "auipc", "jal", "jalr", "slt", "sltu", "slti", "sltiu", "addw", "subw", "addiw",
+             | set(AMOS) | set(_DIVS) | set(_LRSC) | {"lui", "auipc", "jal", "jalr", "slt", "sltu", "slti", "sltiu", "addw", "subw", "addiw",
                 "mul", "mulw", "mulh", "mulhu", "fence"})
 
 
@@ -101,6 +109,23 @@ _SNIPPET_OPS = ((set(_ALU_R) | set(_ALU_I) | set(_SHIFT) | set(_LOADS) | set(_ST
                    "mul", "mulw", "mulh", "mulhu", "fence"})
 _SNIPPETS: dict[Insn, tuple[bytes, tuple[int, ...]]] = {}
 _SNIPPET_LIMIT = 1 << 16
+
+
+CSR_SSTATUS = 0x100
+_CSR_OPS = {"csrrw": (1, False), "csrrs": (2, False), "csrrc": (3, False),
+            "csrrwi": (1, True), "csrrsi": (2, True), "csrrci": (3, True)}
+_SSTATUS_WRITABLE = SIE | SPIE | SPP | FS | SUM | MXR
+
+
+def supported(ins: Insn, priv: int) -> bool:
+    """Whether the native tier translates `ins` in a block run at privilege `priv`."""
+    name = ins.name
+    if name in SUPPORTED:
+        return True
+    if name in _CSR_OPS:
+        # sstatus from S- or M-mode: the kernel's interrupt enable/disable.
+        return ins.imm == CSR_SSTATUS and priv >= 1
+    return False
 
 
 def available() -> bool:
@@ -195,11 +220,12 @@ class Translator:
         self.code = CodeBuffer()
         self.stats = {"native_blocks": 0, "native_bytes": 0}
 
-    def translate(self, insns: list[tuple[Insn, int]]) -> tuple[Callable[..., int], int, int] | None:
+    def translate(self, insns: list[tuple[Insn, int]],
+                  priv: int = 0) -> tuple[Callable[..., int], int, int] | None:
         """(callable, number of instructions covered, code address) or None."""
         cut = 0
         for ins, _ in insns:
-            if ins.name not in SUPPORTED:
+            if not supported(ins, priv):
                 break
             cut += 1
         if cut == 0:
@@ -419,6 +445,10 @@ class _BlockGen:
             if word:
                 a.movsxd(RCX, RCX)
             self._set(rd, RCX)
+        elif name in _CSR_OPS:
+            self._sstatus(i, pc, ins)
+        elif name in _LRSC:
+            self._lrsc(i, pc, ins)
         elif name in _BRANCH_CC:
             target = (pc + imm) & M64
             self._get(RAX, rs1)
@@ -456,6 +486,92 @@ class _BlockGen:
         else:                                  # pragma: no cover - filtered by SUPPORTED
             raise AssertionError(name)
         return False
+
+    def _sstatus(self, i: int, pc: int, ins: Insn) -> None:
+        """csrr*/csrr*i on sstatus, as csr.py does it.  Writes that change more
+        than SIE (SUM and MXR change the TLB's rules), and setting SIE while an
+        interrupt is pending and enabled, leave for the interpreter before the
+        instruction, which then does it all (and takes the interrupt)."""
+        a = self.a
+        op, immediate = _CSR_OPS[ins.name]
+        a.load(RAX, RDI, 8 * W_MSTATUS)                    # old, as stored
+        a.mov_imm(RDX, UXL_SXL)
+        a.alu(ALU_OR, RDX, RAX)                            # rdx = read value
+        no_sd = a.label()
+        a.mov32(RCX, RAX)
+        a.alu_imm(ALU_AND, RCX, FS, w=False)
+        a.alu_imm(ALU_CMP, RCX, FS, w=False)
+        a.jcc(CC_NE, no_sd)
+        a.mov_imm(RCX, SD)
+        a.alu(ALU_OR, RDX, RCX)
+        a.bind(no_sd)
+        a.mov_imm(RCX, SSTATUS_MASK)
+        a.alu(ALU_AND, RDX, RCX)
+        if op != 1 and ins.rs1 == 0:                       # csrr: a pure read
+            self._set(ins.rd, RDX)
+            return
+        miss = self._miss(i, pc)
+        if immediate:
+            a.mov_imm(R8, ins.rs1)                         # zimm
+        else:
+            self._get(R8, ins.rs1)
+        if op == 1:
+            a.mov(R9, R8)
+        elif op == 2:
+            a.mov(R9, RDX)
+            a.alu(ALU_OR, R9, R8)
+        else:
+            a.mov(R9, R8)
+            a.alu_imm(ALU_XOR, R9, -1)
+            a.alu(ALU_AND, R9, RDX)
+        a.alu_imm(ALU_AND, R9, _SSTATUS_WRITABLE)
+        a.mov(RCX, RAX)
+        a.alu_imm(ALU_AND, RCX, ~_SSTATUS_WRITABLE)
+        a.alu(ALU_OR, R9, RCX)                             # r9 = new mstatus
+        a.mov(RCX, R9)
+        a.alu(ALU_XOR, RCX, RAX)
+        a.alu_imm(ALU_AND, RCX, ~SIE)
+        a.jcc(CC_NE, miss)                                 # more than SIE changes
+        quiet = a.label()
+        a.mov(RCX, RAX)
+        a.alu_imm(ALU_XOR, RCX, -1)
+        a.alu(ALU_AND, RCX, R9)
+        a.alu_imm(ALU_AND, RCX, SIE)
+        a.jcc(CC_E, quiet)                                 # SIE not newly set
+        a.load(RCX, RDI, 8 * W_MIP)
+        a.alu_mem(ALU_AND, RCX, RDI, 8 * W_MIE)
+        a.jcc(CC_NE, miss)                                 # an interrupt may be due
+        a.bind(quiet)
+        a.store(RDI, 8 * W_MSTATUS, R9)
+        self._set(ins.rd, RDX)
+
+    def _lrsc(self, i: int, pc: int, ins: Insn) -> None:
+        """lr/sc on RAM through the native TLB; the reservation is a RAM offset in
+        [W_RESV], as Hart.lr/sc keep it."""
+        a = self.a
+        size = _LRSC[ins.name]
+        if ins.name.startswith("lr"):
+            self._address(i, pc, ins.rs1, 0, size, W_TLB_R, aligned=True)
+            a.load_sized(RCX, RAX, size, size == 4)
+            a.alu_mem(ALU_SUB, RAX, RDI, 8 * W_RAM)
+            a.store(RDI, 8 * W_RESV, RAX)
+            self._set(ins.rd, RCX)
+            return
+        self._address(i, pc, ins.rs1, 0, size, W_TLB_W, aligned=True)
+        fail, done = a.label(), a.label()
+        a.mov(RCX, RAX)
+        a.alu_mem(ALU_SUB, RCX, RDI, 8 * W_RAM)
+        a.alu_mem(ALU_CMP, RCX, RDI, 8 * W_RESV)
+        a.store_imm32(RDI, 8 * W_RESV, -1)                 # (mov leaves the flags)
+        a.jcc(CC_NE, fail)
+        self._get(RDX, ins.rs2)
+        a.store_sized(RAX, RDX, size)
+        a.alu(ALU_XOR, RCX, RCX, w=False)
+        a.jmp(done)
+        a.bind(fail)
+        a.mov_imm(RCX, 1)
+        a.bind(done)
+        self._set(ins.rd, RCX)
 
     def _divide(self, rd: int, rs1: int, rs2: int, signed: bool, rem: bool, wide: bool) -> None:
         """RISC-V division (M chapter 7.2): x / 0 gives all ones (remainder x), the

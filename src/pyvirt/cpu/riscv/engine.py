@@ -203,15 +203,21 @@ class Engine:
         insns = self._decode_block(pc, ppn)
         if not insns:
             return (self._crossing_insn, 1, ppn)   # never cached: see lookup()
-        ops = tuple((HANDLERS[ins.name], ins.rd, ins.rs1, ins.rs2, ins.rs3, ins.imm, ins.rm,
-                     ins.length, ins.raw, a) for ins, a in insns)
         last, last_pc = insns[-1]
         end_pc = (last_pc + last.length) & isa.M
         n = len(insns)
-        if self.mode != "interp" and self.hot <= 1:
-            ent = self._translated(insns, end_pc, key)
-        else:
-            ent = (self._interp_block(key, insns, ops, end_pc), n, ppn)
+        ent = None
+        if self.native is not None:
+            # Machine code at once: translating costs about as much as interpreting
+            # a block a few times, and most kernel blocks run more often than that.
+            ent = self._native(insns, key)
+        if ent is None:
+            if self.mode != "interp" and self.hot <= 1:
+                ent = self._translated(insns, end_pc, key)
+            else:
+                ops = tuple((HANDLERS[ins.name], ins.rd, ins.rs1, ins.rs2, ins.rs3, ins.imm, ins.rm,
+                             ins.length, ins.raw, a) for ins, a in insns)
+                ent = (self._interp_block(key, insns, ops, end_pc), n, ppn)
         self._register(key, ent)
         return ent
 
@@ -260,16 +266,24 @@ class Engine:
         if cache.get(key[1]) is old:
             cache[key[1]] = ent
 
+    def _native(self, insns: list[tuple[Insn, int]], key: tuple[int, int, int]) -> Entry | None:
+        """A native translation of the block's first instructions, or None."""
+        priv, pc, ppn = key
+        if self.native is None or self.jumps is None:
+            return None
+        done = self.native.translate(insns, priv)
+        if done is None:
+            return None
+        fn, cut, code = done
+        self.jumps.insert(priv, pc, ppn, code)
+        return (native.native_entry(fn, cut), cut, ppn)
+
     def _translated(self, insns: list[tuple[Insn, int]], end_pc: int, key: tuple[int, int, int]) -> Entry:
         """The best translation of a block: native if it can start natively, else Python."""
-        priv, pc, ppn = key
-        if self.native is not None and self.jumps is not None:
-            done = self.native.translate(insns, priv)
-            if done is not None:
-                fn, cut, code = done
-                self.jumps.insert(priv, pc, ppn, code)
-                return (native.native_entry(fn, cut), cut, ppn)
-        return (self._compile(insns, end_pc), len(insns), ppn)
+        ent = self._native(insns, key)
+        if ent is not None:
+            return ent
+        return (self._compile(insns, end_pc), len(insns), key[2])
 
     @staticmethod
     def _insn_bits(h: Hart) -> int:

@@ -1,7 +1,7 @@
 """The `pyvirt` command line.
 
     pyvirt run [--kernel IMAGE --initrd FILE --append ARGS | --bios ELF] [--cpus N]
-               [--memory SIZE] [--disk PATH[,ro]]... [--command CMD] [--engine interp|jit]
+               [--memory SIZE] [--disk PATH[,ro]]... [--command CMD] [--engine interp|jit|native]
     pyvirt image build
 
 Every user error ends in one line on stderr and a non-zero exit status.
@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-rng", action="store_true", help="no virtio-rng device")
     run.add_argument("--engine", choices=("interp", "jit", "native"), default=None,
                      help="CPU engine: interp (reference interpreter), jit (Python blocks) or native "
-                          "(x86-64 code for hot blocks; the default where the host allows)")
+                          "(x86-64 code; the default where the host allows; PYVIRT_ENGINE sets the default)")
     run.add_argument("--mmu", choices=("sv39", "sv48"), default="sv39", help="MMU mode in the device tree")
     run.add_argument("--command", "-c", metavar="CMD",
                      help="run CMD in the default guest's shell, print its output, exit with its status")
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pyvirt.cpu.riscv.engine import default_engine
+    from pyvirt.engines import default_engine
     from pyvirt.spec import DiskSpec, make_spec, parse_size
 
     disks = [DiskSpec.parse(d) for d in args.disk]

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pyvirt.engines import default_engine
 from pyvirt.errors import ConfigError
 
 MIB = 1 << 20
@@ -63,7 +64,7 @@ class VmSpec(BaseModel):
     bios: Path | None = None
     disks: list[DiskSpec] = Field(default_factory=list)
     rng: bool = True
-    engine: Literal["interp", "jit", "native"] = "jit"      # the CLI picks default_engine()
+    engine: Literal["interp", "jit", "native"] = Field(default_factory=default_engine)
     mmu: Literal["sv39", "sv48"] = "sv39"
 
     @field_validator("memory", mode="before")

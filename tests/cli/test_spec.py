@@ -38,3 +38,19 @@ def test_disk_options() -> None:
 def test_bad_specs(fields: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         make_spec(**fields)
+
+
+def test_engine_default_follows_pyvirt_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyvirt.engines import native_available
+    monkeypatch.delenv("PYVIRT_ENGINE", raising=False)
+    assert make_spec().engine == ("native" if native_available() else "jit")
+    for name in ("interp", "jit"):
+        monkeypatch.setenv("PYVIRT_ENGINE", name)
+        assert make_spec().engine == name
+        assert make_spec(engine="native" if name == "jit" else "jit").engine != name   # named wins
+
+
+def test_bad_pyvirt_engine_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYVIRT_ENGINE", "turbo")
+    with pytest.raises(ConfigError, match="PYVIRT_ENGINE='turbo' is not an engine"):
+        make_spec()

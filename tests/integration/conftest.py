@@ -33,6 +33,10 @@ def default_image():
     return img
 
 
-@pytest.fixture(params=os.environ.get("PYVIRT_TEST_ENGINES", "native,jit").split(","))
+# Boots run on the native and jit engines, or on the one PYVIRT_ENGINE forces.
+_ENGINES = os.environ.get("PYVIRT_TEST_ENGINES") or os.environ.get("PYVIRT_ENGINE") or "native,jit"
+
+
+@pytest.fixture(params=_ENGINES.split(","))
 def engine(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -31,15 +31,10 @@ from pyvirt.cpu.riscv.decode import Insn, decode
 from pyvirt.cpu.riscv.emit import BlockEmitter, GenericEmitter
 from pyvirt.cpu.riscv.hart import Hart
 from pyvirt.cpu.riscv.traps import ILLEGAL_INSN, ContextChange, StopSlice, Trap
+from pyvirt.engines import ENGINES, default_engine  # noqa: F401 - re-exported
 from pyvirt.memory import Bus
 
 MAX_BLOCK = 64
-ENGINES = ("interp", "jit", "native")
-
-
-def default_engine() -> str:
-    """The native tier where the host can run it (x86-64 Linux), else Python blocks."""
-    return "native" if native.available() else "jit"
 
 Entry = tuple[Callable[[Hart], int], int, int]
 

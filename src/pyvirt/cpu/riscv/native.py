@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import platform
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +54,7 @@ from pyvirt.cpu.riscv.x86asm import (
     Asm,
     Label,
 )
+from pyvirt.engines import native_available
 
 M64 = (1 << 64) - 1
 
@@ -129,7 +129,7 @@ def supported(ins: Insn, priv: int) -> bool:
 
 
 def available() -> bool:
-    return platform.machine() in ("x86_64", "AMD64") and platform.system() == "Linux"
+    return native_available()
 
 
 def _reg(r: int) -> int:

@@ -1,0 +1,35 @@
+"""Which CPU engine a VM gets when none is named.
+
+    interp   every instruction through generic handlers: the reference
+    jit      hot blocks translated to Python functions
+    native   blocks translated to x86-64 machine code (x86-64 Linux hosts)
+
+`PYVIRT_ENGINE` in the environment overrides the default for everything that
+does not name an engine itself (the CLI without --engine, VmSpec, the tests),
+so a whole test run can be forced onto one tier: `PYVIRT_ENGINE=interp make test`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from pyvirt.errors import ConfigError
+
+ENGINES = ("interp", "jit", "native")
+
+
+def native_available() -> bool:
+    """The native tier emits x86-64 code for the System V ABI."""
+    return platform.machine() in ("x86_64", "AMD64") and platform.system() == "Linux"
+
+
+def default_engine() -> str:
+    forced = os.environ.get("PYVIRT_ENGINE")
+    if forced:
+        if forced not in ENGINES:
+            raise ConfigError(f"PYVIRT_ENGINE={forced!r} is not an engine (one of {', '.join(ENGINES)})")
+        if forced == "native" and not native_available():
+            raise ConfigError("PYVIRT_ENGINE=native needs an x86-64 Linux host")
+        return forced
+    return "native" if native_available() else "jit"

@@ -1,5 +1,5 @@
 /* sstatus read-modify-write and LR/SC from S-mode in loops hot enough to be translated:
- * every csrrw/csrrs/csrrc form (register and immediate) on sstatus (old value, SD/FS/UXL as read, WARL bits), SIE set with
+ * every csrrw/csrrs/csrrc form (register and immediate) on sstatus, sscratch, sepc, scause, stval (old value, SD/FS/UXL as read, WARL bits), SIE set with
  * an interrupt pending taken right after the write, and reservations kept, broken and
  * consumed exactly. */
 #include "bare.h"
@@ -10,6 +10,7 @@
 extern char lower_stack_top[], s_loop_sie[], s_loop_after[];
 
 static volatile u64 cell[4] __attribute__((aligned(16)));
+static volatile u64 even;          /* sepc's write mask, set in M (marchid is M-only) */
 
 static u64 csrrci_sie(void) { u64 v; asm volatile("csrrci %0, sstatus, 2" : "=r"(v) :: "memory"); return v; }
 static u64 csrrsi_sie(void) { u64 v; asm volatile("csrrsi %0, sstatus, 2" : "=r"(v) :: "memory"); return v; }
@@ -45,6 +46,26 @@ static void s_csr_loop(void) {
         CHECK_EQ(csrrs_r(MS_SUM), base);
         CHECK_EQ(csrrc_r(MS_SUM), base | MS_SUM);
         CHECK_EQ(csrr(sstatus), base);
+        /* Stored-only CSRs: the old value back, sepc's bit 0 always clear. */
+        u64 v = 0x8000000000001235UL + i, old;
+        csrw(sscratch, v);
+        asm volatile("csrrw %0, sscratch, %1" : "=r"(old) : "r"(~v) : "memory");
+        CHECK_EQ(old, v);
+        asm volatile("csrrc %0, sscratch, %1" : "=r"(old) : "r"(0xFFUL) : "memory");
+        CHECK_EQ(old, ~v);
+        asm volatile("csrrsi %0, sscratch, 5" : "=r"(old) :: "memory");
+        CHECK_EQ(old, ~v & ~0xFFUL);
+        CHECK_EQ(csrr(sscratch), (~v & ~0xFFUL) | 5);
+        /* sepc[0] is always zero (priv. spec 4.1.7); QEMU 7.2 keeps the bit. */
+        asm volatile("csrrw %0, sepc, %1" : "=r"(old) : "r"(v) : "memory");
+        CHECK_EQ(csrr(sepc), v & even);
+        asm volatile("csrrwi %0, sepc, 7" : "=r"(old) :: "memory");
+        CHECK_EQ(old, v & even);
+        CHECK_EQ(csrr(sepc), 7 & even);
+        csrw(scause, v);
+        csrw(stval, ~v);
+        CHECK_EQ(csrr(scause), v);
+        CHECK_EQ(csrr(stval), ~v);
     }
     lower_exit(0);
 }
@@ -86,6 +107,7 @@ static void s_lrsc_loop(void) {
 
 int main(void) {
     setup_machine();
+    even = on_qemu() ? ~0UL : ~1UL;
     csrw(mideleg, SSIP);
     csrw(mie, 0);
     csrc(mstatus, MS_SIE | MS_SUM);

@@ -69,7 +69,7 @@ class Hart(CsrMixin):
         "hartid", "bus", "clock", "ram", "ram_base", "ram_end",
         "x", "f", "pc", "priv", "fflags", "frm",
         "medeleg", "mideleg", "mtvec", "stvec",
-        "mscratch", "sscratch", "mepc", "sepc", "mcause", "scause", "mtval", "stval",
+        "mscratch", "mepc", "mcause", "mtval",
         "satp", "mcounteren", "scounteren", "mcountinhibit", "menvcfg", "senvcfg", "pmp",
         "instret", "adj", "idle", "state", "stimecmp",
         "tlbs", "rtlb", "wtlb", "itlb", "superpages", "s_user_pages",
@@ -136,6 +136,38 @@ class Hart(CsrMixin):
     @mie.setter
     def mie(self, v: int) -> None:
         self._uq[native.W_MIE] = v
+
+    @property
+    def sscratch(self) -> int:
+        return self._uq[native.W_SSCRATCH]
+
+    @sscratch.setter
+    def sscratch(self, v: int) -> None:
+        self._uq[native.W_SSCRATCH] = v
+
+    @property
+    def sepc(self) -> int:
+        return self._uq[native.W_SEPC]
+
+    @sepc.setter
+    def sepc(self, v: int) -> None:
+        self._uq[native.W_SEPC] = v
+
+    @property
+    def scause(self) -> int:
+        return self._uq[native.W_SCAUSE]
+
+    @scause.setter
+    def scause(self, v: int) -> None:
+        self._uq[native.W_SCAUSE] = v
+
+    @property
+    def stval(self) -> int:
+        return self._uq[native.W_STVAL]
+
+    @stval.setter
+    def stval(self, v: int) -> None:
+        self._uq[native.W_STVAL] = v
 
     @property
     def resv(self) -> int:

@@ -70,6 +70,7 @@ W_MIP = 38         # Hart.mip
 W_MIE = 39         # Hart.mie
 W_RESV = 40        # LR reservation: offset in RAM, or -1 (Hart.resv)
 W_RAM = 41         # host address of guest RAM
+W_SSCRATCH, W_SEPC, W_SCAUSE, W_STVAL = 42, 43, 44, 45   # Hart.sscratch ... stval
 STATE_WORDS = 48
 TLB_ENTRIES = 1024
 TLB_BYTES = TLB_ENTRIES * 16
@@ -117,6 +118,11 @@ _CSR_OPS = {"csrrw": (1, False), "csrrs": (2, False), "csrrc": (3, False),
 _SSTATUS_WRITABLE = SIE | SPIE | SPP | FS | SUM | MXR
 
 
+# S-mode CSRs without side effects, kept in the state buffer: number -> (word, write mask).
+PLAIN_CSRS = {0x140: (W_SSCRATCH, M64), 0x141: (W_SEPC, M64 & ~1),
+              0x142: (W_SCAUSE, M64), 0x143: (W_STVAL, M64)}
+
+
 def supported(ins: Insn, priv: int) -> bool:
     """Whether the native tier translates `ins` in a block run at privilege `priv`."""
     name = ins.name
@@ -124,7 +130,7 @@ def supported(ins: Insn, priv: int) -> bool:
         return True
     if name in _CSR_OPS:
         # sstatus from S- or M-mode: the kernel's interrupt enable/disable.
-        return ins.imm == CSR_SSTATUS and priv >= 1
+        return (ins.imm == CSR_SSTATUS or ins.imm in PLAIN_CSRS) and priv >= 1
     return False
 
 
@@ -446,7 +452,10 @@ class _BlockGen:
                 a.movsxd(RCX, RCX)
             self._set(rd, RCX)
         elif name in _CSR_OPS:
-            self._sstatus(i, pc, ins)
+            if ins.imm == CSR_SSTATUS:
+                self._sstatus(i, pc, ins)
+            else:
+                self._plain_csr(ins)
         elif name in _LRSC:
             self._lrsc(i, pc, ins)
         elif name in _BRANCH_CC:
@@ -543,6 +552,31 @@ class _BlockGen:
         a.jcc(CC_NE, miss)                                 # an interrupt may be due
         a.bind(quiet)
         a.store(RDI, 8 * W_MSTATUS, R9)
+        self._set(ins.rd, RDX)
+
+    def _plain_csr(self, ins: Insn) -> None:
+        """csrr*/csrr*i on a CSR that is only stored (sscratch, sepc, scause, stval)."""
+        a = self.a
+        op, immediate = _CSR_OPS[ins.name]
+        word, mask = PLAIN_CSRS[ins.imm]
+        a.load(RDX, RDI, 8 * word)                          # old value
+        if op == 1 or ins.rs1 != 0:
+            if immediate:
+                a.mov_imm(R8, ins.rs1)
+            else:
+                self._get(R8, ins.rs1)
+            if op == 1:
+                a.mov(R9, R8)
+            elif op == 2:
+                a.mov(R9, RDX)
+                a.alu(ALU_OR, R9, R8)
+            else:
+                a.mov(R9, R8)
+                a.alu_imm(ALU_XOR, R9, -1)
+                a.alu(ALU_AND, R9, RDX)
+            if mask != M64:
+                a.alu_imm(ALU_AND, R9, mask - (1 << 64) if mask >> 63 else mask)
+            a.store(RDI, 8 * word, R9)
         self._set(ins.rd, RDX)
 
     def _lrsc(self, i: int, pc: int, ins: Insn) -> None:

@@ -76,8 +76,8 @@ TLB_ENTRIES = 1024
 TLB_BYTES = TLB_ENTRIES * 16
 LOOP_BUDGET = 20_000
 CHAIN_BUDGET = 20_000      # instructions native code runs before returning to Python
-JMP_ENTRIES = 1 << 16     # jump table: (pc, ppn, code address, unused) per entry
-JMP_SET_BITS = 15          # two-way sets: 2**15 sets of two entries
+JMP_ENTRIES = 1 << 17     # jump table: (pc, ppn, code address, unused) per entry
+JMP_SET_BITS = 16          # two-way sets: 2**16 sets of two entries
 JMP_HASH = 0x9E3779B97F4A7C15   # set = (pc * JMP_HASH mod 2**64) >> (64 - JMP_SET_BITS)
 JMP_BYTES = JMP_ENTRIES * 32
 
@@ -700,16 +700,19 @@ def native_entry(fn: Callable[..., int], n: int) -> Callable[[Any], int]:
 
 
 class JumpTables:
-    """Per privilege, the native code address of each native block by (pc, ppn)."""
+    """Per privilege, the native code address of each native block by (pc, ppn).
+
+    The tables are anonymous mappings, so only the sets in use take memory; an
+    empty entry is all zeros (physical page 0 is never RAM, so it never matches
+    the fetch TLB's page)."""
 
     def __init__(self) -> None:
-        self.tables = {p: (ctypes.c_uint64 * (4 * JMP_ENTRIES))() for p in (0, 1, 3)}
-        self.views = {p: memoryview(t).cast("B").cast("Q") for p, t in self.tables.items()}
-        for t in self.tables.values():
-            ctypes.memset(t, 0xFF, JMP_BYTES)
+        self.maps = {p: mmap.mmap(-1, JMP_BYTES) for p in (0, 1, 3)}
+        self.views = {p: memoryview(m).cast("Q") for p, m in self.maps.items()}
+        self._addr = {p: ctypes.addressof(ctypes.c_char.from_buffer(m)) for p, m in self.maps.items()}
 
     def address(self, priv: int) -> int:
-        return ctypes.addressof(self.tables[priv])
+        return self._addr[priv]
 
     @staticmethod
     def set_of(pc: int) -> int:
@@ -721,7 +724,7 @@ class JumpTables:
         else over the second way (the first keeps the older, often hotter, block)."""
         v = self.views[priv]
         s = self.set_of(pc)
-        if v[s] == pc or v[s] == M64:
+        if v[s] == pc or v[s + 1] == 0:
             slot = s
         else:
             slot = s + 4
@@ -732,8 +735,9 @@ class JumpTables:
         s = self.set_of(pc)
         for slot in (s, s + 4):
             if v[slot] == pc and v[slot + 1] == ppn:
-                v[slot] = M64
+                v[slot] = v[slot + 1] = v[slot + 2] = 0
 
     def clear(self) -> None:
-        for t in self.tables.values():
-            ctypes.memset(t, 0xFF, JMP_BYTES)
+        for m in self.maps.values():
+            m.madvise(mmap.MADV_DONTNEED)       # back to zero pages
+

@@ -1,6 +1,7 @@
 """Boot the default guest to its shell prompt with pyvirt and with QEMU, in one run.
 
-    .venv/bin/python bench/boot.py [--runs N] [--cpus N] [--engine jit|interp]
+    .venv/bin/python bench/boot.py [--runs N] [--cpus N] [--engine E] [--kernel default|debian]
+                                   [--idle SECONDS]
 
 Both get the same kernel, initramfs, memory size and hart count; each is
 started on a pseudo-terminal and timed from process start until the shell
@@ -26,7 +27,18 @@ from pyvirt.images import default_image
 PROMPT = re.compile(rb"root@pyvirt:[^\r\n]*# ")
 
 
-def time_to_prompt(argv: list[str], timeout: float = 600) -> float:
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its waited-for children (proc(5) fields 14-17)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def time_to_prompt(argv: list[str], timeout: float = 600, idle: float = 0.0,
+                   settle: float = 5.0) -> tuple[float, float | None]:
+    """Seconds from start to the shell prompt; with `idle`, then the share of one
+    core the process uses while the guest sits at its prompt for that long
+    (after `settle` seconds: a kernel finishes deferred work after the prompt)."""
     start = time.perf_counter()
     pid, fd = pty.fork()
     if pid == 0:
@@ -42,11 +54,34 @@ def time_to_prompt(argv: list[str], timeout: float = 600) -> float:
                     buf += os.read(fd, 65536)
                 except OSError:
                     raise RuntimeError(f"{argv[0]} exited before the prompt: {buf[-300:]!r}") from None
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        share = None
+        if idle:
+            _drain(fd, settle)
+            c0, t0 = _cpu_seconds(pid), time.perf_counter()
+            _drain(fd, idle)
+            share = (_cpu_seconds(pid) - c0) / (time.perf_counter() - t0)
+        return elapsed, share
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(fd)
+
+
+def _drain(fd: int, seconds: float) -> None:
+    """Read the console for `seconds`, as a terminal would."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        r, _, _ = select.select([fd], [], [], max(0.0, end - time.perf_counter()))
+        if r:
+            try:
+                os.read(fd, 65536)
+            except OSError:
+                return
+
+
+def _row(name: str, xs: list[float], fmt: str = "{:.2f}") -> str:
+    return f"| {name} | {fmt.format(min(xs))} | {fmt.format(statistics.median(xs))} | {fmt.format(max(xs))} |"
 
 
 def main() -> int:
@@ -55,25 +90,49 @@ def main() -> int:
     ap.add_argument("--cpus", type=int, default=1)
     ap.add_argument("--memory", default="256M")
     ap.add_argument("--engine", default=default_engine(), choices=("jit", "interp", "native"))
+    ap.add_argument("--kernel", default="default", choices=("default", "debian"),
+                    help="the lean default kernel, or Debian trixie's stock riscv64 kernel")
+    ap.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
+                    help="after the prompt, measure each VMM's host CPU while the guest idles")
+    ap.add_argument("--settle", type=float, default=5.0, metavar="SECONDS",
+                    help="wait this long after the prompt before measuring idle CPU")
     args = ap.parse_args()
     img = default_image(build=True, progress=False)
+    kernel = img.kernel
+    if args.kernel == "debian":
+        from pyvirt.images.debian_kernel import build_debian_kernel
+        kernel = build_debian_kernel()
     ours = [sys.executable, "-m", "pyvirt", "run", "--engine", args.engine, "--cpus", str(args.cpus),
-            "--memory", args.memory, "--kernel", str(img.kernel), "--initrd", str(img.initrd),
+            "--memory", args.memory, "--kernel", str(kernel), "--initrd", str(img.initrd),
             "--append", img.cmdline]
     qemu = ["qemu-system-riscv64", "-M", "virt", "-smp", str(args.cpus), "-m", args.memory, "-nographic",
-            "-kernel", str(img.kernel), "-initrd", str(img.initrd), "-append", img.cmdline]
-    p_times, q_times = [], []
+            "-kernel", str(kernel), "-initrd", str(img.initrd), "-append", img.cmdline]
+    p_times, q_times, p_idle, q_idle = [], [], [], []
     for _ in range(args.runs):
-        p_times.append(time_to_prompt(ours))
-        q_times.append(time_to_prompt(qemu))
+        t, share = time_to_prompt(ours, idle=args.idle, settle=args.settle)
+        p_times.append(t)
+        if share is not None:
+            p_idle.append(100 * share)
+        t, share = time_to_prompt(qemu, idle=args.idle, settle=args.settle)
+        q_times.append(t)
+        if share is not None:
+            q_idle.append(100 * share)
     p, q = statistics.median(p_times), statistics.median(q_times)
-    print(f"boot to shell prompt, {args.cpus} hart(s), {args.memory}, engine {args.engine}, "
-          f"median of {args.runs} (Python {sys.version.split()[0]})")
+    print(f"boot to shell prompt, {args.kernel} kernel ({kernel.name} in {kernel.parent.name}), "
+          f"{args.cpus} hart(s), {args.memory}, engine {args.engine}, runs {args.runs} "
+          f"({sys.implementation.name} {sys.version.split()[0]})")
     print("| VMM | min s | median s | max s |")
     print("|---|---:|---:|---:|")
-    print(f"| pyvirt | {min(p_times):.2f} | {p:.2f} | {max(p_times):.2f} |")
-    print(f"| qemu-system-riscv64 (TCG) | {min(q_times):.2f} | {q:.2f} | {max(q_times):.2f} |")
+    print(_row("pyvirt", p_times))
+    print(_row("qemu-system-riscv64 (TCG)", q_times))
     print(f"\npyvirt / QEMU: {p / q:.1f}x")
+    if args.idle:
+        print(f"\nhost CPU while the guest idles at its prompt ({args.idle:g} s, from {args.settle:g} s "
+              "after it), % of one core")
+        print("| VMM | min | median | max |")
+        print("|---|---:|---:|---:|")
+        print(_row("pyvirt", p_idle))
+        print(_row("qemu-system-riscv64 (TCG)", q_idle))
     return 0
 
 

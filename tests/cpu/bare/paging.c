@@ -142,6 +142,14 @@ static void s_main(void) {
     csrc(sstatus, MS_SUM);
     ld64(VA(3) + 8);
     EXPECT_FAULT(C_LOAD_PAGE, VA(3) + 8);
+    /* ...also in a loop hot enough to be translated, whose blocks chain. */
+    for (int i = 0; i < 32; i++) {
+        csrs(sstatus, MS_SUM);
+        CHECK_EQ(ld64(VA(3) + 8), 0x3000000000000001UL);
+        csrc(sstatus, MS_SUM);
+        ld64(VA(3) + 8);
+        EXPECT_FAULT(C_LOAD_PAGE, VA(3) + 8);
+    }
 
     /* MXR: execute-only pages become readable. */
     ld64(VA(4));

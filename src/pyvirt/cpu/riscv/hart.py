@@ -57,6 +57,7 @@ _UNPACK = {n: Struct(f).unpack_from for n, f in ((1, "<B"), (2, "<H"), (4, "<I")
 _PACK = {n: Struct(f).pack_into for n, f in ((1, "<B"), (2, "<H"), (4, "<I"), (8, "<Q"))}
 
 HART_STARTED, HART_STOPPED, HART_START_PENDING = 0, 1, 2
+S_SUM = 2          # the TLB context of S-mode with mstatus.SUM set
 
 
 def _sext(v: int, size: int) -> int:
@@ -72,7 +73,7 @@ class Hart(CsrMixin):
         "mscratch", "mepc", "mcause", "mtval",
         "satp", "mcounteren", "scounteren", "mcountinhibit", "menvcfg", "senvcfg", "pmp",
         "instret", "adj", "idle", "state", "stimecmp",
-        "tlbs", "rtlb", "wtlb", "itlb", "superpages", "s_user_pages",
+        "tlbs", "rtlb", "wtlb", "itlb", "superpages", "ctx",
         "ecall_hook", "yield_on_pause",
         "_state", "sq", "_uq", "_as_parameter_", "_ntlb", "_ntlb_views", "_ram_host", "native_exit_hook",
         "jump_tables",
@@ -90,9 +91,13 @@ class Hart(CsrMixin):
         self.ecall_hook: Callable[[Hart], bool] | None = None
         # Set when other harts may hold what this one spins on.
         self.yield_on_pause = False
+        # TLB contexts: 0 U, 1 S with SUM=0, 2 S with SUM=1 (user pages allowed;
+        # it shares S's fetch dict), 3 M.  The kernel toggles SUM around every
+        # copy to or from user memory: switching context keeps both sets warm.
         self.tlbs = {p: ({}, {}, {}) for p in (0, 1, 3)}
+        self.tlbs[S_SUM] = ({}, {}, self.tlbs[1][2])
+        self.ctx = 0
         self.superpages: set[int] = set()
-        self.s_user_pages: set[int] = set()     # user pages in S-mode's TLB (SUM=1)
         # For the native tier (native.py) the integer registers live in a native
         # buffer and `x` is a 64-bit view of its first 32 words; the Python
         # tiers alone are faster with a list.
@@ -104,7 +109,7 @@ class Hart(CsrMixin):
         self._as_parameter_ = ctypes.addressof(self._state)    # what ctypes passes for `hart`
         # Native TLB tables per privilege: reads then writes, (vpn, addend) pairs,
         # then fetches, (vpn, ppn) pairs.
-        self._ntlb = {p: (ctypes.c_uint64 * (6 * native.TLB_ENTRIES))() for p in (0, 1, 3)}
+        self._ntlb = {p: (ctypes.c_uint64 * (6 * native.TLB_ENTRIES))() for p in (0, 1, S_SUM, 3)}
         self.jump_tables: native.JumpTables | None = None
         self._ntlb_views = {p: memoryview(t).cast("B").cast("Q") for p, t in self._ntlb.items()}
         self._ram_host = ctypes.addressof(ctypes.c_char.from_buffer(bus.ram))
@@ -182,6 +187,8 @@ class Hart(CsrMixin):
         for i in range(native.STATE_WORDS):
             self._state[i] = 0
         self._state[native.W_RAM] = self._ram_host
+        self._state[native.W_TLB_S0] = ctypes.addressof(self._ntlb[1])
+        self._state[native.W_TLB_S1] = ctypes.addressof(self._ntlb[S_SUM])
         for i in range(32):
             self.x[i] = 0
         self.f = [0] * 32
@@ -229,12 +236,14 @@ class Hart(CsrMixin):
     # -- privilege and TLB -------------------------------------------------------
     def set_priv(self, priv: int) -> None:
         self.priv = priv
-        self.rtlb, self.wtlb, self.itlb = self.tlbs[priv]
-        base = ctypes.addressof(self._ntlb[priv])
+        ctx = S_SUM if priv == 1 and self.mstatus & SUM else priv
+        self.ctx = ctx
+        self.rtlb, self.wtlb, self.itlb = self.tlbs[ctx]
+        base = ctypes.addressof(self._ntlb[ctx])
         st = self._state
         st[native.W_TLB_R] = base
         st[native.W_TLB_W] = base + native.TLB_BYTES
-        st[native.W_TLB_X] = base + 2 * native.TLB_BYTES
+        st[native.W_TLB_X] = ctypes.addressof(self._ntlb[priv]) + 2 * native.TLB_BYTES
         if self.jump_tables is not None:
             st[native.W_JMP] = self.jump_tables.address(priv)
 
@@ -242,21 +251,6 @@ class Hart(CsrMixin):
         """Invalidate the native TLB tables of `priv`: reads and writes, and fetches
         unless `fetch` is false (the fetch table mirrors the `itlb` dict)."""
         ctypes.memset(self._ntlb[priv], 0xFF, (3 if fetch else 2) * native.TLB_BYTES)
-
-    def _drop_s_user_pages(self) -> None:
-        r, w, _ = self.tlbs[1]
-        view = self._ntlb_views[1]
-        mask = native.TLB_ENTRIES - 1
-        for vpn in self.s_user_pages:
-            r.pop(vpn, None)
-            w.pop(vpn, None)
-            slot = 2 * (vpn & mask)
-            if view[slot] == vpn:
-                view[slot] = M64
-            slot += 2 * native.TLB_ENTRIES
-            if view[slot] == vpn:
-                view[slot] = M64
-        self.s_user_pages.clear()
 
     def flush_tlb(self, all_modes: bool = False) -> None:
         for priv, dicts in self.tlbs.items():
@@ -273,7 +267,7 @@ class Hart(CsrMixin):
                 self.flush_tlb()
                 return
         slot = 2 * (vpn & (native.TLB_ENTRIES - 1))
-        for priv in (0, 1):
+        for priv in (0, 1, S_SUM):
             for d in self.tlbs[priv]:
                 d.pop(vpn, None)
             view = self._ntlb_views[priv]
@@ -297,15 +291,12 @@ class Hart(CsrMixin):
     def status_changed(self, old: int, new: int) -> None:
         changed = old ^ new
         if changed & MXR:
-            for priv in (0, 1):
+            for priv in (0, 1, S_SUM):
                 for d in self.tlbs[priv][:2]:
                     d.clear()
                 self._native_clear(priv, fetch=False)
-        elif changed & SUM:
-            # SUM only decides whether S-mode may load/store user pages: drop
-            # exactly the user pages S-mode's TLB holds (the kernel toggles SUM
-            # around every copy to or from user memory).
-            self._drop_s_user_pages()
+        if changed & SUM and self.priv == 1:
+            self.set_priv(1)                     # the other S context
         if changed & (MPRV | MPP) or new & MPRV:
             for d in self.tlbs[3][:2]:
                 d.clear()
@@ -320,31 +311,29 @@ class Hart(CsrMixin):
             priv = (self.mstatus & MPP) >> MPP_SHIFT
         mode = self.satp >> 60
         level = 0
-        user = False
         if priv == 3 or mode == 0:
             pa = va
         else:
             st = self.mstatus
-            pa, level, user = mmu.walk(self.bus, mode, self.satp & ((1 << 44) - 1), va, access, priv,
+            pa, level = mmu.walk(self.bus, mode, self.satp & ((1 << 44) - 1), va, access, priv,
                                  bool(st & SUM), bool(st & MXR))
         if not mprv and self.ram_base <= pa < self.ram_end:
             vpn = va >> 12
-            if user and priv == 1:
-                self.s_user_pages.add(vpn)
             page_off = (pa & ~0xFFF) - self.ram_base - (vpn << 12)
-            r, w, ix = self.tlbs[self.priv]
+            r, w, ix = self.rtlb, self.wtlb, self.itlb
             if len(r) > TLB_LIMIT or len(w) > TLB_LIMIT or len(ix) > TLB_LIMIT:
                 self.flush_tlb(all_modes=True)
             if level:
                 self.superpages.add(vpn >> (9 * level))
-            view = self._ntlb_views[self.priv]
             slot = 2 * (vpn & (native.TLB_ENTRIES - 1))
             addend = (self._ram_host + page_off) & M64
             if access == mmu.FETCH:
                 ix[vpn] = pa >> 12
+                view = self._ntlb_views[self.priv]
                 view[4 * native.TLB_ENTRIES + slot] = vpn
                 view[4 * native.TLB_ENTRIES + slot + 1] = pa >> 12
             else:
+                view = self._ntlb_views[self.ctx]
                 r[vpn] = page_off
                 view[slot] = vpn
                 view[slot + 1] = addend
@@ -605,7 +594,7 @@ class Hart(CsrMixin):
     def native_refill(self, va: int) -> None:
         """Copy the Python TLB's mappings of `va`'s page into the native tables."""
         vpn = va >> 12
-        view = self._ntlb_views[self.priv]
+        view = self._ntlb_views[self.ctx]
         slot = 2 * (vpn & (native.TLB_ENTRIES - 1))
         o = self.rtlb.get(vpn)
         if o is not None:

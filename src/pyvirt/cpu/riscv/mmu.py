@@ -32,8 +32,8 @@ PRIV_U, PRIV_S, PRIV_M = 0, 1, 3
 
 
 def walk(bus: Bus, mode: int, root_ppn: int, va: int, access: int, priv: int,
-         sum_: bool, mxr: bool) -> tuple[int, int, bool]:
-    """Translate `va`; returns (physical address, superpage level or 0, user page).
+         sum_: bool, mxr: bool) -> tuple[int, int]:
+    """Translate `va`; returns (physical address, superpage level or 0).
 
     Raises a page fault or access fault `Trap` with tval = va.
     """
@@ -84,4 +84,4 @@ def walk(bus: Bus, mode: int, root_ppn: int, va: int, access: int, priv: int,
         except BusError:
             raise Trap(ACCESS_FAULT[access], va) from None
     offset_mask = (1 << (12 + 9 * level)) - 1
-    return ((ppn << 12) & ~offset_mask) | (va & offset_mask), level, bool(pte & PTE_U)
+    return ((ppn << 12) & ~offset_mask) | (va & offset_mask), level

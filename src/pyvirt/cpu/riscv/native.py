@@ -71,7 +71,10 @@ W_MIE = 39         # Hart.mie
 W_RESV = 40        # LR reservation: offset in RAM, or -1 (Hart.resv)
 W_RAM = 41         # host address of guest RAM
 W_SSCRATCH, W_SEPC, W_SCAUSE, W_STVAL = 42, 43, 44, 45   # Hart.sscratch ... stval
-STATE_WORDS = 48
+W_TLB_S0 = 46      # S-mode's read/write tables with SUM=0 ...
+W_TLB_S1 = 47      # ... and with SUM=1 (hart.S_SUM)
+W_RESYNC = 48      # set by native code that switched them: the hart re-reads its context
+STATE_WORDS = 56
 TLB_ENTRIES = 1024
 TLB_BYTES = TLB_ENTRIES * 16
 LOOP_BUDGET = 20_000
@@ -238,7 +241,7 @@ class Translator:
             return None
         block = insns[:cut]
         a = Asm()
-        gen = _BlockGen(a, block, insns[cut][1] if cut < len(insns) else None)
+        gen = _BlockGen(a, block, insns[cut][1] if cut < len(insns) else None, priv)
         gen.emit()
         code = a.finish()
         addr = self.code.put(code, a.far)
@@ -248,8 +251,9 @@ class Translator:
 
 
 class _BlockGen:
-    def __init__(self, a: Asm, insns: list[tuple[Insn, int]], stop_pc: int | None) -> None:
+    def __init__(self, a: Asm, insns: list[tuple[Insn, int]], stop_pc: int | None, priv: int = 0) -> None:
         self.a = a
+        self.priv = priv
         self.insns = insns
         self.total = len(insns)
         self.entry = insns[0][1]
@@ -497,10 +501,13 @@ class _BlockGen:
         return False
 
     def _sstatus(self, i: int, pc: int, ins: Insn) -> None:
-        """csrr*/csrr*i on sstatus, as csr.py does it.  Writes that change more
-        than SIE (SUM and MXR change the TLB's rules), and setting SIE while an
-        interrupt is pending and enabled, leave for the interpreter before the
-        instruction, which then does it all (and takes the interrupt)."""
+        """csrr*/csrr*i on sstatus, as csr.py does it.  In S-mode a write that
+        changes SUM switches the read/write TLB tables to the other S context
+        (hart.S_SUM) and asks the hart to follow ([W_RESYNC]).  Writes that
+        change anything else but SIE (MXR changes the TLB's rules, FS, SPP...),
+        and setting SIE while an interrupt is pending and enabled, leave for the
+        interpreter before the instruction, which then does it all (and takes
+        the interrupt)."""
         a = self.a
         op, immediate = _CSR_OPS[ins.name]
         a.load(RAX, RDI, 8 * W_MSTATUS)                    # old, as stored
@@ -537,10 +544,11 @@ class _BlockGen:
         a.mov(RCX, RAX)
         a.alu_imm(ALU_AND, RCX, ~_SSTATUS_WRITABLE)
         a.alu(ALU_OR, R9, RCX)                             # r9 = new mstatus
+        switch = self.priv == 1
         a.mov(RCX, R9)
         a.alu(ALU_XOR, RCX, RAX)
-        a.alu_imm(ALU_AND, RCX, ~SIE)
-        a.jcc(CC_NE, miss)                                 # more than SIE changes
+        a.alu_imm(ALU_AND, RCX, ~(SIE | SUM) if switch else ~SIE)
+        a.jcc(CC_NE, miss)                                 # more than SIE (and SUM) changes
         quiet = a.label()
         a.mov(RCX, RAX)
         a.alu_imm(ALU_XOR, RCX, -1)
@@ -551,6 +559,26 @@ class _BlockGen:
         a.alu_mem(ALU_AND, RCX, RDI, 8 * W_MIE)
         a.jcc(CC_NE, miss)                                 # an interrupt may be due
         a.bind(quiet)
+        if switch:
+            same = a.label()
+            a.mov(RCX, R9)
+            a.alu(ALU_XOR, RCX, RAX)
+            a.mov_imm(R8, SUM)
+            a.alu(ALU_AND, RCX, R8)
+            a.jcc(CC_E, same)                              # SUM unchanged
+            on, set_ = a.label(), a.label()
+            a.alu(ALU_AND, R8, R9)
+            a.jcc(CC_NE, on)
+            a.load(RCX, RDI, 8 * W_TLB_S0)
+            a.jmp(set_)
+            a.bind(on)
+            a.load(RCX, RDI, 8 * W_TLB_S1)
+            a.bind(set_)
+            a.store(RDI, 8 * W_TLB_R, RCX)
+            a.alu_imm(ALU_ADD, RCX, TLB_BYTES)
+            a.store(RDI, 8 * W_TLB_W, RCX)
+            a.store_imm32(RDI, 8 * W_RESYNC, 1)
+            a.bind(same)
         a.store(RDI, 8 * W_MSTATUS, R9)
         self._set(ins.rd, RDX)
 
@@ -687,6 +715,9 @@ def native_entry(fn: Callable[..., int], n: int) -> Callable[[Any], int]:
     def run(h: Any) -> int:
         pc = fn(h)
         x = h.sq
+        if x[W_RESYNC]:
+            x[W_RESYNC] = 0
+            h.set_priv(h.priv)                 # native code switched S's TLB context
         d = x[W_RET] - n
         x[W_RET] = 0
         if d:

@@ -1,7 +1,10 @@
 #!/bin/sh
 # Installs the Debian/Ubuntu packages pyvirt needs (only those missing).
+# --pypy: also PyPy (Debian's pypy3) with what building pyvirt's dependencies needs.
 set -eu
-PKGS="python3 python3-venv python3-dev build-essential swig pkg-config \
+EXTRA=""
+[ "${1:-}" = "--pypy" ] && EXTRA="pypy3 pypy3-venv pypy3-dev"
+PKGS="$EXTRA python3 python3-venv python3-dev build-essential swig pkg-config \
  qemu-system-misc qemu-user gcc-riscv64-linux-gnu binutils-riscv64-linux-gnu \
  linux-source-6.1 bc flex bison libssl-dev libelf-dev cpio xz-utils zstd \
  e2fsprogs gpgv gpg debian-archive-keyring passt mmdebstrap device-tree-compiler"

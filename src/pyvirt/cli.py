@@ -95,7 +95,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         vm = Vm(spec, console)
         console.on_quit = vm.request_quit
         code = vm.run(timeout=args.timeout, restore_gc=False)    # the process ends with the VM
-    gc.freeze()    # spare the interpreter's exit a scan of every translated block
+    if hasattr(gc, "freeze"):
+        gc.freeze()    # spare the interpreter's exit a scan of every translated block
     if args.stats:
         s = vm.stats
         sys.stderr.write(f"pyvirt: {s.instructions:,} instructions in {s.wall:.2f} s "

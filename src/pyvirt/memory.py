@@ -145,7 +145,7 @@ class Bus:
     def write_bytes(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         length = len(data)
         off = self._ram_offset(addr, length)
-        self.ram[off:off + length] = data
+        memoryview(self.ram)[off:off + length] = data     # (PyPy's mmap takes only bytes)
         if self.watched and length:
             self._notify(addr, length)
 

@@ -26,7 +26,7 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Union
 
 from pyvirt.errors import ImageError
 
@@ -36,7 +36,7 @@ SECTOR = 512
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
-Buffer = bytes | bytearray | memoryview
+Buffer = Union[bytes, bytearray, memoryview]   # evaluated at run time: 3.9 lacks X | Y
 
 
 class BlockBackend(Protocol):

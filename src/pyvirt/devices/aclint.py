@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from pyvirt.compat import zip_strict
 from pyvirt.devices.base import IrqLine
 
 M64 = (1 << 64) - 1
@@ -60,7 +61,7 @@ class Aclint:
     def poll(self) -> None:
         """Bring the MTIP lines up to date with the clock."""
         now = self.clock.ticks()
-        for line, cmp in zip(self.mtip_lines, self.mtimecmp, strict=True):
+        for line, cmp in zip_strict(self.mtip_lines, self.mtimecmp):
             line.set(now >= cmp)
 
     def next_deadline(self) -> int | None:
@@ -120,6 +121,6 @@ class Aclint:
             raise ValueError("CLINT state is for a different number of harts")
         self.msip = list(state["msip"])
         self.mtimecmp = list(state["mtimecmp"])
-        for line, v in zip(self.msip_lines, self.msip, strict=True):
+        for line, v in zip_strict(self.msip_lines, self.msip):
             line.set(bool(v))
         self.poll()

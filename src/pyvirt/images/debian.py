@@ -315,7 +315,7 @@ def _date(value: str | None) -> dt.datetime | None:
         d = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         raise BuildError(f"InRelease has a malformed date {value!r}") from None
-    return d if d.tzinfo else d.replace(tzinfo=dt.UTC)
+    return d if d.tzinfo else d.replace(tzinfo=dt.timezone.utc)
 
 
 def parse_release(text: str, suite: str, now: dt.datetime | None = None) -> Release:
@@ -326,7 +326,7 @@ def parse_release(text: str, suite: str, now: dt.datetime | None = None) -> Rele
     f = paras[0]
     if suite not in (f.get("Suite"), f.get("Codename")):
         raise BuildError(f"InRelease is for {f.get('Codename') or f.get('Suite')}, not {suite}")
-    now = now or dt.datetime.now(dt.UTC)
+    now = now or dt.datetime.now(dt.timezone.utc)
     date, valid_until = _date(f.get("Date")), _date(f.get("Valid-Until"))
     if valid_until is not None and valid_until < now:
         raise BuildError(f"InRelease for {suite} expired on {valid_until:%Y-%m-%d} (a stale mirror?)")

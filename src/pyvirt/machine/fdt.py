@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Union
 
 import libfdt
 
@@ -19,7 +20,7 @@ class U64:
     value: int
 
 
-Value = int | list[int] | U64 | str | list[str] | bytes | None
+Value = Union[int, list[int], U64, str, list[str], bytes, None]   # evaluated at run time: 3.9 lacks X | Y
 
 
 @dataclass

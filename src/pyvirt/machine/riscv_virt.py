@@ -21,6 +21,7 @@ from typing import Any
 from pyvirt.backends.block import RawFileBackend
 from pyvirt.backends.char import CharBackend
 from pyvirt.clock import Clock
+from pyvirt.compat import zip_strict
 from pyvirt.cpu.riscv.csr import MEIP, MSIP, MTIP, S_INTERRUPTS, SEIP, STIP
 from pyvirt.cpu.riscv.engine import Engine
 from pyvirt.cpu.riscv.hart import HART_STARTED, HART_STOPPED, Hart
@@ -164,7 +165,7 @@ class VirtBoard:
         cpus = root.add(Node("cpus", {"#address-cells": 1, "#size-cells": 0,
                                       "timebase-frequency": self.clock.hz}))
         cluster = Node("cluster0")
-        for h, ph in zip(harts, intc, strict=True):
+        for h, ph in zip_strict(harts, intc):
             cpu = cpus.add(Node(f"cpu@{h.hartid}", {
                 "device_type": "cpu", "reg": h.hartid, "status": "okay", "compatible": "riscv",
                 "riscv,isa": ISA, "mmu-type": f"riscv,{self.spec.mmu}",

@@ -19,6 +19,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pyvirt.compat import zip_strict
 from pyvirt.devices.virtio.device import (
     STATUS_ACKNOWLEDGE,
     STATUS_DRIVER,
@@ -119,7 +120,7 @@ class MockQueue:
             self.chains[head] = [head]
         else:
             idxs = self._take(len(bufs))
-            for i, (b, idx) in enumerate(zip(bufs, idxs, strict=True)):
+            for i, (b, idx) in enumerate(zip_strict(bufs, idxs)):
                 last = i + 1 == len(bufs)
                 flags = (F_WRITE if b.writable else 0) | (0 if last else F_NEXT)
                 self.write_desc(idx, b.addr, b.length, flags, 0 if last else idxs[i + 1])

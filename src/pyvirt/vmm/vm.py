@@ -65,9 +65,11 @@ class Vm:
                 pass
         start = time.monotonic()
         deadline = start + timeout if timeout else None
-        saved_gc = gc.get_threshold()
-        gc.freeze()                         # what exists now lives as long as the VM
-        gc.set_threshold(*GC_THRESHOLDS)
+        tune_gc = hasattr(gc, "freeze")    # CPython's collector (PyPy's is generational anyway)
+        if tune_gc:
+            saved_gc = gc.get_threshold()
+            gc.freeze()                     # what exists now lives as long as the VM
+            gc.set_threshold(*GC_THRESHOLDS)
         try:
             while True:
                 board = self.board
@@ -80,7 +82,7 @@ class Vm:
                 return code
         finally:
             self.stats.wall = time.monotonic() - start
-            if restore_gc:
+            if restore_gc and tune_gc:
                 gc.set_threshold(*saved_gc)
                 gc.unfreeze()
             sel.close()

@@ -166,7 +166,7 @@ class CodeBuffer:
             self._chunks.append(m)
             self._base = ctypes.addressof(ctypes.c_char.from_buffer(m))
             stub = _chain_stub()
-            m[:len(stub)] = stub
+            memoryview(m)[:len(stub)] = stub
             self._stub = self._base
             self._free = (len(stub) + 15) & ~15
         m = self._chunks[-1]
@@ -176,7 +176,7 @@ class CodeBuffer:
             code = bytearray(code)
             for off in far:
                 struct.pack_into("<i", code, off, self._stub - (addr + off + 4))
-        m[at:at + len(code)] = code
+        memoryview(m)[at:at + len(code)] = code
         self._free = (at + len(code) + 15) & ~15
         return addr
 

@@ -39,6 +39,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from pyvirt.compat import zip_strict
 from pyvirt.devices.virtio.queue import QueueError, SplitQueue
 from pyvirt.memory import Bus
 
@@ -265,6 +266,6 @@ class VirtioDevice:
         self.driver_features = state["driver_features"]
         self.config_generation = state["config_generation"]
         self.needs_reset_reason = state["needs_reset_reason"]
-        for q, s in zip(self.queues, state["queues"], strict=True):
+        for q, s in zip_strict(self.queues, state["queues"]):
             q.load(s)
         self.load_device(state["device"])

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from struct import Struct
 from typing import Any
 
+from pyvirt.compat import DATACLASS_SLOTS
 from pyvirt.errors import GuestMemoryError
 from pyvirt.memory import Bus
 
@@ -62,7 +63,7 @@ def vring_need_event(event: int, new: int, old: int) -> bool:
     return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
 
 
-@dataclass(slots=True)
+@dataclass(**DATACLASS_SLOTS)
 class Chain:
     """One request popped from the available ring: its head and its buffers."""
 

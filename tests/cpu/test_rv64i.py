@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from cpu_gen import IMMEDIATES, VALUES, binops, pair_loop, result_words, results_start, single_loop, table
 
+from pyvirt.compat import zip_strict
 from pyvirt.testing import asm
 
 N = len(VALUES)
@@ -80,10 +81,10 @@ def test_lui_auipc(check_user) -> None:
     body = ".option norvc\n"
     regs = ["t0", "t1", "t2", "a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7", "s2"]
     imms = [0, 1, 0x7FFFF, 0x80000, 0xFFFFF, 0x12345, 0x80001, 0xFFFFE, 0x40000, 0xC0000, 2, 0xABCDE]
-    for r, imm in zip(regs, imms, strict=True):
+    for r, imm in zip_strict(regs, imms):
         body += f"    lui {r}, {imm:#x}\n"
     body += "    jal ra, __dump\n"
-    for r, imm in zip(regs, imms, strict=True):
+    for r, imm in zip_strict(regs, imms):
         body += f"    auipc {r}, {imm:#x}\n"
     body += """
     auipc s3, 0

@@ -100,7 +100,7 @@ def test_parse_packages_keeps_highest_version_and_drops_bad_stanzas() -> None:
 _RELEASE = ("Suite: stable\nCodename: trixie\nDate: Sat, 21 Nov 2026 09:15:44 UTC\nArchitectures: riscv64\n"
             "Components: main\nAcquire-By-Hash: yes\nSHA256:\n"
             f" {'b' * 64}  9387120 main/binary-riscv64/Packages.xz\n {'c' * 64} 12 main/i18n/Index\n")
-_NOW = dt.datetime(2026, 11, 28, tzinfo=dt.UTC)
+_NOW = dt.datetime(2026, 11, 28, tzinfo=dt.timezone.utc)
 
 
 def test_parse_release() -> None:

@@ -64,6 +64,37 @@ class BlockBackend(Protocol):
     def load(self, state: dict[str, Any]) -> None: ...
 
 
+def _preadv(fd: int, bufs: Sequence[memoryview], offset: int) -> int:
+    """os.preadv, or one pread at a time where the interpreter lacks it (PyPy 3.9)."""
+    if _HAVE_VECTORED:
+        return os.preadv(fd, bufs, offset)
+    done = 0
+    for b in bufs:
+        data = os.pread(fd, len(b), offset + done)
+        memoryview(b).cast("B")[:len(data)] = data
+        done += len(data)
+        if len(data) < len(b):
+            break
+    return done
+
+
+def _pwritev(fd: int, bufs: Sequence[Buffer], offset: int) -> int:
+    """os.pwritev, or one pwrite at a time where the interpreter lacks it."""
+    if _HAVE_VECTORED:
+        return os.pwritev(fd, bufs, offset)
+    done = 0
+    for b in bufs:
+        mv = memoryview(b).cast("B")
+        n = os.pwrite(fd, mv, offset + done)
+        done += n
+        if n < len(mv):
+            break
+    return done
+
+
+_HAVE_VECTORED = hasattr(os, "preadv") and hasattr(os, "pwritev")
+
+
 def advance(bufs: Sequence[Buffer], n: int) -> list[memoryview]:
     """The buffers with their first `n` bytes dropped (no data copied)."""
     out: list[memoryview] = []
@@ -143,7 +174,7 @@ class RawFileBackend:
         self._check(offset, total)
         done = 0
         while done < total:
-            n = os.preadv(self.fd, advance(bufs, done) if done else bufs, offset + done)
+            n = _preadv(self.fd, advance(bufs, done) if done else bufs, offset + done)
             if n == 0:                       # the file shrank under us: zeros, like a hole
                 _fill_zero(bufs, done)
                 break
@@ -161,7 +192,7 @@ class RawFileBackend:
         self._check(offset, total)
         done = 0
         while done < total:
-            n = os.pwritev(self.fd, advance(bufs, done) if done else bufs, offset + done)
+            n = _pwritev(self.fd, advance(bufs, done) if done else bufs, offset + done)
             if n <= 0:
                 raise OSError(errno.EIO, "short write to disk image")
             done += n

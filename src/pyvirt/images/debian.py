@@ -611,6 +611,26 @@ def _norm(path: str) -> str:
     return "" if p == "." else p
 
 
+def _check_member(m: tarfile.TarInfo, dest: Path) -> None:
+    """What tarfile's "data" filter refuses: paths and links leaving `dest`,
+    absolute paths, device nodes and FIFOs."""
+    root = os.path.realpath(dest)
+
+    def inside(path: str) -> bool:
+        full = os.path.realpath(os.path.join(root, path))
+        return full == root or full.startswith(root + os.sep)
+
+    if os.path.isabs(m.name) or not inside(m.name):
+        raise tarfile.TarError(f"{m.name!r} would be extracted outside the destination")
+    if m.ischr() or m.isblk() or m.isfifo():
+        raise tarfile.TarError(f"{m.name!r} is a special file")
+    if m.issym() and (os.path.isabs(m.linkname) or
+                      not inside(os.path.join(os.path.dirname(m.name), m.linkname))):
+        raise tarfile.TarError(f"{m.name!r} links outside the destination")
+    if m.islnk() and (os.path.isabs(m.linkname) or not inside(m.linkname)):
+        raise tarfile.TarError(f"{m.name!r} links outside the destination")
+
+
 class DebFile:
     """A Debian binary package read in Python: control fields and data files."""
 
@@ -673,6 +693,12 @@ class DebFile:
     def extract(self, dest: Path) -> None:
         """Unpack the data files under `dest` (no path escapes, no device nodes: tarfile's data filter)."""
         try:
-            self.data().extractall(dest, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                self.data().extractall(dest, filter="data")
+            else:                       # interpreters without extraction filters (PyPy 3.9)
+                tf = self.data()
+                for m in tf.getmembers():
+                    _check_member(m, dest)
+                tf.extractall(dest)
         except (tarfile.TarError, OSError) as e:
             raise BuildError(f"cannot unpack {self.path.name}: {e}") from None

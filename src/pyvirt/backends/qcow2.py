@@ -45,9 +45,10 @@ memory and written back by `flush()` (the guest's FLUSH), in an order such
 that every state the file can be in after a crash is consistent:
 
   1. guest data goes to its clusters at once, before any metadata names them;
-  2. refcount blocks and the refcount table are written, then fdatasync (data
-     and refcounts are durable before anything points at the new clusters);
-     a moved refcount table is then named in the header, and fdatasync;
+  2. refcount blocks are written, then (fdatasync and) the refcount table
+     entries naming new ones, then fdatasync: data and refcounts are durable
+     before anything points at the new clusters; a moved refcount table is then
+     named in the header, and fdatasync;
   3. L2 tables are written (fdatasync before the L1 entries of new tables),
      then L1 entries, then fdatasync;
   4. only then are refcounts of clusters no longer used (copied-over compressed
@@ -1000,12 +1001,14 @@ class Qcow2Backend:
         if self.read_only or self.fd < 0 or not self._dirty():
             return
         fd, cs = self.fd, self.cluster_size
-        # 1-2: refcounts, durable together with all data written so far.
+        # 1-2: refcounts, durable together with all data written so far; new refcount
+        # blocks before the refcount table entries that name them.
         self._write_refblocks()
         if self._rt_dirty:
+            os.fdatasync(fd)
             self._pwrite_all(self._rt_offset, [self._rt])
+            self._rt_dirty = False
         os.fdatasync(fd)
-        self._rt_dirty = False
         if self._rt_moved:
             self._pwrite_all(48, [struct.pack(">QI", self._rt_offset, len(self._rt) // cs)])
             os.fdatasync(fd)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pyvirt.backends.block import Buffer, RawFileBackend, advance
-from pyvirt.backends.qcow2 import MAGIC, Qcow2Backend, probe_format
+from pyvirt.backends.qcow2 import Qcow2Backend
+from pyvirt.backends.qcow2_format import MAGIC, probe_format
 from pyvirt.errors import ConfigError
 
 FORMATS = ("auto", "raw", "qcow2")

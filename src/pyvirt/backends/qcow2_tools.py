@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from pyvirt.backends.block import SECTOR
-from pyvirt.backends.qcow2 import (
+from pyvirt.backends.qcow2 import Qcow2Backend, open_backing, resolve_backing
+from pyvirt.backends.qcow2_format import (
     COMPRESSED,
     COPIED,
     EXT_BACKING_FORMAT,
@@ -37,9 +38,7 @@ from pyvirt.backends.qcow2 import (
     RT_RESERVED,
     V3_HEADER_LENGTH,
     ZERO,
-    Qcow2Backend,
     max_virtual_size,
-    open_backing,
     probe_format,
 )
 from pyvirt.compat import DATACLASS_SLOTS
@@ -336,7 +335,6 @@ def describe_image(path: str | Path) -> dict[str, Any]:
         info.update(version=h.version, virtual_size=h.size, disk_size=st.st_blocks * 512,
                     cluster_size=b.cluster_size, refcount_bits=1 << h.refcount_order)
         if h.backing_file:
-            from pyvirt.backends.qcow2 import resolve_backing
             try:
                 present = resolve_backing(path, h.backing_file).exists()
             except ImageError:

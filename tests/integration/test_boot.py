@@ -120,3 +120,33 @@ def test_read_only_disk_refuses_writes(default_image, tmp_path: Path) -> None:
     assert "dd=1" in r.out
     assert "keep me" in r.out
     assert img.read_bytes() == before
+
+
+def test_qcow2_overlay_disk(default_image, tmp_path: Path) -> None:
+    """An ext4 file system in a qcow2 image (made by qemu-img), under a qcow2 overlay made by
+    pyvirt: the guest reads the base's file and writes a new one into the overlay; QEMU then
+    finds the overlay clean and reads the guest's file out of it, and the base is untouched."""
+    from pyvirt.testing import qemu_img as q
+
+    if q.QEMU_IMG is None:
+        pytest.skip("needs qemu-img (Debian: qemu-utils)")
+    raw = tmp_path / "fs.raw"
+    _mkfs(raw, {"hello.txt": b"from the base image\n"})
+    base = tmp_path / "base.qcow2"
+    q.qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", raw, base)       # compressed clusters too
+    top = tmp_path / "top.qcow2"
+    assert pyvirt("disk", "create", str(top), "--backing", str(base)).code == 0
+    frozen = base.read_bytes()
+    r = pyvirt("run", "--disk", str(top), "--command",
+               "mount /dev/vda /mnt && cat /mnt/hello.txt && echo written-in-guest > /mnt/new.txt "
+               "&& sync && umount /mnt")
+    assert r.code == 0, r.out + r.err
+    assert "from the base image" in r.out
+    assert base.read_bytes() == frozen
+    chk = q.check(top)
+    assert chk["returncode"] == 0, chk
+    out = tmp_path / "out.raw"
+    q.qemu_img("convert", "-O", "raw", top, out)
+    assert _debugfs_cat(out, "new.txt") == b"written-in-guest\n"
+    fsck = subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True)
+    assert fsck.returncode == 0, fsck.stdout

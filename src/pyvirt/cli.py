@@ -114,7 +114,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with open_console(interactive=args.command is None) as console:
         vm = Vm(spec, console)
         console.on_quit = vm.request_quit
-        code = vm.run(timeout=args.timeout, restore_gc=False)    # the process ends with the VM
+        try:
+            code = vm.run(timeout=args.timeout, restore_gc=False)    # the process ends with the VM
+        finally:
+            vm.close()
     if hasattr(gc, "freeze"):
         gc.freeze()    # spare the interpreter's exit a scan of every translated block
     if args.stats:

@@ -150,3 +150,19 @@ def test_qcow2_overlay_disk(default_image, tmp_path: Path) -> None:
     assert _debugfs_cat(out, "new.txt") == b"written-in-guest\n"
     fsck = subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True)
     assert fsck.returncode == 0, fsck.stdout
+
+
+def test_qcow2_write_without_flush_is_kept_at_exit(default_image, tmp_path: Path) -> None:
+    """O_DIRECT write, no FLUSH from the guest: the qcow2 metadata naming the new cluster
+    waits in memory, and the VM's exit writes it back (it did not, once)."""
+    from pyvirt.testing import qemu_img as q
+
+    if q.QEMU_IMG is None:
+        pytest.skip("needs qemu-img (Debian: qemu-utils)")
+    img = tmp_path / "d.qcow2"
+    assert pyvirt("disk", "create", str(img), "--size", "16M").code == 0
+    r = pyvirt("run", "--disk", str(img), "--command",
+               "echo kept-at-exit | dd of=/dev/vda bs=512 seek=100 conv=sync oflag=direct 2>/dev/null")
+    assert r.code == 0, r.out + r.err
+    assert q.check(img)["returncode"] == 0
+    assert q.to_raw(img)[100 * 512:100 * 512 + 13] == b"kept-at-exit\n"

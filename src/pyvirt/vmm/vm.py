@@ -50,6 +50,11 @@ class Vm:
     def request_quit(self) -> None:
         self.quit_requested = True
 
+    def close(self) -> None:
+        """Release the board's backends: disk images are written back (a qcow2 image's
+        metadata waits in memory for the guest's FLUSH or this) and unlocked."""
+        self.board.close()
+
     def run(self, max_instructions: int | None = None, timeout: float | None = None,
             restore_gc: bool = True) -> int | None:
         """Run until power-off (returns the exit status), quit, or a limit (returns None).

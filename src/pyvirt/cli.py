@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
                      help="attach a raw disk image as virtio-blk (repeatable)")
     run.add_argument("--no-rng", action="store_true", help="no virtio-rng device")
+    run.add_argument("--vport", action="append", default=[], metavar="NAME=SOCKET",
+                     help="a virtio-console port served on a Unix socket (repeatable); the name "
+                          "hvc0 is the console port, others appear in the guest as named ports")
     run.add_argument("--engine", choices=("interp", "jit", "native"), default=None,
                      help="CPU engine: interp (reference interpreter), jit (Python blocks) or native "
                           "(x86-64 code; the default where the host allows; PYVIRT_ENGINE sets the default)")
@@ -62,9 +65,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from pyvirt.engines import default_engine
-    from pyvirt.spec import DiskSpec, make_spec, parse_size
+    from pyvirt.spec import DiskSpec, PortSpec, make_spec, parse_size
 
     disks = [DiskSpec.parse(d) for d in args.disk]
+    ports = [PortSpec.parse(p) for p in args.vport]
     kernel, initrd, append = args.kernel, args.initrd, args.append
     if args.bios is None and kernel is None:
         from pyvirt.images import default_image
@@ -86,7 +90,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         parts = [a for a in (append or "").split() if not a.startswith("earlycon")]
         append = " ".join(parts + ["quiet", "loglevel=0", f"pyvirt.cmd={encoded}"])
     spec = make_spec(cpus=args.cpus, memory=parse_size(args.memory), kernel=kernel, initrd=initrd,
-                     append=append, bios=args.bios, disks=disks, rng=not args.no_rng,
+                     append=append, bios=args.bios, disks=disks, rng=not args.no_rng, ports=ports,
                      engine=args.engine or default_engine(), mmu=args.mmu)
     from pyvirt.vmm.console import open_console
     from pyvirt.vmm.vm import Vm
@@ -94,7 +98,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with open_console(interactive=args.command is None) as console:
         vm = Vm(spec, console)
         console.on_quit = vm.request_quit
-        code = vm.run(timeout=args.timeout, restore_gc=False)    # the process ends with the VM
+        try:
+            code = vm.run(timeout=args.timeout, restore_gc=False)    # the process ends with the VM
+        finally:
+            vm.close()
     if hasattr(gc, "freeze"):
         gc.freeze()    # spare the interpreter's exit a scan of every translated block
     if args.stats:

@@ -10,6 +10,7 @@ idle guest costs no host CPU.
 from __future__ import annotations
 
 import gc
+import select
 import selectors
 import time
 from dataclasses import dataclass
@@ -46,6 +47,10 @@ class Vm:
         self.quit_requested = False
         self.stats = RunStats()
         self.board = VirtBoard(spec, console)
+
+    def close(self) -> None:
+        """Release the board's host resources (disk files and locks, sockets)."""
+        self.board.close()
 
     def request_quit(self) -> None:
         self.quit_requested = True
@@ -122,7 +127,11 @@ class Vm:
                 for key in list(sel.get_map().values()):     # input ended: stop watching it
                     sel.unregister(key.fileobj)
             if wait > 0:
-                if sel.get_map():
+                extra = board.wait_fds()
+                if extra:
+                    fds = [k.fd for k in sel.get_map().values()] + extra
+                    select.select(fds, [], [], wait)
+                elif sel.get_map():
                     sel.select(wait)
                 else:
                     time.sleep(wait)

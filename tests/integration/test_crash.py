@@ -32,7 +32,7 @@ VERIFY = ("mount /dev/vda /mnt && cd /mnt && md5sum -c sums | grep -c ': OK'; md
           "cd /; umount /mnt")
 
 
-def _kill_after(img: Path, rounds: int, timeout: float = 120) -> int:
+def _kill_after(img: Path, rounds: int, timeout: float = 600) -> int:
     """Boot with the workload; SIGKILL the VMM once `rounds` files are announced."""
     p = subprocess.Popen([sys.executable, "-m", "pyvirt", "run", "--disk", str(img), "--command", WORKLOAD],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,

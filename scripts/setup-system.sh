@@ -5,7 +5,7 @@ set -eu
 EXTRA=""
 [ "${1:-}" = "--pypy" ] && EXTRA="pypy3 pypy3-venv pypy3-dev"
 PKGS="$EXTRA python3 python3-venv python3-dev build-essential swig pkg-config \
- qemu-system-misc qemu-user gcc-riscv64-linux-gnu binutils-riscv64-linux-gnu \
+ qemu-system-misc qemu-utils qemu-user gcc-riscv64-linux-gnu binutils-riscv64-linux-gnu \
  linux-source-6.1 bc flex bison libssl-dev libelf-dev cpio xz-utils zstd \
  e2fsprogs gpgv gpg debian-archive-keyring passt mmdebstrap device-tree-compiler"
 missing=""

@@ -1,8 +1,12 @@
 """The `pyvirt` command line.
 
     pyvirt run [--kernel IMAGE --initrd FILE --append ARGS | --bios ELF] [--cpus N]
-               [--memory SIZE] [--disk PATH[,ro]]... [--command CMD] [--engine interp|jit|native]
+               [--memory SIZE] [--disk PATH[,ro][,format=raw|qcow2]]... [--command CMD]
+               [--engine interp|jit|native]
     pyvirt image build
+    pyvirt disk create NAME [--size SIZE] [--backing BASE [--backing-format raw|qcow2]]
+                            [--cluster-size SIZE]
+    pyvirt disk info NAME
 
 Every user error ends in one line on stderr and a non-zero exit status.
 """
@@ -42,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus", type=int, default=1, help="number of harts, 1..8 (default 1)")
     run.add_argument("--memory", "-m", default="256M", help="RAM size (default 256M)")
     run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
-                     help="attach a raw disk image as virtio-blk (repeatable)")
+                     help="attach a disk image (raw or qcow2, probed; ,format=raw|qcow2 to say which) "
+                          "as virtio-blk (repeatable)")
     run.add_argument("--no-rng", action="store_true", help="no virtio-rng device")
     run.add_argument("--vport", action="append", default=[], metavar="NAME=SOCKET",
                      help="a virtio-console port served on a Unix socket (repeatable); the name "
@@ -60,6 +65,20 @@ def _parser() -> argparse.ArgumentParser:
     isub = image.add_subparsers(dest="image_cmd", metavar="ACTION", parser_class=_Parser)
     isub.add_parser("build", help="build (or find in the cache) the default guest kernel and initramfs")
     isub.add_parser("path", help="print where the default guest image is cached")
+
+    disk = sub.add_parser("disk", help="disk images (qcow2)")
+    dsub = disk.add_subparsers(dest="disk_cmd", metavar="ACTION", parser_class=_Parser)
+    create = dsub.add_parser("create", help="create a qcow2 image, optionally over a backing file")
+    create.add_argument("name", metavar="NAME", help="the new image file")
+    create.add_argument("--size", help="virtual size, e.g. 8G (a bare number is MiB; "
+                                       "default: the backing file's size)")
+    create.add_argument("--backing", metavar="BASE", help="backing file (raw or qcow2), read-only "
+                                                          "below the new image")
+    create.add_argument("--backing-format", choices=("raw", "qcow2"),
+                        help="the backing file's format (default: probed)")
+    create.add_argument("--cluster-size", default="64K", help="cluster size, 512 to 2M (default 64K)")
+    info = dsub.add_parser("info", help="describe a disk image and check its refcounts")
+    info.add_argument("name", metavar="NAME", help="the image file")
     return p
 
 
@@ -128,6 +147,22 @@ def _cmd_image(args: argparse.Namespace) -> int:
     raise ConfigError("pyvirt image needs an action: build or path")
 
 
+def _cmd_disk(args: argparse.Namespace) -> int:
+    from pyvirt.backends.qcow2_tools import create_qcow2, describe_image, format_info
+    from pyvirt.spec import parse_size
+    if args.disk_cmd == "create":
+        size = parse_size(args.size) if args.size is not None else None
+        create_qcow2(args.name, size, cluster_size=parse_size(args.cluster_size, default_unit="k"),
+                     backing=args.backing, backing_format=args.backing_format)
+        return 0
+    if args.disk_cmd == "info":
+        info = describe_image(args.name)
+        print(format_info(info))
+        check = info.get("check")
+        return 0 if check is None or not check.errors else 3
+    raise ConfigError("pyvirt disk needs an action: create or info")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -135,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(args)
         if args.cmd == "image":
             return _cmd_image(args)
+        if args.cmd == "disk":
+            return _cmd_disk(args)
         _parser().print_help()
         return EXIT_USAGE
     except PyvirtError as e:

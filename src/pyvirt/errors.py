@@ -8,10 +8,14 @@ for the *host* side and form this tree::
     PyvirtError                 anything pyvirt reports to its user as one line
     ├── ConfigError             bad flags, bad VM specification
     ├── ImageError              missing/corrupt kernel, initrd, disk image
+    │   └── ImageCorruptError     a disk image's metadata found corrupt while in use;
+    │                             also an OSError (EIO), so a device fails the request
     ├── BuildError              building a guest image failed
     └── GuestMemoryError        a guest-supplied physical range is not RAM
                                 (caught by devices and turned into a device error)
 """
+
+import errno
 
 
 class PyvirtError(Exception):
@@ -24,6 +28,20 @@ class ConfigError(PyvirtError):
 
 class ImageError(PyvirtError):
     """A kernel, initrd or disk image is missing or malformed."""
+
+
+class ImageCorruptError(ImageError, OSError):
+    """A disk image's metadata is inconsistent (found while reading or writing it).
+
+    Being an OSError with errno EIO, it fails the guest's request like a disk
+    error; being an ImageError, it is one line for the user.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class BuildError(PyvirtError):

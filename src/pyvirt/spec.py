@@ -35,22 +35,27 @@ class DiskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: Path
     read_only: bool = False
+    format: Literal["auto", "raw", "qcow2"] = "auto"
 
     @classmethod
     def parse(cls, text: str) -> DiskSpec:
-        """'PATH[,ro]' as given to --disk."""
+        """'PATH[,ro][,format=raw|qcow2]' as given to --disk."""
         path, *opts = text.split(",")
         ro = False
+        fmt = "auto"
         for o in opts:
             if o in ("ro", "readonly", "read-only"):
                 ro = True
             elif o in ("rw",):
                 ro = False
+            elif o.startswith("format=") and o[7:] in ("auto", "raw", "qcow2"):
+                fmt = o[7:]
             else:
-                raise ConfigError(f"unknown disk option {o!r} in --disk {text} (known: ro, rw)")
+                raise ConfigError(f"unknown disk option {o!r} in --disk {text} "
+                                  "(known: ro, rw, format=raw, format=qcow2)")
         if not path:
             raise ConfigError("--disk needs a path")
-        return cls(path=Path(path), read_only=ro)
+        return cls(path=Path(path), read_only=ro, format=fmt)
 
 
 _PORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -116,39 +116,47 @@ def _fill_zero(bufs: Sequence[memoryview], start: int) -> None:
         b[:] = bytes(len(b))
 
 
+def open_locked(path: Path, read_only: bool) -> int:
+    """Open a disk image file and lock it: exclusive when writable, shared when read-only.
+
+    Any failure (missing, a directory, not a file or block device, no
+    permission, locked by another VM) is a one-line `ImageError`.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError(f"disk image {path} does not exist") from None
+    except OSError as e:
+        raise ImageError(f"cannot open disk image {path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"disk image {path} is a directory")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise ImageError(f"disk image {path} is not a regular file or block device")
+    try:
+        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    except PermissionError:
+        mode = "reading" if read_only else "reading and writing"
+        raise ImageError(f"no permission to open disk image {path} for {mode}"
+                         + ("" if read_only else " (add ,ro for a read-only disk)")) from None
+    except OSError as e:
+        raise ImageError(f"cannot open disk image {path}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise ImageError(f"disk image {path} is in use by another VM") from None
+        raise ImageError(f"cannot lock disk image {path}: {e.strerror}") from None
+    return fd
+
+
 class RawFileBackend:
     """A raw disk image file, locked for the lifetime of the backend."""
 
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
         self.path = Path(path)
         self.read_only = read_only
-        self.fd = -1
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            raise ImageError(f"disk image {self.path} does not exist") from None
-        except OSError as e:
-            raise ImageError(f"cannot open disk image {self.path}: {e.strerror}") from None
-        if stat.S_ISDIR(st.st_mode):
-            raise ImageError(f"disk image {self.path} is a directory")
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise ImageError(f"disk image {self.path} is not a regular file or block device")
-        try:
-            fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        except PermissionError:
-            mode = "reading" if read_only else "reading and writing"
-            raise ImageError(f"no permission to open disk image {self.path} for {mode}"
-                             + ("" if read_only else " (add ,ro for a read-only disk)")) from None
-        except OSError as e:
-            raise ImageError(f"cannot open disk image {self.path}: {e.strerror}") from None
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise ImageError(f"disk image {self.path} is in use by another VM") from None
-            raise ImageError(f"cannot lock disk image {self.path}: {e.strerror}") from None
-        self.fd = fd
+        self.fd = fd = open_locked(self.path, read_only)
         try:
             size = os.lseek(fd, 0, os.SEEK_END)
             # An unreadable file (EIO, a directory-like special) fails here, not in the guest.

@@ -18,8 +18,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from pyvirt.backends.block import RawFileBackend
 from pyvirt.backends.char import CharBackend
+from pyvirt.backends.disk import open_disk
 from pyvirt.clock import Clock
 from pyvirt.compat import zip_strict
 from pyvirt.cpu.riscv.csr import MEIP, MSIP, MTIP, S_INTERRUPTS, SEIP, STIP
@@ -105,7 +105,7 @@ class VirtBoard:
         self.virtio: list[tuple[int, int, VirtioMmio]] = []
         self.backends: list[Any] = []
         for i, disk in enumerate(self.spec.disks):
-            backend = RawFileBackend(disk.path, read_only=disk.read_only)
+            backend = open_disk(disk.path, read_only=disk.read_only, fmt=disk.format)
             self.backends.append(backend)
             self._add_virtio(VirtioBlk(backend, serial=f"pyvirt-disk{i}"))
         if self.spec.rng:

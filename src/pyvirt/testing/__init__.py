@@ -5,4 +5,6 @@
 * `pyvirt.testing.virtq`  -- `MockVirtioDriver`: drives a virtio-mmio device as
   Linux does and builds split virtqueues in guest RAM, and lets a test
   corrupt any of it.
+* `pyvirt.testing.qemu_img` -- `qemu-img` and `qemu-io` as functions, to make,
+  change and check disk images with QEMU's own code.
 """

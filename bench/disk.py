@@ -1,14 +1,14 @@
 """Block I/O throughput inside the guest, pyvirt next to QEMU, in one run.
 
-    .venv/bin/python bench/disk.py [--runs N] [--mib N] [--ops N] [--engine E]
+    .venv/bin/python bench/disk.py [--runs N] [--mib N] [--ops N] [--engine E] [--format raw|qcow2]
 
 bench/guest/diskio.c (added to the default initramfs as /diskio) opens
 /dev/vda with O_DIRECT and times, inside the guest: a sequential write of
 N MiB in 1 MiB requests followed by fsync, the sequential read back, and
 random 4 KiB writes (then fsync) and reads.  pyvirt and qemu-system-riscv64
-get the same kernel, initramfs and a fresh raw image of the same size,
-attached as virtio-blk over virtio-mmio (QEMU: cache=writeback, its
-default).  Both must read back the same checksums.
+get the same kernel, initramfs and a fresh image of the same size (raw, or
+qcow2 made by `qemu-img create`, 64 KiB clusters), attached as virtio-blk
+over virtio-mmio (QEMU: cache=writeback, its default).  Both must read back the same checksums.
 """
 
 from __future__ import annotations
@@ -48,26 +48,27 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=32)
     ap.add_argument("--ops", type=int, default=2000)
     ap.add_argument("--engine", default=default_engine(), choices=("jit", "interp", "native"))
+    ap.add_argument("--format", default="raw", choices=("raw", "qcow2"))
     args = ap.parse_args()
     img = default_image(build=True, progress=False)
     command = f"/diskio {args.mib} {args.ops}"
     results: dict[str, dict[str, list[float]]] = {"pyvirt": {}, "qemu": {}}
     with tempfile.TemporaryDirectory() as tmp:
         initrd = make_initrd(img.initrd, Path(tmp), "diskio")
-        disk = Path(tmp) / "disk.raw"
+        disk = Path(tmp) / f"disk.{args.format}"
         append = " ".join(a for a in img.cmdline.split() if not a.startswith("earlycon"))
         cmd64 = base64.b64encode(command.encode()).decode()
         ours = [sys.executable, "-m", "pyvirt", "run", "--engine", args.engine, "--kernel", str(img.kernel),
                 "--initrd", str(initrd), "--disk", str(disk), "--command", command]
         qemu = ["qemu-system-riscv64", "-M", "virt", "-m", "256M", "-nographic", "-kernel", str(img.kernel),
                 "-initrd", str(initrd), "-append", f"{append} quiet loglevel=0 pyvirt.cmd={cmd64}",
-                "-drive", f"file={disk},format=raw,if=none,id=d0", "-device", "virtio-blk-device,drive=d0"]
+                "-drive", f"file={disk},format={args.format},if=none,id=d0", "-device", "virtio-blk-device,drive=d0"]
         for _ in range(args.runs):
             sums = []
             for who, argv in (("pyvirt", ours), ("qemu", qemu)):
-                disk.write_bytes(b"")
-                with open(disk, "r+b") as f:
-                    f.truncate((args.mib + 8) << 20)
+                disk.unlink(missing_ok=True)
+                subprocess.run(["qemu-img", "create", "-q", "-f", args.format, str(disk),
+                                str((args.mib + 8) << 20)], check=True)
                 r = run(argv)
                 sums.append((r["seqread"][2], r["randread"][2]))
                 for name, (nbytes, ns, _) in r.items():
@@ -75,7 +76,7 @@ def main() -> int:
                     results[who].setdefault(name, []).append(rate)
             if sums[0] != sums[1]:
                 raise RuntimeError(f"checksums differ: pyvirt {sums[0]}, qemu {sums[1]}")
-    print(f"guest block I/O on a raw image: {args.mib} MiB sequential (1 MiB requests), {args.ops} random "
+    print(f"guest block I/O on a {args.format} image: {args.mib} MiB sequential (1 MiB requests), {args.ops} random "
           f"4 KiB requests, O_DIRECT, engine {args.engine}, runs {args.runs} "
           f"({sys.implementation.name} {sys.version.split()[0]})")
     print("| workload | pyvirt (min / median / max) | QEMU (min / median / max) | pyvirt / QEMU |")

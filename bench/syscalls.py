@@ -37,12 +37,13 @@ RESULT = re.compile(r"syscalls (\d+) (\d+) ns (\d+)")
 STATS = re.compile(r"pyvirt: ([\d,]+) instructions")
 
 
-def make_initrd(base: Path, tmp: Path) -> Path:
-    exe = tmp / "syscalls"
-    subprocess.run(["riscv64-linux-gnu-gcc", *CFLAGS, "-o", str(exe), str(HERE / "guest" / "syscalls.c")],
+def make_initrd(base: Path, tmp: Path, program: str = "syscalls") -> Path:
+    """`base` with bench/guest/<program>.c, compiled, added as /<program>."""
+    exe = tmp / program
+    subprocess.run(["riscv64-linux-gnu-gcc", *CFLAGS, "-o", str(exe), str(HERE / "guest" / f"{program}.c")],
                    check=True)
     w = CpioWriter()
-    w.file("syscalls", exe.read_bytes(), mode=0o755)
+    w.file(program, exe.read_bytes(), mode=0o755)
     out = tmp / "initrd.cpio"
     out.write_bytes(base.read_bytes() + w.to_bytes())      # the kernel unpacks both archives
     return out

@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="attach a disk image (raw or qcow2, probed; ,format=raw|qcow2 to say which) "
                           "as virtio-blk (repeatable)")
     run.add_argument("--no-rng", action="store_true", help="no virtio-rng device")
+    run.add_argument("--vport", action="append", default=[], metavar="NAME=SOCKET",
+                     help="a virtio-console port served on a Unix socket (repeatable); the name "
+                          "hvc0 is the console port, others appear in the guest as named ports")
     run.add_argument("--engine", choices=("interp", "jit", "native"), default=None,
                      help="CPU engine: interp (reference interpreter), jit (Python blocks) or native "
                           "(x86-64 code; the default where the host allows; PYVIRT_ENGINE sets the default)")
@@ -82,9 +85,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from pyvirt.engines import default_engine
-    from pyvirt.spec import DiskSpec, make_spec, parse_size
+    from pyvirt.spec import DiskSpec, PortSpec, make_spec, parse_size
 
     disks = [DiskSpec.parse(d) for d in args.disk]
+    ports = [PortSpec.parse(p) for p in args.vport]
     kernel, initrd, append = args.kernel, args.initrd, args.append
     if args.bios is None and kernel is None:
         from pyvirt.images import default_image
@@ -106,7 +110,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         parts = [a for a in (append or "").split() if not a.startswith("earlycon")]
         append = " ".join(parts + ["quiet", "loglevel=0", f"pyvirt.cmd={encoded}"])
     spec = make_spec(cpus=args.cpus, memory=parse_size(args.memory), kernel=kernel, initrd=initrd,
-                     append=append, bios=args.bios, disks=disks, rng=not args.no_rng,
+                     append=append, bios=args.bios, disks=disks, rng=not args.no_rng, ports=ports,
                      engine=args.engine or default_engine(), mmu=args.mmu)
     from pyvirt.vmm.console import open_console
     from pyvirt.vmm.vm import Vm

@@ -58,6 +58,28 @@ class DiskSpec(BaseModel):
         return cls(path=Path(path), read_only=ro, format=fmt)
 
 
+_PORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class PortSpec(BaseModel):
+    """A virtio-console port: `hvc0` is the console port, other names are named ports;
+    the host side is a Unix socket pyvirt listens on."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    socket: Path
+
+    @classmethod
+    def parse(cls, text: str) -> PortSpec:
+        """'NAME=SOCKET' as given to --vport."""
+        name, sep, path = text.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--vport {text}: expected NAME=SOCKET-PATH")
+        if not _PORT_NAME.match(name):
+            raise ConfigError(f"--vport {text}: a port name is letters, digits, '.', '_' or '-'")
+        return cls(name=name, socket=Path(path))
+
+
 class VmSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -69,6 +91,7 @@ class VmSpec(BaseModel):
     bios: Path | None = None
     disks: list[DiskSpec] = Field(default_factory=list)
     rng: bool = True
+    ports: list[PortSpec] = Field(default_factory=list)       # virtio-console ports
     engine: Literal["interp", "jit", "native"] = Field(default_factory=default_engine)
     mmu: Literal["sv39", "sv48"] = "sv39"
 
@@ -76,6 +99,16 @@ class VmSpec(BaseModel):
     @classmethod
     def _size(cls, v: object) -> object:
         return parse_size(v) if isinstance(v, str) else v
+
+    @field_validator("ports")
+    @classmethod
+    def _unique_ports(cls, v: list[PortSpec]) -> list[PortSpec]:
+        names = [p.name for p in v]
+        if len(set(names)) != len(names):
+            raise ValueError("port names must be unique")
+        if len(v) > 15:
+            raise ValueError("at most 15 ports")
+        return v
 
     @field_validator("memory")
     @classmethod

@@ -13,16 +13,20 @@ from virtio_rig import RAM, Rig, make_rig
 from pyvirt.backends.block import RawFileBackend
 from pyvirt.devices.virtio.blk import (
     VIRTIO_BLK_F_BLK_SIZE,
+    VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_WRITE_ZEROES,
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
     VirtioBlk,
 )
 from pyvirt.devices.virtio.device import STATUS_DEVICE_NEEDS_RESET, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
@@ -158,7 +162,7 @@ def test_out_of_range_and_odd_lengths(mem, sector: int, length: int) -> None:
     assert rig.drv.status & STATUS_DEVICE_NEEDS_RESET == 0
 
 
-@pytest.mark.parametrize("kind", [2, 3, 10, 11, 13, 14, 99, 0xFFFF_FFFF])
+@pytest.mark.parametrize("kind", [2, 3, 10, 12, 14, 99, 0xFFFF_FFFF])
 def test_unsupported_types(mem, kind: int) -> None:
     rig, q = rig_for(mem)
     assert request(rig, q, kind, 0, read=512)[0] == VIRTIO_BLK_S_UNSUPP
@@ -338,6 +342,47 @@ def test_save_load(mem) -> None:
     assert (status, n) == (VIRTIO_BLK_S_OK, 513)
     with pytest.raises(ValueError):
         make_rig(VirtioBlk(MemoryBlockBackend(size=4096))).mmio.load(state)
+
+
+def _segments(*segs: tuple[int, int, int]) -> bytes:
+    return b"".join(struct.pack("<QII", *seg) for seg in segs)
+
+
+def test_discard_and_write_zeroes(mem) -> None:
+    rig, q = rig_for(mem)
+    f = rig.drv.device_features()
+    assert f & VIRTIO_BLK_F_DISCARD and f & VIRTIO_BLK_F_WRITE_ZEROES
+    assert rig.drv.config_read(36, 4) == 1 << 22 and rig.drv.config_read(40, 4) == 32     # max sectors, segs
+    assert rig.drv.config_read(48, 4) == 1 << 22 and rig.drv.config_read(56, 1) == 1
+    status, n, _ = request(rig, q, VIRTIO_BLK_T_DISCARD, 0, write=_segments((2, 3, 0), (10, 1, 0)))
+    assert (status, n) == (VIRTIO_BLK_S_OK, 1)
+    assert mem.discards == [(1024, 1536), (5120, 512)]
+    assert bytes(mem.data[1024:2560]) == bytes(1536) and bytes(mem.data[2560:5120]) == PATTERN[2560:5120]
+    status, _, _ = request(rig, q, VIRTIO_BLK_T_WRITE_ZEROES, 0, write=_segments((20, 4, 1)))
+    assert status == VIRTIO_BLK_S_OK and bytes(mem.data[20 * 512:24 * 512]) == bytes(2048)
+    assert bytes(mem.data[24 * 512:]) == PATTERN[24 * 512:]
+    assert rig.device.stats["discards"] == 1 and rig.device.stats["zeroed"] == 1
+
+
+@pytest.mark.parametrize("kind, segs, want", [
+    (VIRTIO_BLK_T_DISCARD, [(0, 1, 1)], VIRTIO_BLK_S_UNSUPP),       # unmap flag on a discard
+    (VIRTIO_BLK_T_WRITE_ZEROES, [(0, 1, 2)], VIRTIO_BLK_S_UNSUPP),  # reserved flag
+    (VIRTIO_BLK_T_DISCARD, [(DISK // 512, 1, 0)], VIRTIO_BLK_S_IOERR),   # past the end
+    (VIRTIO_BLK_T_WRITE_ZEROES, [(0, 1, 0), (2**63, 2, 0)], VIRTIO_BLK_S_IOERR),
+    (VIRTIO_BLK_T_DISCARD, [(0, 1, 0)] * 33, VIRTIO_BLK_S_UNSUPP),   # too many segments
+])
+def test_bad_discards_change_nothing(mem, kind: int, segs: list[tuple[int, int, int]], want: int) -> None:
+    rig, q = rig_for(mem)
+    assert request(rig, q, kind, 0, write=_segments(*segs))[0] == want
+    assert bytes(mem.data) == PATTERN and mem.discards == []
+    status, _, _ = request(rig, q, kind, 0, write=b"\0" * 15)           # not whole segments
+    assert status == VIRTIO_BLK_S_UNSUPP and bytes(mem.data) == PATTERN
+
+
+def test_read_only_disk_offers_no_discard() -> None:
+    rig, q = rig_for(MemoryBlockBackend(data=PATTERN, read_only=True))
+    assert not rig.drv.device_features() & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES)
+    assert request(rig, q, VIRTIO_BLK_T_WRITE_ZEROES, 0, write=_segments((0, 1, 0)))[0] == VIRTIO_BLK_S_IOERR
 
 
 def test_qcow2_round_trip_and_corruption_is_an_io_error(tmp_path: Path) -> None:

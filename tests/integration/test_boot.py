@@ -122,6 +122,64 @@ def test_read_only_disk_refuses_writes(default_image, tmp_path: Path) -> None:
     assert img.read_bytes() == before
 
 
+def test_guest_discard_frees_the_range(default_image, tmp_path: Path) -> None:
+    """blkdiscard in the guest reaches the host file as a punched hole (reads as zeros)."""
+    img = tmp_path / "discard.img"
+    img.write_bytes(b"\xaa" * (4 << 20))
+    r = pyvirt("run", "--disk", str(img), "--command",
+               "cat /sys/block/vda/queue/discard_max_bytes; blkdiscard -o 65536 -l 131072 /dev/vda; echo rc=$?")
+    assert r.code == 0, r.out + r.err
+    lines = r.out.splitlines()
+    assert int(lines[0]) > 0 and "rc=0" in lines
+    data = img.read_bytes()
+    assert len(data) == 4 << 20
+    assert data[:65536] == b"\xaa" * 65536 and data[196608:] == b"\xaa" * (len(data) - 196608)
+    if data[65536:196608] != bytes(131072):
+        pytest.skip("the host file system does not punch holes (discard is advisory)")
+
+
+def test_virtio_console_ports(default_image, tmp_path: Path) -> None:
+    """hvc0 and a named port: the guest finds the port by name, writes to the host's
+    socket client and reads what the client sends back."""
+    import socket
+    import threading
+
+    sock = tmp_path / "data.sock"
+    got: list[bytes] = []
+
+    def host_side() -> None:
+        for _ in range(600):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(str(sock))
+        c.settimeout(120)
+        buf = b""
+        while b"\n" not in buf:
+            chunk = c.recv(100)
+            if not chunk:
+                break
+            buf += chunk
+        got.append(buf)
+        c.sendall(b"hello-from-host\n")
+        time.sleep(2)
+        c.close()
+
+    t = threading.Thread(target=host_side, daemon=True)
+    t.start()
+    cmd = ("ls /dev/hvc0 && for p in /sys/class/virtio-ports/*; do cat $p/name; done; "
+           "dev=/dev/$(basename $(grep -l '^data$' /sys/class/virtio-ports/*/name | xargs dirname)); "
+           "exec 3<>$dev; echo hello-from-guest >&3; head -n1 <&3")
+    r = pyvirt("run", "--vport", f"data={sock}", "--command", cmd, timeout=300)
+    t.join(10)
+    assert r.code == 0, r.out + r.err
+    assert "/dev/hvc0" in r.out and "data" in r.out.splitlines()
+    assert got == [b"hello-from-guest\n"]
+    assert r.out.splitlines()[-1] == "hello-from-host"
+    assert not sock.exists()                        # removed when the VMM exits
+
+
 def test_qcow2_overlay_disk(default_image, tmp_path: Path) -> None:
     """An ext4 file system in a qcow2 image (made by qemu-img), under a qcow2 overlay made by
     pyvirt: the guest reads the base's file and writes a new one into the overlay; QEMU then

@@ -32,6 +32,7 @@ from pyvirt.devices.plic import Plic
 from pyvirt.devices.syscon import Syscon
 from pyvirt.devices.uart16550 import Uart16550
 from pyvirt.devices.virtio.blk import VirtioBlk
+from pyvirt.devices.virtio.console import PortBackend, UnixSocketPort, VirtioConsole
 from pyvirt.devices.virtio.mmio import VirtioMmio
 from pyvirt.devices.virtio.rng import VirtioRng
 from pyvirt.errors import ConfigError
@@ -109,6 +110,28 @@ class VirtBoard:
             self._add_virtio(VirtioBlk(backend, serial=f"pyvirt-disk{i}"))
         if self.spec.rng:
             self._add_virtio(VirtioRng())
+        self.vconsole: VirtioConsole | None = None
+        if self.spec.ports:
+            self.vconsole = self._make_console()
+            self._add_virtio(self.vconsole)
+
+    def _make_console(self) -> VirtioConsole:
+        made: list[UnixSocketPort] = []
+        try:
+            console: UnixSocketPort | None = None
+            named: list[tuple[str, PortBackend]] = []
+            for p in self.spec.ports:
+                port = UnixSocketPort(p.socket)
+                made.append(port)
+                if p.name == "hvc0":
+                    console = port
+                else:
+                    named.append((p.name, port))
+            return VirtioConsole(console, named)
+        except Exception:
+            for port in made:
+                port.close()
+            raise
 
     def _add_virtio(self, device: Any) -> None:
         slot = len(self.virtio)
@@ -282,6 +305,14 @@ class VirtBoard:
                 h.set_irq(STIP, True)
         self.clint.poll()
         self.rtc.poll()
+        if self.vconsole is not None:
+            self.vconsole.poll()
+
+    def wait_fds(self) -> list[int]:
+        """Host descriptors whose input should wake an idle VM."""
+        if self.vconsole is None:
+            return []
+        return [fd for b in self.vconsole.backends if (fd := b.fileno()) is not None]
 
     def next_deadline(self) -> int | None:
         """The clock tick at which the next timer fires, if any."""
@@ -294,3 +325,5 @@ class VirtBoard:
     def close(self) -> None:
         for b in self.backends:
             b.close()
+        if self.vconsole is not None:
+            self.vconsole.close()

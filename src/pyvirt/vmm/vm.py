@@ -10,6 +10,7 @@ idle guest costs no host CPU.
 from __future__ import annotations
 
 import gc
+import select
 import selectors
 import time
 from dataclasses import dataclass
@@ -47,13 +48,14 @@ class Vm:
         self.stats = RunStats()
         self.board = VirtBoard(spec, console)
 
+    def close(self) -> None:
+        """Release the board's host resources (disk files and locks, sockets); disk
+        images are written back (a qcow2 image's metadata waits in memory for the
+        guest's FLUSH or this)."""
+        self.board.close()
+
     def request_quit(self) -> None:
         self.quit_requested = True
-
-    def close(self) -> None:
-        """Release the board's backends: disk images are written back (a qcow2 image's
-        metadata waits in memory for the guest's FLUSH or this) and unlocked."""
-        self.board.close()
 
     def run(self, max_instructions: int | None = None, timeout: float | None = None,
             restore_gc: bool = True) -> int | None:
@@ -127,7 +129,11 @@ class Vm:
                 for key in list(sel.get_map().values()):     # input ended: stop watching it
                     sel.unregister(key.fileobj)
             if wait > 0:
-                if sel.get_map():
+                extra = board.wait_fds()
+                if extra:
+                    fds = [k.fd for k in sel.get_map().values()] + extra
+                    select.select(fds, [], [], wait)
+                elif sel.get_map():
                     sel.select(wait)
                 else:
                     time.sleep(wait)

@@ -65,6 +65,23 @@ def _sext(v: int, size: int) -> int:
     return (v - span) & M64 if v & sign else v
 
 
+def _state_word(index: int, signed: bool = False) -> Any:
+    """A Hart attribute kept in word `index` of the native state buffer."""
+    if signed:
+        def get(self: Hart) -> int:
+            return self.sq[index]
+
+        def set_(self: Hart, v: int) -> None:
+            self.sq[index] = v
+    else:
+        def get(self: Hart) -> int:
+            return self._uq[index]
+
+        def set_(self: Hart, v: int) -> None:
+            self._uq[index] = v
+    return property(get, set_)
+
+
 class Hart(CsrMixin):
     __slots__ = (
         "hartid", "bus", "clock", "ram", "ram_base", "ram_end",
@@ -116,71 +133,16 @@ class Hart(CsrMixin):
         self.native_exit_hook: Callable[[Hart, int], int] | None = None
         self.reset()
 
-    # mstatus, mip, mie and the LR reservation live in the native state buffer,
-    # where native code reads and updates them.
-    @property
-    def mstatus(self) -> int:
-        return self._uq[native.W_MSTATUS]
-
-    @mstatus.setter
-    def mstatus(self, v: int) -> None:
-        self._uq[native.W_MSTATUS] = v
-
-    @property
-    def mip(self) -> int:
-        return self._uq[native.W_MIP]
-
-    @mip.setter
-    def mip(self, v: int) -> None:
-        self._uq[native.W_MIP] = v
-
-    @property
-    def mie(self) -> int:
-        return self._uq[native.W_MIE]
-
-    @mie.setter
-    def mie(self, v: int) -> None:
-        self._uq[native.W_MIE] = v
-
-    @property
-    def sscratch(self) -> int:
-        return self._uq[native.W_SSCRATCH]
-
-    @sscratch.setter
-    def sscratch(self, v: int) -> None:
-        self._uq[native.W_SSCRATCH] = v
-
-    @property
-    def sepc(self) -> int:
-        return self._uq[native.W_SEPC]
-
-    @sepc.setter
-    def sepc(self, v: int) -> None:
-        self._uq[native.W_SEPC] = v
-
-    @property
-    def scause(self) -> int:
-        return self._uq[native.W_SCAUSE]
-
-    @scause.setter
-    def scause(self, v: int) -> None:
-        self._uq[native.W_SCAUSE] = v
-
-    @property
-    def stval(self) -> int:
-        return self._uq[native.W_STVAL]
-
-    @stval.setter
-    def stval(self, v: int) -> None:
-        self._uq[native.W_STVAL] = v
-
-    @property
-    def resv(self) -> int:
-        return self.sq[native.W_RESV]
-
-    @resv.setter
-    def resv(self, v: int) -> None:
-        self.sq[native.W_RESV] = v
+    # mstatus, mip, mie, the stored-only S CSRs and the LR reservation live in
+    # the native state buffer, where native code reads and updates them.
+    mstatus = _state_word(native.W_MSTATUS)
+    mip = _state_word(native.W_MIP)
+    mie = _state_word(native.W_MIE)
+    sscratch = _state_word(native.W_SSCRATCH)
+    sepc = _state_word(native.W_SEPC)
+    scause = _state_word(native.W_SCAUSE)
+    stval = _state_word(native.W_STVAL)
+    resv = _state_word(native.W_RESV, signed=True)     # a RAM offset, or -1
 
     # -- state ------------------------------------------------------------------
     def reset(self) -> None:

@@ -527,19 +527,7 @@ class _BlockGen:
             self._set(ins.rd, RDX)
             return
         miss = self._miss(i, pc)
-        if immediate:
-            a.mov_imm(R8, ins.rs1)                         # zimm
-        else:
-            self._get(R8, ins.rs1)
-        if op == 1:
-            a.mov(R9, R8)
-        elif op == 2:
-            a.mov(R9, RDX)
-            a.alu(ALU_OR, R9, R8)
-        else:
-            a.mov(R9, R8)
-            a.alu_imm(ALU_XOR, R9, -1)
-            a.alu(ALU_AND, R9, RDX)
+        self._csr_operand(ins, op, immediate)
         a.alu_imm(ALU_AND, R9, _SSTATUS_WRITABLE)
         a.mov(RCX, RAX)
         a.alu_imm(ALU_AND, RCX, ~_SSTATUS_WRITABLE)
@@ -582,6 +570,24 @@ class _BlockGen:
         a.store(RDI, 8 * W_MSTATUS, R9)
         self._set(ins.rd, RDX)
 
+    def _csr_operand(self, ins: Insn, op: int, immediate: bool) -> None:
+        """r9 = what csrrw/csrrs/csrrc (op 1/2/3) make of the CSR's value in rdx and
+        the source (rs1, or the zimm in the rs1 field); r8 holds the source."""
+        a = self.a
+        if immediate:
+            a.mov_imm(R8, ins.rs1)
+        else:
+            self._get(R8, ins.rs1)
+        if op == 1:
+            a.mov(R9, R8)
+        elif op == 2:
+            a.mov(R9, RDX)
+            a.alu(ALU_OR, R9, R8)
+        else:
+            a.mov(R9, R8)
+            a.alu_imm(ALU_XOR, R9, -1)
+            a.alu(ALU_AND, R9, RDX)
+
     def _plain_csr(self, ins: Insn) -> None:
         """csrr*/csrr*i on a CSR that is only stored (sscratch, sepc, scause, stval)."""
         a = self.a
@@ -589,19 +595,7 @@ class _BlockGen:
         word, mask = PLAIN_CSRS[ins.imm]
         a.load(RDX, RDI, 8 * word)                          # old value
         if op == 1 or ins.rs1 != 0:
-            if immediate:
-                a.mov_imm(R8, ins.rs1)
-            else:
-                self._get(R8, ins.rs1)
-            if op == 1:
-                a.mov(R9, R8)
-            elif op == 2:
-                a.mov(R9, RDX)
-                a.alu(ALU_OR, R9, R8)
-            else:
-                a.mov(R9, R8)
-                a.alu_imm(ALU_XOR, R9, -1)
-                a.alu(ALU_AND, R9, RDX)
+            self._csr_operand(ins, op, immediate)
             if mask != M64:
                 a.alu_imm(ALU_AND, R9, mask - (1 << 64) if mask >> 63 else mask)
             a.store(RDI, 8 * word, R9)

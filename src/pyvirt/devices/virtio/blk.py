@@ -7,6 +7,11 @@ Configuration space (5.2.4), the fields offered here::
     12  le32 seg_max      VIRTIO_BLK_F_SEG_MAX: most data segments per request
     16  geometry          (not offered: zeros)
     20  le32 blk_size     VIRTIO_BLK_F_BLK_SIZE: 512
+    24  topology, writeback, num_queues   (not offered: zeros)
+    36  le32 max_discard_sectors, 40 le32 max_discard_seg,
+    44  le32 discard_sector_alignment      VIRTIO_BLK_F_DISCARD
+    48  le32 max_write_zeroes_sectors, 52 le32 max_write_zeroes_seg,
+    56  u8 write_zeroes_may_unmap          VIRTIO_BLK_F_WRITE_ZEROES
 
 One request per descriptor chain (5.2.6)::
 
@@ -16,7 +21,9 @@ One request per descriptor chain (5.2.6)::
 
 The device makes no assumption about how these are split into descriptors
 (2.7.4 "Message Framing").  Types: IN (read), OUT (write), FLUSH, GET_ID (the
-serial, 20 bytes, NUL-padded); anything else is VIRTIO_BLK_S_UNSUPP.  Data
+serial, 20 bytes, NUL-padded), DISCARD and WRITE_ZEROES (data: segments of
+le64 sector, le32 num_sectors, le32 flags; flags bit 0 "unmap" is only
+allowed for WRITE_ZEROES); anything else is VIRTIO_BLK_S_UNSUPP.  Data
 moves between the backend and views of guest RAM (readv/writev: preadv and
 pwritev straight into and out of the guest's buffers).  A request out of
 range, of a length that is not a multiple of 512, or a write to a read-only
@@ -44,11 +51,16 @@ VIRTIO_BLK_F_SEG_MAX = 1 << 2
 VIRTIO_BLK_F_RO = 1 << 5
 VIRTIO_BLK_F_BLK_SIZE = 1 << 6
 VIRTIO_BLK_F_FLUSH = 1 << 9
+VIRTIO_BLK_F_DISCARD = 1 << 13
+VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14
 
 VIRTIO_BLK_T_IN = 0
 VIRTIO_BLK_T_OUT = 1
 VIRTIO_BLK_T_FLUSH = 4
 VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
 
 VIRTIO_BLK_S_OK = 0
 VIRTIO_BLK_S_IOERR = 1
@@ -59,7 +71,11 @@ HEADER = struct.Struct("<IIQ")
 SIZE_MAX = 1 << 20          # bytes per segment, as advertised
 SEG_MAX = 126               # segments per request: the queue (256) less header and status...
 QUEUE_SIZE = 256            # ...with room to spare for indirect tables
-_CONFIG = struct.Struct("<QIIHBBI")
+_CONFIG = struct.Struct("<QIIHBBI8xBxH IIIIIB3x".replace(" ", ""))
+SEGMENT = struct.Struct("<QII")       # discard / write-zeroes segment: sector, num_sectors, flags
+MAX_DISCARD_SECTORS = 1 << 22         # 2 GiB a segment
+MAX_DISCARD_SEG = 32
+_ZEROS = bytes(1 << 20)
 
 
 class VirtioBlk(VirtioDevice):
@@ -71,16 +87,21 @@ class VirtioBlk(VirtioDevice):
         super().__init__()
         self.backend = backend
         self.serial = serial.encode("utf-8", "replace")[:VIRTIO_BLK_ID_BYTES]
-        self.stats = {"reads": 0, "writes": 0, "flushes": 0, "errors": 0,
+        self.stats = {"reads": 0, "writes": 0, "flushes": 0, "errors": 0, "discards": 0, "zeroed": 0,
                       "bytes_read": 0, "bytes_written": 0}
 
     def features(self) -> int:
         f = (super().features() | VIRTIO_BLK_F_SIZE_MAX | VIRTIO_BLK_F_SEG_MAX
              | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH)
-        return f | VIRTIO_BLK_F_RO if self.backend.read_only else f
+        if self.backend.read_only:
+            return f | VIRTIO_BLK_F_RO
+        return f | VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
 
     def config(self) -> bytes:
-        return _CONFIG.pack(self.backend.size // SECTOR, SIZE_MAX, SEG_MAX, 0, 0, 0, SECTOR)
+        return _CONFIG.pack(self.backend.size // SECTOR, SIZE_MAX, SEG_MAX, 0, 0, 0, SECTOR,
+                            0, 1,                                   # writeback 0, num_queues 1
+                            MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1,
+                            MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1)
 
     # -- requests -------------------------------------------------------------------------
     def process(self, index: int, queue: SplitQueue) -> None:
@@ -122,6 +143,8 @@ class VirtioBlk(VirtioDevice):
                 return VIRTIO_BLK_S_IOERR, 0
             self.stats["flushes"] += 1
             return VIRTIO_BLK_S_OK, 0
+        if kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+            return self._discard_or_zero(queue, kind, data_out)
         if kind == VIRTIO_BLK_T_GET_ID:
             ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
             return VIRTIO_BLK_S_OK, queue.scatter(data_in, ident)
@@ -159,6 +182,45 @@ class VirtioBlk(VirtioDevice):
         self.stats["writes"] += 1
         self.stats["bytes_written"] += length
         return VIRTIO_BLK_S_OK, 0
+
+    def _discard_or_zero(self, queue: SplitQueue, kind: int, data_out: list[Span]) -> tuple[int, int]:
+        """DISCARD / WRITE_ZEROES (5.2.6.2): every segment is checked before any is done."""
+        length = spans_len(data_out)
+        if length == 0 or length % SEGMENT.size or length // SEGMENT.size > MAX_DISCARD_SEG:
+            return VIRTIO_BLK_S_UNSUPP, 0
+        if self.backend.read_only:
+            return VIRTIO_BLK_S_IOERR, 0
+        raw = queue.gather(data_out, length)
+        segments = [SEGMENT.unpack_from(raw, i) for i in range(0, length, SEGMENT.size)]
+        for sector, count, flags in segments:
+            unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+            if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (unmap and kind == VIRTIO_BLK_T_DISCARD):
+                return VIRTIO_BLK_S_UNSUPP, 0
+            if count > MAX_DISCARD_SECTORS or not self._range_ok(sector, count * SECTOR):
+                return VIRTIO_BLK_S_IOERR, 0
+        try:
+            for sector, count, _flags in segments:
+                offset, size = sector * SECTOR, count * SECTOR
+                if kind == VIRTIO_BLK_T_DISCARD:
+                    self.backend.discard(offset, size)
+                else:
+                    self._write_zeroes(offset, size)
+        except OSError as e:
+            log.warning("disk discard/write-zeroes failed: %s", e)
+            return VIRTIO_BLK_S_IOERR, 0
+        self.stats["discards" if kind == VIRTIO_BLK_T_DISCARD else "zeroed"] += 1
+        return VIRTIO_BLK_S_OK, 0
+
+    def _write_zeroes(self, offset: int, size: int) -> None:
+        own = getattr(self.backend, "write_zeroes", None)
+        if own is not None:
+            own(offset, size)
+            return
+        while size:
+            n = min(size, len(_ZEROS))
+            self.backend.write(offset, memoryview(_ZEROS)[:n])
+            offset += n
+            size -= n
 
     # -- state --------------------------------------------------------------------------------
     def save_device(self) -> dict[str, Any]:

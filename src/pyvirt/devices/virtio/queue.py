@@ -184,6 +184,11 @@ class SplitQueue:
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return chain
 
+    def unpop(self) -> None:
+        """Give back the chain `pop` returned last, unfinished: the next `pop` returns it
+        again (a device that cannot take it yet, e.g. its host side is congested)."""
+        self.last_avail = (self.last_avail - 1) & 0xFFFF
+
     def _walk(self, head: int) -> Chain:
         size = self.size
         if head >= size:

@@ -414,3 +414,35 @@ def test_qcow2_round_trip_and_corruption_is_an_io_error(tmp_path: Path) -> None:
     assert status == VIRTIO_BLK_S_OK and rig.drv.read(data) == PATTERN[:512]  # type: ignore[arg-type]
     assert request(rig, q, VIRTIO_BLK_T_OUT, 0, write=b"x" * 512)[0] == VIRTIO_BLK_S_IOERR
     backend.close()
+
+
+def test_qcow2_discard_and_write_zeroes(tmp_path: Path) -> None:
+    """DISCARD and WRITE_ZEROES on a qcow2 overlay: the ranges read as zeros (the backing
+    file no longer shows through), whole clusters take no space, qemu-img agrees."""
+    from pyvirt.backends.qcow2 import Qcow2Backend
+    from pyvirt.backends.qcow2_tools import check_qcow2, create_qcow2
+    from pyvirt.testing import qemu_img
+
+    base = tmp_path / "base.raw"
+    base.write_bytes(PATTERN)
+    img = tmp_path / "top.qcow2"
+    create_qcow2(img, None, cluster_size=4096, backing=base, backing_format="raw")
+    backend = Qcow2Backend(img)
+    rig, q = rig_for(backend)
+    assert request(rig, q, VIRTIO_BLK_T_OUT, 64, write=b"\x11" * 8192)[0] == VIRTIO_BLK_S_OK
+    # Sectors 64..79 were written, 8..31 come from the backing file.
+    assert request(rig, q, VIRTIO_BLK_T_DISCARD, 0, write=_segments((8, 24, 0)))[0] == VIRTIO_BLK_S_OK
+    assert request(rig, q, VIRTIO_BLK_T_WRITE_ZEROES, 0,
+                   write=_segments((65, 14, 1), (200, 3, 0)))[0] == VIRTIO_BLK_S_OK
+    model = bytearray(PATTERN)
+    model[64 * 512:80 * 512] = b"\x11" * 8192
+    for sector, count in ((8, 24), (65, 14), (200, 3)):
+        model[sector * 512:(sector + count) * 512] = bytes(count * 512)
+    status, _, data = request(rig, q, VIRTIO_BLK_T_IN, 0, read=256 * 512)
+    assert status == VIRTIO_BLK_S_OK and rig.drv.read(data) == model[:256 * 512]  # type: ignore[arg-type]
+    assert check_qcow2(backend).leaks == 0
+    backend.close()
+    if qemu_img.QEMU_IMG is not None:
+        assert qemu_img.check(img)["returncode"] == 0
+        assert qemu_img.to_raw(img) == model
+

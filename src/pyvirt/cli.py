@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                                                           "below the new image")
     create.add_argument("--backing-format", choices=("raw", "qcow2"),
                         help="the backing file's format (default: probed)")
-    create.add_argument("--cluster-size", default="64K", help="cluster size, 512 to 2M (default 64K)")
+    create.add_argument("--cluster-size", default="64K",
+                        help="cluster size, 512 (bytes) to 2M (default 64K)")
     info = dsub.add_parser("info", help="describe a disk image and check its refcounts")
     info.add_argument("name", metavar="NAME", help="the image file")
     return p
@@ -152,7 +153,9 @@ def _cmd_disk(args: argparse.Namespace) -> int:
     from pyvirt.spec import parse_size
     if args.disk_cmd == "create":
         size = parse_size(args.size) if args.size is not None else None
-        create_qcow2(args.name, size, cluster_size=parse_size(args.cluster_size, default_unit="k"),
+        cs = args.cluster_size.strip()
+        cluster_size = int(cs) if cs.isdigit() else parse_size(cs)    # a bare number: bytes
+        create_qcow2(args.name, size, cluster_size=cluster_size,
                      backing=args.backing, backing_format=args.backing_format)
         return 0
     if args.disk_cmd == "info":

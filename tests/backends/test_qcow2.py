@@ -353,3 +353,21 @@ def test_save_load(tmp_path: Path) -> None:
         b.load(dict(state, size=2 * MIB))
     b.close()
     b.close()                                         # idempotent
+
+
+def test_small_table_caches(tmp_path: Path) -> None:
+    """Tables dropped from the caches between requests (dirty ones written back first)."""
+    size = 4 * MIB
+    img = tmp_path / "c.qcow2"
+    create_qcow2(img, size, cluster_size=512)             # an L2 table maps 32 KiB
+    b = Qcow2Backend(img)
+    b._cache_max = 4
+    model = bytearray(size)
+    apply(b, model, some_writes(size, 512, seed=77, n=60))
+    for i in range(0, size, 96 * KIB):
+        apply(b, model, [(i + 100, b"spread over many tables")])
+    assert len(b._l2_cache) <= 2 * 4 + 8
+    assert read_all(b) == model
+    b.close()
+    assert_clean(img)
+    assert_same_as(img, bytes(model), tmp_path)

@@ -25,6 +25,12 @@ def test_disk_options() -> None:
     assert not DiskSpec.parse("a.img").read_only
     with pytest.raises(ConfigError, match="unknown disk option 'rx'"):
         DiskSpec.parse("a.img,rx")
+    assert DiskSpec.parse("a.img").format == "auto"
+    d = DiskSpec.parse("a.qcow2,ro,format=qcow2")
+    assert d.read_only and d.format == "qcow2"
+    assert DiskSpec.parse("a.img,format=raw").format == "raw"
+    with pytest.raises(ConfigError, match="unknown disk option 'format=vmdk'"):
+        DiskSpec.parse("a.img,format=vmdk")
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -47,3 +47,32 @@ def test_missing_disk(default_image, tmp_path: Path) -> None:
 @pytest.mark.parametrize("cpus", ["0", "9"])
 def test_bad_cpu_count(cpus: str) -> None:
     one_line_error(pyvirt("run", "--cpus", cpus), "invalid cpus")
+
+
+def test_qcow2_disk_errors(default_image, tmp_path: Path) -> None:
+    from pyvirt.backends.qcow2 import Qcow2Backend
+    from pyvirt.backends.qcow2_tools import create_qcow2
+
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(1 << 20))
+    top = tmp_path / "top.qcow2"
+    create_qcow2(top, None, backing=base)
+    base.unlink()
+    before = top.read_bytes()
+    one_line_error(pyvirt("run", "--disk", str(top), "--command", "true"), "base.raw does not exist")
+    bad = tmp_path / "bad.qcow2"
+    create_qcow2(bad, 1 << 20)
+    with open(bad, "r+b") as f:
+        f.seek(40)
+        f.write((12345).to_bytes(8, "big"))         # the L1 table, misaligned
+    one_line_error(pyvirt("run", "--disk", f"{bad},ro", "--command", "true"), "not cluster-aligned")
+    busy = tmp_path / "busy.qcow2"
+    create_qcow2(busy, 1 << 20)
+    held = Qcow2Backend(busy)                         # another VM has it
+    try:
+        one_line_error(pyvirt("run", "--disk", str(busy), "--command", "true"), "in use by another VM")
+    finally:
+        held.close()
+    one_line_error(pyvirt("run", "--disk", f"{bad},format=vmdk", "--command", "true"),
+                   "unknown disk option 'format=vmdk'")
+    assert top.read_bytes() == before

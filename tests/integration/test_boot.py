@@ -178,3 +178,49 @@ def test_virtio_console_ports(default_image, tmp_path: Path) -> None:
     assert got == [b"hello-from-guest\n"]
     assert r.out.splitlines()[-1] == "hello-from-host"
     assert not sock.exists()                        # removed when the VMM exits
+
+
+def test_qcow2_overlay_disk(default_image, tmp_path: Path) -> None:
+    """An ext4 file system in a qcow2 image (made by qemu-img), under a qcow2 overlay made by
+    pyvirt: the guest reads the base's file and writes a new one into the overlay; QEMU then
+    finds the overlay clean and reads the guest's file out of it, and the base is untouched."""
+    from pyvirt.testing import qemu_img as q
+
+    if q.QEMU_IMG is None:
+        pytest.skip("needs qemu-img (Debian: qemu-utils)")
+    raw = tmp_path / "fs.raw"
+    _mkfs(raw, {"hello.txt": b"from the base image\n"})
+    base = tmp_path / "base.qcow2"
+    q.qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", raw, base)       # compressed clusters too
+    top = tmp_path / "top.qcow2"
+    assert pyvirt("disk", "create", str(top), "--backing", str(base)).code == 0
+    frozen = base.read_bytes()
+    r = pyvirt("run", "--disk", str(top), "--command",
+               "mount /dev/vda /mnt && cat /mnt/hello.txt && echo written-in-guest > /mnt/new.txt "
+               "&& sync && umount /mnt")
+    assert r.code == 0, r.out + r.err
+    assert "from the base image" in r.out
+    assert base.read_bytes() == frozen
+    chk = q.check(top)
+    assert chk["returncode"] == 0, chk
+    out = tmp_path / "out.raw"
+    q.qemu_img("convert", "-O", "raw", top, out)
+    assert _debugfs_cat(out, "new.txt") == b"written-in-guest\n"
+    fsck = subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True)
+    assert fsck.returncode == 0, fsck.stdout
+
+
+def test_qcow2_write_without_flush_is_kept_at_exit(default_image, tmp_path: Path) -> None:
+    """O_DIRECT write, no FLUSH from the guest: the qcow2 metadata naming the new cluster
+    waits in memory, and the VM's exit writes it back (it did not, once)."""
+    from pyvirt.testing import qemu_img as q
+
+    if q.QEMU_IMG is None:
+        pytest.skip("needs qemu-img (Debian: qemu-utils)")
+    img = tmp_path / "d.qcow2"
+    assert pyvirt("disk", "create", str(img), "--size", "16M").code == 0
+    r = pyvirt("run", "--disk", str(img), "--command",
+               "echo kept-at-exit | dd of=/dev/vda bs=512 seek=100 conv=sync oflag=direct 2>/dev/null")
+    assert r.code == 0, r.out + r.err
+    assert q.check(img)["returncode"] == 0
+    assert q.to_raw(img)[100 * 512:100 * 512 + 13] == b"kept-at-exit\n"

@@ -1,1 +1,1 @@
-"""Backends: block (raw files), char (terminal, buffers).  They know nothing about devices."""
+"""Backends: block (raw and qcow2 images), char (terminal, buffers).  They know nothing about devices."""

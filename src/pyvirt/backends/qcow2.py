@@ -112,7 +112,7 @@ _MAX_NEST = 16                   # refcount-block allocations inside one another
 
 def resolve_backing(image: Path, name: str) -> Path:
     """Where a backing file recorded as `name` in `image` is (relative to the image's directory)."""
-    if ":" in name.split("/", 1)[0] and not Path(name).exists():
+    if ":" in name.split("/", 1)[0] and not (image.parent / name).exists():
         # json:{...}, nbd://, file: -- QEMU's protocol syntax
         raise ImageError(f"disk image {image} names its backing file {name!r} in a protocol "
                          "syntax pyvirt does not support")

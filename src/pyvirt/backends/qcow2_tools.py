@@ -195,8 +195,7 @@ def check_qcow2(b: Qcow2Backend, max_errors: int = 100) -> CheckResult:
         for c in range(off >> cb, (off + n + cs - 1) >> cb):
             refs[c] += 1
 
-    def cluster_ptr(e: int, what: str) -> int:
-        off = e & OFFSET_MASK
+    def cluster_ptr(off: int, what: str) -> int:
         if off % cs or off < cs or off + cs > -(-file_size // cs) * cs:
             error(f"{what} at {off:#x} is misaligned or outside the file")
             return 0
@@ -207,43 +206,56 @@ def check_qcow2(b: Qcow2Backend, max_errors: int = 100) -> CheckResult:
         ref_range(h.l1_offset, h.l1_size * 8)
     ref_range(b._rt_offset, len(b._rt))
     refcounts: dict[int, int] = {}
+    blocks: set[int] = set()
     for rti, (e,) in enumerate(struct.iter_unpack(">Q", b._rt)):
         if not e:
             continue
-        if e & RT_RESERVED or not cluster_ptr(e, f"refcount block {rti}"):
+        if e & RT_RESERVED:
+            error(f"refcount table entry {rti} has reserved bits set")
+            continue
+        if not cluster_ptr(e, f"refcount block {rti}"):
             continue
         refs[e >> cb] += 1
+        if e in blocks:                      # counted, not read again: the work stays bounded
+            continue
+        blocks.add(e)
         block = bytearray(read(e, cs))
         block += bytes(cs - len(block))
+        base = rti * b._rbe
+        if h.refcount_order == 4:            # the usual width, without a Python call per entry
+            for i, (rc,) in enumerate(struct.iter_unpack(">H", block)):
+                if rc:
+                    refcounts[base + i] = rc
+            continue
         for i in range(b._rbe):
             rc = b._rc_get(block, i)
             if rc:
-                refcounts[rti * b._rbe + i] = rc
-
-    seen_l2: dict[int, bytes] = {}
+                refcounts[base + i] = rc
 
     def walk_l1(l1_off: int, l1_size: int, active: bool) -> None:
         if l1_size * 8 > 32 << 20 or l1_off % cs or l1_off + l1_size * 8 > file_size:
             error(f"L1 table at {l1_off:#x} ({l1_size} entries) is invalid")
             return
         l1 = b._l1 if active else read(l1_off, l1_size * 8)
+        walked: set[int] = set()
         for i, (e,) in enumerate(struct.iter_unpack(">Q", l1)):
             if not e & OFFSET_MASK:
                 continue
             if e & L1_RESERVED:
                 error(f"L1 entry {i} has reserved bits set")
                 continue
-            off = cluster_ptr(e, f"L2 table {i}")
+            off = cluster_ptr(e & OFFSET_MASK, f"L2 table {i}")
             if not off:
                 continue
             refs[off >> cb] += 1
             if active and bool(e & COPIED) != (refcounts.get(off >> cb, 0) == 1):
                 error(f"L1 entry {i}: COPIED flag does not match refcount "
                       f"{refcounts.get(off >> cb, 0)} of L2 table {off:#x}")
-            table = seen_l2.get(off)
-            if table is None:
-                table = seen_l2[off] = read(off, cs)
-            walk_l2(table, active, i)
+            if off in walked:                # counted; one L1 table naming it twice is an error
+                error(f"L2 table {off:#x} named twice in one L1 table")
+                continue
+            walked.add(off)
+            walk_l2(read(off, cs), active, i)
 
     def walk_l2(table: bytes, active: bool, l1i: int) -> None:
         for j, (e,) in enumerate(struct.iter_unpack(">Q", table)):
@@ -271,7 +283,7 @@ def check_qcow2(b: Qcow2Backend, max_errors: int = 100) -> CheckResult:
             off = e & OFFSET_MASK
             if not off:
                 continue
-            off = cluster_ptr(e, where)
+            off = cluster_ptr(off, where)
             if not off:
                 continue
             refs[off >> cb] += 1

@@ -48,14 +48,14 @@ class Vm:
         self.stats = RunStats()
         self.board = VirtBoard(spec, console)
 
-    def close(self) -> None:
-        """Release the board's host resources (disk files and locks, sockets); disk
-        images are written back (a qcow2 image's metadata waits in memory for the
-        guest's FLUSH or this)."""
-        self.board.close()
-
     def request_quit(self) -> None:
         self.quit_requested = True
+
+    def close(self) -> None:
+        """Release the board's backends: disk images are written back (a qcow2 image's
+        metadata waits in memory for the guest's FLUSH or this) and unlocked; console
+        port sockets are closed and removed."""
+        self.board.close()
 
     def run(self, max_instructions: int | None = None, timeout: float | None = None,
             restore_gc: bool = True) -> int | None:

@@ -12,6 +12,7 @@ run: setup
 
 test: setup
 	$(VENV)/bin/pyvirt image build
+	$(VENV)/bin/pyvirt image build debian
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/python -m pytest -q
 

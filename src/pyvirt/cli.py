@@ -3,7 +3,8 @@
     pyvirt run [--kernel IMAGE --initrd FILE --append ARGS | --bios ELF] [--cpus N]
                [--memory SIZE] [--disk PATH[,ro][,format=raw|qcow2]]... [--command CMD]
                [--engine interp|jit|native]
-    pyvirt image build
+    pyvirt run --image debian [--root-disk PATH] [--command CMD]
+    pyvirt image build [default|debian]
     pyvirt disk create NAME [--size SIZE] [--backing BASE [--backing-format raw|qcow2]]
                             [--cluster-size SIZE]
     pyvirt disk info NAME
@@ -39,12 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
     run = sub.add_parser("run", help="boot a virtual machine (the default guest with no arguments)")
+    run.add_argument("--image", choices=("default", "debian"), default=None,
+                     help="guest image: default (lean kernel, busybox initramfs) or debian (Debian trixie "
+                          "with systemd on a disk; built on first use; log in as root, no password)")
+    run.add_argument("--root-disk", metavar="PATH",
+                     help="with --image debian: keep the root disk in PATH, a qcow2 overlay over the "
+                          "cached image (made if missing); without it each run starts from a fresh, "
+                          "throw-away overlay")
     run.add_argument("--kernel", help="Linux Image or ELF vmlinux to boot")
     run.add_argument("--initrd", help="initramfs/initrd to load")
     run.add_argument("--append", help="kernel command line")
     run.add_argument("--bios", help="M-mode ELF to start instead of the built-in SBI (OpenSBI, bare metal)")
     run.add_argument("--cpus", type=int, default=1, help="number of harts, 1..8 (default 1)")
-    run.add_argument("--memory", "-m", default="256M", help="RAM size (default 256M)")
+    run.add_argument("--memory", "-m", default=None,
+                     help="RAM size (default 256M; 1G with --image debian)")
     run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
                      help="attach a disk image (raw or qcow2, probed; ,format=raw|qcow2 to say which) "
                           "as virtio-blk (repeatable)")
@@ -57,14 +66,20 @@ def _parser() -> argparse.ArgumentParser:
                           "(x86-64 code; the default where the host allows; PYVIRT_ENGINE sets the default)")
     run.add_argument("--mmu", choices=("sv39", "sv48"), default="sv39", help="MMU mode in the device tree")
     run.add_argument("--command", "-c", metavar="CMD",
-                     help="run CMD in the default guest's shell, print its output, exit with its status")
+                     help="run CMD in the guest's shell (the default guest: from its /init; debian: once "
+                          "systemd has booted), print its output, exit with its status")
     run.add_argument("--timeout", type=float, help="stop the VM after this many seconds (exit status 124)")
     run.add_argument("--stats", action="store_true", help="print instructions run and MIPS at exit")
 
     image = sub.add_parser("image", help="guest images")
     isub = image.add_subparsers(dest="image_cmd", metavar="ACTION", parser_class=_Parser)
-    isub.add_parser("build", help="build (or find in the cache) the default guest kernel and initramfs")
-    isub.add_parser("path", help="print where the default guest image is cached")
+    ibuild = isub.add_parser("build", help="build (or find in the cache) a guest image: the default "
+                                           "kernel and initramfs, or the Debian disk (needs root)")
+    ibuild.add_argument("name", nargs="?", choices=("default", "debian"), default="default",
+                        help="which image (default: default)")
+    ipath = isub.add_parser("path", help="print where a guest image is cached")
+    ipath.add_argument("name", nargs="?", choices=("default", "debian"), default="default",
+                       help="which image (default: default)")
 
     disk = sub.add_parser("disk", help="disk images (qcow2)")
     dsub = disk.add_subparsers(dest="disk_cmd", metavar="ACTION", parser_class=_Parser)
@@ -90,7 +105,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     disks = [DiskSpec.parse(d) for d in args.disk]
     ports = [PortSpec.parse(p) for p in args.vport]
     kernel, initrd, append = args.kernel, args.initrd, args.append
-    if args.bios is None and kernel is None:
+    memory = args.memory
+    if args.root_disk is not None and args.image != "debian":
+        raise ConfigError("--root-disk goes with --image debian")
+    overlay_dir = None
+    if args.image == "debian":
+        if args.kernel or args.initrd or args.bios:
+            raise ConfigError("--image debian brings its own kernel and initrd (no --kernel/--initrd/--bios)")
+        from pyvirt.images.debian_image import debian_image, root_overlay
+        img = debian_image(build=True, progress=sys.stderr.isatty())
+        kernel, initrd = str(img.kernel), str(img.initrd)
+        if append is None:
+            append = img.cmdline
+        root, overlay_dir = root_overlay(img, args.root_disk)
+        disks.insert(0, DiskSpec(path=root, format="qcow2"))
+        memory = memory or "1G"
+        if args.command is not None:
+            # systemd stays quiet and no login prompt shares the console with the command's output
+            append += " systemd.show_status=0 systemd.mask=serial-getty@ttyS0.service"
+    elif args.bios is None and kernel is None:
         from pyvirt.images import default_image
         img = default_image(build=True, progress=sys.stderr.isatty())
         kernel = str(img.kernel)
@@ -109,7 +142,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # Keep the console to the command's own output.
         parts = [a for a in (append or "").split() if not a.startswith("earlycon")]
         append = " ".join(parts + ["quiet", "loglevel=0", f"pyvirt.cmd={encoded}"])
-    spec = make_spec(cpus=args.cpus, memory=parse_size(args.memory), kernel=kernel, initrd=initrd,
+    spec = make_spec(cpus=args.cpus, memory=parse_size(memory or "256M"), kernel=kernel, initrd=initrd,
                      append=append, bios=args.bios, disks=disks, rng=not args.no_rng, ports=ports,
                      engine=args.engine or default_engine(), mmu=args.mmu)
     from pyvirt.vmm.console import open_console
@@ -122,6 +155,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             code = vm.run(timeout=args.timeout, restore_gc=False)    # the process ends with the VM
         finally:
             vm.close()
+            if overlay_dir is not None:
+                overlay_dir.cleanup()
     if hasattr(gc, "freeze"):
         gc.freeze()    # spare the interpreter's exit a scan of every translated block
     if args.stats:
@@ -135,6 +170,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_image(args: argparse.Namespace) -> int:
     from pyvirt.images import cached_default_image, default_image
+    if args.image_cmd in ("build", "path") and args.name == "debian":
+        from pyvirt.images.debian_image import cached_debian_image, debian_image
+        if args.image_cmd == "build":
+            dimg = debian_image(build=True, progress=sys.stderr.isatty())
+        else:
+            found = cached_debian_image()
+            if found is None:
+                raise ConfigError("the Debian image is not built yet: run `pyvirt image build debian`")
+            dimg = found
+        print(f"kernel: {dimg.kernel}\ninitrd: {dimg.initrd}\ndisk: {dimg.disk}")
+        return 0
     if args.image_cmd == "build":
         img = default_image(build=True, progress=sys.stderr.isatty())
         print(f"kernel: {img.kernel}\ninitrd: {img.initrd}")

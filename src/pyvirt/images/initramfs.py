@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -69,10 +70,12 @@ def busybox_applets(busybox: Path) -> list[str]:
     return paths
 
 
-def make_initramfs(busybox: bytes, applets: list[str], init: bytes) -> bytes:
-    """The archive's bytes (see the module docstring for its layout)."""
+def make_initramfs(busybox: bytes, applets: list[str], init: bytes,
+                   files: Mapping[str, bytes] | None = None, directories: Iterable[str] = ()) -> bytes:
+    """The archive's bytes (see the module docstring for its layout), plus `files`
+    ({path: contents}, mode 0644) and `directories`."""
     w = CpioWriter()
-    for d in DIRECTORIES:
+    for d in (*DIRECTORIES, *directories):
         w.directory(d)
     w.char_device("dev/console", 5, 1, 0o600)
     w.char_device("dev/null", 1, 3, 0o666)
@@ -84,6 +87,8 @@ def make_initramfs(busybox: bytes, applets: list[str], init: bytes) -> bytes:
     w.file("etc/hostname", b"pyvirt\n")
     w.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     w.file("etc/group", b"root:x:0:\n")
+    for path, data in (files or {}).items():
+        w.file(path, data)
     return w.to_bytes()
 
 

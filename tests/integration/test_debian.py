@@ -1,0 +1,115 @@
+"""The Debian guest: Debian trixie with systemd booted from its disk by Debian's kernel.
+
+The image is built by `make test` (`pyvirt image build debian`) before the suite
+runs; these tests only find it in the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pyvirt.images.debian_image import DebianImage, cached_debian_image
+
+from .conftest import pyvirt
+
+BOOT_TIMEOUT = 900
+
+
+@pytest.fixture(scope="module")
+def debian() -> DebianImage:
+    img = cached_debian_image()
+    if img is None:
+        pytest.fail("the Debian image is not built: `make test` runs `pyvirt image build debian` first")
+    return img
+
+
+def test_command_sees_debian_13_with_systemd_running(debian: DebianImage) -> None:
+    """The acceptance command: os-release says Debian 13 and systemd's boot ended well."""
+    r = pyvirt("run", "--image", "debian", "--command",
+               "cat /etc/os-release; systemctl is-system-running; systemctl --failed --no-legend",
+               timeout=BOOT_TIMEOUT)
+    assert 'PRETTY_NAME="Debian GNU/Linux 13 (trixie)"' in r.out, (r.out[-2000:], r.err[-2000:])
+    assert 'VERSION_ID="13"' in r.out
+    lines = r.out.splitlines()
+    state = next(line for line in lines if line in ("running", "degraded", "starting", "maintenance"))
+    assert state == "running", f"systemd is {state}; failed units: {r.out[-1000:]}"
+    assert r.code == 0
+
+
+def test_command_exit_status_and_kernel(debian: DebianImage) -> None:
+    r = pyvirt("run", "--image", "debian", "--command",
+               "uname -r; test -e /sys/module/virtio_blk && lsmod | grep -q ext4; exit 7",
+               timeout=BOOT_TIMEOUT)
+    assert r.code == 7, (r.out[-1500:], r.err[-1500:])
+    assert r.out.split()[0].endswith("-riscv64")
+
+
+def test_root_disk_keeps_writes_across_boots(debian: DebianImage, tmp_path: Path) -> None:
+    """--root-disk keeps the guest's writes in a qcow2 overlay; the cached base is untouched."""
+    root = tmp_path / "root.qcow2"
+    before = debian.disk.stat().st_mtime_ns
+    r = pyvirt("run", "--image", "debian", "--root-disk", str(root), "--command",
+               "echo kept-$((6*7)) > /root/mark && sync", timeout=BOOT_TIMEOUT)
+    assert r.code == 0, (r.out[-1500:], r.err[-1500:])
+    r = pyvirt("run", "--image", "debian", "--root-disk", str(root), "--command", "cat /root/mark",
+               timeout=BOOT_TIMEOUT)
+    assert r.code == 0 and r.out.strip() == "kept-42", (r.out[-1500:], r.err[-1500:])
+    # A throw-away overlay does not see it, and the base image never changed.
+    r = pyvirt("run", "--image", "debian", "--command", "test ! -e /root/mark", timeout=BOOT_TIMEOUT)
+    assert r.code == 0, (r.out[-1500:], r.err[-1500:])
+    assert debian.disk.stat().st_mtime_ns == before
+
+
+def test_console_login_as_root(debian: DebianImage) -> None:
+    """The documented login: systemd's getty on the serial console, root without a password."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-m", "pyvirt", "run", "--image", "debian"])
+    buf = b""
+    deadline = time.monotonic() + BOOT_TIMEOUT
+
+    def expect(pattern: bytes) -> None:
+        nonlocal buf
+        while not re.search(pattern, buf):
+            assert time.monotonic() < deadline, f"no {pattern!r} in {buf[-800:]!r}"
+            r, _, _ = select.select([fd], [], [], 1)
+            if r:
+                try:
+                    buf += os.read(fd, 4096)
+                except OSError:
+                    break
+    try:
+        expect(rb"debian login: ")
+        os.write(fd, b"root\r")
+        expect(rb"root@debian:~# ")
+        os.write(fd, b"cat /etc/debian_version; systemctl is-system-running\r")
+        expect(rb"\r\n13\.\d+\r\n(running|degraded)\r\n")
+        assert b"running" in buf[-200:], buf[-800:]
+        os.write(fd, b"poweroff\r")
+        end = time.monotonic() + 300
+        while time.monotonic() < end:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+                break
+            try:
+                if select.select([fd], [], [], 1)[0]:
+                    buf += os.read(fd, 4096)
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"poweroff did not end the VM: {buf[-800:]!r}")
+    finally:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass

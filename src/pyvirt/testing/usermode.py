@@ -37,6 +37,7 @@ class UserRunResult:
     fault: tuple[int, int, int] | None = None     # (mcause, mepc, mtval)
     regs: list[int] = field(default_factory=list)
     fregs: list[int] = field(default_factory=list)
+    engine_stats: dict[str, int] = field(default_factory=dict)
 
 
 class _Syscalls:
@@ -93,4 +94,4 @@ def run_elf(path: str | Path, engine: str = "jit", max_instructions: int = 50_00
             fault = (hart.mcause, hart.mepc, hart.mtval)
             break
     return UserRunResult(sys.exit_code, bytes(sys.out[1]), bytes(sys.out[2]), total, fault,
-                         list(hart.x), list(hart.f))
+                         list(hart.x), list(hart.f), dict(eng.stats))

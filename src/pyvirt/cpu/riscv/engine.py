@@ -35,6 +35,9 @@ from pyvirt.engines import ENGINES, default_engine  # noqa: F401 - re-exported
 from pyvirt.memory import Bus
 
 MAX_BLOCK = 64
+# Bounds on the translation cache; reaching either empties it (see Engine._build).
+MAX_BLOCKS = 250_000
+MAX_NATIVE_CODE = 192 << 20
 
 Entry = tuple[Callable[[Hart], int], int, int]
 
@@ -94,7 +97,7 @@ class Engine:
         self.blocks: dict[tuple[int, int, int], Entry] = {}
         self.page_keys: dict[int, list[tuple[int, int, int]]] = {}
         self.globals: dict[str, Any] = dict(_BASE_GLOBALS, ram=bus.ram)
-        self.stats = {"translated": 0, "interp_blocks": 0, "invalidated": 0}
+        self.stats = {"translated": 0, "interp_blocks": 0, "invalidated": 0, "flushes": 0}
         if mode == "native" and not native.available():
             raise ValueError("the native engine needs an x86-64 Linux host")
         self.native = native.Translator() if mode == "native" else None
@@ -194,6 +197,12 @@ class Engine:
         return out
 
     def _build(self, key: tuple[int, int, int]) -> Entry:
+        if len(self.blocks) >= MAX_BLOCKS or (self.native is not None and self.native.used >= MAX_NATIVE_CODE):
+            # The translation cache is full (a long-lived guest runs ever new code:
+            # every process, with address-space randomisation, maps its libraries at
+            # new addresses).  Start again from empty, as QEMU's tb_flush does.
+            self.flush()
+            self.stats["flushes"] += 1
         priv, pc, ppn = key
         insns = self._decode_block(pc, ppn)
         if not insns:
@@ -381,3 +390,5 @@ class Engine:
             self.jumps.clear()
         for c in self.caches.values():
             c.clear()
+        if self.native is not None:
+            self.native.reset()

@@ -155,6 +155,7 @@ class CodeBuffer:
 
     def __init__(self) -> None:
         self._chunks: list[mmap.mmap] = []
+        # The chunks are unmapped when the buffer is dropped (Translator.reset).
         self._free = 0
         self._base = 0
         self._stub = 0
@@ -162,7 +163,8 @@ class CodeBuffer:
     def put(self, code: bytes | bytearray, far: list[int] = []) -> int:   # noqa: B006 - read only
         """Place `code`; its far jumps (rel32 offsets at `far`) go to the chunk's stub."""
         if not self._chunks or self._free + len(code) > self.CHUNK:
-            m = mmap.mmap(-1, self.CHUNK, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+            m = mmap.mmap(-1, self.CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                          prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
             self._chunks.append(m)
             self._base = ctypes.addressof(ctypes.c_char.from_buffer(m))
             stub = _chain_stub()
@@ -227,7 +229,15 @@ class Translator:
 
     def __init__(self) -> None:
         self.code = CodeBuffer()
+        self.used = 0                   # bytes of code in the current buffer
         self.stats = {"native_blocks": 0, "native_bytes": 0}
+
+    def reset(self) -> None:
+        """Forget every translation: the code buffer's memory goes back to the
+        host.  Only when no native code can run any more (the engine's flush,
+        from Python, with every table that points into the buffer cleared)."""
+        self.code = CodeBuffer()
+        self.used = 0
 
     def translate(self, insns: list[tuple[Insn, int]],
                   priv: int = 0) -> tuple[Callable[..., int], int, int] | None:
@@ -245,6 +255,7 @@ class Translator:
         gen.emit()
         code = a.finish()
         addr = self.code.put(code, a.far)
+        self.used += len(code)
         self.stats["native_blocks"] += 1
         self.stats["native_bytes"] += len(code)
         return _BLOCK_TYPE(addr), cut, addr
@@ -732,7 +743,8 @@ class JumpTables:
     the fetch TLB's page)."""
 
     def __init__(self) -> None:
-        self.maps = {p: mmap.mmap(-1, JMP_BYTES) for p in (0, 1, 3)}
+        # Private: MADV_DONTNEED then reads back zeros (a shared mapping would keep its data).
+        self.maps = {p: mmap.mmap(-1, JMP_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) for p in (0, 1, 3)}
         self.views = {p: memoryview(m).cast("Q") for p, m in self.maps.items()}
         self._addr = {p: ctypes.addressof(ctypes.c_char.from_buffer(m)) for p, m in self.maps.items()}
 

@@ -152,6 +152,8 @@ class StreamBackend:
                 else:
                     self.stats["rx_empty"] += 1
                 continue
+            if self.sock is None:                    # the peer broke the framing
+                break
             try:
                 data = self.sock.recv(256 * 1024)
             except (BlockingIOError, InterruptedError):

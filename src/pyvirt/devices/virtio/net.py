@@ -150,6 +150,7 @@ class VirtioNet(VirtioDevice):
                 continue
             self._write_frame(q, chains, frame)
             sent = True
+        q.publish_avail_event()                     # with EVENT_IDX: kick me for new buffers
         if sent:
             self.signal_used(RX)
 

@@ -2,7 +2,8 @@
 
     pyvirt run [--kernel IMAGE --initrd FILE --append ARGS | --bios ELF] [--cpus N]
                [--memory SIZE] [--disk PATH[,ro][,format=raw|qcow2]]... [--command CMD]
-               [--engine interp|jit|native]
+               [--engine interp|jit|native] [--net user[,port=H:G]...|stream=SOCK|tap=IF]...
+               [--port HOST:GUEST]...
     pyvirt run --image debian [--root-disk PATH] [--command CMD]
     pyvirt image build [default|debian]
     pyvirt disk create NAME [--size SIZE] [--backing BASE [--backing-format raw|qcow2]]
@@ -19,10 +20,13 @@ import base64
 import gc
 import os
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from pyvirt import __version__
 from pyvirt.errors import ConfigError, PyvirtError
+
+if TYPE_CHECKING:
+    from pyvirt.spec import NetSpec
 
 EXIT_USAGE = 2
 MAX_COMMAND_B64 = 900     # the riscv kernel command line holds 1024 bytes
@@ -61,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--vport", action="append", default=[], metavar="NAME=SOCKET",
                      help="a virtio-console port served on a Unix socket (repeatable); the name "
                           "hvc0 is the console port, others appear in the guest as named ports")
+    run.add_argument("--net", action="append", default=[], metavar="user|stream=SOCKET|tap=IFNAME",
+                     help="a virtio-net interface (repeatable): user (passt user-mode networking; "
+                          ",port=HOST:GUEST forwards a host TCP port on 127.0.0.1), stream=SOCKET (a Unix "
+                          "socket speaking QEMU's -netdev stream framing) or tap=IFNAME (a host TAP "
+                          "device, needs root); ,mac=52:54:00:xx:xx:xx sets the MAC (default: random)")
+    run.add_argument("--port", action="append", default=[], metavar="HOST:GUEST",
+                     help="forward TCP port HOST on the host's 127.0.0.1 to GUEST in the guest "
+                          "(repeatable; implies --net user when no --net is given)")
     run.add_argument("--engine", choices=("interp", "jit", "native"), default=None,
                      help="CPU engine: interp (reference interpreter), jit (Python blocks) or native "
                           "(x86-64 code; the default where the host allows; PYVIRT_ENGINE sets the default)")
@@ -104,6 +116,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     disks = [DiskSpec.parse(d) for d in args.disk]
     ports = [PortSpec.parse(p) for p in args.vport]
+    nets = _nets(args.net, args.port)
     kernel, initrd, append = args.kernel, args.initrd, args.append
     memory = args.memory
     if args.root_disk is not None and args.image != "debian":
@@ -144,7 +157,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         append = " ".join(parts + ["quiet", "loglevel=0", f"pyvirt.cmd={encoded}"])
     spec = make_spec(cpus=args.cpus, memory=parse_size(memory or "256M"), kernel=kernel, initrd=initrd,
                      append=append, bios=args.bios, disks=disks, rng=not args.no_rng, ports=ports,
-                     engine=args.engine or default_engine(), mmu=args.mmu)
+                     nets=nets, engine=args.engine or default_engine(), mmu=args.mmu)
     from pyvirt.vmm.console import open_console
     from pyvirt.vmm.vm import Vm
 
@@ -166,6 +179,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if code is None:
         return 124 if args.timeout and not vm.quit_requested else 0
     return code
+
+
+def _nets(net_args: list[str], port_args: list[str]) -> list[NetSpec]:
+    """--net and --port into NetSpecs: --port forwards go to the first user network (one is
+    added when no --net is given)."""
+    from pyvirt.spec import NetSpec, parse_port_forward
+
+    nets = [NetSpec.parse(n) for n in net_args]
+    forwards = [parse_port_forward(p, f"--port {p}") for p in port_args]
+    if forwards:
+        if not nets:
+            nets.append(NetSpec(backend="user"))
+        user = next((n for n in nets if n.backend == "user"), None)
+        if user is None:
+            raise ConfigError("--port needs a user network (--net user)")
+        user.ports.extend(forwards)
+    return nets
 
 
 def _cmd_image(args: argparse.Namespace) -> int:

@@ -6,11 +6,12 @@ models never parse user input.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pyvirt.engines import default_engine
 from pyvirt.errors import ConfigError
@@ -80,6 +81,89 @@ class PortSpec(BaseModel):
         return cls(name=name, socket=Path(path))
 
 
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def random_mac() -> str:
+    """A locally administered unicast address in QEMU's 52:54:00 range, random per VM."""
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
+
+
+def parse_port_forward(text: str, where: str) -> tuple[int, int]:
+    """'HOST:GUEST' (TCP ports) -> (host, guest)."""
+    host, sep, guest = text.partition(":")
+    try:
+        pair = (int(host), int(guest)) if sep else None
+    except ValueError:
+        pair = None
+    if pair is None or not all(1 <= p <= 65535 for p in pair):
+        raise ConfigError(f"{where}: expected HOST:GUEST with TCP ports 1..65535, not {text!r}")
+    return pair
+
+
+class NetSpec(BaseModel):
+    """A virtio-net interface and its host side: `user` (passt, with forwarded host ports),
+    `stream` (a Unix socket speaking QEMU's -netdev stream framing) or `tap` (a TAP device)."""
+
+    model_config = ConfigDict(extra="forbid")
+    backend: Literal["user", "stream", "tap"] = "user"
+    socket: Path | None = None                  # stream
+    ifname: str | None = None                   # tap
+    ports: list[tuple[int, int]] = Field(default_factory=list)     # user: (host, guest) TCP
+    mac: str = Field(default_factory=random_mac)
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str) -> str:
+        v = v.lower()
+        if not _MAC.match(v):
+            raise ValueError(f"invalid MAC address {v!r} (expected six hex pairs like 52:54:00:12:34:56)")
+        if int(v[:2], 16) & 1:
+            raise ValueError(f"MAC address {v} is a multicast address")
+        return v
+
+    @classmethod
+    def parse(cls, text: str) -> NetSpec:
+        """'user[,port=H:G]...[,mac=M]', 'stream=SOCKET[,mac=M]' or 'tap=IFNAME[,mac=M]' (--net)."""
+        first, *opts = text.split(",")
+        kind, _, value = first.partition("=")
+        fields: dict[str, object] = {}
+        if kind == "user" and not value:
+            fields["backend"] = "user"
+        elif kind == "stream" and value:
+            fields.update(backend="stream", socket=Path(value))
+        elif kind == "tap" and value:
+            fields.update(backend="tap", ifname=value)
+        else:
+            raise ConfigError(f"--net {text}: expected user[,port=HOST:GUEST...], stream=SOCKET "
+                              "or tap=IFNAME")
+        ports: list[tuple[int, int]] = []
+        for o in opts:
+            if o.startswith("mac="):
+                fields["mac"] = o[4:]
+            elif o.startswith("port=") and kind == "user":
+                ports.append(parse_port_forward(o[5:], f"--net {text}"))
+            else:
+                known = "port=HOST:GUEST, mac=MAC" if kind == "user" else "mac=MAC"
+                raise ConfigError(f"unknown network option {o!r} in --net {text} (known: {known})")
+        fields["ports"] = ports
+        try:
+            return cls(**fields)  # type: ignore[arg-type]
+        except ValidationError as e:
+            raise ConfigError(f"--net {text}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") \
+                from None
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> NetSpec:
+        if self.backend == "stream" and self.socket is None:
+            raise ValueError("a stream network needs a socket path")
+        if self.backend == "tap" and not self.ifname:
+            raise ValueError("a tap network needs an interface name")
+        if self.ports and self.backend != "user":
+            raise ValueError("port forwarding needs the user network")
+        return self
+
+
 class VmSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -92,6 +176,7 @@ class VmSpec(BaseModel):
     disks: list[DiskSpec] = Field(default_factory=list)
     rng: bool = True
     ports: list[PortSpec] = Field(default_factory=list)       # virtio-console ports
+    nets: list[NetSpec] = Field(default_factory=list)         # virtio-net interfaces
     engine: Literal["interp", "jit", "native"] = Field(default_factory=default_engine)
     mmu: Literal["sv39", "sv48"] = "sv39"
 
@@ -108,6 +193,14 @@ class VmSpec(BaseModel):
             raise ValueError("port names must be unique")
         if len(v) > 15:
             raise ValueError("at most 15 ports")
+        return v
+
+    @field_validator("nets")
+    @classmethod
+    def _unique_host_ports(cls, v: list[NetSpec]) -> list[NetSpec]:
+        hosts = [h for n in v for h, _ in n.ports]
+        if len(set(hosts)) != len(hosts):
+            raise ValueError("a host port can be forwarded only once")
         return v
 
     @field_validator("memory")

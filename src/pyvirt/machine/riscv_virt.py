@@ -20,6 +20,7 @@ from typing import Any
 
 from pyvirt.backends.char import CharBackend
 from pyvirt.backends.disk import open_disk
+from pyvirt.backends.net import NetBackend, PasstBackend, StreamBackend, TapBackend
 from pyvirt.clock import Clock
 from pyvirt.compat import zip_strict
 from pyvirt.cpu.riscv.csr import MEIP, MSIP, MTIP, S_INTERRUPTS, SEIP, STIP
@@ -34,13 +35,14 @@ from pyvirt.devices.uart16550 import Uart16550
 from pyvirt.devices.virtio.blk import VirtioBlk
 from pyvirt.devices.virtio.console import PortBackend, UnixSocketPort, VirtioConsole
 from pyvirt.devices.virtio.mmio import VirtioMmio
+from pyvirt.devices.virtio.net import VirtioNet, parse_mac
 from pyvirt.devices.virtio.rng import VirtioRng
 from pyvirt.errors import ConfigError
 from pyvirt.machine import boot
 from pyvirt.machine.fdt import U64, Node, reg, to_dtb
 from pyvirt.machine.sbi import Sbi
 from pyvirt.memory import Bus
-from pyvirt.spec import VmSpec
+from pyvirt.spec import NetSpec, VmSpec
 
 RAM_BASE = 0x8000_0000
 TEST_BASE, RTC_BASE = 0x10_0000, 0x10_1000
@@ -76,9 +78,16 @@ class VirtBoard:
         for h in self.harts:
             self.engine.add_hart(h)
             h.yield_on_pause = spec.cpus > 1
-        self._build_devices()
-        self.dtb_addr = 0
-        self._boot()
+        self.backends: list[Any] = []
+        self.vconsole: VirtioConsole | None = None
+        self.nics: list[VirtioNet] = []
+        try:
+            self._build_devices()
+            self.dtb_addr = 0
+            self._boot()
+        except BaseException:
+            self.close()                 # no passt process or socket left behind
+            raise
 
     # -- devices -------------------------------------------------------------------
     @staticmethod
@@ -103,17 +112,21 @@ class VirtBoard:
         self.syscon = Syscon(self._power_event)
         bus.add_mmio(TEST_BASE, 0x1000, self.syscon, "test")
         self.virtio: list[tuple[int, int, VirtioMmio]] = []
-        self.backends: list[Any] = []
         for i, disk in enumerate(self.spec.disks):
             backend = open_disk(disk.path, read_only=disk.read_only, fmt=disk.format)
             self.backends.append(backend)
             self._add_virtio(VirtioBlk(backend, serial=f"pyvirt-disk{i}"))
         if self.spec.rng:
             self._add_virtio(VirtioRng())
-        self.vconsole: VirtioConsole | None = None
         if self.spec.ports:
             self.vconsole = self._make_console()
             self._add_virtio(self.vconsole)
+        for net in self.spec.nets:
+            if len(self.virtio) >= VIRTIO_SLOTS:
+                raise ConfigError(f"too many virtio devices (the board has {VIRTIO_SLOTS} slots)")
+            nic = VirtioNet(open_net_backend(net), parse_mac(net.mac))
+            self.nics.append(nic)
+            self._add_virtio(nic)
 
     def _make_console(self) -> VirtioConsole:
         made: list[UnixSocketPort] = []
@@ -307,12 +320,14 @@ class VirtBoard:
         self.rtc.poll()
         if self.vconsole is not None:
             self.vconsole.poll()
+        for nic in self.nics:
+            nic.poll()
 
     def wait_fds(self) -> list[int]:
         """Host descriptors whose input should wake an idle VM."""
-        if self.vconsole is None:
-            return []
-        return [fd for b in self.vconsole.backends if (fd := b.fileno()) is not None]
+        fds = [] if self.vconsole is None else [b.fileno() for b in self.vconsole.backends]
+        fds += [nic.fileno() for nic in self.nics]
+        return [fd for fd in fds if fd is not None]
 
     def next_deadline(self) -> int | None:
         """The clock tick at which the next timer fires, if any."""
@@ -327,3 +342,16 @@ class VirtBoard:
             b.close()
         if self.vconsole is not None:
             self.vconsole.close()
+        for nic in self.nics:
+            nic.close()
+
+
+def open_net_backend(net: NetSpec) -> NetBackend:
+    """The host side a NetSpec asks for (ConfigError if it cannot be had)."""
+    if net.backend == "stream":
+        assert net.socket is not None
+        return StreamBackend.connect(net.socket)
+    if net.backend == "tap":
+        assert net.ifname is not None
+        return TapBackend(net.ifname)
+    return PasstBackend(net.ports)

@@ -1,0 +1,362 @@
+"""Network backends: where a virtio-net device's Ethernet frames come from and go to.
+
+A `NetBackend` knows nothing about virtio.  It takes whole frames with
+`send()`, hands over whole frames from the host with `recv()` (never
+blocking), exposes a file descriptor the VMM's idle wait can watch, says
+whether the link is up, and releases everything in `close()`.
+
+* `StreamBackend` -- a connected Unix stream socket carrying QEMU's
+  `-netdev stream` framing: every frame is preceded by its length as a
+  4-byte big-endian integer.  passt speaks the same framing on its socket.
+* `PasstBackend` -- user-mode networking: starts Debian's `passt` with one
+  end of a socket pair (`passt --fd`), talks to it through a
+  `StreamBackend`, and stops it on close.  Host ports can be forwarded to
+  the guest (`passt -t 127.0.0.1/HOST:GUEST`).
+* `TapBackend` -- a host TAP interface (/dev/net/tun, IFF_TAP|IFF_NO_PI):
+  one read or write is one frame.
+
+Frames from the host are untrusted too: a stream peer announcing a frame
+longer than `MAX_FRAME` is disconnected (the link goes down) rather than
+believed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import pwd
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from pyvirt.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MAX_FRAME = 65535              # the longest frame either side may send
+MIN_FRAME = 14                 # an Ethernet header
+LENGTH = struct.Struct(">I")   # -netdev stream's frame prefix
+MAX_OUT = 1 << 20              # bytes queued towards a stream peer before send() says "full"
+PASST_START_TIMEOUT = 10.0
+
+
+class NetBackend(Protocol):
+    """The host side of one network interface."""
+
+    link_up: bool
+
+    def send(self, frame: bytes) -> bool:
+        """Queue one frame for the host; False (nothing taken) when the host is not keeping
+        up.  A frame for a link that is down is taken and dropped."""
+        ...
+
+    def recv(self, limit: int) -> list[bytes]:
+        """Up to `limit` whole frames from the host, without blocking."""
+        ...
+
+    def fileno(self) -> int | None:
+        """A descriptor that becomes readable when frames arrive (None: nothing to watch)."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class StreamBackend:
+    """Frames over a connected stream socket, each preceded by a 4-byte big-endian length.
+
+    Partial reads and writes are carried over between calls; output waiting
+    for the peer is bounded by `MAX_OUT`.  End of file, a socket error, or
+    a peer announcing a frame over `MAX_FRAME` bytes puts the link down for
+    good (the socket is closed); frames sent then are dropped.
+    """
+
+    def __init__(self, sock: socket.socket, name: str = "stream") -> None:
+        self.sock: socket.socket | None = sock
+        self.name = name
+        sock.setblocking(False)
+        self.inbuf = bytearray()
+        self.out = bytearray()
+        self.link_up = True
+        self.stats = {"rx_frames": 0, "tx_frames": 0, "tx_dropped": 0, "rx_empty": 0}
+
+    @classmethod
+    def connect(cls, path: str | Path) -> StreamBackend:
+        """Connect to a Unix stream socket someone else listens on (a `-netdev stream` server)."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(path))
+        except OSError as e:
+            s.close()
+            raise ConfigError(f"cannot connect to network socket {path}: {e.strerror}") from None
+        return cls(s, name=str(path))
+
+    def _down(self, why: str) -> None:
+        if self.link_up:
+            log.warning("network %s: %s; link down", self.name, why)
+        self.link_up = False
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = None
+        self.inbuf.clear()
+        self.out.clear()
+
+    # -- to the peer ---------------------------------------------------------------------
+    def send(self, frame: bytes) -> bool:
+        if not self.link_up:
+            self.stats["tx_dropped"] += 1
+            return True
+        if len(frame) > MAX_FRAME:
+            self.stats["tx_dropped"] += 1
+            return True
+        if len(self.out) >= MAX_OUT:
+            self.flush()
+            if len(self.out) >= MAX_OUT:
+                return False
+        self.out += LENGTH.pack(len(frame))
+        self.out += frame
+        self.stats["tx_frames"] += 1
+        self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Write what the socket takes now of the queued output."""
+        while self.out and self.sock is not None:
+            try:
+                n = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._down(f"send failed: {e.strerror}")
+                return
+            del self.out[:n]
+
+    # -- from the peer --------------------------------------------------------------------
+    def recv(self, limit: int) -> list[bytes]:
+        self.flush()
+        frames: list[bytes] = []
+        while len(frames) < limit and self.sock is not None:
+            frame = self._next_frame()
+            if frame is not None:
+                if frame:
+                    frames.append(frame)
+                    self.stats["rx_frames"] += 1
+                else:
+                    self.stats["rx_empty"] += 1
+                continue
+            if self.sock is None:                    # the peer broke the framing
+                break
+            try:
+                data = self.sock.recv(256 * 1024)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self._down(f"receive failed: {e.strerror}")
+                break
+            if not data:
+                self._down("the peer closed the connection")
+                break
+            self.inbuf += data
+        return frames
+
+    def _next_frame(self) -> bytes | None:
+        """One whole frame from the input buffer (b"" for an empty one), or None."""
+        if len(self.inbuf) < LENGTH.size:
+            return None
+        (n,) = LENGTH.unpack_from(self.inbuf)
+        if n > MAX_FRAME:
+            self._down(f"the peer announced a {n}-byte frame (more than {MAX_FRAME})")
+            return None
+        if len(self.inbuf) < LENGTH.size + n:
+            return None
+        frame = bytes(self.inbuf[LENGTH.size:LENGTH.size + n])
+        del self.inbuf[:LENGTH.size + n]
+        return frame
+
+    def fileno(self) -> int | None:
+        return self.sock.fileno() if self.sock is not None else None
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = None
+        self.link_up = False
+
+
+# -- passt --------------------------------------------------------------------------------------
+def check_host_port_free(port: int, address: str = "127.0.0.1") -> None:
+    """Raise ConfigError if a TCP listener already holds `address:port` on the host."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((address, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"host port {port} on {address} is already in use") from None
+        raise ConfigError(f"cannot use host port {port} on {address}: {e.strerror}") from None
+    finally:
+        s.close()
+
+
+def _last_error_line(path: Path) -> str:
+    """passt's own last message, without its complaints about a missing syslog."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in lines if ln.strip() and "syslog" not in ln
+             and not ln.startswith("Don't run as root")]
+    return lines[-1] if lines else ""
+
+
+class PasstBackend(StreamBackend):
+    """User-mode networking through passt, started for this VM and stopped on close.
+
+    passt gets one end of a Unix socket pair (`--fd`), so no socket file is
+    needed; its PID file in a private directory says that it has finished
+    setting up (ports bound) and is serving.  As root passt drops to
+    `nobody`, so that directory is handed to nobody.  Forwarded ports are
+    bound on 127.0.0.1 only.  The guest gets an address, gateway and DNS
+    from passt's DHCP server; the gateway address reaches the host's
+    loopback (passt maps it unless told --no-map-gw).
+    """
+
+    def __init__(self, port_forwards: Sequence[tuple[int, int]] = (), mtu: int = 1500,
+                 passt: str = "passt") -> None:
+        exe = shutil.which(passt)
+        if exe is None:
+            raise ConfigError("passt is not installed (scripts/setup-system.sh installs it)")
+        for host, _ in port_forwards:
+            check_host_port_free(host)
+        self.dir = Path(tempfile.mkdtemp(prefix="pyvirt-passt-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if os.geteuid() == 0:
+                nobody = pwd.getpwnam("nobody")
+                os.chown(self.dir, nobody.pw_uid, nobody.pw_gid)
+            pidfile, logfile = self.dir / "passt.pid", self.dir / "passt.log"
+            argv = [exe, "--foreground", "--quiet", "--fd", str(theirs.fileno()),
+                    "--pid", str(pidfile), "--mtu", str(mtu)]
+            for host, guest in port_forwards:
+                argv += ["-t", f"127.0.0.1/{host}:{guest}"]
+            with open(logfile, "wb") as err:
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                             pass_fds=[theirs.fileno()], start_new_session=True)
+            theirs.close()
+            self._wait_ready(pidfile, logfile)
+        except BaseException:
+            theirs.close()
+            ours.close()
+            self._stop()
+            raise
+        super().__init__(ours, name="passt")
+
+    def _wait_ready(self, pidfile: Path, logfile: Path) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + PASST_START_TIMEOUT
+        while not pidfile.exists():
+            if self.proc.poll() is not None:
+                why = _last_error_line(logfile) or f"exit status {self.proc.returncode}"
+                raise ConfigError(f"passt failed to start: {why}")
+            if time.monotonic() > deadline:
+                raise ConfigError(f"passt did not start within {PASST_START_TIMEOUT:.0f} s")
+            time.sleep(0.005)
+
+    def _stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def close(self) -> None:
+        super().close()                  # passt ends when its socket closes; make sure of it
+        self._stop()
+
+
+# -- TAP ----------------------------------------------------------------------------------------
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFNAMSIZ = 16
+
+
+class TapBackend:
+    """A host TAP interface: every read() is one frame, every write() one frame.
+
+    Opening /dev/net/tun and attaching to (or creating) an interface needs
+    root or CAP_NET_ADMIN.  The interface is the host's to configure.
+    """
+
+    def __init__(self, ifname: str) -> None:
+        if not ifname or len(ifname.encode()) >= IFNAMSIZ or "/" in ifname:
+            raise ConfigError(f"invalid TAP interface name {ifname!r}")
+        self.name = ifname
+        try:
+            self.fd: int | None = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise ConfigError(f"cannot open /dev/net/tun: {e.strerror}") from None
+        try:
+            ifr = struct.pack("16sH22x", ifname.encode(), IFF_TAP | IFF_NO_PI)
+            fcntl.ioctl(self.fd, TUNSETIFF, ifr)
+        except OSError as e:
+            os.close(self.fd)
+            self.fd = None
+            hint = " (needs root or CAP_NET_ADMIN)" if e.errno in (errno.EPERM, errno.EACCES) else ""
+            raise ConfigError(f"cannot attach to TAP interface {ifname}: {e.strerror}{hint}") from None
+        self.link_up = True
+        self.stats = {"rx_frames": 0, "tx_frames": 0, "tx_dropped": 0}
+
+    def send(self, frame: bytes) -> bool:
+        if self.fd is None:
+            self.stats["tx_dropped"] += 1
+            return True
+        try:
+            os.write(self.fd, frame)
+            self.stats["tx_frames"] += 1
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:
+            # e.g. EIO while the host interface is down: the frame is lost, as on a wire
+            log.debug("tap %s: write failed: %s", self.name, e.strerror)
+            self.stats["tx_dropped"] += 1
+        return True
+
+    def recv(self, limit: int) -> list[bytes]:
+        frames: list[bytes] = []
+        while self.fd is not None and len(frames) < limit:
+            try:
+                frame = os.read(self.fd, MAX_FRAME + 1)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                log.debug("tap %s: read failed: %s", self.name, e.strerror)
+                break
+            if not frame:
+                break
+            if len(frame) <= MAX_FRAME:
+                frames.append(frame)
+                self.stats["rx_frames"] += 1
+        return frames
+
+    def fileno(self) -> int | None:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd = None
+        self.link_up = False

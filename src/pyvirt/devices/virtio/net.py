@@ -1,0 +1,233 @@
+"""virtio-net (virtio 1.2, 5.1 "Network Device"): one receive and one transmit queue.
+
+Queues (5.1.2): 0 receiveq1, 1 transmitq1.  No control queue, no multiqueue.
+
+Features offered (5.1.3): VIRTIO_NET_F_MAC (the MAC address is in the
+configuration space), VIRTIO_NET_F_STATUS (the link state is too),
+VIRTIO_NET_F_MTU (1500) and VIRTIO_NET_F_MRG_RXBUF (a received frame may
+span several receive buffers).  No checksum or segmentation offload is
+offered (no VIRTIO_NET_F_CSUM, GUEST_CSUM, HOST_TSO*, GUEST_TSO*): the
+driver sends complete frames with their checksums filled in, and receives
+them so.
+
+Configuration space (5.1.4)::
+
+    u8 mac[6]; le16 status; le16 max_virtqueue_pairs; le16 mtu
+
+Every buffer starts with the 12-byte header (5.1.6, the VERSION_1 layout)::
+
+    u8 flags; u8 gso_type; le16 hdr_len; le16 gso_size; le16 csum_start;
+    le16 csum_offset; le16 num_buffers
+
+Transmit (5.1.6.2): one chain is the header and one frame.  A frame shorter
+than an Ethernet header (14 bytes), longer than 65535 bytes, a header asking
+for an offload that was not offered, or a chain with device-writable buffers
+is dropped and counted in `stats`; the chain is still returned to the driver.
+
+Receive (5.1.6.3, 5.1.6.4): frames from the backend wait in a bounded queue
+(`MAX_PENDING_FRAMES`, `MAX_PENDING_BYTES`; beyond that they are dropped and
+counted) until `poll()` finds receive buffers.  With MRG_RXBUF a frame takes
+as many buffers as it needs and the first header's `num_buffers` says how
+many; without it a frame must fit in one buffer (5.1.6.3.1) or is dropped.
+A frame that could never fit even in every buffer of the queue is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import deque
+from typing import Any
+
+from pyvirt.backends.net import MAX_FRAME, MIN_FRAME, NetBackend
+from pyvirt.devices.virtio.device import VirtioDevice
+from pyvirt.devices.virtio.queue import Chain, QueueError, SplitQueue
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID_NET = 1
+VIRTIO_NET_F_MTU = 1 << 3
+VIRTIO_NET_F_MAC = 1 << 5
+VIRTIO_NET_F_MRG_RXBUF = 1 << 15
+VIRTIO_NET_F_STATUS = 1 << 16
+VIRTIO_NET_S_LINK_UP = 1
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_GSO_NONE = 0
+
+HDR = struct.Struct("<BBHHHHH")
+HDR_SIZE = HDR.size                         # 12
+RX, TX = 0, 1
+QUEUE_SIZE = 256
+MTU = 1500
+MAX_PENDING_FRAMES = 256                    # frames from the host waiting for receive buffers
+MAX_PENDING_BYTES = 2 << 20
+POLL_FRAMES = 64                            # frames taken from the backend per poll
+
+
+def parse_mac(text: str) -> bytes:
+    """'52:54:00:12:34:56' -> 6 bytes; ValueError if malformed."""
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"invalid MAC address {text!r} (expected six hex pairs like 52:54:00:12:34:56)")
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"invalid MAC address {text!r}") from None
+
+
+class VirtioNet(VirtioDevice):
+    device_id = VIRTIO_ID_NET
+    num_queues = 2
+    queue_max_size = QUEUE_SIZE
+
+    def __init__(self, backend: NetBackend, mac: bytes) -> None:
+        if len(mac) != 6:
+            raise ValueError("a MAC address is 6 bytes")
+        self.backend = backend
+        self.mac = bytes(mac)
+        self.link_up = backend.link_up
+        self.stats = {"tx_frames": 0, "rx_frames": 0, "tx_dropped": 0, "rx_dropped": 0}
+        super().__init__()
+        self.device_reset()
+
+    def features(self) -> int:
+        return (super().features() | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MTU
+                | VIRTIO_NET_F_MRG_RXBUF)
+
+    def config(self) -> bytes:
+        status = VIRTIO_NET_S_LINK_UP if self.link_up else 0
+        return self.mac + struct.pack("<HHH", status, 1, MTU)
+
+    def device_reset(self) -> None:
+        self.pending: deque[bytes] = deque()
+        self.pending_bytes = 0
+
+    # -- requests --------------------------------------------------------------------------
+    def process(self, index: int, queue: SplitQueue) -> None:
+        if index == TX:
+            self._transmit(queue)
+        else:
+            self._deliver()
+
+    def _transmit(self, queue: SplitQueue) -> None:
+        while (chain := queue.pop()) is not None:
+            frame = self._tx_frame(queue, chain)
+            if frame is not None and not self.backend.send(frame):
+                queue.unpop()                       # the host is congested: try again in poll()
+                return
+            queue.push(chain.head, 0)
+
+    def _tx_frame(self, queue: SplitQueue, chain: Chain) -> bytes | None:
+        """The frame a transmit chain carries, or None (dropped and counted)."""
+        n = chain.readable_len - HDR_SIZE
+        if chain.writable or n < MIN_FRAME or n > MAX_FRAME:
+            self.stats["tx_dropped"] += 1
+            return None
+        data = queue.gather(chain.readable, chain.readable_len)
+        flags, gso_type = data[0], data[1]
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM or gso_type != VIRTIO_NET_HDR_GSO_NONE:
+            self.stats["tx_dropped"] += 1             # offloads were never offered
+            return None
+        self.stats["tx_frames"] += 1
+        return data[HDR_SIZE:]
+
+    def _deliver(self) -> None:
+        """Move waiting frames into the guest's receive buffers (5.1.6.4)."""
+        q = self.queues[RX]
+        if not q.ready or not self.pending:
+            return
+        sent = False
+        mergeable = self.negotiated(VIRTIO_NET_F_MRG_RXBUF)
+        while self.pending:
+            frame = self.pending[0]
+            chains = self._rx_chains(q, HDR_SIZE + len(frame), mergeable)
+            if chains is None:
+                break                               # wait for the driver to post buffers
+            self.pending.popleft()
+            self.pending_bytes -= len(frame)
+            if not chains:
+                self.stats["rx_dropped"] += 1        # cannot ever fit
+                continue
+            self._write_frame(q, chains, frame)
+            sent = True
+        q.publish_avail_event()                     # with EVENT_IDX: kick me for new buffers
+        if sent:
+            self.signal_used(RX)
+
+    def _rx_chains(self, q: SplitQueue, need: int, mergeable: bool) -> list[Chain] | None:
+        """Chains enough for `need` bytes, popped; [] if the frame can never fit (drop it);
+        None if the driver has not posted enough yet (nothing stays popped)."""
+        chains: list[Chain] = []
+        room = 0
+        while room < need:
+            chain = q.pop()
+            if chain is None:
+                for _ in chains:
+                    q.unpop()
+                return [] if len(chains) >= q.size else None
+            if not mergeable and chain.writable_len < need:
+                q.unpop()
+                return []                           # one buffer per frame, and it is too small
+            chains.append(chain)
+            room += chain.writable_len
+        return chains
+
+    def _write_frame(self, q: SplitQueue, chains: list[Chain], frame: bytes) -> None:
+        data = HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, len(chains)) + frame
+        pos = 0
+        for chain in chains:
+            n = q.scatter(chain.writable, data[pos:pos + chain.writable_len])
+            q.push(chain.head, n)
+            pos += n
+        self.stats["rx_frames"] += 1
+
+    # -- the host side ---------------------------------------------------------------------
+    def _take_from_backend(self) -> None:
+        for frame in self.backend.recv(POLL_FRAMES):
+            if not MIN_FRAME <= len(frame) <= MAX_FRAME or not self.live:
+                self.stats["rx_dropped"] += 1
+                continue
+            if (len(self.pending) >= MAX_PENDING_FRAMES
+                    or self.pending_bytes + len(frame) > MAX_PENDING_BYTES):
+                self.stats["rx_dropped"] += 1
+                continue
+            self.pending.append(frame)
+            self.pending_bytes += len(frame)
+
+    def poll(self) -> None:
+        """Between CPU slices: take frames from the host, deliver what fits, retry held-back
+        transmissions, and report a change of link state."""
+        self._take_from_backend()                  # drained even when not live: no busy wake-ups
+        if self.backend.link_up != self.link_up:
+            self.link_up = self.backend.link_up
+            self.config_changed()
+        if not self.live:
+            return
+        try:
+            self._deliver()
+            tx = self.queues[TX]
+            if tx.ready and tx.has_work():
+                self._transmit(tx)
+                tx.publish_avail_event()
+                self.signal_used(TX)
+        except QueueError as e:
+            self.needs_reset(str(e))
+        except Exception as e:                      # a device bug must not kill the VM
+            log.exception("virtio-net: poll failed")
+            self.needs_reset(f"internal error {e!r}")
+
+    def fileno(self) -> int | None:
+        return self.backend.fileno()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def save_device(self) -> dict[str, Any]:
+        return {"pending": list(self.pending), "link_up": self.link_up}
+
+    def load_device(self, state: dict[str, Any]) -> None:
+        self.device_reset()
+        for frame in state["pending"]:
+            self.pending.append(bytes(frame))
+            self.pending_bytes += len(frame)
+        self.link_up = bool(state["link_up"])

@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                                            "kernel and initramfs, or the Debian disk (needs root)")
     ibuild.add_argument("name", nargs="?", choices=("default", "debian"), default="default",
                         help="which image (default: default)")
+    ibuild.add_argument("--configure-with", choices=("qemu", "pyvirt"), default="qemu",
+                        help="debian: the VM that runs the riscv64 package configuration "
+                             "(qemu-system-riscv64, about 7 min; or pyvirt itself, over an hour)")
     ipath = isub.add_parser("path", help="print where a guest image is cached")
     ipath.add_argument("name", nargs="?", choices=("default", "debian"), default="default",
                        help="which image (default: default)")
@@ -135,7 +138,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         memory = memory or "1G"
         if args.command is not None:
             # systemd stays quiet and no login prompt shares the console with the command's output
-            append += " systemd.show_status=0 systemd.mask=serial-getty@ttyS0.service"
+            # (TERM=dumb reaches PID 1's environment: systemd then sends no terminal resets)
+            append += " TERM=dumb systemd.show_status=0 systemd.mask=serial-getty@ttyS0.service"
     elif args.bios is None and kernel is None:
         from pyvirt.images import default_image
         img = default_image(build=True, progress=sys.stderr.isatty())
@@ -203,7 +207,7 @@ def _cmd_image(args: argparse.Namespace) -> int:
     if args.image_cmd in ("build", "path") and args.name == "debian":
         from pyvirt.images.debian_image import cached_debian_image, debian_image
         if args.image_cmd == "build":
-            dimg = debian_image(build=True, progress=sys.stderr.isatty())
+            dimg = debian_image(build=True, progress=sys.stderr.isatty(), configure_with=args.configure_with)
         else:
             found = cached_debian_image()
             if found is None:

@@ -93,3 +93,12 @@ def test_root_overlays(tmp_path: Path) -> None:
     before = keep.read_bytes()
     di.root_overlay(img, str(keep))         # an existing root disk is used, not remade
     assert keep.read_bytes() == before
+
+
+def test_guest_networking_is_dhcp_on_ethernet(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc/systemd/system").mkdir(parents=True)
+    di.install_guest_files(root)
+    text = (root / "etc/systemd/network/80-pyvirt-dhcp.network").read_text()
+    assert "Type=ether" in text and "DHCP=yes" in text
+    assert b"systemctl enable systemd-networkd" in di.data_file("setup")

@@ -18,12 +18,16 @@ How it is built (`build_debian_image`):
    modules the root disk needs (virtio-mmio, virtio-blk, ext4 and their
    dependencies, ordered from each module's .modinfo) and pyvirt's Debian
    /init (data/debian/init).
-5. **The second stage runs inside a pyvirt VM**: the Debian kernel boots with
-   that initramfs and `pyvirt.setup=1`, mounts the disk and chroots into it
-   to run data/debian/setup -- `debootstrap --second-stage` (every package's
+5. **The second stage runs inside a VM**: the Debian kernel boots with that
+   initramfs and `pyvirt.setup=1`, mounts the disk and chroots into it to run
+   data/debian/setup -- `debootstrap --second-stage` (every package's
    configuration, riscv64 maintainer scripts), `depmod`, the passwordless root
-   account.  The VM reports the script's exit status through the syscon test
-   finisher.  No qemu-user or binfmt_misc is involved.
+   account, systemd-networkd.  The VM reports the script's exit status through
+   the test finisher.  The VM is qemu-system-riscv64 by default (about 7
+   minutes here) or, with `configure_with="pyvirt"`, a pyvirt VM -- which
+   works but took over an hour (its TLB-miss path is the bottleneck on this
+   fork/exec-heavy load; BENCHMARKS.md).  No qemu-user or binfmt_misc (global
+   host state) is involved either way.
 6. The disk is checked with `e2fsck -fn` and the result cached as
    debian-<key>/{disk.img, Image, initrd.cpio, manifest.json}, the key
    covering the package index, the kernel and busybox packages, the package
@@ -114,7 +118,7 @@ def cached_debian_image() -> DebianImage | None:
     return _image_from(best[1]) if best else None
 
 
-def debian_image(build: bool = True, progress: bool = True) -> DebianImage:
+def debian_image(build: bool = True, progress: bool = True, configure_with: str = "qemu") -> DebianImage:
     """The Debian image from the cache, or built now (BuildError when not built and not `build`)."""
     from pyvirt.images.progress import make_progress
     found = cached_debian_image()
@@ -123,7 +127,7 @@ def debian_image(build: bool = True, progress: bool = True) -> DebianImage:
     if not build:
         raise BuildError("the Debian image is not built: run `pyvirt image build debian`")
     with make_progress(progress) as reporter:
-        return build_debian_image(reporter)
+        return build_debian_image(reporter, configure_with=configure_with)
 
 
 def root_overlay(img: DebianImage, keep: str | None) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
@@ -181,6 +185,11 @@ def install_guest_files(root: Path) -> None:
     (etc / "hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\tdebian\n::1\tlocalhost ip6-localhost\n")
     (etc / "fstab").write_text("# pyvirt: the root disk is the first virtio-blk device\n"
                                "/dev/vda\t/\text4\terrors=remount-ro\t0\t1\n")
+    network = etc / "systemd/network"
+    network.mkdir(parents=True, exist_ok=True)
+    (network / "80-pyvirt-dhcp.network").write_text(
+        "# pyvirt: every virtio-net interface gets its address by DHCP (passt serves it)\n"
+        "[Match]\nType=ether\n\n[Network]\nDHCP=yes\n")
     sbin = root / "usr/local/sbin"
     sbin.mkdir(parents=True, exist_ok=True)
     (sbin / "pyvirt-command").write_bytes(data_file("pyvirt-command"))
@@ -302,8 +311,42 @@ def second_stage(kernel: Path, initrd: Path, disk: Path, log: Path, progress: Pr
     return time.monotonic() - start
 
 
-def build_debian_image(progress: Progress | None = None, engine: str | None = None) -> DebianImage:
-    """The cached Debian image, built if missing (root needed; about half an hour the first time)."""
+def second_stage_qemu(kernel: Path, initrd: Path, disk: Path, log: Path, progress: Progress,
+                      timeout: float = SETUP_TIMEOUT) -> float:
+    """The same second stage under qemu-system-riscv64 (the same kernel, initramfs and disk;
+    QEMU's virt board has the same test finisher, so its exit status is the script's)."""
+    if shutil.which("qemu-system-riscv64") is None:
+        raise BuildError("qemu-system-riscv64 is not installed (scripts/setup-system.sh installs it)")
+    cmd = ["qemu-system-riscv64", "-M", "virt", "-m", str(SETUP_MEMORY >> 20), "-display", "none",
+           "-kernel", str(kernel), "-initrd", str(initrd), "-append", "console=ttyS0 pyvirt.setup=1",
+           "-drive", f"file={disk},format=raw,if=none,id=root", "-device", "virtio-blk-device,drive=root",
+           "-monitor", "none", "-serial", "stdio"]
+    start = time.monotonic()
+    with open(log, "ab") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n".encode())
+        f.flush()
+        try:
+            p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BuildError(f"the second stage under QEMU did not finish in {timeout:.0f} s (log: {log})") \
+                from None
+    if p.returncode != 0:
+        raise BuildError(f"the second stage under QEMU failed with status {p.returncode} (log: {log})")
+    return time.monotonic() - start
+
+
+CONFIGURE_WITH = ("qemu", "pyvirt")
+
+
+def build_debian_image(progress: Progress | None = None, engine: str | None = None,
+                       configure_with: str = "qemu") -> DebianImage:
+    """The cached Debian image, built if missing (root needed).
+
+    `configure_with`: where the riscv64 second stage runs: "qemu" (qemu-system-riscv64,
+    about 7 minutes here) or "pyvirt" (a pyvirt VM; an hour or more -- see BENCHMARKS.md)."""
+    if configure_with not in CONFIGURE_WITH:
+        raise BuildError(f"unknown --configure-with {configure_with!r} (qemu or pyvirt)")
     from pyvirt.images.debian import DebFile, DebianArchive
     from pyvirt.images.debian_kernel import METAPACKAGE, image_package_name
     from pyvirt.images.initramfs import BUSYBOX_PACKAGE, BUSYBOX_PATHS, busybox_applets
@@ -352,8 +395,11 @@ def build_debian_image(progress: Progress | None = None, engine: str | None = No
             disk = scratch / "disk.img"
             make_ext4(root, disk, DISK_SIZE, log)
             shutil.rmtree(root)
-            progress.step("configuring the packages inside a pyvirt VM (debootstrap --second-stage)")
-            t_second = second_stage(scratch / "Image", scratch / "initrd.cpio", disk, log, progress, engine)
+            progress.step(f"configuring the packages inside a {configure_with} VM (debootstrap --second-stage)")
+            if configure_with == "pyvirt":
+                t_second = second_stage(scratch / "Image", scratch / "initrd.cpio", disk, log, progress, engine)
+            else:
+                t_second = second_stage_qemu(scratch / "Image", scratch / "initrd.cpio", disk, log, progress)
             progress.step("checking the file system (e2fsck -fn)")
             _run_logged(["e2fsck", "-fn", str(disk)], log, "e2fsck of the new Debian disk")
             with cache.building(final) as out:
@@ -366,11 +412,12 @@ def build_debian_image(progress: Progress | None = None, engine: str | None = No
                             "busybox_version": bpkg.version, "index_sha256": index.sha256,
                             "scripts_sha256": scripts_digest(), "root_modules": [n for n, _ in modules],
                             "first_stage_s": round(t_first, 1), "second_stage_s": round(t_second, 1),
+                            "configured_with": configure_with,
                             "total_s": round(time.monotonic() - started, 1),
                             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                 (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         progress.note(f"Debian image built in {time.monotonic() - started:.0f} s "
-                      f"(second stage in pyvirt: {t_second:.0f} s): {final}")
+                      f"(second stage in {configure_with}: {t_second:.0f} s): {final}")
     return _image_from(final)

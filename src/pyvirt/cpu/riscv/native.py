@@ -75,7 +75,7 @@ W_TLB_S0 = 46      # S-mode's read/write tables with SUM=0 ...
 W_TLB_S1 = 47      # ... and with SUM=1 (hart.S_SUM)
 W_RESYNC = 48      # set by native code that switched them: the hart re-reads its context
 STATE_WORDS = 56
-TLB_ENTRIES = 1024
+TLB_ENTRIES = 4096
 TLB_BYTES = TLB_ENTRIES * 16
 LOOP_BUDGET = 20_000
 CHAIN_BUDGET = 20_000      # instructions native code runs before returning to Python

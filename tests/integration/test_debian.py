@@ -44,6 +44,7 @@ def test_command_sees_debian_13_and_root_disk_persists(debian: DebianImage, tmp_
     assert 'PRETTY_NAME="Debian GNU/Linux 13 (trixie)"' in r.out, (r.out[-2000:], r.err[-2000:])
     assert 'VERSION_ID="13"' in r.out
     assert r.out.startswith('PRETTY_NAME='), repr(r.out[:200])      # nothing before the command's output
+    assert "\r" not in r.out                                        # byte for byte, no \r added
     lines = r.out.splitlines()
     state = next(line for line in lines if line in ("running", "degraded", "starting", "maintenance"))
     assert state == "running", f"systemd is {state}; failed units: {r.out[-1000:]}"

@@ -76,3 +76,10 @@ def test_qcow2_disk_errors(default_image, tmp_path: Path) -> None:
     one_line_error(pyvirt("run", "--disk", f"{bad},format=vmdk", "--command", "true"),
                    "unknown disk option 'format=vmdk'")
     assert top.read_bytes() == before
+
+
+def test_debian_image_flag_conflicts(tmp_path: Path) -> None:
+    one_line_error(pyvirt("run", "--root-disk", str(tmp_path / "r.qcow2")), "--root-disk goes with --image debian")
+    one_line_error(pyvirt("run", "--image", "debian", "--kernel", str(tmp_path / "k")),
+                   "--image debian brings its own kernel")
+    assert not (tmp_path / "r.qcow2").exists()

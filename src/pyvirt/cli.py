@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="boot a virtual machine (the default guest with no arguments)")
     run.add_argument("--image", choices=("default", "debian"), default=None,
                      help="guest image: default (lean kernel, busybox initramfs) or debian (Debian trixie "
-                          "with systemd on a disk; built on first use; log in as root, no password)")
+                          "with systemd on a disk; built on first use)")
     run.add_argument("--root-disk", metavar="PATH",
                      help="with --image debian: keep the root disk in PATH, a qcow2 overlay over the "
                           "cached image (made if missing); without it each run starts from a fresh, "

@@ -1,7 +1,7 @@
 """The Debian guest: trixie riscv64 with systemd, on an ext4 disk, with Debian's kernel.
 
     pyvirt image build debian        # minutes the first time, then cached
-    pyvirt run --image debian        # login on the console: root, no password
+    pyvirt run --image debian        # root has no password (no console getty yet)
 
 How it is built (`build_debian_image`):
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+import select
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -40,3 +43,36 @@ _ENGINES = os.environ.get("PYVIRT_TEST_ENGINES") or os.environ.get("PYVIRT_ENGIN
 @pytest.fixture(params=_ENGINES.split(","))
 def engine(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+class PtyConsole:
+    """A `pyvirt run ...` on a pseudo-terminal, as a user's console: `expect(pattern)` reads
+    until the output matches (or fails at the deadline), `send(data)` types."""
+
+    def __init__(self, *args: str, timeout: float) -> None:
+        import pty
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.execv(sys.executable, [sys.executable, "-m", "pyvirt", "run", *args])
+        self.buf = b""
+        self.deadline = time.monotonic() + timeout
+
+    def expect(self, pattern: bytes) -> None:
+        while not re.search(pattern, self.buf):
+            assert time.monotonic() < self.deadline, f"no {pattern!r} in {self.buf[-800:]!r}"
+            r, _, _ = select.select([self.fd], [], [], 1)
+            if r:
+                try:
+                    self.buf += os.read(self.fd, 4096)
+                except OSError:
+                    break
+
+    def send(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, 9)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass

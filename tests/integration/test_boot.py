@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import os
-import pty
-import re
-import select
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import pyvirt
+from .conftest import PtyConsole, pyvirt
 
 pytestmark = pytest.mark.slow
 
@@ -42,34 +38,16 @@ def test_four_cpus_online(default_image, engine: str) -> None:
 
 def test_interactive_console_reaches_prompt(default_image) -> None:
     """What `make run` does: a shell prompt on the console, Ctrl-A x quits."""
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execv(sys.executable, [sys.executable, "-m", "pyvirt", "run"])
-    buf = b""
-    deadline = time.monotonic() + 300
-
-    def expect(pattern: bytes) -> None:
-        nonlocal buf
-        while not re.search(pattern, buf):
-            assert time.monotonic() < deadline, f"no {pattern!r} in {buf[-500:]!r}"
-            r, _, _ = select.select([fd], [], [], 1)
-            if r:
-                try:
-                    buf += os.read(fd, 4096)
-                except OSError:
-                    break
+    vm = PtyConsole(timeout=300)
     try:
-        expect(rb"root@pyvirt:[^\r\n]*# ")
-        os.write(fd, b"uname -m\r")
-        expect(rb"riscv64\r\n")
-        os.write(fd, b"\x01x")                       # Ctrl-A x
-        _, status = os.waitpid(pid, 0)
+        vm.expect(rb"root@pyvirt:[^\r\n]*# ")
+        vm.send(b"uname -m\r")
+        vm.expect(rb"riscv64\r\n")
+        vm.send(b"\x01x")                       # Ctrl-A x
+        _, status = os.waitpid(vm.pid, 0)
         assert os.WIFEXITED(status)
     finally:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
+        vm.kill()
 
 
 def _mkfs(path: Path, files: dict[str, bytes], size_mb: int = 16) -> None:

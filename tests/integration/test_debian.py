@@ -7,10 +7,7 @@ runs; these tests only find it in the cache.
 from __future__ import annotations
 
 import os
-import pty
-import re
 import select
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import pytest
 
 from pyvirt.images.debian_image import DebianImage, cached_debian_image
 
-from .conftest import pyvirt
+from .conftest import PtyConsole, pyvirt
 
 BOOT_TIMEOUT = 900
 
@@ -64,46 +61,27 @@ def test_command_sees_debian_13_and_root_disk_persists(debian: DebianImage, tmp_
 @pytest.mark.timeout(2 * BOOT_TIMEOUT)
 def test_console_login_as_root(debian: DebianImage) -> None:
     """The documented login: systemd's getty on the serial console, root without a password."""
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execv(sys.executable, [sys.executable, "-m", "pyvirt", "run", "--image", "debian"])
-    buf = b""
-    deadline = time.monotonic() + BOOT_TIMEOUT
-
-    def expect(pattern: bytes) -> None:
-        nonlocal buf
-        while not re.search(pattern, buf):
-            assert time.monotonic() < deadline, f"no {pattern!r} in {buf[-800:]!r}"
-            r, _, _ = select.select([fd], [], [], 1)
-            if r:
-                try:
-                    buf += os.read(fd, 4096)
-                except OSError:
-                    break
+    vm = PtyConsole("--image", "debian", timeout=BOOT_TIMEOUT)
     try:
-        expect(rb"debian login: ")
-        os.write(fd, b"root\r")
-        expect(rb"root@debian:~# ")
-        os.write(fd, b"cat /etc/debian_version; systemctl is-system-running\r")
-        expect(rb"\r\n13\.\d+\r\n(running|degraded)\r\n")
-        assert b"running" in buf[-200:], buf[-800:]
-        os.write(fd, b"poweroff\r")
+        vm.expect(rb"debian login: ")
+        vm.send(b"root\r")
+        vm.expect(rb"root@debian:~# ")
+        vm.send(b"cat /etc/debian_version; systemctl is-system-running\r")
+        vm.expect(rb"\r\n13\.\d+\r\n(running|degraded)\r\n")
+        assert b"running" in vm.buf[-200:], vm.buf[-800:]
+        vm.send(b"poweroff\r")
         end = time.monotonic() + 300
         while time.monotonic() < end:
-            done, status = os.waitpid(pid, os.WNOHANG)
+            done, status = os.waitpid(vm.pid, os.WNOHANG)
             if done:
                 assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
                 break
             try:
-                if select.select([fd], [], [], 1)[0]:
-                    buf += os.read(fd, 4096)
+                if select.select([vm.fd], [], [], 1)[0]:
+                    vm.buf += os.read(vm.fd, 4096)
             except OSError:
                 time.sleep(0.5)
         else:
-            pytest.fail(f"poweroff did not end the VM: {buf[-800:]!r}")
+            pytest.fail(f"poweroff did not end the VM: {vm.buf[-800:]!r}")
     finally:
-        try:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        vm.kill()

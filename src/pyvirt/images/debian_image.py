@@ -311,7 +311,7 @@ def second_stage(kernel: Path, initrd: Path, disk: Path, log: Path, progress: Pr
     return time.monotonic() - start
 
 
-def second_stage_qemu(kernel: Path, initrd: Path, disk: Path, log: Path, progress: Progress,
+def second_stage_qemu(kernel: Path, initrd: Path, disk: Path, log: Path,
                       timeout: float = SETUP_TIMEOUT) -> float:
     """The same second stage under qemu-system-riscv64 (the same kernel, initramfs and disk;
     QEMU's virt board has the same test finisher, so its exit status is the script's)."""
@@ -322,17 +322,7 @@ def second_stage_qemu(kernel: Path, initrd: Path, disk: Path, log: Path, progres
            "-drive", f"file={disk},format=raw,if=none,id=root", "-device", "virtio-blk-device,drive=root",
            "-monitor", "none", "-serial", "stdio"]
     start = time.monotonic()
-    with open(log, "ab") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n".encode())
-        f.flush()
-        try:
-            p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise BuildError(f"the second stage under QEMU did not finish in {timeout:.0f} s (log: {log})") \
-                from None
-    if p.returncode != 0:
-        raise BuildError(f"the second stage under QEMU failed with status {p.returncode} (log: {log})")
+    _run_logged(cmd, log, "the second stage under QEMU", timeout)
     return time.monotonic() - start
 
 
@@ -399,7 +389,7 @@ def build_debian_image(progress: Progress | None = None, engine: str | None = No
             if configure_with == "pyvirt":
                 t_second = second_stage(scratch / "Image", scratch / "initrd.cpio", disk, log, progress, engine)
             else:
-                t_second = second_stage_qemu(scratch / "Image", scratch / "initrd.cpio", disk, log, progress)
+                t_second = second_stage_qemu(scratch / "Image", scratch / "initrd.cpio", disk, log)
             progress.step("checking the file system (e2fsck -fn)")
             _run_logged(["e2fsck", "-fn", str(disk)], log, "e2fsck of the new Debian disk")
             with cache.building(final) as out:

@@ -23,9 +23,9 @@ from .conftest import pyvirt
 
 pytestmark = pytest.mark.slow
 
-# Bytes sent from B to A: `seq 1 N` (N = 1,200,000 gives 8,288,895 bytes).  PYVIRT_SWITCH_SEQ
-# changes it.
-SEQ = int(os.environ.get("PYVIRT_SWITCH_SEQ", "1200000"))
+# Bytes sent from B to A: `seq 1 N` (N = 1,400,000 gives 10,088,896 bytes; about 50 s for the
+# whole test on a 2-core host).  PYVIRT_SWITCH_SEQ changes it.
+SEQ = int(os.environ.get("PYVIRT_SWITCH_SEQ", "1400000"))
 # A listening busybox nc half-closes the connection when its stdin ends, and the sending nc
 # stops when it sees that: listeners read a FIFO held open on fd 3, which never ends.
 UP = ("ip addr add {ip}/24 dev eth0 && ip link set eth0 up && mkfifo /tmp/p && exec 3<>/tmp/p")

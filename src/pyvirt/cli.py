@@ -2,13 +2,15 @@
 
     pyvirt run [--kernel IMAGE --initrd FILE --append ARGS | --bios ELF] [--cpus N]
                [--memory SIZE] [--disk PATH[,ro][,format=raw|qcow2]]... [--command CMD]
-               [--engine interp|jit|native] [--net user[,port=H:G]...|stream=SOCK|tap=IF]...
+               [--engine interp|jit|native]
+               [--net user[,port=H:G]...|stream=SOCK|network=NAME|tap=IF[,mac=MAC]]...
                [--port HOST:GUEST]...
     pyvirt run --image debian [--root-disk PATH] [--command CMD]
     pyvirt image build [default|debian]
     pyvirt disk create NAME [--size SIZE] [--backing BASE [--backing-format raw|qcow2]]
                             [--cluster-size SIZE]
     pyvirt disk info NAME
+    pyvirt network create NAME | ls | rm NAME
 
 Every user error ends in one line on stderr and a non-zero exit status.
 """
@@ -65,10 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--vport", action="append", default=[], metavar="NAME=SOCKET",
                      help="a virtio-console port served on a Unix socket (repeatable); the name "
                           "hvc0 is the console port, others appear in the guest as named ports")
-    run.add_argument("--net", action="append", default=[], metavar="user|stream=SOCKET|tap=IFNAME",
+    run.add_argument("--net", action="append", default=[],
+                     metavar="user|stream=SOCKET|network=NAME|tap=IFNAME",
                      help="a virtio-net interface (repeatable): user (passt user-mode networking; "
                           ",port=HOST:GUEST forwards a host TCP port on 127.0.0.1), stream=SOCKET (a Unix "
-                          "socket speaking QEMU's -netdev stream framing) or tap=IFNAME (a host TAP "
+                          "socket speaking QEMU's -netdev stream framing), network=NAME (a switch made "
+                          "by `pyvirt network create NAME`) or tap=IFNAME (a host TAP "
                           "device, needs root); ,mac=52:54:00:xx:xx:xx sets the MAC (default: random)")
     run.add_argument("--port", action="append", default=[], metavar="HOST:GUEST",
                      help="forward TCP port HOST on the host's 127.0.0.1 to GUEST in the guest "
@@ -110,6 +114,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="cluster size, 512 (bytes) to 2M (default 64K)")
     info = dsub.add_parser("info", help="describe a disk image and check its refcounts")
     info.add_argument("name", metavar="NAME", help="the image file")
+
+    network = sub.add_parser("network", help="virtual networks between VMs (one L2 switch each)")
+    nsub = network.add_subparsers(dest="network_cmd", metavar="ACTION", parser_class=_Parser)
+    ncreate = nsub.add_parser("create", help="start a network's switch in the background")
+    ncreate.add_argument("name", metavar="NAME", help="1 to 32 letters, digits, '_' or '-'")
+    nsub.add_parser("ls", help="list networks: name, alive, ports connected, socket")
+    nrm = nsub.add_parser("rm", help="stop a network's switch and remove its files")
+    nrm.add_argument("name", metavar="NAME")
     return p
 
 
@@ -246,6 +258,26 @@ def _cmd_disk(args: argparse.Namespace) -> int:
     raise ConfigError("pyvirt disk needs an action: create or info")
 
 
+def _cmd_network(args: argparse.Namespace) -> int:
+    from pyvirt.network import create_network, list_networks, remove_network
+    if args.network_cmd == "create":
+        print(create_network(args.name))
+        return 0
+    if args.network_cmd == "ls":
+        nets = list_networks()
+        if nets:
+            width = max(4, *(len(n.name) for n in nets))
+            print(f"{'NAME':<{width}}  ALIVE  PORTS  SOCKET")
+            for n in nets:
+                ports = "-" if n.ports is None else str(n.ports)
+                print(f"{n.name:<{width}}  {'yes' if n.alive else 'no':<5}  {ports:<5}  {n.socket}")
+        return 0
+    if args.network_cmd == "rm":
+        remove_network(args.name)
+        return 0
+    raise ConfigError("pyvirt network needs an action: create, ls or rm")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -255,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_image(args)
         if args.cmd == "disk":
             return _cmd_disk(args)
+        if args.cmd == "network":
+            return _cmd_network(args)
         _parser().print_help()
         return EXIT_USAGE
     except PyvirtError as e:

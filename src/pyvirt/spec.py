@@ -103,11 +103,13 @@ def parse_port_forward(text: str, where: str) -> tuple[int, int]:
 
 class NetSpec(BaseModel):
     """A virtio-net interface and its host side: `user` (passt, with forwarded host ports),
-    `stream` (a Unix socket speaking QEMU's -netdev stream framing) or `tap` (a TAP device)."""
+    `stream` (a Unix socket speaking QEMU's -netdev stream framing), `network` (the switch of a
+    `pyvirt network create` network, found by name when the VM starts) or `tap` (a TAP device)."""
 
     model_config = ConfigDict(extra="forbid")
-    backend: Literal["user", "stream", "tap"] = "user"
+    backend: Literal["user", "stream", "network", "tap"] = "user"
     socket: Path | None = None                  # stream
+    network: str | None = None                  # network
     ifname: str | None = None                   # tap
     ports: list[tuple[int, int]] = Field(default_factory=list)     # user: (host, guest) TCP
     mac: str = Field(default_factory=random_mac)
@@ -124,7 +126,8 @@ class NetSpec(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> NetSpec:
-        """'user[,port=H:G]...[,mac=M]', 'stream=SOCKET[,mac=M]' or 'tap=IFNAME[,mac=M]' (--net)."""
+        """'user[,port=H:G]...[,mac=M]', 'stream=SOCKET[,mac=M]', 'network=NAME[,mac=M]' or
+        'tap=IFNAME[,mac=M]' (--net)."""
         first, *opts = text.split(",")
         kind, _, value = first.partition("=")
         fields: dict[str, object] = {}
@@ -132,11 +135,13 @@ class NetSpec(BaseModel):
             fields["backend"] = "user"
         elif kind == "stream" and value:
             fields.update(backend="stream", socket=Path(value))
+        elif kind == "network" and value:
+            fields.update(backend="network", network=value)
         elif kind == "tap" and value:
             fields.update(backend="tap", ifname=value)
         else:
-            raise ConfigError(f"--net {text}: expected user[,port=HOST:GUEST...], stream=SOCKET "
-                              "or tap=IFNAME")
+            raise ConfigError(f"--net {text}: expected user[,port=HOST:GUEST...], stream=SOCKET, "
+                              "network=NAME or tap=IFNAME")
         ports: list[tuple[int, int]] = []
         for o in opts:
             if o.startswith("mac="):
@@ -157,6 +162,8 @@ class NetSpec(BaseModel):
     def _backend_fields(self) -> NetSpec:
         if self.backend == "stream" and self.socket is None:
             raise ValueError("a stream network needs a socket path")
+        if self.backend == "network" and not self.network:
+            raise ValueError("a network interface needs a network name")
         if self.backend == "tap" and not self.ifname:
             raise ValueError("a tap network needs an interface name")
         if self.ports and self.backend != "user":

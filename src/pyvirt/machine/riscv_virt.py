@@ -351,6 +351,10 @@ def open_net_backend(net: NetSpec) -> NetBackend:
     if net.backend == "stream":
         assert net.socket is not None
         return StreamBackend.connect(net.socket)
+    if net.backend == "network":
+        from pyvirt.network.manage import network_socket
+        assert net.network is not None
+        return StreamBackend.connect(network_socket(net.network))
     if net.backend == "tap":
         assert net.ifname is not None
         return TapBackend(net.ifname)

@@ -120,7 +120,9 @@ class Vm:
             if max_instructions is not None and stats.instructions >= max_instructions:
                 return None
             wait = 0.0
-            if not ran:
+            # An interrupt the poll just raised (a frame from the network, console input) wakes
+            # an idle hart now, not after the next timer deadline.
+            if not ran and not any(h.state == HART_STARTED and h.idle and h.mip & h.mie for h in harts):
                 nxt = board.next_deadline()
                 wait = MAX_IDLE_WAIT if nxt is None else min(MAX_IDLE_WAIT, board.clock.seconds_until(nxt))
                 if deadline is not None:

@@ -19,7 +19,6 @@ import os
 import re
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyvirt.errors import ConfigError
+from pyvirt.fsutil import private_dir
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 START_TIMEOUT = 10.0
@@ -50,14 +50,7 @@ def runtime_dir() -> Path:
     else:
         xdg = os.environ.get("XDG_RUNTIME_DIR")
         d = Path(xdg) / "pyvirt" if xdg else Path(f"/tmp/pyvirt-{os.getuid()}")
-    try:
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(d)
-    except OSError as e:
-        raise ConfigError(f"cannot make the runtime directory {d}: {e.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise ConfigError(f"the runtime directory {d} is not a directory of this user's")
-    return d
+    return private_dir(d, "runtime directory")
 
 
 @dataclass(frozen=True)

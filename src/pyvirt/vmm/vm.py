@@ -5,6 +5,14 @@ Between slices it brings timer interrupts up to date and polls the I/O event
 loop without blocking.  When every hart waits for an interrupt (WFI) it
 blocks in the selector until the next timer deadline or host input, so an
 idle guest costs no host CPU.
+
+Host hook (for a VMM that serves requests while the VM runs, such as
+pyvirtd's runner): `Vm.watches` holds `Watch`es, host descriptors the loop
+also waits on, and whose callbacks it calls between slices when they are
+readable; `Vm.pause()` makes the loop stop the harts at the next slice
+boundary and block in select() on those descriptors only (no CPU use), with
+the VM clock stopped, until `Vm.resume()` or `request_quit()` -- both are
+meant to be called from a watch callback.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import gc
 import select
 import selectors
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvirt.backends.char import CharBackend
@@ -40,6 +49,18 @@ class RunStats:
         return self.instructions / self.wall / 1e6 if self.wall else 0.0
 
 
+@dataclass
+class Watch:
+    """Host descriptors the run loop also watches: `fds()` lists them (it is asked again each
+    time, so the set may change), `on_ready(ready)` runs between slices with those readable;
+    `on_tick()`, if given, runs between every two slices (and at least every MAX_IDLE_WAIT
+    seconds while the guest idles) whatever is ready."""
+
+    fds: Callable[[], list[int]]
+    on_ready: Callable[[list[int]], None]
+    on_tick: Callable[[], None] | None = None
+
+
 class Vm:
     def __init__(self, spec: VmSpec, console: CharBackend) -> None:
         self.spec = spec
@@ -47,9 +68,53 @@ class Vm:
         self.quit_requested = False
         self.stats = RunStats()
         self.board = VirtBoard(spec, console)
+        self.watches: list[Watch] = []
+        self.paused = False
 
     def request_quit(self) -> None:
         self.quit_requested = True
+
+    def pause(self) -> None:
+        """Stop the harts at the next slice boundary (the VM clock stops with them)."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    # -- the host hook ---------------------------------------------------------------------
+    def _watch_fds(self) -> list[int]:
+        return [fd for w in self.watches for fd in w.fds()]
+
+    def _service_watches(self, timeout: float | None) -> None:
+        """Wait up to `timeout` (None: for ever) for a watched descriptor; run the callbacks
+        of the ready ones."""
+        for w in self.watches:
+            if w.on_tick is not None:
+                w.on_tick()
+        fds = self._watch_fds()
+        if not fds:                      # only another thread can resume: look again now and then
+            time.sleep(MAX_IDLE_WAIT if timeout is None else timeout)
+            return
+        try:
+            ready, _, _ = select.select(fds, [], [], timeout)
+        except InterruptedError:
+            return
+        if not ready:
+            return
+        for w in list(self.watches):
+            mine = [fd for fd in w.fds() if fd in ready]
+            if mine:
+                w.on_ready(mine)
+
+    def _paused_wait(self, board: VirtBoard) -> None:
+        """The paused state: only the watches run, in select(); the guest sees no time pass."""
+        self.console.flush()
+        board.clock.pause()
+        try:
+            while self.paused and not self.quit_requested:
+                self._service_watches(None)
+        finally:
+            board.clock.resume()
 
     def close(self) -> None:
         """Release the board's backends: disk images are written back (a qcow2 image's
@@ -131,7 +196,7 @@ class Vm:
                 for key in list(sel.get_map().values()):     # input ended: stop watching it
                     sel.unregister(key.fileobj)
             if wait > 0:
-                extra = board.wait_fds()
+                extra = board.wait_fds() + self._watch_fds()
                 if extra:
                     fds = [k.fd for k in sel.get_map().values()] + extra
                     select.select(fds, [], [], wait)
@@ -140,5 +205,9 @@ class Vm:
                 else:
                     time.sleep(wait)
             console.poll()
+            if self.watches:
+                self._service_watches(0.0)
+            if self.paused:
+                self._paused_wait(board)
             if deadline is not None and time.monotonic() >= deadline:
                 return None

@@ -1,0 +1,133 @@
+"""The runner's control protocol: JSON lines on a Unix stream socket.
+
+Each request is one JSON object on one line, `{"op": OP, ...}`; each gets one
+reply line, `{"ok": true, ...}` or `{"ok": false, "error": MESSAGE}`.  Several
+clients may be connected; requests are served by the runner's run loop
+between CPU slices (and at once while the VM is paused).
+
+    status                   -> state (running|paused), pid, instructions, agent (the guest
+                                agent has its port open), console_attached
+    pause / resume           -> state
+    stop                     -> asks the guest to power off through the agent (resumes a paused
+                                VM first); agent: whether the agent is there to hear it
+    kill                     -> the VM ends now (disks are still flushed and closed)
+    snapshot {dir, then}     -> Vm.request_snapshot(dir, then=then) where the VMM has it,
+                                else {"ok": false, "error": "snapshot is not supported ..."}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pyvirt.fsutil import listen_unix
+
+MAX_LINE = 64 * 1024
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class ControlError(Exception):
+    """The runner did not answer (not there, or it closed the connection)."""
+
+
+def request(path: str | Path, op: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
+    """Send one request to the control socket at `path`; its reply."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(path))
+        s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        buf = b""
+        while b"\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise ControlError("the runner closed the control connection")
+            buf += chunk
+        reply = json.loads(buf.split(b"\n", 1)[0])
+    except (OSError, ValueError) as e:
+        raise ControlError(f"no answer on {path}: {e}") from None
+    finally:
+        s.close()
+    if not isinstance(reply, dict):
+        raise ControlError(f"a malformed reply on {path}")
+    return reply
+
+
+class ControlServer:
+    """The runner's side: a listening socket and its clients, served without blocking
+    (`fds()` and `on_ready()` make a `pyvirt.vmm.vm.Watch`)."""
+
+    def __init__(self, path: Path, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        self.server = listen_unix(path)
+        self.clients: dict[int, tuple[socket.socket, bytearray]] = {}
+
+    def fds(self) -> list[int]:
+        return [self.server.fileno(), *self.clients]
+
+    def on_ready(self, ready: list[int]) -> None:
+        for fd in ready:
+            if fd == self.server.fileno():
+                self._accept()
+            elif fd in self.clients:
+                self._read(fd)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.server.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.settimeout(2.0)                 # replies are small: a stuck client cannot hold us long
+        self.clients[conn.fileno()] = (conn, bytearray())
+
+    def _drop(self, fd: int) -> None:
+        conn, _ = self.clients.pop(fd)
+        conn.close()
+
+    def _read(self, fd: int) -> None:
+        conn, buf = self.clients[fd]
+        try:
+            data = conn.recv(65536)
+        except (BlockingIOError, InterruptedError, socket.timeout):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(fd)
+            return
+        buf += data
+        while b"\n" in buf:
+            line, _, rest = bytes(buf).partition(b"\n")
+            buf[:] = rest
+            reply = self._handle(line)
+            try:
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError:
+                self._drop(fd)
+                return
+        if len(buf) > MAX_LINE:
+            self._drop(fd)
+
+    def _handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+        except ValueError:
+            return {"ok": False, "error": "a request is one JSON object per line"}
+        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+            return {"ok": False, "error": 'a request needs "op" (a string)'}
+        try:
+            return self.handler(req)
+        except Exception as e:                # a bad request must not end the VM
+            return {"ok": False, "error": f"{req['op']}: {e}"}
+
+    def close(self) -> None:
+        for fd in list(self.clients):
+            self._drop(fd)
+        self.server.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()

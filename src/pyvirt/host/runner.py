@@ -1,0 +1,286 @@
+"""The VM runner: one OS process per VM, started by pyvirtd.
+
+    python -m pyvirt.host.runner --id ID --state-dir DIR
+
+It reads <vm dir>/config.json (written by the daemon: the VM's name and its
+VmSpec), adds the guest agent's virtio-console port (`org.pyvirt.agent` on
+<vm dir>/agent.sock), builds the Vm and runs it until the guest powers off or
+it is told to stop.  Meanwhile, between slices of the run loop (the Vm's
+`watches` hook), it serves:
+
+* the serial console: every byte goes to console.log and to the client
+  attached to console.sock (one at a time; a second is told the console is
+  busy); the attached client's input goes to the guest;
+* the control socket control.sock (pyvirt.host.control);
+* SIGTERM/SIGINT: the VM ends as with `kill` (disks flushed and closed).
+
+When the VM ends it writes exit.json -- {"reason": "poweroff", "exit_status":
+N} when the guest powered off, {"reason": "killed"} when told to end it,
+{"reason": "error", "error": MESSAGE} when it could not run -- and exits 0,
+or 1 after an error.  The daemon reads a runner that died without exit.json
+as a crash.
+
+Hook for snapshots: the control request `snapshot` calls
+`vm.request_snapshot(dir, then=then)` when the Vm has that method; a runner
+restoring a VM would build it with `pyvirt.vmm.snapshot.load_snapshot` in
+`build_vm` instead of `Vm(spec, console)` (config.json key "restore").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pyvirt.backends.char import _InputMixin
+from pyvirt.errors import PyvirtError
+from pyvirt.fsutil import listen_unix
+from pyvirt.host.control import ControlServer
+from pyvirt.host.paths import VmPaths, vm_paths
+from pyvirt.spec import PortSpec, VmSpec
+from pyvirt.vmm.vm import Vm, Watch
+
+AGENT_PORT = "org.pyvirt.agent"
+BUSY = b"\r\npyvirt: the console is busy (another client is attached)\r\n"
+
+
+class SocketConsole(_InputMixin):
+    """The serial console of a runner: output to a log file and to the attached client (if
+    any), input from that client.  Its descriptors are served through a `Watch`."""
+
+    MAX_OUT = 256 * 1024            # a client that reads too slowly loses output, not the VM
+
+    def __init__(self, log: Path, sock: Path) -> None:
+        self._handler = None
+        self._early = bytearray()
+        self.log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._log = bytearray()
+        self.path = sock
+        self.server = listen_unix(sock, backlog=2)
+        self.client: socket.socket | None = None
+        self._out = bytearray()
+
+    # -- CharBackend ---------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        self._log += data
+        if self.client is not None and len(self._out) < self.MAX_OUT:
+            self._out += data
+
+    def fileno(self) -> int | None:
+        return None                  # the Watch wakes the run loop instead
+
+    def poll(self) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        if self._log:
+            with contextlib.suppress(OSError):
+                os.write(self.log_fd, self._log)
+            self._log.clear()
+        while self._out and self.client is not None:
+            try:
+                n = self.client.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._detach()
+                return
+            del self._out[:n]
+
+    def close(self) -> None:
+        self.flush()
+        self._detach()
+        self.server.close()
+        os.close(self.log_fd)
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    # -- the attached client -------------------------------------------------------------
+    def _detach(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+        self._out.clear()
+
+    def fds(self) -> list[int]:
+        return [self.server.fileno()] + ([self.client.fileno()] if self.client is not None else [])
+
+    def on_ready(self, ready: list[int]) -> None:
+        if self.server.fileno() in ready:
+            try:
+                conn, _ = self.server.accept()
+            except (BlockingIOError, InterruptedError):
+                conn = None
+            if conn is not None and self.client is not None:
+                with contextlib.suppress(OSError):
+                    conn.sendall(BUSY)
+                conn.close()
+            elif conn is not None:
+                conn.setblocking(False)
+                self.client = conn
+        if self.client is not None and self.client.fileno() in ready:
+            try:
+                data = self.client.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._detach()            # detached: the VM goes on
+            else:
+                self._deliver(data)
+
+
+class Runner:
+    def __init__(self, paths: VmPaths, vm: Vm, console: SocketConsole) -> None:
+        self.paths = paths
+        self.vm = vm
+        self.console = console
+        self.control = ControlServer(paths.control_sock, self.handle)
+        self.agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.agent.connect(str(paths.agent_sock))    # the board listens there already
+        self.agent_out = bytearray()
+        self.reason = "poweroff"
+        rfd, wfd = os.pipe()
+        os.set_blocking(wfd, False)
+        self.signal_r = rfd
+        signal.set_wakeup_fd(wfd)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)       # the wakeup fd carries the signal
+        vm.watches += [Watch(console.fds, console.on_ready), Watch(self.control.fds, self.control.on_ready),
+                       Watch(lambda: [self.signal_r], self._on_signal),
+                       Watch(list, lambda _ready: None, on_tick=self._agent_flush)]
+
+    # -- the guest agent -----------------------------------------------------------------
+    def agent_open(self) -> bool:
+        """Whether the guest has the agent port open (a line sent now is read)."""
+        vcon = self.vm.board.vconsole
+        if vcon is None:
+            return False
+        return any(name == AGENT_PORT and vcon.guest_open[i] for i, name in enumerate(vcon.names))
+
+    def send_agent(self, line: str) -> None:
+        self.agent_out += line.encode() + b"\n"
+        self._agent_flush()
+
+    def _agent_flush(self) -> None:
+        if self.agent_out and self.agent_open():
+            # (the guest drops what arrives on a port it has not opened, hence the wait)
+            self.agent.sendall(bytes(self.agent_out))
+            self.agent_out.clear()
+
+    def _on_signal(self, _ready: list[int]) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self.signal_r, 64)
+        self.reason = "killed"
+        self.vm.request_quit()
+
+    # -- the control protocol ------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {"ok": True, "state": "paused" if self.vm.paused else "running", "pid": os.getpid(),
+                "instructions": self.vm.stats.instructions, "agent": self.agent_open(),
+                "console_attached": self.console.client is not None}
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req["op"]
+        vm = self.vm
+        if op == "status":
+            return self.status()
+        if op == "pause":
+            if vm.paused:
+                return {"ok": False, "error": "the VM is already paused"}
+            vm.pause()
+            return {"ok": True, "state": "paused"}
+        if op == "resume":
+            if not vm.paused:
+                return {"ok": False, "error": "the VM is not paused"}
+            vm.resume()
+            return {"ok": True, "state": "running"}
+        if op == "stop":
+            vm.resume()
+            self.send_agent("poweroff")
+            return {"ok": True, "agent": self.agent_open()}
+        if op == "kill":
+            self.reason = "killed"
+            vm.request_quit()
+            return {"ok": True}
+        if op == "hostname":
+            self.send_agent(f"hostname {req.get('name', '')}")
+            return {"ok": True}
+        if op == "snapshot":
+            request_snapshot = getattr(vm, "request_snapshot", None)
+            if request_snapshot is None:
+                return {"ok": False, "error": "snapshot is not supported by this pyvirt"}
+            if not isinstance(req.get("dir"), str):
+                return {"ok": False, "error": 'snapshot needs "dir" (a directory path)'}
+            request_snapshot(req["dir"], then=req.get("then", "continue"))
+            return {"ok": True, "status": "requested"}
+        return {"ok": False, "error": f"unknown op {op!r} (status, pause, resume, stop, kill, "
+                                      "hostname, snapshot)"}
+
+    def close(self) -> None:
+        self.control.close()
+        self.agent.close()
+
+
+def with_agent_port(spec: VmSpec, sock: Path) -> VmSpec:
+    """The spec plus the guest agent's port (unless the spec already has one of that name)."""
+    if any(p.name == AGENT_PORT for p in spec.ports):
+        return spec
+    return spec.model_copy(update={"ports": [*spec.ports, PortSpec(name=AGENT_PORT, socket=sock)]})
+
+
+def build_vm(config: dict[str, Any], paths: VmPaths, console: SocketConsole) -> Vm:
+    """The Vm to run.  (Restoring a snapshot plugs in here: load_snapshot(dir, console, ...).)"""
+    spec = with_agent_port(VmSpec.model_validate(config["spec"]), paths.agent_sock)
+    return Vm(spec, console)
+
+
+def write_exit(paths: VmPaths, **info: Any) -> None:
+    tmp = paths.exit_file.with_name("exit.json.tmp")
+    tmp.write_text(json.dumps({"time": time.time(), **info}) + "\n")
+    os.replace(tmp, paths.exit_file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pyvirt.host.runner")
+    ap.add_argument("--id", required=True)
+    ap.add_argument("--state-dir", required=True)
+    args = ap.parse_args(argv)
+    paths = vm_paths(Path(args.state_dir), args.id)
+    with contextlib.suppress(FileNotFoundError):
+        paths.exit_file.unlink()
+    console = None
+    try:
+        config = json.loads(paths.config.read_text())
+        console = SocketConsole(paths.console_log, paths.console_sock)
+        vm = build_vm(config, paths, console)
+    except (PyvirtError, OSError, ValueError) as e:
+        write_exit(paths, reason="error", error=str(e))
+        sys.stderr.write(f"pyvirt runner: {e}\n")
+        if console is not None:
+            console.close()
+        return 1
+    runner = Runner(paths, vm, console)
+    try:
+        code = vm.run(restore_gc=False)
+    finally:
+        runner.close()
+        vm.close()
+        console.close()
+    if runner.reason == "killed" or code is None:
+        write_exit(paths, reason="killed")
+    else:
+        write_exit(paths, reason="poweroff", exit_status=code)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,15 @@ PLIC, CLINT, 16550A UART, virtio-mmio devices) that boots unmodified Linux.
 
 from pyvirt.errors import ConfigError, GuestMemoryError, ImageError, PyvirtError
 
-__all__ = ["ConfigError", "GuestMemoryError", "ImageError", "PyvirtError", "__version__"]
+__all__ = ["Client", "ConfigError", "GuestMemoryError", "ImageError", "PyvirtError", "__version__"]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # pyvirt.Client (pyvirtd's API client) is imported on first use: httpx stays out of
+    # `pyvirt run`'s start-up.
+    if name == "Client":
+        from pyvirt.host.client import Client
+        return Client
+    raise AttributeError(f"module 'pyvirt' has no attribute {name!r}")

@@ -18,7 +18,6 @@ Every user error ends in one line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
-import base64
 import gc
 import os
 import sys
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
     from pyvirt.spec import NetSpec
 
 EXIT_USAGE = 2
-MAX_COMMAND_B64 = 900     # the riscv kernel command line holds 1024 bytes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from pyvirt.engines import default_engine
+    from pyvirt.guestcmd import command_append
     from pyvirt.spec import DiskSpec, PortSpec, make_spec, parse_size
 
     disks = [DiskSpec.parse(d) for d in args.disk]
@@ -164,13 +163,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.command is not None:
         if kernel is None:
             raise ConfigError("--command needs a Linux guest (not --bios alone)")
-        encoded = base64.b64encode(args.command.encode()).decode()
-        if len(encoded) > MAX_COMMAND_B64:
-            raise ConfigError(f"--command is too long ({len(args.command.encode())} bytes; the kernel "
-                              f"command line allows about {MAX_COMMAND_B64 * 3 // 4})")
-        # Keep the console to the command's own output.
-        parts = [a for a in (append or "").split() if not a.startswith("earlycon")]
-        append = " ".join(parts + ["quiet", "loglevel=0", f"pyvirt.cmd={encoded}"])
+        append = command_append(append, args.command)
     spec = make_spec(cpus=args.cpus, memory=parse_size(memory or "256M"), kernel=kernel, initrd=initrd,
                      append=append, bios=args.bios, disks=disks, rng=not args.no_rng, ports=ports,
                      nets=nets, engine=args.engine or default_engine(), mmu=args.mmu)

@@ -1,0 +1,113 @@
+"""pyvirtd's REST API (FastAPI).  `make_app(manager)` builds the application; the daemon
+serves it on a Unix socket.  Every error answers with {"detail": "one clear sentence"}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Body, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from pyvirt import __version__
+from pyvirt.errors import PyvirtError
+from pyvirt.host.manager import HostError, Manager
+from pyvirt.host.models import VmCreate
+
+MAX_STOP_TIMEOUT = 600.0
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+class LogChunk(BaseModel):
+    text: str            # the console output from `start` (decoded as UTF-8, bad bytes replaced)
+    start: int           # its byte offset in the console log
+    offset: int          # where the next read continues (the log's size when read)
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "no such VM"},
+    409: {"model": ErrorBody, "description": "not possible in the VM's state"},
+    422: {"model": ErrorBody, "description": "invalid request"},
+}
+NamePath = Path(..., description="the VM's name (or id)")
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
+        parts.append(f"{where}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def make_app(manager: Manager) -> FastAPI:
+    app = FastAPI(title="pyvirtd", version=__version__,
+                  description="The pyvirt hypervisor service: VMs as one runner process each.")
+
+    @app.exception_handler(HostError)
+    async def _host_error(_request: Request, exc: HostError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(PyvirtError)
+    async def _pyvirt_error(_request: Request, exc: PyvirtError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_message(exc)}, status_code=422)
+
+    @app.get("/info", summary="the daemon: version, state directory, cgroup support, VM counts")
+    def info() -> dict[str, Any]:
+        return manager.info()
+
+    @app.get("/vms", summary="all VMs")
+    def list_vms() -> list[dict[str, Any]]:
+        return manager.list()
+
+    @app.post("/vms", status_code=201, responses=ERRORS, summary="define a VM (it starts stopped)")
+    def create_vm(req: VmCreate = Body(...)) -> dict[str, Any]:
+        return manager.create(req)
+
+    @app.get("/vms/{name}", responses=ERRORS, summary="a VM's definition and state")
+    def inspect_vm(name: str = NamePath) -> dict[str, Any]:
+        return manager.inspect(name)
+
+    @app.delete("/vms/{name}", status_code=204, responses=ERRORS,
+                summary="delete a stopped VM (force: kill it first if running)")
+    def delete_vm(name: str = NamePath, force: bool = Query(False)) -> None:
+        manager.delete(name, force=force)
+
+    @app.post("/vms/{name}/start", responses=ERRORS, summary="start a stopped or crashed VM")
+    def start_vm(name: str = NamePath) -> dict[str, Any]:
+        return manager.start(name)
+
+    @app.post("/vms/{name}/stop", responses=ERRORS,
+              summary="ask the guest to power off; force it off after `timeout` seconds")
+    def stop_vm(name: str = NamePath,
+                timeout: float = Query(10.0, ge=0, le=MAX_STOP_TIMEOUT)) -> dict[str, Any]:
+        return manager.stop(name, timeout)
+
+    @app.post("/vms/{name}/kill", responses=ERRORS, summary="end a running VM now")
+    def kill_vm(name: str = NamePath) -> dict[str, Any]:
+        return manager.kill(name)
+
+    @app.post("/vms/{name}/pause", responses=ERRORS, summary="stop the VM's harts and clock")
+    def pause_vm(name: str = NamePath) -> dict[str, Any]:
+        return manager.pause(name)
+
+    @app.post("/vms/{name}/resume", responses=ERRORS, summary="let a paused VM go on")
+    def resume_vm(name: str = NamePath) -> dict[str, Any]:
+        return manager.resume(name)
+
+    @app.get("/vms/{name}/logs", response_model=LogChunk, responses=ERRORS,
+             summary="the console log: its last `tail` bytes, or from byte `offset` on")
+    def logs(name: str = NamePath, tail: int = Query(64 * 1024, ge=0, le=1 << 20),
+             offset: int | None = Query(None, ge=0)) -> LogChunk:
+        start, data, end = manager.logs(name, tail=tail, offset=offset)
+        return LogChunk(text=data.decode(errors="replace"), start=start, offset=end)
+
+    return app

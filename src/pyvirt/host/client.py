@@ -1,0 +1,110 @@
+"""A Python client for pyvirtd, over its Unix socket (what the `pyvirt` CLI uses).
+
+    from pyvirt import Client
+    c = Client()                       # the state directory's daemon ($PYVIRT_STATE_DIR, ...)
+    c.create("web", memory="64M", command="sleep 1000"); c.start("web")
+    c.list(); c.inspect("web"); c.stop("web", timeout=5); c.delete("web")
+
+Errors raise `ApiError` (a PyvirtError: the daemon's one-line `detail` and the
+HTTP status) or `DaemonNotRunning`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pyvirt.errors import ConfigError, PyvirtError
+from pyvirt.host.paths import api_socket
+from pyvirt.host.paths import state_dir as find_state_dir
+
+
+class ApiError(PyvirtError):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class DaemonNotRunning(ConfigError):
+    pass
+
+
+class Client:
+    def __init__(self, state_dir: str | os.PathLike[str] | None = None, timeout: float = 60.0) -> None:
+        self.state_dir = find_state_dir(state_dir, create=False)
+        self.socket = api_socket(self.state_dir)
+        self._http = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
+                                  base_url="http://pyvirtd", timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, timeout: float | None = None, **kw: Any) -> Any:
+        if timeout is not None:
+            kw["timeout"] = timeout
+        try:
+            r = self._http.request(method, path, **kw)
+        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError):
+            raise DaemonNotRunning(f"pyvirtd is not running (no answer on {self.socket}); "
+                                   "start it with `pyvirt daemon`") from None
+        except httpx.TimeoutException:
+            raise ApiError(504, f"pyvirtd did not answer {method} {path} in time") from None
+        except httpx.HTTPError as e:
+            raise ApiError(502, f"talking to pyvirtd: {e}") from None
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise ApiError(r.status_code, str(detail))
+        return r.json() if r.status_code != 204 and r.content else None
+
+    def info(self) -> dict[str, Any]:
+        return self._call("GET", "/info")
+
+    def list(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/vms")
+
+    def create(self, name: str, **fields: Any) -> dict[str, Any]:
+        body = {"name": name, **{k: v for k, v in fields.items() if v is not None}}
+        return self._call("POST", "/vms", json=body)
+
+    def inspect(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/vms/{name}")
+
+    def start(self, name: str) -> dict[str, Any]:
+        return self._call("POST", f"/vms/{name}/start")
+
+    def stop(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
+        return self._call("POST", f"/vms/{name}/stop", params={"timeout": timeout}, timeout=timeout + 30)
+
+    def kill(self, name: str) -> dict[str, Any]:
+        return self._call("POST", f"/vms/{name}/kill")
+
+    def pause(self, name: str) -> dict[str, Any]:
+        return self._call("POST", f"/vms/{name}/pause")
+
+    def resume(self, name: str) -> dict[str, Any]:
+        return self._call("POST", f"/vms/{name}/resume")
+
+    def delete(self, name: str, force: bool = False) -> None:
+        self._call("DELETE", f"/vms/{name}", params={"force": str(force).lower()})
+
+    def logs(self, name: str, tail: int = 64 * 1024, offset: int | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"tail": tail}
+        if offset is not None:
+            params["offset"] = offset
+        return self._call("GET", f"/vms/{name}/logs", params=params)
+
+    def console_socket(self, name: str) -> Path:
+        return Path(self.inspect(name)["paths"]["console_socket"])

@@ -1,0 +1,114 @@
+"""pyvirtd: the hypervisor service.
+
+    python -m pyvirt.host.daemon [--state-dir DIR]      # in the foreground
+    pyvirt daemon [--state-dir DIR] [--foreground]      # in the background unless --foreground
+
+It holds <state>/pyvirtd.lock (one daemon per state directory), serves the
+REST API on <state>/pyvirtd.sock (mode 0600) and watches the VM runners.
+SIGTERM or SIGINT ends the daemon, not the VMs: a restarted daemon finds the
+running ones again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pyvirt.errors import ConfigError, PyvirtError
+from pyvirt.fsutil import listen_unix
+from pyvirt.host.paths import api_socket, state_dir
+
+START_TIMEOUT = 15.0
+
+
+def _lock(state: Path) -> int:
+    fd = os.open(state / "pyvirtd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        pid = (state / "pyvirtd.lock").read_text().strip() or "?"
+        raise ConfigError(f"pyvirtd is already running for {state} (pid {pid})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def serve(state: Path) -> None:
+    """Run the daemon in this process until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from pyvirt.host.api import make_app
+    from pyvirt.host.manager import Manager
+
+    os.umask(0o077)                      # the database, logs and sockets are the user's alone
+    lock_fd = _lock(state)
+    sock_path = api_socket(state)
+    manager = Manager(state)
+    sock = listen_unix(sock_path, backlog=64)
+    try:
+        config = uvicorn.Config(make_app(manager), log_level="warning", access_log=False, lifespan="off")
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        manager.close()
+        sock.close()
+        with contextlib.suppress(OSError):
+            sock_path.unlink()
+        os.close(lock_fd)
+
+
+def running(state: Path) -> bool:
+    """Whether a daemon answers on the state directory's socket."""
+    from pyvirt.host.client import Client
+    try:
+        Client(state_dir=state, timeout=2).info()
+        return True
+    except PyvirtError:
+        return False
+
+
+def start_background(state: Path) -> Path:
+    """Start the daemon detached from this terminal (its messages go to pyvirtd.log); the API
+    socket once it answers."""
+    if running(state):
+        raise ConfigError(f"pyvirtd is already running for {state}")
+    log_path = state / "pyvirtd.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pyvirt.host.daemon", "--state-dir", str(state)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
+                                start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT
+    while not running(state):
+        if proc.poll() is not None:
+            lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+            raise ConfigError(f"pyvirtd did not start: {lines[-1] if lines else proc.returncode}")
+        if time.monotonic() > deadline:
+            raise ConfigError(f"pyvirtd did not answer within {START_TIMEOUT:.0f} s (see {log_path})")
+        time.sleep(0.05)
+    return api_socket(state)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pyvirtd", description="the pyvirt hypervisor service")
+    ap.add_argument("--state-dir", help="state directory (default $PYVIRT_STATE_DIR or ~/.local/state/pyvirt)")
+    ap.add_argument("--foreground", action="store_true", help="(the default here; for symmetry with "
+                                                              "`pyvirt daemon`)")
+    args = ap.parse_args(argv)
+    try:
+        serve(state_dir(args.state_dir))
+    except PyvirtError as e:
+        sys.stderr.write(f"pyvirtd: error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""The daemon's VM manager: definitions in the store, one runner process per running VM.
+
+State machine (VmRecord.state):
+
+    stopped --start--> running --pause--> paused --resume--> running
+    running/paused --stop (guest powers off) / kill / guest powers off--> stopped
+    running/paused --runner dies unexpectedly (signal, non-zero exit)--> crashed
+    crashed --start--> running;  stopped/crashed --delete--> (gone)
+
+A runner is started in its own session, so it outlives the daemon; the
+monitor thread notices when one ends (waitpid for the daemon's own children,
+PID + start time for runners adopted after a restart) and reads the runner's
+exit.json to tell a power-off or a kill (stopped) from a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pyvirt import __version__
+from pyvirt.errors import ConfigError, PyvirtError
+from pyvirt.host import cgroups, control
+from pyvirt.host.models import Limits, VmCreate, to_spec
+from pyvirt.host.paths import VmPaths, proc_start_time, vm_paths
+from pyvirt.host.store import DuplicateName, Store, VmRecord
+
+START_TIMEOUT = 30.0           # the runner's control socket answers within this
+KILL_WAIT = 5.0                # after a kill request, before SIGKILL
+MONITOR_INTERVAL = 0.2
+LOG_TAIL = 64 * 1024
+MAX_LOG_READ = 1 << 20
+
+
+class HostError(PyvirtError):
+    status = 400
+
+
+class NotFound(HostError):
+    status = 404
+
+
+class Conflict(HostError):
+    status = 409
+
+
+class Invalid(HostError):
+    status = 422
+
+
+class Manager:
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        (state / "vms").mkdir(mode=0o700, exist_ok=True)
+        self.store = Store(state / "pyvirtd.db")
+        self.cgroups = cgroups.detect()
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.expected_end: set[str] = set()      # ids being stopped or killed on purpose
+        self.lock = threading.RLock()
+        self._stop = threading.Event()
+        self.recover()
+        self._monitor = threading.Thread(target=self._monitor_loop, name="pyvirtd-monitor", daemon=True)
+        self._monitor.start()
+
+    def close(self) -> None:
+        """Stop watching (the runners go on; a restarted daemon finds them again)."""
+        self._stop.set()
+        self._monitor.join(timeout=2)
+        self.store.close()
+
+    # -- lookups -------------------------------------------------------------------------
+    def _get(self, name: str) -> VmRecord:
+        rec = self.store.get(name)
+        if rec is None:
+            raise NotFound(f"no VM named {name}")
+        return rec
+
+    def paths(self, rec: VmRecord) -> VmPaths:
+        return vm_paths(self.state, rec.id)
+
+    def info(self) -> dict[str, Any]:
+        recs = self.store.all()
+        return {"name": "pyvirtd", "version": __version__, "pid": os.getpid(), "state_dir": str(self.state),
+                "cgroups": self.cgroups.describe(),
+                "vms": {s: sum(r.state == s for r in recs) for s in ("running", "paused", "stopped", "crashed")}}
+
+    def inspect(self, name: str) -> dict[str, Any]:
+        with self.lock:
+            rec = self._get(name)
+            self._check(rec)
+            rec = self._get(rec.id)
+        p = self.paths(rec)
+        placement = json.loads(rec.cgroup) if rec.cgroup else None
+        limits = rec.limits_dict
+        if placement is not None:
+            enforced = {"cpu_quota": placement["cpu_quota"], "memory_limit": placement["memory_limit"],
+                        "reason": placement["reason"], "cgroups": placement["cgroups"]}
+        else:
+            enforced = {"reason": self.cgroups.reason or "the VM is not running"}
+        out: dict[str, Any] = {
+            "id": rec.id, "name": rec.name, "state": rec.state, "desired": rec.desired,
+            "created": rec.created, "started": rec.started, "pid": rec.pid, "exit_status": rec.exit_status,
+            "reason": rec.reason, "spec": rec.spec_dict,
+            "limits": {**limits, "enforced": enforced},
+            "paths": {"dir": str(p.dir), "console_log": str(p.console_log),
+                      "console_socket": str(p.console_sock), "control_socket": str(p.control_sock)},
+        }
+        if rec.alive:
+            with contextlib.suppress(control.ControlError):
+                st = control.request(p.control_sock, "status", timeout=2)
+                out["runner"] = {k: st.get(k) for k in ("instructions", "agent", "console_attached")}
+        return out
+
+    def list(self) -> list[dict[str, Any]]:
+        with self.lock:
+            for rec in self.store.all():
+                self._check(rec)
+        return [{"id": r.id, "name": r.name, "state": r.state, "pid": r.pid,
+                 "cpus": r.spec_dict.get("cpus"), "memory": r.spec_dict.get("memory"),
+                 "exit_status": r.exit_status, "reason": r.reason} for r in self.store.all()]
+
+    def logs(self, name: str, tail: int = LOG_TAIL, offset: int | None = None) -> tuple[int, bytes, int]:
+        """(start, bytes, end) of the console log: its last `tail` bytes, or from `offset` on
+        (at most MAX_LOG_READ bytes at a time)."""
+        rec = self._get(name)
+        try:
+            with open(self.paths(rec).console_log, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                start = max(0, size - tail) if offset is None else min(offset, size)
+                f.seek(start)
+                data = f.read(min(size - start, MAX_LOG_READ))
+        except FileNotFoundError:
+            return 0, b"", 0
+        return start, data, start + len(data)
+
+    # -- definitions ---------------------------------------------------------------------
+    def create(self, req: VmCreate) -> dict[str, Any]:
+        try:
+            spec, limits = to_spec(req)
+        except ConfigError as e:
+            raise Invalid(str(e)) from None
+        rec = VmRecord(id=uuid.uuid4().hex[:12], name=req.name, spec=spec.model_dump_json(),
+                       limits=limits.model_dump_json(), desired="stopped", created=time.time())
+        with self.lock:
+            try:
+                self.store.add(rec)
+            except DuplicateName:
+                raise Conflict(f"a VM named {req.name} exists already") from None
+        return self.inspect(rec.id)
+
+    def delete(self, name: str, force: bool = False) -> None:
+        with self.lock:
+            rec = self._get(name)
+            self._check(rec)
+            rec = self._get(rec.id)
+            if rec.alive and not force:
+                raise Conflict(f"VM {rec.name} is {rec.state}: stop it first (or delete with force)")
+        if rec.alive:
+            self._force_end(rec)
+        with self.lock:
+            self.store.delete(rec.id)
+            shutil.rmtree(self.paths(rec).dir, ignore_errors=True)
+
+    # -- life cycle ----------------------------------------------------------------------
+    def start(self, name: str) -> dict[str, Any]:
+        with self.lock:
+            rec = self._get(name)
+            self._check(rec)
+            rec = self._get(rec.id)
+            if rec.alive:
+                raise Conflict(f"VM {rec.name} is already {rec.state}")
+            proc = self._spawn(rec)
+        self._wait_ready(rec, proc)
+        return self.inspect(rec.id)
+
+    def _spawn(self, rec: VmRecord) -> subprocess.Popen[bytes]:
+        p = self.paths(rec)
+        p.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for f in (p.exit_file, p.control_sock):
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+        tmp = p.config.with_name("config.json.tmp")
+        tmp.write_text(json.dumps({"id": rec.id, "name": rec.name, "spec": rec.spec_dict}) + "\n")
+        os.replace(tmp, p.config)
+        with open(p.runner_log, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "pyvirt.host.runner", "--id", rec.id,
+                                     "--state-dir", str(self.state)],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
+                                    start_new_session=True)
+        limits = Limits.model_validate(rec.limits_dict)
+        placement = cgroups.place(self.cgroups, rec.id, proc.pid, limits.cpu_quota, limits.memory_limit)
+        self.children[rec.id] = proc
+        self.expected_end.discard(rec.id)
+        self.store.update(rec.id, state="running", desired="running", pid=proc.pid,
+                          pid_start=proc_start_time(proc.pid), control=str(p.control_sock),
+                          started=time.time(), exit_status=None, reason=None,
+                          cgroup=json.dumps(placement.describe()))
+        return proc
+
+    def _wait_ready(self, rec: VmRecord, proc: subprocess.Popen[bytes]) -> None:
+        p = self.paths(rec)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                with self.lock:
+                    self._check(self._get(rec.id))
+                why = _exit_info(p).get("error") or self._get(rec.id).reason
+                raise Invalid(f"VM {rec.name} could not start: {why}")
+            if p.control_sock.exists():
+                with contextlib.suppress(control.ControlError):
+                    control.request(p.control_sock, "status", timeout=2)
+                    return
+            time.sleep(0.05)
+        self._force_end(self._get(rec.id))
+        raise Invalid(f"VM {rec.name} did not come up within {START_TIMEOUT:.0f} s (see {p.runner_log})")
+
+    def _running(self, name: str) -> VmRecord:
+        with self.lock:
+            rec = self._get(name)
+            self._check(rec)
+            rec = self._get(rec.id)
+        if not rec.alive:
+            raise Conflict(f"VM {rec.name} is not running (state: {rec.state})")
+        return rec
+
+    def _control(self, rec: VmRecord, op: str, **args: Any) -> dict[str, Any]:
+        try:
+            reply = control.request(self.paths(rec).control_sock, op, **args)
+        except control.ControlError as e:
+            raise Conflict(f"VM {rec.name}: the runner does not answer ({e})") from None
+        if not reply.get("ok"):
+            raise Conflict(f"VM {rec.name}: {reply.get('error', 'refused')}")
+        return reply
+
+    def pause(self, name: str) -> dict[str, Any]:
+        rec = self._running(name)
+        if rec.state == "paused":
+            raise Conflict(f"VM {rec.name} is already paused")
+        self._control(rec, "pause")
+        self.store.update(rec.id, state="paused")
+        return self.inspect(rec.id)
+
+    def resume(self, name: str) -> dict[str, Any]:
+        rec = self._running(name)
+        if rec.state != "paused":
+            raise Conflict(f"VM {rec.name} is not paused (state: {rec.state})")
+        self._control(rec, "resume")
+        self.store.update(rec.id, state="running")
+        return self.inspect(rec.id)
+
+    def stop(self, name: str, timeout: float) -> dict[str, Any]:
+        """Ask the guest to power off (through its agent); force it off after `timeout` s."""
+        rec = self._running(name)
+        self.expected_end.add(rec.id)
+        self.store.update(rec.id, desired="stopped")
+        with contextlib.suppress(Conflict):
+            self._control(rec, "stop")
+        if not self._wait_end(rec, timeout):
+            self._force_end(rec, why=f"forced off after {timeout:g} s")
+        return self.inspect(rec.id)
+
+    def kill(self, name: str) -> dict[str, Any]:
+        rec = self._running(name)
+        self.store.update(rec.id, desired="stopped")
+        self._force_end(rec)
+        return self.inspect(rec.id)
+
+    def _force_end(self, rec: VmRecord, why: str = "killed") -> None:
+        """End the runner: the kill request (disks flushed), then SIGKILL to its process group."""
+        self.expected_end.add(rec.id)
+        with contextlib.suppress(Conflict):
+            self._control(rec, "kill")
+        if self._wait_end(rec, KILL_WAIT):
+            return
+        if rec.pid and proc_start_time(rec.pid) == rec.pid_start:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(rec.pid, signal.SIGKILL)
+        self._wait_end(rec, KILL_WAIT)
+        with self.lock:
+            cur = self._get(rec.id)
+            if cur.state == "stopped" and cur.reason == "killed" and why != "killed":
+                self.store.update(rec.id, reason=why)
+
+    def _wait_end(self, rec: VmRecord, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                cur = self.store.get(rec.id)
+                if cur is None:
+                    return True
+                self._check(cur)
+                if not self._get(rec.id).alive:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    # -- noticing ends ---------------------------------------------------------------------
+    def _check(self, rec: VmRecord) -> None:
+        """If `rec`'s runner has ended, record how (call with the lock held)."""
+        if not rec.alive:
+            return
+        proc = self.children.get(rec.id)
+        if proc is not None and proc.pid == rec.pid:
+            code = proc.poll()
+            if code is None:
+                return
+            self._ended(rec, code)
+        elif rec.pid is None or proc_start_time(rec.pid) != rec.pid_start:
+            self._ended(rec, None)
+
+    def _ended(self, rec: VmRecord, code: int | None) -> None:
+        self.children.pop(rec.id, None)
+        info = _exit_info(self.paths(rec))
+        expected = rec.id in self.expected_end
+        self.expected_end.discard(rec.id)
+        exit_status = None
+        if info.get("reason") == "poweroff":
+            state, reason, exit_status = "stopped", "poweroff", info.get("exit_status")
+        elif info.get("reason") == "killed":
+            state, reason = "stopped", "killed"
+        elif info.get("reason") == "error":
+            state, reason = "crashed", f"error: {info.get('error')}"
+        elif expected:
+            state, reason = "stopped", "killed"
+        elif code is not None and code < 0:
+            state, reason = "crashed", f"the runner was killed by {_signame(-code)}"
+        elif code is not None:
+            state, reason = "crashed", f"the runner exited with status {code} without reporting why"
+        else:
+            state, reason = "crashed", "the runner disappeared without reporting why"
+        self.store.update(rec.id, state=state, reason=reason, exit_status=exit_status, pid=None,
+                          pid_start=None, control=None, cgroup=None)
+        if rec.cgroup:
+            cgroups.remove(json.loads(rec.cgroup)["cgroups"])
+        p = self.paths(rec)
+        for f in (p.control_sock, p.console_sock, p.agent_sock):
+            with contextlib.suppress(OSError):
+                f.unlink()
+
+    def _monitor_loop(self) -> None:
+        while not self._stop.wait(MONITOR_INTERVAL):
+            try:
+                with self.lock:
+                    for rec in self.store.all():
+                        self._check(rec)
+            except Exception as e:                # keep watching whatever happens
+                sys.stderr.write(f"pyvirtd: monitor: {e}\n")
+
+    def recover(self) -> None:
+        """After a (re)start: find the runners that are still there (PID + start time, and the
+        control socket's status says running or paused); record the others' ends; remove the
+        cgroups of VMs that are not running."""
+        live_ids = set()
+        with self.lock:
+            for rec in self.store.all():
+                if not rec.alive:
+                    continue
+                self._check(rec)
+                cur = self._get(rec.id)
+                if not cur.alive:
+                    continue
+                live_ids.add(rec.id)
+                with contextlib.suppress(control.ControlError):
+                    st = control.request(self.paths(rec).control_sock, "status", timeout=3)
+                    if st.get("state") in ("running", "paused") and st["state"] != cur.state:
+                        self.store.update(rec.id, state=st["state"])
+        for d in cgroups.leftovers(self.cgroups):
+            if d.name not in live_ids:
+                cgroups.remove([d])
+
+
+def _exit_info(p: VmPaths) -> dict[str, Any]:
+    try:
+        info = json.loads(p.exit_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"

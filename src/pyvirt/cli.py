@@ -11,6 +11,8 @@
                             [--cluster-size SIZE]
     pyvirt disk info NAME
     pyvirt network create NAME | ls | rm NAME
+    pyvirt daemon | create | start | stop | kill | pause | resume | rm | ls | inspect | console | logs
+                                    (VMs managed by pyvirtd: see pyvirt/host/cli.py)
 
 Every user error ends in one line on stderr and a non-zero exit status.
 """
@@ -120,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     nsub.add_parser("ls", help="list networks: name, alive, ports connected, socket")
     nrm = nsub.add_parser("rm", help="stop a network's switch and remove its files")
     nrm.add_argument("name", metavar="NAME")
+
+    from pyvirt.host import cli as host_cli
+    host_cli.add_parsers(sub)
     return p
 
 
@@ -282,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_disk(args)
         if args.cmd == "network":
             return _cmd_network(args)
+        from pyvirt.host import cli as host_cli
+        if args.cmd in host_cli.COMMANDS:
+            return host_cli.run(args)
         _parser().print_help()
         return EXIT_USAGE
     except PyvirtError as e:

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from pyvirt import __version__
 from pyvirt.errors import PyvirtError
 from pyvirt.host.manager import HostError, Manager
-from pyvirt.host.models import VmCreate
+from pyvirt.host.models import NAME_RULE, VmCreate
 
 MAX_STOP_TIMEOUT = 600.0
 
@@ -40,7 +40,10 @@ def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
-        parts.append(f"{where}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}")
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if err.get("type") == "string_pattern_mismatch" and where == "name":
+            msg = NAME_RULE
+        parts.append(f"{where}: {msg}")
     return "invalid request: " + "; ".join(parts)
 
 

@@ -18,6 +18,7 @@ from pyvirt.errors import ConfigError
 from pyvirt.spec import MIB, DiskSpec, NetSpec, VmSpec, make_spec, parse_size
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+NAME_RULE = "a VM name is 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit"
 VMM_OVERHEAD = 256 * MIB        # the default memory ceiling: guest RAM + this for the VMM itself
 MIN_MEMORY_LIMIT = 64 * MIB
 
@@ -105,5 +106,4 @@ def to_spec(req: VmCreate) -> tuple[VmSpec, Limits]:
 
 def check_name(name: str) -> None:
     if not re.match(NAME_RE, name):
-        raise ConfigError(f"invalid VM name {name!r} (1 to 63 letters, digits, '.', '_' or '-', "
-                          "starting with a letter or digit)")
+        raise ConfigError(f"invalid VM name {name!r} ({NAME_RULE})")

@@ -1,0 +1,205 @@
+"""The `pyvirt` commands that talk to pyvirtd (through pyvirt.Client).
+
+    pyvirt daemon [--foreground]            start pyvirtd (in the background unless --foreground)
+    pyvirt create NAME [--cpus N] [--memory SIZE] [--kernel K --initrd I --append A]
+                  [--disk D]... [--net N]... [--command CMD] [--cpu-quota CPUS] [--memory-limit SIZE]
+    pyvirt start|stop [--timeout S]|kill|pause|resume NAME
+    pyvirt rm [--force] NAME
+    pyvirt ls
+    pyvirt inspect NAME                     (JSON)
+    pyvirt console NAME                     (Ctrl-] detaches; the VM keeps running)
+    pyvirt logs [-f] [--tail BYTES] NAME
+
+Every command takes --state-dir DIR (default $PYVIRT_STATE_DIR or
+~/.local/state/pyvirt).  The daemon is not started on demand: without one,
+a command says so (start it with `pyvirt daemon`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import select
+import socket
+import sys
+import termios
+import time
+import tty
+from typing import Any
+
+from pyvirt.errors import ConfigError
+
+COMMANDS = ("daemon", "create", "start", "stop", "kill", "pause", "resume", "rm", "ls", "inspect",
+            "console", "logs")
+DETACH = 0x1D          # Ctrl-]
+
+
+def add_parsers(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-dir", metavar="DIR",
+                        help="pyvirtd's state directory (default $PYVIRT_STATE_DIR or ~/.local/state/pyvirt)")
+    d = sub.add_parser("daemon", parents=[common], help="start pyvirtd, the hypervisor service")
+    d.add_argument("--foreground", action="store_true", help="run in this process (default: in the background)")
+
+    c = sub.add_parser("create", parents=[common], help="define a VM in pyvirtd (started with `pyvirt start`)")
+    c.add_argument("name", metavar="NAME")
+    c.add_argument("--cpus", type=int, default=1, help="harts, 1..8 (default 1)")
+    c.add_argument("--memory", "-m", default="256M", help="guest RAM (default 256M)")
+    c.add_argument("--kernel", help="Linux Image (default: the default guest)")
+    c.add_argument("--initrd")
+    c.add_argument("--append", help="kernel command line")
+    c.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]", help="as for pyvirt run")
+    c.add_argument("--net", action="append", default=[], metavar="SPEC", help="as for pyvirt run")
+    c.add_argument("--command", "-c", metavar="CMD", help="the default guest's /init runs CMD, then powers off")
+    c.add_argument("--engine", choices=("interp", "jit", "native"))
+    c.add_argument("--cpu-quota", type=float, metavar="CPUS",
+                   help="CPU time ceiling in CPUs, e.g. 0.5 (a cgroup limit where the host allows)")
+    c.add_argument("--memory-limit", metavar="SIZE",
+                   help="the VM process's memory ceiling (default: --memory + 256M)")
+
+    for name, text in (("start", "start a VM"), ("kill", "end a VM now"),
+                       ("pause", "pause a VM (no CPU use, its clock stops)"), ("resume", "resume a paused VM"),
+                       ("inspect", "a VM's definition and state, as JSON"),
+                       ("console", "attach this terminal to a VM's serial console (Ctrl-] detaches)")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("name", metavar="NAME")
+    s = sub.add_parser("stop", parents=[common], help="power a VM off (forced after --timeout)")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the guest (default 10)")
+    r = sub.add_parser("rm", parents=[common], help="delete a VM")
+    r.add_argument("name", metavar="NAME")
+    r.add_argument("--force", "-f", action="store_true", help="kill it first if it is running")
+    sub.add_parser("ls", parents=[common], help="list pyvirtd's VMs")
+    lg = sub.add_parser("logs", parents=[common], help="a VM's console output")
+    lg.add_argument("name", metavar="NAME")
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing new output until the VM ends")
+    lg.add_argument("--tail", type=int, default=64 * 1024, metavar="BYTES",
+                    help="start with the last BYTES bytes (default 65536)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pyvirt.host.client import Client
+
+    if args.cmd == "daemon":
+        return _daemon(args)
+    with Client(state_dir=args.state_dir) as client:
+        if args.cmd == "create":
+            vm = client.create(args.name, cpus=args.cpus, memory=args.memory, kernel=args.kernel,
+                               initrd=args.initrd, append=args.append, disks=args.disk, nets=args.net,
+                               command=args.command, engine=args.engine, cpu_quota=args.cpu_quota,
+                               memory_limit=args.memory_limit)
+            print(f"{vm['name']} {vm['id']}")
+            return 0
+        if args.cmd in ("start", "kill", "pause", "resume"):
+            vm = getattr(client, args.cmd)(args.name)
+            print(f"{vm['name']} {vm['state']}")
+            return 0
+        if args.cmd == "stop":
+            if args.timeout < 0:
+                raise ConfigError("--timeout must be 0 or more seconds")
+            vm = client.stop(args.name, timeout=args.timeout)
+            how = f" ({vm['reason']})" if vm.get("reason") and vm["reason"] != "poweroff" else ""
+            print(f"{vm['name']} {vm['state']}{how}")
+            return 0
+        if args.cmd == "rm":
+            client.delete(args.name, force=args.force)
+            return 0
+        if args.cmd == "ls":
+            _ls(client.list())
+            return 0
+        if args.cmd == "inspect":
+            print(json.dumps(client.inspect(args.name), indent=2))
+            return 0
+        if args.cmd == "logs":
+            return _logs(client, args.name, args.follow, args.tail)
+        if args.cmd == "console":
+            return _console(client, args.name)
+    raise ConfigError(f"unknown command {args.cmd}")
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    from pyvirt.host.daemon import serve, start_background
+    from pyvirt.host.paths import state_dir
+
+    state = state_dir(args.state_dir)
+    if args.foreground:
+        serve(state)
+        return 0
+    print(start_background(state))
+    return 0
+
+
+def _ls(vms: list[dict[str, Any]]) -> None:
+    width = max([4] + [len(v["name"]) for v in vms])
+    print(f"{'NAME':<{width}}  {'STATE':<8}  {'PID':>7}  CPUS  {'MEMORY':>6}  ID")
+    for v in vms:
+        pid = str(v["pid"]) if v["pid"] else "-"
+        print(f"{v['name']:<{width}}  {v['state']:<8}  {pid:>7}  {v['cpus']:>4}  "
+              f"{(v['memory'] or 0) >> 20:>5}M  {v['id']}")
+
+
+def _write(data: str) -> None:
+    sys.stdout.write(data)
+    sys.stdout.flush()
+
+
+def _logs(client: Any, name: str, follow: bool, tail: int) -> int:
+    if tail < 0:
+        raise ConfigError("--tail must be 0 or more bytes")
+    chunk = client.logs(name, tail=tail)
+    _write(chunk["text"])
+    offset = chunk["offset"]
+    last_check = time.monotonic()
+    while follow:
+        chunk = client.logs(name, offset=offset)
+        if chunk["offset"] != offset:
+            _write(chunk["text"])
+            offset = chunk["offset"]
+            continue
+        if time.monotonic() - last_check > 1.0:
+            last_check = time.monotonic()
+            if client.inspect(name)["state"] not in ("running", "paused"):
+                break
+        time.sleep(0.2)
+    return 0
+
+
+def _console(client: Any, name: str) -> int:
+    vm = client.inspect(name)
+    if vm["state"] not in ("running", "paused"):
+        raise ConfigError(f"VM {name} is not running (state: {vm['state']})")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(vm["paths"]["console_socket"])
+    except OSError as e:
+        raise ConfigError(f"cannot attach to the console of {name}: {e.strerror}") from None
+    sys.stderr.write(f"[attached to {name}'s console; Ctrl-] detaches]\r\n")
+    saved = None
+    if os.isatty(0):
+        saved = termios.tcgetattr(0)
+        tty.setraw(0)
+    ended = "detached"
+    try:
+        while True:
+            ready, _, _ = select.select([0, s], [], [])
+            if s in ready:
+                data = s.recv(65536)
+                if not data:
+                    ended = "the console closed (the VM ended, or another client is attached)"
+                    break
+                os.write(1, data)
+            if 0 in ready:
+                data = os.read(0, 4096)
+                if not data or DETACH in data:
+                    s.sendall(data.split(bytes([DETACH]))[0])
+                    break
+                s.sendall(data)
+    finally:
+        if saved is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        s.close()
+    sys.stderr.write(f"\r\n[{ended}]\n")
+    return 0

@@ -280,12 +280,10 @@ class Manager:
         self.expected_end.add(rec.id)
         with contextlib.suppress(Conflict):
             self._control(rec, "kill")
-        if self._wait_end(rec, KILL_WAIT):
-            return
-        if rec.pid and proc_start_time(rec.pid) == rec.pid_start:
+        if not self._wait_end(rec, KILL_WAIT) and rec.pid and proc_start_time(rec.pid) == rec.pid_start:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(rec.pid, signal.SIGKILL)
-        self._wait_end(rec, KILL_WAIT)
+            self._wait_end(rec, KILL_WAIT)
         with self.lock:
             cur = self._get(rec.id)
             if cur.state == "stopped" and cur.reason == "killed" and why != "killed":

@@ -8,7 +8,6 @@ hardware (CPU quota, memory ceiling).  Errors are one-line ConfigErrors.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -103,7 +102,3 @@ def to_spec(req: VmCreate) -> tuple[VmSpec, Limits]:
         raise ConfigError(f"cpu_quota {req.cpu_quota} is more than the VM's {spec.cpus} cpu(s)")
     return spec, Limits(cpu_quota=req.cpu_quota, memory_limit=limit)
 
-
-def check_name(name: str) -> None:
-    if not re.match(NAME_RE, name):
-        raise ConfigError(f"invalid VM name {name!r} ({NAME_RULE})")

@@ -1,0 +1,109 @@
+"""Fixtures for pyvirtd tests: a real daemon (a subprocess) on a temporary state directory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyvirt.host.client import Client
+from pyvirt.host.paths import proc_start_time
+from pyvirt.host.store import Store
+from pyvirt.images import cached_default_image
+
+PY = sys.executable
+
+
+class Daemon:
+    """A pyvirtd process on `state`; `restart()` stops it (SIGTERM) and starts another."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client = Client(state_dir=state)
+        self.start()
+
+    def start(self) -> None:
+        log = open(self.state / "test-daemon.log", "ab")
+        self.proc = subprocess.Popen([PY, "-m", "pyvirt.host.daemon", "--state-dir", str(self.state)],
+                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(Exception):
+                self.client.info()
+                return
+            assert self.proc.poll() is None, (self.state / "test-daemon.log").read_text()
+            assert time.monotonic() < deadline, "pyvirtd did not come up"
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=20)
+        self.proc = None
+        return code
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PY, "-m", "pyvirt", *args, "--state-dir", str(self.state)],
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def cleanup(self) -> None:
+        """End every runner this daemon started (whatever state the test left it in)."""
+        runners = []
+        if self.proc is not None:
+            with contextlib.suppress(Exception):
+                runners = [(v["name"], v["pid"]) for v in self.client.list() if v["pid"]]
+                for name, _ in runners:
+                    with contextlib.suppress(Exception):
+                        self.client.delete(name, force=True)
+            with contextlib.suppress(Exception):
+                self.stop()
+        store = Store(self.state / "pyvirtd.db")      # runners the daemon could not end
+        for rec in store.all():
+            if rec.pid and proc_start_time(rec.pid) == rec.pid_start:
+                with contextlib.suppress(OSError):
+                    os.killpg(rec.pid, signal.SIGKILL)
+        store.close()
+        self.client.close()
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="pvd-", dir="/tmp"))     # short: socket paths hold 107 bytes
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(state_dir: Path) -> Iterator[Daemon]:
+    if cached_default_image() is None:
+        pytest.fail("the default image is not built: `make test` runs `pyvirt image build` first")
+    d = Daemon(state_dir)
+    try:
+        yield d
+    finally:
+        d.cleanup()
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.1):   # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)

@@ -1,0 +1,178 @@
+"""Unit tests of pyvirtd's parts: the store, the API model -> VmSpec mapping, the runner's
+control protocol and the process identity check."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pyvirt.errors import ConfigError
+from pyvirt.host import cgroups
+from pyvirt.host.control import ControlServer, request
+from pyvirt.host.models import VMM_OVERHEAD, VmCreate, to_spec
+from pyvirt.host.paths import proc_cpu_ticks, proc_start_time, state_dir
+from pyvirt.host.store import DuplicateName, Store, VmRecord
+from pyvirt.images import cached_default_image
+from pyvirt.spec import VmSpec
+from pyvirt.vmm.vm import Watch
+
+
+def rec(name: str, vm_id: str, **kw: object) -> VmRecord:
+    return VmRecord(id=vm_id, name=name, spec="{}", limits='{"memory_limit": 1}', desired="stopped",
+                    created=time.time(), **kw)
+
+
+def test_store_round_trip(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db")
+    s.add(rec("a", "id1"))
+    s.add(rec("b", "id2"))
+    assert [r.name for r in s.all()] == ["a", "b"]
+    assert s.get("a").id == "id1" and s.get("id2").name == "b" and s.get("zz") is None
+    with pytest.raises(DuplicateName):
+        s.add(rec("a", "id3"))
+    s.update("id1", state="running", pid=123, pid_start=456)
+    got = s.get("a")
+    assert (got.state, got.pid, got.pid_start, got.alive) == ("running", 123, 456, True)
+    with pytest.raises(ValueError):
+        s.update("id1", state="dancing")
+    with pytest.raises(KeyError):
+        s.update("id1", colour="red")
+    s.delete("id1")
+    assert s.get("a") is None
+    s.close()
+    again = Store(tmp_path / "db")                 # persisted
+    assert [r.name for r in again.all()] == ["b"]
+    again.close()
+
+
+@pytest.fixture(scope="module")
+def image():   # noqa: ANN201
+    img = cached_default_image()
+    if img is None:
+        pytest.fail("the default image is not built: `make test` runs `pyvirt image build` first")
+    return img
+
+
+def test_default_guest_mapping(image) -> None:   # noqa: ANN001
+    spec, limits = to_spec(VmCreate(name="a", memory="64M", cpus=2, command="echo hi"))
+    assert isinstance(spec, VmSpec)
+    assert spec.kernel == image.kernel and spec.initrd == image.initrd
+    assert spec.memory == 64 << 20 and spec.cpus == 2
+    encoded = [a for a in spec.append.split() if a.startswith("pyvirt.cmd=")]
+    assert base64.b64decode(encoded[0].split("=", 1)[1]) == b"echo hi"
+    assert limits.cpu_quota is None and limits.memory_limit == (64 << 20) + VMM_OVERHEAD
+    # the same JSON gives the same spec (what the daemon stores and the runner reads)
+    assert VmSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+def test_mapping_matches_the_cli(image, tmp_path: Path) -> None:   # noqa: ANN001
+    from pyvirt.guestcmd import command_append
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\0" * 65536)
+    spec, limits = to_spec(VmCreate(name="a", memory=128 << 20, disks=[f"{disk},ro"],
+                                    nets=["stream=/tmp/x.sock,mac=52:54:00:00:00:09"],
+                                    command="true", cpu_quota=0.5, memory_limit="1G"))
+    assert spec.append == command_append(image.cmdline, "true")
+    assert spec.disks[0].path == disk and spec.disks[0].read_only
+    assert spec.nets[0].backend == "stream" and spec.nets[0].mac == "52:54:00:00:00:09"
+    assert limits.cpu_quota == 0.5 and limits.memory_limit == 1 << 30
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"memory": "12Q"}, "memory: invalid size"),
+    ({"memory": "17M"}, "multiple of 2 MiB"),
+    ({"kernel": "/nope"}, "kernel /nope: no such file"),
+    ({"initrd": "/nope", "kernel": sys.executable}, "initrd /nope: no such file"),
+    ({"disks": ["/nope"]}, "disk /nope: no such file"),
+    ({"nets": ["wifi"]}, "--net wifi"),
+    ({"cpu_quota": 1.5}, "more than the VM's 1 cpu"),
+    ({"memory_limit": "100M", "memory": "64M"}, "too small"),
+    ({"command": "x" * 1000}, "command is too long"),
+])
+def test_mapping_errors(image, fields: dict, message: str) -> None:   # noqa: ANN001
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        to_spec(VmCreate(name="a", **fields))
+
+
+def test_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYVIRT_STATE_DIR", str(tmp_path / "s"))
+    d = state_dir()
+    assert d == tmp_path / "s" and (d.stat().st_mode & 0o777) == 0o700
+    assert state_dir(tmp_path / "t") == tmp_path / "t"
+    with pytest.raises(ConfigError, match="too long"):
+        state_dir(tmp_path / ("x" * 120))
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match="state directory"):
+        state_dir(tmp_path / "f")
+
+
+def test_process_identity() -> None:
+    me = proc_start_time(os.getpid())
+    assert isinstance(me, int) and me > 0
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = proc_start_time(p.pid)
+    p.wait()
+    assert started is not None and started >= me
+    assert proc_start_time(p.pid) is None           # reaped: gone
+    assert proc_cpu_ticks(os.getpid()) is not None
+
+
+def test_cgroups_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYVIRT_CGROUP", "none")
+    sup = cgroups.detect()
+    assert sup.version is None and not sup.cpu and not sup.memory and "PYVIRT_CGROUP" in sup.reason
+    pl = cgroups.place(sup, "x", os.getpid(), 0.5, 1 << 30)
+    assert pl.dirs == [] and pl.cpu_quota is None and pl.memory_limit is None and "PYVIRT_CGROUP" in pl.reason
+
+
+def test_control_protocol(tmp_path: Path) -> None:
+    """The server answers each JSON line from the run loop's watch hook; bad lines get errors."""
+    import threading
+
+    seen = []
+
+    def handler(req: dict) -> dict:
+        seen.append(req)
+        if req["op"] == "boom":
+            raise RuntimeError("exploded")
+        return {"ok": True, "echo": req.get("x")}
+
+    srv = ControlServer(tmp_path / "c.sock", handler)
+    assert (tmp_path / "c.sock").stat().st_mode & 0o777 == 0o600
+    w = Watch(srv.fds, srv.on_ready)
+    stop = threading.Event()
+
+    def loop() -> None:
+        import select
+        while not stop.is_set():
+            r, _, _ = select.select(w.fds(), [], [], 0.05)
+            if r:
+                w.on_ready(r)
+
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        assert request(tmp_path / "c.sock", "status", x=5) == {"ok": True, "echo": 5}
+        bad = request(tmp_path / "c.sock", "boom")
+        assert bad["ok"] is False and "exploded" in bad["error"]
+        import socket
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(tmp_path / "c.sock"))
+        s.sendall(b"not json\n{\"no\": 1}\n")
+        replies = b""
+        while replies.count(b"\n") < 2:
+            replies += s.recv(4096)
+        s.close()
+        assert replies.count(b'"ok": false') == 2
+    finally:
+        stop.set()
+        t.join()
+        srv.close()
+    assert [r["op"] for r in seen] == ["status", "boom"]
+    assert not (tmp_path / "c.sock").exists()

@@ -26,8 +26,9 @@ PY = sys.executable
 class Daemon:
     """A pyvirtd process on `state`; `restart()` stops it (SIGTERM) and starts another."""
 
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, env: dict[str, str] | None = None) -> None:
         self.state = state
+        self.env = dict(os.environ, **(env or {}))
         self.proc: subprocess.Popen[bytes] | None = None
         self.client = Client(state_dir=state)
         self.start()
@@ -35,7 +36,7 @@ class Daemon:
     def start(self) -> None:
         log = open(self.state / "test-daemon.log", "ab")
         self.proc = subprocess.Popen([PY, "-m", "pyvirt.host.daemon", "--state-dir", str(self.state)],
-                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env)
         log.close()
         deadline = time.monotonic() + 20
         while True:

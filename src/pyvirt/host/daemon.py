@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +55,10 @@ def serve(state: Path) -> None:
     sock = listen_unix(sock_path, backlog=64)
     try:
         config = uvicorn.Config(make_app(manager), log_level="warning", access_log=False, lifespan="off")
+        # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again for the
+        # handler it found: with these, that ends in the clean-up below and exit status 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         manager.close()

@@ -176,3 +176,17 @@ def test_control_protocol(tmp_path: Path) -> None:
         srv.close()
     assert [r["op"] for r in seen] == ["status", "boom"]
     assert not (tmp_path / "c.sock").exists()
+
+
+def test_runner_restore_hook_without_snapshot_support(tmp_path: Path) -> None:
+    """A restore request on a pyvirt without pyvirt.vmm.snapshot is a clear error."""
+    from pyvirt.host import runner
+    from pyvirt.host.paths import vm_paths
+    try:
+        import pyvirt.vmm.snapshot  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("this pyvirt has snapshots")
+    with pytest.raises(ConfigError, match="not supported"):
+        runner.build_vm({"restore": str(tmp_path)}, vm_paths(tmp_path, "x"), None)   # type: ignore[arg-type]

@@ -20,10 +20,11 @@ N} when the guest powered off, {"reason": "killed"} when told to end it,
 or 1 after an error.  The daemon reads a runner that died without exit.json
 as a crash.
 
-Hook for snapshots: the control request `snapshot` calls
-`vm.request_snapshot(dir, then=then)` when the Vm has that method; a runner
-restoring a VM would build it with `pyvirt.vmm.snapshot.load_snapshot` in
-`build_vm` instead of `Vm(spec, console)` (config.json key "restore").
+Hooks for snapshots: the control request `snapshot` calls
+`vm.request_snapshot(dir, then=then)` when the Vm has that method; with
+"restore": DIR in config.json, `build_vm` builds the VM with
+`pyvirt.vmm.snapshot.load_snapshot(DIR, console, overrides=...)` instead of
+`Vm(spec, console)` (the daemon does not write "restore" yet).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from pyvirt.backends.char import _InputMixin
-from pyvirt.errors import PyvirtError
+from pyvirt.errors import ConfigError, PyvirtError
 from pyvirt.fsutil import listen_unix
 from pyvirt.host.control import ControlServer
 from pyvirt.host.paths import VmPaths, vm_paths
@@ -238,7 +239,15 @@ def with_agent_port(spec: VmSpec, sock: Path) -> VmSpec:
 
 
 def build_vm(config: dict[str, Any], paths: VmPaths, console: SocketConsole) -> Vm:
-    """The Vm to run.  (Restoring a snapshot plugs in here: load_snapshot(dir, console, ...).)"""
+    """The Vm to run: a new one from the spec, or -- with config["restore"] = a snapshot
+    directory -- the snapshot's, through pyvirt.vmm.snapshot.load_snapshot where this pyvirt
+    has it (config["overrides"] is passed on)."""
+    if config.get("restore"):
+        try:
+            from pyvirt.vmm.snapshot import load_snapshot  # type: ignore[import-not-found]
+        except ImportError:
+            raise ConfigError("restoring a snapshot is not supported by this pyvirt") from None
+        return load_snapshot(config["restore"], console, overrides=config.get("overrides") or {})
     spec = with_agent_port(VmSpec.model_validate(config["spec"]), paths.agent_sock)
     return Vm(spec, console)
 

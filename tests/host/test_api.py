@@ -121,6 +121,19 @@ def test_graceful_stop_through_the_agent(daemon: Daemon) -> None:
     assert vm["state"] == "stopped" and vm["reason"] == "poweroff" and vm["exit_status"] == 0
 
 
+def test_graceful_stop_after_a_guest_reboot(daemon: Daemon) -> None:
+    """A reboot makes a new board with a new agent port: the runner reconnects to it."""
+    c = daemon.client
+    until = int(time.time()) + 6              # (the guest's RTC follows the host's clock)
+    c.create("rb", memory="64M", command=f"[ $(date +%s) -lt {until} ] && reboot -f; sleep 1000")
+    c.start("rb")
+    wait_for(lambda: c.inspect("rb").get("runner", {}).get("resets", 0) >= 1, 30, "a guest reboot")
+    wait_for(lambda: time.time() > until + 1 and c.inspect("rb").get("runner", {}).get("agent"), 30,
+             "the rebooted guest's agent")
+    vm = c.stop("rb", timeout=20)
+    assert vm["state"] == "stopped" and vm["reason"] == "poweroff" and vm["exit_status"] == 0
+
+
 def test_stop_forces_a_guest_without_agent(daemon: Daemon) -> None:
     c = daemon.client
     # A guest whose /init is a shell loop: no agent reads the port, so stop must force it off.

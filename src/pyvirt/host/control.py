@@ -5,7 +5,8 @@ reply line, `{"ok": true, ...}` or `{"ok": false, "error": MESSAGE}`.  Several
 clients may be connected; requests are served by the runner's run loop
 between CPU slices (and at once while the VM is paused).
 
-    status                   -> state (running|paused), pid, instructions, agent (the guest
+    status                   -> state (running|paused), pid, instructions, resets (guest
+                                reboots), agent (the guest
                                 agent has its port open), console_attached
     pause / resume           -> state
     stop                     -> asks the guest to power off through the agent (resumes a paused

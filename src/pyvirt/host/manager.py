@@ -118,7 +118,7 @@ class Manager:
         if rec.alive:
             with contextlib.suppress(control.ControlError):
                 st = control.request(p.control_sock, "status", timeout=2)
-                out["runner"] = {k: st.get(k) for k in ("instructions", "agent", "console_attached")}
+                out["runner"] = {k: st.get(k) for k in ("instructions", "resets", "agent", "console_attached")}
         return out
 
     def list(self) -> list[dict[str, Any]]:

@@ -145,8 +145,7 @@ class Runner:
         self.vm = vm
         self.console = console
         self.control = ControlServer(paths.control_sock, self.handle)
-        self.agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.agent.connect(str(paths.agent_sock))    # the board listens there already
+        self.agent = self._connect_agent()
         self.agent_out = bytearray()
         self.reason = "poweroff"
         rfd, wfd = os.pipe()
@@ -160,6 +159,14 @@ class Runner:
                        Watch(list, lambda _ready: None, on_tick=self._agent_flush)]
 
     # -- the guest agent -----------------------------------------------------------------
+    def _connect_agent(self) -> socket.socket:
+        """Connect to the agent port's socket (the board listens there); a guest reboot makes
+        a new board and a new socket, so this is done again then."""
+        self.agent_board = self.vm.board
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(self.paths.agent_sock))
+        return s
+
     def agent_open(self) -> bool:
         """Whether the guest has the agent port open (a line sent now is read)."""
         vcon = self.vm.board.vconsole
@@ -172,6 +179,9 @@ class Runner:
         self._agent_flush()
 
     def _agent_flush(self) -> None:
+        if self.vm.board is not self.agent_board:          # the guest rebooted
+            self.agent.close()
+            self.agent = self._connect_agent()
         if self.agent_out and self.agent_open():
             # (the guest drops what arrives on a port it has not opened, hence the wait)
             self.agent.sendall(bytes(self.agent_out))
@@ -186,7 +196,8 @@ class Runner:
     # -- the control protocol ------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return {"ok": True, "state": "paused" if self.vm.paused else "running", "pid": os.getpid(),
-                "instructions": self.vm.stats.instructions, "agent": self.agent_open(),
+                "instructions": self.vm.stats.instructions, "resets": self.vm.stats.resets,
+                "agent": self.agent_open(),
                 "console_attached": self.console.client is not None}
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:

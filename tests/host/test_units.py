@@ -190,3 +190,20 @@ def test_runner_restore_hook_without_snapshot_support(tmp_path: Path) -> None:
         pytest.skip("this pyvirt has snapshots")
     with pytest.raises(ConfigError, match="not supported"):
         runner.build_vm({"restore": str(tmp_path)}, vm_paths(tmp_path, "x"), None)   # type: ignore[arg-type]
+
+
+def test_console_log_rotation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyvirt.host import runner
+    monkeypatch.setattr(runner, "LOG_MAX", 1000)
+    con = runner.SocketConsole(tmp_path / "console.log", tmp_path / "console.sock")
+    try:
+        for i in range(30):
+            con.write(f"line {i:04d} ".encode() * 8 + b"\n")     # 81 bytes a line
+            con.poll()
+    finally:
+        con.close()
+    new, old = (tmp_path / "console.log").read_bytes(), (tmp_path / "console.log.1").read_bytes()
+    assert 0 < len(new) <= 1000 + 81 and 1000 < len(old) <= 1000 + 81
+    text = (old + new).decode()
+    assert text.endswith("line 0029 \n") and text.count("\n") == len(old + new) // 81
+    assert not (tmp_path / "console.sock").exists()

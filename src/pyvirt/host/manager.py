@@ -136,7 +136,9 @@ class Manager:
         try:
             with open(self.paths(rec).console_log, "rb") as f:
                 size = f.seek(0, os.SEEK_END)
-                start = max(0, size - tail) if offset is None else min(offset, size)
+                if offset is not None and offset > size:
+                    offset = 0                  # the log was rotated: go on from its start
+                start = max(0, size - tail) if offset is None else offset
                 f.seek(start)
                 data = f.read(min(size - start, MAX_LOG_READ))
         except FileNotFoundError:

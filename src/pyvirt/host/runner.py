@@ -8,7 +8,8 @@ VmSpec), adds the guest agent's virtio-console port (`org.pyvirt.agent` on
 it is told to stop.  Meanwhile, between slices of the run loop (the Vm's
 `watches` hook), it serves:
 
-* the serial console: every byte goes to console.log and to the client
+* the serial console: every byte goes to console.log (rotated to
+  console.log.1 beyond 16 MiB) and to the client
   attached to console.sock (one at a time; a second is told the console is
   busy); the attached client's input goes to the guest;
 * the control socket control.sock (pyvirt.host.control);
@@ -49,6 +50,7 @@ from pyvirt.spec import PortSpec, VmSpec
 from pyvirt.vmm.vm import Vm, Watch
 
 AGENT_PORT = "org.pyvirt.agent"
+LOG_MAX = 16 << 20        # console.log is rotated (to console.log.1) beyond this
 BUSY = b"\r\npyvirt: the console is busy (another client is attached)\r\n"
 
 
@@ -61,7 +63,9 @@ class SocketConsole(_InputMixin):
     def __init__(self, log: Path, sock: Path) -> None:
         self._handler = None
         self._early = bytearray()
+        self.log = log
         self.log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.log_size = os.fstat(self.log_fd).st_size
         self._log = bytearray()
         self.path = sock
         self.server = listen_unix(sock, backlog=2)
@@ -83,8 +87,10 @@ class SocketConsole(_InputMixin):
     def flush(self) -> None:
         if self._log:
             with contextlib.suppress(OSError):
-                os.write(self.log_fd, self._log)
+                self.log_size += os.write(self.log_fd, self._log)
             self._log.clear()
+            if self.log_size > LOG_MAX:
+                self._rotate()
         while self._out and self.client is not None:
             try:
                 n = self.client.send(self._out)
@@ -94,6 +100,14 @@ class SocketConsole(_InputMixin):
                 self._detach()
                 return
             del self._out[:n]
+
+    def _rotate(self) -> None:
+        """console.log -> console.log.1 (replacing the one before), and a new console.log."""
+        with contextlib.suppress(OSError):
+            os.replace(self.log, self.log.with_name(self.log.name + ".1"))
+        os.close(self.log_fd)
+        self.log_fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+        self.log_size = 0
 
     def close(self) -> None:
         self.flush()

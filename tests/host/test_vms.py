@@ -8,6 +8,7 @@ import re
 import select
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -138,8 +139,14 @@ def test_cgroup_limits(daemon: Daemon) -> None:
     time.sleep(2)                                          # past the boot
     used = cpu_seconds(pid, 5.0) / 5.0
     assert 0.15 <= used <= 0.45, f"a busy guest with a 0.3 CPU quota used {used:.2f} CPU"
-    c.kill("busy")
+    # a helper left behind in the VM's cgroups (as passt would be after a crash) goes with them
+    helper = subprocess.Popen(["sleep", "300"])
+    for d in dirs:
+        (d / "cgroup.procs").write_text(str(helper.pid))
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: c.inspect("busy")["state"] == "crashed", 10, "the crash")
     wait_for(lambda: not any(d.exists() for d in dirs), 5, "the VM's cgroups to go")
+    assert helper.wait(timeout=5) == -signal.SIGKILL
 
 
 def test_limits_not_enforced_are_reported(state_dir: Path) -> None:

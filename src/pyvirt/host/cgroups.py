@@ -14,7 +14,7 @@ host's unified hierarchy then has none); v2 where the unified hierarchy holds
 them.  `PYVIRT_CGROUP=none` turns limits off.  Where neither works (no
 controllers, no permission), VMs still run and `Support.reason` says why the
 limits are not enforced; the daemon shows it in its info and in each VM's
-inspect.  The cgroup directories go when the VM ends.
+inspect.  The cgroup directories go when the VM ends (anything still in them is killed first).
 """
 
 from __future__ import annotations
@@ -186,11 +186,28 @@ def _set_memory(version: str | None, d: Path, limit: int) -> None:
     (d / ("memory.max" if version == "v2" else "memory.limit_in_bytes")).write_text(str(limit))
 
 
-def remove(dirs: list[str] | list[Path]) -> None:
-    """Remove a VM's cgroups (they must be empty: the runner has ended)."""
-    for d in dirs:
-        with contextlib.suppress(OSError):
-            os.rmdir(d)
+def remove(dirs: list[str] | list[Path], wait: float = 1.0) -> None:
+    """Remove a VM's cgroups once its runner has ended: what is left in them (helpers the
+    runner started, such as passt, orphaned by a crash) is killed first."""
+    import signal
+    import time
+
+    for d in map(Path, dirs):
+        deadline = time.monotonic() + wait
+        while d.is_dir():
+            try:
+                procs = [int(p) for p in (d / "cgroup.procs").read_text().split()]
+            except (OSError, ValueError):
+                procs = []
+            for pid in procs:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            try:
+                os.rmdir(d)
+            except OSError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
 
 
 def leftovers(sup: Support) -> list[Path]:

@@ -207,3 +207,59 @@ def test_console_log_rotation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     text = (old + new).decode()
     assert text.endswith("line 0029 \n") and text.count("\n") == len(old + new) // 81
     assert not (tmp_path / "console.sock").exists()
+
+
+def test_cgroup_v2_delegation_and_limits(tmp_path: Path) -> None:
+    """v2 on a stand-in tree: controllers delegated below the daemon's cgroup, then cpu.max,
+    memory.max and cgroup.procs written for the VM."""
+    own = tmp_path / "daemon.scope"
+    own.mkdir()
+    (own / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    sup = cgroups._detect_v2(str(tmp_path), "/daemon.scope")
+    assert sup.version == "v2" and sup.cpu and sup.memory and sup.reason is None
+    assert (own / "cgroup.subtree_control").read_text() == "+cpu +memory"
+    assert (own / "pyvirt" / "cgroup.subtree_control").read_text() == "+cpu +memory"
+    pl = cgroups.place(sup, "abc", 4321, 0.25, 300 << 20)
+    d = own / "pyvirt" / "abc"
+    assert pl.dirs == [d] and pl.cpu_quota == 0.25 and pl.memory_limit == 300 << 20 and pl.reason is None
+    assert (d / "cpu.max").read_text() == "25000 100000"
+    assert (d / "memory.max").read_text() == str(300 << 20)
+    assert (d / "cgroup.procs").read_text() == "4321"
+    cgroups.place(sup, "nolimit", 1, None, 1 << 30)
+    assert (own / "pyvirt" / "nolimit" / "cpu.max").read_text() == "max 100000"
+    assert sorted(d.name for d in cgroups.leftovers(sup)) == ["abc", "nolimit"]
+
+
+def test_cgroup_v2_without_controllers(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.controllers").write_text("pids\n")
+    sup = cgroups._detect_v2(str(tmp_path), "/")
+    assert sup.version is None and not sup.cpu and not sup.memory
+    assert "cpu controller is not available" in sup.reason and "memory" in sup.reason
+    pl = cgroups.place(sup, "x", 1, 0.5, 1 << 30)
+    assert pl.dirs == [] and pl.cpu_quota is None and "not available" in pl.reason
+
+
+def test_cgroup_v1_limits(tmp_path: Path) -> None:
+    bases = {"cpu": tmp_path / "cpu" / "pyvirt", "memory": tmp_path / "memory" / "x" / "pyvirt"}
+    for b in bases.values():
+        b.mkdir(parents=True)
+    sup = cgroups.Support("v1", bases=bases)
+    pl = cgroups.place(sup, "vm1", 99, 1.5, 512 << 20)
+    cpu, mem = bases["cpu"] / "vm1", bases["memory"] / "vm1"
+    assert pl.dirs == [cpu, mem] and pl.reason is None
+    assert (cpu / "cpu.cfs_quota_us").read_text() == "150000"
+    assert (cpu / "cpu.cfs_period_us").read_text() == "100000"
+    assert (mem / "memory.limit_in_bytes").read_text() == str(512 << 20)
+    assert (cpu / "cgroup.procs").read_text() == (mem / "cgroup.procs").read_text() == "99"
+    cgroups.place(sup, "vm2", 99, None, 1 << 30)
+    assert (bases["cpu"] / "vm2" / "cpu.cfs_quota_us").read_text() == "-1"
+    assert sorted(d.name for d in cgroups.leftovers(sup)) == ["vm1", "vm1", "vm2", "vm2"]
+
+
+def test_cgroup_write_failure_is_reported(tmp_path: Path) -> None:
+    base = tmp_path / "pyvirt"
+    base.mkdir()
+    (base / "vm1").mkdir()
+    (base / "vm1" / "cpu.cfs_quota_us").mkdir()          # not writable as a file
+    pl = cgroups.place(cgroups.Support("v1", bases={"cpu": base}), "vm1", 1, 0.5, 1 << 30)
+    assert pl.cpu_quota is None and "cannot set the cpu limit" in pl.reason

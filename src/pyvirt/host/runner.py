@@ -17,8 +17,8 @@ it is told to stop.  Meanwhile, between slices of the run loop (the Vm's
 
 When the VM ends it writes exit.json -- {"reason": "poweroff", "exit_status":
 N} when the guest powered off, {"reason": "killed"} when told to end it,
-{"reason": "error", "error": MESSAGE} when it could not run -- and exits 0,
-or 1 after an error.  The daemon reads a runner that died without exit.json
+{"reason": "error", "error": MESSAGE} when it could not build the VM or
+the VMM failed -- and exits 0, or 1 after an error.  The daemon reads a runner that died without exit.json
 as a crash.
 
 Hooks for snapshots: the control request `snapshot` calls
@@ -38,6 +38,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -296,15 +297,20 @@ def main(argv: list[str] | None = None) -> int:
         config = json.loads(paths.config.read_text())
         console = SocketConsole(paths.console_log, paths.console_sock)
         vm = build_vm(config, paths, console)
-    except (PyvirtError, OSError, ValueError) as e:
-        write_exit(paths, reason="error", error=str(e))
-        sys.stderr.write(f"pyvirt runner: {e}\n")
+    except Exception as e:          # whatever stops the VM from being built is reported
+        why = str(e) if isinstance(e, (PyvirtError, OSError, ValueError)) else f"{type(e).__name__}: {e}"
+        write_exit(paths, reason="error", error=why)
+        sys.stderr.write(f"pyvirt runner: {why}\n")
         if console is not None:
             console.close()
         return 1
     runner = Runner(paths, vm, console)
     try:
         code = vm.run(restore_gc=False)
+    except Exception as e:          # a VMM fault: the traceback goes to runner.log
+        traceback.print_exc()
+        write_exit(paths, reason="error", error=f"the VMM failed: {type(e).__name__}: {e}")
+        return 1
     finally:
         runner.close()
         vm.close()
@@ -314,7 +320,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         write_exit(paths, reason="poweroff", exit_status=code)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

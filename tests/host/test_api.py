@@ -173,3 +173,20 @@ def test_a_runner_that_fails_to_start_is_reported(daemon: Daemon, tmp_path) -> N
 def test_no_daemon_is_a_clear_error(state_dir) -> None:   # noqa: ANN001
     with pytest.raises(DaemonNotRunning, match="pyvirtd is not running"):
         Client(state_dir=state_dir).list()
+
+
+def test_agent_sets_the_hostname(daemon: Daemon) -> None:
+    """The control request `hostname` reaches the guest agent (what clones will use)."""
+    from pyvirt.host import control
+    c = daemon.client
+    c.create("named", memory="64M", command="while :; do hostname; sleep 0.3; done")
+    vm = c.start("named")
+    wait_for(lambda: "pyvirt" in c.logs("named")["text"], 30, "the guest's first hostname")
+    assert control.request(vm["paths"]["control_socket"], "hostname", name="clone-7")["ok"]
+    wait_for(lambda: "clone-7" in c.logs("named")["text"], 15, "the new hostname")
+    bad = control.request(vm["paths"]["control_socket"], "fly")
+    assert bad["ok"] is False and "unknown op" in bad["error"]
+    from pyvirt.vmm.vm import Vm
+    if not hasattr(Vm, "request_snapshot"):           # (until the snapshot work is merged)
+        snap = control.request(vm["paths"]["control_socket"], "snapshot", dir=str(daemon.state / "snap"))
+        assert snap["ok"] is False and "not supported" in snap["error"]

@@ -66,11 +66,13 @@ class Overrides:
     `nets`: new network interfaces (backend and MAC), one per saved interface;
     `macs`: only new MAC addresses, one per interface (the virtio-net config MAC);
     `overlay_dir`: where the restored VM's disk overlays go (kept); default a
-    temporary directory removed when the VM is closed."""
+    temporary directory removed when the VM is closed;
+    `engine`: another execution engine (translations are not state)."""
 
     nets: list[NetSpec] | None = None
     macs: list[str] | None = None
     overlay_dir: str | Path | None = None
+    engine: str | None = None
 
 
 # -- saving -----------------------------------------------------------------------------
@@ -366,6 +368,14 @@ def _restored_spec(d: Path, m: dict[str, Any], spec: VmSpec, ov: Overrides) -> t
     except BaseException:
         cleanup()
         raise
-    return spec.model_copy(update={"disks": disks, "nets": nets}), cleanup
+    update: dict[str, Any] = {"disks": disks, "nets": nets}
+    if ov.engine is not None:
+        update["engine"] = ov.engine
+    try:
+        new = VmSpec.model_validate(dict(spec.model_dump(), **update))
+    except ValidationError as e:
+        cleanup()
+        raise ConfigError(f"restore overrides: {e.errors()[0]['msg']}") from None
+    return new, cleanup
 
 

@@ -381,3 +381,37 @@ def test_snapshot_into_non_empty_directory_is_refused(program: Path, tmp_path: P
     with pytest.raises(ConfigError, match="not empty"):
         save_snapshot(vm, tmp_path)
     vm.close()
+
+
+def test_clone_gets_its_own_mac_and_network(program: Path, tmp_path: Path) -> None:
+    import socket
+
+    from pyvirt.spec import NetSpec
+    servers = []
+    for name in ("one", "two"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(tmp_path / name))
+        s.listen(4)
+        servers.append(s)
+    try:
+        spec = make_spec(bios=str(program), memory=16 << 20, engine="interp",
+                         nets=[NetSpec(backend="stream", socket=tmp_path / "one", mac="52:54:00:00:00:01")])
+        vm = Vm(spec, BufferBackend())
+        vm.run(max_instructions=20_000)
+        save_snapshot(vm, tmp_path / "snap", then="quit")
+        vm.close()
+        same = load_snapshot(tmp_path / "snap", BufferBackend())
+        assert same.board.nics[0].config()[:6] == bytes.fromhex("525400000001")
+        same.close()
+        clone = load_snapshot(tmp_path / "snap", BufferBackend(), overrides=Overrides(
+            nets=[NetSpec(backend="stream", socket=tmp_path / "two")], macs=["52:54:00:ab:cd:ef"]))
+        assert clone.board.nics[0].config()[:6] == bytes.fromhex("525400abcdef")
+        assert clone.spec.nets[0].socket == tmp_path / "two"
+        servers[1].settimeout(5)
+        servers[1].accept()[0].close()                  # the clone's backend is a new connection there
+        clone.close()
+        with pytest.raises(ConfigError, match="multicast"):
+            load_snapshot(tmp_path / "snap", BufferBackend(), overrides=Overrides(macs=["01:00:00:00:00:01"]))
+    finally:
+        for s in servers:
+            s.close()

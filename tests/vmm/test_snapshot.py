@@ -415,3 +415,30 @@ def test_clone_gets_its_own_mac_and_network(program: Path, tmp_path: Path) -> No
     finally:
         for s in servers:
             s.close()
+
+
+def state_without_digest(d: Path) -> None:
+    m = json.loads((d / "manifest.json").read_text())
+    del m["files"]["state.json"]["sha256"]
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def test_state_must_have_a_digest(snapshot: Path, tmp_path: Path) -> None:
+    d = copy_of(snapshot, tmp_path)
+    state_without_digest(d)
+    with pytest.raises(ConfigError, match="no sha256 for state.json"):
+        load_snapshot(d, BufferBackend())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--restore", "x", "--kernel", "Image"], "--kernel does not apply"),
+    (["--restore", "x", "--cpus", "2"], "--cpus does not apply"),
+    (["--overlay-dir", "x", "--bios", "y"], "--overlay-dir goes with --restore"),
+    (["--bios", "y", "--snapshot-after", "soon:dir"], "expected SECONDS:DIR"),
+    (["--restore", "/nonexistent/snap"], "cannot read manifest.json"),
+])
+def test_cli_snapshot_flag_errors(args: list[str], message: str) -> None:
+    p = subprocess.run([sys.executable, "-m", "pyvirt", "run", *args], capture_output=True,
+                       stdin=subprocess.DEVNULL, timeout=120)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.count("\n") == 1 and message in err, err

@@ -228,6 +228,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     for name in (STATE, RAM):
         if name not in files:
             raise ConfigError(f"snapshot {d}: {MANIFEST} does not list {name}")
+    if not isinstance(files[STATE], dict) or not isinstance(files[STATE].get("sha256"), str):
+        raise ConfigError(f"snapshot {d}: {MANIFEST} gives no sha256 for {STATE}")
     for name, entry in files.items():
         _check_file(d, name, entry)
     return m

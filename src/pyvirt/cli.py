@@ -6,6 +6,8 @@
                [--net user[,port=H:G]...|stream=SOCK|network=NAME|tap=IF[,mac=MAC]]...
                [--port HOST:GUEST]...
     pyvirt run --image debian [--root-disk PATH] [--command CMD]
+    pyvirt run ... [--snapshot-after SECONDS:DIR]
+    pyvirt run --restore DIR [--overlay-dir DIR] [--timeout S]
     pyvirt image build [default|debian]
     pyvirt disk create NAME [--size SIZE] [--backing BASE [--backing-format raw|qcow2]]
                             [--cluster-size SIZE]
@@ -23,7 +25,7 @@ import argparse
 import gc
 import os
 import sys
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pyvirt import __version__
 from pyvirt.errors import ConfigError, PyvirtError
@@ -86,6 +88,15 @@ def _parser() -> argparse.ArgumentParser:
                           "systemd has booted), print its output, exit with its status")
     run.add_argument("--timeout", type=float, help="stop the VM after this many seconds (exit status 124)")
     run.add_argument("--stats", action="store_true", help="print instructions run and MIPS at exit")
+    run.add_argument("--restore", metavar="DIR",
+                     help="boot nothing: restore the snapshot in DIR and run it (the machine, disks and "
+                          "network come from the snapshot; --engine, --timeout, --stats, "
+                          "--snapshot-after still apply)")
+    run.add_argument("--overlay-dir", metavar="DIR",
+                     help="with --restore: keep the restored VM's disk overlays in DIR (default: "
+                          "a temporary directory, removed at exit)")
+    run.add_argument("--snapshot-after", metavar="SECONDS:DIR",
+                     help="after SECONDS of running, save a snapshot to DIR and exit")
 
     image = sub.add_parser("image", help="guest images")
     isub = image.add_subparsers(dest="image_cmd", metavar="ACTION", parser_class=_Parser)
@@ -129,6 +140,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.restore is not None:
+        return _cmd_restore(args)
+    if args.overlay_dir is not None:
+        raise ConfigError("--overlay-dir goes with --restore")
     from pyvirt.engines import default_engine
     from pyvirt.guestcmd import command_append
     from pyvirt.spec import DiskSpec, PortSpec, make_spec, parse_size
@@ -172,18 +187,60 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = make_spec(cpus=args.cpus, memory=parse_size(memory or "256M"), kernel=kernel, initrd=initrd,
                      append=append, bios=args.bios, disks=disks, rng=not args.no_rng, ports=ports,
                      nets=nets, engine=args.engine or default_engine(), mmu=args.mmu)
-    from pyvirt.vmm.console import open_console
     from pyvirt.vmm.vm import Vm
 
-    with open_console(interactive=args.command is None) as console:
-        vm = Vm(spec, console)
+    def cleanup() -> None:
+        if overlay_dir is not None:
+            overlay_dir.cleanup()
+
+    return _run_vm(args, lambda console: Vm(spec, console), args.command is None, cleanup)
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    """`pyvirt run --restore DIR`: the snapshot's VM, its console on stdio."""
+    given = [flag for flag, value in (("--image", args.image), ("--root-disk", args.root_disk),
+                                      ("--kernel", args.kernel), ("--initrd", args.initrd),
+                                      ("--append", args.append), ("--bios", args.bios),
+                                      ("--memory", args.memory), ("--disk", args.disk),
+                                      ("--vport", args.vport), ("--net", args.net), ("--port", args.port),
+                                      ("--command", args.command), ("--no-rng", args.no_rng))
+             if value] + (["--cpus"] if args.cpus != 1 else [])
+    if given:
+        raise ConfigError(f"--restore takes the machine from the snapshot: {given[0]} does not apply")
+    from pyvirt.vmm.snapshot import Overrides, load_snapshot
+
+    def make(console: Any) -> Any:
+        return load_snapshot(args.restore, console,
+                             overrides=Overrides(overlay_dir=args.overlay_dir, engine=args.engine))
+
+    return _run_vm(args, make, sys.stdin.isatty(), lambda: None)
+
+
+def _run_vm(args: argparse.Namespace, make: Any, interactive: bool, cleanup: Any) -> int:
+    """Run the VM `make(console)` builds with the console on stdio, as `pyvirt run` does."""
+    from pyvirt.vmm.console import open_console
+    snapshot_after = _snapshot_after(args.snapshot_after)
+    with open_console(interactive=interactive) as console:
+        try:
+            vm = make(console)
+        except BaseException:
+            cleanup()
+            raise
         console.on_quit = vm.request_quit
+        timer = None
+        if snapshot_after is not None:
+            import threading
+            seconds, directory = snapshot_after
+            timer = threading.Timer(seconds, vm.request_snapshot, (directory, "quit"))
+            timer.daemon = True
+            timer.start()
         try:
             code = vm.run(timeout=args.timeout, restore_gc=False)    # the process ends with the VM
         finally:
+            if timer is not None:
+                timer.cancel()
             vm.close()
-            if overlay_dir is not None:
-                overlay_dir.cleanup()
+            cleanup()
     if hasattr(gc, "freeze"):
         gc.freeze()    # spare the interpreter's exit a scan of every translated block
     if args.stats:
@@ -193,6 +250,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if code is None:
         return 124 if args.timeout and not vm.quit_requested else 0
     return code
+
+
+def _snapshot_after(text: str | None) -> tuple[float, str] | None:
+    if text is None:
+        return None
+    seconds, sep, directory = text.partition(":")
+    try:
+        value = float(seconds)
+    except ValueError:
+        value = -1.0
+    if not sep or not directory or not value >= 0:
+        raise ConfigError(f"--snapshot-after {text}: expected SECONDS:DIR")
+    return value, directory
 
 
 def _nets(net_args: list[str], port_args: list[str]) -> list[NetSpec]:

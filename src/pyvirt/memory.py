@@ -23,6 +23,7 @@ from pyvirt.errors import ConfigError, GuestMemoryError
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
+RAM_TAIL = 8            # bytes mapped past the end of RAM (see Bus.__init__)
 
 _UNPACK = {1: Struct("<B").unpack_from, 2: Struct("<H").unpack_from,
            4: Struct("<I").unpack_from, 8: Struct("<Q").unpack_from}
@@ -42,7 +43,10 @@ class BusError(Exception):
 class Bus:
     """The physical address space of one VM."""
 
-    def __init__(self, ram_base: int, ram_size: int) -> None:
+    def __init__(self, ram_base: int, ram_size: int, ram: mmap.mmap | None = None) -> None:
+        """`ram`: a mapping to use as RAM instead of fresh zeroed memory (a restored
+        snapshot's copy-on-write mapping of its RAM file); at least RAM_TAIL bytes
+        longer than `ram_size`."""
         if ram_size <= 0 or ram_size % PAGE_SIZE:
             raise ConfigError(f"memory size must be a positive multiple of 4 KiB, not {ram_size}")
         self.ram_base = ram_base
@@ -50,7 +54,9 @@ class Bus:
         self.ram_end = ram_base + ram_size
         # An 8-byte tail lets unaligned fast-path accesses at the very end of RAM
         # stay inside the buffer; the CPU never maps it to the guest.
-        self.ram = mmap.mmap(-1, ram_size + 8)
+        if ram is not None and len(ram) < ram_size + RAM_TAIL:
+            raise ConfigError(f"RAM mapping of {len(ram)} bytes is too small for {ram_size} bytes of RAM")
+        self.ram = mmap.mmap(-1, ram_size + RAM_TAIL) if ram is None else ram
         self._bases: list[int] = []
         self._regions: list[tuple[int, int, MmioDevice, str]] = []
         self.watched: dict[int, list[Callable[[int, int], None]]] = {}

@@ -4,6 +4,7 @@ reach them, and joining a network that does not exist is a one-line error."""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -112,3 +113,43 @@ def test_joining_a_network_whose_switch_died(default_image, runtime: Path) -> No
     r = pyvirt("run", "--net", "network=dead", "--command", "true", timeout=120)
     assert r.code == 1
     assert r.err == "pyvirt: error: no network named dead (pyvirt network create dead)\n"
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-riscv64") is None, reason="qemu-system-riscv64 is not installed")
+def test_a_qemu_vm_joins_a_pyvirt_network(default_image, runtime: Path) -> None:
+    """QEMU's own `-netdev stream` client on the switch's socket: a QEMU guest and a pyvirt guest
+    ping each other and the QEMU guest receives a transfer from the pyvirt guest intact."""
+    sock = create_network("mixed")
+    n = 200_000                      # `seq 1 N`: 1,288,895 bytes
+    qemu_cmd = (UP.format(ip="10.9.0.1") + " && nc -l -p 5000 <&3 > /tmp/f && "
+                "ping -c 2 -W 2 10.9.0.2 > /dev/null && echo Q ping ok; echo Q $(md5sum < /tmp/f) $(wc -c < /tmp/f)")
+    cmd64 = base64.b64encode(qemu_cmd.encode()).decode()
+    append = " ".join(a for a in default_image.cmdline.split() if not a.startswith("earlycon"))
+    qemu = subprocess.Popen(
+        ["timeout", "240", "qemu-system-riscv64", "-M", "virt", "-m", "256M", "-nographic",
+         "-kernel", str(default_image.kernel), "-initrd", str(default_image.initrd),
+         "-append", f"{append} quiet loglevel=0 pyvirt.cmd={cmd64}",
+         "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={sock}",
+         "-device", "virtio-net-device,netdev=n0,mac=52:54:00:09:00:01"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ours_cmd = (UP.format(ip="10.9.0.2") + f" && seq 1 {n} > /tmp/d && "
+                "for i in $(seq 60); do ping -c 1 -W 1 10.9.0.1 >/dev/null && break; done; "
+                "ping -c 2 -W 2 10.9.0.1 >/dev/null && echo P ping ok; "
+                "for i in $(seq 30); do nc 10.9.0.1 5000 < /tmp/d && break; sleep 1; done; "
+                "echo P $(md5sum < /tmp/d) $(wc -c < /tmp/d); sleep 5")
+    ours = start("mixed", "52:54:00:09:00:02", ours_cmd, 240)
+    try:
+        o_out, o_err = ours.communicate(timeout=300)
+        q_out, q_err = qemu.communicate(timeout=300)
+    finally:
+        for p in (qemu, ours):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    q_text, o_text = q_out.decode(errors="replace"), o_out.decode(errors="replace")
+    assert "P ping ok" in o_text, (o_text, o_err[-500:])
+    assert "Q ping ok" in q_text, (q_text, q_err[-500:])
+    q = re.search(r"^Q (\w+) - (\d+)", q_text, re.M)
+    p = re.search(r"^P (\w+) - (\d+)", o_text, re.M)
+    assert q and p and q.groups() == p.groups(), (q_text, o_text)
+    assert int(q.group(2)) == len("".join(f"{i}\n" for i in range(1, n + 1)))

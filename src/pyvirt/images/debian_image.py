@@ -65,7 +65,10 @@ ROOT_MODULES = ("virtio_mmio", "virtio_blk", "ext4")
 DISK_SIZE = 2 << 30
 SETUP_MEMORY = 1 << 30
 SETUP_TIMEOUT = 4 * 3600.0           # seconds of the second stage before it is declared hung
-DEBIAN_CMDLINE = "console=ttyS0 root=/dev/vda rw"
+# systemd waits 90 s (of guest time, which runs at host speed) for a device unit to appear; under
+# emulation udev's coldplug takes longer than that, and serial-getty@ttyS0 -- the console login --
+# failed with "Timed out waiting for device dev-ttyS0.device".  Devices get 15 minutes.
+DEBIAN_CMDLINE = "console=ttyS0 root=/dev/vda rw systemd.default_device_timeout_sec=900"
 DATA_FILES = ("init", "setup", "pyvirt-command", "pyvirt-command.service")
 
 

@@ -14,6 +14,7 @@ built for it run unchanged::
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Callable
 from typing import Any
@@ -62,8 +63,12 @@ class VirtBoard:
     """One riscv64 virt computer, assembled from a VmSpec; not yet running."""
 
     def __init__(self, spec: VmSpec, console: CharBackend,
-                 on_power: Callable[[str, int], None] | None = None) -> None:
-        if spec.kernel is None and spec.bios is None:
+                 on_power: Callable[[str, int], None] | None = None, *,
+                 ram: mmap.mmap | None = None, restore: bool = False) -> None:
+        """`restore=True` builds the machine without booting it (no kernel load, no device
+        tree): the caller loads a snapshot's state with `load_state()`.  `ram` is the memory
+        to use as RAM (see `Bus`)."""
+        if spec.kernel is None and spec.bios is None and not restore:
             raise ConfigError("nothing to boot: give --kernel or --bios")
         self.spec = spec
         self.console = console
@@ -71,7 +76,7 @@ class VirtBoard:
         self.exit_code: int | None = None
         self.reset_requested = False
         self.clock = Clock()
-        self.bus = Bus(RAM_BASE, spec.memory)
+        self.bus = Bus(RAM_BASE, spec.memory, ram)
         self.engine = Engine(self.bus, spec.engine)
         self.harts = [Hart(i, self.bus, self.clock, native_regs=spec.engine == "native")
                       for i in range(spec.cpus)]
@@ -81,10 +86,15 @@ class VirtBoard:
         self.backends: list[Any] = []
         self.vconsole: VirtioConsole | None = None
         self.nics: list[VirtioNet] = []
+        self.dtb_addr = 0
+        self.tohost: int | None = None
         try:
             self._build_devices()
-            self.dtb_addr = 0
-            self._boot()
+            if restore:
+                if spec.bios is None:
+                    self._attach_sbi()
+            else:
+                self._boot()
         except BaseException:
             self.close()                 # no passt process or socket left behind
             raise
@@ -249,7 +259,6 @@ class VirtBoard:
             kernel = boot.load_kernel(bus, spec.kernel)
             floor, entry = kernel.end, kernel.entry
         firmware = None
-        self.tohost = None
         if spec.bios is not None:
             firmware, symbols = boot.load_firmware(bus, spec.bios)
             floor = max(floor, firmware.end)
@@ -277,9 +286,8 @@ class VirtBoard:
             if self.tohost is not None:
                 bus.watch(self.tohost >> 12, self._htif_write)
             return
-        sbi = Sbi(self)
+        self._attach_sbi()
         for h in self.harts:
-            h.ecall_hook = sbi
             h.medeleg = SBI_MEDELEG
             h.mideleg = S_INTERRUPTS
             # As OpenSBI does: let S- and U-mode read cycle, time and instret.
@@ -290,6 +298,37 @@ class VirtBoard:
         boot_hart.state = HART_STARTED
         boot_hart.pc = entry
         boot_hart.x[10], boot_hart.x[11] = 0, self.dtb_addr
+
+    def _attach_sbi(self) -> None:
+        """No firmware: the VMM serves every hart's S-mode ecalls."""
+        sbi = Sbi(self)
+        for h in self.harts:
+            h.ecall_hook = sbi
+
+    # -- snapshots ---------------------------------------------------------------------------
+    def save_state(self) -> dict[str, Any]:
+        """The whole machine's state as plain data (between CPU slices).  RAM and disks are
+        not in it: vmm/snapshot.py writes those."""
+        return {"clock": self.clock.save(), "harts": [h.save() for h in self.harts],
+                "devices": self.bus.save_devices(), "tohost": self.tohost, "dtb_addr": self.dtb_addr}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Load what `save_state` returned (already checked by the snapshot code: a state
+        from an untrusted file must go through `vmm.snapshot`'s validation first).
+        Translations and TLBs are caches, not state: all of them are dropped."""
+        self.clock.load(state["clock"])
+        for h, hs in zip_strict(self.harts, state["harts"]):
+            h.load(hs)
+        devices = state["devices"]
+        for _, _, dev, name in self.bus.regions():
+            dev.load(devices[name])
+        self.dtb_addr = state["dtb_addr"]
+        self.tohost = state["tohost"]
+        if self.tohost is not None and self.spec.bios is not None:
+            self.bus.watch(self.tohost >> 12, self._htif_write)
+        self.engine.flush()
+        for h in self.harts:
+            h.flush_tlb(all_modes=True)
 
     def _htif_write(self, addr: int, length: int) -> None:
         """HTIF (Spike's host-target interface) as riscv-tests and Spike use it."""

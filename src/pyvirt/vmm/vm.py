@@ -12,7 +12,8 @@ also waits on, and whose callbacks it calls between slices when they are
 readable; `Vm.pause()` makes the loop stop the harts at the next slice
 boundary and block in select() on those descriptors only (no CPU use), with
 the VM clock stopped, until `Vm.resume()` or `request_quit()` -- both are
-meant to be called from a watch callback.
+meant to be called from a watch callback.  A snapshot requested while paused
+(`request_snapshot` from a callback) is taken at once, the VM staying paused.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ import selectors
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from pyvirt.backends.char import CharBackend
 from pyvirt.cpu.riscv.hart import HART_STARTED
+from pyvirt.errors import PyvirtError
 from pyvirt.machine.riscv_virt import VirtBoard
 from pyvirt.spec import VmSpec
 
@@ -36,6 +40,13 @@ MAX_IDLE_WAIT = 0.5
 # which cost about a quarter of the boot's time.  While a VM runs, young
 # objects are collected less often and full collections are rare.
 GC_THRESHOLDS = (50_000, 50, 1000)
+
+
+@dataclass
+class SnapshotRequest:
+    directory: Path
+    then: str
+    done: Callable[[dict[str, Any] | None, Exception | None], None] | None
 
 
 @dataclass
@@ -62,12 +73,15 @@ class Watch:
 
 
 class Vm:
-    def __init__(self, spec: VmSpec, console: CharBackend) -> None:
+    def __init__(self, spec: VmSpec, console: CharBackend, board: VirtBoard | None = None) -> None:
+        """`board`: an already built machine (a restored snapshot) instead of a fresh boot."""
         self.spec = spec
         self.console = console
         self.quit_requested = False
         self.stats = RunStats()
-        self.board = VirtBoard(spec, console)
+        self.board = VirtBoard(spec, console) if board is None else board
+        self.on_close: list[Callable[[], None]] = []       # run after the board is closed
+        self._snapshots: list[SnapshotRequest] = []
         self.watches: list[Watch] = []
         self.paused = False
 
@@ -113,6 +127,8 @@ class Vm:
         try:
             while self.paused and not self.quit_requested:
                 self._service_watches(None)
+                if self._snapshots:           # a snapshot of the paused VM: the harts are
+                    self._serve_snapshots()   # stopped at a slice boundary already
         finally:
             board.clock.resume()
 
@@ -120,7 +136,38 @@ class Vm:
         """Release the board's backends: disk images are written back (a qcow2 image's
         metadata waits in memory for the guest's FLUSH or this) and unlocked; console
         port sockets are closed and removed."""
-        self.board.close()
+        try:
+            self.board.close()
+        finally:
+            while self.on_close:
+                self.on_close.pop()()
+
+    # -- snapshots (vmm/snapshot.py) ------------------------------------------------------
+    def request_snapshot(self, directory: str | Path, then: str = "continue",
+                         done: Callable[[dict[str, Any] | None, Exception | None], None] | None = None
+                         ) -> None:
+        """Take a snapshot at the next slice boundary inside `run`; then go on running
+        (`then="continue"`) or end the run (`"quit"`).  `done(manifest, error)` is called
+        after it was written (or failed: the VM goes on either way, unless "quit")."""
+        if then not in ("continue", "quit"):
+            raise ValueError(f"then must be 'continue' or 'quit', not {then!r}")
+        self._snapshots.append(SnapshotRequest(Path(directory), then, done))
+
+    def _serve_snapshots(self) -> None:
+        from pyvirt.vmm.snapshot import save_snapshot
+        while self._snapshots:
+            req = self._snapshots.pop(0)
+            manifest, error = None, None
+            try:
+                manifest = save_snapshot(self, req.directory, then=req.then)
+            except (PyvirtError, OSError) as e:
+                error = e
+            if req.then == "quit":
+                self.quit_requested = True
+            if req.done is not None:
+                req.done(manifest, error)
+            elif error is not None:
+                raise error
 
     def run(self, max_instructions: int | None = None, timeout: float | None = None,
             restore_gc: bool = True) -> int | None:
@@ -180,6 +227,8 @@ class Vm:
                 for h in harts:
                     h.resv = -1
             board.poll()
+            if self._snapshots:
+                self._serve_snapshots()
             if board.exit_code is not None or board.reset_requested or self.quit_requested:
                 return board.exit_code
             if max_instructions is not None and stats.instructions >= max_instructions:
@@ -209,5 +258,7 @@ class Vm:
                 self._service_watches(0.0)
             if self.paused:
                 self._paused_wait(board)
+            if self.quit_requested:          # (from a callback: no further slice runs)
+                return board.exit_code
             if deadline is not None and time.monotonic() >= deadline:
                 return None

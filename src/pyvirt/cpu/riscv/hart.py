@@ -181,7 +181,7 @@ class Hart(CsrMixin):
 
     def save(self) -> dict[str, Any]:
         state: dict[str, Any] = {k: getattr(self, k) for k in self._SAVED}
-        state.update(x=list(self.x), f=list(self.f), pmp=list(self.pmp))
+        state.update(x=list(self.x), f=list(self.f), pmp=list(self.pmp), resv=self.resv)
         return state
 
     def load(self, state: dict[str, Any]) -> None:
@@ -191,7 +191,7 @@ class Hart(CsrMixin):
             self.x[i] = v
         self.f[:] = state["f"]
         self.pmp[:] = state["pmp"]
-        self.resv = -1
+        self.resv = state.get("resv", -1)
         self.flush_tlb(all_modes=True)
         self.set_priv(state["priv"])
 

@@ -186,7 +186,6 @@ def test_agent_sets_the_hostname(daemon: Daemon) -> None:
     wait_for(lambda: "clone-7" in c.logs("named")["text"], 15, "the new hostname")
     bad = control.request(vm["paths"]["control_socket"], "fly")
     assert bad["ok"] is False and "unknown op" in bad["error"]
-    from pyvirt.vmm.vm import Vm
-    if not hasattr(Vm, "request_snapshot"):           # (until the snapshot work is merged)
-        snap = control.request(vm["paths"]["control_socket"], "snapshot", dir=str(daemon.state / "snap"))
-        assert snap["ok"] is False and "not supported" in snap["error"]
+    for bad in ({}, {"dir": ""}, {"dir": "/tmp/x", "then": "explode"}):
+        reply = control.request(vm["paths"]["control_socket"], "snapshot", **bad)
+        assert reply["ok"] is False and "snapshot" in reply["error"]

@@ -214,3 +214,52 @@ def test_console_attach_and_detach(daemon: Daemon) -> None:
     assert c.inspect("tty")["state"] == "running"           # detaching leaves the VM running
     assert "42" in Path(vm["paths"]["console_log"]).read_text()
     wait_for(lambda: not c.inspect("tty")["runner"]["console_attached"], 10, "the detach")
+
+
+def test_snapshot_through_the_runner_and_restore_in_a_new_runner(daemon: Daemon) -> None:
+    """The control request `snapshot` (running, then paused, then with then=quit) and the
+    runner's restore hook: a new runner goes on from the snapshot."""
+    c = daemon.client
+    c.create("orig", memory="64M", command="i=0; while :; do i=$((i+1)); echo n=$i; sleep 0.2; done")
+    vm = c.start("orig")
+    sock = vm["paths"]["control_socket"]
+    wait_for(lambda: "n=5\n" in c.logs("orig")["text"], 30, "the counter")
+
+    def snapshot(d: Path, then: str = "continue") -> None:
+        assert control.request(sock, "snapshot", dir=str(d), then=then)["ok"]
+
+    snapshot(daemon.state / "s1")
+    wait_for(lambda: control.request(sock, "status")["snapshot"]["ok"], 30, "snapshot s1")
+    assert (daemon.state / "s1" / "manifest.json").is_file()
+    c.pause("orig")
+    snapshot(daemon.state / "s2")                         # taken at once, the VM stays paused
+    st = wait_for(lambda: (s := control.request(sock, "status"))["snapshot"]["ok"] and s, 30, "snapshot s2")
+    assert st["state"] == "paused" and (daemon.state / "s2" / "manifest.json").is_file()
+    c.resume("orig")
+    snapshot(daemon.state / "s3", then="quit")
+    done = wait_for(lambda: (v := c.inspect("orig"))["state"] == "stopped" and v, 30, "the VM to end")
+    assert done["reason"] == f"saved to the snapshot {daemon.state / 's3'}", done
+    last = max(int(n) for n in re.findall(r"n=(\d+)", c.logs("orig")["text"]))
+
+    # The restore hook: a runner whose config.json names the snapshot
+    import json
+    import subprocess
+
+    from pyvirt.host.paths import vm_paths
+    p = vm_paths(daemon.state, "restored0001")
+    p.dir.mkdir(parents=True)
+    p.config.write_text(json.dumps({"id": "restored0001", "name": "r", "restore": str(daemon.state / "s3")}))
+    runner = subprocess.Popen([sys.executable, "-m", "pyvirt.host.runner", "--id", "restored0001",
+                               "--state-dir", str(daemon.state)], start_new_session=True)
+    try:
+        wait_for(lambda: re.search(rb"n=(\d+)", p.console_log.read_bytes() if p.console_log.exists() else b""),
+                 30, "the restored counter")
+        first = int(re.search(rb"n=(\d+)", p.console_log.read_bytes()).group(1))
+        assert last <= first <= last + 2                     # it went on where it stopped
+        assert control.request(p.control_sock, "stop")["ok"]   # the agent of the restored guest
+        assert runner.wait(timeout=20) == 0
+        assert json.loads(p.exit_file.read_text())["reason"] == "poweroff"
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()

@@ -12,8 +12,11 @@ between CPU slices (and at once while the VM is paused).
     stop                     -> asks the guest to power off through the agent (resumes a paused
                                 VM first); agent: whether the agent is there to hear it
     kill                     -> the VM ends now (disks are still flushed and closed)
-    snapshot {dir, then}     -> Vm.request_snapshot(dir, then=then) where the VMM has it,
-                                else {"ok": false, "error": "snapshot is not supported ..."}
+    hostname {name}          -> the guest agent sets the host name
+    snapshot {dir, then}     -> Vm.request_snapshot(dir, then=then, done=...) where the VMM
+                                has it (then: continue|quit), else {"ok": false, "error":
+                                "snapshot is not supported ..."}; the outcome shows later in
+                                status as "snapshot": {dir, then, ok, error}
 """
 
 from __future__ import annotations

@@ -327,6 +327,8 @@ class Manager:
         exit_status = None
         if info.get("reason") == "poweroff":
             state, reason, exit_status = "stopped", "poweroff", info.get("exit_status")
+        elif info.get("reason") == "snapshot":
+            state, reason = "stopped", f"saved to the snapshot {info.get('dir')}"
         elif info.get("reason") == "killed":
             state, reason = "stopped", "killed"
         elif info.get("reason") == "error":

@@ -23,9 +23,11 @@ as a crash.
 
 Hooks for snapshots: the control request `snapshot` calls
 `vm.request_snapshot(dir, then=then)` when the Vm has that method; with
-"restore": DIR in config.json, `build_vm` builds the VM with
+"restore": DIR in config.json (and "overrides": {nets, macs, overlay_dir,
+engine}), `build_vm` builds the VM with
 `pyvirt.vmm.snapshot.load_snapshot(DIR, console, overrides=...)` instead of
-`Vm(spec, console)` (the daemon does not write "restore" yet).
+`Vm(spec, console)` (the daemon does not write "restore" yet).  A snapshot
+with then="quit" ends the runner with {"reason": "snapshot", "dir": DIR}.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from pyvirt.errors import ConfigError, PyvirtError
 from pyvirt.fsutil import listen_unix
 from pyvirt.host.control import ControlServer
 from pyvirt.host.paths import VmPaths, vm_paths
-from pyvirt.spec import PortSpec, VmSpec
+from pyvirt.spec import NetSpec, PortSpec, VmSpec
 from pyvirt.vmm.vm import Vm, Watch
 
 AGENT_PORT = "org.pyvirt.agent"
@@ -163,6 +165,8 @@ class Runner:
         self.agent = self._connect_agent()
         self.agent_out = bytearray()
         self.reason = "poweroff"
+        self.last_snapshot: dict[str, Any] | None = None
+        self.snapshot_dir: str | None = None
         rfd, wfd = os.pipe()
         os.set_blocking(wfd, False)
         self.signal_r = rfd
@@ -179,7 +183,8 @@ class Runner:
         a new board and a new socket, so this is done again then."""
         self.agent_board = self.vm.board
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(str(self.paths.agent_sock))
+        sock = next((p.socket for p in self.vm.spec.ports if p.name == AGENT_PORT), self.paths.agent_sock)
+        s.connect(str(sock))
         return s
 
     def agent_open(self) -> bool:
@@ -212,7 +217,7 @@ class Runner:
     def status(self) -> dict[str, Any]:
         return {"ok": True, "state": "paused" if self.vm.paused else "running", "pid": os.getpid(),
                 "instructions": self.vm.stats.instructions, "resets": self.vm.stats.resets,
-                "agent": self.agent_open(),
+                "agent": self.agent_open(), "snapshot": self.last_snapshot,
                 "console_attached": self.console.client is not None}
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -242,15 +247,32 @@ class Runner:
             self.send_agent(f"hostname {req.get('name', '')}")
             return {"ok": True}
         if op == "snapshot":
-            request_snapshot = getattr(vm, "request_snapshot", None)
-            if request_snapshot is None:
-                return {"ok": False, "error": "snapshot is not supported by this pyvirt"}
-            if not isinstance(req.get("dir"), str):
-                return {"ok": False, "error": 'snapshot needs "dir" (a directory path)'}
-            request_snapshot(req["dir"], then=req.get("then", "continue"))
-            return {"ok": True, "status": "requested"}
+            return self.snapshot(req)
         return {"ok": False, "error": f"unknown op {op!r} (status, pause, resume, stop, kill, "
                                       "hostname, snapshot)"}
+
+    def snapshot(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Ask the Vm for a snapshot at its next slice boundary (at once while paused); the
+        outcome shows in `status` as "snapshot".  then="quit" ends the VM after it."""
+        request_snapshot = getattr(self.vm, "request_snapshot", None)
+        if request_snapshot is None:
+            return {"ok": False, "error": "snapshot is not supported by this pyvirt"}
+        directory, then = req.get("dir"), req.get("then", "continue")
+        if not isinstance(directory, str) or not directory:
+            return {"ok": False, "error": 'snapshot needs "dir" (a directory path)'}
+        if then not in ("continue", "quit"):
+            return {"ok": False, "error": 'snapshot: "then" is "continue" or "quit"'}
+
+        def done(_manifest: Any, error: Exception | None) -> None:
+            self.last_snapshot = {"dir": directory, "then": then, "ok": error is None,
+                                  "error": None if error is None else str(error)}
+            if then == "quit" and error is None:
+                self.reason = "snapshot"
+                self.snapshot_dir = directory
+
+        self.last_snapshot = {"dir": directory, "then": then, "ok": None, "error": None}
+        request_snapshot(directory, then=then, done=done)
+        return {"ok": True, "status": "requested"}
 
     def close(self) -> None:
         self.control.close()
@@ -270,10 +292,14 @@ def build_vm(config: dict[str, Any], paths: VmPaths, console: SocketConsole) -> 
     has it (config["overrides"] is passed on)."""
     if config.get("restore"):
         try:
-            from pyvirt.vmm.snapshot import load_snapshot  # type: ignore[import-not-found]
+            from pyvirt.vmm.snapshot import Overrides, load_snapshot
         except ImportError:
             raise ConfigError("restoring a snapshot is not supported by this pyvirt") from None
-        return load_snapshot(config["restore"], console, overrides=config.get("overrides") or {})
+        ov = config.get("overrides") or {}
+        nets = ov.get("nets")
+        overrides = Overrides(nets=None if nets is None else [NetSpec.model_validate(n) for n in nets],
+                              macs=ov.get("macs"), overlay_dir=ov.get("overlay_dir"), engine=ov.get("engine"))
+        return load_snapshot(config["restore"], console, overrides=overrides)
     spec = with_agent_port(VmSpec.model_validate(config["spec"]), paths.agent_sock)
     return Vm(spec, console)
 
@@ -315,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         runner.close()
         vm.close()
         console.close()
-    if runner.reason == "killed" or code is None:
+    if runner.reason == "snapshot":
+        write_exit(paths, reason="snapshot", dir=runner.snapshot_dir)
+    elif runner.reason == "killed" or code is None:
         write_exit(paths, reason="killed")
     else:
         write_exit(paths, reason="poweroff", exit_status=code)

@@ -133,3 +133,12 @@ def test_garbage_file_and_missing_file(daemon: Daemon, tmp_path: Path) -> None:
         e = pytest.raises(ApiError, daemon.client.import_, path).value
         assert e.status == 422 and words in e.detail, e.detail
     assert daemon.client.list() == [] and vm_dirs(daemon) == set()
+
+
+def test_archive_paths_must_be_absolute(daemon: Daemon, tmp_path: Path) -> None:
+    """A relative path would be resolved against the daemon's working directory: refused (422)."""
+    daemon.client.create("rel", memory="64M")
+    for call in (lambda: daemon.client.export("rel", "out.pyvirt"), lambda: daemon.client.import_("in.pyvirt")):
+        e = pytest.raises(ApiError, call).value
+        assert e.status == 422 and "must be absolute" in e.detail
+    assert not Path("out.pyvirt").exists()

@@ -32,31 +32,47 @@ def parse_size(text: str | int, default_unit: str = "m") -> int:
     return int(m.group(1)) * _UNITS[unit]
 
 
+def parse_rate(text: str, where: str) -> int:
+    """A rate limit: '20M' (bytes/s, binary units), '500' (plain number), positive."""
+    try:
+        value = int(text) if text.strip().isdigit() else parse_size(text)
+    except ConfigError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"{where}: expected a positive number such as 500 or 20M, not {text!r}")
+    return value
+
+
 class DiskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: Path
     read_only: bool = False
     format: Literal["auto", "raw", "qcow2"] = "auto"
+    bw: int | None = Field(None, gt=0)          # bytes/s
+    iops: int | None = Field(None, gt=0)        # requests/s
+    burst: int = Field(0, ge=0)                 # one-time burst, bytes, on top of bw
 
     @classmethod
     def parse(cls, text: str) -> DiskSpec:
-        """'PATH[,ro][,format=raw|qcow2]' as given to --disk."""
+        """'PATH[,ro][,format=raw|qcow2][,bw=RATE][,iops=N][,burst=SIZE]' as given to --disk."""
         path, *opts = text.split(",")
-        ro = False
-        fmt = "auto"
+        fields: dict[str, object] = {"read_only": False, "format": "auto"}
         for o in opts:
+            key, _, value = o.partition("=")
             if o in ("ro", "readonly", "read-only"):
-                ro = True
+                fields["read_only"] = True
             elif o in ("rw",):
-                ro = False
-            elif o.startswith("format=") and o[7:] in ("auto", "raw", "qcow2"):
-                fmt = o[7:]
+                fields["read_only"] = False
+            elif key == "format" and value in ("auto", "raw", "qcow2"):
+                fields["format"] = value
+            elif key in ("bw", "iops", "burst") and value:
+                fields[key] = parse_rate(value, f"--disk {text}: {key}")
             else:
                 raise ConfigError(f"unknown disk option {o!r} in --disk {text} "
-                                  "(known: ro, rw, format=raw, format=qcow2)")
+                                  "(known: ro, rw, format=raw, format=qcow2, bw=RATE, iops=N, burst=SIZE)")
         if not path:
             raise ConfigError("--disk needs a path")
-        return cls(path=Path(path), read_only=ro, format=fmt)
+        return cls(path=Path(path), **fields)  # type: ignore[arg-type]
 
 
 _PORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -113,6 +129,8 @@ class NetSpec(BaseModel):
     ifname: str | None = None                   # tap
     ports: list[tuple[int, int]] = Field(default_factory=list)     # user: (host, guest) TCP
     mac: str = Field(default_factory=random_mac)
+    tx_bw: int | None = Field(None, gt=0)       # bytes/s the guest may send
+    rx_bw: int | None = Field(None, gt=0)       # bytes/s the guest is given
 
     @field_validator("mac")
     @classmethod
@@ -127,7 +145,7 @@ class NetSpec(BaseModel):
     @classmethod
     def parse(cls, text: str) -> NetSpec:
         """'user[,port=H:G]...[,mac=M]', 'stream=SOCKET[,mac=M]', 'network=NAME[,mac=M]' or
-        'tap=IFNAME[,mac=M]' (--net)."""
+        'tap=IFNAME[,mac=M]' (--net), each with [,bw=RATE] or [,tx_bw=RATE][,rx_bw=RATE]."""
         first, *opts = text.split(",")
         kind, _, value = first.partition("=")
         fields: dict[str, object] = {}
@@ -148,8 +166,13 @@ class NetSpec(BaseModel):
                 fields["mac"] = o[4:]
             elif o.startswith("port=") and kind == "user":
                 ports.append(parse_port_forward(o[5:], f"--net {text}"))
+            elif o.partition("=")[0] in ("bw", "tx_bw", "rx_bw") and o.partition("=")[2]:
+                key, _, value = o.partition("=")
+                rate = parse_rate(value, f"--net {text}: {key}")
+                fields.update({"tx_bw": rate, "rx_bw": rate} if key == "bw" else {key: rate})
             else:
                 known = "port=HOST:GUEST, mac=MAC" if kind == "user" else "mac=MAC"
+                known += ", bw=RATE, tx_bw=RATE, rx_bw=RATE"
                 raise ConfigError(f"unknown network option {o!r} in --net {text} (known: {known})")
         fields["ports"] = ports
         try:

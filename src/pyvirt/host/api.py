@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from pyvirt import __version__
 from pyvirt.errors import PyvirtError
 from pyvirt.host.manager import HostError, Manager
-from pyvirt.host.models import NAME_RULE, VmCreate
+from pyvirt.host.models import NAME_RULE, ExportRequest, ImportRequest, VmCreate
 
 MAX_STOP_TIMEOUT = 600.0
 
@@ -112,5 +112,15 @@ def make_app(manager: Manager) -> FastAPI:
              offset: int | None = Query(None, ge=0)) -> LogChunk:
         start, data, end = manager.logs(name, tail=tail, offset=offset)
         return LogChunk(text=data.decode(errors="replace"), start=start, offset=end)
+
+    @app.post("/vms/{name}/export", responses=ERRORS,
+              summary="write a stopped VM (or one of its snapshots) to a new archive file")
+    def export_vm(req: ExportRequest, name: str = NamePath) -> dict[str, Any]:
+        return manager.export(name, req.path, req.snapshot)
+
+    @app.post("/vms/import", status_code=201, responses=ERRORS,
+              summary="define a VM from an export archive (checked whole first)")
+    def import_vm(req: ImportRequest) -> dict[str, Any]:
+        return manager.import_(req.path, req.name)
 
     return app

@@ -32,7 +32,7 @@ from typing import Any
 from pyvirt.errors import ConfigError
 
 COMMANDS = ("daemon", "create", "start", "stop", "kill", "pause", "resume", "rm", "ls", "inspect",
-            "console", "logs")
+            "console", "logs", "export", "import")
 DETACH = 0x1D          # Ctrl-]
 
 
@@ -77,6 +77,13 @@ def add_parsers(sub: Any) -> None:
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing new output until the VM ends")
     lg.add_argument("--tail", type=int, default=64 * 1024, metavar="BYTES",
                     help="start with the last BYTES bytes (default 65536)")
+    ex = sub.add_parser("export", parents=[common], help="write a stopped VM to an archive (FILE.pyvirt)")
+    ex.add_argument("name", metavar="VM")
+    ex.add_argument("file", metavar="FILE")
+    ex.add_argument("--snapshot", metavar="NAME", help="export the VM as of this snapshot of it")
+    im = sub.add_parser("import", parents=[common], help="define a VM from an export archive")
+    im.add_argument("file", metavar="FILE")
+    im.add_argument("--name", metavar="NEW", help="the new VM's name (default: the exported VM's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,6 +123,14 @@ def run(args: argparse.Namespace) -> int:
             return _logs(client, args.name, args.follow, args.tail)
         if args.cmd == "console":
             return _console(client, args.name)
+        if args.cmd == "export":
+            out = client.export(args.name, os.path.abspath(args.file), snapshot=args.snapshot)
+            print(f"{out['name']} exported to {out['path']} ({out['size']} bytes)")
+            return 0
+        if args.cmd == "import":
+            vm = client.import_(os.path.abspath(args.file), name=args.name)
+            print(f"{vm['name']} {vm['id']}")
+            return 0
     raise ConfigError(f"unknown command {args.cmd}")
 
 

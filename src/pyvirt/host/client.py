@@ -106,5 +106,13 @@ class Client:
             params["offset"] = offset
         return self._call("GET", f"/vms/{name}/logs", params=params)
 
+    def export(self, name: str, path: str | os.PathLike[str], snapshot: str | None = None) -> dict[str, Any]:
+        body = {"path": str(Path(path).expanduser().absolute()), "snapshot": snapshot}
+        return self._call("POST", f"/vms/{name}/export", json=body, timeout=3600)
+
+    def import_(self, path: str | os.PathLike[str], name: str | None = None) -> dict[str, Any]:
+        body = {"path": str(Path(path).expanduser().absolute()), "name": name}
+        return self._call("POST", "/vms/import", json=body, timeout=3600)
+
     def console_socket(self, name: str) -> Path:
         return Path(self.inspect(name)["paths"]["console_socket"])

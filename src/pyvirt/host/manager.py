@@ -173,6 +173,80 @@ class Manager:
             self.store.delete(rec.id)
             shutil.rmtree(self.paths(rec).dir, ignore_errors=True)
 
+    # -- export / import (host/archive.py) ----------------------------------------------------
+    def export(self, name: str, path: str, snapshot: str | None = None) -> dict[str, Any]:
+        """Write VM `name` (stopped or crashed; or, at any state, as of its snapshot `snapshot`,
+        `<vm dir>/snapshots/NAME`) to the new archive `path`."""
+        from pyvirt.host import archive
+        from pyvirt.vmm.snapshot import read_manifest
+        _absolute(path)
+        with self.lock:
+            rec = self._get(name)
+            self._check(rec)
+            rec = self._get(rec.id)
+        spec = rec.spec_dict
+        if snapshot is not None:
+            snap = self.paths(rec).dir / "snapshots" / snapshot
+            if "/" in snapshot or snapshot.startswith(".") or not snap.is_dir():
+                raise NotFound(f"VM {rec.name} has no snapshot {snapshot}")
+            try:
+                m = read_manifest(snap)
+            except ConfigError as e:
+                raise Invalid(str(e)) from None
+            spec = m["spec"]
+            for i, d in enumerate(m["disks"]):
+                if isinstance(d, dict) and d.get("kind") == "frozen":
+                    spec["disks"][i].update(path=str(snap / f"disk{i}.qcow2"), format="qcow2")
+        elif rec.alive:
+            raise Conflict(f"VM {rec.name} is {rec.state}: stop it to export its disks consistently "
+                           "(or export one of its snapshots)")
+        try:
+            m = archive.export_vm(Path(path), rec.name, spec, rec.limits_dict)
+        except FileExistsError:
+            raise Conflict(f"{path} exists already: an export never overwrites a file") from None
+        except (OSError, ValueError) as e:              # (ValueError: a NUL in the path)
+            raise Invalid(f"cannot write {path[:200]!r}: {getattr(e, 'strerror', None) or e}") from None
+        return {"path": str(Path(path).expanduser().absolute()), "name": rec.name,
+                "members": m["members"], "size": os.path.getsize(Path(path).expanduser())}
+
+    def import_(self, path: str, name: str | None = None) -> dict[str, Any]:
+        """A new, stopped VM from an export archive: checked whole before anything is kept."""
+        _absolute(path)
+        import re
+
+        from pyvirt.host import archive
+        from pyvirt.host.models import NAME_RE, NAME_RULE
+        from pyvirt.spec import VmSpec
+        vm_id = uuid.uuid4().hex[:12]
+        dest = self.paths(VmRecord(id=vm_id, name="", spec="", limits="", desired="", created=0)).dir
+        try:
+            m = archive.unpack(Path(path), dest)
+        except archive.ArchiveError as e:
+            raise Invalid(f"cannot import {path}: {e}") from None
+        try:
+            new_name = name or m.get("name")
+            if not isinstance(new_name, str) or not re.match(NAME_RE, new_name):
+                raise Invalid(f"cannot import {path}: {NAME_RULE}")
+            try:
+                spec = VmSpec.model_validate(m["spec"])
+                limits = Limits.model_validate(m.get("limits") or {"memory_limit": spec.memory + (256 << 20)})
+            except ValueError as e:
+                raise Invalid(f"cannot import {path}: invalid spec: {str(e).splitlines()[0]}") from None
+            if spec.ports or any(n.socket is not None for n in spec.nets):
+                raise Invalid(f"cannot import {path}: its spec names host sockets (ports or stream nets)")
+            rec = VmRecord(id=vm_id, name=new_name, spec=spec.model_dump_json(),
+                           limits=limits.model_dump_json(), desired="stopped", created=time.time())
+            with self.lock:
+                try:
+                    self.store.add(rec)
+                except DuplicateName:
+                    raise Conflict(f"a VM named {new_name} exists already (import it with another name)") \
+                        from None
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        return self.inspect(vm_id)
+
     # -- life cycle ----------------------------------------------------------------------
     def start(self, name: str) -> dict[str, Any]:
         with self.lock:
@@ -395,3 +469,10 @@ def _signame(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return f"signal {sig}"
+
+
+def _absolute(path: str) -> None:
+    """Archive paths name host files for the daemon: only absolute ones (a relative path would be
+    resolved against the daemon's working directory, not the caller's)."""
+    if not os.path.isabs(path):
+        raise Invalid(f"the archive path must be absolute, not {path!r}")

@@ -33,15 +33,27 @@ class VmCreate(BaseModel):
     kernel: str | None = Field(None, description="Linux Image (default: the default guest's)")
     initrd: str | None = None
     append: str | None = Field(None, description="kernel command line")
-    disks: list[str] = Field(default_factory=list, description="PATH[,ro][,format=raw|qcow2] (as --disk)")
+    disks: list[str] = Field(default_factory=list, description="PATH[,ro][,format=raw|qcow2][,bw=RATE][,iops=N][,burst=SIZE] (as --disk)")
     nets: list[str] = Field(default_factory=list,
-                            description="user[,port=H:G]|stream=SOCK|network=NAME|tap=IF[,mac=M] (as --net)")
+                            description="user[,port=H:G]|stream=SOCK|network=NAME|tap=IF[,mac=M][,bw=|tx_bw=|rx_bw=RATE] (as --net)")
     command: str | None = Field(None, description="shell command for the default guest's /init")
     engine: Literal["interp", "jit", "native"] | None = None
     cpu_quota: float | None = Field(None, gt=0, le=64,
                                        description="CPU time ceiling in CPUs (0.5: half of one CPU)")
     memory_limit: int | str | None = Field(
         None, description="the runner's memory ceiling (default: memory + 256M for the VMM)")
+
+
+class ExportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="the archive to write (.pyvirt / .tar.zst); must not exist")
+    snapshot: str | None = Field(None, description="export the VM as of this snapshot of it")
+
+
+class ImportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="an archive written by export")
+    name: str | None = Field(None, pattern=NAME_RE, description="the new VM's name (default: the archive's)")
 
 
 class Limits(BaseModel):

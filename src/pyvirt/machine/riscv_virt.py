@@ -43,6 +43,7 @@ from pyvirt.machine import boot
 from pyvirt.machine.fdt import U64, Node, reg, to_dtb
 from pyvirt.machine.sbi import Sbi
 from pyvirt.memory import Bus
+from pyvirt.ratelimit import RateLimiter
 from pyvirt.spec import NetSpec, VmSpec
 
 RAM_BASE = 0x8000_0000
@@ -86,6 +87,7 @@ class VirtBoard:
         self.backends: list[Any] = []
         self.vconsole: VirtioConsole | None = None
         self.nics: list[VirtioNet] = []
+        self.throttled: list[VirtioBlk] = []      # disks with a rate limiter: polled, have deadlines
         self.dtb_addr = 0
         self.tohost: int | None = None
         try:
@@ -125,7 +127,11 @@ class VirtBoard:
         for i, disk in enumerate(self.spec.disks):
             backend = open_disk(disk.path, read_only=disk.read_only, fmt=disk.format)
             self.backends.append(backend)
-            self._add_virtio(VirtioBlk(backend, serial=f"pyvirt-disk{i}"))
+            blk = VirtioBlk(backend, serial=f"pyvirt-disk{i}",
+                            limiter=RateLimiter.build(self.clock, disk.bw, disk.iops, disk.burst))
+            if blk.limiter is not None:
+                self.throttled.append(blk)
+            self._add_virtio(blk)
         if self.spec.rng:
             self._add_virtio(VirtioRng())
         if self.spec.ports:
@@ -134,7 +140,8 @@ class VirtBoard:
         for net in self.spec.nets:
             if len(self.virtio) >= VIRTIO_SLOTS:
                 raise ConfigError(f"too many virtio devices (the board has {VIRTIO_SLOTS} slots)")
-            nic = VirtioNet(open_net_backend(net), parse_mac(net.mac))
+            nic = VirtioNet(open_net_backend(net), parse_mac(net.mac),
+                            RateLimiter.build(self.clock, net.tx_bw), RateLimiter.build(self.clock, net.rx_bw))
             self.nics.append(nic)
             self._add_virtio(nic)
 
@@ -361,6 +368,8 @@ class VirtBoard:
             self.vconsole.poll()
         for nic in self.nics:
             nic.poll()
+        for blk in self.throttled:
+            blk.poll()
 
     def wait_fds(self) -> list[int]:
         """Host descriptors whose input should wake an idle VM."""
@@ -371,7 +380,8 @@ class VirtBoard:
     def next_deadline(self) -> int | None:
         """The clock tick at which the next timer fires, if any."""
         cands = [h.stimecmp for h in self.harts if h.ecall_hook is not None and h.stimecmp < M64]
-        for d in (self.clint.next_deadline(), self.rtc.next_deadline()):
+        devs = [*self.nics, *self.throttled]
+        for d in (self.clint.next_deadline(), self.rtc.next_deadline(), *(x.next_deadline() for x in devs)):
             if d is not None:
                 cands.append(d)
         return min(cands) if cands else None

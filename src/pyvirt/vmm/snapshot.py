@@ -37,7 +37,7 @@ from pyvirt.backends.char import CharBackend
 from pyvirt.backends.disk import open_disk
 from pyvirt.errors import ConfigError, ImageError, PyvirtError
 from pyvirt.memory import PAGE_SIZE
-from pyvirt.spec import DiskSpec, NetSpec, VmSpec
+from pyvirt.spec import NetSpec, VmSpec
 from pyvirt.vmm.snapcheck import check_state, encode_bytes
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ def _freeze_disks(vm: Vm, d: Path, then: str, live_dir: Path) -> list[dict[str, 
             for blk in blks:
                 if blk.backend is backend:
                     blk.backend = new
-            vm.spec.disks[i] = DiskSpec(path=live, format="qcow2")
+            vm.spec.disks[i] = disk.model_copy(update={"path": live, "format": "qcow2"})   # limits kept
     return out
 
 
@@ -364,7 +364,7 @@ def _restored_spec(d: Path, m: dict[str, Any], spec: VmSpec, ov: Overrides) -> t
             elif kind == "frozen" and not disk.read_only and f"disk{i}.qcow2" in m["files"]:
                 overlay = where / f"disk{i}.qcow2"
                 create_qcow2(overlay, None, backing=d / f"disk{i}.qcow2", backing_format="qcow2")
-                disks.append(DiskSpec(path=overlay, format="qcow2"))
+                disks.append(disk.model_copy(update={"path": overlay, "format": "qcow2"}))
             else:
                 raise ConfigError(f"snapshot {d}: disk {i} is recorded inconsistently")
     except BaseException:

@@ -30,6 +30,13 @@ range, of a length that is not a multiple of 512, or a write to a read-only
 disk completes with VIRTIO_BLK_S_IOERR (5.2.6.1); a chain with no writable
 byte for the status completes with 0 bytes written.  None of these stop the
 device; only a broken virtqueue does.
+
+With a `RateLimiter` (--disk ...,bw=,iops=) each chain costs one op and its
+data bytes (the chain's lengths less header and status).  A refused chain is
+put back on the available ring (`unpop`) and the device returns; the board's
+`poll()` calls `poll()` here, which serves the queue again once
+`next_deadline()` has passed.  Nothing is held outside guest memory, so a
+snapshot taken meanwhile needs no extra device state.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from typing import Any
 from pyvirt.backends.block import SECTOR, BlockBackend
 from pyvirt.devices.virtio.device import VirtioDevice
 from pyvirt.devices.virtio.queue import Chain, Span, SplitQueue, spans_len, split_spans
+from pyvirt.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +91,10 @@ class VirtioBlk(VirtioDevice):
     num_queues = 1
     queue_max_size = QUEUE_SIZE
 
-    def __init__(self, backend: BlockBackend, serial: str = "") -> None:
+    def __init__(self, backend: BlockBackend, serial: str = "", limiter: RateLimiter | None = None) -> None:
         super().__init__()
         self.backend = backend
+        self.limiter = limiter
         self.serial = serial.encode("utf-8", "replace")[:VIRTIO_BLK_ID_BYTES]
         self.stats = {"reads": 0, "writes": 0, "flushes": 0, "errors": 0, "discards": 0, "zeroed": 0,
                       "bytes_read": 0, "bytes_written": 0}
@@ -105,8 +114,23 @@ class VirtioBlk(VirtioDevice):
 
     # -- requests -------------------------------------------------------------------------
     def process(self, index: int, queue: SplitQueue) -> None:
+        limiter = self.limiter
         while (chain := queue.pop()) is not None:
+            if limiter is not None:
+                cost = max(0, chain.readable_len - HEADER.size) + max(0, chain.writable_len - 1)
+                if not limiter.consume(cost):
+                    queue.unpop()              # throttled: poll() serves it when tokens are back
+                    return
             queue.push(chain.head, self._serve(queue, chain))
+
+    def poll(self) -> None:
+        """Between CPU slices: serve requests held back by the rate limiter once it allows."""
+        if self.limiter is not None and self.limiter.due():
+            self.notify(0)
+
+    def next_deadline(self) -> int | None:
+        """The clock tick a throttled request can go (None: nothing waits)."""
+        return None if self.limiter is None or not self.live else self.limiter.wake_at()
 
     def _serve(self, queue: SplitQueue, chain: Chain) -> int:
         """Carry out one request; returns the bytes written into the chain."""

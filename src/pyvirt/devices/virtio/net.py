@@ -30,6 +30,12 @@ counted) until `poll()` finds receive buffers.  With MRG_RXBUF a frame takes
 as many buffers as it needs and the first header's `num_buffers` says how
 many; without it a frame must fit in one buffer (5.1.6.3.1) or is dropped.
 A frame that could never fit even in every buffer of the queue is dropped.
+
+Rate limits (--net ...,tx_bw=,rx_bw=): a transmit chain refused by the tx
+limiter goes back on the available ring; a received frame refused by the rx
+limiter stays first in `pending` (so the bound on pending frames drops what
+the host sends beyond the rate).  `poll()` retries both; `next_deadline()`
+says when, so an idle VM wakes up for them.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from typing import Any
 from pyvirt.backends.net import MAX_FRAME, MIN_FRAME, NetBackend
 from pyvirt.devices.virtio.device import VirtioDevice
 from pyvirt.devices.virtio.queue import Chain, QueueError, SplitQueue
+from pyvirt.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +87,12 @@ class VirtioNet(VirtioDevice):
     num_queues = 2
     queue_max_size = QUEUE_SIZE
 
-    def __init__(self, backend: NetBackend, mac: bytes) -> None:
+    def __init__(self, backend: NetBackend, mac: bytes, tx_limiter: RateLimiter | None = None,
+                 rx_limiter: RateLimiter | None = None) -> None:
         if len(mac) != 6:
             raise ValueError("a MAC address is 6 bytes")
         self.backend = backend
+        self.tx_limiter, self.rx_limiter = tx_limiter, rx_limiter
         self.mac = bytes(mac)
         self.link_up = backend.link_up
         self.stats = {"tx_frames": 0, "rx_frames": 0, "tx_dropped": 0, "rx_dropped": 0}
@@ -111,6 +120,10 @@ class VirtioNet(VirtioDevice):
 
     def _transmit(self, queue: SplitQueue) -> None:
         while (chain := queue.pop()) is not None:
+            limiter = self.tx_limiter
+            if limiter is not None and not limiter.consume(max(0, chain.readable_len - HDR_SIZE)):
+                queue.unpop()                       # throttled: poll() tries again
+                return
             frame = self._tx_frame(queue, chain)
             if frame is not None and not self.backend.send(frame):
                 queue.unpop()                       # the host is congested: try again in poll()
@@ -143,6 +156,10 @@ class VirtioNet(VirtioDevice):
             chains = self._rx_chains(q, HDR_SIZE + len(frame), mergeable)
             if chains is None:
                 break                               # wait for the driver to post buffers
+            if chains and self.rx_limiter is not None and not self.rx_limiter.consume(len(frame)):
+                for _ in chains:
+                    q.unpop()
+                break                               # throttled: poll() tries again
             self.pending.popleft()
             self.pending_bytes -= len(frame)
             if not chains:
@@ -215,6 +232,12 @@ class VirtioNet(VirtioDevice):
         except Exception as e:                      # a device bug must not kill the VM
             log.exception("virtio-net: poll failed")
             self.needs_reset(f"internal error {e!r}")
+
+    def next_deadline(self) -> int | None:
+        """When a throttled frame (either direction) may go; None if none waits."""
+        ticks = [t for lim in (self.tx_limiter, self.rx_limiter)
+                 if lim is not None and (t := lim.wake_at()) is not None]
+        return min(ticks) if ticks and self.live else None
 
     def fileno(self) -> int | None:
         return self.backend.fileno()

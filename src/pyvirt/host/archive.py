@@ -1,0 +1,252 @@
+"""VM export archives: one zstd-compressed tar stream (`.pyvirt`, `.tar.zst`).
+
+Members, in this order::
+
+    pyvirt-export.json      format "pyvirt-export", version, created, name, the VM's spec
+                            with paths rewritten to member names, its host limits, and
+                            every other member's name and size
+    boot/kernel, boot/initrd, boot/bios   the files the spec boots (so the archive is
+                            self-contained, the cached default guest's included)
+    disks/diskN.raw         each disk's whole content as a raw image: a qcow2 disk is read
+                            through its backing chain (flattened), so nothing refers to
+                            host paths.  Zero runs compress to almost nothing; import
+                            writes them back as holes.
+
+Import reads the stream once into a new directory beside the VM directories and
+checks as it goes: the manifest first (format, version, at most MAX_MEMBERS members,
+sizes within MAX_TOTAL), then every member against it (a regular file with a name the
+manifest lists -- no absolute path, no "..", no links or devices -- and exactly its
+declared size), then that every listed member came.  Only then does the directory
+become the VM's and its record is added; on any failure the directory is removed and
+nothing else exists.  Errors are one-line `ArchiveError`s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import time
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+FORMAT = "pyvirt-export"
+VERSION = 1
+MANIFEST = "pyvirt-export.json"
+MAX_MANIFEST = 1 << 20
+MAX_MEMBERS = 64
+MAX_TOTAL = 1 << 40
+CHUNK = 1 << 20
+HOLE = 64 << 10
+_ZERO = bytes(CHUNK)
+
+
+class ArchiveError(Exception):
+    """A one-line reason the archive cannot be written or read."""
+
+
+class _DiskReader:
+    """A BlockBackend as a file object (tarfile reads it in chunks)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend, self.pos = backend, 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.backend.size - self.pos if n < 0 else min(n, self.backend.size - self.pos)
+        buf = bytearray(n)
+        if n:
+            self.backend.readinto(self.pos, memoryview(buf))
+        self.pos += n
+        return bytes(buf)
+
+
+def _info(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mode, ti.mtime = size, 0o600, int(time.time())
+    return ti
+
+
+def export_vm(out: Path, name: str, spec: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+    """Write the archive of a VM that is not running to `out`, which must not exist.  It is
+    written beside `out` under a temporary name and linked into place (never replacing
+    anything); returns the manifest."""
+    from pyvirt.backends.disk import open_disk
+
+    out = Path(out).expanduser().absolute()
+    if out.exists() or out.is_symlink():
+        raise FileExistsError(f"{out} exists already")
+    spec = json.loads(json.dumps(spec))
+    files: list[tuple[str, Path | None, Any]] = []        # (member, host file, or disk backend)
+    for key in ("kernel", "initrd", "bios"):
+        if spec.get(key):
+            files.append((f"boot/{key}", Path(spec[key]), None))
+            spec[key] = f"boot/{key}"
+    backends = []
+    try:
+        for i, disk in enumerate(spec.get("disks", [])):
+            b = open_disk(disk["path"], read_only=True, fmt=disk.get("format", "auto"))
+            backends.append(b)
+            files.append((f"disks/disk{i}.raw", None, b))
+            disk.update(path=f"disks/disk{i}.raw", format="raw")
+        members = {m: (p.stat().st_size if p is not None else b.size) for m, p, b in files}
+        manifest = {"format": FORMAT, "version": VERSION, "name": name,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "spec": spec, "limits": limits, "members": members}
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            _write(tmp, manifest, files)
+            os.link(tmp, out)                  # fails if `out` appeared meanwhile: nothing replaced
+        finally:
+            tmp.unlink(missing_ok=True)
+    finally:
+        for b in backends:
+            b.close()
+    return manifest
+
+
+def _write(tmp: Path, manifest: dict[str, Any], files: list[tuple[str, Path | None, Any]]) -> None:
+    import zstandard
+
+    with open(tmp, "xb") as raw, zstandard.ZstdCompressor(level=3, threads=-1).stream_writer(raw) as z, \
+            tarfile.open(fileobj=z, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        head = json.dumps(manifest, indent=1).encode()
+        tar.addfile(_info(MANIFEST, len(head)), _Bytes(head))
+        for member, path, backend in files:
+            if path is not None:
+                with open(path, "rb") as f:
+                    tar.addfile(_info(member, manifest["members"][member]), f)
+            else:
+                tar.addfile(_info(member, backend.size), _DiskReader(backend))
+
+
+class _Bytes:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.data) if n < 0 else self.pos + n
+        out, self.pos = self.data[self.pos:end], min(end, len(self.data))
+        return out
+
+
+# -- import ---------------------------------------------------------------------------------
+def _member_ok(name: str) -> bool:
+    p = PurePosixPath(name)
+    return (bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name
+            and len(p.parts) == 2 and p.parts[0] in ("boot", "disks") and not p.name.startswith("."))
+
+
+def _check_manifest(raw: bytes) -> dict[str, Any]:
+    try:
+        m = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ArchiveError(f"{MANIFEST} is not valid JSON") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ArchiveError(f"not a pyvirt export archive ({MANIFEST} does not say format {FORMAT!r})")
+    if m.get("version") != VERSION:
+        raise ArchiveError(f"archive format version {m.get('version')!r} is not supported "
+                           f"(this pyvirt reads version {VERSION})")
+    members = m.get("members")
+    if not isinstance(members, dict) or len(members) > MAX_MEMBERS or not isinstance(m.get("spec"), dict):
+        raise ArchiveError(f"{MANIFEST} lacks a spec or a valid member list")
+    for name, size in members.items():
+        if not _member_ok(name):
+            raise ArchiveError(f"unsafe or unknown member name {name[:80]!r} in the archive")
+        if type(size) is not int or size < 0:
+            raise ArchiveError(f"member {name}: invalid size in {MANIFEST}")
+    if sum(members.values()) > MAX_TOTAL:
+        raise ArchiveError("the archive declares more than 1 TiB of files")
+    return m
+
+
+def _copy_sparse(src: IO[bytes], dst: Path, size: int) -> None:
+    """Exactly `size` bytes from `src`; all-zero 64 KiB blocks become holes."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        done = 0
+        while done < size:
+            chunk = src.read(min(CHUNK, size - done))
+            if not chunk:
+                raise ArchiveError(f"the archive is truncated in {dst.name}")
+            if chunk != _ZERO[:len(chunk)]:
+                for off in range(0, len(chunk), HOLE):           # holes down to 64 KiB
+                    part = chunk[off:off + HOLE]
+                    if part != _ZERO[:len(part)]:
+                        os.pwrite(fd, part, done + off)
+            done += len(chunk)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def unpack(archive: Path, dest: Path) -> dict[str, Any]:
+    """Check and unpack `archive` into the new directory `dest` (removed again on any
+    failure); returns the manifest with the spec's paths made absolute under `dest`."""
+    import zstandard
+
+    archive = Path(archive).expanduser()
+    try:
+        f = open(archive, "rb")
+    except (OSError, ValueError) as e:              # (ValueError: a NUL in the path)
+        raise ArchiveError(f"cannot open {str(archive)[:200]!r}: {getattr(e, 'strerror', None) or e}") from None
+    dest.mkdir(mode=0o700)
+    try:
+        with f, zstandard.ZstdDecompressor().stream_reader(f) as z, tarfile.open(fileobj=z, mode="r|") as tar:
+            m = _unpack_members(tar, dest)
+        return _localize(m, dest)
+    except ArchiveError:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    except (tarfile.TarError, zstandard.ZstdError, EOFError) as e:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise ArchiveError(f"{archive} is not a valid archive (corrupt or truncated: {e})") from None
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def _unpack_members(tar: tarfile.TarFile, dest: Path) -> dict[str, Any]:
+    first = tar.next()
+    if first is None or first.name != MANIFEST or not first.isfile() or first.size > MAX_MANIFEST:
+        raise ArchiveError(f"not a pyvirt export archive (it does not start with {MANIFEST})")
+    src = tar.extractfile(first)
+    assert src is not None
+    m = _check_manifest(src.read())
+    seen: set[str] = set()
+    while (ti := tar.next()) is not None:
+        if not _member_ok(ti.name) or ti.name not in m["members"]:
+            raise ArchiveError(f"unsafe or unlisted member {ti.name[:80]!r} in the archive")
+        if not ti.isfile():
+            raise ArchiveError(f"member {ti.name} is not a regular file (links and devices are refused)")
+        if ti.name in seen or ti.size != m["members"][ti.name]:
+            raise ArchiveError(f"member {ti.name} is repeated or not the size {MANIFEST} declares")
+        seen.add(ti.name)
+        (dest / PurePosixPath(ti.name).parent).mkdir(mode=0o700, exist_ok=True)
+        data = tar.extractfile(ti)
+        assert data is not None
+        _copy_sparse(data, dest / ti.name, ti.size)
+    missing = sorted(set(m["members"]) - seen)
+    if missing:
+        raise ArchiveError(f"the archive is truncated: {missing[0]} is missing")
+    return m
+
+
+def _localize(m: dict[str, Any], dest: Path) -> dict[str, Any]:
+    spec = m["spec"]
+    for key in ("kernel", "initrd", "bios"):
+        if spec.get(key) is not None:
+            spec[key] = _local(spec[key], m, dest)
+    disks = spec.get("disks")
+    if isinstance(disks, list):
+        for d in disks:
+            if not isinstance(d, dict):
+                raise ArchiveError("the spec's disks are malformed")
+            d["path"] = _local(d.get("path"), m, dest)
+    return m
+
+
+def _local(member: Any, m: dict[str, Any], dest: Path) -> str:
+    if not isinstance(member, str) or member not in m["members"]:
+        raise ArchiveError(f"the spec names {str(member)[:80]!r}, which is not in the archive")
+    return str(dest / member)

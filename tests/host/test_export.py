@@ -1,0 +1,145 @@
+"""Export and import through pyvirtd: a stopped VM's disks (a qcow2 overlay flattened with
+its backing file) travel in one archive and boot again under a new name; bad archives are
+refused with one line and leave nothing behind."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from pyvirt.backends.qcow2_tools import create_qcow2
+from pyvirt.host import archive
+from pyvirt.host.client import ApiError
+
+from .conftest import Daemon, wait_for
+
+GUEST = ("if dd if=/dev/vda bs=5 count=1 2>/dev/null | grep -q DATA1; then echo FOUND "
+         "$(dd if=/dev/vda bs=4 skip=1024 count=1 2>/dev/null); "
+         "else echo -n DATA1 | dd of=/dev/vda conv=notrunc 2>/dev/null && sync && echo WROTE; fi")
+
+
+def run_once(c, name: str) -> str:   # noqa: ANN001
+    c.start(name)
+    wait_for(lambda: c.inspect(name)["state"] == "stopped", 90, f"{name} to power off")
+    return c.logs(name)["text"]
+
+
+def vm_dirs(daemon: Daemon) -> set[str]:
+    return {p.name for p in (daemon.state / "vms").iterdir()}
+
+
+def test_export_then_import_boots_with_the_guests_data(daemon: Daemon, tmp_path: Path) -> None:
+    c = daemon.client
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(4096) + b"BASE" + bytes((8 << 20) - 4100))
+    top = tmp_path / "top.qcow2"
+    create_qcow2(top, None, backing=base, backing_format="raw")
+    c.create("orig", memory="64M", disks=[f"{top},iops=1000"], command=GUEST)
+    assert "WROTE" in run_once(c, "orig")
+    out = tmp_path / "orig.pyvirt"
+    res = c.export("orig", out)
+    boot = res["members"]["boot/kernel"] + res["members"]["boot/initrd"]
+    assert res["members"]["disks/disk0.raw"] == 8 << 20 and out.stat().st_size < boot + (256 << 10)
+    e = pytest.raises(ApiError, c.export, "orig", out).value      # never overwrites
+    assert e.status == 409 and "exists" in e.detail
+    vm = c.import_(out, name="copy")
+    assert vm["state"] == "stopped" and vm["spec"]["disks"][0]["iops"] == 1000
+    assert Path(vm["spec"]["disks"][0]["path"]).is_relative_to(daemon.state)
+    assert Path(vm["spec"]["kernel"]).is_relative_to(daemon.state)
+    assert "FOUND BASE" in run_once(c, "copy")
+    disk = Path(vm["spec"]["disks"][0]["path"])
+    assert os.stat(disk).st_blocks * 512 <= 256 << 10              # zero runs came back as holes
+    e = pytest.raises(ApiError, c.import_, out).value              # the name "orig" is taken
+    assert e.status == 409
+    r = daemon.cli("import", str(out), "--name", "third")
+    assert r.returncode == 0 and r.stdout.startswith("third "), r.stderr
+
+
+def test_running_vm_is_not_exported(daemon: Daemon, tmp_path: Path) -> None:
+    c = daemon.client
+    c.create("busy", memory="64M", command="sleep 1000")
+    c.start("busy")
+    e = pytest.raises(ApiError, c.export, "busy", tmp_path / "x.pyvirt").value
+    assert e.status == 409 and "stop it" in e.detail
+    assert not (tmp_path / "x.pyvirt").exists()
+    e = pytest.raises(ApiError, c.export, "busy", tmp_path / "x.pyvirt", snapshot="nope").value
+    assert e.status == 404
+
+
+def write_archive(path: Path, manifest: dict | bytes, members: list[tuple[tarfile.TarInfo, bytes]],
+                  cut: int | None = None) -> Path:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        head = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
+        ti = tarfile.TarInfo(archive.MANIFEST)
+        ti.size = len(head)
+        tar.addfile(ti, io.BytesIO(head))
+        for ti, data in members:
+            tar.addfile(ti, io.BytesIO(data) if ti.isfile() else None)
+    data = zstandard.ZstdCompressor().compress(buf.getvalue())
+    path.write_bytes(data[:cut] if cut else data)
+    return path
+
+
+def member(name: str, data: bytes = b"x" * 10, kind: bytes = tarfile.REGTYPE) -> tuple[tarfile.TarInfo, bytes]:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.size = kind, len(data) if kind == tarfile.REGTYPE else 0
+    if kind == tarfile.SYMTYPE:
+        ti.linkname = "/etc/passwd"
+    return ti, data
+
+
+def good_manifest(**over) -> dict:   # noqa: ANN003
+    m = {"format": "pyvirt-export", "version": 1, "name": "imp", "members": {"boot/kernel": 10},
+         "spec": {"memory": 64 << 20, "kernel": "boot/kernel"}, "limits": {"memory_limit": 320 << 20}}
+    return {**m, **over}
+
+
+@pytest.mark.parametrize("manifest, members, cut, words", [
+    (good_manifest(version=2), [member("boot/kernel")], None, "version 2 is not supported"),
+    (good_manifest(format="tar"), [member("boot/kernel")], None, "not a pyvirt export archive"),
+    (b"{not json", [], None, "not valid JSON"),
+    (good_manifest(members={"../evil": 10}), [member("../evil")], None, "unsafe"),
+    (good_manifest(members={"/etc/x": 10}), [member("/etc/x")], None, "unsafe"),
+    (good_manifest(), [member("boot/../../evil")], None, "unsafe"),
+    (good_manifest(), [member("boot/kernel", kind=tarfile.SYMTYPE)], None, "not a regular file"),
+    (good_manifest(), [member("boot/kernel", kind=tarfile.CHRTYPE)], None, "not a regular file"),
+    (good_manifest(), [member("boot/kernel", b"y" * 11)], None, "not the size"),
+    (good_manifest(), [], None, "truncated"),
+    (good_manifest(), [member("boot/kernel", os.urandom(300_000))], 2000, "truncated"),
+])
+def test_bad_archives_are_refused_and_leave_nothing(daemon: Daemon, tmp_path: Path, manifest, members,
+                                                    cut, words: str) -> None:   # noqa: ANN001
+    if cut and manifest == good_manifest():
+        manifest = good_manifest(members={"boot/kernel": 300_000})
+    bad = write_archive(tmp_path / "bad.pyvirt", manifest, members, cut)
+    before = vm_dirs(daemon)
+    e = pytest.raises(ApiError, daemon.client.import_, bad).value
+    assert e.status == 422 and words in e.detail, e.detail
+    assert daemon.client.list() == [] and vm_dirs(daemon) == before
+    assert not (tmp_path.parent / "evil").exists()
+
+
+def test_garbage_file_and_missing_file(daemon: Daemon, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pyvirt"
+    junk.write_bytes(os.urandom(5000))
+    for path, words in ((junk, "not a valid archive"), (tmp_path / "none.pyvirt", "cannot open")):
+        e = pytest.raises(ApiError, daemon.client.import_, path).value
+        assert e.status == 422 and words in e.detail, e.detail
+    assert daemon.client.list() == [] and vm_dirs(daemon) == set()
+
+
+def test_archive_paths_must_be_absolute(daemon: Daemon, tmp_path: Path) -> None:
+    """A relative path would be resolved against the daemon's working directory: refused (422)."""
+    daemon.client.create("rel", memory="64M")
+    c = daemon.client                   # (Client makes paths absolute: the raw API is called here)
+    for url, body in (("/vms/rel/export", {"path": "out.pyvirt"}), ("/vms/import", {"path": "in.pyvirt"})):
+        e = pytest.raises(ApiError, c._call, "POST", url, json=body).value
+        assert e.status == 422 and "must be absolute" in e.detail
+    assert not Path("out.pyvirt").exists()

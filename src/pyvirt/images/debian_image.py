@@ -59,8 +59,9 @@ DEBIAN_IMAGE_VERSION = "1"
 SUITE = "trixie"
 ARCH = "riscv64"
 # What debootstrap installs beyond minbase (it resolves their dependencies).
+# ioping: the in-guest random I/O benchmark (bench/disk_debian.py); dd is coreutils'.
 PACKAGES = ("systemd-sysv", "udev", "kmod", "e2fsprogs", "iproute2", "procps", "netbase",
-            "busybox-static")
+            "busybox-static", "ioping")
 ROOT_MODULES = ("virtio_mmio", "virtio_blk", "ext4")
 DISK_SIZE = 2 << 30
 SETUP_MEMORY = 1 << 30

@@ -262,3 +262,19 @@ def test_cgroup_write_failure_is_reported(tmp_path: Path) -> None:
     (base / "vm1" / "cpu.cfs_quota_us").mkdir()          # not writable as a file
     pl = cgroups.place(cgroups.Support("v1", bases={"cpu": base}), "vm1", 1, 0.5, 1 << 30)
     assert pl.cpu_quota is None and "cannot set the cpu limit" in pl.reason
+
+
+def test_daemons_with_different_state_dirs_have_separate_cgroup_subtrees(tmp_path: Path) -> None:
+    """Each daemon's VMs live under pyvirt-<its digest>: one daemon's leftovers are never another's
+    (a shared pyvirt/ made a starting daemon kill the VMs of another)."""
+    own = tmp_path / "daemon.scope"
+    own.mkdir()
+    (own / "cgroup.controllers").write_text("cpu memory\n")
+    a = cgroups._detect_v2(str(tmp_path), "/daemon.scope", "aaaa")
+    b = cgroups._detect_v2(str(tmp_path), "/daemon.scope", "bbbb")
+    cgroups.place(a, "vm-a", 1, None, 1 << 30)
+    cgroups.place(b, "vm-b", 2, None, 1 << 30)
+    assert (own / "pyvirt-aaaa" / "vm-a" / "cgroup.procs").read_text() == "1"
+    assert (own / "pyvirt-bbbb" / "cgroup.subtree_control").read_text() == "+cpu +memory"
+    assert [d.name for d in cgroups.leftovers(a)] == ["vm-a"]
+    assert [d.name for d in cgroups.leftovers(b)] == ["vm-b"]

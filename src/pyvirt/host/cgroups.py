@@ -1,13 +1,16 @@
 """CPU quota and memory ceiling per VM with Linux control groups (v1 or v2).
 
-Each runner goes into its own cgroup `pyvirt/<vm-id>` below the daemon's own
-cgroup, in each controller it uses:
+Each runner goes into its own cgroup `pyvirt-<daemon>/<vm-id>` below the
+daemon's own cgroup, in each controller it uses; <daemon> is a digest of the
+daemon's state directory, so daemons with different state directories never
+touch each other's VMs (a daemon removes the cgroups of its own VMs that are
+not running, and only those):
 
-    v1: <cpu mount>/<own>/pyvirt/<id>/cpu.cfs_quota_us, cpu.cfs_period_us
-        <memory mount>/<own>/pyvirt/<id>/memory.limit_in_bytes
-    v2: <unified mount>/<own>/pyvirt/<id>/cpu.max ("QUOTA PERIOD"), memory.max
+    v1: <cpu mount>/<own>/pyvirt-<daemon>/<id>/cpu.cfs_quota_us, cpu.cfs_period_us
+        <memory mount>/<own>/pyvirt-<daemon>/<id>/memory.limit_in_bytes
+    v2: <unified mount>/<own>/pyvirt-<daemon>/<id>/cpu.max ("QUOTA PERIOD"), memory.max
         (the cpu and memory controllers enabled in the subtree_control of
-        <own> and <own>/pyvirt)
+        <own> and <own>/pyvirt-<daemon>)
 
 v1 is used where the cpu and memory controllers are mounted as v1 (a hybrid
 host's unified hierarchy then has none); v2 where the unified hierarchy holds
@@ -76,13 +79,14 @@ def _own_paths() -> dict[str, str]:
     return own
 
 
-def _make_base(mount: str, own: str) -> Path:
-    base = Path(mount) / own.lstrip("/") / BASE
+def _make_base(mount: str, own: str, scope: str = "") -> Path:
+    base = Path(mount) / own.lstrip("/") / (f"{BASE}-{scope}" if scope else BASE)
     base.mkdir(mode=0o755, exist_ok=True)
     return base
 
 
-def detect() -> Support:
+def detect(scope: str = "") -> Support:
+    """What this host allows; `scope` (the daemon's) names its own subtree `pyvirt-<scope>`."""
     if os.environ.get("PYVIRT_CGROUP", "").lower() in ("none", "off", "0"):
         return Support(None, reason="cgroup limits are turned off (PYVIRT_CGROUP=none)")
     mounts = _mounts()
@@ -96,7 +100,7 @@ def detect() -> Support:
                 problems.append(f"no {c} controller is mounted")
                 continue
             try:
-                sup.bases[c] = _make_base(v1[c], own.get(c, "/"))
+                sup.bases[c] = _make_base(v1[c], own.get(c, "/"), scope)
             except OSError as e:
                 problems.append(f"cannot make a {c} cgroup under {v1[c]}: {e.strerror}")
         sup.reason = "; ".join(problems) or None
@@ -104,10 +108,10 @@ def detect() -> Support:
     unified = next((m for m, t, _ in mounts if t == "cgroup2"), None)
     if unified is None:
         return Support(None, reason="no cgroup file system is mounted")
-    return _detect_v2(unified, own.get("", "/"))
+    return _detect_v2(unified, own.get("", "/"), scope)
 
 
-def _detect_v2(mount: str, own: str) -> Support:
+def _detect_v2(mount: str, own: str, scope: str = "") -> Support:
     sup = Support("v2")
     try:
         available = set((Path(mount) / own.lstrip("/") / "cgroup.controllers").read_text().split())
@@ -117,7 +121,7 @@ def _detect_v2(mount: str, own: str) -> Support:
     problems = [f"the {c} controller is not available to this cgroup" for c in ("cpu", "memory")
                 if c not in available]
     try:
-        base = _make_base(mount, own)
+        base = _make_base(mount, own, scope)
         ctl = " ".join(f"+{c}" for c in wanted)
         if ctl:
             # (fails with EBUSY where the daemon's own cgroup holds processes and is not the root)
@@ -149,7 +153,7 @@ class Placement:
 
 
 def place(sup: Support, vm_id: str, pid: int, cpu_quota: float | None, memory_limit: int) -> Placement:
-    """Put process `pid` into pyvirt/<vm_id> with these limits (as far as the host allows)."""
+    """Put process `pid` into pyvirt-<daemon>/<vm_id> with these limits (as far as the host allows)."""
     pl = Placement([], reason=sup.reason)
     problems = [sup.reason] if sup.reason else []
     made: dict[Path, Path] = {}
@@ -211,5 +215,6 @@ def remove(dirs: list[str] | list[Path], wait: float = 1.0) -> None:
 
 
 def leftovers(sup: Support) -> list[Path]:
-    """The per-VM cgroups below pyvirt/ (to remove those of VMs that are not running)."""
+    """The per-VM cgroups below this daemon's pyvirt-<daemon>/ (to remove those of its VMs that are
+    not running)."""
     return [d for base in set(sup.bases.values()) if base.is_dir() for d in base.iterdir() if d.is_dir()]

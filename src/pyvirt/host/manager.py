@@ -16,6 +16,7 @@ exit.json to tell a power-off or a kill (stopped) from a crash.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -63,7 +64,8 @@ class Manager:
         self.state = state
         (state / "vms").mkdir(mode=0o700, exist_ok=True)
         self.store = Store(state / "pyvirtd.db")
-        self.cgroups = cgroups.detect()
+        # (one subtree per state directory: daemons never touch each other's VMs' cgroups)
+        self.cgroups = cgroups.detect(hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:12])
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.expected_end: set[str] = set()      # ids being stopped or killed on purpose
         self.lock = threading.RLock()

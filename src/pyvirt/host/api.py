@@ -14,6 +14,7 @@ from pyvirt import __version__
 from pyvirt.errors import PyvirtError
 from pyvirt.host.manager import HostError, Manager
 from pyvirt.host.models import NAME_RULE, VmCreate
+from pyvirt.host.snapshot_api import add_snapshot_routes
 
 MAX_STOP_TIMEOUT = 600.0
 
@@ -113,4 +114,5 @@ def make_app(manager: Manager) -> FastAPI:
         start, data, end = manager.logs(name, tail=tail, offset=offset)
         return LogChunk(text=data.decode(errors="replace"), start=start, offset=end)
 
+    add_snapshot_routes(app, manager, ERRORS)
     return app

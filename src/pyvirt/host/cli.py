@@ -9,6 +9,8 @@
     pyvirt inspect NAME                     (JSON)
     pyvirt console NAME                     (Ctrl-] detaches; the VM keeps running)
     pyvirt logs [-f] [--tail BYTES] NAME
+    pyvirt snapshot VM NAME | snapshots | snapshot-rm NAME | restore SNAP [--name VM]
+          | clone SNAP --count N [--prefix P]     (host/snapshot_cli.py)
 
 Every command takes --state-dir DIR (default $PYVIRT_STATE_DIR or
 ~/.local/state/pyvirt).  The daemon is not started on demand: without one,
@@ -30,9 +32,10 @@ import tty
 from typing import Any
 
 from pyvirt.errors import ConfigError
+from pyvirt.host import snapshot_cli
 
 COMMANDS = ("daemon", "create", "start", "stop", "kill", "pause", "resume", "rm", "ls", "inspect",
-            "console", "logs")
+            "console", "logs", *snapshot_cli.COMMANDS)
 DETACH = 0x1D          # Ctrl-]
 
 
@@ -77,6 +80,7 @@ def add_parsers(sub: Any) -> None:
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing new output until the VM ends")
     lg.add_argument("--tail", type=int, default=64 * 1024, metavar="BYTES",
                     help="start with the last BYTES bytes (default 65536)")
+    snapshot_cli.add_parsers(sub, common)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
             return _logs(client, args.name, args.follow, args.tail)
         if args.cmd == "console":
             return _console(client, args.name)
+        if args.cmd in snapshot_cli.COMMANDS:
+            return snapshot_cli.run(args, client)
     raise ConfigError(f"unknown command {args.cmd}")
 
 

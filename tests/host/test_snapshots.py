@@ -131,7 +131,7 @@ head -c 1048576 /dev/urandom > /tmp/a; for i in $(seq 96); do cat /tmp/a; done >
 while true; do
   h=$(hostname)
   if [ "$h" != "$h0" ] && [ $w = 0 ]; then
-    w=1; echo "$h" | dd of=/dev/vda conv=notrunc 2>/dev/null; sync
+    w=1; echo "$h" | dd of=/dev/vda conv=notrunc 2>/dev/null; sync; dd if=/tmp/fill of=/dev/null bs=1M 2>/dev/null
     d=$(basename $(readlink /sys/class/net/eth0/device))
     echo $d > /sys/bus/virtio/drivers/virtio_net/unbind; echo $d > /sys/bus/virtio/drivers/virtio_net/bind
   fi
@@ -146,7 +146,8 @@ def test_clones_have_their_own_identity_and_share_ram(daemon: Daemon, tmp_path: 
     disk.write_bytes(bytes(MIB))
     c.create("base", memory="256M", command=CLONE_CMD, disks=[str(disk)], nets=["user"])
     orig = c.start("base")
-    wait_for(lambda: "H=pyvirt" in c.logs("base")["text"], 120, "the guest to fill its tmpfs")
+    wait_for(lambda: "H=pyvirt" in c.logs("base")["text"], 120, "the guest to fill its tmpfs: "
+             + c.logs("base", tail=300)["text"])
     c.snapshot("base", "gold")
     clones = c.clone("gold", 4, prefix="web")
     assert [v["name"] for v in clones] == ["web-1", "web-2", "web-3", "web-4"]
@@ -157,7 +158,7 @@ def test_clones_have_their_own_identity_and_share_ram(daemon: Daemon, tmp_path: 
         found = re.findall(rf"H={name} M=(\S+) D=(\S*)\n", c.logs(name)["text"])
         return found[-1] if found and found[-1][1] == name else None
 
-    seen = {v["name"]: wait_for(lambda n=v["name"]: line(n), 60, f"{v['name']}'s identity") for v in clones}
+    seen = {v["name"]: wait_for(lambda n=v["name"]: line(n), 120, f"{v['name']}'s identity") for v in clones}
     macs = [m for m, _ in seen.values()]
     base_mac = orig["spec"]["nets"][0]["mac"]
     assert len(set(macs)) == 4 and base_mac not in macs, (macs, base_mac)

@@ -417,6 +417,25 @@ def test_clone_gets_its_own_mac_and_network(program: Path, tmp_path: Path) -> No
             s.close()
 
 
+def test_restored_port_sockets_can_be_moved(program: Path, tmp_path: Path) -> None:
+    """A clone next to its original binds its own virtio-console port sockets."""
+    from pyvirt.spec import PortSpec
+    spec = make_spec(bios=str(program), memory=16 << 20, engine="interp",
+                     ports=[PortSpec(name="org.x", socket=tmp_path / "orig.sock")])
+    vm = Vm(spec, BufferBackend())
+    vm.run(max_instructions=20_000)
+    save_snapshot(vm, tmp_path / "snap", then="continue")
+    assert (tmp_path / "orig.sock").exists()             # the original still listens there
+    clone = load_snapshot(tmp_path / "snap", BufferBackend(),
+                          overrides=Overrides(ports={"org.x": tmp_path / "clone.sock"}))
+    assert [p.socket for p in clone.spec.ports] == [tmp_path / "clone.sock"]
+    assert (tmp_path / "clone.sock").exists()
+    clone.close()
+    vm.close()
+    with pytest.raises(ConfigError, match="no port named 'org.y'"):
+        load_snapshot(tmp_path / "snap", BufferBackend(), overrides=Overrides(ports={"org.y": tmp_path / "y"}))
+
+
 def state_without_digest(d: Path) -> None:
     m = json.loads((d / "manifest.json").read_text())
     del m["files"]["state.json"]["sha256"]

@@ -14,6 +14,7 @@ from pyvirt import __version__
 from pyvirt.errors import PyvirtError
 from pyvirt.host.manager import HostError, Manager
 from pyvirt.host.models import NAME_RULE, ExportRequest, ImportRequest, VmCreate
+from pyvirt.host.snapshot_api import add_snapshot_routes
 
 MAX_STOP_TIMEOUT = 600.0
 
@@ -123,4 +124,5 @@ def make_app(manager: Manager) -> FastAPI:
     def import_vm(req: ImportRequest) -> dict[str, Any]:
         return manager.import_(req.path, req.name)
 
+    add_snapshot_routes(app, manager, ERRORS)
     return app

@@ -9,6 +9,8 @@
     pyvirt inspect NAME                     (JSON)
     pyvirt console NAME                     (Ctrl-] detaches; the VM keeps running)
     pyvirt logs [-f] [--tail BYTES] NAME
+    pyvirt snapshot VM NAME | snapshots | snapshot-rm NAME | restore SNAP [--name VM]
+          | clone SNAP --count N [--prefix P]     (host/snapshot_cli.py)
 
 Every command takes --state-dir DIR (default $PYVIRT_STATE_DIR or
 ~/.local/state/pyvirt).  The daemon is not started on demand: without one,
@@ -30,9 +32,10 @@ import tty
 from typing import Any
 
 from pyvirt.errors import ConfigError
+from pyvirt.host import snapshot_cli
 
 COMMANDS = ("daemon", "create", "start", "stop", "kill", "pause", "resume", "rm", "ls", "inspect",
-            "console", "logs", "export", "import")
+            "console", "logs", "export", "import", *snapshot_cli.COMMANDS)
 DETACH = 0x1D          # Ctrl-]
 
 
@@ -84,6 +87,7 @@ def add_parsers(sub: Any) -> None:
     im = sub.add_parser("import", parents=[common], help="define a VM from an export archive")
     im.add_argument("file", metavar="FILE")
     im.add_argument("--name", metavar="NEW", help="the new VM's name (default: the exported VM's)")
+    snapshot_cli.add_parsers(sub, common)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
             vm = client.import_(os.path.abspath(args.file), name=args.name)
             print(f"{vm['name']} {vm['id']}")
             return 0
+        if args.cmd in snapshot_cli.COMMANDS:
+            return snapshot_cli.run(args, client)
     raise ConfigError(f"unknown command {args.cmd}")
 
 

@@ -116,3 +116,23 @@ class Client:
 
     def console_socket(self, name: str) -> Path:
         return Path(self.inspect(name)["paths"]["console_socket"])
+
+    # -- snapshots ---------------------------------------------------------------------------
+    def snapshot(self, vm: str, name: str) -> dict[str, Any]:
+        return self._call("POST", f"/vms/{vm}/snapshots", json={"name": name}, timeout=660)
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/snapshots")
+
+    def snapshot_info(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/snapshots/{name}")
+
+    def delete_snapshot(self, name: str) -> None:
+        self._call("DELETE", f"/snapshots/{name}")
+
+    def restore(self, snapshot: str, name: str | None = None) -> dict[str, Any]:
+        return self._call("POST", f"/snapshots/{snapshot}/restore", json={"name": name}, timeout=120)
+
+    def clone(self, snapshot: str, count: int, prefix: str | None = None) -> list[dict[str, Any]]:
+        return self._call("POST", f"/snapshots/{snapshot}/clone", json={"count": count, "prefix": prefix},
+                          timeout=60 + 30 * count)

@@ -34,7 +34,8 @@ from pyvirt.errors import ConfigError, PyvirtError
 from pyvirt.host import cgroups, control
 from pyvirt.host.models import Limits, VmCreate, to_spec
 from pyvirt.host.paths import VmPaths, proc_start_time, vm_paths
-from pyvirt.host.store import DuplicateName, Store, VmRecord
+from pyvirt.host.snapshots import SnapshotOps
+from pyvirt.host.store import DuplicateName, SnapshotStore, Store, VmRecord
 
 START_TIMEOUT = 30.0           # the runner's control socket answers within this
 KILL_WAIT = 5.0                # after a kill request, before SIGKILL
@@ -59,11 +60,13 @@ class Invalid(HostError):
     status = 422
 
 
-class Manager:
+class Manager(SnapshotOps):
     def __init__(self, state: Path) -> None:
         self.state = state
         (state / "vms").mkdir(mode=0o700, exist_ok=True)
         self.store = Store(state / "pyvirtd.db")
+        self.snapshots = SnapshotStore(self.store)
+        self.snapshot_locks: dict[str, threading.Lock] = {}
         # (one subtree per state directory: daemons never touch each other's VMs' cgroups)
         self.cgroups = cgroups.detect(hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:12])
         self.children: dict[str, subprocess.Popen[bytes]] = {}
@@ -169,6 +172,7 @@ class Manager:
             rec = self._get(rec.id)
             if rec.alive and not force:
                 raise Conflict(f"VM {rec.name} is {rec.state}: stop it first (or delete with force)")
+            self.check_no_snapshot_needs(rec)
         if rec.alive:
             self._force_end(rec)
         with self.lock:
@@ -261,14 +265,14 @@ class Manager:
         self._wait_ready(rec, proc)
         return self.inspect(rec.id)
 
-    def _spawn(self, rec: VmRecord) -> subprocess.Popen[bytes]:
+    def _spawn(self, rec: VmRecord, extra: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
         p = self.paths(rec)
         p.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for f in (p.exit_file, p.control_sock):
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
         tmp = p.config.with_name("config.json.tmp")
-        tmp.write_text(json.dumps({"id": rec.id, "name": rec.name, "spec": rec.spec_dict}) + "\n")
+        tmp.write_text(json.dumps({"id": rec.id, "name": rec.name, "spec": rec.spec_dict, **(extra or {})}) + "\n")
         os.replace(tmp, p.config)
         with open(p.runner_log, "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "pyvirt.host.runner", "--id", rec.id,

@@ -24,9 +24,10 @@ as a crash.
 Hooks for snapshots: the control request `snapshot` calls
 `vm.request_snapshot(dir, then=then)` when the Vm has that method; with
 "restore": DIR in config.json (and "overrides": {nets, macs, overlay_dir,
-engine}), `build_vm` builds the VM with
+engine, ports}), `build_vm` builds the VM with
 `pyvirt.vmm.snapshot.load_snapshot(DIR, console, overrides=...)` instead of
-`Vm(spec, console)` (the daemon does not write "restore" yet).  A snapshot
+`Vm(spec, console)` (the daemon writes it for a VM restored or cloned from a
+snapshot, host/snapshots.py).  A snapshot
 with then="quit" ends the runner with {"reason": "snapshot", "dir": DIR}.
 """
 
@@ -271,7 +272,10 @@ class Runner:
                 self.snapshot_dir = directory
 
         self.last_snapshot = {"dir": directory, "then": then, "ok": None, "error": None}
-        request_snapshot(directory, then=then, done=done)
+        live_dir = req.get("live_dir")
+        if live_dir is not None and (not isinstance(live_dir, str) or not live_dir):
+            return {"ok": False, "error": 'snapshot: "live_dir" is a directory path'}
+        request_snapshot(directory, then=then, done=done, live_dir=live_dir)
         return {"ok": True, "status": "requested"}
 
     def close(self) -> None:
@@ -298,7 +302,8 @@ def build_vm(config: dict[str, Any], paths: VmPaths, console: SocketConsole) -> 
         ov = config.get("overrides") or {}
         nets = ov.get("nets")
         overrides = Overrides(nets=None if nets is None else [NetSpec.model_validate(n) for n in nets],
-                              macs=ov.get("macs"), overlay_dir=ov.get("overlay_dir"), engine=ov.get("engine"))
+                              macs=ov.get("macs"), overlay_dir=ov.get("overlay_dir"), engine=ov.get("engine"),
+                              ports=ov.get("ports"))
         return load_snapshot(config["restore"], console, overrides=overrides)
     spec = with_agent_port(VmSpec.model_validate(config["spec"]), paths.agent_sock)
     return Vm(spec, console)

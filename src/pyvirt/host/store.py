@@ -13,7 +13,19 @@
         started REAL,              -- when it was started (Unix time)
         exit_status INTEGER,       -- the guest's exit status when it powered off
         reason TEXT,               -- how it ended (poweroff, killed, a crash's cause)
-        cgroup TEXT)               -- the runner's cgroup placement (JSON), while it runs
+        cgroup TEXT,               -- the runner's cgroup placement (JSON), while it runs
+        origin TEXT)               -- the snapshot it was restored or cloned from (its disks
+                                   -- and first RAM image are that snapshot's files)
+
+    snapshots(name TEXT PRIMARY KEY, -- what users call it; <state>/snapshots/<name>/
+        vm TEXT NOT NULL,          -- the VM it was taken of (its name then)
+        vm_id TEXT NOT NULL,
+        dir TEXT NOT NULL,         -- the snapshot directory (vmm/snapshot.py's format)
+        created REAL NOT NULL,     -- Unix time
+        memory INTEGER NOT NULL,   -- guest RAM bytes
+        size INTEGER NOT NULL,     -- bytes it takes on disk (allocated blocks)
+        version INTEGER NOT NULL,  -- the snapshot format version
+        frozen TEXT NOT NULL)      -- JSON list: the frozen disk images its overlays back onto
 
 Every access goes through one connection guarded by a lock (the API serves
 requests on several threads, the monitor runs on another).
@@ -43,8 +55,20 @@ CREATE TABLE IF NOT EXISTS vms (
     started REAL,
     exit_status INTEGER,
     reason TEXT,
-    cgroup TEXT
-)
+    cgroup TEXT,
+    origin TEXT
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    name TEXT PRIMARY KEY,
+    vm TEXT NOT NULL,
+    vm_id TEXT NOT NULL,
+    dir TEXT NOT NULL,
+    created REAL NOT NULL,
+    memory INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    frozen TEXT NOT NULL
+);
 """
 STATES = ("stopped", "running", "paused", "crashed")
 
@@ -69,6 +93,7 @@ class VmRecord:
     exit_status: int | None = None
     reason: str | None = None
     cgroup: str | None = None
+    origin: str | None = None
 
     @property
     def spec_dict(self) -> dict[str, Any]:
@@ -93,7 +118,10 @@ class Store:
         self.lock = threading.RLock()
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(SCHEMA)
+        self.db.executescript(SCHEMA)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(vms)")}
+        if "origin" not in have:                 # a database from before snapshots
+            self.db.execute("ALTER TABLE vms ADD COLUMN origin TEXT")
 
     def close(self) -> None:
         with self.lock:
@@ -135,3 +163,54 @@ class Store:
     def delete(self, vm_id: str) -> None:
         with self.lock:
             self.db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
+
+
+@dataclass
+class SnapshotRecord:
+    name: str
+    vm: str
+    vm_id: str
+    dir: str
+    created: float
+    memory: int
+    size: int
+    version: int
+    frozen: str
+
+    def describe(self) -> dict[str, Any]:
+        return {**asdict(self), "frozen": json.loads(self.frozen)}
+
+
+_SNAP_COLUMNS = [f.name for f in fields(SnapshotRecord)]
+
+
+class SnapshotStore:
+    """The snapshots table (on the VM store's connection and lock)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def add(self, rec: SnapshotRecord) -> None:
+        row = asdict(rec)
+        with self.store.lock:
+            try:
+                self.store.db.execute(f"INSERT INTO snapshots ({', '.join(_SNAP_COLUMNS)}) VALUES "
+                                      f"({', '.join('?' * len(_SNAP_COLUMNS))})", [row[c] for c in _SNAP_COLUMNS])
+            except sqlite3.IntegrityError:
+                raise DuplicateName(rec.name) from None
+
+    def get(self, name: str) -> SnapshotRecord | None:
+        with self.store.lock:
+            row = self.store.db.execute(f"SELECT {', '.join(_SNAP_COLUMNS)} FROM snapshots WHERE name = ?",
+                                        (name,)).fetchone()
+        return SnapshotRecord(*row) if row else None
+
+    def all(self) -> list[SnapshotRecord]:
+        with self.store.lock:
+            rows = self.store.db.execute(f"SELECT {', '.join(_SNAP_COLUMNS)} FROM snapshots "
+                                         "ORDER BY created, name").fetchall()
+        return [SnapshotRecord(*r) for r in rows]
+
+    def delete(self, name: str) -> None:
+        with self.store.lock:
+            self.store.db.execute("DELETE FROM snapshots WHERE name = ?", (name,))

@@ -37,7 +37,7 @@ from pyvirt.backends.char import CharBackend
 from pyvirt.backends.disk import open_disk
 from pyvirt.errors import ConfigError, ImageError, PyvirtError
 from pyvirt.memory import PAGE_SIZE
-from pyvirt.spec import NetSpec, VmSpec
+from pyvirt.spec import NetSpec, PortSpec, VmSpec
 from pyvirt.vmm.snapcheck import check_state, encode_bytes
 
 if TYPE_CHECKING:
@@ -67,12 +67,15 @@ class Overrides:
     `macs`: only new MAC addresses, one per interface (the virtio-net config MAC);
     `overlay_dir`: where the restored VM's disk overlays go (kept); default a
     temporary directory removed when the VM is closed;
-    `engine`: another execution engine (translations are not state)."""
+    `engine`: another execution engine (translations are not state);
+    `ports`: new host sockets for virtio-console ports, by port name (a VM
+    restored next to its original must not bind the original's sockets)."""
 
     nets: list[NetSpec] | None = None
     macs: list[str] | None = None
     overlay_dir: str | Path | None = None
     engine: str | None = None
+    ports: dict[str, str | Path] | None = None
 
 
 # -- saving -----------------------------------------------------------------------------
@@ -342,6 +345,12 @@ def _restored_spec(d: Path, m: dict[str, Any], spec: VmSpec, ov: Overrides) -> t
         except ValidationError as e:
             raise ConfigError(f"MAC override: {e.errors()[0]['msg'].removeprefix('Value error, ')}") \
                 from None
+    ports = list(spec.ports)
+    if ov.ports is not None:
+        unknown = sorted(set(ov.ports) - {p.name for p in ports})
+        if unknown:
+            raise ConfigError(f"port override: the snapshot has no port named {unknown[0]!r}")
+        ports = [PortSpec(name=p.name, socket=Path(ov.ports.get(p.name, p.socket))) for p in ports]
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if any(disk.get("kind") == "frozen" for disk in m["disks"] if isinstance(disk, dict)):
         if ov.overlay_dir is None:
@@ -370,7 +379,7 @@ def _restored_spec(d: Path, m: dict[str, Any], spec: VmSpec, ov: Overrides) -> t
     except BaseException:
         cleanup()
         raise
-    update: dict[str, Any] = {"disks": disks, "nets": nets}
+    update: dict[str, Any] = {"disks": disks, "nets": nets, "ports": ports}
     if ov.engine is not None:
         update["engine"] = ov.engine
     try:

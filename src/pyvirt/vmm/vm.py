@@ -47,6 +47,7 @@ class SnapshotRequest:
     directory: Path
     then: str
     done: Callable[[dict[str, Any] | None, Exception | None], None] | None
+    live_dir: Path | None = None
 
 
 @dataclass
@@ -144,14 +145,16 @@ class Vm:
 
     # -- snapshots (vmm/snapshot.py) ------------------------------------------------------
     def request_snapshot(self, directory: str | Path, then: str = "continue",
-                         done: Callable[[dict[str, Any] | None, Exception | None], None] | None = None
-                         ) -> None:
+                         done: Callable[[dict[str, Any] | None, Exception | None], None] | None = None,
+                         live_dir: str | Path | None = None) -> None:
         """Take a snapshot at the next slice boundary inside `run`; then go on running
         (`then="continue"`) or end the run (`"quit"`).  `done(manifest, error)` is called
-        after it was written (or failed: the VM goes on either way, unless "quit")."""
+        after it was written (or failed: the VM goes on either way, unless "quit").
+        `live_dir`: where the running VM's new disk overlays go (see save_snapshot)."""
         if then not in ("continue", "quit"):
             raise ValueError(f"then must be 'continue' or 'quit', not {then!r}")
-        self._snapshots.append(SnapshotRequest(Path(directory), then, done))
+        self._snapshots.append(SnapshotRequest(Path(directory), then, done,
+                                               Path(live_dir) if live_dir else None))
 
     def _serve_snapshots(self) -> None:
         from pyvirt.vmm.snapshot import save_snapshot
@@ -159,7 +162,7 @@ class Vm:
             req = self._snapshots.pop(0)
             manifest, error = None, None
             try:
-                manifest = save_snapshot(self, req.directory, then=req.then)
+                manifest = save_snapshot(self, req.directory, then=req.then, live_dir=req.live_dir)
             except (PyvirtError, OSError) as e:
                 error = e
             if req.then == "quit":

@@ -601,8 +601,11 @@ def _zstd_decompress(body: bytes) -> bytes:
         if p.returncode != 0:
             raise OSError(p.stderr.decode(errors="replace").strip()) from None
         return p.stdout
-    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)) as r:
-        return r.read()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)) as r:
+            return r.read()
+    except zstandard.ZstdError as e:             # corrupt data: reported like the zstd tool's failure
+        raise OSError(str(e)) from None
 
 
 def _norm(path: str) -> str:

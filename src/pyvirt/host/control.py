@@ -13,6 +13,7 @@ between CPU slices (and at once while the VM is paused).
                                 VM first); agent: whether the agent is there to hear it
     kill                     -> the VM ends now (disks are still flushed and closed)
     hostname {name}          -> the guest agent sets the host name
+    mac {iface, address}     -> the guest agent sets interface ethN's MAC address
     snapshot {dir, then[, live_dir]}
                              -> Vm.request_snapshot(dir, then=then, done=..., live_dir=...) where the VMM
                                 has it (then: continue|quit), else {"ok": false, "error":

@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -247,10 +248,16 @@ class Runner:
         if op == "hostname":
             self.send_agent(f"hostname {req.get('name', '')}")
             return {"ok": True}
+        if op == "mac":
+            iface, address = str(req.get("iface", "")), str(req.get("address", ""))
+            if not re.fullmatch(r"eth\d{1,3}", iface) or not re.fullmatch(r"(?:[0-9a-f]{2}:){5}[0-9a-f]{2}", address):
+                return {"ok": False, "error": "mac needs iface ethN and address xx:xx:xx:xx:xx:xx"}
+            self.send_agent(f"mac {iface} {address}")
+            return {"ok": True}
         if op == "snapshot":
             return self.snapshot(req)
         return {"ok": False, "error": f"unknown op {op!r} (status, pause, resume, stop, kill, "
-                                      "hostname, snapshot)"}
+                                      "hostname, mac, snapshot)"}
 
     def snapshot(self, req: dict[str, Any]) -> dict[str, Any]:
         """Ask the Vm for a snapshot at its next slice boundary (at once while paused); the

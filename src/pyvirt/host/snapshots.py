@@ -195,10 +195,12 @@ class SnapshotOps:
                 made.append((rec, overrides))
             procs = [self._spawn(rec, extra={"restore": snap.dir, "overrides": ov}) for rec, ov in made]
         try:
-            for (rec, _), proc in zip(made, procs):
+            for (rec, ov), proc in zip(made, procs):
                 self._wait_ready(rec, proc)
-                if clone:
+                if clone:                       # the guest agent takes on the clone's identity
                     self._control(rec, "hostname", name=rec.name)
+                    for i, mac in enumerate(ov["macs"]):
+                        self._control(rec, "mac", iface=f"eth{i}", address=mac)
         except BaseException:
             for rec, _ in made:                 # all or nothing
                 if self._get(rec.id).alive:

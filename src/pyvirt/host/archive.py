@@ -200,8 +200,9 @@ def _check_manifest(raw: bytes) -> dict[str, Any]:
         raise ArchiveError(f"{SNAP_MANIFEST} is larger than {MAX_MANIFEST} bytes")
     snap = {n for n in members if n.startswith(SNAP_DIR + "/")}
     if "snapshot" in m or snap:
-        from pyvirt.host.models import NAME_RE
         import re
+
+        from pyvirt.host.models import NAME_RE
         if not isinstance(m.get("snapshot"), str) or not re.match(NAME_RE, m["snapshot"]):
             raise ArchiveError(f"{MANIFEST}: the snapshot's name is missing or invalid")
         if snap != {SNAP_MANIFEST, SNAP_STATE, SNAP_RAM}:

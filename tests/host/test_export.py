@@ -278,6 +278,11 @@ def test_archive_with_a_foreign_snapshot_version_is_refused(daemon: Daemon, tmp_
                     {**m, "files": {**m["files"], "../x": {"size": 1}}})
     e = pytest.raises(ApiError, c.import_, moved).value
     assert e.status == 422, e.detail
+    forged = rewrite(Path(good["path"]), tmp_path / "forged.pyvirt",      # fails only once installed
+                     lambda m: {**m, "files": {**m["files"], "state.json": {**m["files"]["state.json"],
+                                                                           "sha256": "0" * 64}}})
+    e = pytest.raises(ApiError, c.import_, forged).value
+    assert e.status == 422 and "state.json does not match its sha256" in e.detail, e.detail
     assert c.list() == [] and c.snapshots() == [] and vm_dirs(daemon) == vms_before
     assert set(os.listdir(daemon.state / "snapshots")) == snaps_before
     vm = c.import_(Path(good["path"]))                 # the unedited archive imports

@@ -358,6 +358,8 @@ def install_snapshot(unpacked: Path, dest: Path) -> dict[str, Any]:
         for i, (saved, disk) in enumerate(zip(m["disks"], spec["disks"])):
             image = dest / f"disk{i}.raw"
             src = unpacked / saved["path"]
+            if not src.is_file() or src.is_symlink():
+                raise ArchiveError(f"the snapshot's disk {i} is not in the archive")
             with open(src, "rb") as f:
                 _copy_sparse(f, image, src.stat().st_size)
             image.chmod(0o444)

@@ -284,7 +284,7 @@ class Manager(SnapshotOps):
         return out
 
     def _import_snapshot_dir(self, archived: str, vm_name: str) -> Path:
-        """A new, empty-named path for an imported snapshot: <state>/snapshots/NAME (NAME the
+        """A free path for an imported snapshot: <state>/snapshots/NAME (NAME the
         archive's), or VM-NAME when NAME is taken."""
         import re
 

@@ -11,6 +11,15 @@ Members, in this order::
                             through its backing chain (flattened), so nothing refers to
                             host paths.  Zero runs compress to almost nothing; import
                             writes them back as holes.
+    snapshot/manifest.json, snapshot/state.json, snapshot/ram
+                            with `export --snapshot`: the snapshot (vmm/snapshot.py's
+                            format) whose disks are the archive's disks/diskN.raw (the
+                            VM is exported as of the snapshot).  Its manifest is
+                            "portable": its disks and the spec's disk and boot paths are
+                            member names, and it lists no diskN.qcow2 (the overlays are
+                            made afresh on import, see install_snapshot).  The manifest
+                            comes second in the stream, so its format and version are
+                            checked before any large member is written.
 
 Import reads the stream once into a new directory beside the VM directories and
 checks as it goes: the manifest first (format, version, at most MAX_MEMBERS members,
@@ -23,6 +32,7 @@ nothing else exists.  Errors are one-line `ArchiveError`s.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +50,8 @@ MAX_TOTAL = 1 << 40
 CHUNK = 1 << 20
 HOLE = 64 << 10
 _ZERO = bytes(CHUNK)
+SNAP_DIR = "snapshot"
+SNAP_MANIFEST, SNAP_STATE, SNAP_RAM = "snapshot/manifest.json", "snapshot/state.json", "snapshot/ram"
 
 
 class ArchiveError(Exception):
@@ -67,17 +79,37 @@ def _info(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
-def export_vm(out: Path, name: str, spec: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+def portable_snapshot(m: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot manifest as it goes into the archive: disk and boot paths become the
+    archive's member names (the VM's disks are the snapshot's), no diskN.qcow2 is listed."""
+    m = json.loads(json.dumps(m))
+    spec = m["spec"]
+    for key in ("kernel", "initrd", "bios"):
+        if spec.get(key):
+            spec[key] = f"boot/{key}"
+    for i, (saved, disk) in enumerate(zip(m["disks"], spec["disks"])):
+        saved.update(path=f"disks/disk{i}.raw", format="raw")
+        disk.update(path=f"disks/disk{i}.raw", format="raw")
+    m["files"] = {k: v for k, v in m["files"].items() if k in ("state.json", "ram")}
+    return m
+
+
+def export_vm(out: Path, name: str, spec: dict[str, Any], limits: dict[str, Any],
+              snapshot: tuple[str, Path, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write the archive of a VM that is not running to `out`, which must not exist.  It is
     written beside `out` under a temporary name and linked into place (never replacing
-    anything); returns the manifest."""
+    anything); returns the manifest.  `snapshot`: (name, directory, portable manifest) of
+    the snapshot `spec` is taken from, exported with it."""
     from pyvirt.backends.disk import open_disk
 
     out = Path(out).expanduser().absolute()
     if out.exists() or out.is_symlink():
         raise FileExistsError(f"{out} exists already")
     spec = json.loads(json.dumps(spec))
-    files: list[tuple[str, Path | None, Any]] = []        # (member, host file, or disk backend)
+    files: list[tuple[str, Path | bytes | None, Any]] = []   # (member, host file or bytes, or disk backend)
+    if snapshot is not None:
+        head = json.dumps(snapshot[2], indent=1).encode()
+        files += [(SNAP_MANIFEST, head, None), (SNAP_STATE, snapshot[1] / "state.json", None)]
     for key in ("kernel", "initrd", "bios"):
         if spec.get(key):
             files.append((f"boot/{key}", Path(spec[key]), None))
@@ -89,10 +121,15 @@ def export_vm(out: Path, name: str, spec: dict[str, Any], limits: dict[str, Any]
             backends.append(b)
             files.append((f"disks/disk{i}.raw", None, b))
             disk.update(path=f"disks/disk{i}.raw", format="raw")
-        members = {m: (p.stat().st_size if p is not None else b.size) for m, p, b in files}
+        if snapshot is not None:
+            files.append((SNAP_RAM, snapshot[1] / "ram", None))
+        members = {m: (len(p) if isinstance(p, bytes) else p.stat().st_size if p is not None else b.size)
+                   for m, p, b in files}
         manifest = {"format": FORMAT, "version": VERSION, "name": name,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "spec": spec, "limits": limits, "members": members}
+        if snapshot is not None:
+            manifest["snapshot"] = snapshot[0]
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         try:
             _write(tmp, manifest, files)
@@ -105,7 +142,7 @@ def export_vm(out: Path, name: str, spec: dict[str, Any], limits: dict[str, Any]
     return manifest
 
 
-def _write(tmp: Path, manifest: dict[str, Any], files: list[tuple[str, Path | None, Any]]) -> None:
+def _write(tmp: Path, manifest: dict[str, Any], files: list[tuple[str, Path | bytes | None, Any]]) -> None:
     import zstandard
 
     with open(tmp, "xb") as raw, zstandard.ZstdCompressor(level=3, threads=-1).stream_writer(raw) as z, \
@@ -113,7 +150,9 @@ def _write(tmp: Path, manifest: dict[str, Any], files: list[tuple[str, Path | No
         head = json.dumps(manifest, indent=1).encode()
         tar.addfile(_info(MANIFEST, len(head)), _Bytes(head))
         for member, path, backend in files:
-            if path is not None:
+            if isinstance(path, bytes):
+                tar.addfile(_info(member, len(path)), _Bytes(path))
+            elif path is not None:
                 with open(path, "rb") as f:
                     tar.addfile(_info(member, manifest["members"][member]), f)
             else:
@@ -134,7 +173,7 @@ class _Bytes:
 def _member_ok(name: str) -> bool:
     p = PurePosixPath(name)
     return (bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name
-            and len(p.parts) == 2 and p.parts[0] in ("boot", "disks") and not p.name.startswith("."))
+            and len(p.parts) == 2 and p.parts[0] in ("boot", "disks", SNAP_DIR) and not p.name.startswith("."))
 
 
 def _check_manifest(raw: bytes) -> dict[str, Any]:
@@ -157,6 +196,44 @@ def _check_manifest(raw: bytes) -> dict[str, Any]:
             raise ArchiveError(f"member {name}: invalid size in {MANIFEST}")
     if sum(members.values()) > MAX_TOTAL:
         raise ArchiveError("the archive declares more than 1 TiB of files")
+    if members.get(SNAP_MANIFEST, 0) > MAX_MANIFEST:
+        raise ArchiveError(f"{SNAP_MANIFEST} is larger than {MAX_MANIFEST} bytes")
+    snap = {n for n in members if n.startswith(SNAP_DIR + "/")}
+    if "snapshot" in m or snap:
+        import re
+
+        from pyvirt.host.models import NAME_RE
+        if not isinstance(m.get("snapshot"), str) or not re.match(NAME_RE, m["snapshot"]):
+            raise ArchiveError(f"{MANIFEST}: the snapshot's name is missing or invalid")
+        if snap != {SNAP_MANIFEST, SNAP_STATE, SNAP_RAM}:
+            raise ArchiveError(f"the snapshot's members are not exactly {SNAP_MANIFEST}, {SNAP_STATE} and {SNAP_RAM}")
+    return m
+
+
+def _check_snapshot_head(path: Path) -> dict[str, Any]:
+    """The snapshot's (portable) manifest, checked as soon as it is unpacked: format and
+    version (before the large members are written), then its disks and files."""
+    from pyvirt.vmm import snapshot as fmt
+    try:
+        m = json.loads(path.read_bytes())
+    except (ValueError, RecursionError):
+        raise ArchiveError(f"{SNAP_MANIFEST} is not valid JSON") from None
+    if not isinstance(m, dict) or m.get("format") != fmt.FORMAT:
+        raise ArchiveError(f"{SNAP_MANIFEST} is not a pyvirt snapshot manifest (format is not {fmt.FORMAT!r})")
+    if m.get("version") != fmt.VERSION:
+        raise ArchiveError(f"the snapshot's format version {m.get('version')!r} is not supported "
+                           f"(this pyvirt reads version {fmt.VERSION})")
+    files, disks, spec = m.get("files"), m.get("disks"), m.get("spec")
+    if not isinstance(files, dict) or not isinstance(disks, list) or not isinstance(spec, dict) \
+            or not isinstance(spec.get("disks"), list) or len(spec["disks"]) != len(disks):
+        raise ArchiveError(f"{SNAP_MANIFEST} lacks files, spec or disks")
+    if set(files) != {fmt.STATE, fmt.RAM}:
+        raise ArchiveError(f"{SNAP_MANIFEST} must list exactly {fmt.STATE} and {fmt.RAM}")
+    for i, (saved, disk) in enumerate(zip(disks, spec["disks"])):
+        member = f"disks/disk{i}.raw"
+        if not isinstance(saved, dict) or saved.get("kind") not in ("frozen", "shared") \
+                or saved.get("path") != member or not isinstance(disk, dict) or disk.get("path") != member:
+            raise ArchiveError(f"{SNAP_MANIFEST}: disk {i} is not the archive's {member}")
     return m
 
 
@@ -226,6 +303,8 @@ def _unpack_members(tar: tarfile.TarFile, dest: Path) -> dict[str, Any]:
         data = tar.extractfile(ti)
         assert data is not None
         _copy_sparse(data, dest / ti.name, ti.size)
+        if ti.name == SNAP_MANIFEST:
+            _check_snapshot_head(dest / ti.name)
     missing = sorted(set(m["members"]) - seen)
     if missing:
         raise ArchiveError(f"the archive is truncated: {missing[0]} is missing")
@@ -250,3 +329,73 @@ def _local(member: Any, m: dict[str, Any], dest: Path) -> str:
     if not isinstance(member, str) or member not in m["members"]:
         raise ArchiveError(f"the spec names {str(member)[:80]!r}, which is not in the archive")
     return str(dest / member)
+
+
+def install_snapshot(unpacked: Path, dest: Path) -> dict[str, Any]:
+    """Make the new directory `dest` a self-contained snapshot (vmm/snapshot.py's format)
+    from the snapshot members of the archive unpacked in `unpacked`: its state and RAM
+    are moved in; each disk's image (the archive's disks/diskN.raw, a sparse copy: the
+    imported VM writes its own) becomes `diskN.raw`, read-only, and a frozen disk gets
+    its empty overlay `diskN.qcow2` over it as a snapshot taken here would; the boot
+    files are linked in as `boot-KEY` (a VM restored from it boots from them when
+    started again).  The manifest then names these files (sizes, the overlays' sha256)
+    and must pass `read_manifest`.  On any failure `dest` is removed; returns the
+    manifest."""
+    from pydantic import ValidationError
+
+    from pyvirt.backends.qcow2_tools import create_qcow2
+    from pyvirt.errors import ConfigError
+    from pyvirt.spec import VmSpec
+    from pyvirt.vmm import snapshot as fmt
+
+    m = _check_snapshot_head(unpacked / SNAP_MANIFEST)
+    dest.mkdir(mode=0o700)
+    try:
+        spec, files = m["spec"], m["files"]
+        for name in (fmt.STATE, fmt.RAM):
+            os.rename(unpacked / SNAP_DIR / name, dest / name)
+            (dest / name).chmod(0o444)
+        for i, (saved, disk) in enumerate(zip(m["disks"], spec["disks"])):
+            image = dest / f"disk{i}.raw"
+            src = unpacked / saved["path"]
+            if not src.is_file() or src.is_symlink():
+                raise ArchiveError(f"the snapshot's disk {i} is not in the archive")
+            with open(src, "rb") as f:
+                _copy_sparse(f, image, src.stat().st_size)
+            image.chmod(0o444)
+            files[image.name] = {"size": image.stat().st_size}
+            saved.update(path=str(image), format="raw")
+            disk.update(path=str(image), format="raw")
+            if saved["kind"] == "frozen":
+                overlay = dest / f"disk{i}.qcow2"
+                create_qcow2(overlay, None, backing=image, backing_format="raw")
+                overlay.chmod(0o444)
+                files[overlay.name] = {"size": overlay.stat().st_size,
+                                       "sha256": hashlib.sha256(overlay.read_bytes()).hexdigest()}
+        for key in ("kernel", "initrd", "bios"):
+            if spec.get(key) is not None:
+                if spec[key] != f"boot/{key}" or not (unpacked / spec[key]).is_file():
+                    raise ArchiveError(f"the snapshot's spec names {str(spec[key])[:80]!r} as its {key}, "
+                                       "which is not in the archive")
+                copy = dest / f"boot-{key}"
+                try:
+                    os.link(unpacked / spec[key], copy)        # boot files are never written
+                except OSError:
+                    shutil.copyfile(unpacked / spec[key], copy)
+                files[copy.name] = {"size": copy.stat().st_size}
+                spec[key] = str(copy)
+        (dest / fmt.MANIFEST).write_text(json.dumps(m, indent=1) + "\n")
+        try:
+            out = fmt.read_manifest(dest)
+            VmSpec.model_validate(out["spec"])
+        except ConfigError as e:
+            raise ArchiveError(str(e)) from None
+        except ValidationError as e:
+            raise ArchiveError(f"the snapshot's spec is invalid: {e.errors()[0]['msg']}") from None
+        if out["memory"] != spec["memory"] or files[fmt.RAM]["size"] != fmt.ram_file_size(spec["memory"]):
+            raise ArchiveError("the snapshot's RAM size does not match its spec")
+        shutil.rmtree(unpacked / SNAP_DIR)
+        return out
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise

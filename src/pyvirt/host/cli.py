@@ -83,7 +83,8 @@ def add_parsers(sub: Any) -> None:
     ex = sub.add_parser("export", parents=[common], help="write a stopped VM to an archive (FILE.pyvirt)")
     ex.add_argument("name", metavar="VM")
     ex.add_argument("file", metavar="FILE")
-    ex.add_argument("--snapshot", metavar="NAME", help="export the VM as of this snapshot of it")
+    ex.add_argument("--snapshot", metavar="NAME",
+                    help="export the VM as of this snapshot of it, and the snapshot (RAM, state, disks)")
     im = sub.add_parser("import", parents=[common], help="define a VM from an export archive")
     im.add_argument("file", metavar="FILE")
     im.add_argument("--name", metavar="NEW", help="the new VM's name (default: the exported VM's)")
@@ -129,11 +130,12 @@ def run(args: argparse.Namespace) -> int:
             return _console(client, args.name)
         if args.cmd == "export":
             out = client.export(args.name, os.path.abspath(args.file), snapshot=args.snapshot)
-            print(f"{out['name']} exported to {out['path']} ({out['size']} bytes)")
+            with_snap = f" with its snapshot {out['snapshot']}" if out.get("snapshot") else ""
+            print(f"{out['name']}{with_snap} exported to {out['path']} ({out['size']} bytes)")
             return 0
         if args.cmd == "import":
             vm = client.import_(os.path.abspath(args.file), name=args.name)
-            print(f"{vm['name']} {vm['id']}")
+            print(f"{vm['name']} {vm['id']}" + (f" snapshot {vm['snapshot']}" if vm.get("snapshot") else ""))
             return 0
         if args.cmd in snapshot_cli.COMMANDS:
             return snapshot_cli.run(args, client)

@@ -34,8 +34,8 @@ from pyvirt.errors import ConfigError, PyvirtError
 from pyvirt.host import cgroups, control
 from pyvirt.host.models import Limits, VmCreate, to_spec
 from pyvirt.host.paths import VmPaths, proc_start_time, vm_paths
-from pyvirt.host.snapshots import SnapshotOps
-from pyvirt.host.store import DuplicateName, SnapshotStore, Store, VmRecord
+from pyvirt.host.snapshots import AGENT_PORT, SnapshotOps, disk_usage
+from pyvirt.host.store import DuplicateName, SnapshotRecord, SnapshotStore, Store, VmRecord
 
 START_TIMEOUT = 30.0           # the runner's control socket answers within this
 KILL_WAIT = 5.0                # after a kill request, before SIGKILL
@@ -181,8 +181,9 @@ class Manager(SnapshotOps):
 
     # -- export / import (host/archive.py) ----------------------------------------------------
     def export(self, name: str, path: str, snapshot: str | None = None) -> dict[str, Any]:
-        """Write VM `name` (stopped or crashed; or, at any state, as of its snapshot `snapshot`,
-        `<vm dir>/snapshots/NAME`) to the new archive `path`."""
+        """Write VM `name` (stopped or crashed) to the new archive `path`; or, at any state,
+        the VM as of its snapshot `snapshot` together with that snapshot (state, RAM and
+        its disks, which are the exported VM's)."""
         from pyvirt.host import archive
         from pyvirt.vmm.snapshot import read_manifest
         _absolute(path)
@@ -191,32 +192,38 @@ class Manager(SnapshotOps):
             self._check(rec)
             rec = self._get(rec.id)
         spec = rec.spec_dict
+        snap_export = None
         if snapshot is not None:
-            snap = self.paths(rec).dir / "snapshots" / snapshot
-            if "/" in snapshot or snapshot.startswith(".") or not snap.is_dir():
-                raise NotFound(f"VM {rec.name} has no snapshot {snapshot}")
+            snap = self._snapshot(snapshot)
+            if snap.vm_id != rec.id:
+                raise Conflict(f"snapshot {snapshot} is a snapshot of VM {snap.vm}, not of {rec.name}")
+            d = Path(snap.dir)
             try:
-                m = read_manifest(snap)
-            except ConfigError as e:
-                raise Invalid(str(e)) from None
+                m = read_manifest(d)
+                snap_export = (snap.name, d, archive.portable_snapshot(m))
+            except (ConfigError, KeyError, TypeError, AttributeError) as e:
+                raise Invalid(f"snapshot {snapshot} cannot be exported: {e}") from None
             spec = m["spec"]
-            for i, d in enumerate(m["disks"]):
-                if isinstance(d, dict) and d.get("kind") == "frozen":
-                    spec["disks"][i].update(path=str(snap / f"disk{i}.qcow2"), format="qcow2")
+            spec["ports"] = [p for p in spec.get("ports", []) if p.get("name") != AGENT_PORT]  # (the runner's)
+            for i, d_ in enumerate(m["disks"]):
+                if d_.get("kind") == "frozen":
+                    spec["disks"][i].update(path=str(d / f"disk{i}.qcow2"), format="qcow2")
         elif rec.alive:
             raise Conflict(f"VM {rec.name} is {rec.state}: stop it to export its disks consistently "
                            "(or export one of its snapshots)")
         try:
-            m = archive.export_vm(Path(path), rec.name, spec, rec.limits_dict)
+            m = archive.export_vm(Path(path), rec.name, spec, rec.limits_dict, snapshot=snap_export)
         except FileExistsError:
             raise Conflict(f"{path} exists already: an export never overwrites a file") from None
         except (OSError, ValueError) as e:              # (ValueError: a NUL in the path)
             raise Invalid(f"cannot write {path[:200]!r}: {getattr(e, 'strerror', None) or e}") from None
-        return {"path": str(Path(path).expanduser().absolute()), "name": rec.name,
+        return {"path": str(Path(path).expanduser().absolute()), "name": rec.name, "snapshot": snapshot,
                 "members": m["members"], "size": os.path.getsize(Path(path).expanduser())}
 
     def import_(self, path: str, name: str | None = None) -> dict[str, Any]:
-        """A new, stopped VM from an export archive: checked whole before anything is kept."""
+        """A new, stopped VM from an export archive: checked whole before anything is kept.
+        An archive with a snapshot also registers the snapshot (as a snapshot of the new VM),
+        under its name in the archive or, when that is taken, NEW-NAME; else 409."""
         _absolute(path)
         import re
 
@@ -229,6 +236,7 @@ class Manager(SnapshotOps):
             m = archive.unpack(Path(path), dest)
         except archive.ArchiveError as e:
             raise Invalid(f"cannot import {path}: {e}") from None
+        snap_dir: Path | None = None
         try:
             new_name = name or m.get("name")
             if not isinstance(new_name, str) or not re.match(NAME_RE, new_name):
@@ -242,16 +250,52 @@ class Manager(SnapshotOps):
                 raise Invalid(f"cannot import {path}: its spec names host sockets (ports or stream nets)")
             rec = VmRecord(id=vm_id, name=new_name, spec=spec.model_dump_json(),
                            limits=limits.model_dump_json(), desired="stopped", created=time.time())
+            snap = None
+            if m.get("snapshot"):
+                snap_dir = self._import_snapshot_dir(m["snapshot"], new_name)
+                try:
+                    sm = archive.install_snapshot(dest, snap_dir)
+                except archive.ArchiveError as e:
+                    raise Invalid(f"cannot import {path}: {e}") from None
+                frozen = [d["path"] for d in sm["disks"] if d["kind"] == "frozen"]
+                snap = SnapshotRecord(name=snap_dir.name, vm=new_name, vm_id=vm_id, dir=str(snap_dir),
+                                      created=time.time(), memory=sm["memory"], size=disk_usage(snap_dir),
+                                      version=sm["version"], frozen=json.dumps(frozen))
             with self.lock:
                 try:
                     self.store.add(rec)
                 except DuplicateName:
                     raise Conflict(f"a VM named {new_name} exists already (import it with another name)") \
                         from None
+                if snap is not None:
+                    try:
+                        self.snapshots.add(snap)
+                    except DuplicateName:
+                        self.store.delete(vm_id)
+                        raise Conflict(f"a snapshot named {snap.name} exists already") from None
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
+            if snap_dir is not None:
+                shutil.rmtree(snap_dir, ignore_errors=True)
             raise
-        return self.inspect(vm_id)
+        out = self.inspect(vm_id)
+        if snap is not None:
+            out["snapshot"] = snap.name
+        return out
+
+    def _import_snapshot_dir(self, archived: str, vm_name: str) -> Path:
+        """A free path for an imported snapshot: <state>/snapshots/NAME (NAME the
+        archive's), or VM-NAME when NAME is taken."""
+        import re
+
+        from pyvirt.host.models import NAME_RE
+        (self.state / "snapshots").mkdir(mode=0o700, exist_ok=True)
+        for n in (archived, f"{vm_name}-{archived}"):
+            d = self.state / "snapshots" / n
+            if re.match(NAME_RE, n) and self.snapshots.get(n) is None and not d.exists():
+                return d
+        raise Conflict(f"a snapshot named {archived} (and one named {vm_name}-{archived}) exists already: "
+                       "import with another --name, or delete it first")
 
     # -- life cycle ----------------------------------------------------------------------
     def start(self, name: str) -> dict[str, Any]:

@@ -47,7 +47,7 @@ class VmCreate(BaseModel):
 class ExportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(description="the archive to write (.pyvirt / .tar.zst); must not exist")
-    snapshot: str | None = Field(None, description="export the VM as of this snapshot of it")
+    snapshot: str | None = Field(None, description="export the VM as of this snapshot of it, with the snapshot")
 
 
 class ImportRequest(BaseModel):

@@ -8,24 +8,10 @@ from pathlib import Path
 import pytest
 
 from pyvirt.backends.qcow2 import Qcow2Backend
-from pyvirt.cli import main
 from pyvirt.testing import qemu_img as q
+from pyvirt.testing.cli import one_line_error, run
 
 needs_qemu = pytest.mark.skipif(q.QEMU_IMG is None, reason="needs qemu-img (Debian: qemu-utils)")
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(result: tuple[int, str, str], pattern: str) -> None:
-    code, _, err = result
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert pattern in lines[0], lines[0]
 
 
 @needs_qemu

@@ -3,48 +3,25 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import struct
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pyvirt.cli import main
 from pyvirt.errors import ConfigError
-from pyvirt.network import list_networks, network_socket, remove_network
+from pyvirt.network import list_networks, network_socket
 from pyvirt.spec import NetSpec
+from pyvirt.testing.cli import one_line_error, run, runtime_dir
 
 
 @pytest.fixture
-def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="pvrt-"))          # short: Unix socket paths hold 107 bytes
-    monkeypatch.setenv("PYVIRT_RUNTIME_DIR", str(d))
-    yield d
-    for n in list_networks():
-        try:
-            remove_network(n.name)
-        except ConfigError:
-            pass
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(result: tuple[int, str, str], pattern: str) -> None:
-    code, _, err = result
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert pattern in lines[0], lines[0]
+def runtime() -> Iterator[Path]:
+    with runtime_dir() as d:
+        yield d
 
 
 def gone(pid: int | None) -> bool:

@@ -10,15 +10,14 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pyvirt.errors import ConfigError
-from pyvirt.network import create_network, list_networks, remove_network
+from pyvirt.network import create_network, list_networks
+from pyvirt.testing.cli import runtime_dir
 
 from .conftest import pyvirt
 
@@ -46,16 +45,9 @@ VM_C = (UP.format(ip="10.9.0.3") + " && sleep 8 && "
 
 
 @pytest.fixture
-def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="pvrt-"))
-    monkeypatch.setenv("PYVIRT_RUNTIME_DIR", str(d))
-    yield d
-    for n in list_networks():
-        try:
-            remove_network(n.name)
-        except ConfigError:
-            pass
-    shutil.rmtree(d, ignore_errors=True)
+def runtime() -> Iterator[Path]:
+    with runtime_dir() as d:
+        yield d
 
 
 def start(net: str, mac: str, command: str, timeout: int) -> subprocess.Popen[bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -108,3 +109,13 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.1):   # noqa: 
             return v
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(interval)
+
+
+# A guest counter loop for snapshot tests: one "C=<n> before" line every 0.2 s, where "before" is
+# read from /tmp/f, written before any snapshot (so its presence after a restore shows /tmp survived).
+COUNTER = "i=0; echo before > /tmp/f; while true; do i=$((i+1)); echo C=$i $(cat /tmp/f); sleep 0.2; done"
+
+
+def counts(text: str) -> list[int]:
+    """The counter values in a console log, in order."""
+    return [int(n) for n in re.findall(r"C=(\d+)", text)]

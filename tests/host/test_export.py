@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
 import tarfile
 import tempfile
@@ -21,7 +20,7 @@ from pyvirt.backends.qcow2_tools import create_qcow2
 from pyvirt.host import archive
 from pyvirt.host.client import ApiError
 
-from .conftest import Daemon, wait_for
+from .conftest import COUNTER, Daemon, counts, wait_for
 
 GUEST = ("if dd if=/dev/vda bs=5 count=1 2>/dev/null | grep -q DATA1; then echo FOUND "
          "$(dd if=/dev/vda bs=4 skip=1024 count=1 2>/dev/null); "
@@ -150,12 +149,7 @@ def test_archive_paths_must_be_absolute(daemon: Daemon, tmp_path: Path) -> None:
 
 
 # -- with a snapshot ------------------------------------------------------------------------
-COUNTER = ("echo -n SNAPDISK | dd of=/dev/vda conv=notrunc 2>/dev/null; sync; "
-           "i=0; echo before > /tmp/f; while true; do i=$((i+1)); echo C=$i $(cat /tmp/f); sleep 0.2; done")
-
-
-def counts(text: str) -> list[int]:
-    return [int(n) for n in re.findall(r"C=(\d+)", text)]
+DISK_THEN_COUNTER = "echo -n SNAPDISK | dd of=/dev/vda conv=notrunc 2>/dev/null; sync; " + COUNTER
 
 
 @pytest.fixture
@@ -177,7 +171,7 @@ def snapshotted(c, tmp_path: Path) -> tuple[int, Path]:   # noqa: ANN001
     base.write_bytes(bytes(4 << 20))
     top = tmp_path / "top.qcow2"
     create_qcow2(top, None, backing=base, backing_format="raw")
-    c.create("orig", memory="64M", disks=[str(top)], command=COUNTER)
+    c.create("orig", memory="64M", disks=[str(top)], command=DISK_THEN_COUNTER)
     c.start("orig")
     wait_for(lambda: "C=3 before" in c.logs("orig")["text"], 60, "the counter")
     c.pause("orig")

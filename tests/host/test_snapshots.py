@@ -11,9 +11,8 @@ import pytest
 from pyvirt.backends.disk import open_disk
 from pyvirt.host.client import ApiError
 
-from .conftest import Daemon, wait_for
+from .conftest import COUNTER, Daemon, counts, wait_for
 
-COUNTER = "i=0; echo before > /tmp/f; while true; do i=$((i+1)); echo C=$i $(cat /tmp/f); sleep 0.2; done"
 IDLE = "while true; do sleep 1; done"
 MIB = 1 << 20
 
@@ -23,10 +22,6 @@ def error(call, *args, **kw) -> ApiError:   # noqa: ANN001
         call(*args, **kw)
     assert isinstance(e.value.detail, str) and e.value.detail and "\n" not in e.value.detail
     return e.value
-
-
-def counts(text: str) -> list[int]:
-    return [int(n) for n in re.findall(r"C=(\d+)", text)]
 
 
 def test_restore_goes_on_where_the_snapshot_was_taken(daemon: Daemon) -> None:

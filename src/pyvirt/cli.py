@@ -28,6 +28,7 @@ import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pyvirt import __version__
+from pyvirt.engines import ENGINES
 from pyvirt.errors import ConfigError, PyvirtError
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--port", action="append", default=[], metavar="HOST:GUEST",
                      help="forward TCP port HOST on the host's 127.0.0.1 to GUEST in the guest "
                           "(repeatable; implies --net user when no --net is given)")
-    run.add_argument("--engine", choices=("interp", "jit", "native"), default=None,
+    run.add_argument("--engine", choices=ENGINES, default=None,
                      help="CPU engine: interp (reference interpreter), jit (Python blocks) or native "
                           "(x86-64 code; the default where the host allows; PYVIRT_ENGINE sets the default)")
     run.add_argument("--mmu", choices=("sv39", "sv48"), default="sv39", help="MMU mode in the device tree")

@@ -1,4 +1,4 @@
-"""Which CPU engine a VM gets when none is named.
+"""The CPU engines, named here once, and which one a VM gets when none is named.
 
     interp   every instruction through generic handlers: the reference
     jit      hot blocks translated to Python functions
@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import os
 import platform
+from typing import Literal, get_args
 
 from pyvirt.errors import ConfigError
 
-ENGINES = ("interp", "jit", "native")
+# The one list of engine names: the CLI's --engine choices, VmSpec's and the API model's field
+# types and the engine's own check all derive from it.
+EngineName = Literal["interp", "jit", "native"]
+ENGINES: tuple[EngineName, ...] = get_args(EngineName)
 
 
 def native_available() -> bool:
@@ -24,7 +28,7 @@ def native_available() -> bool:
     return platform.machine() in ("x86_64", "AMD64") and platform.system() == "Linux"
 
 
-def default_engine() -> str:
+def default_engine() -> EngineName:
     forced = os.environ.get("PYVIRT_ENGINE")
     if forced:
         if forced not in ENGINES:

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pyvirt.engines import default_engine
+from pyvirt.engines import EngineName, default_engine
 from pyvirt.errors import ConfigError
 
 MIB = 1 << 20
@@ -207,7 +207,7 @@ class VmSpec(BaseModel):
     rng: bool = True
     ports: list[PortSpec] = Field(default_factory=list)       # virtio-console ports
     nets: list[NetSpec] = Field(default_factory=list)         # virtio-net interfaces
-    engine: Literal["interp", "jit", "native"] = Field(default_factory=default_engine)
+    engine: EngineName = Field(default_factory=default_engine)
     mmu: Literal["sv39", "sv48"] = "sv39"
 
     @field_validator("memory", mode="before")

@@ -31,6 +31,7 @@ import time
 import tty
 from typing import Any
 
+from pyvirt.engines import ENGINES
 from pyvirt.errors import ConfigError
 from pyvirt.host import snapshot_cli
 
@@ -56,7 +57,7 @@ def add_parsers(sub: Any) -> None:
     c.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]", help="as for pyvirt run")
     c.add_argument("--net", action="append", default=[], metavar="SPEC", help="as for pyvirt run")
     c.add_argument("--command", "-c", metavar="CMD", help="the default guest's /init runs CMD, then powers off")
-    c.add_argument("--engine", choices=("interp", "jit", "native"))
+    c.add_argument("--engine", choices=ENGINES)
     c.add_argument("--cpu-quota", type=float, metavar="CPUS",
                    help="CPU time ceiling in CPUs, e.g. 0.5 (a cgroup limit where the host allows)")
     c.add_argument("--memory-limit", metavar="SIZE",

@@ -9,10 +9,10 @@ hardware (CPU quota, memory ceiling).  Errors are one-line ConfigErrors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pyvirt.engines import EngineName
 from pyvirt.errors import ConfigError
 from pyvirt.spec import MIB, DiskSpec, NetSpec, VmSpec, make_spec, parse_size
 
@@ -37,7 +37,7 @@ class VmCreate(BaseModel):
     nets: list[str] = Field(default_factory=list,
                             description="user[,port=H:G]|stream=SOCK|network=NAME|tap=IF[,mac=M][,bw=|tx_bw=|rx_bw=RATE] (as --net)")
     command: str | None = Field(None, description="shell command for the default guest's /init")
-    engine: Literal["interp", "jit", "native"] | None = None
+    engine: EngineName | None = None
     cpu_quota: float | None = Field(None, gt=0, le=64,
                                        description="CPU time ceiling in CPUs (0.5: half of one CPU)")
     memory_limit: int | str | None = Field(

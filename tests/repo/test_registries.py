@@ -1,0 +1,49 @@
+"""Names the code keeps in one place: every consumer derives from it instead of spelling it again."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from pathlib import Path
+from typing import get_args
+
+from pyvirt.engines import ENGINES
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "pyvirt"
+
+
+def _choices(parser: argparse.ArgumentParser, command: list[str], flag: str) -> tuple[str, ...]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command:
+            return _choices(action.choices[command[0]], command[1:], flag)
+        if flag in action.option_strings:
+            return tuple(action.choices or ())
+    raise AssertionError(f"no {flag} in {command}")
+
+
+def test_engines_derive_from_the_registry() -> None:
+    from pyvirt.cli import _parser as build_parser
+    from pyvirt.host.models import VmCreate
+    from pyvirt.spec import VmSpec
+
+    assert ENGINES == ("interp", "jit", "native")
+    assert get_args(VmSpec.model_fields["engine"].annotation) == ENGINES
+    engine, none = get_args(VmCreate.model_fields["engine"].annotation)
+    assert get_args(engine) == ENGINES and none is type(None)
+    parser = build_parser()
+    assert _choices(parser, ["run"], "--engine") == ENGINES
+    assert _choices(parser, ["create"], "--engine") == ENGINES
+
+
+def test_no_module_lists_the_engine_names_again() -> None:
+    """A tuple, list or Literal naming two engines or more outside engines.py is a second registry."""
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.name == "engines.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            elts = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else []
+            names = {e.value for e in elts if isinstance(e, ast.Constant)} & set(ENGINES)
+            if len(names) >= 2:
+                offenders.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert not offenders, offenders

@@ -16,7 +16,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "src" / "pyvirt"
-DOCS = ["README.md", "ARCHITECTURE.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+DOCS = [
+    "README.md",
+    "ARCHITECTURE.md",
+    *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")),
+]
 
 FILE = re.compile(r"(?<![\w/.~-])((?:\.\./)*[A-Za-z0-9_][A-Za-z0-9_./-]*\.(?:py|md|sh|toml|c|h))\b")
 DIRECTORY = re.compile(r"`((?:\.\./)*[A-Za-z0-9_][A-Za-z0-9_./-]*/)`")

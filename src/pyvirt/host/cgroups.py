@@ -53,7 +53,7 @@ class Support:
 
 def _mounts() -> list[tuple[str, str, set[str]]]:
     """(mount point, type, options) of the cgroup file systems."""
-    out = []
+    out: list[tuple[str, str, set[str]]] = []
     try:
         lines = Path("/proc/self/mounts").read_text().splitlines()
     except OSError:

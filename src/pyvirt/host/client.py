@@ -11,6 +11,7 @@ HTTP status) or `DaemonNotRunning`.
 
 from __future__ import annotations
 
+import builtins
 import os
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ class Client:
     def snapshot(self, vm: str, name: str) -> dict[str, Any]:
         return self._call("POST", f"/vms/{vm}/snapshots", json={"name": name}, timeout=660)
 
-    def snapshots(self) -> list[dict[str, Any]]:
+    def snapshots(self) -> builtins.list[dict[str, Any]]:
         return self._call("GET", "/snapshots")
 
     def snapshot_info(self, name: str) -> dict[str, Any]:
@@ -133,6 +134,6 @@ class Client:
     def restore(self, snapshot: str, name: str | None = None) -> dict[str, Any]:
         return self._call("POST", f"/snapshots/{snapshot}/restore", json={"name": name}, timeout=120)
 
-    def clone(self, snapshot: str, count: int, prefix: str | None = None) -> list[dict[str, Any]]:
+    def clone(self, snapshot: str, count: int, prefix: str | None = None) -> builtins.list[dict[str, Any]]:
         return self._call("POST", f"/snapshots/{snapshot}/clone", json={"count": count, "prefix": prefix},
                           timeout=60 + 30 * count)

@@ -39,7 +39,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, cast
@@ -378,7 +378,7 @@ def parse_packages(text: str) -> dict[str, Package]:
     return out
 
 
-_DECOMPRESSORS = {".xz": lzma.decompress, ".gz": gzip.decompress, "": bytes}
+_DECOMPRESSORS: dict[str, Callable[[bytes], bytes]] = {".xz": lzma.decompress, ".gz": gzip.decompress, "": bytes}
 
 
 class DebianArchive:

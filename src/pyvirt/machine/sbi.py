@@ -43,7 +43,8 @@ IMPL_VERSION = 1
 class Platform(Protocol):
     """What the SBI needs from the machine."""
 
-    harts: Sequence[Hart]
+    @property
+    def harts(self) -> Sequence[Hart]: ...
 
     def console_write(self, data: bytes) -> None: ...
 

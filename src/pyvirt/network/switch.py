@@ -34,6 +34,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("pyvirt.network.switch")
@@ -81,7 +82,7 @@ class Switch:
         self.macs: dict[bytes, tuple[Port, float]] = {}
         self._next = 1
         self._stop = False
-        self.on_ports_changed = None              # callable(count) or None
+        self.on_ports_changed: Callable[[int], None] | None = None
 
     # -- control --------------------------------------------------------------------------
     def stop(self) -> None:

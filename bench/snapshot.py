@@ -23,7 +23,8 @@ from pathlib import Path
 from pyvirt.backends.char import BufferBackend
 from pyvirt.images import default_image
 from pyvirt.spec import make_spec, parse_size
-from pyvirt.vmm.snapshot import load_snapshot, save_snapshot
+from pyvirt.vmm.restore import load_snapshot
+from pyvirt.vmm.snapshot import save_snapshot
 from pyvirt.vmm.vm import Vm
 
 

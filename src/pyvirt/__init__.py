@@ -5,10 +5,9 @@ PLIC, CLINT, 16550A UART, virtio-mmio devices) that boots unmodified Linux.
 """
 
 from pyvirt.errors import ConfigError, GuestMemoryError, ImageError, PyvirtError
+from pyvirt.version import __version__
 
 __all__ = ["Client", "ConfigError", "GuestMemoryError", "ImageError", "PyvirtError", "__version__"]
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:

@@ -27,9 +27,9 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pyvirt import __version__
 from pyvirt.engines import ENGINES
 from pyvirt.errors import ConfigError, PyvirtError
+from pyvirt.version import __version__
 
 if TYPE_CHECKING:
     from pyvirt.spec import NetSpec
@@ -208,7 +208,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
              if value] + (["--cpus"] if args.cpus != 1 else [])
     if given:
         raise ConfigError(f"--restore takes the machine from the snapshot: {given[0]} does not apply")
-    from pyvirt.vmm.snapshot import Overrides, load_snapshot
+    from pyvirt.vmm.restore import Overrides, load_snapshot
 
     def make(console: Any) -> Any:
         return load_snapshot(args.restore, console,

@@ -16,10 +16,24 @@ import bisect
 import mmap
 from collections.abc import Callable
 from struct import Struct
-from typing import Any
+from typing import Any, Protocol
 
-from pyvirt.devices.base import MmioDevice
 from pyvirt.errors import ConfigError, GuestMemoryError
+
+
+class MmioDevice(Protocol):
+    """What the bus dispatches to: a device's register window (devices/base.py has the rules)."""
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def save(self) -> dict[str, Any]: ...
+
+    def load(self, state: dict[str, Any]) -> None: ...
+
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT

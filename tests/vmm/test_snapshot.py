@@ -26,7 +26,8 @@ from pyvirt.memory import Bus
 from pyvirt.spec import make_spec
 from pyvirt.testing import asm
 from pyvirt.vmm import snapcheck
-from pyvirt.vmm.snapshot import Overrides, load_snapshot, save_snapshot
+from pyvirt.vmm.restore import Overrides, load_snapshot
+from pyvirt.vmm.snapshot import save_snapshot
 from pyvirt.vmm.vm import Vm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "devices"))

@@ -13,19 +13,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
 
+from pyvirt.memory import MmioDevice
 
-class MmioDevice(Protocol):
-    def read(self, offset: int, size: int) -> int: ...
-
-    def write(self, offset: int, size: int, value: int) -> None: ...
-
-    def reset(self) -> None: ...
-
-    def save(self) -> dict[str, Any]: ...
-
-    def load(self, state: dict[str, Any]) -> None: ...
+__all__ = ["IrqLine", "MmioDevice"]   # MmioDevice: the bus's contract, defined beside the bus
 
 
 class IrqLine:

@@ -10,11 +10,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from pyvirt import __version__
 from pyvirt.errors import PyvirtError
-from pyvirt.host.manager import HostError, Manager
+from pyvirt.host.errors import HostError
+from pyvirt.host.manager import Manager
 from pyvirt.host.models import NAME_RULE, ExportRequest, ImportRequest, VmCreate
 from pyvirt.host.snapshot_api import add_snapshot_routes
+from pyvirt.version import __version__
 
 MAX_STOP_TIMEOUT = 600.0
 

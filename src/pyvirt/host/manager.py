@@ -29,35 +29,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pyvirt import __version__
-from pyvirt.errors import ConfigError, PyvirtError
+from pyvirt.errors import ConfigError
 from pyvirt.host import cgroups, control
+from pyvirt.host.errors import Conflict, Invalid, NotFound
 from pyvirt.host.models import Limits, VmCreate, to_spec
 from pyvirt.host.paths import VmPaths, proc_start_time, vm_paths
 from pyvirt.host.snapshots import AGENT_PORT, SnapshotOps, disk_usage
 from pyvirt.host.store import DuplicateName, SnapshotRecord, SnapshotStore, Store, VmRecord
+from pyvirt.version import __version__
 
 START_TIMEOUT = 30.0           # the runner's control socket answers within this
 KILL_WAIT = 5.0                # after a kill request, before SIGKILL
 MONITOR_INTERVAL = 0.2
 LOG_TAIL = 64 * 1024
 MAX_LOG_READ = 1 << 20
-
-
-class HostError(PyvirtError):
-    status = 400
-
-
-class NotFound(HostError):
-    status = 404
-
-
-class Conflict(HostError):
-    status = 409
-
-
-class Invalid(HostError):
-    status = 422
 
 
 class Manager(SnapshotOps):

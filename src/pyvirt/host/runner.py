@@ -303,7 +303,7 @@ def build_vm(config: dict[str, Any], paths: VmPaths, console: SocketConsole) -> 
     has it (config["overrides"] is passed on)."""
     if config.get("restore"):
         try:
-            from pyvirt.vmm.snapshot import Overrides, load_snapshot
+            from pyvirt.vmm.restore import Overrides, load_snapshot
         except ImportError:
             raise ConfigError("restoring a snapshot is not supported by this pyvirt") from None
         ov = config.get("overrides") or {}

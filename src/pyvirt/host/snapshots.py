@@ -35,6 +35,7 @@ from pydantic import ValidationError
 
 from pyvirt.errors import ConfigError
 from pyvirt.host import control
+from pyvirt.host.errors import Conflict, NotFound
 from pyvirt.host.paths import vm_paths
 from pyvirt.host.store import DuplicateName, SnapshotRecord, VmRecord
 from pyvirt.spec import DiskSpec, PortSpec, VmSpec, random_mac
@@ -48,8 +49,7 @@ AGENT_PORT = "org.pyvirt.agent"
 
 
 def _error(kind: str, message: str) -> Exception:
-    from pyvirt.host import manager
-    return getattr(manager, kind)(message)
+    return {"NotFound": NotFound, "Conflict": Conflict}[kind](message)
 
 
 def disk_usage(path: Path) -> int:

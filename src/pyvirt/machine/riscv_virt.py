@@ -21,7 +21,7 @@ from typing import Any
 
 from pyvirt.backends.char import CharBackend
 from pyvirt.backends.disk import open_disk
-from pyvirt.backends.net import NetBackend, PasstBackend, StreamBackend, TapBackend
+from pyvirt.backends.net import NetBackend
 from pyvirt.clock import Clock
 from pyvirt.compat import zip_strict
 from pyvirt.cpu.riscv.csr import MEIP, MSIP, MTIP, S_INTERRUPTS, SEIP, STIP
@@ -65,15 +65,18 @@ class VirtBoard:
 
     def __init__(self, spec: VmSpec, console: CharBackend,
                  on_power: Callable[[str, int], None] | None = None, *,
-                 ram: mmap.mmap | None = None, restore: bool = False) -> None:
+                 ram: mmap.mmap | None = None, restore: bool = False,
+                 open_net: Callable[[NetSpec], NetBackend] | None = None) -> None:
         """`restore=True` builds the machine without booting it (no kernel load, no device
         tree): the caller loads a snapshot's state with `load_state()`.  `ram` is the memory
-        to use as RAM (see `Bus`)."""
+        to use as RAM (see `Bus`).  `open_net` opens the host side of each of the spec's
+        NICs (the VMM's `vmm.resources.open_net_backend`): the board resolves no host names."""
         if spec.kernel is None and spec.bios is None and not restore:
             raise ConfigError("nothing to boot: give --kernel or --bios")
         self.spec = spec
         self.console = console
         self.on_power = on_power
+        self.open_net = open_net
         self.exit_code: int | None = None
         self.reset_requested = False
         self.clock = Clock()
@@ -140,7 +143,9 @@ class VirtBoard:
         for net in self.spec.nets:
             if len(self.virtio) >= VIRTIO_SLOTS:
                 raise ConfigError(f"too many virtio devices (the board has {VIRTIO_SLOTS} slots)")
-            nic = VirtioNet(open_net_backend(net), parse_mac(net.mac),
+            if self.open_net is None:
+                raise ConfigError("this board was given no way to open network interfaces")
+            nic = VirtioNet(self.open_net(net), parse_mac(net.mac),
                             RateLimiter.build(self.clock, net.tx_bw), RateLimiter.build(self.clock, net.rx_bw))
             self.nics.append(nic)
             self._add_virtio(nic)
@@ -394,17 +399,3 @@ class VirtBoard:
         for nic in self.nics:
             nic.close()
 
-
-def open_net_backend(net: NetSpec) -> NetBackend:
-    """The host side a NetSpec asks for (ConfigError if it cannot be had)."""
-    if net.backend == "stream":
-        assert net.socket is not None
-        return StreamBackend.connect(net.socket)
-    if net.backend == "network":
-        from pyvirt.network.manage import network_socket
-        assert net.network is not None
-        return StreamBackend.connect(network_socket(net.network))
-    if net.backend == "tap":
-        assert net.ifname is not None
-        return TapBackend(net.ifname)
-    return PasstBackend(net.ports)

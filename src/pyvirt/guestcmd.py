@@ -1,5 +1,6 @@
-"""The default guest's command contract, shared by `pyvirt run --command` and pyvirtd: the
-command travels base64-encoded on the kernel command line (pyvirt.cmd=...) to its /init."""
+"""The default guest's contract with the host, shared by `pyvirt run --command` and pyvirtd:
+the command travels base64-encoded on the kernel command line (pyvirt.cmd=...) to its /init,
+and the guest agent answers on the virtio-console port named AGENT_PORT (images/data/init)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import base64
 from pyvirt.errors import ConfigError
 
 MAX_COMMAND_B64 = 900     # the riscv kernel command line holds 1024 bytes
+AGENT_PORT = "org.pyvirt.agent"   # the port pyvirtd's runner adds to every VM for the guest agent
 
 
 def command_append(append: str | None, command: str, what: str = "--command") -> str:

@@ -47,3 +47,17 @@ def test_no_module_lists_the_engine_names_again() -> None:
             if len(names) >= 2:
                 offenders.append(f"{path.relative_to(SRC)}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_one_agent_port() -> None:
+    """The guest agent's port name is a contract with the guest's /init: spelled once in Python."""
+    from pyvirt.guestcmd import AGENT_PORT
+
+    spelled = [
+        str(path.relative_to(SRC))
+        for path in sorted(SRC.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and node.value == AGENT_PORT
+    ]
+    assert spelled == ["guestcmd.py"]
+    assert f"= {AGENT_PORT} ]" in (SRC / "images" / "data" / "init").read_text()

@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from pyvirt.errors import ConfigError
+from pyvirt.guestcmd import AGENT_PORT
 from pyvirt.host import cgroups, control
 from pyvirt.host.errors import Conflict, Invalid, NotFound
 from pyvirt.host.models import Limits, VmCreate, to_spec
 from pyvirt.host.paths import VmPaths, proc_start_time, vm_paths
-from pyvirt.host.snapshots import AGENT_PORT, SnapshotOps, disk_usage
+from pyvirt.host.snapshots import SnapshotOps, disk_usage
 from pyvirt.host.store import DuplicateName, SnapshotRecord, SnapshotStore, Store, VmRecord
 from pyvirt.version import __version__
 

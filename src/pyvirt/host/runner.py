@@ -49,12 +49,12 @@ from typing import Any
 from pyvirt.backends.char import _InputMixin
 from pyvirt.errors import ConfigError, PyvirtError
 from pyvirt.fsutil import listen_unix
+from pyvirt.guestcmd import AGENT_PORT
 from pyvirt.host.control import ControlServer
 from pyvirt.host.paths import VmPaths, vm_paths
 from pyvirt.spec import NetSpec, PortSpec, VmSpec
 from pyvirt.vmm.vm import Vm, Watch
 
-AGENT_PORT = "org.pyvirt.agent"
 LOG_MAX = 16 << 20        # console.log is rotated (to console.log.1) beyond this
 BUSY = b"\r\npyvirt: the console is busy (another client is attached)\r\n"
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from pyvirt.errors import ConfigError
+from pyvirt.guestcmd import AGENT_PORT
 from pyvirt.host import control
 from pyvirt.host.errors import Conflict, NotFound
 from pyvirt.host.paths import vm_paths
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 SNAPSHOT_TIMEOUT = 600.0        # writing a snapshot (RAM is scanned, non-zero pages written)
 MAX_CLONES = 32
-AGENT_PORT = "org.pyvirt.agent"
 
 
 def _error(kind: str, message: str) -> Exception:

@@ -61,3 +61,28 @@ def test_one_agent_port() -> None:
     ]
     assert spelled == ["guestcmd.py"]
     assert f"= {AGENT_PORT} ]" in (SRC / "images" / "data" / "init").read_text()
+
+
+def test_snapshot_file_names_are_spelled_once() -> None:
+    """ "disk i's overlay is disk{i}.qcow2" and the snapshot's other file names live in
+    vmm/snapfiles.py; vmm, host and archive code call it."""
+    from pyvirt.vmm import snapfiles
+
+    names = {snapfiles.STATE, snapfiles.MANIFEST}  # (RAM, "ram", is too common a word to police)
+    spelled = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = str(path.relative_to(SRC))
+        if rel == "vmm/snapfiles.py" or rel.startswith("images/"):  # images: the build cache's own manifests
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            text = ""
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                text = node.value
+            elif isinstance(node, ast.JoinedStr):
+                text = "".join(v.value for v in node.values if isinstance(v, ast.Constant))
+                if text.startswith("disk") and text.endswith((".qcow2", ".raw")):
+                    spelled.append(f"{rel}:{node.lineno}")
+            if text in names or text.endswith(tuple("/" + n for n in names)):
+                spelled.append(f"{rel}:{node.lineno}")
+    assert not spelled, spelled
+    assert (snapfiles.overlay_name(3), snapfiles.image_name(3)) == ("disk3.qcow2", "disk3.raw")

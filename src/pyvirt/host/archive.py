@@ -41,6 +41,8 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from pyvirt.vmm import snapfiles
+
 FORMAT = "pyvirt-export"
 VERSION = 1
 MANIFEST = "pyvirt-export.json"
@@ -51,7 +53,12 @@ CHUNK = 1 << 20
 HOLE = 64 << 10
 _ZERO = bytes(CHUNK)
 SNAP_DIR = "snapshot"
-SNAP_MANIFEST, SNAP_STATE, SNAP_RAM = "snapshot/manifest.json", "snapshot/state.json", "snapshot/ram"
+SNAP_MANIFEST, SNAP_STATE, SNAP_RAM = (f"{SNAP_DIR}/{name}" for name in (snapfiles.MANIFEST, snapfiles.STATE, snapfiles.RAM))
+
+
+def disk_member(i: int) -> str:
+    """The archive member holding disk i (raw); the snapshot's manifest names the same."""
+    return f"disks/{snapfiles.image_name(i)}"
 
 
 class ArchiveError(Exception):
@@ -88,9 +95,9 @@ def portable_snapshot(m: dict[str, Any]) -> dict[str, Any]:
         if spec.get(key):
             spec[key] = f"boot/{key}"
     for i, (saved, disk) in enumerate(zip(m["disks"], spec["disks"])):
-        saved.update(path=f"disks/disk{i}.raw", format="raw")
-        disk.update(path=f"disks/disk{i}.raw", format="raw")
-    m["files"] = {k: v for k, v in m["files"].items() if k in ("state.json", "ram")}
+        saved.update(path=disk_member(i), format="raw")
+        disk.update(path=disk_member(i), format="raw")
+    m["files"] = {k: v for k, v in m["files"].items() if k in (snapfiles.STATE, snapfiles.RAM)}
     return m
 
 
@@ -109,7 +116,7 @@ def export_vm(out: Path, name: str, spec: dict[str, Any], limits: dict[str, Any]
     files: list[tuple[str, Path | bytes | None, Any]] = []   # (member, host file or bytes, or disk backend)
     if snapshot is not None:
         head = json.dumps(snapshot[2], indent=1).encode()
-        files += [(SNAP_MANIFEST, head, None), (SNAP_STATE, snapshot[1] / "state.json", None)]
+        files += [(SNAP_MANIFEST, head, None), (SNAP_STATE, snapshot[1] / snapfiles.STATE, None)]
     for key in ("kernel", "initrd", "bios"):
         if spec.get(key):
             files.append((f"boot/{key}", Path(spec[key]), None))
@@ -119,10 +126,10 @@ def export_vm(out: Path, name: str, spec: dict[str, Any], limits: dict[str, Any]
         for i, disk in enumerate(spec.get("disks", [])):
             b = open_disk(disk["path"], read_only=True, fmt=disk.get("format", "auto"))
             backends.append(b)
-            files.append((f"disks/disk{i}.raw", None, b))
-            disk.update(path=f"disks/disk{i}.raw", format="raw")
+            files.append((disk_member(i), None, b))
+            disk.update(path=disk_member(i), format="raw")
         if snapshot is not None:
-            files.append((SNAP_RAM, snapshot[1] / "ram", None))
+            files.append((SNAP_RAM, snapshot[1] / snapfiles.RAM, None))
         members = {m: (len(p) if isinstance(p, bytes) else p.stat().st_size if p is not None else b.size)
                    for m, p, b in files}
         manifest = {"format": FORMAT, "version": VERSION, "name": name,
@@ -230,7 +237,7 @@ def _check_snapshot_head(path: Path) -> dict[str, Any]:
     if set(files) != {fmt.STATE, fmt.RAM}:
         raise ArchiveError(f"{SNAP_MANIFEST} must list exactly {fmt.STATE} and {fmt.RAM}")
     for i, (saved, disk) in enumerate(zip(disks, spec["disks"])):
-        member = f"disks/disk{i}.raw"
+        member = disk_member(i)
         if not isinstance(saved, dict) or saved.get("kind") not in ("frozen", "shared") \
                 or saved.get("path") != member or not isinstance(disk, dict) or disk.get("path") != member:
             raise ArchiveError(f"{SNAP_MANIFEST}: disk {i} is not the archive's {member}")
@@ -356,7 +363,7 @@ def install_snapshot(unpacked: Path, dest: Path) -> dict[str, Any]:
             os.rename(unpacked / SNAP_DIR / name, dest / name)
             (dest / name).chmod(0o444)
         for i, (saved, disk) in enumerate(zip(m["disks"], spec["disks"])):
-            image = dest / f"disk{i}.raw"
+            image = dest / fmt.image_name(i)
             src = unpacked / saved["path"]
             if not src.is_file() or src.is_symlink():
                 raise ArchiveError(f"the snapshot's disk {i} is not in the archive")
@@ -367,7 +374,7 @@ def install_snapshot(unpacked: Path, dest: Path) -> dict[str, Any]:
             saved.update(path=str(image), format="raw")
             disk.update(path=str(image), format="raw")
             if saved["kind"] == "frozen":
-                overlay = dest / f"disk{i}.qcow2"
+                overlay = dest / fmt.overlay_name(i)
                 create_qcow2(overlay, None, backing=image, backing_format="raw")
                 overlay.chmod(0o444)
                 files[overlay.name] = {"size": overlay.stat().st_size,

@@ -38,6 +38,7 @@ from pyvirt.host.paths import VmPaths, proc_start_time, vm_paths
 from pyvirt.host.snapshots import SnapshotOps, disk_usage
 from pyvirt.host.store import DuplicateName, SnapshotRecord, SnapshotStore, Store, VmRecord
 from pyvirt.version import __version__
+from pyvirt.vmm.snapfiles import overlay_name
 
 START_TIMEOUT = 30.0           # the runner's control socket answers within this
 KILL_WAIT = 5.0                # after a kill request, before SIGKILL
@@ -193,7 +194,7 @@ class Manager(SnapshotOps):
             spec["ports"] = [p for p in spec.get("ports", []) if p.get("name") != AGENT_PORT]  # (the runner's)
             for i, d_ in enumerate(m["disks"]):
                 if d_.get("kind") == "frozen":
-                    spec["disks"][i].update(path=str(d / f"disk{i}.qcow2"), format="qcow2")
+                    spec["disks"][i].update(path=str(d / overlay_name(i)), format="qcow2")
         elif rec.alive:
             raise Conflict(f"VM {rec.name} is {rec.state}: stop it to export its disks consistently "
                            "(or export one of its snapshots)")

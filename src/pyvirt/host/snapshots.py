@@ -40,6 +40,7 @@ from pyvirt.host.errors import Conflict, NotFound
 from pyvirt.host.paths import vm_paths
 from pyvirt.host.store import DuplicateName, SnapshotRecord, VmRecord
 from pyvirt.spec import DiskSpec, PortSpec, VmSpec, random_mac
+from pyvirt.vmm.snapfiles import overlay_name
 
 if TYPE_CHECKING:
     from pyvirt.host.manager import Manager
@@ -104,7 +105,7 @@ class SnapshotOps:
             with self.lock:                    # the VM now writes to new overlays: record them
                 spec = self._get(rec.id).spec_dict
                 for i in frozen:
-                    spec["disks"][i].update(path=str(live / f"disk{i}.qcow2"), format="qcow2")
+                    spec["disks"][i].update(path=str(live / overlay_name(i)), format="qcow2")
                 self.store.update(rec.id, spec=json.dumps(spec))
             snap = SnapshotRecord(name=name, vm=rec.name, vm_id=rec.id, dir=str(d), created=time.time(),
                                   memory=m["memory"], size=disk_usage(d), version=m["version"],
@@ -221,7 +222,7 @@ class SnapshotOps:
         ports = {p.name: str(vm_dir / ("agent.sock" if p.name == AGENT_PORT else f"port-{p.name}.sock"))
                  for p in spec.ports}
         macs = [random_mac() if clone else net.mac for net in spec.nets]
-        disks = [DiskSpec(path=overlays / f"disk{i}.qcow2", format="qcow2") if saved.get("kind") == "frozen"
+        disks = [DiskSpec(path=overlays / overlay_name(i), format="qcow2") if saved.get("kind") == "frozen"
                  else disk for i, (saved, disk) in enumerate(zip(m["disks"], spec.disks))]
         new = spec.model_copy(update={
             "disks": disks, "ports": [PortSpec(name=n, socket=Path(s)) for n, s in ports.items()],

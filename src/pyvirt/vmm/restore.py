@@ -20,7 +20,15 @@ from pyvirt.machine.riscv_virt import VirtBoard
 from pyvirt.spec import NetSpec, PortSpec, VmSpec
 from pyvirt.vmm.resources import open_net_backend
 from pyvirt.vmm.snapcheck import check_state
-from pyvirt.vmm.snapshot import RAM, STATE, Overrides, _parse_json, ram_file_size, read_manifest
+from pyvirt.vmm.snapshot import (
+    RAM,
+    STATE,
+    Overrides,
+    _parse_json,
+    overlay_name,
+    ram_file_size,
+    read_manifest,
+)
 from pyvirt.vmm.vm import Vm
 
 __all__ = ["Overrides", "load_snapshot"]
@@ -126,9 +134,9 @@ def _restored_spec(d: Path, m: dict[str, Any], spec: VmSpec, ov: Overrides) -> t
             kind = saved.get("kind") if isinstance(saved, dict) else None
             if kind == "shared" and disk.read_only:
                 disks.append(disk)
-            elif kind == "frozen" and not disk.read_only and f"disk{i}.qcow2" in m["files"]:
-                overlay = where / f"disk{i}.qcow2"
-                create_qcow2(overlay, None, backing=d / f"disk{i}.qcow2", backing_format="qcow2")
+            elif kind == "frozen" and not disk.read_only and overlay_name(i) in m["files"]:
+                overlay = where / overlay_name(i)
+                create_qcow2(overlay, None, backing=d / overlay_name(i), backing_format="qcow2")
                 disks.append(disk.model_copy(update={"path": overlay, "format": "qcow2"}))
             else:
                 raise ConfigError(f"snapshot {d}: disk {i} is recorded inconsistently")

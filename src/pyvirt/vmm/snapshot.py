@@ -35,13 +35,15 @@ from pyvirt.memory import PAGE_SIZE
 from pyvirt.spec import NetSpec
 from pyvirt.version import __version__
 from pyvirt.vmm.snapcheck import encode_bytes
+from pyvirt.vmm.snapfiles import MANIFEST, RAM, STATE, image_name, overlay_name
+
+__all__ = ["MANIFEST", "RAM", "STATE", "image_name", "overlay_name"]   # (and what is defined here)
 
 if TYPE_CHECKING:
     from pyvirt.vmm.vm import Vm
 
 FORMAT = "pyvirt-snapshot"
 VERSION = 1
-MANIFEST, STATE, RAM = "manifest.json", "state.json", "ram"
 MAX_MANIFEST = 1 << 20
 MAX_STATE = 64 << 20
 # Zero pages are found a chunk at a time, then page by page inside non-zero chunks.
@@ -100,7 +102,7 @@ def save_snapshot(vm: Vm, directory: str | Path, *, then: str = "continue",
                  RAM: _write_ram(d / RAM, board.bus.ram, board.bus.ram_size)}
         for i, disk in enumerate(disks):
             if disk["kind"] == "frozen":
-                files[f"disk{i}.qcow2"] = _file_entry(d / f"disk{i}.qcow2", digest=True)
+                files[overlay_name(i)] = _file_entry(d / overlay_name(i), digest=True)
         manifest = {
             "format": FORMAT, "version": VERSION, "pyvirt": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -144,13 +146,13 @@ def _freeze_disks(vm: Vm, d: Path, then: str, live_dir: Path) -> list[dict[str, 
         with contextlib.suppress(OSError):
             mode = path.stat().st_mode
             path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-        mine = d / f"disk{i}.qcow2"
+        mine = d / overlay_name(i)
         create_qcow2(mine, None, backing=path, backing_format=fmt)
         mine.chmod(0o444)
         out.append({"kind": "frozen", "path": str(path), "format": fmt, "size": backend.size})
         if then == "continue":
             live_dir.mkdir(parents=True, exist_ok=True)
-            live = (live_dir / f"disk{i}.qcow2").resolve()
+            live = (live_dir / overlay_name(i)).resolve()
             create_qcow2(live, None, backing=path, backing_format=fmt)
             new = open_disk(live, fmt="qcow2")
             board.backends[i] = new

@@ -29,14 +29,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
 from pyvirt.errors import ConfigError
 from pyvirt.guestcmd import AGENT_PORT
 from pyvirt.host import control
-from pyvirt.host.errors import Conflict, NotFound
+from pyvirt.host.errors import Conflict, HostError, Invalid, NotFound
 from pyvirt.host.paths import vm_paths
 from pyvirt.host.store import DuplicateName, SnapshotRecord, VmRecord
 from pyvirt.spec import DiskSpec, PortSpec, VmSpec, random_mac
@@ -49,8 +49,11 @@ SNAPSHOT_TIMEOUT = 600.0        # writing a snapshot (RAM is scanned, non-zero p
 MAX_CLONES = 32
 
 
-def _error(kind: str, message: str) -> Exception:
-    return {"NotFound": NotFound, "Conflict": Conflict}[kind](message)
+_ERRORS: dict[str, type[HostError]] = {"NotFound": NotFound, "Conflict": Conflict, "Invalid": Invalid}
+
+
+def _error(kind: Literal["NotFound", "Conflict", "Invalid"], message: str) -> HostError:
+    return _ERRORS[kind](message)
 
 
 def disk_usage(path: Path) -> int:

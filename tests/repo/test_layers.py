@@ -20,7 +20,7 @@ LAYERS: list[tuple[tuple[str, ...], ...]] = [
     (("spec",),),  # the validated VM description: data only
     (("memory",),),  # guest RAM and the physical bus
     (("backends",), ("network",)),  # host I/O: block, char, net; the VM-to-VM switch
-    (("cpu",), ("devices",)),  # harts and engines | device models: neither imports the other
+    (("cpu",), ("accel",), ("devices",)),  # harts and engines | KVM vCPUs (to come) | device models
     (("machine",),),  # the board: memory map, devices, harts, boot
     (("vmm",),),  # one running VM: opens host resources, runs the board, snapshots
     (("images",),),  # guest images (the Debian image is configured by booting it: above vmm)

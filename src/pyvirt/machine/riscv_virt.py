@@ -41,6 +41,7 @@ from pyvirt.devices.virtio.rng import VirtioRng
 from pyvirt.errors import ConfigError
 from pyvirt.machine import boot
 from pyvirt.machine.fdt import U64, Node, reg, to_dtb
+from pyvirt.machine.interface import BudgetSpent, Exit, Halt, Reset, Wfi
 from pyvirt.machine.sbi import Sbi
 from pyvirt.memory import Bus
 from pyvirt.ratelimit import RateLimiter
@@ -103,6 +104,33 @@ class VirtBoard:
         except BaseException:
             self.close()                 # no passt process or socket left behind
             raise
+
+    # -- running (the Machine interface, machine/interface.py) -----------------------
+    def run_slice(self, budget: int) -> Exit:
+        """One round: each started hart that is not waiting for an interrupt (or has one
+        pending) takes its pending interrupt and runs about `budget` instructions."""
+        engine, harts = self.engine, self.harts
+        ran = 0
+        for h in harts:
+            if h.state != HART_STARTED:
+                continue
+            if h.idle:
+                if not h.mip & h.mie:
+                    continue
+                h.idle = False
+            h.take_pending_interrupt()
+            ran += engine.run(h, budget)
+        if len(harts) > 1:
+            for h in harts:            # another hart may have written a reserved address
+                h.resv = -1
+        if self.exit_code is not None:
+            return Halt(self.exit_code, ran)
+        if self.reset_requested:
+            return Reset(ran)
+        return BudgetSpent(ran) if ran else Wfi()
+
+    def interrupt_pending(self) -> bool:
+        return any(h.state == HART_STARTED and h.idle and h.mip & h.mie for h in self.harts)
 
     # -- devices -------------------------------------------------------------------
     @staticmethod

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from pyvirt.backends.char import CharBackend
-from pyvirt.cpu.riscv.hart import HART_STARTED
 from pyvirt.errors import PyvirtError
+from pyvirt.machine.interface import Halt, Machine, Reset, Wfi
 from pyvirt.machine.riscv_virt import VirtBoard
 from pyvirt.spec import VmSpec
 from pyvirt.vmm.resources import open_net_backend
@@ -122,7 +122,7 @@ class Vm:
             if mine:
                 w.on_ready(mine)
 
-    def _paused_wait(self, board: VirtBoard) -> None:
+    def _paused_wait(self, board: Machine) -> None:
         """The paused state: only the watches run, in select(); the guest sees no time pass."""
         self.console.flush()
         board.clock.pause()
@@ -211,36 +211,23 @@ class Vm:
             sel.close()
             self.console.flush()
 
-    def _run_board(self, board: VirtBoard, sel: selectors.BaseSelector,
+    def _run_board(self, board: Machine, sel: selectors.BaseSelector,
                    max_instructions: int | None, deadline: float | None) -> int | None:
-        engine, harts, console, stats = board.engine, board.harts, self.console, self.stats
-        multi = len(harts) > 1
+        console, stats = self.console, self.stats
         while True:
-            ran = 0
-            for h in harts:
-                if h.state != HART_STARTED:
-                    continue
-                if h.idle:
-                    if not h.mip & h.mie:
-                        continue
-                    h.idle = False
-                h.take_pending_interrupt()
-                ran += engine.run(h, SLICE)
-            stats.instructions += ran
-            if multi:
-                for h in harts:
-                    h.resv = -1
+            ended = board.run_slice(SLICE)
+            stats.instructions += ended.instructions
             board.poll()
             if self._snapshots:
                 self._serve_snapshots()
-            if board.exit_code is not None or board.reset_requested or self.quit_requested:
+            if isinstance(ended, (Halt, Reset)) or self.quit_requested:
                 return board.exit_code
             if max_instructions is not None and stats.instructions >= max_instructions:
                 return None
             wait = 0.0
             # An interrupt the poll just raised (a frame from the network, console input) wakes
             # an idle hart now, not after the next timer deadline.
-            if not ran and not any(h.state == HART_STARTED and h.idle and h.mip & h.mie for h in harts):
+            if isinstance(ended, Wfi) and not board.interrupt_pending():
                 nxt = board.next_deadline()
                 wait = MAX_IDLE_WAIT if nxt is None else min(MAX_IDLE_WAIT, board.clock.seconds_until(nxt))
                 if deadline is not None:

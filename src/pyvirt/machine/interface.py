@@ -1,0 +1,97 @@
+"""The boundary between the VMM and a board: what `vmm/vm.py` asks of a machine, and the
+typed exits a slice of guest execution ends with.
+
+A board owns its vCPUs and the engine that runs them (the riscv64 "virt" board: harts run
+by `cpu/riscv`'s interp/jit/native engine).  The VMM never reads a vCPU's registers or
+interrupt state; it runs the machine a slice at a time and acts on the exit:
+
+    BudgetSpent(n)   the slice ran n instructions; run the next one after polling I/O
+    Wfi()            no vCPU ran: each waits for an interrupt; sleep until the next timer
+                     deadline or host input unless `interrupt_pending()` says one is due
+    Halt(code)       the guest powered off with an exit code
+    Reset()          the guest asked for a reset (the VMM rebuilds the board)
+
+A second engine or board (an x86-64 KVM board with vCPU file descriptors) implements
+`Machine`; ARCHITECTURE.md says where it plugs in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Union
+
+
+@dataclass(frozen=True)
+class BudgetSpent:
+    instructions: int
+
+
+@dataclass(frozen=True)
+class Wfi:
+    instructions: int = 0
+
+
+@dataclass(frozen=True)
+class Halt:
+    code: int
+    instructions: int = 0
+
+
+@dataclass(frozen=True)
+class Reset:
+    instructions: int = 0
+
+
+Exit = Union[BudgetSpent, Wfi, Halt, Reset]
+
+
+class Engine(Protocol):
+    """What a board asks of the engine that runs its vCPUs."""
+
+    def add_hart(self, hart: Any) -> None: ...
+
+    def run(self, h: Any, budget: int) -> int:
+        """Run `h` for about `budget` instructions; returns how many ran."""
+        ...
+
+
+class Clock(Protocol):
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def seconds_until(self, tick: int) -> float: ...
+
+
+class Machine(Protocol):
+    """What the VMM's run loop, snapshots and host hooks ask of a board."""
+
+    @property
+    def clock(self) -> Clock:
+        """The VM clock: stopped while the VM is paused or saved."""
+        ...
+
+    @property
+    def exit_code(self) -> int | None: ...
+
+    @property
+    def reset_requested(self) -> bool: ...
+
+    def run_slice(self, budget: int) -> Exit:
+        """Give every runnable vCPU a slice of about `budget` instructions."""
+        ...
+
+    def interrupt_pending(self) -> bool:
+        """Whether a vCPU waiting for an interrupt has one to take (input just arrived)."""
+        ...
+
+    def poll(self) -> None: ...
+
+    def wait_fds(self) -> list[int]: ...
+
+    def next_deadline(self) -> int | None: ...
+
+    def save_state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...

@@ -16,8 +16,12 @@ A second engine or board (an x86-64 KVM board with vCPU file descriptors) implem
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, Union
+
+from pyvirt.backends.block import BlockBackend
+from pyvirt.backends.net import NetBackend
+from pyvirt.devices.virtio.console import PortBackend
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,28 @@ class Reset:
 
 
 Exit = Union[BudgetSpent, Wfi, Halt, Reset]
+
+
+@dataclass
+class HostBackends:
+    """The host side of a board's devices, opened by the VMM (`vmm/resources.py`) in the
+    spec's order: one per disk, one per NIC, the console ports.  A board owns what it is
+    given and closes it; it opens no file, socket or process itself."""
+
+    disks: list[BlockBackend] = field(default_factory=list)
+    nets: list[NetBackend] = field(default_factory=list)
+    console_port: PortBackend | None = None            # virtio-console's port 0 (hvc0)
+    named_ports: list[tuple[str, PortBackend]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for b in self.disks:
+            b.close()
+        if self.console_port is not None:
+            self.console_port.close()
+        for _, port in self.named_ports:
+            port.close()
+        for n in self.nets:
+            n.close()
 
 
 class Engine(Protocol):

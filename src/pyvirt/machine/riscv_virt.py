@@ -20,8 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 from pyvirt.backends.char import CharBackend
-from pyvirt.backends.disk import open_disk
-from pyvirt.backends.net import NetBackend
 from pyvirt.clock import Clock
 from pyvirt.compat import zip_strict
 from pyvirt.cpu.riscv.csr import MEIP, MSIP, MTIP, S_INTERRUPTS, SEIP, STIP
@@ -34,18 +32,18 @@ from pyvirt.devices.plic import Plic
 from pyvirt.devices.syscon import Syscon
 from pyvirt.devices.uart16550 import Uart16550
 from pyvirt.devices.virtio.blk import VirtioBlk
-from pyvirt.devices.virtio.console import PortBackend, UnixSocketPort, VirtioConsole
+from pyvirt.devices.virtio.console import VirtioConsole
 from pyvirt.devices.virtio.mmio import VirtioMmio
 from pyvirt.devices.virtio.net import VirtioNet, parse_mac
 from pyvirt.devices.virtio.rng import VirtioRng
 from pyvirt.errors import ConfigError
 from pyvirt.machine import boot
 from pyvirt.machine.fdt import U64, Node, reg, to_dtb
-from pyvirt.machine.interface import BudgetSpent, Exit, Halt, Reset, Wfi
+from pyvirt.machine.interface import BudgetSpent, Exit, Halt, HostBackends, Reset, Wfi
 from pyvirt.machine.sbi import Sbi
 from pyvirt.memory import Bus
 from pyvirt.ratelimit import RateLimiter
-from pyvirt.spec import NetSpec, VmSpec
+from pyvirt.spec import VmSpec
 
 RAM_BASE = 0x8000_0000
 TEST_BASE, RTC_BASE = 0x10_0000, 0x10_1000
@@ -67,17 +65,19 @@ class VirtBoard:
     def __init__(self, spec: VmSpec, console: CharBackend,
                  on_power: Callable[[str, int], None] | None = None, *,
                  ram: mmap.mmap | None = None, restore: bool = False,
-                 open_net: Callable[[NetSpec], NetBackend] | None = None) -> None:
+                 host: HostBackends | None = None) -> None:
         """`restore=True` builds the machine without booting it (no kernel load, no device
         tree): the caller loads a snapshot's state with `load_state()`.  `ram` is the memory
-        to use as RAM (see `Bus`).  `open_net` opens the host side of each of the spec's
-        NICs (the VMM's `vmm.resources.open_net_backend`): the board resolves no host names."""
+        to use as RAM (see `Bus`).  `host`: the opened host side of the spec's disks, NICs
+        and console ports (the VMM's `vmm.resources.open_backends`); the board owns it from
+        here on, even when this constructor fails."""
+        self.host = host if host is not None else HostBackends()
         if spec.kernel is None and spec.bios is None and not restore:
+            self.host.close()
             raise ConfigError("nothing to boot: give --kernel or --bios")
         self.spec = spec
         self.console = console
         self.on_power = on_power
-        self.open_net = open_net
         self.exit_code: int | None = None
         self.reset_requested = False
         self.clock = Clock()
@@ -88,7 +88,7 @@ class VirtBoard:
         for h in self.harts:
             self.engine.add_hart(h)
             h.yield_on_pause = spec.cpus > 1
-        self.backends: list[Any] = []
+        self.backends = self.host.disks           # (a snapshot swaps in the live overlays here)
         self.vconsole: VirtioConsole | None = None
         self.nics: list[VirtioNet] = []
         self.throttled: list[VirtioBlk] = []      # disks with a rate limiter: polled, have deadlines
@@ -104,6 +104,14 @@ class VirtBoard:
         except BaseException:
             self.close()                 # no passt process or socket left behind
             raise
+
+    @staticmethod
+    def check_devices(spec: VmSpec) -> None:
+        """Refuse a spec with more virtio devices than the board has slots (before the VMM
+        opens anything for them)."""
+        count = len(spec.disks) + int(spec.rng) + int(bool(spec.ports)) + len(spec.nets)
+        if count > VIRTIO_SLOTS:
+            raise ConfigError(f"too many virtio devices (the board has {VIRTIO_SLOTS} slots)")
 
     # -- running (the Machine interface, machine/interface.py) -----------------------
     def run_slice(self, budget: int) -> Exit:
@@ -155,9 +163,7 @@ class VirtBoard:
         self.syscon = Syscon(self._power_event)
         bus.add_mmio(TEST_BASE, 0x1000, self.syscon, "test")
         self.virtio: list[tuple[int, int, VirtioMmio]] = []
-        for i, disk in enumerate(self.spec.disks):
-            backend = open_disk(disk.path, read_only=disk.read_only, fmt=disk.format)
-            self.backends.append(backend)
+        for i, (disk, backend) in enumerate(zip_strict(self.spec.disks, self.host.disks)):
             blk = VirtioBlk(backend, serial=f"pyvirt-disk{i}",
                             limiter=RateLimiter.build(self.clock, disk.bw, disk.iops, disk.burst))
             if blk.limiter is not None:
@@ -166,35 +172,15 @@ class VirtBoard:
         if self.spec.rng:
             self._add_virtio(VirtioRng())
         if self.spec.ports:
-            self.vconsole = self._make_console()
+            self.vconsole = VirtioConsole(self.host.console_port, self.host.named_ports)
             self._add_virtio(self.vconsole)
-        for net in self.spec.nets:
+        for net, backend in zip_strict(self.spec.nets, self.host.nets):
             if len(self.virtio) >= VIRTIO_SLOTS:
                 raise ConfigError(f"too many virtio devices (the board has {VIRTIO_SLOTS} slots)")
-            if self.open_net is None:
-                raise ConfigError("this board was given no way to open network interfaces")
-            nic = VirtioNet(self.open_net(net), parse_mac(net.mac),
+            nic = VirtioNet(backend, parse_mac(net.mac),
                             RateLimiter.build(self.clock, net.tx_bw), RateLimiter.build(self.clock, net.rx_bw))
             self.nics.append(nic)
             self._add_virtio(nic)
-
-    def _make_console(self) -> VirtioConsole:
-        made: list[UnixSocketPort] = []
-        try:
-            console: UnixSocketPort | None = None
-            named: list[tuple[str, PortBackend]] = []
-            for p in self.spec.ports:
-                port = UnixSocketPort(p.socket)
-                made.append(port)
-                if p.name == "hvc0":
-                    console = port
-                else:
-                    named.append((p.name, port))
-            return VirtioConsole(console, named)
-        except Exception:
-            for port in made:
-                port.close()
-            raise
 
     def _add_virtio(self, device: Any) -> None:
         slot = len(self.virtio)
@@ -420,10 +406,5 @@ class VirtBoard:
         return min(cands) if cands else None
 
     def close(self) -> None:
-        for b in self.backends:
-            b.close()
-        if self.vconsole is not None:
-            self.vconsole.close()
-        for nic in self.nics:
-            nic.close()
+        self.host.close()
 

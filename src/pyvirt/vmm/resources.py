@@ -1,14 +1,23 @@
 """The VMM step that turns what a spec names on the host into opened backends.
 
-The board (`machine/`) builds devices; it does not resolve names of host things.  Network
-names (`--net network=NAME`) resolve here, to the switch's socket, so `machine/` never imports
-`network/` (the layers are checked by tests/repo/test_layers.py)."""
+The board (`machine/`) builds devices over backends it is handed (`HostBackends`); it
+opens no file, socket or process and resolves no host name.  Here disk images are opened
+(and locked), console ports bound, and NICs connected: network names (`--net
+network=NAME`) resolve to the switch's socket, so `machine/` never imports `network/`
+(the layers are checked by tests/repo/test_layers.py)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from pyvirt.backends.char import CharBackend
+from pyvirt.backends.disk import open_disk
 from pyvirt.backends.net import NetBackend, PasstBackend, StreamBackend, TapBackend
+from pyvirt.devices.virtio.console import UnixSocketPort
+from pyvirt.machine.interface import HostBackends
+from pyvirt.machine.riscv_virt import VirtBoard
 from pyvirt.network.manage import network_socket
-from pyvirt.spec import NetSpec
+from pyvirt.spec import NetSpec, VmSpec
 
 
 def open_net_backend(net: NetSpec) -> NetBackend:
@@ -23,3 +32,30 @@ def open_net_backend(net: NetSpec) -> NetBackend:
         assert net.ifname is not None
         return TapBackend(net.ifname)
     return PasstBackend(net.ports)
+
+
+def open_backends(spec: VmSpec) -> HostBackends:
+    """The host side of every disk, console port and NIC the spec names, in that order (as
+    the board attaches them); if one cannot be had, nothing stays open."""
+    VirtBoard.check_devices(spec)
+    opened = HostBackends()
+    try:
+        for disk in spec.disks:
+            opened.disks.append(open_disk(disk.path, read_only=disk.read_only, fmt=disk.format))
+        for p in spec.ports:
+            port = UnixSocketPort(p.socket)
+            if p.name == "hvc0":
+                opened.console_port = port
+            else:
+                opened.named_ports.append((p.name, port))
+        for net in spec.nets:
+            opened.nets.append(open_net_backend(net))
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+def build_board(spec: VmSpec, console: CharBackend, **kwargs: Any) -> VirtBoard:
+    """The board for `spec` over freshly opened host backends (`kwargs`: VirtBoard's)."""
+    return VirtBoard(spec, console, host=open_backends(spec), **kwargs)

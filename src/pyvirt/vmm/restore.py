@@ -16,9 +16,8 @@ from pydantic import ValidationError
 
 from pyvirt.backends.char import CharBackend
 from pyvirt.errors import ConfigError, ImageError, PyvirtError
-from pyvirt.machine.riscv_virt import VirtBoard
 from pyvirt.spec import NetSpec, PortSpec, VmSpec
-from pyvirt.vmm.resources import open_net_backend
+from pyvirt.vmm.resources import build_board
 from pyvirt.vmm.snapcheck import check_state
 from pyvirt.vmm.snapshot import (
     RAM,
@@ -59,7 +58,7 @@ def load_snapshot(directory: str | Path, console: CharBackend, *,
     ram = _map_ram(d / RAM, ram_file_size(spec.memory))
     board = None
     try:
-        board = VirtBoard(spec, console, ram=ram, restore=True, open_net=open_net_backend)
+        board = build_board(spec, console, ram=ram, restore=True)
         checked = check_state(board, state)
         try:
             board.load_state(checked)

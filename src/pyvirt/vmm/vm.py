@@ -32,7 +32,7 @@ from pyvirt.errors import PyvirtError
 from pyvirt.machine.interface import Halt, Machine, Reset, Wfi
 from pyvirt.machine.riscv_virt import VirtBoard
 from pyvirt.spec import VmSpec
-from pyvirt.vmm.resources import open_net_backend
+from pyvirt.vmm.resources import build_board
 
 SLICE = 20_000
 MAX_IDLE_WAIT = 0.5
@@ -81,7 +81,7 @@ class Vm:
         self.console = console
         self.quit_requested = False
         self.stats = RunStats()
-        self.board = VirtBoard(spec, console, open_net=open_net_backend) if board is None else board
+        self.board = build_board(spec, console) if board is None else board
         self.on_close: list[Callable[[], None]] = []       # run after the board is closed
         self._snapshots: list[SnapshotRequest] = []
         self.watches: list[Watch] = []
@@ -200,7 +200,7 @@ class Vm:
                 if board.reset_requested and not self.quit_requested:
                     board.close()
                     self.stats.resets += 1
-                    self.board = VirtBoard(self.spec, self.console, open_net=open_net_backend)
+                    self.board = build_board(self.spec, self.console)
                     continue
                 return code
         finally:

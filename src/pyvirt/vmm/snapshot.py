@@ -1,6 +1,6 @@
 """VM snapshots: save a VM between CPU slices to a directory, restore it as new VMs.
 
-A snapshot directory holds (ARCHITECTURE.md, "Snapshots", has the reasons)::
+A snapshot directory holds (docs/snapshots.md has the reasons)::
 
     manifest.json   format "pyvirt-snapshot", version, the VmSpec, RAM size, files
                     with sizes (and sha256 of the small ones); written last

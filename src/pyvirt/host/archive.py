@@ -53,7 +53,8 @@ CHUNK = 1 << 20
 HOLE = 64 << 10
 _ZERO = bytes(CHUNK)
 SNAP_DIR = "snapshot"
-SNAP_MANIFEST, SNAP_STATE, SNAP_RAM = (f"{SNAP_DIR}/{name}" for name in (snapfiles.MANIFEST, snapfiles.STATE, snapfiles.RAM))
+SNAP_MANIFEST, SNAP_STATE, SNAP_RAM = (f"{SNAP_DIR}/{name}"
+                                       for name in (snapfiles.MANIFEST, snapfiles.STATE, snapfiles.RAM))
 
 
 def disk_member(i: int) -> str:
@@ -363,7 +364,7 @@ def install_snapshot(unpacked: Path, dest: Path) -> dict[str, Any]:
             os.rename(unpacked / SNAP_DIR / name, dest / name)
             (dest / name).chmod(0o444)
         for i, (saved, disk) in enumerate(zip(m["disks"], spec["disks"])):
-            image = dest / fmt.image_name(i)
+            image = dest / snapfiles.image_name(i)
             src = unpacked / saved["path"]
             if not src.is_file() or src.is_symlink():
                 raise ArchiveError(f"the snapshot's disk {i} is not in the archive")
@@ -374,7 +375,7 @@ def install_snapshot(unpacked: Path, dest: Path) -> dict[str, Any]:
             saved.update(path=str(image), format="raw")
             disk.update(path=str(image), format="raw")
             if saved["kind"] == "frozen":
-                overlay = dest / fmt.overlay_name(i)
+                overlay = dest / snapfiles.overlay_name(i)
                 create_qcow2(overlay, None, backing=image, backing_format="raw")
                 overlay.chmod(0o444)
                 files[overlay.name] = {"size": overlay.stat().st_size,

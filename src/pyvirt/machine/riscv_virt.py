@@ -399,7 +399,7 @@ class VirtBoard:
     def next_deadline(self) -> int | None:
         """The clock tick at which the next timer fires, if any."""
         cands = [h.stimecmp for h in self.harts if h.ecall_hook is not None and h.stimecmp < M64]
-        devs: list[VirtioNet | VirtioBlk] = [*self.nics, *self.throttled]
+        devs = [*self.nics, *self.throttled]
         for d in (self.clint.next_deadline(), self.rtc.next_deadline(), *(x.next_deadline() for x in devs)):
             if d is not None:
                 cands.append(d)

@@ -245,6 +245,11 @@ class VirtioDevice:
     def device_reset(self) -> None:
         """Reset device-specific state (status and queues are already reset)."""
 
+    def next_deadline(self) -> int | None:
+        """The clock tick at which the device's next timer fires (a rate limiter's refill),
+        or None: the board's idle wait ends then."""
+        return None
+
     def save_device(self) -> dict[str, Any]:
         return {}
 

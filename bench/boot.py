@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 
-from pyvirt.cpu.riscv.engine import default_engine
+from pyvirt.engines import ENGINES, default_engine
 from pyvirt.images import default_image
 
 PROMPT = re.compile(rb"root@pyvirt:[^\r\n]*# ")
@@ -89,7 +89,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cpus", type=int, default=1)
     ap.add_argument("--memory", default="256M")
-    ap.add_argument("--engine", default=default_engine(), choices=("jit", "interp", "native"))
+    ap.add_argument("--engine", default=default_engine(), choices=ENGINES)
     ap.add_argument("--kernel", default="default", choices=("default", "debian"),
                     help="the lean default kernel, or Debian trixie's stock riscv64 kernel")
     ap.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pyvirt.engines import default_engine
+from pyvirt.engines import ENGINES, default_engine
 from pyvirt.images.debian_image import cached_debian_image
 
 COMMAND = "systemctl is-system-running"
@@ -39,7 +39,7 @@ def timed(argv: list[str]) -> tuple[float, str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--engine", default=default_engine(), choices=("jit", "interp", "native"))
+    ap.add_argument("--engine", default=default_engine(), choices=ENGINES)
     args = ap.parse_args()
     img = cached_debian_image()
     if img is None:

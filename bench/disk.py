@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from syscalls import make_initrd  # noqa: E402
 
-from pyvirt.engines import default_engine  # noqa: E402
+from pyvirt.engines import ENGINES, default_engine  # noqa: E402
 from pyvirt.images import default_image  # noqa: E402
 
 LINE = re.compile(r"^(seqwrite|seqread|randwrite|randread) (\d+) (\d+) (\d+)$", re.M)
@@ -47,7 +47,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--mib", type=int, default=32)
     ap.add_argument("--ops", type=int, default=2000)
-    ap.add_argument("--engine", default=default_engine(), choices=("jit", "interp", "native"))
+    ap.add_argument("--engine", default=default_engine(), choices=ENGINES)
     ap.add_argument("--format", default="raw", choices=("raw", "qcow2"))
     args = ap.parse_args()
     img = default_image(build=True, progress=False)

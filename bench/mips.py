@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pyvirt.cpu.riscv.engine import default_engine
+from pyvirt.engines import ENGINES, default_engine
 from pyvirt.testing.usermode import run_elf
 
 HERE = Path(__file__).resolve().parent
@@ -43,7 +43,7 @@ def time_qemu(exe: Path) -> tuple[float, bytes]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--engine", default=default_engine(), choices=("jit", "interp", "native"))
+    ap.add_argument("--engine", default=default_engine(), choices=ENGINES)
     ap.add_argument("--reps", type=int, default=None,
                     help="repeat each program's work N times (default: 50 for native, else 1), "
                          "so that runs last long enough to time")

@@ -51,7 +51,7 @@ import threading
 import time
 from pathlib import Path
 
-from pyvirt.engines import default_engine
+from pyvirt.engines import ENGINES, default_engine
 from pyvirt.images import default_image
 
 GATEWAY = "$(ip route | awk '/^default/ {print $3}')"
@@ -216,7 +216,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--mib", type=int, default=4)
-    ap.add_argument("--engine", default=default_engine(), choices=("jit", "interp", "native"))
+    ap.add_argument("--engine", default=default_engine(), choices=ENGINES)
     args = ap.parse_args()
     for tool in ("passt", "qemu-system-riscv64"):
         if shutil.which(tool) is None:

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pyvirt.engines import default_engine
+from pyvirt.engines import ENGINES, default_engine
 from pyvirt.images import default_image
 from pyvirt.images.cpio import CpioWriter
 
@@ -63,7 +63,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=20000)
-    ap.add_argument("--engine", default=default_engine(), choices=("jit", "interp", "native"))
+    ap.add_argument("--engine", default=default_engine(), choices=ENGINES)
     ap.add_argument("--kernel", default="default", choices=("default", "debian"))
     args = ap.parse_args()
     img = default_image(build=True, progress=False)

@@ -22,7 +22,10 @@ test: setup check
 FORMATTED := src/pyvirt/clock.py src/pyvirt/compat.py src/pyvirt/engines.py src/pyvirt/errors.py \
 	src/pyvirt/fsutil.py src/pyvirt/cpu/riscv/traps.py src/pyvirt/devices/base.py \
 	src/pyvirt/devices/virtio/rng.py src/pyvirt/images/cache.py src/pyvirt/testing/clock.py \
-	src/pyvirt/vmm/console.py tests/cpu/conftest.py tests/devices/virtio_rig.py tests/repo
+	src/pyvirt/vmm/console.py src/pyvirt/version.py src/pyvirt/host/errors.py \
+	src/pyvirt/machine/interface.py src/pyvirt/vmm/resources.py src/pyvirt/vmm/restore.py \
+	src/pyvirt/vmm/snapfiles.py tests/cpu/conftest.py tests/devices/virtio_rig.py \
+	tests/machine/test_interface.py tests/vmm/test_resources.py tests/repo
 
 # Static checks only, in seconds: ruff, ruff format on FORMATTED, mypy on src (settings in
 # pyproject.toml), and the repository tests (document paths, import layering).

@@ -29,8 +29,9 @@ def _syscon_program(value: int) -> list[int]:
 
 def _elf(tmp_path: Path, words: list[int]) -> Path:
     code = b"".join(struct.pack("<I", w) for w in words)
-    ehdr = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 2, 243, 1,
-                       RAM, 64, 0, 0, 64, 56, 1, 64, 0, 0)
+    ehdr = struct.pack(
+        "<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 2, 243, 1, RAM, 64, 0, 0, 64, 56, 1, 64, 0, 0
+    )
     phdr = struct.pack("<IIQQQQQQ", 1, 5, 64 + 56, RAM, RAM, len(code), len(code), 0x1000)
     path = tmp_path / "fw.elf"
     path.write_bytes(ehdr + phdr + code)
@@ -47,8 +48,9 @@ def _board(tmp_path: Path, words: list[int], engine: str) -> Machine:
     return VirtBoard(spec, BufferBackend())
 
 
-@pytest.mark.parametrize(("value", "expect"), [(0x5555, Halt(0)), ((3 << 16) | 0x3333, Halt(3)),
-                                               (0x7777, Reset())])
+@pytest.mark.parametrize(
+    ("value", "expect"), [(0x5555, Halt(0)), ((3 << 16) | 0x3333, Halt(3)), (0x7777, Reset())]
+)
 def test_power_events_end_the_slice_typed(tmp_path: Path, engine: str, value: int, expect: object) -> None:
     board = _board(tmp_path, _syscon_program(value), engine)
     try:

@@ -24,8 +24,23 @@ def _disk(tmp_path: Path, name: str = "d.img") -> Path:
 def _bios(tmp_path: Path) -> Path:
     """Any ELF the board accepts as firmware (it is loaded, never run here)."""
     code = struct.pack("<I", 0x0000006F)  # j .
-    ehdr = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 2, 243, 1,
-                       0x8000_0000, 64, 0, 0, 64, 56, 1, 64, 0, 0)
+    ehdr = struct.pack(
+        "<16sHHIQQQIHHHHHH",
+        b"\x7fELF\x02\x01\x01" + bytes(9),
+        2,
+        243,
+        1,
+        0x8000_0000,
+        64,
+        0,
+        0,
+        64,
+        56,
+        1,
+        64,
+        0,
+        0,
+    )
     phdr = struct.pack("<IIQQQQQQ", 1, 5, 120, 0x8000_0000, 0x8000_0000, 4, 4, 0x1000)
     path = tmp_path / "fw.elf"
     path.write_bytes(ehdr + phdr + code)
@@ -34,8 +49,12 @@ def _bios(tmp_path: Path) -> Path:
 
 def test_a_failure_leaves_nothing_open(tmp_path: Path) -> None:
     disk = _disk(tmp_path)
-    spec = make_spec(bios=str(_bios(tmp_path)), memory=16 << 20, disks=[{"path": disk}],
-                     ports=[{"name": "hvc0", "socket": tmp_path / "no" / "such" / "dir.sock"}])
+    spec = make_spec(
+        bios=str(_bios(tmp_path)),
+        memory=16 << 20,
+        disks=[{"path": disk}],
+        ports=[{"name": "hvc0", "socket": tmp_path / "no" / "such" / "dir.sock"}],
+    )
     with pytest.raises(ConfigError, match="cannot listen"):
         open_backends(spec)
     open_disk(disk).close()  # the disk's write lock was released
@@ -50,8 +69,12 @@ def test_too_many_devices_is_refused_before_anything_opens(tmp_path: Path) -> No
 
 def test_the_board_owns_and_closes_what_it_is_given(tmp_path: Path) -> None:
     disk, sock = _disk(tmp_path), tmp_path / "hvc0.sock"
-    spec = make_spec(bios=str(_bios(tmp_path)), memory=16 << 20, disks=[{"path": disk}],
-                     ports=[{"name": "hvc0", "socket": sock}])
+    spec = make_spec(
+        bios=str(_bios(tmp_path)),
+        memory=16 << 20,
+        disks=[{"path": disk}],
+        ports=[{"name": "hvc0", "socket": sock}],
+    )
     board = build_board(spec, BufferBackend())
     assert sock.exists() and board.backends == board.host.disks and len(board.backends) == 1
     board.close()

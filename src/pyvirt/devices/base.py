@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from pyvirt.memory import MmioDevice
 
-__all__ = ["IrqLine", "MmioDevice"]   # MmioDevice: the bus's contract, defined beside the bus
+__all__ = ["IrqLine", "MmioDevice"]  # MmioDevice: the bus's contract, defined beside the bus
 
 
 class IrqLine:

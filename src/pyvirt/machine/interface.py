@@ -56,7 +56,7 @@ class HostBackends:
 
     disks: list[BlockBackend] = field(default_factory=list)
     nets: list[NetBackend] = field(default_factory=list)
-    console_port: PortBackend | None = None            # virtio-console's port 0 (hvc0)
+    console_port: PortBackend | None = None  # virtio-console's port 0 (hvc0)
     named_ports: list[tuple[str, PortBackend]] = field(default_factory=list)
 
     def close(self) -> None:

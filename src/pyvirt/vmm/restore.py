@@ -30,8 +30,7 @@ from pyvirt.vmm.vm import Vm
 __all__ = ["Overrides", "load_snapshot"]
 
 
-def load_snapshot(directory: str | Path, console: CharBackend, *,
-                  overrides: Overrides | None = None) -> Vm:
+def load_snapshot(directory: str | Path, console: CharBackend, *, overrides: Overrides | None = None) -> Vm:
     """A new, not yet running Vm in the state the snapshot at `directory` saved.
 
     Every problem with the snapshot (or the host files it needs) is one ConfigError or

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Protocol
 
 from pyvirt.errors import ConfigError
+from pyvirt.stream import BufferedStream
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,9 @@ class StreamBackend:
     """
 
     def __init__(self, sock: socket.socket, name: str = "stream") -> None:
-        self.sock: socket.socket | None = sock
+        self.stream = BufferedStream(sock, MAX_OUT)
         self.name = name
-        sock.setblocking(False)
         self.inbuf = bytearray()
-        self.out = bytearray()
         self.link_up = True
         self.stats = {"rx_frames": 0, "tx_frames": 0, "tx_dropped": 0, "rx_empty": 0}
 
@@ -99,15 +98,17 @@ class StreamBackend:
             raise ConfigError(f"cannot connect to network socket {path}: {e.strerror}") from None
         return cls(s, name=str(path))
 
+    @property
+    def out(self) -> bytearray:
+        """Output waiting for the peer."""
+        return self.stream.out
+
     def _down(self, why: str) -> None:
         if self.link_up:
             log.warning("network %s: %s; link down", self.name, why)
         self.link_up = False
-        if self.sock is not None:
-            self.sock.close()
-        self.sock = None
+        self.stream.close()
         self.inbuf.clear()
-        self.out.clear()
 
     # -- to the peer ---------------------------------------------------------------------
     def send(self, frame: bytes) -> bool:
@@ -117,33 +118,27 @@ class StreamBackend:
         if len(frame) > MAX_FRAME:
             self.stats["tx_dropped"] += 1
             return True
-        if len(self.out) >= MAX_OUT:
+        if self.stream.full():
             self.flush()
-            if len(self.out) >= MAX_OUT:
+            if self.stream.full():
                 return False
-        self.out += LENGTH.pack(len(frame))
-        self.out += frame
+        self.stream.queue(LENGTH.pack(len(frame)))
+        self.stream.queue(frame)
         self.stats["tx_frames"] += 1
         self.flush()
         return True
 
     def flush(self) -> None:
         """Write what the socket takes now of the queued output."""
-        while self.out and self.sock is not None:
-            try:
-                n = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                self._down(f"send failed: {e.strerror}")
-                return
-            del self.out[:n]
+        error = self.stream.flush()
+        if error is not None:
+            self._down(f"send failed: {error.strerror}")
 
     # -- from the peer --------------------------------------------------------------------
     def recv(self, limit: int) -> list[bytes]:
         self.flush()
         frames: list[bytes] = []
-        while len(frames) < limit and self.sock is not None:
+        while len(frames) < limit and not self.stream.closed:
             frame = self._next_frame()
             if frame is not None:
                 if frame:
@@ -152,17 +147,16 @@ class StreamBackend:
                 else:
                     self.stats["rx_empty"] += 1
                 continue
-            if self.sock is None:                    # the peer broke the framing
+            if self.stream.closed:                   # the peer broke the framing
                 break
-            try:
-                data = self.sock.recv(256 * 1024)
-            except (BlockingIOError, InterruptedError):
+            data = self.stream.recv(256 * 1024)
+            if isinstance(data, OSError):
+                self._down(f"receive failed: {data.strerror}")
                 break
-            except OSError as e:
-                self._down(f"receive failed: {e.strerror}")
+            if data is None:
+                self._down("the peer closed the connection")
                 break
             if not data:
-                self._down("the peer closed the connection")
                 break
             self.inbuf += data
         return frames
@@ -182,12 +176,10 @@ class StreamBackend:
         return frame
 
     def fileno(self) -> int | None:
-        return self.sock.fileno() if self.sock is not None else None
+        return self.stream.fileno()
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-        self.sock = None
+        self.stream.close()
         self.link_up = False
 
 

@@ -53,6 +53,7 @@ from pyvirt.guestcmd import AGENT_PORT
 from pyvirt.host.control import ControlServer
 from pyvirt.host.paths import VmPaths, vm_paths
 from pyvirt.spec import NetSpec, PortSpec, VmSpec
+from pyvirt.stream import BufferedStream
 from pyvirt.vmm.vm import Vm, Watch
 
 LOG_MAX = 16 << 20        # console.log is rotated (to console.log.1) beyond this
@@ -74,14 +75,13 @@ class SocketConsole(_InputMixin):
         self._log = bytearray()
         self.path = sock
         self.server = listen_unix(sock, backlog=2)
-        self.client: socket.socket | None = None
-        self._out = bytearray()
+        self.client: BufferedStream | None = None
 
     # -- CharBackend ---------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         self._log += data
-        if self.client is not None and len(self._out) < self.MAX_OUT:
-            self._out += data
+        if self.client is not None and not self.client.full():
+            self.client.queue(data)
 
     def fileno(self) -> int | None:
         return None                  # the Watch wakes the run loop instead
@@ -96,15 +96,8 @@ class SocketConsole(_InputMixin):
             self._log.clear()
             if self.log_size > LOG_MAX:
                 self._rotate()
-        while self._out and self.client is not None:
-            try:
-                n = self.client.send(self._out)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self._detach()
-                return
-            del self._out[:n]
+        if self.client is not None and self.client.flush() is not None:
+            self._detach()
 
     def _rotate(self) -> None:
         """console.log -> console.log.1 (replacing the one before), and a new console.log."""
@@ -127,10 +120,10 @@ class SocketConsole(_InputMixin):
         if self.client is not None:
             self.client.close()
         self.client = None
-        self._out.clear()
 
     def fds(self) -> list[int]:
-        return [self.server.fileno()] + ([self.client.fileno()] if self.client is not None else [])
+        fd = self.client.fileno() if self.client is not None else None
+        return [self.server.fileno()] + ([fd] if fd is not None else [])
 
     def on_ready(self, ready: list[int]) -> None:
         if self.server.fileno() in ready:
@@ -143,18 +136,12 @@ class SocketConsole(_InputMixin):
                     conn.sendall(BUSY)
                 conn.close()
             elif conn is not None:
-                conn.setblocking(False)
-                self.client = conn
+                self.client = BufferedStream(conn, self.MAX_OUT)
         if self.client is not None and self.client.fileno() in ready:
-            try:
-                data = self.client.recv(4096)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:
+            data = self.client.recv(4096)
+            if data is None or isinstance(data, OSError):
                 self._detach()            # detached: the VM goes on
-            else:
+            elif data:
                 self._deliver(data)
 
 

@@ -33,7 +33,7 @@ check: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check $(FORMATTED)
 	$(VENV)/bin/mypy
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/repo
+	PYTHONPATH=src $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/repo   # (this tree, whatever the venv points at)
 
 setup: system $(STAMP)
 

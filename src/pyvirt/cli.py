@@ -22,6 +22,7 @@ Every user error ends in one line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import os
 import sys
@@ -38,13 +39,42 @@ EXIT_USAGE = 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.stderr.write(f"pyvirt: error: {message} (see '{self.prog} --help')\n")
         sys.exit(EXIT_USAGE)
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)subcommand's parser that `args` came from: its --help is the one to read."""
+    while True:
+        action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = getattr(args, action.dest, None) if action is not None else None
+        if action is None or chosen not in action.choices:
+            return parser
+        parser = action.choices[chosen]
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; unknown ones are reported by the subcommand's parser (whose --help lists
+    the flags), and the top-level --state-dir goes to the pyvirtd commands as theirs."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _subcommand_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    top = getattr(args, "top_state_dir", None)
+    if top is not None:
+        if not hasattr(args, "state_dir"):
+            _subcommand_parser(parser, args).error("--state-dir goes with the pyvirtd commands "
+                                                   "(daemon, create, ls, ...)")
+        if args.state_dir is None:
+            args.state_dir = top
+    return args
 
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pyvirt", description="pyvirt: virtual machines in Python")
     p.add_argument("--version", action="version", version=f"pyvirt {__version__}")
+    p.add_argument("--state-dir", metavar="DIR", dest="top_state_dir",
+                   help="pyvirtd's state directory, for the pyvirtd commands (as their --state-dir)")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
     run = sub.add_parser("run", help="boot a virtual machine (the default guest with no arguments)")
@@ -115,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     dsub = disk.add_subparsers(dest="disk_cmd", metavar="ACTION", parser_class=_Parser)
     create = dsub.add_parser("create", help="create a qcow2 image, optionally over a backing file")
     create.add_argument("name", metavar="NAME", help="the new image file")
-    create.add_argument("--size", help="virtual size, e.g. 8G (a bare number is MiB; "
+    create.add_argument("--size", help="virtual size, e.g. 8G, 1.5G or 512M (a bare number is GiB; "
                                        "default: the backing file's size)")
     create.add_argument("--backing", metavar="BASE", help="backing file (raw or qcow2), read-only "
                                                           "below the new image")
@@ -184,7 +214,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if kernel is None:
             raise ConfigError("--command needs a Linux guest (not --bios alone)")
         append = command_append(append, args.command)
-    spec = make_spec(cpus=args.cpus, memory=parse_size(memory or "256M"), kernel=kernel, initrd=initrd,
+    try:
+        memory_bytes = parse_size(memory or "256M")
+    except ConfigError:
+        raise ConfigError(f"--memory {memory}: expected a size such as 256M or 1G") from None
+    spec = make_spec(typed={"memory": memory or "256M"},
+                     cpus=args.cpus, memory=memory_bytes, kernel=kernel, initrd=initrd,
                      append=append, bios=args.bios, disks=disks, rng=not args.no_rng, ports=ports,
                      nets=nets, engine=args.engine or default_engine(), mmu=args.mmu)
     from pyvirt.vmm.vm import Vm
@@ -193,7 +228,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if overlay_dir is not None:
             overlay_dir.cleanup()
 
-    return _run_vm(args, lambda console: Vm(spec, console), args.command is None, cleanup)
+    def make(console: Any) -> Vm:
+        try:
+            return Vm(spec, console)
+        except MemoryError:
+            raise ConfigError(f"--memory {memory or '256M'}: this host cannot give the VM that much RAM") \
+                from None
+        except OSError as e:
+            if e.errno == errno.ENOMEM:
+                raise ConfigError(f"--memory {memory or '256M'}: this host cannot give the VM that "
+                                  "much RAM") from None
+            raise
+
+    return _run_vm(args, make, args.command is None, cleanup)
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
@@ -312,7 +359,10 @@ def _cmd_disk(args: argparse.Namespace) -> int:
     from pyvirt.backends.qcow2_tools import create_qcow2, describe_image, format_info
     from pyvirt.spec import parse_size
     if args.disk_cmd == "create":
-        size = parse_size(args.size) if args.size is not None else None
+        try:
+            size = parse_size(args.size, default_unit="g") if args.size is not None else None
+        except ConfigError:
+            raise ConfigError(f"--size {args.size}: expected a size such as 8G, 1.5G or 512M") from None
         cs = args.cluster_size.strip()
         cluster_size = int(cs) if cs.isdigit() else parse_size(cs)    # a bare number: bytes
         create_qcow2(args.name, size, cluster_size=cluster_size,
@@ -347,7 +397,7 @@ def _cmd_network(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         if args.cmd == "run":
             return _cmd_run(args)

@@ -68,7 +68,7 @@ def test_info_reports_leaks_and_errors(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize("args, message", [
     (["--size", "100000T"], "too large"),
-    (["--size", "lots"], "invalid size"),
+    (["--size", "lots"], "--size lots: expected a size"),
     (["--size", "1M", "--cluster-size", "1000"], "cluster size 1000 is not a power of two"),
     (["--size", "1M", "--cluster-size", "4M"], "cluster size"),
     ([], "needs a size"),

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import select
 import socket
 import sys
@@ -37,6 +38,7 @@ from pyvirt.host import snapshot_cli
 COMMANDS = ("daemon", "create", "start", "stop", "kill", "pause", "resume", "rm", "ls", "inspect",
             "console", "logs", "export", "import", *snapshot_cli.COMMANDS)
 DETACH = 0x1D          # Ctrl-]
+BUSY = b"\r\npyvirt: the console is busy"      # how a runner's console.sock refuses a second client
 
 
 def add_parsers(sub: Any) -> None:
@@ -91,7 +93,40 @@ def add_parsers(sub: Any) -> None:
     snapshot_cli.add_parsers(sub, common)
 
 
+# the API's field names as the CLI's flags, for messages
+FIELD_FLAGS = {"cpus": "--cpus", "memory": "--memory", "memory_limit": "--memory-limit",
+               "cpu_quota": "--cpu-quota", "kernel": "--kernel", "initrd": "--initrd", "append": "--append",
+               "disks": "--disk", "nets": "--net", "command": "--command", "engine": "--engine",
+               "count": "--count", "prefix": "--prefix", "timeout": "--timeout", "tail": "--tail"}
+
+
+def in_flags(message: str) -> str:
+    """An API error message in the CLI's words: `memory_limit 1M: ...` -> `--memory-limit 1M: ...`,
+    without pydantic's 'invalid request' wrapper."""
+    parts = []
+    for part in message.removeprefix("invalid request: ").split("; "):
+        field, sep, rest = part.partition(" ")
+        if field.rstrip(":") in FIELD_FLAGS:
+            part = FIELD_FLAGS[field.rstrip(":")] + field[len(field.rstrip(":")):] + sep + rest
+        elif field == "name" and sep:
+            part = rest
+        parts.append(part)
+    text = "; ".join(parts)
+    for name in ("memory_limit", "cpu_quota"):
+        text = re.sub(rf"\b{name}\b", FIELD_FLAGS[name], text)
+    return text.replace("(at least memory + ", "(at least --memory + ")
+
+
 def run(args: argparse.Namespace) -> int:
+    from pyvirt.host.client import ApiError
+
+    try:
+        return _run(args)
+    except ApiError as e:
+        raise ApiError(e.status, in_flags(e.detail)) from None
+
+
+def _run(args: argparse.Namespace) -> int:
     from pyvirt.host.client import Client
 
     if args.cmd == "daemon":
@@ -198,7 +233,16 @@ def _console(client: Any, name: str) -> int:
         s.connect(vm["paths"]["console_socket"])
     except OSError as e:
         raise ConfigError(f"cannot attach to the console of {name}: {e.strerror}") from None
+    # a runner that has a client already answers at once with its "busy" line and hangs up
+    first = b""
+    if select.select([s], [], [], 0.5)[0]:
+        first = s.recv(65536)
+        if not first or first.startswith(BUSY):
+            s.close()
+            raise ConfigError(f"the console of {name} is busy: another client is attached")
     sys.stderr.write(f"[attached to {name}'s console; Ctrl-] detaches]\r\n")
+    if first:
+        os.write(1, first)
     saved = None
     if os.isatty(0):
         saved = termios.tcgetattr(0)

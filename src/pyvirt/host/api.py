@@ -14,8 +14,8 @@ from pyvirt import __version__
 from pyvirt.errors import PyvirtError
 from pyvirt.host.manager import HostError, Manager
 from pyvirt.host.models import NAME_RULE, SNAPSHOT_NAME_RULE, ExportRequest, ImportRequest, VmCreate
-from pyvirt.spec import limit_message
 from pyvirt.host.snapshot_api import add_snapshot_routes
+from pyvirt.spec import limit_message
 
 MAX_STOP_TIMEOUT = 600.0
 

@@ -175,7 +175,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.overlay_dir is not None:
         raise ConfigError("--overlay-dir goes with --restore")
     from pyvirt.engines import default_engine
-    from pyvirt.guestcmd import command_append
+    from pyvirt.guestcmd import CommandPipe, command_append, command_ports_append
     from pyvirt.spec import DiskSpec, PortSpec, make_spec, parse_size
 
     disks = [DiskSpec.parse(d) for d in args.disk]
@@ -210,10 +210,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
             append = img.cmdline
     elif args.command is not None and append is None:
         append = "console=ttyS0"
+    pipe = None
     if args.command is not None:
         if kernel is None:
             raise ConfigError("--command needs a Linux guest (not --bios alone)")
-        append = command_append(append, args.command)
+        if (args.image != "debian" and args.kernel is None and args.initrd is None
+                and args.snapshot_after is None):
+            # the default guest: the command, stdin, stdout and stderr through virtio-console ports
+            pipe = CommandPipe(args.command)
+            ports += pipe.specs
+            append = command_ports_append(append)
+        else:
+            append = command_append(append, args.command)
     try:
         memory_bytes = parse_size(memory or "256M")
     except ConfigError:
@@ -225,12 +233,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pyvirt.vmm.vm import Vm
 
     def cleanup() -> None:
+        if pipe is not None:
+            pipe.finish()
         if overlay_dir is not None:
             overlay_dir.cleanup()
 
     def make(console: Any) -> Vm:
         try:
-            return Vm(spec, console)
+            vm = Vm(spec, console)
+            if pipe is not None:
+                pipe.start()
+            return vm
         except MemoryError:
             raise ConfigError(f"--memory {memory or '256M'}: this host cannot give the VM that much RAM") \
                 from None

@@ -45,8 +45,14 @@ def add_parsers(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state-dir", metavar="DIR",
                         help="pyvirtd's state directory (default $PYVIRT_STATE_DIR or ~/.local/state/pyvirt)")
-    d = sub.add_parser("daemon", parents=[common], help="start pyvirtd, the hypervisor service")
-    d.add_argument("--foreground", action="store_true", help="run in this process (default: in the background)")
+    d = sub.add_parser("daemon", parents=[common], help="start pyvirtd, the hypervisor service (or stop it, "
+                                                        "or say whether it runs)")
+    d.add_argument("action", nargs="?", choices=("start", "stop", "status"), default="start",
+                   help="start (the default; prints its socket), stop (SIGTERM: the VMs go on running) or "
+                        "status (exit status 0 when it runs, 3 when not)")
+    d.add_argument("--foreground", action="store_true", help="run in this process, logging to the terminal "
+                                                             "(default: in the background, logging to "
+                                                             "pyvirtd.log)")
 
     c = sub.add_parser("create", parents=[common], help="define a VM in pyvirtd (started with `pyvirt start`)")
     c.add_argument("name", metavar="NAME")
@@ -178,10 +184,27 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _daemon(args: argparse.Namespace) -> int:
-    from pyvirt.host.daemon import serve, start_background
+    from pyvirt.host.daemon import serve, start_background, stop_daemon
     from pyvirt.host.paths import state_dir
 
     state = state_dir(args.state_dir)
+    if args.action == "stop":
+        pid = stop_daemon(state)
+        print(f"pyvirtd stopped (pid {pid}; its VMs go on running)")
+        return 0
+    if args.action == "status":
+        from pyvirt.host.client import Client, DaemonNotRunning
+        try:
+            with Client(state_dir=state, timeout=5) as client:
+                info = client.info()
+                vms = client.list()
+        except DaemonNotRunning:
+            print(f"pyvirtd is not running for {state}")
+            return 3
+        running = sum(1 for v in vms if v["state"] in ("running", "paused"))
+        print(f"pyvirtd {info['version']} is running (pid {info['pid']}) on {state / 'pyvirtd.sock'}: "
+              f"{len(vms)} VM(s), {running} running; log {state / 'pyvirtd.log'}")
+        return 0
     if args.foreground:
         serve(state)
         return 0

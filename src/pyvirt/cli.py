@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import errno
 import gc
+import json
 import os
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -155,12 +156,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="cluster size, 512 (bytes) to 2M (default 64K)")
     info = dsub.add_parser("info", help="describe a disk image and check its refcounts")
     info.add_argument("name", metavar="NAME", help="the image file")
+    info.add_argument("--json", action="store_true", help="print it as JSON")
 
     network = sub.add_parser("network", help="virtual networks between VMs (one L2 switch each)")
     nsub = network.add_subparsers(dest="network_cmd", metavar="ACTION", parser_class=_Parser)
     ncreate = nsub.add_parser("create", help="start a network's switch in the background")
     ncreate.add_argument("name", metavar="NAME", help="1 to 32 letters, digits, '_' or '-'")
-    nsub.add_parser("ls", help="list networks: name, alive, ports connected, socket")
+    nls = nsub.add_parser("ls", help="list networks: name, alive, ports connected, socket")
+    nls.add_argument("--json", action="store_true", help="print them as JSON")
     nrm = nsub.add_parser("rm", help="stop a network's switch and remove its files")
     nrm.add_argument("name", metavar="NAME")
 
@@ -370,7 +373,7 @@ def _cmd_image(args: argparse.Namespace) -> int:
 
 def _cmd_disk(args: argparse.Namespace) -> int:
     from pyvirt.backends.qcow2_tools import create_qcow2, describe_image, format_info
-    from pyvirt.spec import parse_size
+    from pyvirt.spec import format_size, parse_size
     if args.disk_cmd == "create":
         try:
             size = parse_size(args.size, default_unit="g") if args.size is not None else None
@@ -380,10 +383,21 @@ def _cmd_disk(args: argparse.Namespace) -> int:
         cluster_size = int(cs) if cs.isdigit() else parse_size(cs)    # a bare number: bytes
         create_qcow2(args.name, size, cluster_size=cluster_size,
                      backing=args.backing, backing_format=args.backing_format)
+        made = describe_image(args.name)
+        print(f"{args.name} created (qcow2, virtual size {format_size(made['virtual_size'])}"
+              + (f", over {args.backing}" if args.backing else "") + ")")
         return 0
     if args.disk_cmd == "info":
         info = describe_image(args.name)
-        print(format_info(info))
+        if args.json:
+            import dataclasses
+            check = info.get("check")
+            shown = info
+            if dataclasses.is_dataclass(check) and not isinstance(check, type):
+                shown = {**info, "check": dataclasses.asdict(check)}
+            print(json.dumps(shown, indent=2, default=str))
+        else:
+            print(format_info(info))
         check = info.get("check")
         return 0 if check is None or not check.errors else 3
     raise ConfigError("pyvirt disk needs an action: create or info")
@@ -396,15 +410,19 @@ def _cmd_network(args: argparse.Namespace) -> int:
         return 0
     if args.network_cmd == "ls":
         nets = list_networks()
-        if nets:
-            width = max(4, *(len(n.name) for n in nets))
-            print(f"{'NAME':<{width}}  ALIVE  PORTS  SOCKET")
-            for n in nets:
-                ports = "-" if n.ports is None else str(n.ports)
-                print(f"{n.name:<{width}}  {'yes' if n.alive else 'no':<5}  {ports:<5}  {n.socket}")
+        if args.json:
+            print(json.dumps([{"name": n.name, "alive": n.alive, "ports": n.ports, "socket": str(n.socket),
+                               "pid": n.pid, "created": n.created} for n in nets], indent=2))
+            return 0
+        width = max(4, *(len(n.name) for n in nets)) if nets else 4
+        print(f"{'NAME':<{width}}  ALIVE  PORTS  SOCKET")
+        for n in nets:
+            ports = "-" if n.ports is None else str(n.ports)
+            print(f"{n.name:<{width}}  {'yes' if n.alive else 'no':<5}  {ports:<5}  {n.socket}")
         return 0
     if args.network_cmd == "rm":
         remove_network(args.name)
+        print(f"{args.name} removed")
         return 0
     raise ConfigError("pyvirt network needs an action: create, ls or rm")
 

@@ -3,6 +3,7 @@ say what the daemon and the runners do, and VM host names that are the VMs' name
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -65,3 +66,20 @@ def test_logs_and_host_names(daemon: Daemon) -> None:
         assert words in log, log
     runner_log = Path(c.inspect("web-1")["paths"]["dir"]) / "runner.log"
     assert "VM web-1" in runner_log.read_text() and "snapshot" in runner_log.read_text()
+
+
+def test_client_wait_and_consistent_output(daemon: Daemon) -> None:
+    """README's Client example works as written (wait() for the guest), the listing verbs
+    take --json, and the quiet verbs say what they did."""
+    c = daemon.client
+    c.create("job", memory="64M", command="echo hi; echo there; exit 3")
+    c.start("job")
+    vm = c.wait("job", timeout=120)
+    assert vm["state"] == "stopped" and vm["exit_status"] == 3
+    assert c.logs("job")["text"] == "hi\nthere\n"
+    assert daemon.cli("logs", "job", "--tail", "1").stdout == "there\n"
+    (listed,) = json.loads(daemon.cli("ls", "--json").stdout)
+    assert listed["name"] == "job" and listed["state"] == "stopped"
+    assert json.loads(daemon.cli("snapshots", "--json").stdout) == []
+    r = daemon.cli("rm", "job")
+    assert r.returncode == 0 and r.stdout == "job deleted\n", r.stderr

@@ -38,6 +38,7 @@ from pyvirt.host import snapshot_cli
 COMMANDS = ("daemon", "create", "start", "stop", "kill", "pause", "resume", "rm", "ls", "inspect",
             "console", "logs", "export", "import", *snapshot_cli.COMMANDS)
 DETACH = 0x1D          # Ctrl-]
+MAX_LOG_TAIL = 1 << 20  # what the API gives of a log at once
 BUSY = b"\r\npyvirt: the console is busy"      # how a runner's console.sock refuses a second client
 
 
@@ -82,12 +83,13 @@ def add_parsers(sub: Any) -> None:
     r = sub.add_parser("rm", parents=[common], help="delete a VM")
     r.add_argument("name", metavar="NAME")
     r.add_argument("--force", "-f", action="store_true", help="kill it first if it is running")
-    sub.add_parser("ls", parents=[common], help="list pyvirtd's VMs")
+    ls = sub.add_parser("ls", parents=[common], help="list pyvirtd's VMs")
+    ls.add_argument("--json", action="store_true", help="print them as JSON (what inspect shows, per VM)")
     lg = sub.add_parser("logs", parents=[common], help="a VM's console output")
     lg.add_argument("name", metavar="NAME")
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing new output until the VM ends")
-    lg.add_argument("--tail", type=int, default=64 * 1024, metavar="BYTES",
-                    help="start with the last BYTES bytes (default 65536)")
+    lg.add_argument("--tail", type=int, default=None, metavar="LINES",
+                    help="start with the last LINES lines (default: all of the log, up to its last MiB)")
     ex = sub.add_parser("export", parents=[common], help="write a stopped VM to an archive (FILE.pyvirt)")
     ex.add_argument("name", metavar="VM")
     ex.add_argument("file", metavar="FILE")
@@ -158,9 +160,14 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         if args.cmd == "rm":
             client.delete(args.name, force=args.force)
+            print(f"{args.name} deleted")
             return 0
         if args.cmd == "ls":
-            _ls(client.list())
+            vms = client.list()
+            if args.json:
+                print(json.dumps(vms, indent=2))
+            else:
+                _ls(vms)
             return 0
         if args.cmd == "inspect":
             print(json.dumps(client.inspect(args.name), indent=2))
@@ -226,11 +233,15 @@ def _write(data: str) -> None:
     sys.stdout.flush()
 
 
-def _logs(client: Any, name: str, follow: bool, tail: int) -> int:
-    if tail < 0:
-        raise ConfigError("--tail must be 0 or more bytes")
-    chunk = client.logs(name, tail=tail)
-    _write(chunk["text"])
+def _logs(client: Any, name: str, follow: bool, tail: int | None) -> int:
+    if tail is not None and tail < 0:
+        raise ConfigError(f"--tail {tail}: must be 0 or more lines")
+    chunk = client.logs(name, tail=MAX_LOG_TAIL)
+    text = chunk["text"]
+    if tail is not None:
+        lines = text.splitlines(keepends=True)
+        text = "".join(lines[len(lines) - tail:]) if tail else ""
+    _write(text)
     offset = chunk["offset"]
     last_check = time.monotonic()
     while follow:

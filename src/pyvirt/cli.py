@@ -22,7 +22,9 @@ Every user error ends in one line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
+import json
 import os
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -39,13 +41,42 @@ EXIT_USAGE = 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.stderr.write(f"pyvirt: error: {message} (see '{self.prog} --help')\n")
         sys.exit(EXIT_USAGE)
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)subcommand's parser that `args` came from: its --help is the one to read."""
+    while True:
+        action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = getattr(args, action.dest, None) if action is not None else None
+        if action is None or chosen not in action.choices:
+            return parser
+        parser = action.choices[chosen]
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; unknown ones are reported by the subcommand's parser (whose --help lists
+    the flags), and the top-level --state-dir goes to the pyvirtd commands as theirs."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _subcommand_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    top = getattr(args, "top_state_dir", None)
+    if top is not None:
+        if not hasattr(args, "state_dir"):
+            _subcommand_parser(parser, args).error("--state-dir goes with the pyvirtd commands "
+                                                   "(daemon, create, ls, ...)")
+        if args.state_dir is None:
+            args.state_dir = top
+    return args
 
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pyvirt", description="pyvirt: virtual machines in Python")
     p.add_argument("--version", action="version", version=f"pyvirt {__version__}")
+    p.add_argument("--state-dir", metavar="DIR", dest="top_state_dir",
+                   help="pyvirtd's state directory, for the pyvirtd commands (as their --state-dir)")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
     run = sub.add_parser("run", help="boot a virtual machine (the default guest with no arguments)")
@@ -116,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     dsub = disk.add_subparsers(dest="disk_cmd", metavar="ACTION", parser_class=_Parser)
     create = dsub.add_parser("create", help="create a qcow2 image, optionally over a backing file")
     create.add_argument("name", metavar="NAME", help="the new image file")
-    create.add_argument("--size", help="virtual size, e.g. 8G (a bare number is MiB; "
+    create.add_argument("--size", help="virtual size, e.g. 8G, 1.5G or 512M (a bare number is GiB; "
                                        "default: the backing file's size)")
     create.add_argument("--backing", metavar="BASE", help="backing file (raw or qcow2), read-only "
                                                           "below the new image")
@@ -126,12 +157,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="cluster size, 512 (bytes) to 2M (default 64K)")
     info = dsub.add_parser("info", help="describe a disk image and check its refcounts")
     info.add_argument("name", metavar="NAME", help="the image file")
+    info.add_argument("--json", action="store_true", help="print it as JSON")
 
     network = sub.add_parser("network", help="virtual networks between VMs (one L2 switch each)")
     nsub = network.add_subparsers(dest="network_cmd", metavar="ACTION", parser_class=_Parser)
     ncreate = nsub.add_parser("create", help="start a network's switch in the background")
     ncreate.add_argument("name", metavar="NAME", help="1 to 32 letters, digits, '_' or '-'")
-    nsub.add_parser("ls", help="list networks: name, alive, ports connected, socket")
+    nls = nsub.add_parser("ls", help="list networks: name, alive, ports connected, socket")
+    nls.add_argument("--json", action="store_true", help="print them as JSON")
     nrm = nsub.add_parser("rm", help="stop a network's switch and remove its files")
     nrm.add_argument("name", metavar="NAME")
 
@@ -146,7 +179,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.overlay_dir is not None:
         raise ConfigError("--overlay-dir goes with --restore")
     from pyvirt.engines import default_engine
-    from pyvirt.guestcmd import command_append
+    from pyvirt.guestcmd import CommandPipe, command_append, command_ports_append
     from pyvirt.spec import DiskSpec, PortSpec, make_spec, parse_size
 
     disks = [DiskSpec.parse(d) for d in args.disk]
@@ -181,20 +214,50 @@ def _cmd_run(args: argparse.Namespace) -> int:
             append = img.cmdline
     elif args.command is not None and append is None:
         append = "console=ttyS0"
+    pipe = None
     if args.command is not None:
         if kernel is None:
             raise ConfigError("--command needs a Linux guest (not --bios alone)")
-        append = command_append(append, args.command)
-    spec = make_spec(cpus=args.cpus, memory=parse_size(memory or "256M"), kernel=kernel, initrd=initrd,
+        if (args.image != "debian" and args.kernel is None and args.initrd is None
+                and args.snapshot_after is None):
+            # the default guest: the command, stdin, stdout and stderr through virtio-console ports
+            pipe = CommandPipe(args.command)
+            ports += pipe.specs
+            append = command_ports_append(append)
+        else:
+            append = command_append(append, args.command)
+    try:
+        memory_bytes = parse_size(memory or "256M")
+    except ConfigError:
+        raise ConfigError(f"--memory {memory}: expected a size such as 256M or 1G") from None
+    spec = make_spec(typed={"memory": memory or "256M"},
+                     cpus=args.cpus, memory=memory_bytes, kernel=kernel, initrd=initrd,
                      append=append, bios=args.bios, disks=disks, rng=not args.no_rng, ports=ports,
                      nets=nets, engine=args.engine or default_engine(), mmu=args.mmu)
     from pyvirt.vmm.vm import Vm
 
     def cleanup() -> None:
+        if pipe is not None:
+            pipe.finish()
         if overlay_dir is not None:
             overlay_dir.cleanup()
 
-    return _run_vm(args, lambda console: Vm(spec, console), args.command is None, cleanup)
+    def make(console: Any) -> Vm:
+        try:
+            vm = Vm(spec, console)
+            if pipe is not None:
+                pipe.start()
+            return vm
+        except MemoryError:
+            raise ConfigError(f"--memory {memory or '256M'}: this host cannot give the VM that much RAM") \
+                from None
+        except OSError as e:
+            if e.errno == errno.ENOMEM:
+                raise ConfigError(f"--memory {memory or '256M'}: this host cannot give the VM that "
+                                  "much RAM") from None
+            raise
+
+    return _run_vm(args, make, args.command is None, cleanup)
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
@@ -311,17 +374,31 @@ def _cmd_image(args: argparse.Namespace) -> int:
 
 def _cmd_disk(args: argparse.Namespace) -> int:
     from pyvirt.backends.qcow2_tools import create_qcow2, describe_image, format_info
-    from pyvirt.spec import parse_size
+    from pyvirt.spec import format_size, parse_size
     if args.disk_cmd == "create":
-        size = parse_size(args.size) if args.size is not None else None
+        try:
+            size = parse_size(args.size, default_unit="g") if args.size is not None else None
+        except ConfigError:
+            raise ConfigError(f"--size {args.size}: expected a size such as 8G, 1.5G or 512M") from None
         cs = args.cluster_size.strip()
         cluster_size = int(cs) if cs.isdigit() else parse_size(cs)    # a bare number: bytes
         create_qcow2(args.name, size, cluster_size=cluster_size,
                      backing=args.backing, backing_format=args.backing_format)
+        made = describe_image(args.name)
+        print(f"{args.name} created (qcow2, virtual size {format_size(made['virtual_size'])}"
+              + (f", over {args.backing}" if args.backing else "") + ")")
         return 0
     if args.disk_cmd == "info":
         info = describe_image(args.name)
-        print(format_info(info))
+        if args.json:
+            import dataclasses
+            check = info.get("check")
+            shown = info
+            if dataclasses.is_dataclass(check) and not isinstance(check, type):
+                shown = {**info, "check": dataclasses.asdict(check)}
+            print(json.dumps(shown, indent=2, default=str))
+        else:
+            print(format_info(info))
         check = info.get("check")
         return 0 if check is None or not check.errors else 3
     raise ConfigError("pyvirt disk needs an action: create or info")
@@ -334,21 +411,25 @@ def _cmd_network(args: argparse.Namespace) -> int:
         return 0
     if args.network_cmd == "ls":
         nets = list_networks()
-        if nets:
-            width = max(4, *(len(n.name) for n in nets))
-            print(f"{'NAME':<{width}}  ALIVE  PORTS  SOCKET")
-            for n in nets:
-                ports = "-" if n.ports is None else str(n.ports)
-                print(f"{n.name:<{width}}  {'yes' if n.alive else 'no':<5}  {ports:<5}  {n.socket}")
+        if args.json:
+            print(json.dumps([{"name": n.name, "alive": n.alive, "ports": n.ports, "socket": str(n.socket),
+                               "pid": n.pid, "created": n.created} for n in nets], indent=2))
+            return 0
+        width = max(4, *(len(n.name) for n in nets)) if nets else 4
+        print(f"{'NAME':<{width}}  ALIVE  PORTS  SOCKET")
+        for n in nets:
+            ports = "-" if n.ports is None else str(n.ports)
+            print(f"{n.name:<{width}}  {'yes' if n.alive else 'no':<5}  {ports:<5}  {n.socket}")
         return 0
     if args.network_cmd == "rm":
         remove_network(args.name)
+        print(f"{args.name} removed")
         return 0
     raise ConfigError("pyvirt network needs an action: create, ls or rm")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         if args.cmd == "run":
             return _cmd_run(args)

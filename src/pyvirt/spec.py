@@ -17,19 +17,31 @@ from pyvirt.engines import EngineName, default_engine
 from pyvirt.errors import ConfigError
 
 MIB = 1 << 20
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": MIB, "k": 1 << 10, "m": MIB, "g": 1 << 30, "t": 1 << 40}
 
 
 def parse_size(text: str | int, default_unit: str = "m") -> int:
-    """'256M', '1G', '512' (MiB) -> bytes."""
+    """'256M', '1G', '1.5G', '512' (MiB, or `default_unit`) -> bytes."""
     if isinstance(text, int):
         return text
     m = _SIZE.match(text)
     if not m:
-        raise ConfigError(f"invalid size {text!r} (examples: 256M, 1G)")
+        raise ConfigError(f"invalid size {text!r} (examples: 256M, 1G, 1.5G)")
     unit = m.group(2).lower() or default_unit
-    return int(m.group(1)) * _UNITS[unit]
+    number = m.group(1)
+    if "." not in number:
+        return int(number) * _UNITS[unit]
+    whole, frac = number.split(".")
+    return int(whole) * _UNITS[unit] + int(frac) * _UNITS[unit] // 10 ** len(frac)
+
+
+def format_size(n: int) -> str:
+    """Bytes as a user writes them: 64G, 320M, 1536K (or a plain number of bytes)."""
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
 
 
 def parse_rate(text: str, where: str) -> int:
@@ -241,11 +253,39 @@ class VmSpec(BaseModel):
         return v
 
 
-def make_spec(**fields: object) -> VmSpec:
-    """Build a VmSpec, turning validation errors into one-line ConfigErrors."""
+# the `pyvirt run` flag of each VmSpec field, for messages
+FLAGS = {"cpus": "--cpus", "memory": "--memory", "kernel": "--kernel", "initrd": "--initrd",
+         "append": "--append", "bios": "--bios", "disks": "--disk", "ports": "--vport", "nets": "--net",
+         "engine": "--engine", "mmu": "--mmu", "rng": "--no-rng"}
+SIZE_FIELDS = ("memory",)
+
+
+def limit_message(err: dict[str, object], size: bool = False) -> str:
+    """A pydantic error's message in the user's words: 'at most 64G', 'at least 1'."""
+    ctx = err.get("ctx") or {}
+    assert isinstance(ctx, dict)
+    for key, words in (("le", "at most"), ("ge", "at least"), ("lt", "must be less than"),
+                       ("gt", "must be more than")):
+        if key in ctx:
+            bound = ctx[key]
+            return f"{words} {format_size(int(bound)) if size else format(bound, 'g')}"
+    return str(err.get("msg", "invalid")).removeprefix("Value error, ")
+
+
+def make_spec(typed: dict[str, str] | None = None, **fields: object) -> VmSpec:
+    """Build a VmSpec, turning validation errors into one-line ConfigErrors in the words of
+    `pyvirt run`'s flags (`typed`: a field's value as the user wrote it, e.g. {"memory": "64G"})."""
     try:
         return VmSpec(**fields)  # type: ignore[arg-type]
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "spec"
-        raise ConfigError(f"invalid {where}: {err['msg']}") from None
+        field = str(err["loc"][0]) if err["loc"] else ""
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"unknown setting {field!r}") from None
+        flag = FLAGS.get(field, field or "the VM")
+        value = (typed or {}).get(field)
+        if value is None and isinstance(fields.get(field), (int, str)) and not isinstance(fields.get(field), bool):
+            raw = fields[field]
+            value = format_size(raw) if field in SIZE_FIELDS and isinstance(raw, int) else str(raw)
+        what = f"{flag} {value}" if value is not None else flag
+        raise ConfigError(f"{what}: {limit_message(dict(err), size=field in SIZE_FIELDS)}") from None

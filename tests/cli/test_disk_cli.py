@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def test_info_reports_leaks_and_errors(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize("args, message", [
     (["--size", "100000T"], "too large"),
-    (["--size", "lots"], "invalid size"),
+    (["--size", "lots"], "--size lots: expected a size"),
     (["--size", "1M", "--cluster-size", "1000"], "cluster size 1000 is not a power of two"),
     (["--size", "1M", "--cluster-size", "4M"], "cluster size"),
     ([], "needs a size"),
@@ -103,3 +104,14 @@ def test_info_errors(tmp_path: Path, capsys) -> None:
     finally:
         held.close()
     one_line_error(run(capsys, "disk"), "needs an action")
+
+
+def test_create_says_what_it_made_and_sizes_read_as_typed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = tmp_path / "a.qcow2"
+    code, out, _ = run(capsys, "disk", "create", str(img), "--size", "8")       # a bare number: GiB
+    assert code == 0 and out == f"{img} created (qcow2, virtual size 8G)\n"
+    code, out, _ = run(capsys, "disk", "create", str(tmp_path / "b.qcow2"), "--size", "1.5G")
+    assert code == 0 and "virtual size 1536M" in out
+    code, out, _ = run(capsys, "disk", "info", str(img), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["virtual_size"] == 8 << 30 and info["check"]["errors"] == []

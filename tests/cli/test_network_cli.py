@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -72,7 +73,7 @@ def test_create_ls_rm(runtime: Path, capsys: pytest.CaptureFixture[str]) -> None
     a.close()
     b.close()
     pid = list_networks()[0].pid
-    assert run(capsys, "network", "rm", "lan")[0] == 0
+    assert run(capsys, "network", "rm", "lan")[:2] == (0, "lan removed\n")
     assert not sock.exists() and list_networks() == []
     assert gone(pid)
     one_line_error(run(capsys, "network", "rm", "lan"), "no network named lan")
@@ -89,6 +90,15 @@ def test_invalid_names(runtime: Path, capsys: pytest.CaptureFixture[str], name: 
     one_line_error(run(capsys, "network", "create", name), "invalid network name")
 
 
+def test_ls_header_and_json(runtime: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "network", "ls")[:2] == (0, "NAME  ALIVE  PORTS  SOCKET\n")    # even when empty
+    assert run(capsys, "network", "ls", "--json")[:2] == (0, "[]\n")
+    assert run(capsys, "network", "create", "j1")[0] == 0
+    code, out, _ = run(capsys, "network", "ls", "--json")
+    (net,) = json.loads(out)
+    assert code == 0 and net["name"] == "j1" and net["alive"] is True and net["socket"].endswith("j1.sock")
+
+
 def test_rm_unknown(runtime: Path, capsys: pytest.CaptureFixture[str]) -> None:
     one_line_error(run(capsys, "network", "rm", "nothere"), "no network named nothere")
 
@@ -103,7 +113,7 @@ def test_dead_switch(runtime: Path, capsys: pytest.CaptureFixture[str]) -> None:
     while list_networks()[0].alive and time.monotonic() < deadline:
         time.sleep(0.02)
     assert [(n.name, n.alive) for n in list_networks()] == [("gone", False)]
-    with pytest.raises(ConfigError, match=r"no network named gone \(pyvirt network create gone\)"):
+    with pytest.raises(ConfigError, match=r"network gone is not alive .*`pyvirt network create gone`"):
         network_socket("gone")
     assert run(capsys, "network", "create", "gone")[0] == 0
     assert list_networks()[0].alive

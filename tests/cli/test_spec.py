@@ -34,12 +34,12 @@ def test_disk_options() -> None:
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"cpus": 0}, "invalid cpus"),
-    ({"cpus": 9}, "invalid cpus"),
-    ({"memory": 1 << 20}, "invalid memory"),
+    ({"cpus": 0}, "--cpus 0: at least 1"),
+    ({"cpus": 9}, "--cpus 9: at most 8"),
+    ({"memory": 1 << 20}, "--memory 1M: at least 16M"),
     ({"memory": (256 << 20) + 4096}, "multiple of 2 MiB"),
-    ({"engine": "warp"}, "invalid engine"),
-    ({"flux": 1}, "invalid flux"),
+    ({"engine": "warp"}, "--engine warp: "),
+    ({"flux": 1}, "unknown setting 'flux'"),
 ])
 def test_bad_specs(fields: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -118,17 +118,22 @@ def test_handshake_names_the_ports(guest: Guest) -> None:
     msgs = guest.handshake()
     assert (0, CONSOLE_PORT, 1, b"") in msgs and (0, PORT_OPEN, 1, b"") in msgs
     assert (1, PORT_NAME, 0, b"data") in msgs
-    assert (1, PORT_OPEN, 0, b"") in msgs                        # nobody on the host side yet
+    # open before any host client came: the guest's read waits, its writes are kept
+    assert (1, PORT_OPEN, 1, b"") in msgs
     guest.port.connected = True                                  # a host client arrives
     guest.dev.poll()
-    assert guest.messages() == [(1, PORT_OPEN, 1, b"")]
-    guest.port.connected = False
+    assert guest.messages() == []
+    guest.port.connected = False                                 # ... and leaves: end-of-file
     guest.dev.poll()
     assert guest.messages() == [(1, PORT_OPEN, 0, b"")]
+    guest.control(1, PORT_OPEN, 1)                               # the guest opens, reads EOF,
+    guest.control(1, PORT_OPEN, 0)                               # closes: the next open is fresh
+    assert guest.messages() == [(1, PORT_OPEN, 1, b"")]
 
 
 def test_data_both_ways(guest: Guest) -> None:
     guest.handshake()
+    guest.control(1, PORT_OPEN, 1)                               # the guest opens /dev/vport1p1
     guest.send(5, b"hello host")                                 # port 1 transmitq
     assert guest.port.sent == [b"hello host"]
     buf = guest.receive_buffer(4, 8)                             # port 1 receiveq
@@ -152,6 +157,23 @@ def test_congested_host_holds_chains_back(guest: Guest) -> None:
     guest.port.accepting = True
     guest.dev.poll()
     assert guest.port.sent == [b"one", b"two"] and len(guest.qs[5].used_entries()) == 2
+
+
+def test_host_data_waits_until_the_guest_opens_the_port(guest: Guest) -> None:
+    guest.handshake()
+    buf = guest.receive_buffer(4, 64)
+    guest.port.connected = True
+    guest.port.inbox += b"early"
+    guest.dev.poll()
+    assert guest.qs[4].used_entries() == []                      # Linux would drop it now
+    guest.port.connected = False                                 # the client even left already
+    for _ in range(3):
+        guest.dev.poll()
+    assert guest.messages() == []                                # still open: data is waiting
+    guest.control(1, PORT_OPEN, 1)
+    assert guest.qs[4].used_entries()[0][1] == 5 and guest.rig.drv.read(buf, 5) == b"early"
+    guest.dev.poll()
+    assert guest.messages() == [(1, PORT_OPEN, 0, b"")]          # EOF after the data
 
 
 def test_host_input_is_bounded(guest: Guest) -> None:
@@ -182,7 +204,10 @@ def test_unix_socket_port(tmp_path: Path) -> None:
     port = UnixSocketPort(path)
     try:
         assert not port.connected and port.poll(100) == b""
-        assert port.send(b"dropped: nobody is connected")
+        assert port.send(b"kept: nobody is connected;")
+        assert port.send(b"x" * UnixSocketPort.MAX_OUT)         # beyond the bound: dropped
+        assert len(port.out) == UnixSocketPort.MAX_OUT
+        port.out[26:] = b""
         c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         c.connect(str(path))
         c.sendall(b"from client")
@@ -195,7 +220,10 @@ def test_unix_socket_port(tmp_path: Path) -> None:
         assert port.connected and got == b"from client"
         assert port.send(b"to client")
         c.settimeout(5)
-        assert c.recv(100) == b"to client"
+        got = b""
+        while len(got) < 35:
+            got += c.recv(100)
+        assert got == b"kept: nobody is connected;to client"
         c.close()
         for _ in range(100):
             port.poll(100)

@@ -139,7 +139,7 @@ def test_clones_have_their_own_identity_and_share_ram(daemon: Daemon, tmp_path: 
     disk.write_bytes(bytes(MIB))
     c.create("base", memory="256M", command=CLONE_CMD, disks=[str(disk)], nets=["user"])
     orig = c.start("base")
-    wait_for(lambda: "H=pyvirt" in c.logs("base")["text"], 120, "the guest to fill its tmpfs: "
+    wait_for(lambda: "H=base" in c.logs("base")["text"], 120, "the guest to fill its tmpfs: "
              + c.logs("base", tail=300)["text"])
     c.snapshot("base", "gold")
     clones = c.clone("gold", 4, prefix="web")

@@ -85,7 +85,7 @@ def test_mapping_matches_the_cli(image, tmp_path: Path) -> None:   # noqa: ANN00
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"memory": "12Q"}, "memory: invalid size"),
+    ({"memory": "12Q"}, "memory 12Q: expected a size"),
     ({"memory": "17M"}, "multiple of 2 MiB"),
     ({"kernel": "/nope"}, "kernel /nope: no such file"),
     ({"initrd": "/nope", "kernel": sys.executable}, "initrd /nope: no such file"),

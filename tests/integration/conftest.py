@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -69,6 +70,18 @@ class PtyConsole:
 
     def send(self, data: bytes) -> None:
         os.write(self.fd, data)
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """The exit status once the VMM ends (reading its console meanwhile), None at the timeout."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            with contextlib.suppress(OSError):
+                if select.select([self.fd], [], [], 0.5)[0]:
+                    self.buf += os.read(self.fd, 4096)
+        return None
 
     def kill(self) -> None:
         try:

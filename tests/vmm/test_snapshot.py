@@ -462,3 +462,21 @@ def test_cli_snapshot_flag_errors(args: list[str], message: str) -> None:
                        stdin=subprocess.DEVNULL, timeout=120)
     err = p.stderr.decode()
     assert p.returncode == 1 and err.count("\n") == 1 and message in err, err
+
+
+def test_overlay_dir_reused_is_refused_in_words(program: Path, tmp_path: Path) -> None:
+    """--overlay-dir keeps a clone's disk writes: a second restore into the same directory is
+    refused with why, not a qcow2 error (issue 18 item 8)."""
+    from pyvirt.spec import DiskSpec
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    spec = make_spec(bios=str(program), memory=16 << 20, engine="interp", disks=[DiskSpec(path=disk)])
+    vm = Vm(spec, BufferBackend())
+    vm.run(max_instructions=20_000)
+    save_snapshot(vm, tmp_path / "snap", then="quit")
+    vm.close()
+    first = load_snapshot(tmp_path / "snap", BufferBackend(), overrides=Overrides(overlay_dir=tmp_path / "c1"))
+    first.close()
+    assert (tmp_path / "c1" / "disk0.qcow2").exists()
+    with pytest.raises(ConfigError, match="exists already .*give --overlay-dir a new directory"):
+        load_snapshot(tmp_path / "snap", BufferBackend(), overrides=Overrides(overlay_dir=tmp_path / "c1"))

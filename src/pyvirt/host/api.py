@@ -13,8 +13,9 @@ from pydantic import BaseModel
 from pyvirt.errors import PyvirtError
 from pyvirt.host.errors import HostError
 from pyvirt.host.manager import Manager
-from pyvirt.host.models import NAME_RULE, ExportRequest, ImportRequest, VmCreate
+from pyvirt.host.models import NAME_RULE, SNAPSHOT_NAME_RULE, ExportRequest, ImportRequest, VmCreate
 from pyvirt.host.snapshot_api import add_snapshot_routes
+from pyvirt.spec import limit_message
 from pyvirt.version import __version__
 
 MAX_STOP_TIMEOUT = 600.0
@@ -38,13 +39,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 NamePath = Path(..., description="the VM's name (or id)")
 
 
-def _validation_message(exc: RequestValidationError) -> str:
+def _validation_message(exc: RequestValidationError, path: str = "") -> str:
     parts = []
     for err in exc.errors()[:3]:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        msg = limit_message(dict(err), size=where in ("memory", "memory_limit"))
         if err.get("type") == "string_pattern_mismatch" and where == "name":
-            msg = NAME_RULE
+            msg = SNAPSHOT_NAME_RULE if path.endswith("/snapshots") else NAME_RULE
+        value = err.get("input")
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and where != "request":
+            where = f"{where} {format(value, 'g') if isinstance(value, float) else value}"
         parts.append(f"{where}: {msg}")
     return "invalid request: " + "; ".join(parts)
 
@@ -63,7 +67,7 @@ def make_app(manager: Manager) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _validation_message(exc)}, status_code=422)
+        return JSONResponse({"detail": _validation_message(exc, _request.url.path)}, status_code=422)
 
     @app.get("/info", summary="the daemon: version, state directory, cgroup support, VM counts")
     def info() -> dict[str, Any]:

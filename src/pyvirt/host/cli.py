@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import select
 import socket
 import sys
@@ -38,14 +39,22 @@ from pyvirt.host import snapshot_cli
 COMMANDS = ("daemon", "create", "start", "stop", "kill", "pause", "resume", "rm", "ls", "inspect",
             "console", "logs", "export", "import", *snapshot_cli.COMMANDS)
 DETACH = 0x1D          # Ctrl-]
+MAX_LOG_TAIL = 1 << 20  # what the API gives of a log at once
+BUSY = b"\r\npyvirt: the console is busy"      # how a runner's console.sock refuses a second client
 
 
 def add_parsers(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state-dir", metavar="DIR",
                         help="pyvirtd's state directory (default $PYVIRT_STATE_DIR or ~/.local/state/pyvirt)")
-    d = sub.add_parser("daemon", parents=[common], help="start pyvirtd, the hypervisor service")
-    d.add_argument("--foreground", action="store_true", help="run in this process (default: in the background)")
+    d = sub.add_parser("daemon", parents=[common], help="start pyvirtd, the hypervisor service (or stop it, "
+                                                        "or say whether it runs)")
+    d.add_argument("action", nargs="?", choices=("start", "stop", "status"), default="start",
+                   help="start (the default; prints its socket), stop (SIGTERM: the VMs go on running) or "
+                        "status (exit status 0 when it runs, 3 when not)")
+    d.add_argument("--foreground", action="store_true", help="run in this process, logging to the terminal "
+                                                             "(default: in the background, logging to "
+                                                             "pyvirtd.log)")
 
     c = sub.add_parser("create", parents=[common], help="define a VM in pyvirtd (started with `pyvirt start`)")
     c.add_argument("name", metavar="NAME")
@@ -75,12 +84,13 @@ def add_parsers(sub: Any) -> None:
     r = sub.add_parser("rm", parents=[common], help="delete a VM")
     r.add_argument("name", metavar="NAME")
     r.add_argument("--force", "-f", action="store_true", help="kill it first if it is running")
-    sub.add_parser("ls", parents=[common], help="list pyvirtd's VMs")
+    ls = sub.add_parser("ls", parents=[common], help="list pyvirtd's VMs")
+    ls.add_argument("--json", action="store_true", help="print them as JSON (what inspect shows, per VM)")
     lg = sub.add_parser("logs", parents=[common], help="a VM's console output")
     lg.add_argument("name", metavar="NAME")
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing new output until the VM ends")
-    lg.add_argument("--tail", type=int, default=64 * 1024, metavar="BYTES",
-                    help="start with the last BYTES bytes (default 65536)")
+    lg.add_argument("--tail", type=int, default=None, metavar="LINES",
+                    help="start with the last LINES lines (default: all of the log, up to its last MiB)")
     ex = sub.add_parser("export", parents=[common], help="write a stopped VM to an archive (FILE.pyvirt)")
     ex.add_argument("name", metavar="VM")
     ex.add_argument("file", metavar="FILE")
@@ -92,7 +102,40 @@ def add_parsers(sub: Any) -> None:
     snapshot_cli.add_parsers(sub, common)
 
 
+# the API's field names as the CLI's flags, for messages
+FIELD_FLAGS = {"cpus": "--cpus", "memory": "--memory", "memory_limit": "--memory-limit",
+               "cpu_quota": "--cpu-quota", "kernel": "--kernel", "initrd": "--initrd", "append": "--append",
+               "disks": "--disk", "nets": "--net", "command": "--command", "engine": "--engine",
+               "count": "--count", "prefix": "--prefix", "timeout": "--timeout", "tail": "--tail"}
+
+
+def in_flags(message: str) -> str:
+    """An API error message in the CLI's words: `memory_limit 1M: ...` -> `--memory-limit 1M: ...`,
+    without pydantic's 'invalid request' wrapper."""
+    parts = []
+    for part in message.removeprefix("invalid request: ").split("; "):
+        field, sep, rest = part.partition(" ")
+        if field.rstrip(":") in FIELD_FLAGS:
+            part = FIELD_FLAGS[field.rstrip(":")] + field[len(field.rstrip(":")):] + sep + rest
+        elif field == "name" and sep:
+            part = rest
+        parts.append(part)
+    text = "; ".join(parts)
+    for name in ("memory_limit", "cpu_quota"):
+        text = re.sub(rf"\b{name}\b", FIELD_FLAGS[name], text)
+    return text.replace("(at least memory + ", "(at least --memory + ")
+
+
 def run(args: argparse.Namespace) -> int:
+    from pyvirt.host.client import ApiError
+
+    try:
+        return _run(args)
+    except ApiError as e:
+        raise ApiError(e.status, in_flags(e.detail)) from None
+
+
+def _run(args: argparse.Namespace) -> int:
     from pyvirt.host.client import Client
 
     if args.cmd == "daemon":
@@ -118,9 +161,14 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.cmd == "rm":
             client.delete(args.name, force=args.force)
+            print(f"{args.name} deleted")
             return 0
         if args.cmd == "ls":
-            _ls(client.list())
+            vms = client.list()
+            if args.json:
+                print(json.dumps(vms, indent=2))
+            else:
+                _ls(vms)
             return 0
         if args.cmd == "inspect":
             print(json.dumps(client.inspect(args.name), indent=2))
@@ -144,10 +192,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _daemon(args: argparse.Namespace) -> int:
-    from pyvirt.host.daemon import serve, start_background
+    from pyvirt.host.daemon import serve, start_background, stop_daemon
     from pyvirt.host.paths import state_dir
 
     state = state_dir(args.state_dir)
+    if args.action == "stop":
+        pid = stop_daemon(state)
+        print(f"pyvirtd stopped (pid {pid}; its VMs go on running)")
+        return 0
+    if args.action == "status":
+        from pyvirt.host.client import Client, DaemonNotRunning
+        try:
+            with Client(state_dir=state, timeout=5) as client:
+                info = client.info()
+                vms = client.list()
+        except DaemonNotRunning:
+            print(f"pyvirtd is not running for {state}")
+            return 3
+        running = sum(1 for v in vms if v["state"] in ("running", "paused"))
+        print(f"pyvirtd {info['version']} is running (pid {info['pid']}) on {state / 'pyvirtd.sock'}: "
+              f"{len(vms)} VM(s), {running} running; log {state / 'pyvirtd.log'}")
+        return 0
     if args.foreground:
         serve(state)
         return 0
@@ -169,11 +234,15 @@ def _write(data: str) -> None:
     sys.stdout.flush()
 
 
-def _logs(client: Any, name: str, follow: bool, tail: int) -> int:
-    if tail < 0:
-        raise ConfigError("--tail must be 0 or more bytes")
-    chunk = client.logs(name, tail=tail)
-    _write(chunk["text"])
+def _logs(client: Any, name: str, follow: bool, tail: int | None) -> int:
+    if tail is not None and tail < 0:
+        raise ConfigError(f"--tail {tail}: must be 0 or more lines")
+    chunk = client.logs(name, tail=MAX_LOG_TAIL)
+    text = chunk["text"]
+    if tail is not None:
+        lines = text.splitlines(keepends=True)
+        text = "".join(lines[len(lines) - tail:]) if tail else ""
+    _write(text)
     offset = chunk["offset"]
     last_check = time.monotonic()
     while follow:
@@ -199,7 +268,16 @@ def _console(client: Any, name: str) -> int:
         s.connect(vm["paths"]["console_socket"])
     except OSError as e:
         raise ConfigError(f"cannot attach to the console of {name}: {e.strerror}") from None
+    # a runner that has a client already answers at once with its "busy" line and hangs up
+    first = b""
+    if select.select([s], [], [], 0.5)[0]:
+        first = s.recv(65536)
+        if not first or first.startswith(BUSY):
+            s.close()
+            raise ConfigError(f"the console of {name} is busy: another client is attached")
     sys.stderr.write(f"[attached to {name}'s console; Ctrl-] detaches]\r\n")
+    if first:
+        os.write(1, first)
     saved = None
     if os.isatty(0):
         saved = termios.tcgetattr(0)

@@ -3,6 +3,7 @@
     from pyvirt import Client
     c = Client()                       # the state directory's daemon ($PYVIRT_STATE_DIR, ...)
     c.create("web", memory="64M", command="sleep 1000"); c.start("web")
+    c.wait("job")                      # until a VM has powered off (or stopped, or crashed)
     c.list(); c.inspect("web"); c.stop("web", timeout=5); c.delete("web")
 
 Errors raise `ApiError` (a PyvirtError: the daemon's one-line `detail` and the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,18 @@ class Client:
 
     def stop(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
         return self._call("POST", f"/vms/{name}/stop", params={"timeout": timeout}, timeout=timeout + 30)
+
+    def wait(self, name: str, timeout: float | None = None, interval: float = 0.2) -> dict[str, Any]:
+        """Wait until the VM is no longer running or paused (it powered off, was stopped or
+        crashed): its inspect() then.  TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            vm = self.inspect(name)
+            if vm["state"] not in ("running", "paused"):
+                return vm
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"VM {name} is still {vm['state']} after {timeout:g} s")
+            time.sleep(interval)
 
     def kill(self, name: str) -> dict[str, Any]:
         return self._call("POST", f"/vms/{name}/kill")

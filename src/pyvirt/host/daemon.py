@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import logging
 import os
 import signal
 import subprocess
@@ -50,6 +51,11 @@ def serve(state: Path) -> None:
 
     os.umask(0o077)                      # the database, logs and sockets are the user's alone
     lock_fd = _lock(state)
+    handler = logging.StreamHandler(sys.stderr)     # the terminal, or pyvirtd.log in the background
+    handler.setFormatter(logging.Formatter("%(asctime)s pyvirtd[%(process)d]: %(message)s"))
+    log = logging.getLogger("pyvirtd")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     sock_path = api_socket(state)
     manager = Manager(state)
     sock = listen_unix(sock_path, backlog=64)
@@ -59,7 +65,9 @@ def serve(state: Path) -> None:
         # handler it found: with these, that ends in the clean-up below and exit status 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
+        log.info("listening on %s", sock_path)
         uvicorn.Server(config).run(sockets=[sock])
+        log.info("stopping (the VMs go on running)")
     finally:
         manager.close()
         sock.close()
@@ -97,6 +105,38 @@ def start_background(state: Path) -> Path:
             raise ConfigError(f"pyvirtd did not answer within {START_TIMEOUT:.0f} s (see {log_path})")
         time.sleep(0.05)
     return api_socket(state)
+
+
+def stop_daemon(state: Path, timeout: float = 20.0) -> int:
+    """SIGTERM to the state directory's daemon (its VMs go on); its pid once it has ended."""
+    try:
+        pid = int((state / "pyvirtd.lock").read_text().strip())
+    except (OSError, ValueError):
+        pid = 0
+    if not pid or not running(state):
+        raise ConfigError(f"pyvirtd is not running for {state}")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while api_socket(state).exists() or _alive(pid):
+        if time.monotonic() > deadline:
+            raise ConfigError(f"pyvirtd (pid {pid}) did not end within {timeout:.0f} s of SIGTERM")
+        time.sleep(0.05)
+    return pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (our own child, not yet reaped) has ended
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

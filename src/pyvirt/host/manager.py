@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -37,9 +38,11 @@ from pyvirt.host.models import Limits, VmCreate, to_spec
 from pyvirt.host.paths import VmPaths, proc_start_time, vm_paths
 from pyvirt.host.snapshots import SnapshotOps, disk_usage
 from pyvirt.host.store import DuplicateName, SnapshotRecord, SnapshotStore, Store, VmRecord
+from pyvirt.spec import format_size
 from pyvirt.version import __version__
 from pyvirt.vmm.snapfiles import overlay_name
 
+log = logging.getLogger("pyvirtd")
 START_TIMEOUT = 30.0           # the runner's control socket answers within this
 KILL_WAIT = 5.0                # after a kill request, before SIGKILL
 MONITOR_INTERVAL = 0.2
@@ -150,6 +153,8 @@ class Manager(SnapshotOps):
                 self.store.add(rec)
             except DuplicateName:
                 raise Conflict(f"a VM named {req.name} exists already") from None
+        log.info("created VM %s (id %s): %d cpu(s), %s of RAM", rec.name, rec.id, spec.cpus,
+                 format_size(spec.memory))
         return self.inspect(rec.id)
 
     def delete(self, name: str, force: bool = False) -> None:
@@ -165,6 +170,7 @@ class Manager(SnapshotOps):
         with self.lock:
             self.store.delete(rec.id)
             shutil.rmtree(self.paths(rec).dir, ignore_errors=True)
+        log.info("deleted VM %s", rec.name)
 
     # -- export / import (host/archive.py) ----------------------------------------------------
     def export(self, name: str, path: str, snapshot: str | None = None) -> dict[str, Any]:
@@ -294,6 +300,7 @@ class Manager(SnapshotOps):
                 raise Conflict(f"VM {rec.name} is already {rec.state}")
             proc = self._spawn(rec)
         self._wait_ready(rec, proc)
+        log.info("started VM %s (runner pid %d)", rec.name, proc.pid)
         return self.inspect(rec.id)
 
     def _spawn(self, rec: VmRecord, extra: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
@@ -361,6 +368,7 @@ class Manager(SnapshotOps):
             raise Conflict(f"VM {rec.name} is already paused")
         self._control(rec, "pause")
         self.store.update(rec.id, state="paused")
+        log.info("paused VM %s", rec.name)
         return self.inspect(rec.id)
 
     def resume(self, name: str) -> dict[str, Any]:
@@ -369,11 +377,13 @@ class Manager(SnapshotOps):
             raise Conflict(f"VM {rec.name} is not paused (state: {rec.state})")
         self._control(rec, "resume")
         self.store.update(rec.id, state="running")
+        log.info("resumed VM %s", rec.name)
         return self.inspect(rec.id)
 
     def stop(self, name: str, timeout: float) -> dict[str, Any]:
         """Ask the guest to power off (through its agent); force it off after `timeout` s."""
         rec = self._running(name)
+        log.info("stopping VM %s (forced off after %g s)", rec.name, timeout)
         self.expected_end.add(rec.id)
         self.store.update(rec.id, desired="stopped")
         with contextlib.suppress(Conflict):
@@ -384,6 +394,7 @@ class Manager(SnapshotOps):
 
     def kill(self, name: str) -> dict[str, Any]:
         rec = self._running(name)
+        log.info("killing VM %s", rec.name)
         self.store.update(rec.id, desired="stopped")
         self._force_end(rec)
         return self.inspect(rec.id)
@@ -454,6 +465,8 @@ class Manager(SnapshotOps):
             state, reason = "crashed", "the runner disappeared without reporting why"
         self.store.update(rec.id, state=state, reason=reason, exit_status=exit_status, pid=None,
                           pid_start=None, control=None, cgroup=None)
+        status = f", exit status {exit_status}" if exit_status is not None else ""
+        (log.warning if state == "crashed" else log.info)("VM %s %s: %s%s", rec.name, state, reason, status)
         if rec.cgroup:
             cgroups.remove(json.loads(rec.cgroup)["cgroups"])
         p = self.paths(rec)
@@ -468,13 +481,14 @@ class Manager(SnapshotOps):
                     for rec in self.store.all():
                         self._check(rec)
             except Exception as e:                # keep watching whatever happens
-                sys.stderr.write(f"pyvirtd: monitor: {e}\n")
+                log.error("monitor: %s", e)
 
     def recover(self) -> None:
         """After a (re)start: find the runners that are still there (PID + start time, and the
         control socket's status says running or paused); record the others' ends; remove the
         cgroups of VMs that are not running."""
         live_ids = set()
+        log.info("pyvirtd %s on %s", __version__, self.state)
         with self.lock:
             for rec in self.store.all():
                 if not rec.alive:
@@ -484,6 +498,7 @@ class Manager(SnapshotOps):
                 if not cur.alive:
                     continue
                 live_ids.add(rec.id)
+                log.info("found VM %s running (runner pid %s)", cur.name, cur.pid)
                 with contextlib.suppress(control.ControlError):
                     st = control.request(self.paths(rec).control_sock, "status", timeout=3)
                     if st.get("state") in ("running", "paused") and st["state"] != cur.state:

@@ -14,10 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pyvirt.engines import EngineName
 from pyvirt.errors import ConfigError
-from pyvirt.spec import MIB, DiskSpec, NetSpec, VmSpec, make_spec, parse_size
+from pyvirt.spec import MIB, DiskSpec, NetSpec, VmSpec, format_size, make_spec, parse_size
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 NAME_RULE = "a VM name is 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+SNAPSHOT_NAME_RULE = ("a snapshot name is 1 to 63 letters, digits, '.', '_' or '-', starting with a letter "
+                      "or digit")
 VMM_OVERHEAD = 256 * MIB        # the default memory ceiling: guest RAM + this for the VMM itself
 MIN_MEMORY_LIMIT = 64 * MIB
 
@@ -72,8 +74,8 @@ def _existing(path: str, what: str) -> Path:
 def _size(value: int | str, what: str) -> int:
     try:
         return parse_size(value)
-    except ConfigError as e:
-        raise ConfigError(f"{what}: {e}") from None
+    except ConfigError:
+        raise ConfigError(f"{what} {value}: expected a size such as 256M or 1G") from None
 
 
 def to_spec(req: VmCreate) -> tuple[VmSpec, Limits]:
@@ -101,16 +103,19 @@ def to_spec(req: VmCreate) -> tuple[VmSpec, Limits]:
         _existing(str(d.path), "disk")
         d.path = d.path.expanduser().absolute()
     nets: list[NetSpec] = [NetSpec.parse(n) for n in req.nets]
-    spec = make_spec(cpus=req.cpus, memory=memory, kernel=kernel, initrd=initrd, append=append,
+    typed = {"memory": str(req.memory) if isinstance(req.memory, str) else format_size(memory)}
+    spec = make_spec(typed=typed, cpus=req.cpus, memory=memory, kernel=kernel, initrd=initrd, append=append,
                      disks=disks, nets=nets, engine=req.engine or default_engine())
     if req.memory_limit is not None:
         limit = _size(req.memory_limit, "memory_limit")
         if limit < spec.memory + MIN_MEMORY_LIMIT:
-            raise ConfigError(f"memory_limit {limit} is too small for {spec.memory >> 20} MiB of guest "
-                              f"RAM (at least memory + {MIN_MEMORY_LIMIT >> 20} MiB)")
+            typed_limit = req.memory_limit if isinstance(req.memory_limit, str) else format_size(limit)
+            raise ConfigError(f"memory_limit {typed_limit}: too small for {typed['memory']} of guest RAM "
+                              f"(at least memory + {format_size(MIN_MEMORY_LIMIT)}: "
+                              f"{format_size(spec.memory + MIN_MEMORY_LIMIT)})")
     else:
         limit = spec.memory + VMM_OVERHEAD
     if req.cpu_quota is not None and req.cpu_quota > spec.cpus:
-        raise ConfigError(f"cpu_quota {req.cpu_quota} is more than the VM's {spec.cpus} cpu(s)")
+        raise ConfigError(f"cpu_quota {req.cpu_quota:g}: more than the VM's {spec.cpus} cpu(s)")
     return spec, Limits(cpu_quota=req.cpu_quota, memory_limit=limit)
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -56,6 +57,7 @@ from pyvirt.spec import NetSpec, PortSpec, VmSpec
 from pyvirt.stream import BufferedStream
 from pyvirt.vmm.vm import Vm, Watch
 
+log = logging.getLogger("pyvirt.runner")
 LOG_MAX = 16 << 20        # console.log is rotated (to console.log.1) beyond this
 BUSY = b"\r\npyvirt: the console is busy (another client is attached)\r\n"
 
@@ -214,6 +216,7 @@ class Runner:
         vm = self.vm
         if op == "status":
             return self.status()
+        log.info("%s%s", op, "".join(f" {k}={v}" for k, v in req.items() if k != "op"))
         if op == "pause":
             if vm.paused:
                 return {"ok": False, "error": "the VM is already paused"}
@@ -300,6 +303,9 @@ def build_vm(config: dict[str, Any], paths: VmPaths, console: SocketConsole) -> 
                               ports=ov.get("ports"))
         return load_snapshot(config["restore"], console, overrides=overrides)
     spec = with_agent_port(VmSpec.model_validate(config["spec"]), paths.agent_sock)
+    if config.get("name") and spec.kernel is not None:
+        # the default guest's /init takes its host name from here (every boot, restarts included)
+        spec = spec.model_copy(update={"append": f"{spec.append or ''} pyvirt.hostname={config['name']}".strip()})
     return Vm(spec, console)
 
 
@@ -315,17 +321,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", required=True)
     args = ap.parse_args(argv)
     paths = vm_paths(Path(args.state_dir), args.id)
+    handler = logging.StreamHandler(sys.stderr)      # runner.log
+    handler.setFormatter(logging.Formatter("%(asctime)s runner[%(process)d]: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     with contextlib.suppress(FileNotFoundError):
         paths.exit_file.unlink()
     console = None
     try:
         config = json.loads(paths.config.read_text())
         console = SocketConsole(paths.console_log, paths.console_sock)
+        log.info("VM %s (id %s): %s", config.get("name"), args.id,
+                 f"restoring the snapshot {config['restore']}" if config.get("restore") else "booting")
         vm = build_vm(config, paths, console)
     except Exception as e:          # whatever stops the VM from being built is reported
         why = str(e) if isinstance(e, (PyvirtError, OSError, ValueError)) else f"{type(e).__name__}: {e}"
         write_exit(paths, reason="error", error=why)
-        sys.stderr.write(f"pyvirt runner: {why}\n")
+        log.error("the VM could not be built: %s", why)
         if console is not None:
             console.close()
         return 1
@@ -341,10 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         vm.close()
         console.close()
     if runner.reason == "snapshot":
+        log.info("saved to the snapshot %s; ending", runner.snapshot_dir)
         write_exit(paths, reason="snapshot", dir=runner.snapshot_dir)
     elif runner.reason == "killed" or code is None:
+        log.info("killed")
         write_exit(paths, reason="killed")
     else:
+        log.info("the guest powered off (exit status %s)", code)
         write_exit(paths, reason="poweroff", exit_status=code)
     return 0
 

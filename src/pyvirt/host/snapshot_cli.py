@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 COMMANDS = ("snapshot", "snapshots", "snapshot-rm", "restore", "clone")
@@ -19,7 +20,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("snapshot", parents=[common], help="snapshot a running or paused VM (it goes on)")
     s.add_argument("vm", metavar="VM")
     s.add_argument("name", metavar="NAME", help="the snapshot's name")
-    sub.add_parser("snapshots", parents=[common], help="list pyvirtd's snapshots")
+    ls = sub.add_parser("snapshots", parents=[common], help="list pyvirtd's snapshots")
+    ls.add_argument("--json", action="store_true", help="print them as JSON")
     r = sub.add_parser("snapshot-rm", parents=[common], help="delete a snapshot")
     r.add_argument("name", metavar="NAME")
     r = sub.add_parser("restore", parents=[common], help="start a new VM from a snapshot")
@@ -37,6 +39,9 @@ def run(args: argparse.Namespace, client: Any) -> int:
         print(f"{s['name']} {s['dir']} ({s['size'] >> 20} MiB on disk)")
     elif args.cmd == "snapshots":
         snaps = client.snapshots()
+        if args.json:
+            print(json.dumps(snaps, indent=2))
+            return 0
         width = max([4] + [len(s["name"]) for s in snaps])
         print(f"{'NAME':<{width}}  {'VM':<12}  {'MEMORY':>6}  {'DISK':>7}  USED BY")
         for s in snaps:
@@ -44,6 +49,7 @@ def run(args: argparse.Namespace, client: Any) -> int:
                   f"{','.join(s['used_by']) or '-'}")
     elif args.cmd == "snapshot-rm":
         client.delete_snapshot(args.name)
+        print(f"{args.name} deleted")
     elif args.cmd == "restore":
         vm = client.restore(args.snapshot, name=args.name)
         print(f"{vm['name']} {vm['state']}")

@@ -23,6 +23,7 @@ the store's `snapshots` table.  `SnapshotOps` is mixed into the Manager:
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import threading
@@ -41,6 +42,8 @@ from pyvirt.host.paths import vm_paths
 from pyvirt.host.store import DuplicateName, SnapshotRecord, VmRecord
 from pyvirt.spec import DiskSpec, PortSpec, VmSpec, random_mac
 from pyvirt.vmm.snapfiles import overlay_name
+
+log = logging.getLogger("pyvirtd")
 
 if TYPE_CHECKING:
     from pyvirt.host.manager import Manager
@@ -120,6 +123,7 @@ class SnapshotOps:
         except BaseException:
             shutil.rmtree(d, ignore_errors=True)
             raise
+        log.info("snapshot %s of VM %s taken into %s", name, vm_name, d)
         return self.describe_snapshot(snap)
 
     def _snapshot_outcome(self: Manager, rec: VmRecord, d: Path) -> dict[str, Any]:
@@ -146,6 +150,7 @@ class SnapshotOps:
                                          "delete them first")
             self.snapshots.delete(name)
         shutil.rmtree(snap.dir, ignore_errors=True)
+        log.info("deleted snapshot %s", name)
 
     def check_no_snapshot_needs(self: Manager, rec: VmRecord) -> None:
         """Refuse to delete `rec` while a snapshot's disks back onto an image in its directory."""
@@ -213,6 +218,8 @@ class SnapshotOps:
                     self.store.delete(rec.id)
                 shutil.rmtree(self.paths(rec).dir, ignore_errors=True)
             raise
+        log.info("%s snapshot %s as VM(s) %s", "cloned" if clone else "restored", name,
+                 ", ".join(rec.name for rec, _ in made))
         return [self.inspect(rec.id) for rec, _ in made]
 
     def _restored_record(self: Manager, snap: SnapshotRecord, m: dict[str, Any], spec: VmSpec, name: str,

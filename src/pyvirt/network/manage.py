@@ -213,5 +213,9 @@ def network_socket(name: str) -> Path:
         raise ConfigError(f"invalid network name {name!r} (1 to 32 letters, digits, '_' or '-')")
     paths = network_paths(name)
     if not _alive(paths) or not paths.sock.exists():
+        if any(f.exists() for f in (paths.sock, paths.state, paths.pid)):
+            raise ConfigError(f"network {name} is not alive (its switch ended; see {paths.log}): start it "
+                              f"again with `pyvirt network create {name}`, or remove it with "
+                              f"`pyvirt network rm {name}`")
         raise ConfigError(f"no network named {name} (pyvirt network create {name})")
     return paths.sock

@@ -183,9 +183,10 @@ def _device_specific(dev: VirtioDevice) -> Schema:
     if isinstance(dev, VirtioConsole):
         n = len(dev.backends)
         return record({"ready": listof(boolean, n), "told_open": listof(boolean, n),
-                       "guest_open": listof(boolean, n),
+                       "guest_open": listof(boolean, n), "host_gone": listof(boolean, n),
                        "pending_in": listof(blob(vconsole.MAX_PENDING), n),
-                       "control_out": listof(blob(4096), 0, 4 * vconsole.MAX_PORTS + 16)})
+                       "control_out": listof(blob(4096), 0, 4 * vconsole.MAX_PORTS + 16)},
+                      optional=("host_gone",))
     return record({})
 
 

@@ -325,6 +325,9 @@ def _restored_spec(d: Path, m: dict[str, Any], spec: VmSpec, ov: Overrides) -> t
                 disks.append(disk)
             elif kind == "frozen" and not disk.read_only and overlay_name(i) in m["files"]:
                 overlay = where / overlay_name(i)
+                if tmp is None and overlay.exists():
+                    raise ConfigError(f"{overlay} exists already (the disk writes of an earlier restore "
+                                      "are kept there): give --overlay-dir a new directory")
                 create_qcow2(overlay, None, backing=d / overlay_name(i), backing_format="qcow2")
                 disks.append(disk.model_copy(update={"path": overlay, "format": "qcow2"}))
             else:

@@ -14,7 +14,16 @@ Control messages (5.3.6.2), le32 id, le16 event, le16 value: the driver says
 DEVICE_READY, the device answers DEVICE_ADD for every port; the driver says
 PORT_READY for a port, the device answers CONSOLE_PORT (port 0) or PORT_NAME
 (the name follows the message in the same buffer), then PORT_OPEN with the
-host side's state, and again whenever a host client connects or leaves.
+host side's state, and again whenever it changes.
+
+The host side of a named port is told to the guest as open until a host client
+has come and gone (so a guest that opens the port first waits for data instead
+of reading end-of-file at once, and its writes are kept for the first client:
+`UnixSocketPort` buffers up to `MAX_OUT` bytes); when a client leaves, the port
+stays open until everything it sent has gone to the guest, then closes (the
+guest reads end-of-file after the data), and opens again once the guest has
+closed its end.  Linux drops data that arrives on a port the guest has not
+opened, so host data waits in the device (bounded) until the guest opens it.
 
 Guest input is bounded: data from the host is read only while less than
 `MAX_PENDING` bytes wait for the guest's receive buffers, and a transmit
@@ -23,6 +32,7 @@ chain larger than `MAX_TX_CHAIN` is cut.  Bad control messages are ignored.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -90,9 +100,11 @@ class NullPort:
 
 
 class UnixSocketPort:
-    """A Unix stream socket the VMM listens on; one client at a time is the host side."""
+    """A Unix stream socket the VMM listens on; one client at a time is the host side.  Output
+    while no client is connected is kept for the next one (up to MAX_OUT bytes; beyond, dropped)."""
 
     MAX_OUT = 256 * 1024
+    CLOSE_FLUSH_TIMEOUT = 5.0      # seconds close() waits for a client to take the last output
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -120,8 +132,8 @@ class UnixSocketPort:
     def _drop(self) -> None:
         if self.client is not None:
             self.client.close()
+            self.out.clear()
         self.client = None
-        self.out.clear()
         self.connected = False
 
     def poll(self, want: int) -> bytes:
@@ -158,7 +170,9 @@ class UnixSocketPort:
 
     def send(self, data: bytes) -> bool:
         if self.client is None:
-            return True                          # nobody listening: output is dropped
+            # nobody listening: kept for the next client, as far as the bound allows
+            self.out += data[:max(0, self.MAX_OUT - len(self.out))]
+            return True
         if len(self.out) >= self.MAX_OUT:
             self._flush()
             if len(self.out) >= self.MAX_OUT:
@@ -171,6 +185,11 @@ class UnixSocketPort:
         return self.client.fileno() if self.client is not None else self.server.fileno()
 
     def close(self) -> None:
+        if self.client is not None and self.out:
+            # the last output (a command's, at power-off) still goes to the client
+            with contextlib.suppress(OSError):
+                self.client.settimeout(self.CLOSE_FLUSH_TIMEOUT)
+                self.client.sendall(self.out)
         self._drop()
         self.server.close()
         try:
@@ -213,6 +232,8 @@ class VirtioConsole(VirtioDevice):
         self.ready = [False] * len(self.backends)       # the driver said PORT_READY
         self.told_open = [False] * len(self.backends)   # what PORT_OPEN last told the driver
         self.guest_open = [False] * len(self.backends)
+        self.host_was = [False] * len(self.backends)     # the backend was connected at the last poll
+        self.host_gone = [False] * len(self.backends)    # a client left; the guest has not closed since
         self.pending_in = [bytearray() for _ in self.backends]
         self.control_out: list[bytes] = []
         self.stats = {"bytes_in": 0, "bytes_out": 0, "bad_control": 0}
@@ -258,12 +279,23 @@ class VirtioConsole(VirtioDevice):
             self._tell_open(port, force=True)
         elif event == PORT_OPEN:
             self.guest_open[port] = bool(value)
+            if value:
+                self._deliver(port)                       # what the host sent before the guest opened
+            elif self.host_gone[port] and not self.told_open[port]:
+                self.host_gone[port] = False              # the guest saw the end: the next open is fresh
+                self._tell_open(port)
         else:
             self.stats["bad_control"] += 1
 
+    def _host_open(self, port: int) -> bool:
+        # The console port is always open (hvc0 must work without a host client); a named port
+        # is, unless a client left and the guest has had everything it sent (module docstring).
+        if port == 0 or self.backends[port].connected:
+            return True
+        return not self.host_gone[port] or bool(self.pending_in[port])
+
     def _tell_open(self, port: int, force: bool = False) -> None:
-        # The console port is always open (hvc0 must work without a host client).
-        state = True if port == 0 else self.backends[port].connected
+        state = self._host_open(port)
         if self.ready[port] and (force or state != self.told_open[port]):
             self.told_open[port] = state
             self.control_out.append(CONTROL.pack(port, PORT_OPEN, int(state)))
@@ -306,8 +338,8 @@ class VirtioConsole(VirtioDevice):
     def _deliver(self, port: int) -> None:
         q = self.queues[self.rx_queue(port)]
         pending = self.pending_in[port]
-        if not q.ready or not pending:
-            return
+        if not q.ready or not pending or (port != 0 and not self.guest_open[port]):
+            return                # (Linux drops what arrives on a port the guest has not opened)
         sent = False
         while pending:
             chain = q.pop()
@@ -331,8 +363,11 @@ class VirtioConsole(VirtioDevice):
             data = backend.poll(MAX_PENDING - len(pending))
             if data:
                 pending += data
-            self._tell_open(port)
+            if self.host_was[port] and not backend.connected:
+                self.host_gone[port] = True
+            self.host_was[port] = backend.connected
             self._deliver(port)
+            self._tell_open(port)
             tx_index = self.rx_queue(port) + 1
             tx = self.queues[tx_index]
             if tx.ready and tx.has_work():
@@ -350,12 +385,14 @@ class VirtioConsole(VirtioDevice):
 
     def save_device(self) -> dict[str, Any]:
         return {"ready": list(self.ready), "told_open": list(self.told_open),
-                "guest_open": list(self.guest_open), "pending_in": [bytes(p) for p in self.pending_in],
+                "guest_open": list(self.guest_open), "host_gone": list(self.host_gone),
+                "pending_in": [bytes(p) for p in self.pending_in],
                 "control_out": list(self.control_out)}
 
     def load_device(self, state: dict[str, Any]) -> None:
         self.ready = list(state["ready"])
         self.told_open = list(state["told_open"])
         self.guest_open = list(state["guest_open"])
+        self.host_gone = list(state.get("host_gone", [False] * len(self.backends)))
         self.pending_in = [bytearray(p) for p in state["pending_in"]]
         self.control_out = list(state["control_out"])

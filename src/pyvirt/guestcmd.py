@@ -16,6 +16,7 @@ def command_append(append: str | None, command: str, what: str = "--command") ->
     if len(encoded) > MAX_COMMAND_B64:
         raise ConfigError(f"{what} is too long ({len(command.encode())} bytes; the kernel "
                           f"command line allows about {MAX_COMMAND_B64 * 3 // 4})")
-    # Keep the console to the command's own output.
+    # Keep the console to the command's own output -- and a kernel panic's message
+    # (KERN_EMERG, shown with loglevel=1), which `pyvirt run` reports (vmm/watchdog.py).
     parts = [a for a in (append or "").split() if not a.startswith("earlycon")]
-    return " ".join(parts + ["quiet", "loglevel=0", f"pyvirt.cmd={encoded}"])
+    return " ".join(parts + ["quiet", "loglevel=1", f"pyvirt.cmd={encoded}"])

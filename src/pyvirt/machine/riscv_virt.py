@@ -182,6 +182,7 @@ class VirtBoard:
 
     def system_reset(self, reset_type: int, reason: int) -> None:
         """SBI SRST: shutdown (0) or reboot (1, 2); reason 1 is a system failure."""
+        self.reset_reason = reason
         if reset_type == 0:
             self._power_event("poweroff", 1 if reason == 1 else 0)
         else:

@@ -86,6 +86,7 @@ class Vm:
         self._snapshots: list[SnapshotRequest] = []
         self.watches: list[Watch] = []
         self.paused = False
+        self.snapshots_taken = 0
 
     def request_quit(self) -> None:
         self.quit_requested = True
@@ -167,6 +168,7 @@ class Vm:
             try:
                 manifest = save_snapshot(self, req.directory, then=req.then, live_dir=req.live_dir,
                                          own_dir=req.own_dir)
+                self.snapshots_taken += 1
             except (PyvirtError, OSError) as e:
                 error = e
             if req.then == "quit":

@@ -182,6 +182,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             append = img.cmdline
     elif args.command is not None and append is None:
         append = "console=ttyS0"
+    if args.bios is not None and kernel is None and _is_opensbi(args.bios):
+        raise ConfigError(f"--bios {args.bios} is OpenSBI, which starts a kernel: add --kernel IMAGE "
+                          "(as QEMU's -bios fw_dynamic.elf -kernel Image)")
     if args.command is not None:
         if kernel is None:
             raise ConfigError("--command needs a Linux guest (not --bios alone)")
@@ -196,6 +199,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             overlay_dir.cleanup()
 
     return _run_vm(args, lambda console: Vm(spec, console), args.command is None, cleanup, fresh=True)
+
+
+def _is_opensbi(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return b"OpenSBI" in f.read(16 << 20)
+    except OSError:
+        return False                      # (the boot says why it cannot read it)
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:

@@ -111,3 +111,54 @@ def test_a_signal_cleans_up_every_temporary_file_and_child(default_image, tmp_pa
     assert left == []
     stat = Path(f"/proc/{passt}/stat")
     assert not stat.exists() or stat.read_text().split(")")[1].split()[0] == "Z"
+
+
+OPENSBI = Path("/usr/lib/riscv64-linux-gnu/opensbi/generic/fw_dynamic.elf")
+
+
+@pytest.mark.skipif(not OPENSBI.exists(), reason="Debian's opensbi package is not installed")
+def test_opensbi_fw_dynamic_boots_the_default_kernel(default_image) -> None:
+    r = pyvirt("run", "--bios", str(OPENSBI), "--kernel", str(default_image.kernel),
+               "--initrd", str(default_image.initrd), "--command", "echo hi-from-$(uname -m)", timeout=180)
+    assert r.code == 0 and "OpenSBI" in r.out and "hi-from-riscv64" in r.out, (r.out[-2000:], r.err)
+    r = pyvirt("run", "--bios", str(OPENSBI), timeout=60)       # it has nothing to start
+    assert r.code == 1 and len(r.err.splitlines()) == 1 and "add --kernel IMAGE" in r.err, r.err
+
+
+SPIN = """
+volatile unsigned long spins;
+
+void main(void) {
+    for (;;)
+        spins++;
+}
+"""
+
+
+def test_firmware_that_never_starts_the_kernel_is_reported(default_image, tmp_path: Path) -> None:
+    from pyvirt.testing import asm
+    why = asm.toolchain_missing()
+    if why:
+        pytest.skip(why)
+    asm.set_cache_dir(tmp_path)
+    spin = asm.bare_elf(c=SPIN)
+    r = pyvirt("run", "--bios", str(spin), "--kernel", str(default_image.kernel), "--engine", "jit",
+               timeout=300)
+    assert r.code == 1, r.err
+    assert len(r.err.splitlines()) == 1 and f"the firmware {spin} did not start the kernel" in r.err, r.err
+
+
+def test_a_silent_boot_shows_progress_on_a_terminal(default_image) -> None:
+    from .conftest import PtyConsole
+    con = PtyConsole("--command", "sleep 5; echo finished", timeout=120)
+    try:
+        con.expect(rb"pyvirt: booting, \d+ s, [\d,]+M instructions")
+        con.expect(rb"\r\x1b\[Kfinished")                  # the line is erased for the guest's output
+    finally:
+        con.kill()
+    quiet = PtyConsole("--quiet", "--command", "sleep 5; echo finished", timeout=120)
+    try:
+        quiet.expect(rb"finished")
+        assert b"booting" not in quiet.buf
+    finally:
+        quiet.kill()

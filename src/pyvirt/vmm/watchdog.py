@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 PANIC = b"Kernel panic - not syncing"
 PANIC_GRACE = 1.0            # seconds the panic's trace has to print before the run ends
-FIRMWARE_SECONDS = 60.0
+FIRMWARE_SECONDS = 30.0
 FIRMWARE_INSTRUCTIONS = 300_000_000
 PROGRESS_AFTER = 2.0         # seconds of a silent guest before the status line shows
 

@@ -110,7 +110,8 @@ class Vm:
                 w.on_tick()
         fds = self._watch_fds()
         if not fds:                      # only another thread can resume: look again now and then
-            time.sleep(MAX_IDLE_WAIT if timeout is None else timeout)
+            if timeout != 0.0:           # (between slices: no system call for nothing)
+                time.sleep(MAX_IDLE_WAIT if timeout is None else timeout)
             return
         try:
             ready, _, _ = select.select(fds, [], [], timeout)

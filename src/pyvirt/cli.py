@@ -120,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
                           "systemd has booted), print its output, exit with its status")
     run.add_argument("--timeout", type=float, help="stop the VM after this many seconds (exit status 124)")
     run.add_argument("--stats", action="store_true", help="print instructions run and MIPS at exit")
+    run.add_argument("--quiet", "-q", action="store_true",
+                     help="no boot progress line on a terminal while the guest has printed nothing")
     run.add_argument("--restore", metavar="DIR",
                      help="boot nothing: restore the snapshot in DIR and run it (the machine, disks and "
                           "network come from the snapshot; --engine, --timeout, --stats, "
@@ -215,6 +217,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     elif args.command is not None and append is None:
         append = "console=ttyS0"
     pipe = None
+    if args.bios is not None and kernel is None and _is_opensbi(args.bios):
+        raise ConfigError(f"--bios {args.bios} is OpenSBI, which starts a kernel: add --kernel IMAGE "
+                          "(as QEMU's -bios fw_dynamic.elf -kernel Image)")
     if args.command is not None:
         if kernel is None:
             raise ConfigError("--command needs a Linux guest (not --bios alone)")
@@ -257,7 +262,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                   "much RAM") from None
             raise
 
-    return _run_vm(args, make, args.command is None, cleanup)
+    return _run_vm(args, make, args.command is None, cleanup, fresh=True)
+
+
+def _is_opensbi(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return b"OpenSBI" in f.read(16 << 20)
+    except OSError:
+        return False                      # (the boot says why it cannot read it)
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
@@ -280,17 +293,72 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return _run_vm(args, make, sys.stdin.isatty(), lambda: None)
 
 
-def _run_vm(args: argparse.Namespace, make: Any, interactive: bool, cleanup: Any) -> int:
-    """Run the VM `make(console)` builds with the console on stdio, as `pyvirt run` does."""
+class Stopped(KeyboardInterrupt):
+    """A signal ended `pyvirt run` (the VM's files and processes were cleaned up)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _StopSignals:
+    """While `pyvirt run` runs: SIGTERM, SIGINT and SIGHUP end the run as Ctrl-A x does
+    (the VM is closed: disks written back, passt ended, temporary overlays removed), and
+    `signum` says which came; a second one, or one before the VM runs, raises `Stopped`
+    at once (the same cleanup runs on the way out)."""
+
+    NAMES = ("SIGTERM", "SIGINT", "SIGHUP")
+
+    def __init__(self) -> None:
+        self.vm: Any = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None or self.vm is None:
+            raise Stopped(signum)
+        self.signum = signum
+        self.vm.request_quit()
+
+    def __enter__(self) -> _StopSignals:
+        import signal
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return self                   # (only the main thread can handle signals)
+        for name in self.NAMES:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        import signal
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def message(self) -> str:
+        import signal
+        assert self.signum is not None
+        return f"pyvirt: stopped by {signal.Signals(self.signum).name}: the VM was shut down and its " \
+               "temporary files removed\n"
+
+
+def _run_vm(args: argparse.Namespace, make: Any, interactive: bool, cleanup: Any, fresh: bool = False) -> int:
+    """Run the VM `make(console)` builds with the console on stdio, as `pyvirt run` does.
+
+    Signals end it cleanly (_StopSignals); a guest that panics, or firmware that never
+    starts the kernel (`fresh` boots), ends it with one line on stderr (vmm/watchdog.py)."""
     from pyvirt.vmm.console import open_console
+    from pyvirt.vmm.watchdog import watch_run
     snapshot_after = _snapshot_after(args.snapshot_after)
-    with open_console(interactive=interactive) as console:
+    with open_console(interactive=interactive) as console, _StopSignals() as stop:
         try:
             vm = make(console)
         except BaseException:
             cleanup()
             raise
         console.on_quit = vm.request_quit
+        watch = watch_run(vm, args.quiet, firmware=fresh)
+        stop.vm = vm
         timer = None
         if snapshot_after is not None:
             import threading
@@ -301,6 +369,8 @@ def _run_vm(args: argparse.Namespace, make: Any, interactive: bool, cleanup: Any
         try:
             code = vm.run(timeout=args.timeout, restore_gc=False)    # the process ends with the VM
         finally:
+            stop.vm = None
+            watch.close()
             if timer is not None:
                 timer.cancel()
             vm.close()
@@ -311,8 +381,24 @@ def _run_vm(args: argparse.Namespace, make: Any, interactive: bool, cleanup: Any
         s = vm.stats
         sys.stderr.write(f"pyvirt: {s.instructions:,} instructions in {s.wall:.2f} s "
                          f"({s.mips:.2f} MIPS)\n")
+    if stop.signum is not None:
+        sys.stderr.write(stop.message())
+        return 128 + stop.signum
+    if watch.failure is not None:
+        sys.stderr.write(f"pyvirt: error: {watch.failure}\n")
+        return 1
+    if snapshot_after is not None and vm.snapshots_taken:
+        where = os.path.abspath(snapshot_after[1])
+        sys.stderr.write(f"pyvirt: snapshot saved in {where}: `pyvirt run --restore {where}` goes on from it\n")
     if code is None:
-        return 124 if args.timeout and not vm.quit_requested else 0
+        if args.timeout and not vm.quit_requested:
+            sys.stderr.write(f"pyvirt: --timeout {args.timeout:g}: the VM was stopped after "
+                             f"{args.timeout:g} s (exit status 124)\n")
+            return 124
+        return 0
+    if code and getattr(vm.board, "reset_reason", None) == 1:
+        sys.stderr.write("pyvirt: error: the guest shut down reporting a system failure "
+                         "(SBI system reset, reason 1)\n")
     return code
 
 
@@ -447,7 +533,12 @@ def main(argv: list[str] | None = None) -> int:
     except PyvirtError as e:
         sys.stderr.write(f"pyvirt: error: {e}\n")
         return 1
+    except Stopped as e:
+        import signal
+        sys.stderr.write(f"pyvirt: stopped by {signal.Signals(e.signum).name}\n")
+        return 128 + e.signum
     except KeyboardInterrupt:
+        sys.stderr.write("pyvirt: interrupted\n")
         return 130
     except BrokenPipeError:
         os._exit(1)

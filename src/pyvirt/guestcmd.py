@@ -36,8 +36,9 @@ DRAIN_TIMEOUT = 10.0      # seconds to wait, after the VM ended, for the last ou
 
 
 def _quiet(append: str | None) -> list[str]:
-    # Keep the console to the command's own output.
-    return [a for a in (append or "").split() if not a.startswith("earlycon")] + ["quiet", "loglevel=0"]
+    # Keep the console to the command's own output -- and a kernel panic's message
+    # (KERN_EMERG, shown with loglevel=1), which `pyvirt run` reports (vmm/watchdog.py).
+    return [a for a in (append or "").split() if not a.startswith("earlycon")] + ["quiet", "loglevel=1"]
 
 
 def command_append(append: str | None, command: str, what: str = "--command") -> str:

@@ -16,8 +16,9 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 # Bottom first.  Each layer is a tuple of groups; a group is a tuple of module prefixes.
 LAYERS: list[tuple[tuple[str, ...], ...]] = [
     # foundation: plain values and helpers every layer may use
-    (("errors", "version", "compat", "clock", "fsutil", "guestcmd", "engines", "ratelimit", "stream"),),
+    (("errors", "version", "compat", "clock", "fsutil", "engines", "ratelimit", "stream"),),
     (("spec",),),  # the validated VM description: data only
+    (("guestcmd",),),  # the default guest's command contract (its ports are PortSpecs)
     (("memory",),),  # guest RAM and the physical bus
     (("backends",), ("network",)),  # host I/O: block, char, net; the VM-to-VM switch
     (("cpu",), ("accel",), ("devices",)),  # harts and engines | KVM vCPUs (to come) | device models

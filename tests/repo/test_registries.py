@@ -60,7 +60,7 @@ def test_one_agent_port() -> None:
         if isinstance(node, ast.Constant) and node.value == AGENT_PORT
     ]
     assert spelled == ["guestcmd.py"]
-    assert f"= {AGENT_PORT} ]" in (SRC / "images" / "data" / "init").read_text()
+    assert f"/dev/virtio-ports/{AGENT_PORT}\n" in (SRC / "images" / "data" / "init").read_text()
 
 
 def test_snapshot_file_names_are_spelled_once() -> None:

@@ -132,6 +132,10 @@ def open_locked(path: Path, read_only: bool) -> int:
         raise ImageError(f"disk image {path} is a directory")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise ImageError(f"disk image {path} is not a regular file or block device")
+    if not read_only and stat.S_ISREG(st.st_mode) and not st.st_mode & 0o222:
+        # (root could open it: a frozen snapshot image is read-only to pyvirt, root included)
+        raise ImageError(f"disk image {path} is read-only (mode {stat.S_IMODE(st.st_mode):04o}): "
+                         "pyvirt does not write it (add ,ro for a read-only disk)")
     try:
         fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
     except PermissionError:

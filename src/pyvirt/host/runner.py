@@ -272,7 +272,8 @@ class Runner:
         live_dir = req.get("live_dir")
         if live_dir is not None and (not isinstance(live_dir, str) or not live_dir):
             return {"ok": False, "error": 'snapshot: "live_dir" is a directory path'}
-        request_snapshot(directory, then=then, done=done, live_dir=live_dir)
+        # the VM's own images (its directory) are frozen in place, the user's disks copied
+        request_snapshot(directory, then=then, done=done, live_dir=live_dir, own_dir=self.paths.dir)
         return {"ok": True, "status": "requested"}
 
     def close(self) -> None:

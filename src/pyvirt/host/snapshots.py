@@ -111,6 +111,8 @@ class SnapshotOps:
             with self.lock:                    # the VM now writes to new overlays: record them
                 spec = self._get(rec.id).spec_dict
                 for i in frozen:
+                    if "copied_from" in m["disks"][i]:
+                        continue               # the user's disk: copied, the VM still writes it
                     spec["disks"][i].update(path=str(live / overlay_name(i)), format="qcow2")
                 self.store.update(rec.id, spec=json.dumps(spec))
             snap = SnapshotRecord(name=name, vm=rec.name, vm_id=rec.id, dir=str(d), created=time.time(),

@@ -199,6 +199,7 @@ class VirtBoard:
 
     def system_reset(self, reset_type: int, reason: int) -> None:
         """SBI SRST: shutdown (0) or reboot (1, 2); reason 1 is a system failure."""
+        self.reset_reason = reason
         if reset_type == 0:
             self._power_event("poweroff", 1 if reason == 1 else 0)
         else:
@@ -304,9 +305,10 @@ class VirtBoard:
         self.dtb = dtb
 
         if firmware is not None:
+            info = self._fw_dynamic_info(entry) if spec.kernel is not None else 0
             for h in self.harts:        # M-mode firmware: every hart starts at its entry
                 h.pc = firmware.entry
-                h.x[10], h.x[11] = h.hartid, self.dtb_addr
+                h.x[10], h.x[11], h.x[12] = h.hartid, self.dtb_addr, info
             if self.tohost is not None:
                 bus.watch(self.tohost >> 12, self._htif_write)
             return
@@ -322,6 +324,18 @@ class VirtBoard:
         boot_hart.state = HART_STARTED
         boot_hart.pc = entry
         boot_hart.x[10], boot_hart.x[11] = 0, self.dtb_addr
+
+    def _fw_dynamic_info(self, kernel_entry: int) -> int:
+        """OpenSBI's fw_dynamic protocol (as QEMU's reset vector passes it in a2): a struct
+        fw_dynamic_info {magic "OSBI", version 2, next_addr, next_mode S, options, boot_hart
+        -1 (any)} below the device tree, telling the firmware where the kernel is."""
+        import struct
+        data = struct.pack("<6Q", 0x4942534F, 2, kernel_entry, 1, 0, (1 << 64) - 1)
+        addr = self.dtb_addr - 64
+        if not self.bus.is_ram(addr, len(data)):
+            raise ConfigError("no room in guest RAM for the firmware's boot information")
+        self.bus.write_bytes(addr, data)
+        return addr
 
     def _attach_sbi(self) -> None:
         """No firmware: the VMM serves every hart's S-mode ecalls."""

@@ -204,7 +204,19 @@ def remove_network(name: str) -> None:
                     pass
                 while _alive(paths) and time.monotonic() < deadline + STOP_TIMEOUT:
                     time.sleep(0.02)
+            # The switch drops its lock before its interpreter has ended: rm returns once it has.
+            while _running(pid) and time.monotonic() < deadline + STOP_TIMEOUT:
+                time.sleep(0.02)
     _cleanup(paths)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie has ended: only its parent can reap it)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in status
 
 
 def network_socket(name: str) -> Path:

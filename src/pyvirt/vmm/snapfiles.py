@@ -14,3 +14,9 @@ def overlay_name(i: int) -> str:
 def image_name(i: int) -> str:
     """Disk i's whole image where a snapshot carries its disks (one imported from an archive)."""
     return f"disk{i}.raw"
+
+
+def copy_name(i: int) -> str:
+    """Disk i's copy in a snapshot of a VM on the user's own disk (the VM keeps writing the
+    user's file; the snapshot's overlay is over this copy)."""
+    return f"disk{i}.img"

@@ -9,11 +9,20 @@ A snapshot directory holds (docs/snapshots.md has the reasons)::
     ram             guest RAM plus one page, a sparse file: zero pages are holes
     diskN.qcow2     for each writable disk: an empty, read-only qcow2 overlay over
                     the disk's frozen image (the VM's top image at snapshot time)
+    diskN.img       for each writable disk that is not pyvirt's own (the user's
+                    --disk file): a sparse copy of it at snapshot time, the frozen
+                    image under diskN.qcow2 -- the VM keeps writing the user's file,
+                    which pyvirt never freezes, and a later change to the file does
+                    not touch the snapshot
 
 Restoring maps `ram` copy-on-write (MAP_PRIVATE): nothing is read up front,
 the file is never written, and VMs restored from one snapshot share its
 unmodified pages through the page cache.  Each restored VM writes its disks
 through fresh overlays of its own over the snapshot's `diskN.qcow2`.
+
+Frozen images carry a checksum of their contents (the copies in the manifest's
+files, images frozen in place in their disk entry): restoring refuses an image
+that changed since (a writer that ignored the locks and the read-only mode).
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from pyvirt.memory import PAGE_SIZE
 from pyvirt.spec import NetSpec, PortSpec, VmSpec
 from pyvirt.version import __version__
 from pyvirt.vmm.snapcheck import encode_bytes
-from pyvirt.vmm.snapfiles import MANIFEST, RAM, STATE, overlay_name
+from pyvirt.vmm.snapfiles import MANIFEST, RAM, STATE, copy_name, overlay_name
 
 if TYPE_CHECKING:
     from pyvirt.vmm.vm import Vm
@@ -79,14 +88,17 @@ class Overrides:
 
 # -- saving -----------------------------------------------------------------------------
 def save_snapshot(vm: Vm, directory: str | Path, *, then: str = "continue",
-                  live_dir: str | Path | None = None) -> dict[str, Any]:
+                  live_dir: str | Path | None = None, own_dir: str | Path | None = None) -> dict[str, Any]:
     """Write a snapshot of `vm` (between slices: the VM is not executing) to `directory`
     (new, or empty); returns the manifest.
 
-    Writable disks are frozen: their image becomes read-only for good, the snapshot
-    gets an overlay over it, and with `then="continue"` the VM goes on writing to a
-    new overlay of its own in `live_dir` (default: `directory`/live), which
-    `vm.spec` then names.  With `then="quit"` the VM must not run again."""
+    Writable disks whose image lies under `own_dir` (pyvirt's own images, such as a
+    pyvirtd VM's directory) are frozen in place: the image becomes read-only for good,
+    the snapshot gets an overlay over it, and with `then="continue"` the VM goes on
+    writing to a new overlay of its own in `live_dir` (default: `directory`/live), which
+    `vm.spec` then names.  Every other writable disk is the user's: the snapshot gets a
+    copy of it (diskN.img) and the VM goes on writing the user's file.  With
+    `then="quit"` the VM must not run again."""
     if then not in ("continue", "quit"):
         raise ConfigError(f"snapshot: then must be 'continue' or 'quit', not {then!r}")
     d = Path(directory)
@@ -98,12 +110,16 @@ def save_snapshot(vm: Vm, directory: str | Path, *, then: str = "continue",
     board.clock.pause()                   # the guest sees no time pass while it is saved
     try:
         state = board.save_state()
-        disks = _freeze_disks(vm, d, then, Path(live_dir) if live_dir else d / "live")
+        disks = _freeze_disks(vm, d, then, Path(live_dir) if live_dir else d / "live",
+                              Path(own_dir).resolve() if own_dir else None)
         files = {STATE: _write_state(d / STATE, state),
                  RAM: _write_ram(d / RAM, board.bus.ram, board.bus.ram_size)}
         for i, disk in enumerate(disks):
             if disk["kind"] == "frozen":
                 files[overlay_name(i)] = _file_entry(d / overlay_name(i), digest=True)
+            if "copied_from" in disk:
+                files[copy_name(i)] = {"size": (d / copy_name(i)).stat().st_size,
+                                         "data_sha256": data_digest(d / copy_name(i))}
         manifest = {
             "format": FORMAT, "version": VERSION, "pyvirt": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -130,7 +146,7 @@ def _saved_spec(vm: Vm, disks: list[dict[str, Any]]) -> Any:
     return spec
 
 
-def _freeze_disks(vm: Vm, d: Path, then: str, live_dir: Path) -> list[dict[str, Any]]:
+def _freeze_disks(vm: Vm, d: Path, then: str, live_dir: Path, own_dir: Path | None) -> list[dict[str, Any]]:
     from pyvirt.backends.qcow2_tools import create_qcow2
     board = vm.board
     out: list[dict[str, Any]] = []
@@ -143,6 +159,9 @@ def _freeze_disks(vm: Vm, d: Path, then: str, live_dir: Path) -> list[dict[str, 
             continue
         fmt = getattr(backend, "format", "raw")
         backend.flush()
+        if own_dir is None or not path.is_relative_to(own_dir):
+            out.append(_copy_users_disk(d, i, path, fmt, backend.size))
+            continue
         backend.close()                   # written back and unlocked: from now on only read
         with contextlib.suppress(OSError):
             mode = path.stat().st_mode
@@ -150,7 +169,8 @@ def _freeze_disks(vm: Vm, d: Path, then: str, live_dir: Path) -> list[dict[str, 
         mine = d / overlay_name(i)
         create_qcow2(mine, None, backing=path, backing_format=fmt)
         mine.chmod(0o444)
-        out.append({"kind": "frozen", "path": str(path), "format": fmt, "size": backend.size})
+        out.append({"kind": "frozen", "path": str(path), "format": fmt, "size": backend.size,
+                    "data_sha256": data_digest(path)})
         if then == "continue":
             live_dir.mkdir(parents=True, exist_ok=True)
             live = (live_dir / overlay_name(i)).resolve()
@@ -162,6 +182,135 @@ def _freeze_disks(vm: Vm, d: Path, then: str, live_dir: Path) -> list[dict[str, 
                     blk.backend = new
             vm.spec.disks[i] = disk.model_copy(update={"path": live, "format": "qcow2"})   # limits kept
     return out
+
+
+def _copy_users_disk(d: Path, i: int, path: Path, fmt: str, size: int) -> dict[str, Any]:
+    """The snapshot's own copy of the user's disk `path` (written back, still open in
+    the VM, which goes on writing it): diskN.img, read-only, and the overlay diskN.qcow2
+    over it (its backing file named relative to the snapshot directory)."""
+    from pyvirt.backends.qcow2_tools import create_qcow2
+    copy = d / copy_name(i)
+    try:
+        copy_sparse(path, copy)
+        if fmt == "qcow2":
+            _absolute_backing(copy, path.parent)
+    except OSError as e:
+        raise ConfigError(f"snapshot: cannot copy disk {path} into {d}: {e.strerror or e}") from None
+    copy.chmod(0o444)
+    mine = d / overlay_name(i)
+    create_qcow2(mine, None, backing=os.path.relpath(copy), backing_format=fmt)
+    mine.chmod(0o444)
+    return {"kind": "frozen", "path": str(copy.resolve()), "format": fmt, "size": size,
+            "copied_from": str(path)}
+
+
+_FICLONE = 0x40049409
+
+
+def copy_sparse(src: Path, dst: Path) -> None:
+    """Copy the file `src` to the new file `dst`: a reflink where the file system shares
+    blocks, else its data extents (holes stay holes)."""
+    import fcntl
+    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(sfd).st_size
+            try:
+                fcntl.ioctl(dfd, _FICLONE, sfd)
+                return
+            except OSError:
+                pass
+            for start, end in _data_extents(sfd, size):
+                off = start
+                while off < end:
+                    n = min(end - off, 8 << 20)
+                    try:
+                        done = os.copy_file_range(sfd, dfd, n, off, off)
+                    except OSError:
+                        done = os.pwrite(dfd, os.pread(sfd, n, off), off)
+                    if done <= 0:
+                        raise OSError(f"{src} ended early")
+                    off += done
+            os.ftruncate(dfd, size)
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError:                   # ENXIO: only a hole is left (or no SEEK_DATA)
+            if off == 0 and not hasattr(os, "SEEK_DATA"):
+                return [(0, size)]
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        out.append((start, min(end, size)))
+        off = end
+    return out
+
+
+def data_digest(path: Path) -> str:
+    """sha256 over the non-zero 64 KiB blocks of `path` and their offsets: the same for
+    the same contents, however sparse; holes are not read."""
+    h = hashlib.sha256()
+    zero = bytes(1 << 16)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        h.update(size.to_bytes(8, "little"))
+        for start, end in _data_extents(fd, size):
+            off = start & ~0xFFFF
+            while off < end:
+                chunk = os.pread(fd, min(8 << 20, end - off), off)
+                if not chunk:
+                    break
+                for k in range(0, len(chunk), 1 << 16):
+                    block = chunk[k:k + (1 << 16)]
+                    if block != zero[:len(block)]:
+                        h.update((off + k).to_bytes(8, "little"))
+                        h.update(block)
+                off += len(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def _digest_or_none(path: Path) -> str | None:
+    try:
+        return data_digest(path)
+    except OSError:
+        return None
+
+
+def _absolute_backing(image: Path, base: Path) -> None:
+    """Make the copied qcow2 `image`'s relative backing file name absolute (relative
+    to `base`, the original's directory), in place in its first cluster."""
+    import struct
+    with open(image, "r+b") as f:
+        head = f.read(24)
+        off, n = struct.unpack_from(">QI", head, 8)
+        cluster = 1 << struct.unpack_from(">I", head, 20)[0]
+        if not n:
+            return
+        f.seek(off)
+        name = f.read(n).decode("utf-8", "replace")
+        if name.startswith("/"):
+            return
+        new = os.path.normpath(os.path.join(base, name)).encode()
+        tail = f.read(max(0, len(new) - n))
+        if off + len(new) > cluster or tail.strip(b"\0"):
+            raise OSError(f"no room for the backing file name {new.decode()!r} in the copy")
+        f.seek(off)
+        f.write(new)
+        f.seek(16)
+        f.write(struct.pack(">I", len(new)))
 
 
 def _file_entry(path: Path, digest: bool) -> dict[str, Any]:
@@ -258,6 +407,9 @@ def _check_file(d: Path, name: Any, entry: Any) -> None:
         raise ConfigError(f"snapshot {d}: {name} is not a regular file")
     if st.st_size != entry["size"]:
         raise ConfigError(f"snapshot {d}: {name} is {st.st_size} bytes, the manifest says {entry['size']}")
+    if "data_sha256" in entry and data_digest(path) != entry["data_sha256"]:
+        raise ConfigError(f"snapshot {d}: {name} changed since the snapshot (its contents do not "
+                          "match the manifest's checksum)")
     digest = entry.get("sha256")
     if digest is not None:
         if entry["size"] > MAX_STATE:
@@ -324,6 +476,10 @@ def _restored_spec(d: Path, m: dict[str, Any], spec: VmSpec, ov: Overrides) -> t
             if kind == "shared" and disk.read_only:
                 disks.append(disk)
             elif kind == "frozen" and not disk.read_only and overlay_name(i) in m["files"]:
+                base = saved.get("data_sha256")
+                if base is not None and _digest_or_none(Path(str(saved.get("path", "")))) != base:
+                    raise ConfigError(f"snapshot {d}: disk {i}'s frozen image {saved.get('path')} changed "
+                                      "since the snapshot (its contents do not match the manifest's checksum)")
                 overlay = where / overlay_name(i)
                 if tmp is None and overlay.exists():
                     raise ConfigError(f"{overlay} exists already (the disk writes of an earlier restore "

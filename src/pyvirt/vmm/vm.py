@@ -49,6 +49,7 @@ class SnapshotRequest:
     then: str
     done: Callable[[dict[str, Any] | None, Exception | None], None] | None
     live_dir: Path | None = None
+    own_dir: Path | None = None
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Vm:
         self._snapshots: list[SnapshotRequest] = []
         self.watches: list[Watch] = []
         self.paused = False
+        self.snapshots_taken = 0
 
     def request_quit(self) -> None:
         self.quit_requested = True
@@ -109,7 +111,8 @@ class Vm:
                 w.on_tick()
         fds = self._watch_fds()
         if not fds:                      # only another thread can resume: look again now and then
-            time.sleep(MAX_IDLE_WAIT if timeout is None else timeout)
+            if timeout != 0.0:           # (between slices: no system call for nothing)
+                time.sleep(MAX_IDLE_WAIT if timeout is None else timeout)
             return
         try:
             ready, _, _ = select.select(fds, [], [], timeout)
@@ -147,15 +150,17 @@ class Vm:
     # -- snapshots (vmm/snapshot.py) ------------------------------------------------------
     def request_snapshot(self, directory: str | Path, then: str = "continue",
                          done: Callable[[dict[str, Any] | None, Exception | None], None] | None = None,
-                         live_dir: str | Path | None = None) -> None:
+                         live_dir: str | Path | None = None, own_dir: str | Path | None = None) -> None:
         """Take a snapshot at the next slice boundary inside `run`; then go on running
         (`then="continue"`) or end the run (`"quit"`).  `done(manifest, error)` is called
         after it was written (or failed: the VM goes on either way, unless "quit").
-        `live_dir`: where the running VM's new disk overlays go (see save_snapshot)."""
+        `live_dir`: where the running VM's new disk overlays go; `own_dir`: where pyvirt's
+        own disk images are (frozen in place; the user's disks are copied: see save_snapshot)."""
         if then not in ("continue", "quit"):
             raise ValueError(f"then must be 'continue' or 'quit', not {then!r}")
         self._snapshots.append(SnapshotRequest(Path(directory), then, done,
-                                               Path(live_dir) if live_dir else None))
+                                               Path(live_dir) if live_dir else None,
+                                               Path(own_dir) if own_dir else None))
 
     def _serve_snapshots(self) -> None:
         from pyvirt.vmm.snapshot import save_snapshot
@@ -163,7 +168,9 @@ class Vm:
             req = self._snapshots.pop(0)
             manifest, error = None, None
             try:
-                manifest = save_snapshot(self, req.directory, then=req.then, live_dir=req.live_dir)
+                manifest = save_snapshot(self, req.directory, then=req.then, live_dir=req.live_dir,
+                                         own_dir=req.own_dir)
+                self.snapshots_taken += 1
             except (PyvirtError, OSError) as e:
                 error = e
             if req.then == "quit":

@@ -172,7 +172,7 @@ class _Bytes:
 # -- import ---------------------------------------------------------------------------------
 def _member_ok(name: str) -> bool:
     p = PurePosixPath(name)
-    return (bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name
+    return (bool(name) and name.isprintable() and not p.is_absolute() and ".." not in p.parts and "\\" not in name
             and len(p.parts) == 2 and p.parts[0] in ("boot", "disks", SNAP_DIR) and not p.name.startswith("."))
 
 
@@ -203,7 +203,7 @@ def _check_manifest(raw: bytes) -> dict[str, Any]:
         import re
 
         from pyvirt.host.models import NAME_RE
-        if not isinstance(m.get("snapshot"), str) or not re.match(NAME_RE, m["snapshot"]):
+        if not isinstance(m.get("snapshot"), str) or not re.fullmatch(NAME_RE, m["snapshot"]):
             raise ArchiveError(f"{MANIFEST}: the snapshot's name is missing or invalid")
         if snap != {SNAP_MANIFEST, SNAP_STATE, SNAP_RAM}:
             raise ArchiveError(f"the snapshot's members are not exactly {SNAP_MANIFEST}, {SNAP_STATE} and {SNAP_RAM}")
@@ -325,13 +325,56 @@ def _localize(m: dict[str, Any], dest: Path) -> dict[str, Any]:
     return m
 
 
+# What of an archive's spec an imported VM keeps: the guest's own hardware, and limits
+# on its disks (which only restrict it).  Nothing that reaches the host: its disks are
+# the archive's members opened as the raw images they are (never probed, so never a
+# qcow2 naming a backing file); its network interfaces and port sockets are the
+# importing user's, its host limits the importing user's or the defaults.
+GUEST_FIELDS = ("cpus", "memory", "kernel", "initrd", "append", "bios", "rng", "engine", "mmu")
+DISK_FIELDS = ("read_only", "bw", "iops", "burst")
+
+
+def trusted_spec(spec: Any, nets: list[dict[str, Any]], ports: dict[str, str] | None = None) -> dict[str, Any]:
+    """The spec an imported VM (or snapshot) gets from the archive's `spec` (paths already
+    local): its guest fields, its disks as format=raw with their limits, `nets` (the
+    importer's; each keeps the archive's MAC where there is one to keep) and, for a
+    snapshot, its ports at the sockets `ports` gives (by name)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("disks", []), list) \
+            or not isinstance(spec.get("nets", []), list) or not isinstance(spec.get("ports", []), list):
+        raise ArchiveError("the spec is malformed")
+    out = {k: spec[k] for k in GUEST_FIELDS if k in spec}
+    disks = []
+    for d in spec.get("disks", []):
+        if not isinstance(d, dict):
+            raise ArchiveError("the spec's disks are malformed")
+        disks.append({"path": d.get("path"), "format": "raw", **{k: d[k] for k in DISK_FIELDS if k in d}})
+    out["disks"] = disks
+    saved_nets = spec.get("nets", [])
+    new_nets = []
+    for i, n in enumerate(nets):
+        n = dict(n)
+        old = saved_nets[i] if i < len(saved_nets) else None
+        if isinstance(old, dict) and isinstance(old.get("mac"), str):
+            n["mac"] = old["mac"]
+        new_nets.append(n)
+    out["nets"] = new_nets
+    out["ports"] = []
+    if ports is not None:
+        for p in spec.get("ports", []):
+            name = p.get("name") if isinstance(p, dict) else None
+            if not isinstance(name, str) or name not in ports:
+                raise ArchiveError("the snapshot's console ports are malformed")
+            out["ports"].append({"name": name, "socket": ports[name]})
+    return out
+
+
 def _local(member: Any, m: dict[str, Any], dest: Path) -> str:
     if not isinstance(member, str) or member not in m["members"]:
         raise ArchiveError(f"the spec names {str(member)[:80]!r}, which is not in the archive")
     return str(dest / member)
 
 
-def install_snapshot(unpacked: Path, dest: Path) -> dict[str, Any]:
+def install_snapshot(unpacked: Path, dest: Path, nets: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Make the new directory `dest` a self-contained snapshot (vmm/snapshot.py's format)
     from the snapshot members of the archive unpacked in `unpacked`: its state and RAM
     are moved in; each disk's image (the archive's disks/diskN.raw, a sparse copy: the
@@ -339,8 +382,9 @@ def install_snapshot(unpacked: Path, dest: Path) -> dict[str, Any]:
     its empty overlay `diskN.qcow2` over it as a snapshot taken here would; the boot
     files are linked in as `boot-KEY` (a VM restored from it boots from them when
     started again).  The manifest then names these files (sizes, the overlays' sha256)
-    and must pass `read_manifest`.  On any failure `dest` is removed; returns the
-    manifest."""
+    and must pass `read_manifest`.  Its spec is `trusted_spec`'s: the network interfaces
+    are `nets` (the importer's, as many as the snapshot saved), its console ports' sockets
+    lie in `dest`.  On any failure `dest` is removed; returns the manifest."""
     from pydantic import ValidationError
 
     from pyvirt.backends.qcow2_tools import create_qcow2
@@ -372,6 +416,14 @@ def install_snapshot(unpacked: Path, dest: Path) -> dict[str, Any]:
                 overlay.chmod(0o444)
                 files[overlay.name] = {"size": overlay.stat().st_size,
                                        "sha256": hashlib.sha256(overlay.read_bytes()).hexdigest()}
+        saved_nets = spec.get("nets", [])
+        if not isinstance(saved_nets, list) or len(saved_nets) != len(nets or []):
+            n = len(saved_nets) if isinstance(saved_nets, list) else 0
+            raise ArchiveError(f"the snapshot has {n} network interface(s): import it with as many "
+                               f"--net (the archive's own are never used), not {len(nets or [])}")
+        ports = {p["name"]: str(dest / f"port-{i}.sock") for i, p in enumerate(spec.get("ports", []))
+                 if isinstance(p, dict) and isinstance(p.get("name"), str)}
+        spec = m["spec"] = trusted_spec(spec, nets or [], ports)
         for key in ("kernel", "initrd", "bios"):
             if spec.get(key) is not None:
                 if spec[key] != f"boot/{key}" or not (unpacked / spec[key]).is_file():

@@ -220,16 +220,26 @@ class Manager(SnapshotOps):
         return {"path": str(Path(path).expanduser().absolute()), "name": rec.name, "snapshot": snapshot,
                 "members": m["members"], "size": os.path.getsize(Path(path).expanduser())}
 
-    def import_(self, path: str, name: str | None = None) -> dict[str, Any]:
+    def import_(self, path: str, name: str | None = None, nets: list[str] | None = None,
+                memory_limit: int | str | None = None, cpu_quota: float | None = None) -> dict[str, Any]:
         """A new, stopped VM from an export archive: checked whole before anything is kept.
         An archive with a snapshot also registers the snapshot (as a snapshot of the new VM),
-        under its name in the archive or, when that is taken, NEW-NAME; else 409."""
+        under its name in the archive or, when that is taken, NEW-NAME; else 409.
+
+        The archive is not trusted: the VM keeps only its guest hardware and disk contents
+        (archive.trusted_spec; disks are raw images, never probed); its network interfaces
+        are `nets` (as --net), its host limits `memory_limit` / `cpu_quota` or the defaults
+        -- never the archive's."""
         _absolute(path)
         import re
 
         from pyvirt.host import archive
-        from pyvirt.host.models import NAME_RE, NAME_RULE
-        from pyvirt.spec import VmSpec
+        from pyvirt.host.models import NAME_RE, NAME_RULE, host_limits
+        from pyvirt.spec import NetSpec, VmSpec
+        try:
+            net_specs = [json.loads(NetSpec.parse(n).model_dump_json()) for n in nets or []]
+        except ConfigError as e:
+            raise Invalid(str(e)) from None
         vm_id = uuid.uuid4().hex[:12]
         dest = self.paths(VmRecord(id=vm_id, name="", spec="", limits="", desired="", created=0)).dir
         try:
@@ -239,22 +249,25 @@ class Manager(SnapshotOps):
         snap_dir: Path | None = None
         try:
             new_name = name or m.get("name")
-            if not isinstance(new_name, str) or not re.match(NAME_RE, new_name):
+            if not isinstance(new_name, str) or not re.fullmatch(NAME_RE, new_name):
                 raise Invalid(f"cannot import {path}: {NAME_RULE}")
             try:
-                spec = VmSpec.model_validate(m["spec"])
-                limits = Limits.model_validate(m.get("limits") or {"memory_limit": spec.memory + (256 << 20)})
+                spec = VmSpec.model_validate(archive.trusted_spec(m["spec"], net_specs))
+            except archive.ArchiveError as e:
+                raise Invalid(f"cannot import {path}: {e}") from None
             except ValueError as e:
                 raise Invalid(f"cannot import {path}: invalid spec: {str(e).splitlines()[0]}") from None
-            if spec.ports or any(n.socket is not None for n in spec.nets):
-                raise Invalid(f"cannot import {path}: its spec names host sockets (ports or stream nets)")
+            try:
+                limits = host_limits(spec, memory_limit, cpu_quota)
+            except ConfigError as e:
+                raise Invalid(f"cannot import {path}: {e}") from None
             rec = VmRecord(id=vm_id, name=new_name, spec=spec.model_dump_json(),
                            limits=limits.model_dump_json(), desired="stopped", created=time.time())
             snap = None
             if m.get("snapshot"):
                 snap_dir = self._import_snapshot_dir(m["snapshot"], new_name)
                 try:
-                    sm = archive.install_snapshot(dest, snap_dir)
+                    sm = archive.install_snapshot(dest, snap_dir, net_specs)
                 except archive.ArchiveError as e:
                     raise Invalid(f"cannot import {path}: {e}") from None
                 frozen = [d["path"] for d in sm["disks"] if d["kind"] == "frozen"]
@@ -292,7 +305,7 @@ class Manager(SnapshotOps):
         (self.state / "snapshots").mkdir(mode=0o700, exist_ok=True)
         for n in (archived, f"{vm_name}-{archived}"):
             d = self.state / "snapshots" / n
-            if re.match(NAME_RE, n) and self.snapshots.get(n) is None and not d.exists():
+            if re.fullmatch(NAME_RE, n) and self.snapshots.get(n) is None and not d.exists():
                 return d
         raise Conflict(f"a snapshot named {archived} (and one named {vm_name}-{archived}) exists already: "
                        "import with another --name, or delete it first")

@@ -54,6 +54,13 @@ class ImportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(description="an archive written by export")
     name: str | None = Field(None, pattern=NAME_RE, description="the new VM's name (default: the archive's)")
+    nets: list[str] = Field(default_factory=list,
+                            description="the imported VM's network interfaces, as --net (the archive's own "
+                                        "are never used; a snapshot in it needs as many as it saved)")
+    cpu_quota: float | None = Field(None, gt=0, le=64, description="CPU time ceiling in CPUs")
+    memory_limit: int | str | None = Field(
+        None, description="the runner's memory ceiling (default: the archive's memory + 256M); an "
+                          "archive whose guest RAM does not fit under it is refused")
 
 
 class Limits(BaseModel):
@@ -103,14 +110,20 @@ def to_spec(req: VmCreate) -> tuple[VmSpec, Limits]:
     nets: list[NetSpec] = [NetSpec.parse(n) for n in req.nets]
     spec = make_spec(cpus=req.cpus, memory=memory, kernel=kernel, initrd=initrd, append=append,
                      disks=disks, nets=nets, engine=req.engine or default_engine())
-    if req.memory_limit is not None:
-        limit = _size(req.memory_limit, "memory_limit")
+    return spec, host_limits(spec, req.memory_limit, req.cpu_quota)
+
+
+def host_limits(spec: VmSpec, memory_limit: int | str | None, cpu_quota: float | None) -> Limits:
+    """The host limits of a VM with `spec` as its user asked for them (ConfigError when they
+    do not fit the VM)."""
+    if memory_limit is not None:
+        limit = _size(memory_limit, "memory_limit")
         if limit < spec.memory + MIN_MEMORY_LIMIT:
             raise ConfigError(f"memory_limit {limit} is too small for {spec.memory >> 20} MiB of guest "
                               f"RAM (at least memory + {MIN_MEMORY_LIMIT >> 20} MiB)")
     else:
         limit = spec.memory + VMM_OVERHEAD
-    if req.cpu_quota is not None and req.cpu_quota > spec.cpus:
-        raise ConfigError(f"cpu_quota {req.cpu_quota} is more than the VM's {spec.cpus} cpu(s)")
-    return spec, Limits(cpu_quota=req.cpu_quota, memory_limit=limit)
+    if cpu_quota is not None and cpu_quota > spec.cpus:
+        raise ConfigError(f"cpu_quota {cpu_quota} is more than the VM's {spec.cpus} cpu(s)")
+    return Limits(cpu_quota=cpu_quota, memory_limit=limit)
 

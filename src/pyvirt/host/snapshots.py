@@ -179,7 +179,7 @@ class SnapshotOps:
         from pyvirt.host.models import NAME_RE, NAME_RULE
         snap, m, spec = self._open_snapshot(name)
         for n in names:
-            if not re.match(NAME_RE, n):
+            if not re.fullmatch(NAME_RE, n):
                 raise _error("Invalid", f"VM name {n[:80]!r}: {NAME_RULE}")
         if clone and len(names) > 1 and any(net.ports for net in spec.nets):
             raise _error("Invalid", f"snapshot {name} forwards host ports: only one VM can have them, "

@@ -325,7 +325,7 @@ class Manager(SnapshotOps):
     def _spawn(self, rec: VmRecord, extra: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
         p = self.paths(rec)
         p.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for f in (p.exit_file, p.control_sock):
+        for f in (p.exit_file, p.control_sock, p.dir / control.DISKS_FILE):   # (disks.json: recorded at the end)
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
         tmp = p.config.with_name("config.json.tmp")
@@ -458,6 +458,7 @@ class Manager(SnapshotOps):
 
     def _ended(self, rec: VmRecord, code: int | None) -> None:
         self.children.pop(rec.id, None)
+        self._sync_disks(rec)                   # (a snapshot the daemon did not see end)
         info = _exit_info(self.paths(rec))
         expected = rec.id in self.expected_end
         self.expected_end.discard(rec.id)
@@ -510,6 +511,7 @@ class Manager(SnapshotOps):
                 if not cur.alive:
                     continue
                 live_ids.add(rec.id)
+                self._sync_disks(rec)           # (the daemon ended during a snapshot)
                 with contextlib.suppress(control.ControlError):
                     st = control.request(self.paths(rec).control_sock, "status", timeout=3)
                     if st.get("state") in ("running", "paused") and st["state"] != cur.state:

@@ -49,7 +49,7 @@ from typing import Any
 from pyvirt.backends.char import _InputMixin
 from pyvirt.errors import ConfigError, PyvirtError
 from pyvirt.fsutil import listen_unix
-from pyvirt.host.control import ControlServer
+from pyvirt.host.control import DISKS_FILE, ControlServer
 from pyvirt.host.paths import VmPaths, vm_paths
 from pyvirt.spec import NetSpec, PortSpec, VmSpec
 from pyvirt.vmm.vm import Vm, Watch
@@ -272,6 +272,10 @@ class Runner:
             return {"ok": False, "error": 'snapshot: "then" is "continue" or "quit"'}
 
         def done(_manifest: Any, error: Exception | None) -> None:
+            if live_dir is not None and then == "continue":
+                # Before the guest runs again: the daemon records these (host/snapshots.py,
+                # `_sync_disks`) however long it waited, even if it gave up or was restarted.
+                write_disks(self.paths, self.vm)
             self.last_snapshot = {"dir": directory, "then": then, "ok": error is None,
                                   "error": None if error is None else str(error)}
             if then == "quit" and error is None:
@@ -314,6 +318,26 @@ def build_vm(config: dict[str, Any], paths: VmPaths, console: SocketConsole) -> 
         return load_snapshot(config["restore"], console, overrides=overrides)
     spec = with_agent_port(VmSpec.model_validate(config["spec"]), paths.agent_sock)
     return Vm(spec, console)
+
+
+def write_disks(paths: VmPaths, vm: Vm) -> None:
+    """<vm dir>/disks.json: the disks `vm` writes now, durably (written and renamed into place,
+    fsynced) -- a failure ends the VM before its guest writes anything the daemon does not know."""
+    path = paths.dir / DISKS_FILE
+    tmp = path.with_name(DISKS_FILE + ".tmp")
+    disks = json.loads(vm.spec.model_dump_json())["disks"]
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(disks).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(paths.dir, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def write_exit(paths: VmPaths, **info: Any) -> None:

@@ -27,7 +27,6 @@ import errno
 import logging
 import os
 import socket
-import stat
 import struct
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +34,7 @@ from typing import Any, Protocol
 from pyvirt.devices.virtio.device import VirtioDevice
 from pyvirt.devices.virtio.queue import QueueError, SplitQueue
 from pyvirt.errors import ConfigError
+from pyvirt.fsutil import remove_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +96,7 @@ class UnixSocketPort:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise ConfigError(f"{self.path} exists and is not a socket")
-            self.path.unlink()                   # a stale socket from an earlier run
+        remove_stale_socket(self.path)           # a stale socket from an earlier run, never a live one
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.server.bind(str(self.path))

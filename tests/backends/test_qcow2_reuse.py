@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from test_qcow2_errors import Recorder, needs_qemu
 
 from pyvirt.backends import qcow2
 from pyvirt.backends.qcow2 import Qcow2Backend
 from pyvirt.backends.qcow2_tools import create_qcow2
 from pyvirt.testing import qemu_img as q
-
-from test_qcow2_errors import Recorder, needs_qemu
 
 KIB, MIB = 1 << 10, 1 << 20
 

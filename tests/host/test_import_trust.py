@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,50 @@ def test_an_archived_snapshot_cannot_plug_into_host_sockets(tmp_path: Path) -> N
     on_disk = json.loads((tmp_path / "s2" / "manifest.json").read_text())["spec"]
     assert on_disk == spec and "/run/dbus" not in json.dumps(on_disk)
     assert os.stat(tmp_path / "s2" / "disk0.raw").st_mode & 0o222 == 0
+
+
+def _tar_header(name: str, size: int, kind: bytes) -> bytes:
+    import tarfile
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.type = size, kind
+    return ti.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _zst(path: Path, parts) -> Path:   # noqa: ANN001 -- an iterable of bytes, compressed as a stream
+    import zstandard
+    with open(path, "wb") as f, zstandard.ZstdCompressor(level=1).stream_writer(f) as z:
+        for p in parts:
+            z.write(p)
+    return path
+
+
+def test_a_huge_pax_header_is_refused_without_reading_it(tmp_path: Path) -> None:
+    """tarfile reads a PAX header of any size into memory (a 32 KB archive took the daemon
+    to 3.2 GB): the archive's tar reader refuses one over 64 KiB before reading it."""
+    import resource
+    import tarfile
+    size = 512 << 20
+
+    def parts():   # noqa: ANN202
+        yield _tar_header("././@PaxHeader", size, tarfile.XHDTYPE)
+        chunk = b"9" * (1 << 20)
+        for _ in range(size >> 20):
+            yield chunk
+    arc = _zst(tmp_path / "bomb.pyvirt", parts())
+    assert arc.stat().st_size < 1 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.monotonic()
+    with pytest.raises(archive.ArchiveError, match="PAX header"):
+        archive.unpack(arc, tmp_path / "dest")
+    assert time.monotonic() - t < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 << 10     # KiB: < 100 MiB
+    assert not (tmp_path / "dest").exists()
+
+
+def test_endless_tar_headers_are_refused(tmp_path: Path) -> None:
+    import tarfile
+    g = _tar_header("././@PaxHeader", 16, tarfile.XHDTYPE[:0] + b"g") + b"11 comment=\n".ljust(512, b"\0")
+    arc = _zst(tmp_path / "many.pyvirt", [g] * 20000)
+    with pytest.raises(archive.ArchiveError, match="tar headers"):
+        archive.unpack(arc, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()

@@ -21,7 +21,8 @@ Members, in this order::
                             comes second in the stream, so its format and version are
                             checked before any large member is written.
 
-Import reads the stream once into a new directory beside the VM directories and
+Import reads the stream once (with `TarReader`, a strict and bounded reader of the tar
+subset written here, not `tarfile`) into a new directory beside the VM directories and
 checks as it goes: the manifest first (format, version, at most MAX_MEMBERS members,
 sizes within MAX_TOTAL), then every member against it (a regular file with a name the
 manifest lists -- no absolute path, no "..", no links or devices -- and exactly its
@@ -269,13 +270,13 @@ def unpack(archive: Path, dest: Path) -> dict[str, Any]:
         raise ArchiveError(f"cannot open {str(archive)[:200]!r}: {getattr(e, 'strerror', None) or e}") from None
     dest.mkdir(mode=0o700)
     try:
-        with f, zstandard.ZstdDecompressor().stream_reader(f) as z, tarfile.open(fileobj=z, mode="r|") as tar:
-            m = _unpack_members(tar, dest)
+        with f, zstandard.ZstdDecompressor().stream_reader(f) as z:
+            m = _unpack_members(TarReader(z), dest)
         return _localize(m, dest)
     except ArchiveError:
         shutil.rmtree(dest, ignore_errors=True)
         raise
-    except (tarfile.TarError, zstandard.ZstdError, EOFError) as e:
+    except (TarFormatError, zstandard.ZstdError, EOFError) as e:
         shutil.rmtree(dest, ignore_errors=True)
         raise ArchiveError(f"{archive} is not a valid archive (corrupt or truncated: {e})") from None
     except BaseException:
@@ -283,7 +284,155 @@ def unpack(archive: Path, dest: Path) -> dict[str, Any]:
         raise
 
 
-def _unpack_members(tar: tarfile.TarFile, dest: Path) -> dict[str, Any]:
+class TarFormatError(Exception):
+    """The stream is not the tar subset TarReader reads."""
+
+
+class TarMember:
+    __slots__ = ("name", "size", "type")
+
+    def __init__(self, name: str, size: int, type_: bytes) -> None:
+        self.name, self.size, self.type = name, size, type_
+
+    def isfile(self) -> bool:
+        return self.type in (b"0", b"\0")
+
+
+class TarReader:
+    """A strict, bounded reader of the tar subset export writes (tarfile's PAX format):
+    ustar headers (checksummed), PAX extended headers of at most MAX_PAX bytes (`path` and
+    `size` are used, other keys ignored), regular files; other member types are reported
+    (not regular files: refused by the caller), GNU long names and anything else malformed
+    is a TarFormatError.  At most MAX_HEADERS headers are read, so a small archive cannot
+    make it parse or hold much: tarfile reads a PAX header of any size into memory and
+    parses it in quadratic time."""
+
+    MAX_PAX = 64 << 10
+    MAX_HEADERS = 4 * (MAX_MEMBERS + 1)
+
+    def __init__(self, src: Any) -> None:
+        self.src = src
+        self.left = 0              # unread bytes of the current member's data and padding
+        self.headers = 0
+        self.done = False
+
+    def _read(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            chunk = self.src.read(min(n - len(out), CHUNK))
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+
+    def _skip(self) -> None:
+        while self.left:
+            n = len(self._read(min(self.left, CHUNK)))
+            if not n:
+                raise EOFError("the archive ends inside a member")
+            self.left -= n
+
+    def _header(self) -> bytes | None:
+        self.headers += 1
+        if self.headers > self.MAX_HEADERS:
+            raise TarFormatError(f"more than {self.MAX_HEADERS} tar headers")
+        block = self._read(512)
+        if not block or block == bytes(512):
+            self.done = True
+            return None
+        if len(block) < 512:
+            raise EOFError("the archive ends inside a tar header")
+        chk = _octal(block[148:156])
+        if chk != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+            raise TarFormatError("a tar header's checksum is wrong")
+        return block
+
+    def next(self) -> TarMember | None:
+        self._skip()
+        pax: dict[str, str] = {}
+        while not self.done:
+            block = self._header()
+            if block is None:
+                return None
+            size = _octal(block[124:136])
+            kind = block[156:157]
+            if kind in (b"x", b"g"):
+                if size > self.MAX_PAX:
+                    raise TarFormatError(f"a PAX header is larger than {self.MAX_PAX} bytes")
+                data = self._read(size)
+                if len(data) < size:
+                    raise EOFError("the archive ends inside a PAX header")
+                self._read(-size % 512)
+                if kind == b"x":
+                    pax.update(_pax_records(data))
+                continue
+            if kind in (b"L", b"K"):
+                raise TarFormatError("GNU long-name headers are not part of the format")
+            name = block[:100].split(b"\0", 1)[0]
+            if block[257:262] == b"ustar" and block[345:500].strip(b"\0"):
+                name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+            try:
+                text = pax["path"] if "path" in pax else name.decode("utf-8")
+                size = int(pax["size"]) if "size" in pax else size
+            except (UnicodeDecodeError, ValueError):
+                raise TarFormatError("a tar header's name or size is malformed") from None
+            if size < 0:
+                raise TarFormatError("a tar header's size is malformed")
+            member = TarMember(text, size if kind in (b"0", b"\0", b"7") else 0, kind)
+            self.left = member.size + (-member.size % 512)
+            return member
+        return None
+
+    def extractfile(self, member: TarMember) -> Any:
+        reader = self
+
+        class _Data:
+            def read(self, n: int = -1) -> bytes:
+                want = reader.left - (-member.size % 512)      # data left, not the padding
+                n = want if n < 0 else min(n, want)
+                data = reader._read(n) if n > 0 else b""
+                if len(data) < n:
+                    raise EOFError(f"the archive is truncated in {member.name[:80]}")
+                reader.left -= len(data)
+                return data
+        return _Data()
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] == b"\x80":                    # base-256 (GNU / star)
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise TarFormatError("a tar header has a malformed number") from None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        sp = data.find(b" ", pos, pos + 24)
+        try:
+            length = int(data[pos:sp]) if sp > pos else -1
+        except ValueError:
+            length = -1
+        if length <= sp - pos or pos + length > len(data) or data[pos + length - 1:pos + length] != b"\n":
+            raise TarFormatError("a PAX header is malformed")
+        key, eq, value = data[sp + 1:pos + length - 1].partition(b"=")
+        if not eq:
+            raise TarFormatError("a PAX header is malformed")
+        try:
+            out[key.decode("utf-8")] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TarFormatError("a PAX header is not UTF-8") from None
+        pos += length
+    return out
+
+
+def _unpack_members(tar: TarReader, dest: Path) -> dict[str, Any]:
     first = tar.next()
     if first is None or first.name != MANIFEST or not first.isfile() or first.size > MAX_MANIFEST:
         raise ArchiveError(f"not a pyvirt export archive (it does not start with {MANIFEST})")

@@ -56,6 +56,7 @@ from pyvirt.vmm.vm import Vm, Watch
 
 AGENT_PORT = "org.pyvirt.agent"
 LOG_MAX = 16 << 20        # console.log is rotated (to console.log.1) beyond this
+LOG_PENDING = 256 << 10   # console output held before it is written (also within a CPU slice)
 BUSY = b"\r\npyvirt: the console is busy (another client is attached)\r\n"
 
 
@@ -80,8 +81,10 @@ class SocketConsole(_InputMixin):
     # -- CharBackend ---------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         self._log += data
+        if len(self._log) >= LOG_PENDING:     # a guest printing (SBI DBCN: 1 MiB a call) within one
+            self._write_log()                 # slice: memory and console.log stay bounded
         if self.client is not None and len(self._out) < self.MAX_OUT:
-            self._out += data
+            self._out += data[:self.MAX_OUT - len(self._out)]
 
     def fileno(self) -> int | None:
         return None                  # the Watch wakes the run loop instead
@@ -90,12 +93,7 @@ class SocketConsole(_InputMixin):
         self.flush()
 
     def flush(self) -> None:
-        if self._log:
-            with contextlib.suppress(OSError):
-                self.log_size += os.write(self.log_fd, self._log)
-            self._log.clear()
-            if self.log_size > LOG_MAX:
-                self._rotate()
+        self._write_log()
         while self._out and self.client is not None:
             try:
                 n = self.client.send(self._out)
@@ -105,6 +103,14 @@ class SocketConsole(_InputMixin):
                 self._detach()
                 return
             del self._out[:n]
+
+    def _write_log(self) -> None:
+        if self._log:
+            with contextlib.suppress(OSError):
+                self.log_size += os.write(self.log_fd, self._log[:LOG_MAX])   # (the rest: dropped)
+            self._log.clear()
+            if self.log_size > LOG_MAX:
+                self._rotate()
 
     def _rotate(self) -> None:
         """console.log -> console.log.1 (replacing the one before), and a new console.log."""

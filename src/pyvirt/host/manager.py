@@ -71,6 +71,7 @@ class Manager(SnapshotOps):
         self.cgroups = cgroups.detect(hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:12])
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.expected_end: set[str] = set()      # ids being stopped or killed on purpose
+        self.deleting: set[str] = set()          # ids being deleted: not started meanwhile
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self.recover()
@@ -172,12 +173,22 @@ class Manager(SnapshotOps):
             rec = self._get(rec.id)
             if rec.alive and not force:
                 raise Conflict(f"VM {rec.name} is {rec.state}: stop it first (or delete with force)")
+            if rec.id in self.deleting:
+                raise Conflict(f"VM {rec.name} is being deleted")
             self.check_no_snapshot_needs(rec)
-        if rec.alive:
-            self._force_end(rec)
-        with self.lock:
-            self.store.delete(rec.id)
-            shutil.rmtree(self.paths(rec).dir, ignore_errors=True)
+            self.deleting.add(rec.id)           # a start racing the delete is refused from now on
+        try:
+            if rec.alive:
+                self._force_end(rec)
+            with self.lock:
+                self._check(self._get(rec.id))
+                if self._get(rec.id).alive:     # (cannot happen while `deleting` holds it)
+                    raise Conflict(f"VM {rec.name} is running again: not deleted")
+                self.store.delete(rec.id)
+                shutil.rmtree(self.paths(rec).dir, ignore_errors=True)
+        finally:
+            with self.lock:
+                self.deleting.discard(rec.id)
 
     # -- export / import (host/archive.py) ----------------------------------------------------
     def export(self, name: str, path: str, snapshot: str | None = None) -> dict[str, Any]:
@@ -318,6 +329,8 @@ class Manager(SnapshotOps):
             rec = self._get(rec.id)
             if rec.alive:
                 raise Conflict(f"VM {rec.name} is already {rec.state}")
+            if rec.id in self.deleting:
+                raise Conflict(f"VM {rec.name} is being deleted")
             proc = self._spawn(rec)
         self._wait_ready(rec, proc)
         return self.inspect(rec.id)

@@ -48,6 +48,7 @@ CONTROL_RX, CONTROL_TX = 2, 3
 MAX_PENDING = 64 * 1024          # host bytes waiting for the guest, per port
 MAX_TX_CHAIN = 64 * 1024         # bytes taken from one transmit chain
 MAX_PORTS = 16
+MAX_CONTROL_OUT = 4 * MAX_PORTS + 16   # control messages waiting for the guest (as snapcheck allows)
 QUEUE_SIZE = 128
 
 
@@ -235,7 +236,7 @@ class VirtioConsole(VirtioDevice):
         if event == DEVICE_READY:
             if value == 1:
                 for p in range(len(self.backends)):
-                    self.control_out.append(CONTROL.pack(p, DEVICE_ADD, 0))
+                    self._queue_control(CONTROL.pack(p, DEVICE_ADD, 0))
             return
         if not 0 <= port < len(self.backends):
             self.stats["bad_control"] += 1
@@ -245,12 +246,20 @@ class VirtioConsole(VirtioDevice):
                 return                                    # the driver could not add it
             self.ready[port] = True
             if port == 0:
-                self.control_out.append(CONTROL.pack(0, CONSOLE_PORT, 1))
+                self._queue_control(CONTROL.pack(0, CONSOLE_PORT, 1))
             else:
-                self.control_out.append(CONTROL.pack(port, PORT_NAME, 0) + self.names[port].encode())
+                self._queue_control(CONTROL.pack(port, PORT_NAME, 0) + self.names[port].encode())
             self._tell_open(port, force=True)
         elif event == PORT_OPEN:
             self.guest_open[port] = bool(value)
+        else:
+            self.stats["bad_control"] += 1
+
+    def _queue_control(self, msg: bytes) -> None:
+        """A control message for the guest; a guest that asks for more of them (DEVICE_READY
+        and PORT_READY again and again) than it takes has the excess dropped."""
+        if len(self.control_out) < MAX_CONTROL_OUT:
+            self.control_out.append(msg)
         else:
             self.stats["bad_control"] += 1
 
@@ -259,7 +268,7 @@ class VirtioConsole(VirtioDevice):
         state = True if port == 0 else self.backends[port].connected
         if self.ready[port] and (force or state != self.told_open[port]):
             self.told_open[port] = state
-            self.control_out.append(CONTROL.pack(port, PORT_OPEN, int(state)))
+            self._queue_control(CONTROL.pack(port, PORT_OPEN, int(state)))
 
     def _send_control(self) -> None:
         q = self.queues[CONTROL_RX]
@@ -325,7 +334,11 @@ class VirtioConsole(VirtioDevice):
             if data:
                 pending += data
             self._tell_open(port)
-            self._deliver(port)
+            try:
+                self._deliver(port)                 # (the guest's rx descriptors can be bad)
+            except QueueError as e:
+                self.needs_reset(f"queue {self.rx_queue(port)}: {e}")
+                return
             tx_index = self.rx_queue(port) + 1
             tx = self.queues[tx_index]
             if tx.ready and tx.has_work():
@@ -335,7 +348,10 @@ class VirtioConsole(VirtioDevice):
                 except QueueError as e:
                     self.needs_reset(f"queue {tx_index}: {e}")
                     return
-        self._send_control()
+        try:
+            self._send_control()
+        except QueueError as e:
+            self.needs_reset(f"queue {CONTROL_RX}: {e}")
 
     def close(self) -> None:
         for b in self.backends:

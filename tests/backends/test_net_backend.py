@@ -246,3 +246,34 @@ def test_tap_frames_both_ways() -> None:
             raw.close()
         tap.close()
     assert tap.fileno() is None and not tap.link_up
+
+
+def test_stream_empty_frames_cannot_keep_recv_busy(pair) -> None:
+    """A peer sending zero-length frames without end: recv() takes at most `limit` frames,
+    empty ones included, and returns to the run loop (it spun while data kept coming)."""
+    import threading
+    backend, peer = pair
+    stop = threading.Event()
+
+    def flood() -> None:
+        chunk = bytes(4) * 16384
+        while not stop.is_set():
+            try:
+                peer.sendall(chunk)
+            except OSError:
+                return
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    done = threading.Event()
+    result: list = []
+    r = threading.Thread(target=lambda: (result.append(backend.recv(64)), done.set()), daemon=True)
+    try:
+        time.sleep(0.05)
+        r.start()
+        assert done.wait(5), "recv() kept reading empty frames"
+        assert result == [[]] and backend.stats["rx_empty"] <= 64
+    finally:
+        stop.set()
+        peer.shutdown(socket.SHUT_RDWR)
+        r.join(10)
+        t.join(10)

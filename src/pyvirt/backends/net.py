@@ -143,9 +143,11 @@ class StreamBackend:
     def recv(self, limit: int) -> list[bytes]:
         self.flush()
         frames: list[bytes] = []
-        while len(frames) < limit and self.sock is not None:
+        taken = 0                  # frames taken, empty ones too: a peer sending only empty
+        while taken < limit and self.sock is not None:     # frames cannot keep us here
             frame = self._next_frame()
             if frame is not None:
+                taken += 1
                 if frame:
                     frames.append(frame)
                     self.stats["rx_frames"] += 1

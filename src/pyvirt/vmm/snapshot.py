@@ -93,7 +93,8 @@ def save_snapshot(vm: Vm, directory: str | Path, *, then: str = "continue",
     d = Path(directory)
     if d.exists() and (not d.is_dir() or any(d.iterdir())):
         raise ConfigError(f"snapshot directory {d} exists and is not empty")
-    d.mkdir(parents=True, exist_ok=True)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    d.chmod(0o700)                        # the guest's RAM and state: its owner's alone
     board = vm.board
     started = time.monotonic()
     board.clock.pause()                   # the guest sees no time pass while it is saved
@@ -153,7 +154,7 @@ def _freeze_disks(vm: Vm, d: Path, then: str, live_dir: Path) -> list[dict[str, 
         mine.chmod(0o444)
         out.append({"kind": "frozen", "path": str(path), "format": fmt, "size": backend.size})
         if then == "continue":
-            live_dir.mkdir(parents=True, exist_ok=True)
+            live_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             live = (live_dir / f"disk{i}.qcow2").resolve()
             create_qcow2(live, None, backing=path, backing_format=fmt)
             new = open_disk(live, fmt="qcow2")
@@ -174,13 +175,17 @@ def _file_entry(path: Path, digest: bool) -> dict[str, Any]:
 
 def _write_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     data = json.dumps(state, default=encode_bytes, separators=(",", ":")).encode()
-    path.write_bytes(data)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _write_ram(path: Path, ram: mmap.mmap, size: int) -> dict[str, Any]:
     """Only non-zero pages are written (runs of them with one pwrite); the rest are holes."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
     try:
         os.ftruncate(fd, ram_file_size(size))
         mv = memoryview(ram)

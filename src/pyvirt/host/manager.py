@@ -366,6 +366,8 @@ class Manager(SnapshotOps):
             if proc.poll() is not None:
                 with self.lock:
                     self._check(self._get(rec.id))
+                if _exit_info(p).get("reason") == "poweroff":
+                    return                      # it started, and the guest has finished already
                 why = _exit_info(p).get("error") or self._get(rec.id).reason
                 raise Invalid(f"VM {rec.name} could not start: {why}")
             if p.control_sock.exists():

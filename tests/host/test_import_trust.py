@@ -184,3 +184,24 @@ def test_endless_tar_headers_are_refused(tmp_path: Path) -> None:
     with pytest.raises(archive.ArchiveError, match="tar headers"):
         archive.unpack(arc, tmp_path / "dest")
     assert not (tmp_path / "dest").exists()
+
+
+def test_imported_files_are_durable_before_they_are_recorded(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every unpacked member and the directories naming them are fsynced by unpack(), before
+    the daemon records the VM (a crash right after the import must not lose its disks)."""
+    synced: set[str] = set()
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    m = {"format": "pyvirt-export", "version": 1, "name": "imp",
+         "members": {"boot/kernel": 10, "disks/disk0.raw": 4096},
+         "spec": {"memory": 64 << 20, "kernel": "boot/kernel", "disks": [{"path": "disks/disk0.raw"}]}}
+    arc = write_archive(tmp_path / "a.pyvirt", m, [member("boot/kernel"), member("disks/disk0.raw", b"d" * 4096)])
+    dest = tmp_path / "dest"
+    archive.unpack(arc, dest)
+    want = {dest / "boot" / "kernel", dest / "disks" / "disk0.raw", dest, dest / "boot", dest / "disks"}
+    assert {str(p) for p in want} <= synced, synced

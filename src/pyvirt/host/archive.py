@@ -254,8 +254,20 @@ def _copy_sparse(src: IO[bytes], dst: Path, size: int) -> None:
                         os.pwrite(fd, part, done + off)
             done += len(chunk)
         os.ftruncate(fd, size)
+        os.fsync(fd)                      # durable before the daemon records what names it
     finally:
         os.close(fd)
+
+
+def fsync_tree(top: Path) -> None:
+    """fsync the directories under `top` (and `top`): the names of files already fsynced are
+    durable too."""
+    for d in [top, *(p for p in top.rglob("*") if p.is_dir() and not p.is_symlink())]:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def unpack(archive: Path, dest: Path) -> dict[str, Any]:
@@ -272,6 +284,7 @@ def unpack(archive: Path, dest: Path) -> dict[str, Any]:
     try:
         with f, zstandard.ZstdDecompressor().stream_reader(f) as z:
             m = _unpack_members(TarReader(z), dest)
+        fsync_tree(dest)
         return _localize(m, dest)
     except ArchiveError:
         shutil.rmtree(dest, ignore_errors=True)
@@ -586,6 +599,11 @@ def install_snapshot(unpacked: Path, dest: Path, nets: list[dict[str, Any]] | No
                 files[copy.name] = {"size": copy.stat().st_size}
                 spec[key] = str(copy)
         (dest / fmt.MANIFEST).write_text(json.dumps(m, indent=1) + "\n")
+        with open(dest / fmt.MANIFEST, "rb") as f:
+            os.fsync(f.fileno())
+        for name in (fmt.STATE, fmt.RAM):
+            with open(dest / name, "rb") as f:
+                os.fsync(f.fileno())
         try:
             out = fmt.read_manifest(dest)
             VmSpec.model_validate(out["spec"])
@@ -596,6 +614,7 @@ def install_snapshot(unpacked: Path, dest: Path, nets: list[dict[str, Any]] | No
         if out["memory"] != spec["memory"] or files[fmt.RAM]["size"] != fmt.ram_file_size(spec["memory"]):
             raise ArchiveError("the snapshot's RAM size does not match its spec")
         shutil.rmtree(unpacked / SNAP_DIR)
+        fsync_tree(dest)
         return out
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)

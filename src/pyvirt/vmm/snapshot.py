@@ -115,7 +115,14 @@ def save_snapshot(vm: Vm, directory: str | Path, *, then: str = "continue",
         }
         tmp = d / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, d / MANIFEST)      # a manifest means a complete snapshot
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)                  # (durable before anyone records the snapshot)
+        finally:
+            os.close(dfd)
         return manifest
     finally:
         board.clock.resume()
@@ -177,7 +184,10 @@ def _write_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     data = json.dumps(state, default=encode_bytes, separators=(",", ":")).encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
     finally:
         os.close(fd)
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -132,6 +132,11 @@ def open_locked(path: Path, read_only: bool) -> int:
         raise ImageError(f"disk image {path} is a directory")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise ImageError(f"disk image {path} is not a regular file or block device")
+    if not read_only and stat.S_ISREG(st.st_mode) and not st.st_mode & 0o222:
+        # What a snapshot froze (or a user made read-only) stays so, even for root, whom the
+        # kernel would let write: a snapshot's overlays depend on the image not changing.
+        raise ImageError(f"disk image {path} is read-only (no write permission bits; a snapshot's "
+                         "frozen image?): add ,ro to read it")
     try:
         fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
     except PermissionError:

@@ -277,3 +277,21 @@ def test_stream_empty_frames_cannot_keep_recv_busy(pair) -> None:
         peer.shutdown(socket.SHUT_RDWR)
         r.join(10)
         t.join(10)
+
+
+def test_passt_log_is_made_before_its_directory_is_handed_over(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    """As root, passt's directory goes to nobody; its log must already exist then (made new,
+    no link followed), or something running as nobody could plant a link there for root to
+    truncate (issue 14)."""
+    from pyvirt.backends import net
+    fake = tmp_path / "passt"
+    fake.write_text("#!/bin/sh\necho 'no good' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    seen: list[bool] = []
+    monkeypatch.setattr(net.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(net.os, "chown", lambda p, *_: seen.append((Path(p) / "passt.log").is_file()))
+    with pytest.raises(ConfigError, match="no good"):
+        PasstBackend()
+    assert seen == [True]

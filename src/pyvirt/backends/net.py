@@ -242,15 +242,19 @@ class PasstBackend(StreamBackend):
         self.proc: subprocess.Popen[bytes] | None = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            pidfile, logfile = self.dir / "passt.pid", self.dir / "passt.log"
+            # The log is made (new, no link followed) while the directory is still ours alone:
+            # once it is nobody's, anything running as nobody could put a link there.
+            err_fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600)
             if os.geteuid() == 0:
                 nobody = pwd.getpwnam("nobody")
                 os.chown(self.dir, nobody.pw_uid, nobody.pw_gid)
-            pidfile, logfile = self.dir / "passt.pid", self.dir / "passt.log"
             argv = [exe, "--foreground", "--quiet", "--fd", str(theirs.fileno()),
                     "--pid", str(pidfile), "--mtu", str(mtu)]
             for host, guest in port_forwards:
                 argv += ["-t", f"127.0.0.1/{host}:{guest}"]
-            with open(logfile, "wb") as err:
+            with open(err_fd, "wb") as err:
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                              pass_fds=[theirs.fileno()], start_new_session=True)
             theirs.close()

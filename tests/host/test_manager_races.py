@@ -12,6 +12,8 @@ from pyvirt.host import manager as mgr
 from pyvirt.host.models import VmCreate
 from pyvirt.host.paths import proc_start_time
 
+from .test_export import member, write_archive
+
 
 def test_start_during_a_forced_delete_is_refused(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pyvirt.images import cached_default_image
@@ -72,3 +74,21 @@ def test_a_guest_that_finishes_at_once_has_started(state_dir: Path, monkeypatch:
         assert out["state"] == "stopped" and out["reason"] == "poweroff" and out["exit_status"] == 0
     finally:
         m.close()
+
+
+def test_an_import_cut_short_by_a_daemon_crash_leaves_nothing(state_dir: Path, tmp_path: Path) -> None:
+    """The directories an import was filling when the daemon died are removed when a daemon
+    starts on the state directory again; directories it does not know as unfinished stay."""
+    from pyvirt.host import archive
+    m = mgr.Manager(state_dir)
+    m.close()
+    arc = tmp_path / "a.pyvirt"
+    write_archive(arc, {"format": "pyvirt-export", "version": 1, "name": "imp", "members": {"boot/kernel": 10},
+                        "spec": {"memory": 64 << 20, "kernel": "boot/kernel"}}, [member("boot/kernel")])
+    half = state_dir / "vms" / "0123456789ab"
+    archive.unpack(arc, half)                          # (the daemon died before recording it)
+    keep = state_dir / "vms" / "other"
+    keep.mkdir()
+    m = mgr.Manager(state_dir)
+    m.close()
+    assert not half.exists() and keep.exists()

@@ -52,6 +52,7 @@ CHUNK = 1 << 20
 HOLE = 64 << 10
 _ZERO = bytes(CHUNK)
 SNAP_DIR = "snapshot"
+INCOMPLETE = ".incomplete"   # in a directory being imported: a daemon that died meanwhile removes it
 SNAP_MANIFEST, SNAP_STATE, SNAP_RAM = "snapshot/manifest.json", "snapshot/state.json", "snapshot/ram"
 
 
@@ -281,6 +282,7 @@ def unpack(archive: Path, dest: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:              # (ValueError: a NUL in the path)
         raise ArchiveError(f"cannot open {str(archive)[:200]!r}: {getattr(e, 'strerror', None) or e}") from None
     dest.mkdir(mode=0o700)
+    (dest / INCOMPLETE).touch(mode=0o600)      # until the daemon has recorded it (see Manager.recover)
     try:
         with f, zstandard.ZstdDecompressor().stream_reader(f) as z:
             m = _unpack_members(TarReader(z), dest)
@@ -556,6 +558,7 @@ def install_snapshot(unpacked: Path, dest: Path, nets: list[dict[str, Any]] | No
 
     m = _check_snapshot_head(unpacked / SNAP_MANIFEST)
     dest.mkdir(mode=0o700)
+    (dest / INCOMPLETE).touch(mode=0o600)      # until the daemon has recorded it (see Manager.recover)
     try:
         spec, files = m["spec"], m["files"]
         for name in (fmt.STATE, fmt.RAM):

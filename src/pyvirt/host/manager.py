@@ -302,6 +302,9 @@ class Manager(SnapshotOps):
             if snap_dir is not None:
                 shutil.rmtree(snap_dir, ignore_errors=True)
             raise
+        for d in (dest, snap_dir):              # recorded: no longer an unfinished import
+            if d is not None:
+                (d / archive.INCOMPLETE).unlink(missing_ok=True)
         out = self.inspect(vm_id)
         if snap is not None:
             out["snapshot"] = snap.name
@@ -531,9 +534,30 @@ class Manager(SnapshotOps):
                     st = control.request(self.paths(rec).control_sock, "status", timeout=3)
                     if st.get("state") in ("running", "paused") and st["state"] != cur.state:
                         self.store.update(rec.id, state=st["state"])
+        self._remove_unfinished_imports()
         for d in cgroups.leftovers(self.cgroups):
             if d.name not in live_ids:
                 cgroups.remove([d])
+
+
+    def _remove_unfinished_imports(self) -> None:
+        """Directories an import was filling when the daemon died (marked incomplete, not
+        recorded) are removed; a recorded one only loses its mark."""
+        from pyvirt.host.archive import INCOMPLETE
+        with self.lock:
+            vm_ids = {r.id for r in self.store.all()}
+            snaps = {s.name for s in self.snapshots.all()}
+        for kind, known in (("vms", vm_ids), ("snapshots", snaps)):
+            top = self.state / kind
+            if not top.is_dir():
+                continue
+            for d in top.iterdir():
+                if d.is_symlink() or not d.is_dir() or not (d / INCOMPLETE).exists():
+                    continue
+                if d.name in known:
+                    (d / INCOMPLETE).unlink(missing_ok=True)
+                else:
+                    shutil.rmtree(d, ignore_errors=True)
 
 
 def _exit_info(p: VmPaths) -> dict[str, Any]:

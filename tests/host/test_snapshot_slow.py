@@ -119,3 +119,46 @@ def test_delete_guard_sees_through_a_symlinked_state_dir(tmp_path: Path) -> None
         d.cleanup()
         link.unlink()
         shutil.rmtree(real, ignore_errors=True)
+
+
+GUEST_FIRST = ("if dd if=/dev/vda bs=4 count=1 2>/dev/null | grep -q MARK; then echo FOUND; else "
+               "echo -n MARK | dd of=/dev/vda conv=notrunc 2>/dev/null; sync; echo WROTE; sleep 1000; fi")
+
+
+def test_runner_killed_mid_snapshot_leaves_a_startable_vm(slow_daemon: Daemon, tmp_path: Path) -> None:
+    """The runner dies while writing a snapshot (after the VM moved to new overlays): the
+    store names images that open and hold every flushed write; the VM starts again."""
+    import threading
+
+    from pyvirt.host.client import ApiError
+    from pyvirt.images import cached_default_image
+    if cached_default_image() is None:
+        pytest.fail("the default image is not built: `make test` runs `pyvirt image build` first")
+    d = slow_daemon
+    c = d.client
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(1 << 20))
+    vm = c.create("v", memory="64M", disks=[str(disk)], command=GUEST_FIRST)
+    c.start("v")
+    wait_for(lambda: "WROTE" in c.logs("v")["text"], 60, "the guest's write")
+    pid = c.inspect("v")["pid"]
+    errors: list[BaseException] = []
+
+    def take() -> None:
+        try:
+            c.snapshot("v", "s1")
+        except ApiError as e:
+            errors.append(e)
+    t = threading.Thread(target=take)
+    t.start()
+    disks_file = d.state / "vms" / vm["id"] / "disks.json"
+    wait_for(disks_file.exists, 30, "the runner to move the VM to new overlays")
+    os.kill(pid, signal.SIGKILL)
+    t.join(60)
+    assert errors and errors[0].status == 409, errors
+    wait_for(lambda: c.inspect("v")["state"] == "crashed", 20, "the crash to be noticed")
+    disk0 = Path(c.inspect("v")["spec"]["disks"][0]["path"])
+    assert disk0 != disk and disk0.suffix == ".qcow2" and disk0.is_relative_to(d.state)
+    c.start("v")
+    wait_for(lambda: c.inspect("v")["state"] == "stopped", 60, "the second boot")
+    assert "FOUND" in c.logs("v")["text"].split("WROTE")[-1], c.logs("v")["text"][-400:]

@@ -175,6 +175,9 @@ class Runner:
         self.reason = "poweroff"
         self.last_snapshot: dict[str, Any] | None = None
         self.snapshot_dir: str | None = None
+        # A snapshot's new overlays are recorded before the old images are frozen
+        # (vmm/snapshot.py's _freeze_disks calls these).
+        vm.disks_moved = [lambda: write_disks(self.paths, vm)]    # type: ignore[attr-defined]
         rfd, wfd = os.pipe()
         os.set_blocking(wfd, False)
         self.signal_r = rfd

@@ -145,6 +145,7 @@ def _freeze_disks(vm: Vm, d: Path, then: str, live_dir: Path) -> list[dict[str, 
     out: list[dict[str, Any]] = []
     blks = [t.device for _, _, t in board.virtio if hasattr(t.device, "backend")
             and t.device.backend in board.backends]
+    frozen: list[Path] = []
     for i, (disk, backend) in enumerate(zip(vm.spec.disks, board.backends)):
         path = Path(disk.path).resolve()
         if disk.read_only:
@@ -153,9 +154,7 @@ def _freeze_disks(vm: Vm, d: Path, then: str, live_dir: Path) -> list[dict[str, 
         fmt = getattr(backend, "format", "raw")
         backend.flush()
         backend.close()                   # written back and unlocked: from now on only read
-        with contextlib.suppress(OSError):
-            mode = path.stat().st_mode
-            path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+        frozen.append(path)
         mine = d / f"disk{i}.qcow2"
         create_qcow2(mine, None, backing=path, backing_format=fmt)
         mine.chmod(0o444)
@@ -170,6 +169,15 @@ def _freeze_disks(vm: Vm, d: Path, then: str, live_dir: Path) -> list[dict[str, 
                 if blk.backend is backend:
                     blk.backend = new
             vm.spec.disks[i] = disk.model_copy(update={"path": live, "format": "qcow2"})   # limits kept
+    # Whoever records where the VM writes (the daemon's runner) is told before the old images
+    # become read-only for good: a process killed in between leaves a record naming images
+    # that can still be opened -- the old ones, unchanged since, or the new overlays.
+    for hook in getattr(vm, "disks_moved", ()):
+        hook()
+    for path in frozen:
+        with contextlib.suppress(OSError):
+            mode = path.stat().st_mode
+            path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     return out
 
 

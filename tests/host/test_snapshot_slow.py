@@ -46,17 +46,23 @@ def slow_daemon(state_dir: Path) -> Iterator[Daemon]:
         d.cleanup()
 
 
-@pytest.mark.parametrize("kill_daemon", [False, True])
-def test_slow_snapshot_loses_no_writes(slow_daemon: Daemon, tmp_path: Path, kill_daemon: bool) -> None:
+def start_disk_vm(d: Daemon, tmp_path: Path, command: str) -> tuple[Path, dict]:
+    """VM "v" with a fresh 1 MiB raw disk running `command` on the default guest, started."""
     from pyvirt.images import cached_default_image
     if cached_default_image() is None:
         pytest.fail("the default image is not built: `make test` runs `pyvirt image build` first")
-    d = slow_daemon
-    c = d.client
     disk = tmp_path / "d.raw"
     disk.write_bytes(bytes(1 << 20))
-    c.create("v", memory="64M", disks=[str(disk)], command=GUEST)
-    c.start("v")
+    vm = d.client.create("v", memory="64M", disks=[str(disk)], command=command)
+    d.client.start("v")
+    return disk, vm
+
+
+@pytest.mark.parametrize("kill_daemon", [False, True])
+def test_slow_snapshot_loses_no_writes(slow_daemon: Daemon, tmp_path: Path, kill_daemon: bool) -> None:
+    d = slow_daemon
+    c = d.client
+    disk, _ = start_disk_vm(d, tmp_path, GUEST)
     wait_for(lambda: "READY" in c.logs("v")["text"], 60, "the guest")
     if kill_daemon:
         import threading
@@ -131,15 +137,9 @@ def test_runner_killed_mid_snapshot_leaves_a_startable_vm(slow_daemon: Daemon, t
     import threading
 
     from pyvirt.host.client import ApiError
-    from pyvirt.images import cached_default_image
-    if cached_default_image() is None:
-        pytest.fail("the default image is not built: `make test` runs `pyvirt image build` first")
     d = slow_daemon
     c = d.client
-    disk = tmp_path / "d.raw"
-    disk.write_bytes(bytes(1 << 20))
-    vm = c.create("v", memory="64M", disks=[str(disk)], command=GUEST_FIRST)
-    c.start("v")
+    disk, vm = start_disk_vm(d, tmp_path, GUEST_FIRST)
     wait_for(lambda: "WROTE" in c.logs("v")["text"], 60, "the guest's write")
     pid = c.inspect("v")["pid"]
     errors: list[BaseException] = []

@@ -295,3 +295,41 @@ def test_passt_log_is_made_before_its_directory_is_handed_over(monkeypatch: pyte
     with pytest.raises(ConfigError, match="no good"):
         PasstBackend()
     assert seen == [True]
+
+
+def test_a_dead_passt_is_started_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """passt dies: the link goes down, and after the restart delay recv() starts a new passt
+    and the link comes back up (it stayed down for good) (issue 14)."""
+    import os
+    import signal
+    import sys
+    fake = tmp_path / "passt"
+    fake.write_text(f"#!{sys.executable}\n"
+                    "import os, sys\n"
+                    "a = sys.argv\n"
+                    "fd = int(a[a.index('--fd') + 1])\n"
+                    "open(a[a.index('--pid') + 1], 'w').write(str(os.getpid()))\n"
+                    "while os.read(fd, 65536):\n"
+                    "    pass\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(PasstBackend, "RESTART_DELAYS", (0.0,))
+    b = PasstBackend()
+    try:
+        assert b.link_up and b.proc is not None
+        first = b.proc.pid
+        os.kill(first, signal.SIGKILL)
+        b.proc.wait()
+        deadline = time.monotonic() + 10
+        while b.link_up and time.monotonic() < deadline:
+            b.recv(8)
+            time.sleep(0.01)
+        assert not b.link_up
+        while not b.link_up and time.monotonic() < deadline:
+            b.recv(8)
+            time.sleep(0.01)
+        assert b.link_up and b.proc is not None and b.proc.pid != first and b.proc.poll() is None
+        assert b.send(frame(60, 1))
+    finally:
+        b.close()
+    assert b.proc is None

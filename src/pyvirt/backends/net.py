@@ -229,10 +229,47 @@ class PasstBackend(StreamBackend):
     bound on 127.0.0.1 only.  The guest gets an address, gateway and DNS
     from passt's DHCP server; the gateway address reaches the host's
     loopback (passt maps it unless told --no-map-gw).
+
+    A passt that dies (its socket closes) puts the link down and is started
+    again after RESTART_DELAYS (1 s, then longer), from `recv()`: the link
+    comes back up with the new one.
     """
+
+    RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
 
     def __init__(self, port_forwards: Sequence[tuple[int, int]] = (), mtu: int = 1500,
                  passt: str = "passt") -> None:
+        self._args = (list(port_forwards), mtu, passt)
+        self._restarts = 0
+        self._retry_at: float | None = None
+        self._closing = False
+        super().__init__(self._start(*self._args), name="passt")
+
+    def _down(self, why: str) -> None:
+        super()._down(why)
+        if self._retry_at is None and not self._closing:
+            self._stop()                   # (the dead passt's directory goes too)
+            delay = self.RESTART_DELAYS[min(self._restarts, len(self.RESTART_DELAYS) - 1)]
+            self._retry_at = time.monotonic() + delay
+
+    def recv(self, limit: int) -> list[bytes]:
+        if self._retry_at is not None and time.monotonic() >= self._retry_at:
+            self._restarts += 1
+            try:
+                sock = self._start(*self._args)
+            except (ConfigError, OSError) as e:
+                log.warning("network passt: cannot restart passt: %s", e)
+                delay = self.RESTART_DELAYS[min(self._restarts, len(self.RESTART_DELAYS) - 1)]
+                self._retry_at = time.monotonic() + delay
+            else:
+                self._retry_at = None
+                sock.setblocking(False)
+                self.sock, self.link_up = sock, True
+                log.warning("network passt: restarted; link up")
+        return super().recv(limit)
+
+    def _start(self, port_forwards: Sequence[tuple[int, int]], mtu: int, passt: str) -> socket.socket:
+        """Start passt; the socket to it once it serves."""
         exe = shutil.which(passt)
         if exe is None:
             raise ConfigError("passt is not installed (scripts/setup-system.sh installs it)")
@@ -264,7 +301,7 @@ class PasstBackend(StreamBackend):
             ours.close()
             self._stop()
             raise
-        super().__init__(ours, name="passt")
+        return ours
 
     def _wait_ready(self, pidfile: Path, logfile: Path) -> None:
         assert self.proc is not None
@@ -289,6 +326,8 @@ class PasstBackend(StreamBackend):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def close(self) -> None:
+        self._retry_at = None
+        self._closing = True             # (no restart from a _down that close may cause)
         super().close()                  # passt ends when its socket closes; make sure of it
         self._stop()
 

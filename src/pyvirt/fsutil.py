@@ -4,6 +4,7 @@ pyvirtd and its VM runners)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import stat
@@ -27,11 +28,38 @@ def private_dir(d: Path, what: str) -> Path:
     return d
 
 
-def listen_unix(path: Path, backlog: int = 16) -> socket.socket:
-    """A non-blocking Unix stream socket listening at `path` (mode 0600 from the start; a
-    stale socket file there is replaced)."""
+def remove_stale_socket(path: Path) -> None:
+    """Make room for a new listening socket at `path`: nothing there, or a stale socket
+    (nobody listens on it), which is removed.  Anything else is a ConfigError: a file that
+    is not a socket, or a live socket -- which may be any host service's (a path can come
+    from a file someone else made, such as a snapshot), never to be taken over."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        pass                                    # stale: nobody listens
+    except OSError as e:
+        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ConfigError(f"the socket {path} is in use or cannot be checked ({e.strerror})") from None
+    else:
+        raise ConfigError(f"the socket {path} is in use (something listens on it): not replaced")
+    finally:
+        probe.close()
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def listen_unix(path: Path, backlog: int = 16) -> socket.socket:
+    """A non-blocking Unix stream socket listening at `path` (mode 0600 from the start; a
+    stale socket file there is replaced, a live one or another file is a ConfigError)."""
+    remove_stale_socket(path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:

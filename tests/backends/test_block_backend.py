@@ -201,3 +201,16 @@ def test_memory_backend_double() -> None:
         m.readinto(2000, buf)
     with pytest.raises(ValueError):
         MemoryBlockBackend(size=100)
+
+
+def test_an_image_without_write_bits_is_not_written_even_by_root(tmp_path: Path) -> None:
+    """A snapshot freezes a disk image by removing its write bits; root, whom the kernel lets
+    write anyway, must not open it for writing either (issue 14)."""
+    from pyvirt.backends.block import RawFileBackend
+    from pyvirt.errors import ImageError
+    p = tmp_path / "frozen.raw"
+    p.write_bytes(bytes(4096))
+    p.chmod(0o444)
+    with pytest.raises(ImageError, match="read-only"):
+        RawFileBackend(p)
+    RawFileBackend(p, read_only=True).close()

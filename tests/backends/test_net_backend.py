@@ -246,3 +246,90 @@ def test_tap_frames_both_ways() -> None:
             raw.close()
         tap.close()
     assert tap.fileno() is None and not tap.link_up
+
+
+def test_stream_empty_frames_cannot_keep_recv_busy(pair) -> None:
+    """A peer sending zero-length frames without end: recv() takes at most `limit` frames,
+    empty ones included, and returns to the run loop (it spun while data kept coming)."""
+    import threading
+    backend, peer = pair
+    stop = threading.Event()
+
+    def flood() -> None:
+        chunk = bytes(4) * 16384
+        while not stop.is_set():
+            try:
+                peer.sendall(chunk)
+            except OSError:
+                return
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    done = threading.Event()
+    result: list = []
+    r = threading.Thread(target=lambda: (result.append(backend.recv(64)), done.set()), daemon=True)
+    try:
+        time.sleep(0.05)
+        r.start()
+        assert done.wait(5), "recv() kept reading empty frames"
+        assert result == [[]] and backend.stats["rx_empty"] <= 64
+    finally:
+        stop.set()
+        peer.shutdown(socket.SHUT_RDWR)
+        r.join(10)
+        t.join(10)
+
+
+def test_passt_log_is_made_before_its_directory_is_handed_over(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    """As root, passt's directory goes to nobody; its log must already exist then (made new,
+    no link followed), or something running as nobody could plant a link there for root to
+    truncate (issue 14)."""
+    from pyvirt.backends import net
+    fake = tmp_path / "passt"
+    fake.write_text("#!/bin/sh\necho 'no good' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    seen: list[bool] = []
+    monkeypatch.setattr(net.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(net.os, "chown", lambda p, *_: seen.append((Path(p) / "passt.log").is_file()))
+    with pytest.raises(ConfigError, match="no good"):
+        PasstBackend()
+    assert seen == [True]
+
+
+def test_a_dead_passt_is_started_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """passt dies: the link goes down, and after the restart delay recv() starts a new passt
+    and the link comes back up (it stayed down for good) (issue 14)."""
+    import os
+    import signal
+    import sys
+    fake = tmp_path / "passt"
+    fake.write_text(f"#!{sys.executable}\n"
+                    "import os, sys\n"
+                    "a = sys.argv\n"
+                    "fd = int(a[a.index('--fd') + 1])\n"
+                    "open(a[a.index('--pid') + 1], 'w').write(str(os.getpid()))\n"
+                    "while os.read(fd, 65536):\n"
+                    "    pass\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(PasstBackend, "RESTART_DELAYS", (0.0,))
+    b = PasstBackend()
+    try:
+        assert b.link_up and b.proc is not None
+        first = b.proc.pid
+        os.kill(first, signal.SIGKILL)
+        b.proc.wait()
+        deadline = time.monotonic() + 10
+        while b.link_up and time.monotonic() < deadline:
+            b.recv(8)
+            time.sleep(0.01)
+        assert not b.link_up
+        while not b.link_up and time.monotonic() < deadline:
+            b.recv(8)
+            time.sleep(0.01)
+        assert b.link_up and b.proc is not None and b.proc.pid != first and b.proc.poll() is None
+        assert b.send(frame(60, 1))
+    finally:
+        b.close()
+    assert b.proc is None

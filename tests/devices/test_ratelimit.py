@@ -206,3 +206,28 @@ def test_net_rx_throttled_frames_wait_in_pending() -> None:
 def test_disk_limit_options(text: str, field: str, value: int) -> None:
     from pyvirt.spec import DiskSpec
     assert getattr(DiskSpec.parse(text), field) == value
+
+
+def test_blk_discard_and_write_zeroes_are_charged_for_their_range() -> None:
+    """DISCARD and WRITE_ZEROES move (or free) the bytes their segments cover: the bw limit
+    charges those, not the 16-byte segment list (issue 14)."""
+    from pyvirt.devices.virtio.blk import VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES
+    clock = MockClock(hz=HZ)
+    blk = VirtioBlk(MemoryBlockBackend(data=bytes(1 << 20)), limiter=RateLimiter.build(clock, bw=40_960))
+    rig = make_rig(blk)                                      # bucket: 4096 bytes (100 ms)
+    (q,) = rig.drv.init()
+    drv = rig.drv
+    heads = []
+    for kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+        seg = struct.pack("<QII", 0, 1024, 0)                # 512 KiB
+        heads.append(q.add([drv.buffer(struct.pack("<IIQ", kind, 0, 0)), drv.buffer(seg),
+                            drv.buffer(b"\xff", writable=True)]))
+    drv.kick()
+    assert [h for h, _ in q.used_entries()] == [heads[0]]   # the first goes through, into debt
+    assert blk.next_deadline() >= (512 << 10) * HZ // 40_960 - 100     # ~12.8 s of debt to repay
+    clock.advance(12_700)
+    blk.poll()
+    assert q.used_entries() == []
+    clock.advance(500)
+    blk.poll()
+    assert [h for h, _ in q.used_entries()] == [heads[1]]

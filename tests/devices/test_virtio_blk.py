@@ -294,7 +294,7 @@ def test_random_requests_never_escape(data) -> None:
     mem = MemoryBlockBackend(data=PATTERN)
     rig, q = rig_for(mem, queue_size=8)
     for _ in range(data.draw(st.integers(1, 6))):
-        kind = data.draw(st.sampled_from([0, 1, 4, 8, 2, 99]))
+        kind = data.draw(st.sampled_from([0, 1, 4, 8, 2, 99, 11, 13]))     # (11, 13: DISCARD, WRITE_ZEROES)
         sector = data.draw(st.one_of(st.integers(0, DISK // 512 + 2), st.integers(0, (1 << 64) - 1)))
         hdr = struct.pack("<IIQ", kind, 0, sector)[:data.draw(st.integers(0, 16))]
         bufs = [rig.drv.buffer(hdr)] if hdr or data.draw(st.booleans()) else []

@@ -249,3 +249,33 @@ def test_unix_socket_port_paths(tmp_path: Path) -> None:
     assert regular.read_text() == "keep"
     with pytest.raises(ConfigError, match="cannot listen"):
         UnixSocketPort(tmp_path / "missing-dir" / "x.sock")
+
+
+def test_bad_receive_descriptor_found_by_poll_needs_reset_not_a_crash(guest: Guest) -> None:
+    """Host input delivered from poll() into a receive buffer outside RAM: the device needs a
+    reset; the QueueError does not escape into the run loop (issue 14)."""
+    from pyvirt.devices.virtio.device import STATUS_DEVICE_NEEDS_RESET
+    from pyvirt.testing.virtq import Buffer
+    guest.handshake()
+    guest.qs[4].add([Buffer(0x1000, 64, True)])             # port 1's receive queue
+    guest.port.inbox += b"hello"
+    guest.dev.poll()                                          # raised QueueError before
+    assert guest.rig.drv.status & STATUS_DEVICE_NEEDS_RESET
+    guest.dev.poll()
+    assert not guest.rig.bus.stray
+
+
+def test_control_messages_for_the_guest_are_bounded(guest: Guest) -> None:
+    """DEVICE_READY / PORT_READY again and again with no control buffers taken: the queue of
+    messages for the guest stays within what a snapshot may hold (issue 14)."""
+    from pyvirt.devices.virtio.console import MAX_CONTROL_OUT
+    guest.messages()                                          # (take none of the control buffers)
+    for _ in range(10):
+        guest.qs[2].used_entries()
+    for _ in range(300):
+        guest.control(0, DEVICE_READY, 1)
+        guest.control(1, PORT_READY, 1)
+        guest.qs[3].used_entries()                            # (the driver reclaims its buffers)
+    assert len(guest.dev.control_out) <= MAX_CONTROL_OUT
+    state = guest.dev.save_device()
+    assert len(state["control_out"]) <= MAX_CONTROL_OUT

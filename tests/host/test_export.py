@@ -126,7 +126,10 @@ def test_bad_archives_are_refused_and_leave_nothing(daemon: Daemon, tmp_path: Pa
     e = pytest.raises(ApiError, daemon.client.import_, bad).value
     assert e.status == 422 and words in e.detail, e.detail
     assert daemon.client.list() == [] and vm_dirs(daemon) == before
-    assert not (tmp_path.parent / "evil").exists()
+    # where a member escaping the new VM directory would land: "../evil" and "boot/../../evil"
+    # next to it in vms/, "/etc/x" where it says
+    vms = daemon.state / "vms"
+    assert not (vms / "evil").exists() and not (daemon.state / "evil").exists() and not Path("/etc/x").exists()
 
 
 def test_garbage_file_and_missing_file(daemon: Daemon, tmp_path: Path) -> None:

@@ -278,3 +278,19 @@ def test_daemons_with_different_state_dirs_have_separate_cgroup_subtrees(tmp_pat
     assert (own / "pyvirt-bbbb" / "cgroup.subtree_control").read_text() == "+cpu +memory"
     assert [d.name for d in cgroups.leftovers(a)] == ["vm-a"]
     assert [d.name for d in cgroups.leftovers(b)] == ["vm-b"]
+
+
+def test_console_output_within_one_slice_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest printing through the SBI (1 MiB per DBCN call) within one CPU slice, with no
+    poll in between: the runner's memory and console.log stay bounded (issue 14)."""
+    from pyvirt.host import runner
+    monkeypatch.setattr(runner, "LOG_MAX", 4 << 20)
+    con = runner.SocketConsole(tmp_path / "console.log", tmp_path / "console.sock")
+    try:
+        for _ in range(64):                                  # 64 MiB, no poll()
+            con.write(b"x" * (1 << 20))
+            assert len(con._log) <= runner.LOG_PENDING + (1 << 20)
+    finally:
+        con.close()
+    assert (tmp_path / "console.log").stat().st_size <= (4 << 20) + (1 << 20)
+    assert (tmp_path / "console.log.1").stat().st_size <= (4 << 20) + (1 << 20)

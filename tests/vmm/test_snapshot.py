@@ -480,3 +480,27 @@ def test_overlay_dir_reused_is_refused_in_words(program: Path, tmp_path: Path) -
     assert (tmp_path / "c1" / "disk0.qcow2").exists()
     with pytest.raises(ConfigError, match="exists already .*give --overlay-dir a new directory"):
         load_snapshot(tmp_path / "snap", BufferBackend(), overrides=Overrides(overlay_dir=tmp_path / "c1"))
+
+
+def test_snapshot_files_are_the_owners_alone(tmp_path: Path) -> None:
+    """A snapshot holds the guest's RAM and state: its directory is 0700 and its RAM and
+    state files are not readable by others, whatever the umask (issue 14: CLI snapshots
+    were world-readable)."""
+    import stat as st
+
+    from pyvirt.images import cached_default_image
+    img = cached_default_image()
+    if img is None:
+        pytest.fail("the default image is not built: `make test` runs `pyvirt image build` first")
+    vm = Vm(make_spec(kernel=img.kernel, memory=16 << 20, engine="interp"), BufferBackend())
+    old = os.umask(0o022)
+    try:
+        d = tmp_path / "snap"
+        d.mkdir(mode=0o755)                               # (an empty directory given by the user)
+        save_snapshot(vm, d, then="quit")
+    finally:
+        os.umask(old)
+        vm.close()
+    assert st.S_IMODE(d.stat().st_mode) == 0o700
+    for name in ("ram", "state.json"):
+        assert st.S_IMODE((d / name).stat().st_mode) & 0o077 == 0, name

@@ -138,9 +138,11 @@ class StreamBackend:
     def recv(self, limit: int) -> list[bytes]:
         self.flush()
         frames: list[bytes] = []
-        while len(frames) < limit and not self.stream.closed:
+        taken = 0                  # frames taken, empty ones too: a peer sending only empty
+        while taken < limit and not self.stream.closed:    # frames cannot keep us here
             frame = self._next_frame()
             if frame is not None:
+                taken += 1
                 if frame:
                     frames.append(frame)
                     self.stats["rx_frames"] += 1
@@ -219,10 +221,46 @@ class PasstBackend(StreamBackend):
     bound on 127.0.0.1 only.  The guest gets an address, gateway and DNS
     from passt's DHCP server; the gateway address reaches the host's
     loopback (passt maps it unless told --no-map-gw).
+
+    A passt that dies (its socket closes) puts the link down and is started
+    again after RESTART_DELAYS (1 s, then longer), from `recv()`: the link
+    comes back up with the new one.
     """
+
+    RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
 
     def __init__(self, port_forwards: Sequence[tuple[int, int]] = (), mtu: int = 1500,
                  passt: str = "passt") -> None:
+        self._args = (list(port_forwards), mtu, passt)
+        self._restarts = 0
+        self._retry_at: float | None = None
+        self._closing = False
+        super().__init__(self._start(*self._args), name="passt")
+
+    def _down(self, why: str) -> None:
+        super()._down(why)
+        if self._retry_at is None and not self._closing:
+            self._stop()                   # (the dead passt's directory goes too)
+            delay = self.RESTART_DELAYS[min(self._restarts, len(self.RESTART_DELAYS) - 1)]
+            self._retry_at = time.monotonic() + delay
+
+    def recv(self, limit: int) -> list[bytes]:
+        if self._retry_at is not None and time.monotonic() >= self._retry_at:
+            self._restarts += 1
+            try:
+                sock = self._start(*self._args)
+            except (ConfigError, OSError) as e:
+                log.warning("network passt: cannot restart passt: %s", e)
+                delay = self.RESTART_DELAYS[min(self._restarts, len(self.RESTART_DELAYS) - 1)]
+                self._retry_at = time.monotonic() + delay
+            else:
+                self._retry_at = None
+                self.stream, self.link_up = BufferedStream(sock, MAX_OUT), True
+                log.warning("network passt: restarted; link up")
+        return super().recv(limit)
+
+    def _start(self, port_forwards: Sequence[tuple[int, int]], mtu: int, passt: str) -> socket.socket:
+        """Start passt; the socket to it once it serves."""
         exe = shutil.which(passt)
         if exe is None:
             raise ConfigError("passt is not installed (scripts/setup-system.sh installs it)")
@@ -232,15 +270,19 @@ class PasstBackend(StreamBackend):
         self.proc: subprocess.Popen[bytes] | None = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            pidfile, logfile = self.dir / "passt.pid", self.dir / "passt.log"
+            # The log is made (new, no link followed) while the directory is still ours alone:
+            # once it is nobody's, anything running as nobody could put a link there.
+            err_fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600)
             if os.geteuid() == 0:
                 nobody = pwd.getpwnam("nobody")
                 os.chown(self.dir, nobody.pw_uid, nobody.pw_gid)
-            pidfile, logfile = self.dir / "passt.pid", self.dir / "passt.log"
             argv = [exe, "--foreground", "--quiet", "--fd", str(theirs.fileno()),
                     "--pid", str(pidfile), "--mtu", str(mtu)]
             for host, guest in port_forwards:
                 argv += ["-t", f"127.0.0.1/{host}:{guest}"]
-            with open(logfile, "wb") as err:
+            with open(err_fd, "wb") as err:
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                              pass_fds=[theirs.fileno()], start_new_session=True)
             theirs.close()
@@ -250,7 +292,7 @@ class PasstBackend(StreamBackend):
             ours.close()
             self._stop()
             raise
-        super().__init__(ours, name="passt")
+        return ours
 
     def _wait_ready(self, pidfile: Path, logfile: Path) -> None:
         assert self.proc is not None
@@ -275,6 +317,8 @@ class PasstBackend(StreamBackend):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def close(self) -> None:
+        self._retry_at = None
+        self._closing = True             # (no restart from a _down that close may cause)
         super().close()                  # passt ends when its socket closes; make sure of it
         self._stop()
 

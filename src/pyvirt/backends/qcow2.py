@@ -40,19 +40,30 @@ that every state the file can be in after a crash is consistent:
   3. L2 tables are written (fdatasync before the L1 entries of new tables),
      then L1 entries, then fdatasync;
   4. only then are refcounts of clusters no longer used (copied-over compressed
-     clusters, discarded clusters, an old refcount table) decremented.
+     clusters, discarded clusters, an old refcount table) decremented;
+  5. a cluster whose refcount reaches 0 is free: its space is punched out of the
+     file (fallocate PUNCH_HOLE) and it goes on the free list; free clusters at
+     the end of the file are cut off (ftruncate, after an fdatasync of their
+     zero refcounts).
 
 A crash can therefore lose writes the guest never flushed (the write cache
 virtio-blk advertises) and leak clusters (counted but unused: `qemu-img check`
 reports leaks, not corruption), but never make a table point at a cluster that
-is free or not yet written.  New clusters are only ever taken from the end of
-the file, so a freed cluster is not reused while a stale reference to it might
-survive a crash.  The dirty bit and lazy refcounts are not used.
+is free or not yet written.  A freed cluster is used again (a single cluster is
+taken from the free list, lowest first, before the end of the file grows) only
+once its refcount has dropped to 0 in step 4, that is once no durable table names
+it any more: new data written into it cannot show through a stale reference
+after a crash.  Free clusters of the file as it was opened are found a few
+refcount blocks at a time, between requests (`_find_free`).  So a guest that
+writes, discards and flushes in a loop keeps the file near its working set.
+The dirty bit and lazy refcounts are not used.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import heapq
 import logging
 import os
 import struct
@@ -108,6 +119,25 @@ _UNALLOC, _ZERO, _DATA, _COMP = range(4)
 L2_CACHE_BYTES = 32 << 20        # cached L2 tables / refcount blocks, each
 _MAX_FREE_SKIP = 1 << 20         # clusters past the end with refcounts (crash leaks) skipped
 _MAX_NEST = 16                   # refcount-block allocations inside one another
+_FREE_LOW = 1024                 # free clusters wanted at hand before a write (see _find_free)
+_SCAN_BLOCKS = 4                 # refcount blocks scanned for free clusters per request, at most
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_fallocate: Any = None
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    """Give the space of [offset, offset+length) back to the host file system (best effort:
+    a file system that cannot punch holes keeps it)."""
+    global _fallocate
+    if _fallocate is None:
+        try:
+            f = ctypes.CDLL(None, use_errno=True).fallocate
+            f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            _fallocate = f
+        except (OSError, AttributeError):
+            _fallocate = False
+    if _fallocate:
+        _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def resolve_backing(image: Path, name: str) -> Path:
@@ -266,6 +296,9 @@ class Qcow2Backend:
         self._rt_dirty = False
         self._rt_moved = False
         self._frees: list[int] = []
+        self._free: list[int] = []             # a heap of clusters known to be free (refcount 0)
+        self._in_free: set[int] = set()
+        self._scan_next = 1                    # free clusters of the opened file found below this
         self._write_ready = False
         self._broken: str | None = None
         self._nest = 0
@@ -494,9 +527,18 @@ class Qcow2Backend:
             self._nest -= 1
 
     def _reserve(self, count: int) -> int:
-        """Take `count` contiguous free clusters at the end of the file; their first index.
+        """Take `count` contiguous free clusters; their first index.  A single cluster is a
+        free one inside the file where one is known (`_find_free`), else -- and always for
+        several -- they are taken at the end of the file.
 
         Clusters past the end can carry refcounts after a crash (leaks); those are skipped."""
+        if count == 1:
+            while self._free:
+                c = heapq.heappop(self._free)
+                self._in_free.discard(c)
+                if (c < self._next_free and c not in self._fixed and c not in self._l2_clusters
+                        and c not in self._rb_clusters and not self._get_refcount(c)):
+                    return c
         start = c = self._next_free
         skipped = 0
         while c - start < count:
@@ -690,6 +732,38 @@ class Qcow2Backend:
                 os.fdatasync(self.fd)
                 self.header.autoclear = 0
             self._write_ready = True
+        if len(self._free) < _FREE_LOW:
+            self._find_free()
+
+    def _find_free(self) -> None:
+        """Collect the free clusters (refcount 0) of the part of the file that existed at
+        opening, a few refcount blocks per request (those freed since are collected by
+        `_writeback`).  Only between requests: a cluster taken during one has its refcount
+        set before the next."""
+        limit = min(self._open_clusters, self._next_free)
+        for _ in range(_SCAN_BLOCKS):
+            if len(self._free) >= _FREE_LOW or self._scan_next >= limit:
+                return
+            rti = self._scan_next // self._rbe
+            base = rti * self._rbe
+            lo, hi = self._scan_next - base, min(self._rbe, limit - base)
+            block = self._refblock(rti, create=False) if rti < self._rt_entries() else None
+            if block is None:
+                zeros: Any = range(lo, hi)
+            elif self._rc_order >= 3:
+                counts = memoryview(block).cast("BHIQ"[self._rc_order - 3])   # (0 in any byte order)
+                zeros = [i for i in range(lo, hi) if not counts[i]]
+            else:
+                zeros = [i for i in range(lo, hi) if not self._rc_get(block, i)]
+            for i in zeros:
+                self._add_free(base + i)
+            self._scan_next = base + hi
+
+    def _add_free(self, c: int) -> None:
+        if c not in self._in_free and c not in self._fixed and c not in self._l2_clusters \
+                and c not in self._rb_clusters:
+            self._in_free.add(c)
+            heapq.heappush(self._free, c)
 
     def _write(self, pos: int, total: int, cur: _Cursor) -> None:
         end = pos + total
@@ -718,13 +792,13 @@ class Qcow2Backend:
         cs, cb = self.cluster_size, self.cluster_bits
         old = [self._l2_entry(gc0 + i) for i in range(count)]
         frees = [self._clusters_of(e) for e in old]         # checked before anything changes
-        pieces: list[Buffer] = []
+        pieces_of: list[list[Buffer]] = []
         end = pos + n
         for i in range(count):
             start = (gc0 + i) << cb
             lo, hi = max(pos, start), min(end, start + cs)
             if lo == start and hi == start + cs:
-                pieces.extend(cur.take(cs))
+                pieces_of.append(list(cur.take(cs)))
             else:                                            # copy-on-write: the old contents around
                 buf = bytearray(cs)
                 valid = min(cs, self.size - start)
@@ -733,13 +807,19 @@ class Qcow2Backend:
                 for v in cur.take(hi - lo):
                     buf[o:o + len(v)] = v
                     o += len(v)
-                pieces.append(buf)
-        first = self._reserve(count)
-        self._pwrite_all(first << cb, pieces)
-        self._new_data.update(range(first, first + count))
+                pieces_of.append([buf])
+        hosts = [self._reserve(1) for _ in range(count)]     # free clusters first, then the end
+        self._new_data.update(hosts)
+        i = 0
+        while i < count:                                      # contiguous runs: one pwritev each
+            j = i + 1
+            while j < count and hosts[j] == hosts[j - 1] + 1:
+                j += 1
+            self._pwrite_all(hosts[i] << cb, [v for p in pieces_of[i:j] for v in p])
+            i = j
         for i in range(count):
-            self._set_refcount(first + i, 1)
-            self._set_l2(gc0 + i, ((first + i) << cb) | COPIED)
+            self._set_refcount(hosts[i], 1)
+            self._set_l2(gc0 + i, (hosts[i] << cb) | COPIED)
             self._frees.extend(frees[i])
         self._comp_cache = None
 
@@ -816,13 +896,51 @@ class Qcow2Backend:
         os.fdatasync(fd)
         # 4: nothing names the freed clusters any more.
         frees, self._frees = self._frees, []
+        released: list[int] = []
         for c in frees:
             rc = self._get_refcount(c)
             if rc == 0:
                 self._broken = f"disk image {self.path} is corrupt: freeing cluster {c} twice"
                 raise ImageCorruptError(self._broken)
             self._set_refcount(c, rc - 1)
+            if rc == 1:
+                released.append(c)
         self._write_refblocks()
+        # 5: the released clusters are free: their space goes back to the host, and they are
+        # used again (nothing durable names them since step 3).  Free clusters at the end of
+        # the file are cut off, once their zero refcounts are durable.
+        self._release(released)
+
+    def _release(self, released: list[int]) -> None:
+        cb = self.cluster_bits
+        released.sort()
+        i = 0
+        while i < len(released):
+            j = i + 1
+            while j < len(released) and released[j] == released[j - 1] + 1:
+                j += 1
+            try:
+                _punch(self.fd, released[i] << cb, (j - i) << cb)
+            except OSError:
+                pass
+            i = j
+        for c in released:
+            self._fixed.discard(c)             # (an old refcount table's clusters)
+            self._add_free(c)
+        top = self._next_free
+        while top > 1 and top - 1 not in self._fixed and top - 1 not in self._l2_clusters \
+                and top - 1 not in self._rb_clusters and not self._get_refcount(top - 1):
+            top -= 1
+        if top < self._next_free and top << cb < self._file_size:
+            os.fdatasync(self.fd)
+            os.ftruncate(self.fd, top << cb)
+            self._next_free = top
+            self._file_size = top << cb
+            self._open_clusters = min(self._open_clusters, top)
+            self._open_size = min(self._open_size, top << cb)
+            self._free = [c for c in self._free if c < top]
+            heapq.heapify(self._free)
+            self._in_free = set(self._free)
 
     def _write_refblocks(self) -> None:
         for off in sorted(self._rb_dirty):

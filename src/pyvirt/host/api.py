@@ -127,7 +127,8 @@ def make_app(manager: Manager) -> FastAPI:
     @app.post("/vms/import", status_code=201, responses=ERRORS,
               summary="define a VM from an export archive (checked whole first)")
     def import_vm(req: ImportRequest) -> dict[str, Any]:
-        return manager.import_(req.path, req.name)
+        return manager.import_(req.path, req.name, nets=req.nets, memory_limit=req.memory_limit,
+                               cpu_quota=req.cpu_quota)
 
     add_snapshot_routes(app, manager, ERRORS)
     return app

@@ -21,7 +21,8 @@ Members, in this order::
                             comes second in the stream, so its format and version are
                             checked before any large member is written.
 
-Import reads the stream once into a new directory beside the VM directories and
+Import reads the stream once (with `TarReader`, a strict and bounded reader of the tar
+subset written here, not `tarfile`) into a new directory beside the VM directories and
 checks as it goes: the manifest first (format, version, at most MAX_MEMBERS members,
 sizes within MAX_TOTAL), then every member against it (a regular file with a name the
 manifest lists -- no absolute path, no "..", no links or devices -- and exactly its
@@ -53,6 +54,7 @@ CHUNK = 1 << 20
 HOLE = 64 << 10
 _ZERO = bytes(CHUNK)
 SNAP_DIR = "snapshot"
+INCOMPLETE = ".incomplete"   # in a directory being imported: a daemon that died meanwhile removes it
 SNAP_MANIFEST, SNAP_STATE, SNAP_RAM = (f"{SNAP_DIR}/{name}"
                                        for name in (snapfiles.MANIFEST, snapfiles.STATE, snapfiles.RAM))
 
@@ -180,7 +182,7 @@ class _Bytes:
 # -- import ---------------------------------------------------------------------------------
 def _member_ok(name: str) -> bool:
     p = PurePosixPath(name)
-    return (bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name
+    return (bool(name) and name.isprintable() and not p.is_absolute() and ".." not in p.parts and "\\" not in name
             and len(p.parts) == 2 and p.parts[0] in ("boot", "disks", SNAP_DIR) and not p.name.startswith("."))
 
 
@@ -211,7 +213,7 @@ def _check_manifest(raw: bytes) -> dict[str, Any]:
         import re
 
         from pyvirt.host.models import NAME_RE
-        if not isinstance(m.get("snapshot"), str) or not re.match(NAME_RE, m["snapshot"]):
+        if not isinstance(m.get("snapshot"), str) or not re.fullmatch(NAME_RE, m["snapshot"]):
             raise ArchiveError(f"{MANIFEST}: the snapshot's name is missing or invalid")
         if snap != {SNAP_MANIFEST, SNAP_STATE, SNAP_RAM}:
             raise ArchiveError(f"the snapshot's members are not exactly {SNAP_MANIFEST}, {SNAP_STATE} and {SNAP_RAM}")
@@ -261,8 +263,20 @@ def _copy_sparse(src: IO[bytes], dst: Path, size: int) -> None:
                         os.pwrite(fd, part, done + off)
             done += len(chunk)
         os.ftruncate(fd, size)
+        os.fsync(fd)                      # durable before the daemon records what names it
     finally:
         os.close(fd)
+
+
+def fsync_tree(top: Path) -> None:
+    """fsync the directories under `top` (and `top`): the names of files already fsynced are
+    durable too."""
+    for d in [top, *(p for p in top.rglob("*") if p.is_dir() and not p.is_symlink())]:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def unpack(archive: Path, dest: Path) -> dict[str, Any]:
@@ -276,14 +290,16 @@ def unpack(archive: Path, dest: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:              # (ValueError: a NUL in the path)
         raise ArchiveError(f"cannot open {str(archive)[:200]!r}: {getattr(e, 'strerror', None) or e}") from None
     dest.mkdir(mode=0o700)
+    (dest / INCOMPLETE).touch(mode=0o600)      # until the daemon has recorded it (see Manager.recover)
     try:
-        with f, zstandard.ZstdDecompressor().stream_reader(f) as z, tarfile.open(fileobj=z, mode="r|") as tar:
-            m = _unpack_members(tar, dest)
+        with f, zstandard.ZstdDecompressor().stream_reader(f) as z:
+            m = _unpack_members(TarReader(z), dest)
+        fsync_tree(dest)
         return _localize(m, dest)
     except ArchiveError:
         shutil.rmtree(dest, ignore_errors=True)
         raise
-    except (tarfile.TarError, zstandard.ZstdError, EOFError) as e:
+    except (TarFormatError, zstandard.ZstdError, EOFError) as e:
         shutil.rmtree(dest, ignore_errors=True)
         raise ArchiveError(f"{archive} is not a valid archive (corrupt or truncated: {e})") from None
     except BaseException:
@@ -291,7 +307,155 @@ def unpack(archive: Path, dest: Path) -> dict[str, Any]:
         raise
 
 
-def _unpack_members(tar: tarfile.TarFile, dest: Path) -> dict[str, Any]:
+class TarFormatError(Exception):
+    """The stream is not the tar subset TarReader reads."""
+
+
+class TarMember:
+    __slots__ = ("name", "size", "type")
+
+    def __init__(self, name: str, size: int, type_: bytes) -> None:
+        self.name, self.size, self.type = name, size, type_
+
+    def isfile(self) -> bool:
+        return self.type in (b"0", b"\0")
+
+
+class TarReader:
+    """A strict, bounded reader of the tar subset export writes (tarfile's PAX format):
+    ustar headers (checksummed), PAX extended headers of at most MAX_PAX bytes (`path` and
+    `size` are used, other keys ignored), regular files; other member types are reported
+    (not regular files: refused by the caller), GNU long names and anything else malformed
+    is a TarFormatError.  At most MAX_HEADERS headers are read, so a small archive cannot
+    make it parse or hold much: tarfile reads a PAX header of any size into memory and
+    parses it in quadratic time."""
+
+    MAX_PAX = 64 << 10
+    MAX_HEADERS = 4 * (MAX_MEMBERS + 1)
+
+    def __init__(self, src: Any) -> None:
+        self.src = src
+        self.left = 0              # unread bytes of the current member's data and padding
+        self.headers = 0
+        self.done = False
+
+    def _read(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            chunk = self.src.read(min(n - len(out), CHUNK))
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+
+    def _skip(self) -> None:
+        while self.left:
+            n = len(self._read(min(self.left, CHUNK)))
+            if not n:
+                raise EOFError("the archive ends inside a member")
+            self.left -= n
+
+    def _header(self) -> bytes | None:
+        self.headers += 1
+        if self.headers > self.MAX_HEADERS:
+            raise TarFormatError(f"more than {self.MAX_HEADERS} tar headers")
+        block = self._read(512)
+        if not block or block == bytes(512):
+            self.done = True
+            return None
+        if len(block) < 512:
+            raise EOFError("the archive ends inside a tar header")
+        chk = _octal(block[148:156])
+        if chk != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+            raise TarFormatError("a tar header's checksum is wrong")
+        return block
+
+    def next(self) -> TarMember | None:
+        self._skip()
+        pax: dict[str, str] = {}
+        while not self.done:
+            block = self._header()
+            if block is None:
+                return None
+            size = _octal(block[124:136])
+            kind = block[156:157]
+            if kind in (b"x", b"g"):
+                if size > self.MAX_PAX:
+                    raise TarFormatError(f"a PAX header is larger than {self.MAX_PAX} bytes")
+                data = self._read(size)
+                if len(data) < size:
+                    raise EOFError("the archive ends inside a PAX header")
+                self._read(-size % 512)
+                if kind == b"x":
+                    pax.update(_pax_records(data))
+                continue
+            if kind in (b"L", b"K"):
+                raise TarFormatError("GNU long-name headers are not part of the format")
+            name = block[:100].split(b"\0", 1)[0]
+            if block[257:262] == b"ustar" and block[345:500].strip(b"\0"):
+                name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+            try:
+                text = pax["path"] if "path" in pax else name.decode("utf-8")
+                size = int(pax["size"]) if "size" in pax else size
+            except (UnicodeDecodeError, ValueError):
+                raise TarFormatError("a tar header's name or size is malformed") from None
+            if size < 0:
+                raise TarFormatError("a tar header's size is malformed")
+            member = TarMember(text, size if kind in (b"0", b"\0", b"7") else 0, kind)
+            self.left = member.size + (-member.size % 512)
+            return member
+        return None
+
+    def extractfile(self, member: TarMember) -> Any:
+        reader = self
+
+        class _Data:
+            def read(self, n: int = -1) -> bytes:
+                want = reader.left - (-member.size % 512)      # data left, not the padding
+                n = want if n < 0 else min(n, want)
+                data = reader._read(n) if n > 0 else b""
+                if len(data) < n:
+                    raise EOFError(f"the archive is truncated in {member.name[:80]}")
+                reader.left -= len(data)
+                return data
+        return _Data()
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] == b"\x80":                    # base-256 (GNU / star)
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise TarFormatError("a tar header has a malformed number") from None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        sp = data.find(b" ", pos, pos + 24)
+        try:
+            length = int(data[pos:sp]) if sp > pos else -1
+        except ValueError:
+            length = -1
+        if length <= sp - pos or pos + length > len(data) or data[pos + length - 1:pos + length] != b"\n":
+            raise TarFormatError("a PAX header is malformed")
+        key, eq, value = data[sp + 1:pos + length - 1].partition(b"=")
+        if not eq:
+            raise TarFormatError("a PAX header is malformed")
+        try:
+            out[key.decode("utf-8")] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TarFormatError("a PAX header is not UTF-8") from None
+        pos += length
+    return out
+
+
+def _unpack_members(tar: TarReader, dest: Path) -> dict[str, Any]:
     first = tar.next()
     if first is None or first.name != MANIFEST or not first.isfile() or first.size > MAX_MANIFEST:
         raise ArchiveError(f"not a pyvirt export archive (it does not start with {MANIFEST})")
@@ -333,13 +497,56 @@ def _localize(m: dict[str, Any], dest: Path) -> dict[str, Any]:
     return m
 
 
+# What of an archive's spec an imported VM keeps: the guest's own hardware, and limits
+# on its disks (which only restrict it).  Nothing that reaches the host: its disks are
+# the archive's members opened as the raw images they are (never probed, so never a
+# qcow2 naming a backing file); its network interfaces and port sockets are the
+# importing user's, its host limits the importing user's or the defaults.
+GUEST_FIELDS = ("cpus", "memory", "kernel", "initrd", "append", "bios", "rng", "engine", "mmu")
+DISK_FIELDS = ("read_only", "bw", "iops", "burst")
+
+
+def trusted_spec(spec: Any, nets: list[dict[str, Any]], ports: dict[str, str] | None = None) -> dict[str, Any]:
+    """The spec an imported VM (or snapshot) gets from the archive's `spec` (paths already
+    local): its guest fields, its disks as format=raw with their limits, `nets` (the
+    importer's; each keeps the archive's MAC where there is one to keep) and, for a
+    snapshot, its ports at the sockets `ports` gives (by name)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("disks", []), list) \
+            or not isinstance(spec.get("nets", []), list) or not isinstance(spec.get("ports", []), list):
+        raise ArchiveError("the spec is malformed")
+    out = {k: spec[k] for k in GUEST_FIELDS if k in spec}
+    disks = []
+    for d in spec.get("disks", []):
+        if not isinstance(d, dict):
+            raise ArchiveError("the spec's disks are malformed")
+        disks.append({"path": d.get("path"), "format": "raw", **{k: d[k] for k in DISK_FIELDS if k in d}})
+    out["disks"] = disks
+    saved_nets = spec.get("nets", [])
+    new_nets = []
+    for i, n in enumerate(nets):
+        n = dict(n)
+        old = saved_nets[i] if i < len(saved_nets) else None
+        if isinstance(old, dict) and isinstance(old.get("mac"), str):
+            n["mac"] = old["mac"]
+        new_nets.append(n)
+    out["nets"] = new_nets
+    out["ports"] = []
+    if ports is not None:
+        for p in spec.get("ports", []):
+            name = p.get("name") if isinstance(p, dict) else None
+            if not isinstance(name, str) or name not in ports:
+                raise ArchiveError("the snapshot's console ports are malformed")
+            out["ports"].append({"name": name, "socket": ports[name]})
+    return out
+
+
 def _local(member: Any, m: dict[str, Any], dest: Path) -> str:
     if not isinstance(member, str) or member not in m["members"]:
         raise ArchiveError(f"the spec names {str(member)[:80]!r}, which is not in the archive")
     return str(dest / member)
 
 
-def install_snapshot(unpacked: Path, dest: Path) -> dict[str, Any]:
+def install_snapshot(unpacked: Path, dest: Path, nets: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Make the new directory `dest` a self-contained snapshot (vmm/snapshot.py's format)
     from the snapshot members of the archive unpacked in `unpacked`: its state and RAM
     are moved in; each disk's image (the archive's disks/diskN.raw, a sparse copy: the
@@ -347,8 +554,9 @@ def install_snapshot(unpacked: Path, dest: Path) -> dict[str, Any]:
     its empty overlay `diskN.qcow2` over it as a snapshot taken here would; the boot
     files are linked in as `boot-KEY` (a VM restored from it boots from them when
     started again).  The manifest then names these files (sizes, the overlays' sha256)
-    and must pass `read_manifest`.  On any failure `dest` is removed; returns the
-    manifest."""
+    and must pass `read_manifest`.  Its spec is `trusted_spec`'s: the network interfaces
+    are `nets` (the importer's, as many as the snapshot saved), its console ports' sockets
+    lie in `dest`.  On any failure `dest` is removed; returns the manifest."""
     from pydantic import ValidationError
 
     from pyvirt.backends.qcow2_tools import create_qcow2
@@ -358,6 +566,7 @@ def install_snapshot(unpacked: Path, dest: Path) -> dict[str, Any]:
 
     m = _check_snapshot_head(unpacked / SNAP_MANIFEST)
     dest.mkdir(mode=0o700)
+    (dest / INCOMPLETE).touch(mode=0o600)      # until the daemon has recorded it (see Manager.recover)
     try:
         spec, files = m["spec"], m["files"]
         for name in (fmt.STATE, fmt.RAM):
@@ -380,6 +589,14 @@ def install_snapshot(unpacked: Path, dest: Path) -> dict[str, Any]:
                 overlay.chmod(0o444)
                 files[overlay.name] = {"size": overlay.stat().st_size,
                                        "sha256": hashlib.sha256(overlay.read_bytes()).hexdigest()}
+        saved_nets = spec.get("nets", [])
+        if not isinstance(saved_nets, list) or len(saved_nets) != len(nets or []):
+            n = len(saved_nets) if isinstance(saved_nets, list) else 0
+            raise ArchiveError(f"the snapshot has {n} network interface(s): import it with as many "
+                               f"--net (the archive's own are never used), not {len(nets or [])}")
+        ports = {p["name"]: str(dest / f"port-{i}.sock") for i, p in enumerate(spec.get("ports", []))
+                 if isinstance(p, dict) and isinstance(p.get("name"), str)}
+        spec = m["spec"] = trusted_spec(spec, nets or [], ports)
         for key in ("kernel", "initrd", "bios"):
             if spec.get(key) is not None:
                 if spec[key] != f"boot/{key}" or not (unpacked / spec[key]).is_file():
@@ -393,6 +610,11 @@ def install_snapshot(unpacked: Path, dest: Path) -> dict[str, Any]:
                 files[copy.name] = {"size": copy.stat().st_size}
                 spec[key] = str(copy)
         (dest / fmt.MANIFEST).write_text(json.dumps(m, indent=1) + "\n")
+        with open(dest / fmt.MANIFEST, "rb") as f:
+            os.fsync(f.fileno())
+        for name in (fmt.STATE, fmt.RAM):
+            with open(dest / name, "rb") as f:
+                os.fsync(f.fileno())
         try:
             out = fmt.read_manifest(dest)
             VmSpec.model_validate(out["spec"])
@@ -403,6 +625,7 @@ def install_snapshot(unpacked: Path, dest: Path) -> dict[str, Any]:
         if out["memory"] != spec["memory"] or files[fmt.RAM]["size"] != fmt.ram_file_size(spec["memory"]):
             raise ArchiveError("the snapshot's RAM size does not match its spec")
         shutil.rmtree(unpacked / SNAP_DIR)
+        fsync_tree(dest)
         return out
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)

@@ -99,6 +99,12 @@ def add_parsers(sub: Any) -> None:
     im = sub.add_parser("import", parents=[common], help="define a VM from an export archive")
     im.add_argument("file", metavar="FILE")
     im.add_argument("--name", metavar="NEW", help="the new VM's name (default: the exported VM's)")
+    im.add_argument("--net", action="append", default=[], metavar="NET",
+                    help="a network interface, as `pyvirt create --net` (the archive's own are never "
+                         "used; an archive with a snapshot needs as many as it saved)")
+    im.add_argument("--memory-limit", metavar="SIZE",
+                    help="the runner's memory ceiling (default: the archive's guest RAM + 256M)")
+    im.add_argument("--cpu-quota", type=float, metavar="CPUS", help="CPU time ceiling in CPUs")
     snapshot_cli.add_parsers(sub, common)
 
 
@@ -183,7 +189,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{out['name']}{with_snap} exported to {out['path']} ({out['size']} bytes)")
             return 0
         if args.cmd == "import":
-            vm = client.import_(os.path.abspath(args.file), name=args.name)
+            vm = client.import_(os.path.abspath(args.file), name=args.name, nets=args.net,
+                                memory_limit=args.memory_limit, cpu_quota=args.cpu_quota)
             print(f"{vm['name']} {vm['id']}" + (f" snapshot {vm['snapshot']}" if vm.get("snapshot") else ""))
             return 0
         if args.cmd in snapshot_cli.COMMANDS:

@@ -40,6 +40,11 @@ class ControlError(Exception):
     """The runner did not answer (not there, or it closed the connection)."""
 
 
+# In the VM directory: the disks the VM writes, written by the runner when a snapshot moved them
+# onto new overlays (before its guest runs again), recorded by the daemon (snapshots._sync_disks).
+DISKS_FILE = "disks.json"
+
+
 def request(path: str | Path, op: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
     """Send one request to the control socket at `path`; its reply."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

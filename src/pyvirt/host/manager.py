@@ -61,6 +61,7 @@ class Manager(SnapshotOps):
         self.cgroups = cgroups.detect(hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:12])
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.expected_end: set[str] = set()      # ids being stopped or killed on purpose
+        self.deleting: set[str] = set()          # ids being deleted: not started meanwhile
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self.recover()
@@ -164,12 +165,22 @@ class Manager(SnapshotOps):
             rec = self._get(rec.id)
             if rec.alive and not force:
                 raise Conflict(f"VM {rec.name} is {rec.state}: stop it first (or delete with force)")
+            if rec.id in self.deleting:
+                raise Conflict(f"VM {rec.name} is being deleted")
             self.check_no_snapshot_needs(rec)
-        if rec.alive:
-            self._force_end(rec)
-        with self.lock:
-            self.store.delete(rec.id)
-            shutil.rmtree(self.paths(rec).dir, ignore_errors=True)
+            self.deleting.add(rec.id)           # a start racing the delete is refused from now on
+        try:
+            if rec.alive:
+                self._force_end(rec)
+            with self.lock:
+                self._check(self._get(rec.id))
+                if self._get(rec.id).alive:     # (cannot happen while `deleting` holds it)
+                    raise Conflict(f"VM {rec.name} is running again: not deleted")
+                self.store.delete(rec.id)
+                shutil.rmtree(self.paths(rec).dir, ignore_errors=True)
+        finally:
+            with self.lock:
+                self.deleting.discard(rec.id)
         log.info("deleted VM %s", rec.name)
 
     # -- export / import (host/archive.py) ----------------------------------------------------
@@ -213,16 +224,26 @@ class Manager(SnapshotOps):
         return {"path": str(Path(path).expanduser().absolute()), "name": rec.name, "snapshot": snapshot,
                 "members": m["members"], "size": os.path.getsize(Path(path).expanduser())}
 
-    def import_(self, path: str, name: str | None = None) -> dict[str, Any]:
+    def import_(self, path: str, name: str | None = None, nets: list[str] | None = None,
+                memory_limit: int | str | None = None, cpu_quota: float | None = None) -> dict[str, Any]:
         """A new, stopped VM from an export archive: checked whole before anything is kept.
         An archive with a snapshot also registers the snapshot (as a snapshot of the new VM),
-        under its name in the archive or, when that is taken, NEW-NAME; else 409."""
+        under its name in the archive or, when that is taken, NEW-NAME; else 409.
+
+        The archive is not trusted: the VM keeps only its guest hardware and disk contents
+        (archive.trusted_spec; disks are raw images, never probed); its network interfaces
+        are `nets` (as --net), its host limits `memory_limit` / `cpu_quota` or the defaults
+        -- never the archive's."""
         _absolute(path)
         import re
 
         from pyvirt.host import archive
-        from pyvirt.host.models import NAME_RE, NAME_RULE
-        from pyvirt.spec import VmSpec
+        from pyvirt.host.models import NAME_RE, NAME_RULE, host_limits
+        from pyvirt.spec import NetSpec, VmSpec
+        try:
+            net_specs = [json.loads(NetSpec.parse(n).model_dump_json()) for n in nets or []]
+        except ConfigError as e:
+            raise Invalid(str(e)) from None
         vm_id = uuid.uuid4().hex[:12]
         dest = self.paths(VmRecord(id=vm_id, name="", spec="", limits="", desired="", created=0)).dir
         try:
@@ -232,22 +253,25 @@ class Manager(SnapshotOps):
         snap_dir: Path | None = None
         try:
             new_name = name or m.get("name")
-            if not isinstance(new_name, str) or not re.match(NAME_RE, new_name):
+            if not isinstance(new_name, str) or not re.fullmatch(NAME_RE, new_name):
                 raise Invalid(f"cannot import {path}: {NAME_RULE}")
             try:
-                spec = VmSpec.model_validate(m["spec"])
-                limits = Limits.model_validate(m.get("limits") or {"memory_limit": spec.memory + (256 << 20)})
+                spec = VmSpec.model_validate(archive.trusted_spec(m["spec"], net_specs))
+            except archive.ArchiveError as e:
+                raise Invalid(f"cannot import {path}: {e}") from None
             except ValueError as e:
                 raise Invalid(f"cannot import {path}: invalid spec: {str(e).splitlines()[0]}") from None
-            if spec.ports or any(n.socket is not None for n in spec.nets):
-                raise Invalid(f"cannot import {path}: its spec names host sockets (ports or stream nets)")
+            try:
+                limits = host_limits(spec, memory_limit, cpu_quota)
+            except ConfigError as e:
+                raise Invalid(f"cannot import {path}: {e}") from None
             rec = VmRecord(id=vm_id, name=new_name, spec=spec.model_dump_json(),
                            limits=limits.model_dump_json(), desired="stopped", created=time.time())
             snap = None
             if m.get("snapshot"):
                 snap_dir = self._import_snapshot_dir(m["snapshot"], new_name)
                 try:
-                    sm = archive.install_snapshot(dest, snap_dir)
+                    sm = archive.install_snapshot(dest, snap_dir, net_specs)
                 except archive.ArchiveError as e:
                     raise Invalid(f"cannot import {path}: {e}") from None
                 frozen = [d["path"] for d in sm["disks"] if d["kind"] == "frozen"]
@@ -271,6 +295,9 @@ class Manager(SnapshotOps):
             if snap_dir is not None:
                 shutil.rmtree(snap_dir, ignore_errors=True)
             raise
+        for d in (dest, snap_dir):              # recorded: no longer an unfinished import
+            if d is not None:
+                (d / archive.INCOMPLETE).unlink(missing_ok=True)
         out = self.inspect(vm_id)
         if snap is not None:
             out["snapshot"] = snap.name
@@ -285,7 +312,7 @@ class Manager(SnapshotOps):
         (self.state / "snapshots").mkdir(mode=0o700, exist_ok=True)
         for n in (archived, f"{vm_name}-{archived}"):
             d = self.state / "snapshots" / n
-            if re.match(NAME_RE, n) and self.snapshots.get(n) is None and not d.exists():
+            if re.fullmatch(NAME_RE, n) and self.snapshots.get(n) is None and not d.exists():
                 return d
         raise Conflict(f"a snapshot named {archived} (and one named {vm_name}-{archived}) exists already: "
                        "import with another --name, or delete it first")
@@ -298,6 +325,8 @@ class Manager(SnapshotOps):
             rec = self._get(rec.id)
             if rec.alive:
                 raise Conflict(f"VM {rec.name} is already {rec.state}")
+            if rec.id in self.deleting:
+                raise Conflict(f"VM {rec.name} is being deleted")
             proc = self._spawn(rec)
         self._wait_ready(rec, proc)
         log.info("started VM %s (runner pid %d)", rec.name, proc.pid)
@@ -306,7 +335,7 @@ class Manager(SnapshotOps):
     def _spawn(self, rec: VmRecord, extra: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
         p = self.paths(rec)
         p.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for f in (p.exit_file, p.control_sock):
+        for f in (p.exit_file, p.control_sock, p.dir / control.DISKS_FILE):   # (disks.json: recorded at the end)
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
         tmp = p.config.with_name("config.json.tmp")
@@ -334,6 +363,8 @@ class Manager(SnapshotOps):
             if proc.poll() is not None:
                 with self.lock:
                     self._check(self._get(rec.id))
+                if _exit_info(p).get("reason") == "poweroff":
+                    return                      # it started, and the guest has finished already
                 why = _exit_info(p).get("error") or self._get(rec.id).reason
                 raise Invalid(f"VM {rec.name} could not start: {why}")
             if p.control_sock.exists():
@@ -443,6 +474,7 @@ class Manager(SnapshotOps):
 
     def _ended(self, rec: VmRecord, code: int | None) -> None:
         self.children.pop(rec.id, None)
+        self._sync_disks(rec)                   # (a snapshot the daemon did not see end)
         info = _exit_info(self.paths(rec))
         expected = rec.id in self.expected_end
         self.expected_end.discard(rec.id)
@@ -499,13 +531,35 @@ class Manager(SnapshotOps):
                     continue
                 live_ids.add(rec.id)
                 log.info("found VM %s running (runner pid %s)", cur.name, cur.pid)
+                self._sync_disks(rec)           # (the daemon ended during a snapshot)
                 with contextlib.suppress(control.ControlError):
                     st = control.request(self.paths(rec).control_sock, "status", timeout=3)
                     if st.get("state") in ("running", "paused") and st["state"] != cur.state:
                         self.store.update(rec.id, state=st["state"])
+        self._remove_unfinished_imports()
         for d in cgroups.leftovers(self.cgroups):
             if d.name not in live_ids:
                 cgroups.remove([d])
+
+
+    def _remove_unfinished_imports(self) -> None:
+        """Directories an import was filling when the daemon died (marked incomplete, not
+        recorded) are removed; a recorded one only loses its mark."""
+        from pyvirt.host.archive import INCOMPLETE
+        with self.lock:
+            vm_ids = {r.id for r in self.store.all()}
+            snaps = {s.name for s in self.snapshots.all()}
+        for kind, known in (("vms", vm_ids), ("snapshots", snaps)):
+            top = self.state / kind
+            if not top.is_dir():
+                continue
+            for d in top.iterdir():
+                if d.is_symlink() or not d.is_dir() or not (d / INCOMPLETE).exists():
+                    continue
+                if d.name in known:
+                    (d / INCOMPLETE).unlink(missing_ok=True)
+                else:
+                    shutil.rmtree(d, ignore_errors=True)
 
 
 def _exit_info(p: VmPaths) -> dict[str, Any]:

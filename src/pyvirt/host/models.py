@@ -56,6 +56,13 @@ class ImportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(description="an archive written by export")
     name: str | None = Field(None, pattern=NAME_RE, description="the new VM's name (default: the archive's)")
+    nets: list[str] = Field(default_factory=list,
+                            description="the imported VM's network interfaces, as --net (the archive's own "
+                                        "are never used; a snapshot in it needs as many as it saved)")
+    cpu_quota: float | None = Field(None, gt=0, le=64, description="CPU time ceiling in CPUs")
+    memory_limit: int | str | None = Field(
+        None, description="the runner's memory ceiling (default: the archive's memory + 256M); an "
+                          "archive whose guest RAM does not fit under it is refused")
 
 
 class Limits(BaseModel):
@@ -106,16 +113,25 @@ def to_spec(req: VmCreate) -> tuple[VmSpec, Limits]:
     typed = {"memory": str(req.memory) if isinstance(req.memory, str) else format_size(memory)}
     spec = make_spec(typed=typed, cpus=req.cpus, memory=memory, kernel=kernel, initrd=initrd, append=append,
                      disks=disks, nets=nets, engine=req.engine or default_engine())
-    if req.memory_limit is not None:
-        limit = _size(req.memory_limit, "memory_limit")
+    return spec, host_limits(spec, req.memory_limit, req.cpu_quota, typed["memory"])
+
+
+def host_limits(spec: VmSpec, memory_limit: int | str | None, cpu_quota: float | None,
+                typed_memory: str | None = None) -> Limits:
+    """The host limits of a VM with `spec` as its user asked for them (ConfigError when they
+    do not fit the VM)."""
+    if memory_limit is not None:
+        limit = _size(memory_limit, "memory_limit")
         if limit < spec.memory + MIN_MEMORY_LIMIT:
-            typed_limit = req.memory_limit if isinstance(req.memory_limit, str) else format_size(limit)
-            raise ConfigError(f"memory_limit {typed_limit}: too small for {typed['memory']} of guest RAM "
+            typed_limit = memory_limit if isinstance(memory_limit, str) else format_size(limit)
+            raise ConfigError(f"memory_limit {typed_limit}: too small for "
+                              f"{typed_memory or format_size(spec.memory)} of guest RAM "
                               f"(at least memory + {format_size(MIN_MEMORY_LIMIT)}: "
                               f"{format_size(spec.memory + MIN_MEMORY_LIMIT)})")
     else:
         limit = spec.memory + VMM_OVERHEAD
-    if req.cpu_quota is not None and req.cpu_quota > spec.cpus:
-        raise ConfigError(f"cpu_quota {req.cpu_quota:g}: more than the VM's {spec.cpus} cpu(s)")
-    return spec, Limits(cpu_quota=req.cpu_quota, memory_limit=limit)
+    if cpu_quota is not None and cpu_quota > spec.cpus:
+        raise ConfigError(f"cpu_quota {cpu_quota:g}: more than the VM's {spec.cpus} cpu(s)")
+    return Limits(cpu_quota=cpu_quota, memory_limit=limit)
+
 

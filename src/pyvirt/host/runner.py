@@ -51,7 +51,7 @@ from pyvirt.backends.char import _InputMixin
 from pyvirt.errors import ConfigError, PyvirtError
 from pyvirt.fsutil import listen_unix
 from pyvirt.guestcmd import AGENT_PORT
-from pyvirt.host.control import ControlServer
+from pyvirt.host.control import DISKS_FILE, ControlServer
 from pyvirt.host.paths import VmPaths, vm_paths
 from pyvirt.spec import NetSpec, PortSpec, VmSpec
 from pyvirt.stream import BufferedStream
@@ -59,6 +59,7 @@ from pyvirt.vmm.vm import Vm, Watch
 
 log = logging.getLogger("pyvirt.runner")
 LOG_MAX = 16 << 20        # console.log is rotated (to console.log.1) beyond this
+LOG_PENDING = 256 << 10   # console output held before it is written (also within a CPU slice)
 BUSY = b"\r\npyvirt: the console is busy (another client is attached)\r\n"
 
 
@@ -82,6 +83,8 @@ class SocketConsole(_InputMixin):
     # -- CharBackend ---------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         self._log += data
+        if len(self._log) >= LOG_PENDING:     # a guest printing (SBI DBCN: 1 MiB a call) within one
+            self._write_log()                 # slice: memory and console.log stay bounded
         if self.client is not None and not self.client.full():
             self.client.queue(data)
 
@@ -92,14 +95,17 @@ class SocketConsole(_InputMixin):
         self.flush()
 
     def flush(self) -> None:
+        self._write_log()
+        if self.client is not None and self.client.flush() is not None:
+            self._detach()
+
+    def _write_log(self) -> None:
         if self._log:
             with contextlib.suppress(OSError):
-                self.log_size += os.write(self.log_fd, self._log)
+                self.log_size += os.write(self.log_fd, self._log[:LOG_MAX])   # (the rest: dropped)
             self._log.clear()
             if self.log_size > LOG_MAX:
                 self._rotate()
-        if self.client is not None and self.client.flush() is not None:
-            self._detach()
 
     def _rotate(self) -> None:
         """console.log -> console.log.1 (replacing the one before), and a new console.log."""
@@ -158,6 +164,9 @@ class Runner:
         self.reason = "poweroff"
         self.last_snapshot: dict[str, Any] | None = None
         self.snapshot_dir: str | None = None
+        # A snapshot's new overlays are recorded before the old images are frozen
+        # (vmm/snapshot.py's _freeze_disks calls these).
+        vm.disks_moved = [lambda: write_disks(self.paths, vm)]    # type: ignore[attr-defined]
         rfd, wfd = os.pipe()
         os.set_blocking(wfd, False)
         self.signal_r = rfd
@@ -262,6 +271,10 @@ class Runner:
             return {"ok": False, "error": 'snapshot: "then" is "continue" or "quit"'}
 
         def done(_manifest: Any, error: Exception | None) -> None:
+            if live_dir is not None and then == "continue":
+                # Before the guest runs again: the daemon records these (host/snapshots.py,
+                # `_sync_disks`) however long it waited, even if it gave up or was restarted.
+                write_disks(self.paths, self.vm)
             self.last_snapshot = {"dir": directory, "then": then, "ok": error is None,
                                   "error": None if error is None else str(error)}
             if then == "quit" and error is None:
@@ -308,6 +321,26 @@ def build_vm(config: dict[str, Any], paths: VmPaths, console: SocketConsole) -> 
         # the default guest's /init takes its host name from here (every boot, restarts included)
         spec = spec.model_copy(update={"append": f"{spec.append or ''} pyvirt.hostname={config['name']}".strip()})
     return Vm(spec, console)
+
+
+def write_disks(paths: VmPaths, vm: Vm) -> None:
+    """<vm dir>/disks.json: the disks `vm` writes now, durably (written and renamed into place,
+    fsynced) -- a failure ends the VM before its guest writes anything the daemon does not know."""
+    path = paths.dir / DISKS_FILE
+    tmp = path.with_name(DISKS_FILE + ".tmp")
+    disks = json.loads(vm.spec.model_dump_json())["disks"]
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(disks).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(paths.dir, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def write_exit(paths: VmPaths, **info: Any) -> None:

@@ -101,20 +101,17 @@ class SnapshotOps:
             with self.lock:
                 lock = self.snapshot_locks.setdefault(rec.id, threading.Lock())
             with lock:
-                self._control(rec, "snapshot", dir=str(d), then="continue", live_dir=str(live))
-                outcome = self._snapshot_outcome(rec, d)
+                try:
+                    self._control(rec, "snapshot", dir=str(d), then="continue", live_dir=str(live))
+                    outcome = self._snapshot_outcome(rec, d)
+                finally:
+                    with self.lock:            # the VM may write to new overlays now: record them
+                        self._sync_disks(rec)
             if not outcome.get("ok"):
                 raise _error("Conflict", f"the snapshot of VM {rec.name} failed: {outcome.get('error')}")
             from pyvirt.vmm.snapshot import read_manifest
             m = read_manifest(d)
             frozen = {i: disk["path"] for i, disk in enumerate(m["disks"]) if disk.get("kind") == "frozen"}
-            with self.lock:                    # the VM now writes to new overlays: record them
-                spec = self._get(rec.id).spec_dict
-                for i in frozen:
-                    if "copied_from" in m["disks"][i]:
-                        continue               # the user's disk: copied, the VM still writes it
-                    spec["disks"][i].update(path=str(live / overlay_name(i)), format="qcow2")
-                self.store.update(rec.id, spec=json.dumps(spec))
             snap = SnapshotRecord(name=name, vm=rec.name, vm_id=rec.id, dir=str(d), created=time.time(),
                                   memory=m["memory"], size=disk_usage(d), version=m["version"],
                                   frozen=json.dumps(list(frozen.values())))
@@ -129,18 +126,53 @@ class SnapshotOps:
         return self.describe_snapshot(snap)
 
     def _snapshot_outcome(self: Manager, rec: VmRecord, d: Path) -> dict[str, Any]:
-        """Wait until the runner reports the snapshot into `d` done (or failed)."""
+        """Wait until the runner reports the snapshot into `d` done (or failed).  A runner
+        busy writing it does not answer: that is waited for as long as the runner lives."""
         deadline = time.monotonic() + SNAPSHOT_TIMEOUT
         while time.monotonic() < deadline:
             try:
                 st = control.request(self.paths(rec).control_sock, "status", timeout=5)
             except control.ControlError as e:
+                with self.lock:
+                    self._check(self._get(rec.id))
+                    alive = self._get(rec.id).alive
+                if alive:
+                    time.sleep(0.1)
+                    continue
                 raise _error("Conflict", f"VM {rec.name} ended during its snapshot ({e})") from None
             snap = st.get("snapshot") or {}
             if snap.get("dir") == str(d) and snap.get("ok") is not None:
                 return snap
             time.sleep(0.02)
         raise _error("Conflict", f"the snapshot of VM {rec.name} did not finish in {SNAPSHOT_TIMEOUT:.0f} s")
+
+    def _sync_disks(self: Manager, rec: VmRecord) -> None:
+        """Record the disks the runner reported it writes now (<vm dir>/disks.json, written
+        by the runner before its guest runs on new overlays after a snapshot).  Only new
+        overlays in the VM's own disks/ directory are taken (call with the lock held)."""
+        vm_dir = self.paths(rec).dir
+        try:
+            disks = json.loads((vm_dir / control.DISKS_FILE).read_text())
+        except (OSError, ValueError):
+            return
+        cur = self.store.get(rec.id)
+        if cur is None or not isinstance(disks, list):
+            return
+        spec = cur.spec_dict
+        if len(disks) != len(spec.get("disks", [])):
+            return
+        own = (vm_dir / "disks").resolve()
+        changed = False
+        for disk, new in zip(spec["disks"], disks):
+            path = new.get("path") if isinstance(new, dict) else None
+            if not isinstance(path, str) or path == disk["path"] or new.get("format") != "qcow2":
+                continue
+            real = Path(path).resolve()
+            if real.is_relative_to(own) and real.is_file():
+                disk.update(path=str(real), format="qcow2")
+                changed = True
+        if changed:
+            self.store.update(rec.id, spec=json.dumps(spec))
 
     # -- deleting --------------------------------------------------------------------------
     def delete_snapshot(self: Manager, name: str) -> None:
@@ -156,10 +188,10 @@ class SnapshotOps:
 
     def check_no_snapshot_needs(self: Manager, rec: VmRecord) -> None:
         """Refuse to delete `rec` while a snapshot's disks back onto an image in its directory."""
-        vm_dir = self.paths(rec).dir
-        for snap in self.snapshots.all():
+        vm_dir = self.paths(rec).dir.resolve()          # (both resolved: a symlink in the state
+        for snap in self.snapshots.all():               # directory's path must not hide one)
             for path in json.loads(snap.frozen):
-                if Path(path).is_relative_to(vm_dir):
+                if Path(path).resolve().is_relative_to(vm_dir):
                     raise _error("Conflict", f"snapshot {snap.name} is built on VM {rec.name}'s disk "
                                              f"{Path(path).name}: delete the snapshot first")
 
@@ -190,7 +222,7 @@ class SnapshotOps:
         from pyvirt.host.models import NAME_RE, NAME_RULE
         snap, m, spec = self._open_snapshot(name)
         for n in names:
-            if not re.match(NAME_RE, n):
+            if not re.fullmatch(NAME_RE, n):
                 raise _error("Invalid", f"VM name {n[:80]!r}: {NAME_RULE}")
         if clone and len(names) > 1 and any(net.ports for net in spec.nets):
             raise _error("Invalid", f"snapshot {name} forwards host ports: only one VM can have them, "

@@ -4,7 +4,12 @@ Every connection to the socket is a switch port.  A frame is a 4-byte
 big-endian length and that many bytes of Ethernet frame.  The switch:
 
 * learns which port each source MAC address lives behind (entries age out
-  after `AGING` seconds, and go when their port does);
+  after `AGING` seconds, and go when their port does); at most
+  `MAX_MACS_PER_PORT` per port (a port sending from new addresses replaces
+  its own least recently seen ones, never another port's) and `MAX_MACS` in
+  all (an address beyond that is not learned: its frames are flooded).  Each
+  port keeps its addresses in the order last seen, so a lookup is one dict
+  access and aging looks only at the entries that expired;
 * sends a unicast frame for a learned address to that port only, and floods
   broadcast, multicast and unknown unicast frames to every other port; a
   frame never goes back to the port it came from;
@@ -34,6 +39,7 @@ import socket
 import struct
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +51,8 @@ MAX_LENGTH = MAX_FRAME + 64    # longer announced lengths break the framing: the
 MIN_FRAME = 14                 # an Ethernet header
 MAX_OUT = 1 << 20              # bytes queued towards one port; beyond that its frames are dropped
 AGING = 300.0                  # seconds a learned MAC address stays without traffic from it
+MAX_MACS_PER_PORT = 1024       # learned addresses behind one port
+MAX_MACS = 16384               # learned addresses in all
 READ_SIZE = 256 * 1024
 
 
@@ -56,6 +64,7 @@ class Port:
         self.out = bytearray()
         self.closed = False
         self.writing = False          # registered for EVENT_WRITE (output is waiting)
+        self.macs: OrderedDict[bytes, float] = OrderedDict()     # learned here, least recent first
         self.stats = {"rx_frames": 0, "tx_frames": 0, "tx_dropped": 0}
 
     def fileno(self) -> int:
@@ -79,7 +88,7 @@ class Switch:
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self.ports: dict[int, Port] = {}          # by number
-        self.macs: dict[bytes, tuple[Port, float]] = {}
+        self.macs: dict[bytes, Port] = {}        # learned address -> its port (times: Port.macs)
         self._next = 1
         self._stop = False
         self.on_ports_changed: Callable[[int], None] | None = None
@@ -151,8 +160,10 @@ class Switch:
             pass
         port.sock.close()
         del self.ports[port.number]
-        for mac in [m for m, (p, _) in self.macs.items() if p is port]:
-            del self.macs[mac]
+        for mac in port.macs:
+            if self.macs.get(mac) is port:
+                del self.macs[mac]
+        port.macs.clear()
         self._ports_changed()
 
     def _ports_changed(self) -> None:
@@ -198,16 +209,32 @@ class Switch:
         now = time.monotonic()
         dst_mac, src_mac = frame[0:6], frame[6:12]
         if not src_mac[0] & 1:                         # a multicast source address is never learned
-            self.macs[src_mac] = (src, now)
+            self._learn(src, src_mac, now)
         if not dst_mac[0] & 1:
-            entry = self.macs.get(dst_mac)
-            if entry is not None and now - entry[1] <= self.aging:
-                if entry[0] is not src and not entry[0].closed:
-                    self._queue(entry[0], frame)
+            dst = self.macs.get(dst_mac)
+            if dst is not None and now - dst.macs.get(dst_mac, -self.aging - 1) <= self.aging:
+                if dst is not src and not dst.closed:
+                    self._queue(dst, frame)
                 return                                 # (to the sender's own side: nothing to do)
         for port in list(self.ports.values()):
             if port is not src:
                 self._queue(port, frame)
+
+    def _learn(self, port: Port, mac: bytes, now: float) -> None:
+        old = self.macs.get(mac)
+        if old is not None and old is not port:          # the address moved
+            old.macs.pop(mac, None)
+            del self.macs[mac]
+        if mac in port.macs:
+            port.macs.move_to_end(mac)
+        else:
+            if len(port.macs) >= MAX_MACS_PER_PORT:       # its own least recently seen goes
+                gone, _ = port.macs.popitem(last=False)
+                self.macs.pop(gone, None)
+            elif len(self.macs) >= MAX_MACS:
+                return                                    # full: not learned (flooded)
+            self.macs[mac] = port
+        port.macs[mac] = now
 
     # -- output ---------------------------------------------------------------------------
     def _queue(self, port: Port, frame: bytes) -> None:
@@ -240,8 +267,15 @@ class Switch:
 
     def _age(self) -> None:
         now = time.monotonic()
-        for mac in [m for m, (_, t) in self.macs.items() if now - t > self.aging]:
-            del self.macs[mac]
+        for port in self.ports.values():
+            macs = port.macs
+            while macs:
+                mac, t = next(iter(macs.items()))
+                if now - t <= self.aging:
+                    break
+                del macs[mac]
+                if self.macs.get(mac) is port:
+                    del self.macs[mac]
 
 
 def listen(path: str | Path) -> socket.socket:

@@ -104,7 +104,8 @@ def save_snapshot(vm: Vm, directory: str | Path, *, then: str = "continue",
     d = Path(directory)
     if d.exists() and (not d.is_dir() or any(d.iterdir())):
         raise ConfigError(f"snapshot directory {d} exists and is not empty")
-    d.mkdir(parents=True, exist_ok=True)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    d.chmod(0o700)                        # the guest's RAM and state: its owner's alone
     board = vm.board
     started = time.monotonic()
     board.clock.pause()                   # the guest sees no time pass while it is saved
@@ -129,7 +130,14 @@ def save_snapshot(vm: Vm, directory: str | Path, *, then: str = "continue",
         }
         tmp = d / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, d / MANIFEST)      # a manifest means a complete snapshot
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)                  # (durable before anyone records the snapshot)
+        finally:
+            os.close(dfd)
         return manifest
     finally:
         board.clock.resume()
@@ -152,6 +160,7 @@ def _freeze_disks(vm: Vm, d: Path, then: str, live_dir: Path, own_dir: Path | No
     out: list[dict[str, Any]] = []
     blks = [t.device for _, _, t in board.virtio if hasattr(t.device, "backend")
             and t.device.backend in board.backends]
+    frozen: list[Path] = []
     for i, (disk, backend) in enumerate(zip(vm.spec.disks, board.backends)):
         path = Path(disk.path).resolve()
         if disk.read_only:
@@ -163,16 +172,14 @@ def _freeze_disks(vm: Vm, d: Path, then: str, live_dir: Path, own_dir: Path | No
             out.append(_copy_users_disk(d, i, path, fmt, backend.size))
             continue
         backend.close()                   # written back and unlocked: from now on only read
-        with contextlib.suppress(OSError):
-            mode = path.stat().st_mode
-            path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+        frozen.append(path)
         mine = d / overlay_name(i)
         create_qcow2(mine, None, backing=path, backing_format=fmt)
         mine.chmod(0o444)
         out.append({"kind": "frozen", "path": str(path), "format": fmt, "size": backend.size,
                     "data_sha256": data_digest(path)})
         if then == "continue":
-            live_dir.mkdir(parents=True, exist_ok=True)
+            live_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             live = (live_dir / overlay_name(i)).resolve()
             create_qcow2(live, None, backing=path, backing_format=fmt)
             new = open_disk(live, fmt="qcow2")
@@ -181,6 +188,15 @@ def _freeze_disks(vm: Vm, d: Path, then: str, live_dir: Path, own_dir: Path | No
                 if blk.backend is backend:
                     blk.backend = new
             vm.spec.disks[i] = disk.model_copy(update={"path": live, "format": "qcow2"})   # limits kept
+    # Whoever records where the VM writes (the daemon's runner) is told before the old images
+    # become read-only for good: a process killed in between leaves a record naming images
+    # that can still be opened -- the old ones, unchanged since, or the new overlays.
+    for hook in getattr(vm, "disks_moved", ()):
+        hook()
+    for path in frozen:
+        with contextlib.suppress(OSError):
+            mode = path.stat().st_mode
+            path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     return out
 
 
@@ -322,13 +338,20 @@ def _file_entry(path: Path, digest: bool) -> dict[str, Any]:
 
 def _write_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     data = json.dumps(state, default=encode_bytes, separators=(",", ":")).encode()
-    path.write_bytes(data)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _write_ram(path: Path, ram: mmap.mmap, size: int) -> dict[str, Any]:
     """Only non-zero pages are written (runs of them with one pwrite); the rest are holes."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
     try:
         os.ftruncate(fd, ram_file_size(size))
         mv = memoryview(ram)

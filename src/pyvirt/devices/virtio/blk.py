@@ -32,7 +32,10 @@ byte for the status completes with 0 bytes written.  None of these stop the
 device; only a broken virtqueue does.
 
 With a `RateLimiter` (--disk ...,bw=,iops=) each chain costs one op and its
-data bytes (the chain's lengths less header and status).  A refused chain is
+data bytes (the chain's lengths less header and status) -- for DISCARD and
+WRITE_ZEROES also the bytes their segments cover, which the host writes or
+deallocates (a request over the bucket's size goes through into debt, so the
+long-run rate holds).  A refused chain is
 put back on the available ring (`unpop`) and the device returns; the board's
 `poll()` calls `poll()` here, which serves the queue again once
 `next_deadline()` has passed.  Nothing is held outside guest memory, so a
@@ -117,11 +120,23 @@ class VirtioBlk(VirtioDevice):
         limiter = self.limiter
         while (chain := queue.pop()) is not None:
             if limiter is not None:
-                cost = max(0, chain.readable_len - HEADER.size) + max(0, chain.writable_len - 1)
-                if not limiter.consume(cost):
+                if not limiter.consume(self._cost(queue, chain)):
                     queue.unpop()              # throttled: poll() serves it when tokens are back
                     return
             queue.push(chain.head, self._serve(queue, chain))
+
+    def _cost(self, queue: SplitQueue, chain: Chain) -> int:
+        """The bytes a chain moves: its data, and the range a DISCARD / WRITE_ZEROES covers."""
+        cost = max(0, chain.readable_len - HEADER.size) + max(0, chain.writable_len - 1)
+        if chain.readable_len >= HEADER.size:
+            header, data_out = split_spans(chain.readable, HEADER.size)
+            kind = HEADER.unpack(queue.gather(header, HEADER.size))[0]
+            length = spans_len(data_out)
+            if kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES) and 0 < length \
+                    and length % SEGMENT.size == 0 and length // SEGMENT.size <= MAX_DISCARD_SEG:
+                raw = queue.gather(data_out, length)
+                cost += sum(min(count, MAX_DISCARD_SECTORS) * SECTOR for _, count, _ in SEGMENT.iter_unpack(raw))
+        return cost
 
     def poll(self) -> None:
         """Between CPU slices: serve requests held back by the rate limiter once it allows."""

@@ -37,7 +37,6 @@ import errno
 import logging
 import os
 import socket
-import stat
 import struct
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,6 +44,7 @@ from typing import Any, Protocol
 from pyvirt.devices.virtio.device import VirtioDevice
 from pyvirt.devices.virtio.queue import QueueError, SplitQueue
 from pyvirt.errors import ConfigError
+from pyvirt.fsutil import remove_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ CONTROL_RX, CONTROL_TX = 2, 3
 MAX_PENDING = 64 * 1024          # host bytes waiting for the guest, per port
 MAX_TX_CHAIN = 64 * 1024         # bytes taken from one transmit chain
 MAX_PORTS = 16
+MAX_CONTROL_OUT = 4 * MAX_PORTS + 16   # control messages waiting for the guest (as snapcheck allows)
 QUEUE_SIZE = 128
 
 
@@ -108,14 +109,7 @@ class UnixSocketPort:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise ConfigError(f"{self.path} exists and is not a socket")
-            self.path.unlink()                   # a stale socket from an earlier run
+        remove_stale_socket(self.path)           # a stale socket from an earlier run, never a live one
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.server.bind(str(self.path))
@@ -263,7 +257,7 @@ class VirtioConsole(VirtioDevice):
         if event == DEVICE_READY:
             if value == 1:
                 for p in range(len(self.backends)):
-                    self.control_out.append(CONTROL.pack(p, DEVICE_ADD, 0))
+                    self._queue_control(CONTROL.pack(p, DEVICE_ADD, 0))
             return
         if not 0 <= port < len(self.backends):
             self.stats["bad_control"] += 1
@@ -273,9 +267,9 @@ class VirtioConsole(VirtioDevice):
                 return                                    # the driver could not add it
             self.ready[port] = True
             if port == 0:
-                self.control_out.append(CONTROL.pack(0, CONSOLE_PORT, 1))
+                self._queue_control(CONTROL.pack(0, CONSOLE_PORT, 1))
             else:
-                self.control_out.append(CONTROL.pack(port, PORT_NAME, 0) + self.names[port].encode())
+                self._queue_control(CONTROL.pack(port, PORT_NAME, 0) + self.names[port].encode())
             self._tell_open(port, force=True)
         elif event == PORT_OPEN:
             self.guest_open[port] = bool(value)
@@ -294,11 +288,19 @@ class VirtioConsole(VirtioDevice):
             return True
         return not self.host_gone[port] or bool(self.pending_in[port])
 
+    def _queue_control(self, msg: bytes) -> None:
+        """A control message for the guest; a guest that asks for more of them (DEVICE_READY
+        and PORT_READY again and again) than it takes has the excess dropped."""
+        if len(self.control_out) < MAX_CONTROL_OUT:
+            self.control_out.append(msg)
+        else:
+            self.stats["bad_control"] += 1
+
     def _tell_open(self, port: int, force: bool = False) -> None:
         state = self._host_open(port)
         if self.ready[port] and (force or state != self.told_open[port]):
             self.told_open[port] = state
-            self.control_out.append(CONTROL.pack(port, PORT_OPEN, int(state)))
+            self._queue_control(CONTROL.pack(port, PORT_OPEN, int(state)))
 
     def _send_control(self) -> None:
         q = self.queues[CONTROL_RX]
@@ -366,7 +368,11 @@ class VirtioConsole(VirtioDevice):
             if self.host_was[port] and not backend.connected:
                 self.host_gone[port] = True
             self.host_was[port] = backend.connected
-            self._deliver(port)
+            try:
+                self._deliver(port)                 # (the guest's rx descriptors can be bad)
+            except QueueError as e:
+                self.needs_reset(f"queue {self.rx_queue(port)}: {e}")
+                return
             self._tell_open(port)
             tx_index = self.rx_queue(port) + 1
             tx = self.queues[tx_index]
@@ -377,7 +383,10 @@ class VirtioConsole(VirtioDevice):
                 except QueueError as e:
                     self.needs_reset(f"queue {tx_index}: {e}")
                     return
-        self._send_control()
+        try:
+            self._send_control()
+        except QueueError as e:
+            self.needs_reset(f"queue {CONTROL_RX}: {e}")
 
     def close(self) -> None:
         for b in self.backends:

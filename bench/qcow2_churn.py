@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from pyvirt.backends.qcow2_tools import create_qcow2
-from pyvirt.engines import default_engine
+from pyvirt.engines import ENGINES, default_engine
 from pyvirt.testing import qemu_img as q
 
 LOOP = ("end=$(( $(date +%s) + {secs} )); i=0; "
@@ -52,7 +52,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--mib", type=int, default=64)
-    ap.add_argument("--engine", default=None, choices=("jit", "interp", "native"))
+    ap.add_argument("--engine", default=None, choices=ENGINES)
     args = ap.parse_args()
     r = churn(args.seconds, args.mib, args.engine)
     chk = r["check"]

@@ -257,6 +257,7 @@ def test_bad_receive_descriptor_found_by_poll_needs_reset_not_a_crash(guest: Gue
     from pyvirt.devices.virtio.device import STATUS_DEVICE_NEEDS_RESET
     from pyvirt.testing.virtq import Buffer
     guest.handshake()
+    guest.control(1, PORT_OPEN, 1)                           # the guest opens the port: data flows
     guest.qs[4].add([Buffer(0x1000, 64, True)])             # port 1's receive queue
     guest.port.inbox += b"hello"
     guest.dev.poll()                                          # raised QueueError before

@@ -47,15 +47,22 @@ def slow_daemon(state_dir: Path) -> Iterator[Daemon]:
 
 
 def start_disk_vm(d: Daemon, tmp_path: Path, command: str) -> tuple[Path, dict]:
-    """VM "v" with a fresh 1 MiB raw disk running `command` on the default guest, started."""
+    """VM "v" with a fresh 1 MiB raw disk of its own (in its directory: imported, so that its
+    snapshots freeze it in place and move the VM to new overlays -- a disk the user gave is
+    copied instead, and the VM keeps writing it) running `command` on the default guest, started.
+    Returns v's disk and its record."""
     from pyvirt.images import cached_default_image
     if cached_default_image() is None:
         pytest.fail("the default image is not built: `make test` runs `pyvirt image build` first")
     disk = tmp_path / "d.raw"
     disk.write_bytes(bytes(1 << 20))
-    vm = d.client.create("v", memory="64M", disks=[str(disk)], command=command)
+    d.client.create("v0", memory="64M", disks=[str(disk)], command=command)
+    d.client.export("v0", tmp_path / "v0.tar")
+    vm = d.client.import_(tmp_path / "v0.tar", name="v")
     d.client.start("v")
-    return disk, vm
+    own = Path(vm["spec"]["disks"][0]["path"])
+    assert own.is_relative_to(d.state)
+    return own, vm
 
 
 @pytest.mark.parametrize("kill_daemon", [False, True])
@@ -117,9 +124,10 @@ def test_delete_guard_sees_through_a_symlinked_state_dir(tmp_path: Path) -> None
         disk.write_bytes(bytes(1 << 20))
         c.create("v", memory="64M", disks=[str(disk)], command="sleep 1000")
         c.start("v")
-        c.snapshot("v", "s1")                     # freezes the user's disk
-        c.snapshot("v", "s2")                     # freezes the overlay in the VM's directory
-        e = pytest.raises(ApiError, c.delete, "v", force=True).value
+        c.snapshot("v", "s1")                     # copies the user's disk (the VM keeps writing it)
+        c.restore("s1", "r")                      # r writes an overlay in its own directory
+        c.snapshot("r", "s2")                     # freezes that overlay in r's directory
+        e = pytest.raises(ApiError, c.delete, "r", force=True).value
         assert e.status == 409 and "snapshot s2" in e.detail, e.detail
     finally:
         d.cleanup()

@@ -25,7 +25,7 @@ DOCS = [
 FILE = re.compile(r"(?<![\w/.~-])((?:\.\./)*[A-Za-z0-9_][A-Za-z0-9_./-]*\.(?:py|md|sh|toml|c|h))\b")
 DIRECTORY = re.compile(r"`((?:\.\./)*[A-Za-z0-9_][A-Za-z0-9_./-]*/)`")
 # Directories the documents name that are made at run time (state, cgroups), not kept in the repository.
-RUNTIME_DIRECTORIES = {"dir/live/", "networks/", "pyvirt/"}
+RUNTIME_DIRECTORIES = {"dir/live/", "disks/", "networks/", "pyvirt/"}
 
 
 def _tracked() -> set[str]:

@@ -245,6 +245,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         try:
             vm = Vm(spec, console)
             if pipe is not None:
+                pipe.on_broken = vm.request_quit
                 pipe.start()
             return vm
         except MemoryError:
@@ -256,7 +257,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                   "much RAM") from None
             raise
 
-    return _run_vm(args, make, args.command is None, cleanup)
+    code = _run_vm(args, make, args.command is None, cleanup)
+    return 1 if pipe is not None and pipe.broken else code      # as for a broken pipe on the console
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:

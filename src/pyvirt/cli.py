@@ -251,6 +251,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         try:
             vm = Vm(spec, console)
             if pipe is not None:
+                pipe.on_broken = vm.request_quit
                 pipe.start()
             return vm
         except MemoryError:
@@ -262,7 +263,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                   "much RAM") from None
             raise
 
-    return _run_vm(args, make, args.command is None, cleanup, fresh=True)
+    code = _run_vm(args, make, args.command is None, cleanup, fresh=True)
+    return 1 if pipe is not None and pipe.broken else code      # as for a broken pipe on the console
 
 
 def _is_opensbi(path: str) -> bool:

@@ -23,6 +23,7 @@ import shutil
 import socket
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from pyvirt.errors import ConfigError
@@ -65,6 +66,8 @@ class CommandPipe:
         self.dir = Path(tempfile.mkdtemp(prefix="pyvirt-cmd-"))
         self.specs = [PortSpec(name=f"org.pyvirt.{n}", socket=self.dir / f"{n}.sock") for n in PORTS]
         self.outputs: list[threading.Thread] = []
+        self.broken = False                  # stdout or stderr was closed on the host (| head)
+        self.on_broken: Callable[[], None] | None = None     # e.g. the VM's request_quit
 
     def _connect(self, name: str) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -92,13 +95,18 @@ class CommandPipe:
         finally:
             s.close()                                # the command reads end-of-file
 
-    @staticmethod
-    def _output(s: socket.socket, fd: int) -> None:
+    def _output(self, s: socket.socket, fd: int) -> None:
         try:
             while data := s.recv(65536):
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    try:
+                        view = view[os.write(fd, view):]
+                    except OSError:          # nobody reads it any more: end the VM, as a pipe would
+                        self.broken = True
+                        if self.on_broken is not None:
+                            self.on_broken()
+                        return
         except OSError:
             pass
         finally:

@@ -79,3 +79,12 @@ def test_a_second_console_client_is_refused(daemon: Daemon) -> None:
         assert "attached" not in r.stderr.replace("is attached", "")
     finally:
         first.close()
+
+
+def test_more_ram_than_the_host_gives_is_one_line(daemon: Daemon) -> None:
+    daemon.client.create("huge", memory="64G", command="true")
+    r = daemon.cli("start", "huge")
+    if r.returncode == 0:                            # a host that maps 64G lazily: nothing to say
+        daemon.client.kill("huge")
+        return
+    one_line(r, "--memory 64G: this host cannot give the VM that much RAM")

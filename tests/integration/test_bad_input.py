@@ -46,7 +46,7 @@ def test_missing_disk(default_image, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("cpus", ["0", "9"])
 def test_bad_cpu_count(cpus: str) -> None:
-    one_line_error(pyvirt("run", "--cpus", cpus), "invalid cpus")
+    one_line_error(pyvirt("run", "--cpus", cpus), f"--cpus {cpus}: at {'least 1' if cpus == '0' else 'most 8'}")
 
 
 def test_qcow2_disk_errors(default_image, tmp_path: Path) -> None:

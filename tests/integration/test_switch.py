@@ -104,7 +104,9 @@ def test_joining_a_network_whose_switch_died(default_image, runtime: Path) -> No
         time.sleep(0.02)
     r = pyvirt("run", "--net", "network=dead", "--command", "true", timeout=120)
     assert r.code == 1
-    assert r.err == "pyvirt: error: no network named dead (pyvirt network create dead)\n"
+    assert r.err.startswith("pyvirt: error: network dead is not alive (its switch ended; see ")
+    assert r.err.endswith("start it again with `pyvirt network create dead`, or remove it with "
+                          "`pyvirt network rm dead`\n") and r.err.count("\n") == 1
 
 
 @pytest.mark.skipif(shutil.which("qemu-system-riscv64") is None, reason="qemu-system-riscv64 is not installed")

@@ -39,6 +39,19 @@ def test_long_command_and_big_output(default_image) -> None:
     assert r.out.startswith("1000\n") and r.out[5:] == "a" * 1_000_000
 
 
+def test_command_output_closed_ends_the_vm(default_image) -> None:
+    """`pyvirt run --command yes | head -1`: the reader goes away, the VM ends (exit 1)."""
+    p = subprocess.Popen([sys.executable, "-m", "pyvirt", "run", "--command", "yes"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"y\n"
+        p.stdout.close()
+        assert p.wait(60) == 1
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_vport_data_sent_before_the_guest_opens_it(default_image, tmp_path: Path) -> None:
     """The host writes and leaves before the guest looks: the guest reads the data, then
     end-of-file (not EOF at once); its write afterwards is kept for the next client (no hang)."""

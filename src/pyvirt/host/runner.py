@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -53,7 +54,7 @@ from pyvirt.fsutil import listen_unix
 from pyvirt.guestcmd import AGENT_PORT
 from pyvirt.host.control import DISKS_FILE, ControlServer
 from pyvirt.host.paths import VmPaths, vm_paths
-from pyvirt.spec import NetSpec, PortSpec, VmSpec
+from pyvirt.spec import NetSpec, PortSpec, VmSpec, format_size
 from pyvirt.stream import BufferedStream
 from pyvirt.vmm.vm import Vm, Watch
 
@@ -362,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(FileNotFoundError):
         paths.exit_file.unlink()
     console = None
+    config: dict[str, Any] = {}
     try:
         config = json.loads(paths.config.read_text())
         console = SocketConsole(paths.console_log, paths.console_sock)
@@ -370,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         vm = build_vm(config, paths, console)
     except Exception as e:          # whatever stops the VM from being built is reported
         why = str(e) if isinstance(e, (PyvirtError, OSError, ValueError)) else f"{type(e).__name__}: {e}"
+        if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
+            memory = (config.get("spec") or {}).get("memory", 0)
+            why = f"--memory {format_size(memory)}: this host cannot give the VM that much RAM"
         write_exit(paths, reason="error", error=why)
         log.error("the VM could not be built: %s", why)
         if console is not None:

@@ -10,10 +10,12 @@ executes that one instruction in the interpreter (`Hart.native_exit`).  So
 every exit makes progress and faults are raised by the Python slow path, with
 the registers already in memory: state is always precise.
 
-Native TLB: per privilege, 256 direct-mapped entries for reads and 256 for
-writes, each (virtual page number, addend) with host address = va + addend.
-The hart fills them exactly when it fills its Python TLB dicts, so the write
-table never maps a page holding translated code.
+Native TLB: per privilege context, TLB_ENTRIES direct-mapped entries for
+reads and as many for writes, each (tagged virtual page number, addend) with
+host address = va + addend; an access hits on the bare vpn (a global entry)
+or on vpn ^ [W_TAG] (the current address space's).  The hart fills them
+exactly when it fills its Python TLB dicts, so the write table never maps a
+page holding translated code.
 
 Only on x86-64 hosts (Linux, System V ABI); elsewhere the Python tiers run.
 """
@@ -74,6 +76,7 @@ W_SSCRATCH, W_SEPC, W_SCAUSE, W_STVAL = 42, 43, 44, 45   # Hart.sscratch ... stv
 W_TLB_S0 = 46      # S-mode's read/write tables with SUM=0 ...
 W_TLB_S1 = 47      # ... and with SUM=1 (hart.S_SUM)
 W_RESYNC = 48      # set by native code that switched them: the hart re-reads its context
+W_TAG = 49         # the current address space's tag, in bits 52-63 (see TAG_SHIFT)
 STATE_WORDS = 56
 TLB_ENTRIES = 4096
 TLB_BYTES = TLB_ENTRIES * 16
@@ -83,6 +86,14 @@ JMP_ENTRIES = 1 << 17     # jump table: (pc, ppn, code address, unused) per entr
 JMP_SET_BITS = 16          # two-way sets: 2**16 sets of two entries
 JMP_HASH = 0x9E3779B97F4A7C15   # set = (pc * JMP_HASH mod 2**64) >> (64 - JMP_SET_BITS)
 JMP_BYTES = JMP_ENTRIES * 32
+# TLB entries are tagged: a non-global entry's first word is vpn ^ (tag << TAG_SHIFT)
+# with the tag of its address space (hart.py gives each ASID one), a global entry's
+# (and M-mode's) is the bare vpn.  A virtual page number has at most 52 bits, so
+# the tag never overlaps it; tag 4095 is never used, so no entry equals the empty
+# marker (all ones).
+TAG_SHIFT = 52
+VPN_MASK = (1 << TAG_SHIFT) - 1
+TAG_LIMIT = 4095
 
 R10 = 10
 
@@ -210,8 +221,13 @@ def _chain_stub() -> bytes:
     a.alu_imm(ALU_AND, R8, TLB_ENTRIES - 1, w=False)
     a.shift_imm(SHL, R8, 4, w=False)
     a.alu_mem(ALU_ADD, R8, RDI, 8 * W_TLB_X)
-    a.alu_mem(ALU_CMP, RDX, R8, 0)
+    hit = a.label()
+    a.alu_mem(ALU_CMP, RDX, R8, 0)                 # a global entry
+    a.jcc(CC_E, hit)
+    a.alu_mem(ALU_XOR, RDX, RDI, 8 * W_TAG)
+    a.alu_mem(ALU_CMP, RDX, R8, 0)                 # the current address space's
     a.jcc(CC_NE, out)
+    a.bind(hit)
     a.load(RDX, R8, 8)
     a.alu_mem(ALU_CMP, RDX, RCX, 8)
     a.jcc(CC_NE, out)
@@ -371,10 +387,17 @@ class _BlockGen:
                 return False
             start, nfix = len(a.buf), len(a._fixups)
             self._emit_insn(i, ins, pc, nxt)
-            fixups = a._fixups[nfix:]
+            code = bytearray(a.buf[start:])
+            offsets = []
+            for at, label in a._fixups[nfix:]:
+                if label.pos is not None and label.pos >= start:
+                    # A jump inside the snippet: relative, so the same wherever it goes.
+                    struct.pack_into("<i", code, at - start, label.pos - (at + 4))
+                else:
+                    offsets.append(at - start)      # to the miss exit
             if len(_SNIPPETS) >= _SNIPPET_LIMIT:
                 _SNIPPETS.clear()
-            _SNIPPETS[ins] = (bytes(a.buf[start:]), tuple(at - start for at, _ in fixups))
+            _SNIPPETS[ins] = (bytes(code), tuple(offsets))
             return False
         return self._emit_insn(i, ins, pc, nxt)
 
@@ -691,8 +714,13 @@ class _BlockGen:
         a.alu_imm(ALU_AND, RDX, TLB_ENTRIES - 1, w=False)
         a.shift_imm(SHL, RDX, 4, w=False)
         a.alu_mem(ALU_ADD, RDX, RDI, 8 * table)
-        a.alu_mem(ALU_CMP, RCX, RDX, 0)
+        hit = a.label()
+        a.alu_mem(ALU_CMP, RCX, RDX, 0)              # a global (or M-mode) entry
+        a.jcc(CC_E, hit)
+        a.alu_mem(ALU_XOR, RCX, RDI, 8 * W_TAG)
+        a.alu_mem(ALU_CMP, RCX, RDX, 0)              # the current address space's
         a.jcc(CC_NE, miss)
+        a.bind(hit)
         if aligned:                      # AMOs: misaligned is a fault the slow path raises
             a.mov32(RCX, RAX)
             a.alu_imm(ALU_AND, RCX, size - 1, w=False)

@@ -115,7 +115,7 @@ class Hart(CsrMixin):
         "satp", "mcounteren", "scounteren", "mcountinhibit", "menvcfg", "senvcfg", "pmp",
         "instret", "adj", "idle", "state", "stimecmp",
         "tlbs", "rtlb", "wtlb", "itlb", "superpages", "ctx",
-        "gtlbs", "asid_sets", "cur_set", "tagbits", "next_tag", "_wrev", "_wrev_n",
+        "gtlbs", "asid_sets", "cur_set", "tagbits", "next_tag", "_wrev", "_wrev_n", "_su_all",
         "ecall_hook", "yield_on_pause",
         "_state", "sq", "_uq", "_as_parameter_", "_ntlb", "_ntlb_views", "_ram_host", "native_exit_hook",
         "jump_tables",
@@ -149,6 +149,7 @@ class Hart(CsrMixin):
         # of the S/U write entries made (stale ones are checked and skipped).
         self._wrev: dict[int, list[tuple[dict[int, int], int]]] = {}
         self._wrev_n = 0
+        self._su_all: list[dict[int, int]] | None = None    # every S/U dict, see _all_dicts
         self.ctx = 0
         self.superpages: set[int] = set()
         # For the native tier (native.py) the integer registers live in a native
@@ -290,6 +291,7 @@ class Hart(CsrMixin):
             sets[asid] = entry
             while len(sets) > ASID_SETS:
                 sets.popitem(last=False)
+            self._su_all = None
         else:
             sets.move_to_end(asid)
         self.cur_set = entry
@@ -314,6 +316,7 @@ class Hart(CsrMixin):
             self._native_clear(3)
         self.cur_set = [1, cur]
         self.asid_sets = OrderedDict({self.asid(): self.cur_set})
+        self._su_all = None
         self.next_tag = 2
         self._apply_tag()
         self.superpages.clear()
@@ -332,9 +335,21 @@ class Hart(CsrMixin):
         if entry is self.cur_set:
             self._apply_tag()
 
+    def _all_dicts(self) -> list[dict[int, int]]:
+        """Every S/U TLB dict of every kept address space and the global ones."""
+        out = self._su_all
+        if out is None:
+            seen: dict[int, dict[int, int]] = {}
+            for dicts in [e[1] for e in self.asid_sets.values()] + [self.gtlbs]:
+                for ctx in SU_CTX:
+                    for d in dicts[ctx]:
+                        seen[id(d)] = d
+            out = self._su_all = list(seen.values())
+        return out
+
     def _in_superpage(self, vpn: int) -> bool:
         sp = self.superpages
-        return bool(sp) and any((vpn >> (9 * level)) in sp for level in (1, 2, 3))
+        return bool(sp) and ((vpn >> 9) in sp or (vpn >> 18) in sp or (vpn >> 27) in sp)
 
     def flush_tlb_page(self, va: int, asid: int | None = None) -> None:
         """Drop the mappings of `va`'s page: of every address space and global ones
@@ -350,13 +365,10 @@ class Hart(CsrMixin):
         slot = 2 * (vpn & (native.TLB_ENTRIES - 1))
         bases = (slot, 2 * native.TLB_ENTRIES + slot, 4 * native.TLB_ENTRIES + slot)
         if asid is None:
-            for entry in self.asid_sets.values():
-                for ctx in SU_CTX:
-                    for d in entry[1][ctx]:
-                        d.pop(vpn, None)
+            for d in self._all_dicts():
+                if vpn in d:
+                    del d[vpn]
             for ctx in SU_CTX:
-                for d in self.gtlbs[ctx]:
-                    d.pop(vpn, None)
                 view = self._ntlb_views[ctx]
                 for at in bases:
                     if view[at] & native.VPN_MASK == vpn:

@@ -58,7 +58,8 @@ from pyvirt.cpu.riscv.traps import (
 from pyvirt.memory import Bus, BusError
 
 M64 = (1 << 64) - 1
-TLB_LIMIT = 8192
+TLB_LIMIT = 8192          # entries in one TLB dict before its address space starts again
+GLOBAL_LIMIT = 4 * TLB_LIMIT
 # Interrupt priority order (3.1.9): MEI, MSI, MTI, SEI, SSI, STI.
 _PRIORITY = (11, 3, 7, 9, 1, 5)
 _SEXT = {1: (0x80, 0x100), 2: (0x8000, 0x10000), 4: (0x80000000, 1 << 32), 8: (1 << 63, 1 << 64)}
@@ -425,7 +426,7 @@ class Hart(CsrMixin):
         stale += [(mw, vpn) for vpn, o in mw.items() if (vpn << 12) + o == target]
         wbase = 2 * native.TLB_ENTRIES
         for w, vpn in stale:
-            del w[vpn]
+            w.pop(vpn, None)            # (a page may be recorded twice)
             at = wbase + 2 * (vpn & (native.TLB_ENTRIES - 1))
             for view in self._ntlb_views.values():
                 if view[at] & native.VPN_MASK == vpn:
@@ -477,15 +478,21 @@ class Hart(CsrMixin):
             page_off = (pa & ~0xFFF) - self.ram_base - (vpn << 12)
             r, w, ix = self.rtlb, self.wtlb, self.itlb
             if len(r) > TLB_LIMIT or len(w) > TLB_LIMIT or len(ix) > TLB_LIMIT:
-                self.flush_tlb(all_modes=True)
+                # Full: start this address space (or M-mode) again; globals stay.
+                if self.ctx == 3:
+                    for d in self.tlbs[3]:
+                        d.clear()
+                    self._native_clear(3)
+                else:
+                    self.flush_asid(self.asid())
             if level:
                 self.superpages.add(vpn >> (9 * level))
             slot = 2 * (vpn & (native.TLB_ENTRIES - 1))
             addend = (self._ram_host + page_off) & M64
             key = vpn if glob or priv == 3 or mode == 0 else vpn ^ self.tagbits
             gd = self.gtlbs[self.ctx] if glob else None
-            if gd is not None and len(gd[0]) + len(gd[1]) + len(gd[2]) > TLB_LIMIT:
-                self.flush_tlb(all_modes=True)
+            if gd is not None and len(gd[0]) + len(gd[1]) + len(gd[2]) > GLOBAL_LIMIT:
+                self.flush_tlb()
             if access == mmu.FETCH:
                 ix[vpn] = ppn
                 if gd is not None:

@@ -130,6 +130,9 @@ CSR_SSTATUS = 0x100
 _CSR_OPS = {"csrrw": (1, False), "csrrs": (2, False), "csrrc": (3, False),
             "csrrwi": (1, True), "csrrsi": (2, True), "csrrci": (3, True)}
 _SSTATUS_WRITABLE = SIE | SPIE | SPP | FS | SUM | MXR
+# Bits a native sstatus write may change: nothing but sret, FP instructions and interrupt
+# delivery reads them, and those read the state buffer.  (SUM switches S's TLB context.)
+_SSTATUS_NATIVE = SIE | SPIE | SPP | FS
 
 
 # S-mode CSRs without side effects, kept in the state buffer: number -> (word, write mask).
@@ -537,11 +540,11 @@ class _BlockGen:
     def _sstatus(self, i: int, pc: int, ins: Insn) -> None:
         """csrr*/csrr*i on sstatus, as csr.py does it.  In S-mode a write that
         changes SUM switches the read/write TLB tables to the other S context
-        (hart.S_SUM) and asks the hart to follow ([W_RESYNC]).  Writes that
-        change anything else but SIE (MXR changes the TLB's rules, FS, SPP...),
-        and setting SIE while an interrupt is pending and enabled, leave for the
-        interpreter before the instruction, which then does it all (and takes
-        the interrupt)."""
+        (hart.S_SUM) and asks the hart to follow ([W_RESYNC]).  SIE, SPIE, SPP
+        and FS change here (the kernel's trap entry and exit write them); writes
+        that change MXR (the TLB's rules), and setting SIE while an interrupt is
+        pending and enabled, leave for the interpreter before the instruction,
+        which then does it all (and takes the interrupt)."""
         a = self.a
         op, immediate = _CSR_OPS[ins.name]
         a.load(RAX, RDI, 8 * W_MSTATUS)                    # old, as stored
@@ -569,8 +572,8 @@ class _BlockGen:
         switch = self.priv == 1
         a.mov(RCX, R9)
         a.alu(ALU_XOR, RCX, RAX)
-        a.alu_imm(ALU_AND, RCX, ~(SIE | SUM) if switch else ~SIE)
-        a.jcc(CC_NE, miss)                                 # more than SIE (and SUM) changes
+        a.alu_imm(ALU_AND, RCX, ~(_SSTATUS_NATIVE | SUM) if switch else ~_SSTATUS_NATIVE)
+        a.jcc(CC_NE, miss)                                 # MXR (or SUM from M) changes
         quiet = a.label()
         a.mov(RCX, RAX)
         a.alu_imm(ALU_XOR, RCX, -1)

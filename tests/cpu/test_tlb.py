@@ -42,6 +42,15 @@ def satp(asid: int) -> int:
     return (8 << 60) | (asid << 44) | (ROOT >> 12)
 
 
+def in_address_space(asid: int, access: int) -> Hart:
+    """A hart in S-mode under ASID `asid` that has touched one user and one global page."""
+    h, _ = machine()
+    h.write_satp(satp(asid))
+    h.translate(VA_USER, access)
+    h.translate(VA_KERN, access)
+    return h
+
+
 def native_key(h: Hart, ctx: int, va: int, section: int = 0) -> int:
     vpn = va >> 12
     return h._ntlb_views[ctx][2 * native.TLB_ENTRIES * section + 2 * (vpn & (native.TLB_ENTRIES - 1))]
@@ -54,10 +63,7 @@ def test_asid_bits_are_all_writable() -> None:
 
 
 def test_entries_are_tagged_per_address_space_and_global_ones_bare() -> None:
-    h, _ = machine()
-    h.write_satp(satp(1))
-    h.translate(VA_USER, mmu.LOAD)
-    h.translate(VA_KERN, mmu.LOAD)
+    h = in_address_space(1, mmu.LOAD)
     tag1 = h.tagbits
     assert native_key(h, 1, VA_USER) == (VA_USER >> 12) ^ tag1
     assert native_key(h, 1, VA_KERN) == VA_KERN >> 12          # global: no tag
@@ -81,10 +87,7 @@ def test_entries_are_tagged_per_address_space_and_global_ones_bare() -> None:
 
 
 def test_flush_asid_retags_and_keeps_globals() -> None:
-    h, _ = machine()
-    h.write_satp(satp(1))
-    h.translate(VA_USER, mmu.STORE)
-    h.translate(VA_KERN, mmu.STORE)
+    h = in_address_space(1, mmu.STORE)
     old = h.tagbits
     h.sfence_vma(0, 0, 0, 10, 1)                               # sfence.vma x0, a0=1
     assert h.tagbits != old and not h.rtlb

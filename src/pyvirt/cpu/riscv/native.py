@@ -98,6 +98,7 @@ TAG_LIMIT = 4095
 R10 = 10
 
 _BRANCH_CC = {"beq": CC_E, "bne": CC_NE, "blt": CC_L, "bge": CC_GE, "bltu": CC_B, "bgeu": CC_AE}
+_DIRECT = {*_BRANCH_CC, "jal"}          # jumps whose target is pc + imm
 _ALU_R = {"add": ALU_ADD, "sub": ALU_SUB, "and": ALU_AND, "or": ALU_OR, "xor": ALU_XOR}
 _ALU_I = {"addi": ALU_ADD, "andi": ALU_AND, "ori": ALU_OR, "xori": ALU_XOR}
 _SHIFT = {"sll": SHL, "srl": SHR, "sra": SAR, "slli": SHL, "srli": SHR, "srai": SAR,
@@ -241,6 +242,18 @@ def _chain_stub() -> bytes:
 
 
 _BLOCK_TYPE = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p)
+_EXIT_COUNT: dict[tuple[bool, int], bytes] = {}
+_PACK_I, _PACK_SI, _PACK_Q = struct.Struct("<I").pack, struct.Struct("<i").pack, struct.Struct("<Q").pack
+
+
+def _mov_rax(value: int) -> bytes:
+    """mov rax, value: what Asm.mov_imm(RAX, value) encodes, without its memo (exit
+    targets are pcs, nearly all different, and filled the memo with one-offs)."""
+    if value < 1 << 32:
+        return b"\xb8" + _PACK_I(value)                 # mov eax, imm32 (zero-extends)
+    if value >= (1 << 64) - (1 << 31):
+        return b"\x48\xc7\xc0" + _PACK_SI(value - (1 << 64))   # mov rax, simm32
+    return b"\x48\xb8" + _PACK_Q(value)                  # movabs rax, imm64
 
 
 class Translator:
@@ -288,8 +301,8 @@ class _BlockGen:
         self.total = len(insns)
         self.entry = insns[0][1]
         self.stop_pc = stop_pc
-        self.loop = any(ins.name in _BRANCH_CC or ins.name == "jal" for ins, _ in insns
-                        if (insns_target(ins, _) == self.entry))
+        entry = self.entry
+        self.loop = any((pc + ins.imm) & M64 == entry for ins, pc in insns if ins.name in _DIRECT)
         self.misses: list[tuple[Label, int, int]] = []     # (label, pc, index)
 
     # -- exits -----------------------------------------------------------------------
@@ -300,17 +313,24 @@ class _BlockGen:
         to chain straight into the native block for the target."""
         a = self.a
         done = index if odd else index + 1
-        if self.loop:
-            if done:
-                a.alu_imm(ALU_ADD, R10, done)
-            a.alu_mem(ALU_ADD, R10, RDI, 8 * W_RET)
-            a.store(RDI, 8 * W_RET, R10)
-        elif done:
-            a.add_mem_imm(RDI, 8 * W_RET, done)
+        key = (self.loop, done)
+        count = _EXIT_COUNT.get(key)
+        if count is None:
+            # The counting prefix depends on (loop, done) only: encode it once.
+            c = Asm()
+            if self.loop:
+                if done:
+                    c.alu_imm(ALU_ADD, R10, done)
+                c.alu_mem(ALU_ADD, R10, RDI, 8 * W_RET)
+                c.store(RDI, 8 * W_RET, R10)
+            elif done:
+                c.add_mem_imm(RDI, 8 * W_RET, done)
+            count = _EXIT_COUNT[key] = bytes(c.buf)
+        a.buf += count
         if target is not None:
-            a.mov_imm(RAX, target | (1 if odd else 0))
+            a.buf += _mov_rax(target | (1 if odd else 0))   # a pc: rarely seen twice
         if odd:
-            a.ret()
+            a.buf.append(0xC3)                               # ret
         else:
             a.jmp_far()
 
@@ -734,12 +754,6 @@ class _BlockGen:
             a.alu_imm(ALU_CMP, RCX, 4096 - size, w=False)
             a.jcc(CC_A, miss)
         a.alu_mem(ALU_ADD, RAX, RDX, 8)
-
-
-def insns_target(ins: Insn, pc: int) -> int | None:
-    if ins.name in _BRANCH_CC or ins.name == "jal":
-        return (pc + ins.imm) & M64
-    return None
 
 
 def native_entry(fn: Callable[..., int], n: int) -> Callable[[Any], int]:

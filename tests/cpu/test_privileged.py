@@ -22,6 +22,7 @@ PROGRAMS: dict[str, list[dict[str, int]]] = {
     "blockfault": [{}],
     "illegal_tval": [{}],
     "sstatus": [{}],
+    "asid": [{}],
 }
 
 # Programs that find CPU bugs: expected to fail on pyvirt until they are fixed (QEMU passes).

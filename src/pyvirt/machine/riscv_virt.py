@@ -22,7 +22,7 @@ from typing import Any
 from pyvirt.backends.char import CharBackend
 from pyvirt.clock import Clock
 from pyvirt.compat import zip_strict
-from pyvirt.cpu.riscv.csr import MEIP, MSIP, MTIP, S_INTERRUPTS, SEIP, STIP
+from pyvirt.cpu.riscv.csr import MEIP, MSIP, MTIP, S_INTERRUPTS, SEIP, STCE, STIP
 from pyvirt.cpu.riscv.engine import Engine
 from pyvirt.cpu.riscv.hart import HART_STARTED, HART_STOPPED, Hart
 from pyvirt.devices.aclint import Aclint
@@ -53,7 +53,7 @@ UART_BASE, UART_IRQ = 0x1000_0000, 10
 RTC_IRQ = 11
 VIRTIO_BASE, VIRTIO_SLOTS = 0x1000_1000, 8
 UART_CLOCK = 3_686_400
-ISA = "rv64imafdc_zicsr_zifencei_zihintpause"
+ISA = "rv64imafdc_zicsr_zifencei_zihintpause_sstc"
 # Every exception but ecalls from S and M goes straight to the kernel.
 SBI_MEDELEG = 0xB1FF
 M64 = (1 << 64) - 1
@@ -318,6 +318,7 @@ class VirtBoard:
             h.mideleg = S_INTERRUPTS
             # As OpenSBI does: let S- and U-mode read cycle, time and instret.
             h.mcounteren = h.scounteren = 7
+            h.menvcfg = STCE            # Sstc: the kernel programs stimecmp itself
             h.set_priv(1)
             h.state = HART_STOPPED
         boot_hart = self.harts[0]
@@ -391,7 +392,7 @@ class VirtBoard:
         """Bring interrupt lines up to date with the clock (between CPU slices)."""
         now = self.clock.ticks()
         for h in self.harts:
-            if h.stimecmp <= now and h.ecall_hook is not None:
+            if h.stimecmp <= now and (h.ecall_hook is not None or h.menvcfg & STCE):
                 h.set_irq(STIP, True)
         self.clint.poll()
         self.rtc.poll()
@@ -410,7 +411,8 @@ class VirtBoard:
 
     def next_deadline(self) -> int | None:
         """The clock tick at which the next timer fires, if any."""
-        cands = [h.stimecmp for h in self.harts if h.ecall_hook is not None and h.stimecmp < M64]
+        cands = [h.stimecmp for h in self.harts
+                 if (h.ecall_hook is not None or h.menvcfg & STCE) and h.stimecmp < M64]
         devs = [*self.nics, *self.throttled]
         for d in (self.clint.next_deadline(), self.rtc.next_deadline(), *(x.next_deadline() for x in devs)):
             if d is not None:

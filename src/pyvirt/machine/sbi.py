@@ -138,8 +138,10 @@ class Sbi:
         if targets is None:
             return SBI_ERR_INVALID_PARAM, 0
         if fid != 0:    # fence.i needs nothing: stores invalidate translated code
+            x = h.x
+            asid = x[14] & 0xFFFF if fid == 2 else None
             for t in targets:
-                t.flush_tlb()
+                t.sfence_range(x[12], x[13], asid)
         return SBI_SUCCESS, 0
 
     def _hsm(self, h: Hart, fid: int) -> tuple[int, int]:
@@ -155,6 +157,7 @@ class Sbi:
             t.reset()
             t.mideleg, t.medeleg = h.mideleg, h.medeleg
             t.mcounteren, t.scounteren = h.mcounteren, 7
+            t.menvcfg = h.menvcfg
             t.ecall_hook = h.ecall_hook
             t.set_priv(1)
             t.pc = x[11]
@@ -184,7 +187,7 @@ class Sbi:
                 h.x[10], h.x[11] = h.hartid, opaque
                 h.mstatus &= ~0x2                         # SIE = 0
                 h.satp = 0
-                h.flush_tlb()
+                h.flush_tlb()       # (the mode changes: every address space goes)
                 if not h.mip & h.mie:
                     h.idle = True
                 raise StopSlice()

@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pyvirt.cpu.riscv.traps import ILLEGAL_INSN, Trap
+from pyvirt.cpu.riscv.traps import ILLEGAL_INSN, ContextChange, Trap
 
 if TYPE_CHECKING:
     from pyvirt.cpu.riscv.hart import Hart
 
 M64 = (1 << 64) - 1
+ASID_MASK = 0xFFFF          # ASIDLEN = 16: every satp.ASID bit is writable
 
 # mstatus fields (3.1.6)
 SIE, MIE, SPIE, UBE, MPIE, SPP = 1 << 1, 1 << 3, 1 << 5, 1 << 6, 1 << 7, 1 << 8
@@ -34,6 +35,9 @@ SSIP, MSIP, STIP, MTIP, SEIP, MEIP = 1 << 1, 1 << 3, 1 << 5, 1 << 7, 1 << 9, 1 <
 S_INTERRUPTS = SSIP | STIP | SEIP
 ALL_INTERRUPTS = S_INTERRUPTS | MSIP | MTIP | MEIP
 MIP_WRITABLE = SSIP | STIP | SEIP
+
+# menvcfg (3.1.18): STCE enables Sstc's stimecmp (the other fields are read-only zero)
+STCE = 1 << 63
 
 # misa: RV64 with I M A F D C S U
 MISA = (2 << 62) | sum(1 << (ord(c) - ord("A")) for c in "IMAFDCSU")
@@ -66,6 +70,7 @@ class CsrMixin:
         if get is None:
             raise Trap(ILLEGAL_INSN, 0)
         old = get(self) & M64
+        tlbs = self.tlbs
         if write:
             new = src if op == 1 else (old | src) if op == 2 else (old & ~src)
             _SETTERS[num](self, new & M64)
@@ -74,6 +79,10 @@ class CsrMixin:
         self.pc = npc
         if write:
             self.interrupt_now()
+            if self.tlbs is not tlbs:
+                # A satp write switched address spaces: the dispatcher re-reads the
+                # fetch TLB (this is always a block's last instruction).
+                raise ContextChange()
         return npc
 
 
@@ -211,7 +220,15 @@ def _mie_set(h: Any, v: int) -> None:
 
 
 def _mip_set(h: Any, v: int) -> None:
-    h.mip = (h.mip & ~MIP_WRITABLE) | (v & MIP_WRITABLE)
+    # With Sstc enabled STIP is the comparator's (time >= stimecmp), read-only.
+    writable = MIP_WRITABLE & ~STIP if h.menvcfg & STCE else MIP_WRITABLE
+    h.mip = (h.mip & ~writable) | (v & writable)
+
+
+def _mip_get(h: Any) -> int:
+    if h.menvcfg & STCE:
+        h.timer_compare()
+    return h.mip
 
 
 def _sie_set(h: Any, v: int) -> None:
@@ -224,9 +241,31 @@ def _sip_set(h: Any, v: int) -> None:
 
 
 _csr(0x304, lambda h: h.mie, _mie_set)
-_csr(0x344, lambda h: h.mip, _mip_set)
+_csr(0x344, _mip_get, _mip_set)
 _csr(0x104, lambda h: h.mie & h.mideleg, _sie_set)
-_csr(0x144, lambda h: h.mip & h.mideleg, _sip_set)
+_csr(0x144, lambda h: _mip_get(h) & h.mideleg, _sip_set)
+
+
+# --- Sstc: the supervisor timer compare ------------------------------------------------
+def _stimecmp_guard(h: Any) -> None:
+    """From S-mode only with menvcfg.STCE and mcounteren.TM (Sstc 1.0)."""
+    if h.priv < 3 and not (h.menvcfg & STCE and h.mcounteren & 2):
+        raise Trap(ILLEGAL_INSN, 0)
+
+
+def _stimecmp_get(h: Any) -> int:
+    _stimecmp_guard(h)
+    return h.stimecmp
+
+
+def _stimecmp_set(h: Any, v: int) -> None:
+    _stimecmp_guard(h)
+    h.stimecmp = v
+    if h.menvcfg & STCE:
+        h.timer_compare()
+
+
+_csr(0x14D, _stimecmp_get, _stimecmp_set)
 
 
 # --- trap setup and handling ---------------------------------------------------------
@@ -246,7 +285,7 @@ _csr(0x305, lambda h: h.mtvec, _set_mtvec)
 _csr(0x105, lambda h: h.stvec, _set_stvec)
 _attr(0x306, "mcounteren", 0xFFFFFFFF)
 _attr(0x106, "scounteren", 0xFFFFFFFF)
-_attr(0x30A, "menvcfg", 0)
+_attr(0x30A, "menvcfg", STCE)
 _attr(0x10A, "senvcfg", 0)
 _attr(0x340, "mscratch")
 _attr(0x140, "sscratch")
@@ -271,8 +310,7 @@ def _satp_set(h: Any, v: int) -> None:
     mode = v >> 60
     if mode not in (0, 8, 9):
         return                      # unsupported mode: the write has no effect
-    h.satp = v & ((0xF << 60) | ((1 << 44) - 1))   # ASIDLEN = 0
-    h.flush_tlb()
+    h.write_satp(v & ((0xF << 60) | (ASID_MASK << 44) | ((1 << 44) - 1)))
 
 
 _csr(0x180, _satp_get, _satp_set)

@@ -77,6 +77,7 @@ class Emitter:
     csr: str
     rd_idx: str
     rs1_idx: str
+    rs2_idx: str
     rm_field: str
     f1: str
     f2: str
@@ -159,6 +160,7 @@ class GenericEmitter(Emitter):
     csr = "imm"
     rd_idx = "rd"
     rs1_idx = "rs1"
+    rs2_idx = "rs2"
     rm_field = "rm"
     raw = "raw"
     f1 = "F[rs1]"
@@ -250,6 +252,7 @@ class BlockEmitter(Emitter):
         self.csr = hex(imm)
         self.rd_idx = str(rd)
         self.rs1_idx = str(rs1)
+        self.rs2_idx = str(rs2)
         self.rm_field = str(insn.rm)  # type: ignore[attr-defined]
         self.raw = hex(insn.raw)  # type: ignore[attr-defined]
         self.f1 = f"F[{rs1}]"

@@ -4,11 +4,20 @@ Translated code reaches RAM through the software TLB (three dicts per
 privilege mode: read, write, fetch) mapping a virtual page number to the
 offset that turns a virtual address into an index of the RAM buffer.  Misses,
 MMIO, watched pages and page-crossing accesses come here.
+
+The TLB keeps the entries of several address spaces (ASIDs, satp.ASID) and
+global mappings (PTE.G) apart: each ASID seen recently has its own set of
+dicts, the current one is `tlbs`; global mappings are also kept in `gtlbs`
+and copied into an address space's dicts on a miss, without a page walk.
+A satp write switches sets and flushes nothing; `sfence.vma` drops what it
+names.  The native tables are shared: entries carry the tag of their ASID's
+set (or none, when global), see native.TAG_SHIFT.
 """
 
 from __future__ import annotations
 
 import ctypes
+from collections import OrderedDict
 from collections.abc import Callable
 from struct import Struct
 from typing import Any
@@ -26,6 +35,7 @@ from pyvirt.cpu.riscv.csr import (
     SIE,
     SPIE,
     SPP,
+    STIP,
     SUM,
     TSR,
     TVM,
@@ -48,7 +58,8 @@ from pyvirt.cpu.riscv.traps import (
 from pyvirt.memory import Bus, BusError
 
 M64 = (1 << 64) - 1
-TLB_LIMIT = 8192
+TLB_LIMIT = 8192          # entries in one TLB dict before its address space starts again
+GLOBAL_LIMIT = 4 * TLB_LIMIT
 # Interrupt priority order (3.1.9): MEI, MSI, MTI, SEI, SSI, STI.
 _PRIORITY = (11, 3, 7, 9, 1, 5)
 _SEXT = {1: (0x80, 0x100), 2: (0x8000, 0x10000), 4: (0x80000000, 1 << 32), 8: (1 << 63, 1 << 64)}
@@ -58,6 +69,20 @@ _PACK = {n: Struct(f).pack_into for n, f in ((1, "<B"), (2, "<H"), (4, "<I"), (8
 
 HART_STARTED, HART_STOPPED, HART_START_PENDING = 0, 1, 2
 S_SUM = 2          # the TLB context of S-mode with mstatus.SUM set
+SU_CTX = (0, 1, S_SUM)
+ASIDLEN = 16       # satp.ASID bits that are writable (all of Sv39/Sv48's 16)
+ASID_MASK = (1 << ASIDLEN) - 1
+ASID_SETS = 16     # address spaces whose TLB entries are kept at once (least recently used goes)
+WREV_LIMIT = 1 << 16
+_DICT_OF = {mmu.FETCH: 2, mmu.LOAD: 0, mmu.STORE: 1}   # access -> index in (read, write, fetch)
+
+
+def _su_dicts(mdicts: tuple[dict[int, int], ...]) -> dict[int, tuple[dict[int, int], ...]]:
+    """A fresh set of U / S / S-with-SUM TLB dicts (S_SUM shares S's fetch dict), with M's."""
+    s = {0: ({}, {}, {}), 1: ({}, {}, {})}
+    s[S_SUM] = ({}, {}, s[1][2])
+    s[3] = mdicts
+    return s
 
 
 def _sext(v: int, size: int) -> int:
@@ -91,6 +116,7 @@ class Hart(CsrMixin):
         "satp", "mcounteren", "scounteren", "mcountinhibit", "menvcfg", "senvcfg", "pmp",
         "instret", "adj", "idle", "state", "stimecmp",
         "tlbs", "rtlb", "wtlb", "itlb", "superpages", "ctx",
+        "gtlbs", "asid_sets", "cur_set", "tagbits", "next_tag", "_wrev", "_wrev_n", "_su_all",
         "ecall_hook", "yield_on_pause",
         "_state", "sq", "_uq", "_as_parameter_", "_ntlb", "_ntlb_views", "_ram_host", "native_exit_hook",
         "jump_tables",
@@ -111,8 +137,20 @@ class Hart(CsrMixin):
         # TLB contexts: 0 U, 1 S with SUM=0, 2 S with SUM=1 (user pages allowed;
         # it shares S's fetch dict), 3 M.  The kernel toggles SUM around every
         # copy to or from user memory: switching context keeps both sets warm.
-        self.tlbs = {p: ({}, {}, {}) for p in (0, 1, 3)}
-        self.tlbs[S_SUM] = ({}, {}, self.tlbs[1][2])
+        # Per ASID: [native tag, {context: (read, write, fetch)}] (M's dicts shared),
+        # most recently used last.
+        mdicts: tuple[dict[int, int], ...] = ({}, {}, {})
+        self.tlbs = _su_dicts(mdicts)
+        self.cur_set: list[Any] = [1, self.tlbs]
+        self.asid_sets: OrderedDict[int, list[Any]] = OrderedDict({0: self.cur_set})
+        self.gtlbs = _su_dicts(mdicts)           # global mappings ([3] unused)
+        self.tagbits = 1 << native.TAG_SHIFT
+        self.next_tag = 2
+        # Reverse map for drop_write_mapping: physical page -> [(write dict, vpn)]
+        # of the S/U write entries made (stale ones are checked and skipped).
+        self._wrev: dict[int, list[tuple[dict[int, int], int]]] = {}
+        self._wrev_n = 0
+        self._su_all: list[dict[int, int]] | None = None    # every S/U dict, see _all_dicts
         self.ctx = 0
         self.superpages: set[int] = set()
         # For the native tier (native.py) the integer registers live in a native
@@ -151,6 +189,7 @@ class Hart(CsrMixin):
         self._state[native.W_RAM] = self._ram_host
         self._state[native.W_TLB_S0] = ctypes.addressof(self._ntlb[1])
         self._state[native.W_TLB_S1] = ctypes.addressof(self._ntlb[S_SUM])
+        self._state[native.W_TAG] = self.tagbits
         for i in range(32):
             self.x[i] = 0
         self.f = [0] * 32
@@ -214,49 +253,195 @@ class Hart(CsrMixin):
         unless `fetch` is false (the fetch table mirrors the `itlb` dict)."""
         ctypes.memset(self._ntlb[priv], 0xFF, (3 if fetch else 2) * native.TLB_BYTES)
 
-    def flush_tlb(self, all_modes: bool = False) -> None:
-        for priv, dicts in self.tlbs.items():
-            if priv != 3 or all_modes:
-                for d in dicts:
-                    d.clear()
-                self._native_clear(priv)
-        self.superpages.clear()
+    def _apply_tag(self) -> None:
+        self.tagbits = self.cur_set[0] << native.TAG_SHIFT
+        self._state[native.W_TAG] = self.tagbits
 
-    def flush_tlb_page(self, va: int) -> None:
+    def _new_tag(self) -> int:
+        """A native tag no entry carries.  When they run out, the native tables
+        are emptied (the Python dicts stay) and the kept sets numbered afresh."""
+        t = self.next_tag
+        if t >= native.TAG_LIMIT:
+            for ctx in SU_CTX:
+                self._native_clear(ctx)
+            for i, entry in enumerate(self.asid_sets.values(), 1):
+                entry[0] = i
+            t = len(self.asid_sets) + 1
+            self._apply_tag()
+        self.next_tag = t + 1
+        return t
+
+    def asid(self) -> int:
+        return (self.satp >> 44) & ASID_MASK
+
+    def write_satp(self, value: int) -> None:
+        """satp's new value: switch to its address space's TLB entries, keeping the
+        others (a change of mode drops everything)."""
+        old = self.satp
+        self.satp = value
+        if (old ^ value) >> 60:
+            self.flush_tlb()
+            return
+        asid = self.asid()
+        sets = self.asid_sets
+        entry = sets.get(asid)
+        if entry is self.cur_set:
+            return
+        if entry is None:
+            entry = [self._new_tag(), _su_dicts(self.tlbs[3])]
+            sets[asid] = entry
+            while len(sets) > ASID_SETS:
+                sets.popitem(last=False)
+            self._su_all = None
+        else:
+            sets.move_to_end(asid)
+        self.cur_set = entry
+        self.tlbs = entry[1]
+        self._apply_tag()
+        self.set_priv(self.priv)
+
+    def flush_tlb(self, all_modes: bool = False) -> None:
+        """Drop every S/U mapping of every address space, global ones included
+        (sfence.vma x0, x0); M-mode's too with `all_modes`.  The current dicts
+        are emptied in place (the dispatcher holds the fetch dict)."""
+        cur = self.tlbs
+        for ctx in SU_CTX:
+            for d in cur[ctx]:
+                d.clear()
+            for d in self.gtlbs[ctx]:
+                d.clear()
+            self._native_clear(ctx)
+        if all_modes:
+            for d in cur[3]:
+                d.clear()
+            self._native_clear(3)
+        self.cur_set = [1, cur]
+        self.asid_sets = OrderedDict({self.asid(): self.cur_set})
+        self._su_all = None
+        self.next_tag = 2
+        self._apply_tag()
+        self.superpages.clear()
+        self._wrev.clear()
+        self._wrev_n = 0
+
+    def flush_asid(self, asid: int) -> None:
+        """Drop the non-global mappings of address space `asid` (sfence.vma x0, asid)."""
+        entry = self.asid_sets.get(asid)
+        if entry is None:
+            return
+        for ctx in SU_CTX:
+            for d in entry[1][ctx]:
+                d.clear()
+        entry[0] = self._new_tag()         # its native entries can no longer match
+        if entry is self.cur_set:
+            self._apply_tag()
+
+    def _all_dicts(self) -> list[dict[int, int]]:
+        """Every S/U TLB dict of every kept address space and the global ones."""
+        out = self._su_all
+        if out is None:
+            seen: dict[int, dict[int, int]] = {}
+            for dicts in [e[1] for e in self.asid_sets.values()] + [self.gtlbs]:
+                for ctx in SU_CTX:
+                    for d in dicts[ctx]:
+                        seen[id(d)] = d
+            out = self._su_all = list(seen.values())
+        return out
+
+    def _in_superpage(self, vpn: int) -> bool:
+        sp = self.superpages
+        return bool(sp) and ((vpn >> 9) in sp or (vpn >> 18) in sp or (vpn >> 27) in sp)
+
+    def flush_tlb_page(self, va: int, asid: int | None = None) -> None:
+        """Drop the mappings of `va`'s page: of every address space and global ones
+        (sfence.vma va, x0), or only address space `asid`'s non-global ones."""
         vpn = (va & M64) >> 12
-        for level in (1, 2, 3):
-            if (vpn >> (9 * level)) in self.superpages:
+        if self._in_superpage(vpn):
+            # Cached per 4 KiB page: which of a superpage's pages are held is not known.
+            if asid is None:
                 self.flush_tlb()
-                return
+            else:
+                self.flush_asid(asid)
+            return
         slot = 2 * (vpn & (native.TLB_ENTRIES - 1))
-        for priv in (0, 1, S_SUM):
-            for d in self.tlbs[priv]:
+        bases = (slot, 2 * native.TLB_ENTRIES + slot, 4 * native.TLB_ENTRIES + slot)
+        if asid is None:
+            for d in self._all_dicts():
+                if vpn in d:
+                    del d[vpn]
+            for ctx in SU_CTX:
+                view = self._ntlb_views[ctx]
+                for at in bases:
+                    if view[at] & native.VPN_MASK == vpn:
+                        view[at] = M64
+            return
+        entry = self.asid_sets.get(asid)
+        if entry is None:
+            return
+        for ctx in SU_CTX:
+            for d in entry[1][ctx]:
                 d.pop(vpn, None)
-            view = self._ntlb_views[priv]
-            for base in (0, 2 * native.TLB_ENTRIES, 4 * native.TLB_ENTRIES):
-                if view[base + slot] == vpn:
-                    view[base + slot] = M64
+        key = vpn ^ (entry[0] << native.TAG_SHIFT)
+        for ctx in SU_CTX:
+            view = self._ntlb_views[ctx]
+            for at in bases:
+                if view[at] == key:
+                    view[at] = M64
+
+    def sfence_range(self, start: int, size: int, asid: int | None = None) -> None:
+        """A remote sfence.vma from the SBI: pages [start, start + size) of every
+        address space, or of `asid`'s; large or unbounded ranges flush all."""
+        if (start == 0 and size == 0) or size == M64 or size > 64 << 12:
+            if asid is None:
+                self.flush_tlb()
+            else:
+                self.flush_asid(asid)
+            return
+        for va in range(start & ~0xFFF, start + size, 0x1000):
+            self.flush_tlb_page(va, asid)
+
+    def _note_write(self, w: dict[int, int], vpn: int, ppn: int) -> None:
+        """Remember a new S/U write entry for drop_write_mapping."""
+        self._wrev.setdefault(ppn, []).append((w, vpn))
+        self._wrev_n += 1
+        if self._wrev_n > WREV_LIMIT:
+            # Rebuild from the live dicts (stale records pile up as sets are flushed).
+            rev: dict[int, list[tuple[dict[int, int], int]]] = {}
+            n = 0
+            base = self.ram_base >> 12
+            for dicts in [e[1] for e in self.asid_sets.values()] + [self.gtlbs]:
+                for ctx in SU_CTX:
+                    wd = dicts[ctx][1]
+                    for v, o in wd.items():
+                        rev.setdefault(base + ((v << 12) + o >> 12), []).append((wd, v))
+                        n += 1
+            self._wrev, self._wrev_n = rev, n
 
     def drop_write_mapping(self, ppn: int) -> None:
         """Remove write-TLB entries that map physical page `ppn` (about to be watched)."""
         target = (ppn << 12) - self.ram_base
-        for priv, dicts in self.tlbs.items():
-            w = dicts[1]
-            stale = [vpn for vpn, o in w.items() if (vpn << 12) + o == target]
-            for vpn in stale:
-                del w[vpn]
-                view = self._ntlb_views[priv]
-                slot = 2 * native.TLB_ENTRIES + 2 * (vpn & (native.TLB_ENTRIES - 1))
-                if view[slot] == vpn:
-                    view[slot] = M64
+        stale = [(w, vpn) for w, vpn in self._wrev.pop(ppn, ())
+                 if (o := w.get(vpn)) is not None and (vpn << 12) + o == target]
+        mw = self.tlbs[3][1]
+        stale += [(mw, vpn) for vpn, o in mw.items() if (vpn << 12) + o == target]
+        wbase = 2 * native.TLB_ENTRIES
+        for w, vpn in stale:
+            w.pop(vpn, None)            # (a page may be recorded twice)
+            at = wbase + 2 * (vpn & (native.TLB_ENTRIES - 1))
+            for view in self._ntlb_views.values():
+                if view[at] & native.VPN_MASK == vpn:
+                    view[at] = M64
 
     def status_changed(self, old: int, new: int) -> None:
         changed = old ^ new
         if changed & MXR:
-            for priv in (0, 1, S_SUM):
-                for d in self.tlbs[priv][:2]:
-                    d.clear()
-                self._native_clear(priv, fetch=False)
+            # MXR changes what reads may do: drop every S/U read and write entry.
+            for dicts in [e[1] for e in self.asid_sets.values()] + [self.gtlbs]:
+                for ctx in SU_CTX:
+                    for d in dicts[ctx][:2]:
+                        d.clear()
+            for ctx in SU_CTX:
+                self._native_clear(ctx, fetch=False)
         if changed & SUM and self.priv == 1:
             self.set_priv(1)                     # the other S context
         if changed & (MPRV | MPP) or new & MPRV:
@@ -273,36 +458,64 @@ class Hart(CsrMixin):
             priv = (self.mstatus & MPP) >> MPP_SHIFT
         mode = self.satp >> 60
         level = 0
+        glob = False
         if priv == 3 or mode == 0:
             pa = va
         else:
-            st = self.mstatus
-            pa, level = mmu.walk(self.bus, mode, self.satp & ((1 << 44) - 1), va, access, priv,
-                                 bool(st & SUM), bool(st & MXR))
+            vpn = va >> 12
+            g = None if mprv else self.gtlbs[self.ctx][_DICT_OF[access]].get(vpn)
+            if g is not None:
+                # A global mapping another address space already walked.
+                glob = True
+                pa = (g << 12 if access == mmu.FETCH else self.ram_base + (vpn << 12) + g) | (va & 0xFFF)
+            else:
+                st = self.mstatus
+                pa, level, glob = mmu.walk(self.bus, mode, self.satp & ((1 << 44) - 1), va, access, priv,
+                                           bool(st & SUM), bool(st & MXR))
         if not mprv and self.ram_base <= pa < self.ram_end:
             vpn = va >> 12
+            ppn = pa >> 12
             page_off = (pa & ~0xFFF) - self.ram_base - (vpn << 12)
             r, w, ix = self.rtlb, self.wtlb, self.itlb
             if len(r) > TLB_LIMIT or len(w) > TLB_LIMIT or len(ix) > TLB_LIMIT:
-                self.flush_tlb(all_modes=True)
+                # Full: start this address space (or M-mode) again; globals stay.
+                if self.ctx == 3:
+                    for d in self.tlbs[3]:
+                        d.clear()
+                    self._native_clear(3)
+                else:
+                    self.flush_asid(self.asid())
             if level:
                 self.superpages.add(vpn >> (9 * level))
             slot = 2 * (vpn & (native.TLB_ENTRIES - 1))
             addend = (self._ram_host + page_off) & M64
+            key = vpn if glob or priv == 3 or mode == 0 else vpn ^ self.tagbits
+            gd = self.gtlbs[self.ctx] if glob else None
+            if gd is not None and len(gd[0]) + len(gd[1]) + len(gd[2]) > GLOBAL_LIMIT:
+                self.flush_tlb()
             if access == mmu.FETCH:
-                ix[vpn] = pa >> 12
+                ix[vpn] = ppn
+                if gd is not None:
+                    gd[2][vpn] = ppn
                 view = self._ntlb_views[self.priv]
-                view[4 * native.TLB_ENTRIES + slot] = vpn
-                view[4 * native.TLB_ENTRIES + slot + 1] = pa >> 12
+                view[4 * native.TLB_ENTRIES + slot] = key
+                view[4 * native.TLB_ENTRIES + slot + 1] = ppn
             else:
                 view = self._ntlb_views[self.ctx]
                 r[vpn] = page_off
-                view[slot] = vpn
+                if gd is not None:
+                    gd[0][vpn] = page_off
+                view[slot] = key
                 view[slot + 1] = addend
-                if access == mmu.STORE and (pa >> 12) not in self.bus.watched:
+                if access == mmu.STORE and ppn not in self.bus.watched:
                     w[vpn] = page_off
+                    if self.ctx != 3:
+                        self._note_write(w, vpn, ppn)
+                    if gd is not None:
+                        gd[1][vpn] = page_off
+                        self._note_write(gd[1], vpn, ppn)
                     slot += 2 * native.TLB_ENTRIES
-                    view[slot] = vpn
+                    view[slot] = key
                     view[slot + 1] = addend
         return pa
 
@@ -434,6 +647,10 @@ class Hart(CsrMixin):
         else:
             self.mip &= ~bit
 
+    def timer_compare(self) -> None:
+        """Sstc: mip.STIP follows time >= stimecmp."""
+        self.set_irq(STIP, self.clock.ticks() >= self.stimecmp)
+
     def pending_interrupt(self) -> int:
         """The interrupt to take now (cause code), or -1."""
         pend = self.mip & self.mie
@@ -556,16 +773,20 @@ class Hart(CsrMixin):
     def native_refill(self, va: int) -> None:
         """Copy the Python TLB's mappings of `va`'s page into the native tables."""
         vpn = va >> 12
-        view = self._ntlb_views[self.ctx]
+        ctx = self.ctx
+        view = self._ntlb_views[ctx]
         slot = 2 * (vpn & (native.TLB_ENTRIES - 1))
+        key = vpn
+        if ctx != 3 and self.satp >> 60 and vpn not in self.gtlbs[ctx][0]:
+            key ^= self.tagbits
         o = self.rtlb.get(vpn)
         if o is not None:
-            view[slot] = vpn
+            view[slot] = key
             view[slot + 1] = (self._ram_host + o) & M64
         o = self.wtlb.get(vpn)
         if o is not None:
             slot += 2 * native.TLB_ENTRIES
-            view[slot] = vpn
+            view[slot] = key
             view[slot + 1] = (self._ram_host + o) & M64
 
     def native_exit(self, pc: int) -> int:
@@ -578,13 +799,19 @@ class Hart(CsrMixin):
         self.pc = pc
         raise StopSlice()
 
-    def sfence_vma(self, rs1: int, vaddr: int, npc: int) -> int:
+    def sfence_vma(self, rs1: int, vaddr: int, npc: int, rs2: int = 0, asid: int = 0) -> int:
+        """sfence.vma (4.2.1): rs1 = x0 all pages, else vaddr's; rs2 = x0 every address
+        space and global mappings, else only address space `asid`'s non-global ones."""
         if self.priv == 0 or (self.priv == 1 and self.mstatus & TVM):
             raise Trap(ILLEGAL_INSN, 0)
+        which = None if rs2 == 0 else asid & ASID_MASK
         if rs1 == 0:
-            self.flush_tlb()
+            if which is None:
+                self.flush_tlb()
+            else:
+                self.flush_asid(which)
         else:
-            self.flush_tlb_page(vaddr)
+            self.flush_tlb_page(vaddr, which)
         return npc
 
     def fs_enabled(self) -> bool:

@@ -361,7 +361,7 @@ def _wfi(e: Emitter) -> None:
 
 @template("sfence_vma")
 def _sfence_vma(e: Emitter) -> None:
-    e.exit_call(f"h.sfence_vma({e.rs1_idx}, {e.rs1}, {e.npc})")
+    e.exit_call(f"h.sfence_vma({e.rs1_idx}, {e.rs1}, {e.npc}, {e.rs2_idx}, {e.rs2})")
 
 
 @template("illegal")

@@ -32,8 +32,11 @@ PRIV_U, PRIV_S, PRIV_M = 0, 1, 3
 
 
 def walk(bus: Bus, mode: int, root_ppn: int, va: int, access: int, priv: int,
-         sum_: bool, mxr: bool) -> tuple[int, int]:
-    """Translate `va`; returns (physical address, superpage level or 0).
+         sum_: bool, mxr: bool) -> tuple[int, int, bool]:
+    """Translate `va`; returns (physical address, superpage level or 0, global).
+
+    The mapping is global when a PTE on its path has the G bit (4.3.1: a global
+    non-leaf PTE makes every mapping below it global).
 
     Raises a page fault or access fault `Trap` with tval = va.
     """
@@ -44,6 +47,7 @@ def walk(bus: Bus, mode: int, root_ppn: int, va: int, access: int, priv: int,
         raise Trap(PAGE_FAULT[access], va)
     table = root_ppn << 12
     level = levels - 1
+    glob = 0
     while True:
         pte_addr = table + ((va >> (12 + 9 * level)) & 511) * 8
         try:
@@ -54,6 +58,7 @@ def walk(bus: Bus, mode: int, root_ppn: int, va: int, access: int, priv: int,
             # Invalid, write-only (reserved) or reserved high bits (N, PBMT:
             # Svnapot and Svpbmt are not implemented).
             raise Trap(PAGE_FAULT[access], va)
+        glob |= pte & PTE_G
         if pte & (PTE_R | PTE_X):
             break
         if level == 0 or pte & (PTE_A | PTE_D | PTE_U):
@@ -84,4 +89,4 @@ def walk(bus: Bus, mode: int, root_ppn: int, va: int, access: int, priv: int,
         except BusError:
             raise Trap(ACCESS_FAULT[access], va) from None
     offset_mask = (1 << (12 + 9 * level)) - 1
-    return ((ppn << 12) & ~offset_mask) | (va & offset_mask), level
+    return ((ppn << 12) & ~offset_mask) | (va & offset_mask), level, bool(glob)

@@ -10,10 +10,12 @@ executes that one instruction in the interpreter (`Hart.native_exit`).  So
 every exit makes progress and faults are raised by the Python slow path, with
 the registers already in memory: state is always precise.
 
-Native TLB: per privilege, 256 direct-mapped entries for reads and 256 for
-writes, each (virtual page number, addend) with host address = va + addend.
-The hart fills them exactly when it fills its Python TLB dicts, so the write
-table never maps a page holding translated code.
+Native TLB: per privilege context, TLB_ENTRIES direct-mapped entries for
+reads and as many for writes, each (tagged virtual page number, addend) with
+host address = va + addend; an access hits on the bare vpn (a global entry)
+or on vpn ^ [W_TAG] (the current address space's).  The hart fills them
+exactly when it fills its Python TLB dicts, so the write table never maps a
+page holding translated code.
 
 Only on x86-64 hosts (Linux, System V ABI); elsewhere the Python tiers run.
 """
@@ -74,6 +76,7 @@ W_SSCRATCH, W_SEPC, W_SCAUSE, W_STVAL = 42, 43, 44, 45   # Hart.sscratch ... stv
 W_TLB_S0 = 46      # S-mode's read/write tables with SUM=0 ...
 W_TLB_S1 = 47      # ... and with SUM=1 (hart.S_SUM)
 W_RESYNC = 48      # set by native code that switched them: the hart re-reads its context
+W_TAG = 49         # the current address space's tag, in bits 52-63 (see TAG_SHIFT)
 STATE_WORDS = 56
 TLB_ENTRIES = 4096
 TLB_BYTES = TLB_ENTRIES * 16
@@ -83,10 +86,19 @@ JMP_ENTRIES = 1 << 17     # jump table: (pc, ppn, code address, unused) per entr
 JMP_SET_BITS = 16          # two-way sets: 2**16 sets of two entries
 JMP_HASH = 0x9E3779B97F4A7C15   # set = (pc * JMP_HASH mod 2**64) >> (64 - JMP_SET_BITS)
 JMP_BYTES = JMP_ENTRIES * 32
+# TLB entries are tagged: a non-global entry's first word is vpn ^ (tag << TAG_SHIFT)
+# with the tag of its address space (hart.py gives each ASID one), a global entry's
+# (and M-mode's) is the bare vpn.  A virtual page number has at most 52 bits, so
+# the tag never overlaps it; tag 4095 is never used, so no entry equals the empty
+# marker (all ones).
+TAG_SHIFT = 52
+VPN_MASK = (1 << TAG_SHIFT) - 1
+TAG_LIMIT = 4095
 
 R10 = 10
 
 _BRANCH_CC = {"beq": CC_E, "bne": CC_NE, "blt": CC_L, "bge": CC_GE, "bltu": CC_B, "bgeu": CC_AE}
+_DIRECT = {*_BRANCH_CC, "jal"}          # jumps whose target is pc + imm
 _ALU_R = {"add": ALU_ADD, "sub": ALU_SUB, "and": ALU_AND, "or": ALU_OR, "xor": ALU_XOR}
 _ALU_I = {"addi": ALU_ADD, "andi": ALU_AND, "ori": ALU_OR, "xori": ALU_XOR}
 _SHIFT = {"sll": SHL, "srl": SHR, "sra": SAR, "slli": SHL, "srli": SHR, "srai": SAR,
@@ -119,6 +131,9 @@ CSR_SSTATUS = 0x100
 _CSR_OPS = {"csrrw": (1, False), "csrrs": (2, False), "csrrc": (3, False),
             "csrrwi": (1, True), "csrrsi": (2, True), "csrrci": (3, True)}
 _SSTATUS_WRITABLE = SIE | SPIE | SPP | FS | SUM | MXR
+# Bits a native sstatus write may change: nothing but sret, FP instructions and interrupt
+# delivery reads them, and those read the state buffer.  (SUM switches S's TLB context.)
+_SSTATUS_NATIVE = SIE | SPIE | SPP | FS
 
 
 # S-mode CSRs without side effects, kept in the state buffer: number -> (word, write mask).
@@ -210,8 +225,13 @@ def _chain_stub() -> bytes:
     a.alu_imm(ALU_AND, R8, TLB_ENTRIES - 1, w=False)
     a.shift_imm(SHL, R8, 4, w=False)
     a.alu_mem(ALU_ADD, R8, RDI, 8 * W_TLB_X)
-    a.alu_mem(ALU_CMP, RDX, R8, 0)
+    hit = a.label()
+    a.alu_mem(ALU_CMP, RDX, R8, 0)                 # a global entry
+    a.jcc(CC_E, hit)
+    a.alu_mem(ALU_XOR, RDX, RDI, 8 * W_TAG)
+    a.alu_mem(ALU_CMP, RDX, R8, 0)                 # the current address space's
     a.jcc(CC_NE, out)
+    a.bind(hit)
     a.load(RDX, R8, 8)
     a.alu_mem(ALU_CMP, RDX, RCX, 8)
     a.jcc(CC_NE, out)
@@ -222,6 +242,18 @@ def _chain_stub() -> bytes:
 
 
 _BLOCK_TYPE = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p)
+_EXIT_COUNT: dict[tuple[bool, int], bytes] = {}
+_PACK_I, _PACK_SI, _PACK_Q = struct.Struct("<I").pack, struct.Struct("<i").pack, struct.Struct("<Q").pack
+
+
+def _mov_rax(value: int) -> bytes:
+    """mov rax, value: what Asm.mov_imm(RAX, value) encodes, without its memo (exit
+    targets are pcs, nearly all different, and filled the memo with one-offs)."""
+    if value < 1 << 32:
+        return b"\xb8" + _PACK_I(value)                 # mov eax, imm32 (zero-extends)
+    if value >= (1 << 64) - (1 << 31):
+        return b"\x48\xc7\xc0" + _PACK_SI(value - (1 << 64))   # mov rax, simm32
+    return b"\x48\xb8" + _PACK_Q(value)                  # movabs rax, imm64
 
 
 class Translator:
@@ -269,8 +301,8 @@ class _BlockGen:
         self.total = len(insns)
         self.entry = insns[0][1]
         self.stop_pc = stop_pc
-        self.loop = any(ins.name in _BRANCH_CC or ins.name == "jal" for ins, _ in insns
-                        if (insns_target(ins, _) == self.entry))
+        entry = self.entry
+        self.loop = any((pc + ins.imm) & M64 == entry for ins, pc in insns if ins.name in _DIRECT)
         self.misses: list[tuple[Label, int, int]] = []     # (label, pc, index)
 
     # -- exits -----------------------------------------------------------------------
@@ -281,17 +313,24 @@ class _BlockGen:
         to chain straight into the native block for the target."""
         a = self.a
         done = index if odd else index + 1
-        if self.loop:
-            if done:
-                a.alu_imm(ALU_ADD, R10, done)
-            a.alu_mem(ALU_ADD, R10, RDI, 8 * W_RET)
-            a.store(RDI, 8 * W_RET, R10)
-        elif done:
-            a.add_mem_imm(RDI, 8 * W_RET, done)
+        key = (self.loop, done)
+        count = _EXIT_COUNT.get(key)
+        if count is None:
+            # The counting prefix depends on (loop, done) only: encode it once.
+            c = Asm()
+            if self.loop:
+                if done:
+                    c.alu_imm(ALU_ADD, R10, done)
+                c.alu_mem(ALU_ADD, R10, RDI, 8 * W_RET)
+                c.store(RDI, 8 * W_RET, R10)
+            elif done:
+                c.add_mem_imm(RDI, 8 * W_RET, done)
+            count = _EXIT_COUNT[key] = bytes(c.buf)
+        a.buf += count
         if target is not None:
-            a.mov_imm(RAX, target | (1 if odd else 0))
+            a.buf += _mov_rax(target | (1 if odd else 0))   # a pc: rarely seen twice
         if odd:
-            a.ret()
+            a.buf.append(0xC3)                               # ret
         else:
             a.jmp_far()
 
@@ -371,10 +410,17 @@ class _BlockGen:
                 return False
             start, nfix = len(a.buf), len(a._fixups)
             self._emit_insn(i, ins, pc, nxt)
-            fixups = a._fixups[nfix:]
+            code = bytearray(a.buf[start:])
+            offsets = []
+            for at, label in a._fixups[nfix:]:
+                if label.pos is not None and label.pos >= start:
+                    # A jump inside the snippet: relative, so the same wherever it goes.
+                    struct.pack_into("<i", code, at - start, label.pos - (at + 4))
+                else:
+                    offsets.append(at - start)      # to the miss exit
             if len(_SNIPPETS) >= _SNIPPET_LIMIT:
                 _SNIPPETS.clear()
-            _SNIPPETS[ins] = (bytes(a.buf[start:]), tuple(at - start for at, _ in fixups))
+            _SNIPPETS[ins] = (bytes(code), tuple(offsets))
             return False
         return self._emit_insn(i, ins, pc, nxt)
 
@@ -514,11 +560,11 @@ class _BlockGen:
     def _sstatus(self, i: int, pc: int, ins: Insn) -> None:
         """csrr*/csrr*i on sstatus, as csr.py does it.  In S-mode a write that
         changes SUM switches the read/write TLB tables to the other S context
-        (hart.S_SUM) and asks the hart to follow ([W_RESYNC]).  Writes that
-        change anything else but SIE (MXR changes the TLB's rules, FS, SPP...),
-        and setting SIE while an interrupt is pending and enabled, leave for the
-        interpreter before the instruction, which then does it all (and takes
-        the interrupt)."""
+        (hart.S_SUM) and asks the hart to follow ([W_RESYNC]).  SIE, SPIE, SPP
+        and FS change here (the kernel's trap entry and exit write them); writes
+        that change MXR (the TLB's rules), and setting SIE while an interrupt is
+        pending and enabled, leave for the interpreter before the instruction,
+        which then does it all (and takes the interrupt)."""
         a = self.a
         op, immediate = _CSR_OPS[ins.name]
         a.load(RAX, RDI, 8 * W_MSTATUS)                    # old, as stored
@@ -546,8 +592,8 @@ class _BlockGen:
         switch = self.priv == 1
         a.mov(RCX, R9)
         a.alu(ALU_XOR, RCX, RAX)
-        a.alu_imm(ALU_AND, RCX, ~(SIE | SUM) if switch else ~SIE)
-        a.jcc(CC_NE, miss)                                 # more than SIE (and SUM) changes
+        a.alu_imm(ALU_AND, RCX, ~(_SSTATUS_NATIVE | SUM) if switch else ~_SSTATUS_NATIVE)
+        a.jcc(CC_NE, miss)                                 # MXR (or SUM from M) changes
         quiet = a.label()
         a.mov(RCX, RAX)
         a.alu_imm(ALU_XOR, RCX, -1)
@@ -691,8 +737,13 @@ class _BlockGen:
         a.alu_imm(ALU_AND, RDX, TLB_ENTRIES - 1, w=False)
         a.shift_imm(SHL, RDX, 4, w=False)
         a.alu_mem(ALU_ADD, RDX, RDI, 8 * table)
-        a.alu_mem(ALU_CMP, RCX, RDX, 0)
+        hit = a.label()
+        a.alu_mem(ALU_CMP, RCX, RDX, 0)              # a global (or M-mode) entry
+        a.jcc(CC_E, hit)
+        a.alu_mem(ALU_XOR, RCX, RDI, 8 * W_TAG)
+        a.alu_mem(ALU_CMP, RCX, RDX, 0)              # the current address space's
         a.jcc(CC_NE, miss)
+        a.bind(hit)
         if aligned:                      # AMOs: misaligned is a fault the slow path raises
             a.mov32(RCX, RAX)
             a.alu_imm(ALU_AND, RCX, size - 1, w=False)
@@ -703,12 +754,6 @@ class _BlockGen:
             a.alu_imm(ALU_CMP, RCX, 4096 - size, w=False)
             a.jcc(CC_A, miss)
         a.alu_mem(ALU_ADD, RAX, RDX, 8)
-
-
-def insns_target(ins: Insn, pc: int) -> int | None:
-    if ins.name in _BRANCH_CC or ins.name == "jal":
-        return (pc + ins.imm) & M64
-    return None
 
 
 def native_entry(fn: Callable[..., int], n: int) -> Callable[[Any], int]:

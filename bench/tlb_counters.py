@@ -1,0 +1,50 @@
+"""Count the TLB's slow-path work during one `pyvirt run`: native-code exits to
+Python, page-table walks in Python, whole-TLB flushes.
+
+    .venv/bin/python bench/tlb_counters.py [pyvirt run arguments...]
+    e.g. bench/tlb_counters.py --command true
+         bench/tlb_counters.py --kernel debian-kernel-Image --command true
+
+Runs the VM in this process with counting wrappers around `mmu.walk`,
+`Engine._native_exit` and `Hart.flush_tlb` (the wrappers slow the run down;
+the counts, not the time, are the result).  Works on any pyvirt version that
+has those three functions, so it can count before and after a change.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+from pyvirt import cli
+from pyvirt.cpu.riscv import engine, hart, mmu
+
+COUNTS: Counter[str] = Counter()
+
+
+def _wrap(owner: Any, name: str, key: str) -> None:
+    orig = getattr(owner, name)
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        COUNTS[key] += 1
+        return orig(*args, **kw)
+    setattr(owner, name, counted)
+
+
+def main() -> int:
+    _wrap(mmu, "walk", "page-table walks in Python")
+    _wrap(engine.Engine, "_native_exit", "native-code exits to Python")
+    _wrap(hart.Hart, "flush_tlb", "whole-TLB flushes")
+    start = time.monotonic()
+    code = cli.main(["run", *sys.argv[1:]])
+    wall = time.monotonic() - start
+    for key in ("native-code exits to Python", "page-table walks in Python", "whole-TLB flushes"):
+        print(f"{key}: {COUNTS[key]:,}")
+    print(f"wall (with the counters): {wall:.1f} s, exit {code}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

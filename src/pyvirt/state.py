@@ -36,6 +36,7 @@ Schema = Callable[[Any, str], Any]
 
 def integer(lo: int, hi: int, rule: Callable[[int], str | None] | None = None) -> Schema:
     """An int in lo..hi (inclusive); `rule(v)` may name a further violation."""
+
     def check(v: Any, where: str) -> int:
         if type(v) is not int:
             raise StateError(where, f"expected an integer, not {type(v).__name__}")
@@ -45,13 +46,15 @@ def integer(lo: int, hi: int, rule: Callable[[int], str | None] | None = None) -
         if why:
             raise StateError(where, why)
         return v
+
     return check
 
 
 def one_of(*values: int) -> Schema:
     allowed = set(values)
-    return integer(min(values), max(values),
-                   lambda v: None if v in allowed else f"{v} is not one of {sorted(allowed)}")
+    return integer(
+        min(values), max(values), lambda v: None if v in allowed else f"{v} is not one of {sorted(allowed)}"
+    )
 
 
 U8, U16, U32, U64 = integer(0, 0xFF), integer(0, 0xFFFF), integer(0, M32), integer(0, M64)
@@ -70,11 +73,13 @@ def text(limit: int = MAX_TEXT) -> Schema:
         if len(v) > limit:
             raise StateError(where, f"string longer than {limit}")
         return v
+
     return check
 
 
 def blob(limit: int) -> Schema:
     """Bytes, stored as base64 text; at most `limit` of them."""
+
     def check(v: Any, where: str) -> bytes:
         if type(v) is not str or len(v) > 4 * (limit // 3 + 1):
             raise StateError(where, f"expected base64 text of at most {limit} bytes")
@@ -85,6 +90,7 @@ def blob(limit: int) -> Schema:
         if len(data) > limit:
             raise StateError(where, f"{len(data)} bytes, more than {limit}")
         return data
+
     return check
 
 
@@ -99,14 +105,17 @@ def listof(item: Schema, lo: int, hi: int | None = None) -> Schema:
             want = str(lo) if lo == top else f"{lo}..{top}"
             raise StateError(where, f"{len(v)} items where the machine has {want}")
         return [item(x, f"{where}[{i}]") for i, x in enumerate(v)]
+
     return check
 
 
 def items(schemas: list[Schema]) -> Schema:
     """A list of exactly len(schemas) items, item i checked by schemas[i]."""
+
     def check(v: Any, where: str) -> list[Any]:
         listof(lambda x, w: x, len(schemas))(v, where)
         return [s(x, f"{where}[{i}]") for i, (s, x) in enumerate(zip(schemas, v))]
+
     return check
 
 
@@ -124,12 +133,14 @@ def record(fields: dict[str, Schema], optional: Iterable[str] = ()) -> Schema:
         if missing:
             raise StateError(where, f"missing entries {sorted(missing)[:5]}")
         return {k: s(v[k], f"{where}.{k}" if where else k) for k, s in fields.items() if k in v}
+
     return check
 
 
 def optional(inner: Schema) -> Schema:
     def check(v: Any, where: str) -> Any:
         return None if v is None else inner(v, where)
+
     return check
 
 

@@ -36,13 +36,15 @@ def machine_schema(board: Any) -> Schema:
     """The schema of `VirtBoard.save_state()` for this board."""
     bus = board.bus
     devices = {name: component_schema(dev) for _, _, dev, name in bus.regions()}
-    return record({
-        "clock": component_schema(board.clock),
-        "harts": items([component_schema(h) for h in board.harts]),
-        "devices": record(devices),
-        "tohost": optional(integer(bus.ram_base, bus.ram_end - 8)),
-        "dtb_addr": integer(0, bus.ram_end),
-    })
+    return record(
+        {
+            "clock": component_schema(board.clock),
+            "harts": items([component_schema(h) for h in board.harts]),
+            "devices": record(devices),
+            "tohost": optional(integer(bus.ram_base, bus.ram_end - 8)),
+            "dtb_addr": integer(0, bus.ram_end),
+        }
+    )
 
 
 def check_state(board: Any, state: Any) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+from pyvirt.state import Schema, integer, record
+
 TIMEBASE_HZ = 10_000_000
 
 
@@ -34,6 +36,10 @@ class Clock:
         if self._paused_at is not None:
             self._offset_ns += time.monotonic_ns() - self._paused_at
             self._paused_at = None
+
+    def state_schema(self) -> Schema:
+        """What `load()` accepts (checked before it runs; pyvirt/state.py)."""
+        return record({"ticks": integer(0, (1 << 63) - 1)})
 
     def save(self) -> dict[str, int]:
         return {"ticks": self.ticks()}

@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 # Bottom first.  Each layer is a tuple of groups; a group is a tuple of module prefixes.
 LAYERS: list[tuple[tuple[str, ...], ...]] = [
     # foundation: plain values and helpers every layer may use
-    (("errors", "version", "compat", "clock", "fsutil", "engines", "ratelimit", "stream"),),
+    (("errors", "version", "compat", "clock", "fsutil", "engines", "ratelimit", "stream", "state"),),
     (("spec",),),  # the validated VM description: data only
     (("guestcmd",),),  # the default guest's command contract (its ports are PortSpecs)
     (("memory",),),  # guest RAM and the physical bus

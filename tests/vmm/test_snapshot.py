@@ -24,8 +24,8 @@ from pyvirt.devices.virtio.rng import VirtioRng
 from pyvirt.errors import ConfigError
 from pyvirt.memory import Bus
 from pyvirt.spec import make_spec
+from pyvirt.state import Schema, encode_bytes
 from pyvirt.testing import asm
-from pyvirt.vmm import snapcheck
 from pyvirt.vmm.restore import Overrides, load_snapshot
 from pyvirt.vmm.snapshot import save_snapshot
 from pyvirt.vmm.vm import Vm
@@ -37,9 +37,9 @@ ENGINES = ["interp", "jit"] + (["native"] if native.available() else [])
 RAM = 0x8000_0000
 
 
-def through_json(state: dict[str, Any], schema: snapcheck.Schema) -> Any:
+def through_json(state: dict[str, Any], schema: Schema) -> Any:
     """What a snapshot does to a component's state: JSON text, then the schema."""
-    return schema(json.loads(json.dumps(state, default=snapcheck.encode_bytes)), "")
+    return schema(json.loads(json.dumps(state, default=encode_bytes)), "")
 
 
 # -- components ---------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def test_hart_every_register_round_trips() -> None:
     state = h.save()
     assert len({v for k, v in state.items() if k in Hart._SAVED and k not in ("idle",)}) > 20
     other = Hart(0, Bus(RAM, 1 << 20), Clock(), native_regs=True)
-    other.load(through_json(state, snapcheck.hart_schema(1 << 20)))
+    other.load(through_json(state, other.state_schema()))
     assert other.save() == state
     assert other.ctx == 2                 # S-mode with SUM: the TLB context follows the state
 
@@ -81,7 +81,7 @@ def test_plic_round_trips_with_claims_and_pending() -> None:
     assert p.read(0x200004, 4) == 5                          # claim the highest priority
     state = p.save()
     q = make(1)
-    q.load(through_json(state, snapcheck.device_schema(q, 2)))
+    q.load(through_json(state, q.state_schema()))
     assert q.save() == state
     assert levels[1] == levels[0] and any(levels[1])
     assert q.read(0x200004, 4) == p.read(0x200004, 4)        # the next claim agrees
@@ -97,7 +97,7 @@ def test_uart_fifo_contents_round_trip() -> None:
     state = u.save()
     assert state["rx"] and state["host"]
     v = Uart16550(IrqLine(), BufferBackend())
-    v.load(through_json(state, snapcheck.device_schema(v, 1)))
+    v.load(through_json(state, v.state_schema()))
     assert v.save() == state
     got = bytearray()
     while v.read(5, 1) & 1:                                  # LSR.DR: drain through RBR
@@ -117,7 +117,7 @@ def test_virtio_queue_mid_use_round_trips() -> None:
     assert state["device"]["queues"][0]["last_avail"] == 3
     other = make_rig(VirtioRng(source=lambda n: b"\x42" * n))
     other.bus.write_bytes(RAM, rig.bus.read_bytes(RAM, rig.bus.ram_size))
-    other.mmio.load(through_json(state, snapcheck.virtio_schema(other.mmio)))
+    other.mmio.load(through_json(state, other.mmio.state_schema()))
     assert other.mmio.save() == state
     q.bus = other.bus
     other.drv.kick()
@@ -133,20 +133,21 @@ def test_virtio_queue_mid_use_round_trips() -> None:
 ])
 def test_hostile_queue_state_is_refused(bad: dict[str, Any], where: str) -> None:
     rig = make_rig(VirtioRng())
-    state = json.loads(json.dumps(rig.mmio.save(), default=snapcheck.encode_bytes))
+    state = json.loads(json.dumps(rig.mmio.save(), default=encode_bytes))
     state["device"]["queues"][0].update(bad)
     with pytest.raises(ConfigError, match=where.replace("[", r"\[").replace("]", r"\]")):
-        snapcheck.virtio_schema(rig.mmio)(state, "virtio0")
+        rig.mmio.state_schema()(state, "virtio0")
 
 
 @pytest.mark.parametrize("field, value", [("priv", 2), ("mstatus", 2 << 11), ("satp", 10 << 60),
                                           ("resv", 1 << 20), ("x", [0] * 31), ("pc", 1 << 64),
                                           ("frm", True)])
 def test_hostile_hart_state_is_refused(field: str, value: Any) -> None:
-    state = Hart(0, Bus(RAM, 1 << 20), Clock()).save()
+    hart = Hart(0, Bus(RAM, 1 << 20), Clock())
+    state = hart.save()
     state[field] = value
     with pytest.raises(ConfigError, match=field):
-        snapcheck.hart_schema(1 << 20)(state, "harts[0]")
+        hart.state_schema()(state, "harts[0]")
 
 
 # -- a whole machine: a bare-metal program run in two halves ------------------------------

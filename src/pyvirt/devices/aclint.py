@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from pyvirt.compat import zip_strict
 from pyvirt.devices.base import IrqLine
+from pyvirt.state import U64, Schema, integer, listof, record
 
 M64 = (1 << 64) - 1
 MSIP_BASE = 0x0000
@@ -113,6 +114,10 @@ class Aclint:
         # mtime is read-only: it follows the VM clock.
 
     # -- state ------------------------------------------------------------------------------
+    def state_schema(self) -> Schema:
+        """What `load()` accepts (checked before it runs; pyvirt/state.py)."""
+        return record({"msip": listof(integer(0, 1), self.n), "mtimecmp": listof(U64, self.n)})
+
     def save(self) -> dict[str, Any]:
         return {"msip": list(self.msip), "mtimecmp": list(self.mtimecmp)}
 

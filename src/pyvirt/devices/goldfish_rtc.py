@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from pyvirt.devices.base import IrqLine
+from pyvirt.state import U32, U64, Schema, boolean, integer, record
 
 TIME_LOW, TIME_HIGH, ALARM_LOW, ALARM_HIGH = 0x00, 0x04, 0x08, 0x0C
 IRQ_ENABLED, CLEAR_ALARM, ALARM_STATUS, CLEAR_INTERRUPT = 0x10, 0x14, 0x18, 0x1C
@@ -126,6 +127,11 @@ class GoldfishRtc:
         self.poll()
 
     # -- state ---------------------------------------------------------------------------
+    def state_schema(self) -> Schema:
+        """What `load()` accepts (checked before it runs; pyvirt/state.py)."""
+        return record({"offset_ns": integer(-M64, M64), "time_high": U32, "alarm": U64,
+                       "alarm_armed": boolean, "irq_enabled": boolean, "irq_pending": boolean})
+
     def save(self) -> dict[str, Any]:
         return {"offset_ns": self.offset_ns, "time_high": self.time_high, "alarm": self.alarm,
                 "alarm_armed": self.alarm_armed, "irq_enabled": self.irq_enabled,

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pyvirt.devices.base import IrqLine
+from pyvirt.state import Schema, integer, listof, record
 
 NUM_SOURCES = 96          # source 0 does not exist; 1..95 are usable
 MAX_PRIORITY = 7
@@ -186,6 +187,14 @@ class Plic:
             self._complete(ctx, value)
 
     # -- state --------------------------------------------------------------------------------
+    def state_schema(self) -> Schema:
+        """What `load()` accepts (checked before it runs; pyvirt/state.py)."""
+        sources = integer(0, (1 << NUM_SOURCES) - 1)
+        return record({"priority": listof(integer(0, MAX_PRIORITY), NUM_SOURCES),
+                       "pending": sources, "claimed": sources, "levels": sources,
+                       "enable": listof(integer(0, SOURCE_MASK), self.num_contexts),
+                       "threshold": listof(integer(0, MAX_PRIORITY), self.num_contexts)})
+
     def save(self) -> dict[str, Any]:
         return {"priority": list(self.priority), "pending": self.pending, "claimed": self.claimed,
                 "enable": list(self.enable), "threshold": list(self.threshold), "levels": self.levels}

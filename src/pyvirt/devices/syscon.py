@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from pyvirt.state import Schema, record
+
 FINISHER_FAIL, FINISHER_PASS, FINISHER_RESET = 0x3333, 0x5555, 0x7777
 
 
@@ -44,6 +46,10 @@ class Syscon:
             self.on_event("poweroff", code)
         elif status == FINISHER_RESET:
             self.on_event("reset", 0)
+
+    def state_schema(self) -> Schema:
+        """What `load()` accepts: nothing (pyvirt/state.py)."""
+        return record({})
 
     def save(self) -> dict[str, Any]:
         return {}

@@ -42,6 +42,7 @@ from typing import Any
 
 from pyvirt.backends.char import CharBackend
 from pyvirt.devices.base import IrqLine
+from pyvirt.state import U8, U64, Schema, blob, boolean, integer, record
 
 FIFO_SIZE = 16
 HOST_QUEUE_LIMIT = 64 * 1024
@@ -265,6 +266,12 @@ class Uart16550:
         self._refill()
 
     # -- state -------------------------------------------------------------------------
+    def state_schema(self) -> Schema:
+        """What `load()` accepts (checked before it runs; pyvirt/state.py)."""
+        return record({"rx": blob(FIFO_SIZE), "host": blob(HOST_QUEUE_LIMIT), "ier": integer(0, 0x0F),
+                       "lcr": U8, "mcr": integer(0, 0x1F), "scr": U8, "fcr": U8, "dll": U8, "dlm": U8,
+                       "lsr_err": U8, "thr_pending": boolean, "msr": U8, "dropped": U64})
+
     def save(self) -> dict[str, Any]:
         return {"rx": bytes(self.rx), "host": bytes(self.host), "ier": self.ier, "lcr": self.lcr,
                 "mcr": self.mcr, "scr": self.scr, "fcr": self.fcr, "dll": self.dll, "dlm": self.dlm,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pyvirt.clock import TIMEBASE_HZ
+from pyvirt.state import Schema, integer, record
 
 
 class MockClock:
@@ -35,6 +36,10 @@ class MockClock:
 
     def resume(self) -> None:
         self.paused = False
+
+    def state_schema(self) -> Schema:
+        """What `load()` accepts (checked before it runs; pyvirt/state.py)."""
+        return record({"ticks": integer(0, (1 << 63) - 1)})
 
     def save(self) -> dict[str, int]:
         return {"ticks": self.now}

@@ -45,8 +45,8 @@ from pyvirt.backends.disk import open_disk
 from pyvirt.errors import ConfigError
 from pyvirt.memory import PAGE_SIZE
 from pyvirt.spec import NetSpec, PortSpec, VmSpec
+from pyvirt.state import encode_bytes
 from pyvirt.version import __version__
-from pyvirt.vmm.snapcheck import encode_bytes
 from pyvirt.vmm.snapfiles import MANIFEST, RAM, STATE, copy_name, overlay_name
 
 if TYPE_CHECKING:

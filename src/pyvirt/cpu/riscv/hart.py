@@ -56,6 +56,7 @@ from pyvirt.cpu.riscv.traps import (
     Trap,
 )
 from pyvirt.memory import Bus, BusError
+from pyvirt.state import U64, Schema, boolean, integer, listof, one_of, record
 
 M64 = (1 << 64) - 1
 TLB_LIMIT = 8192          # entries in one TLB dict before its address space starts again
@@ -233,6 +234,32 @@ class Hart(CsrMixin):
         self.resv = state.get("resv", -1)
         self.flush_tlb(all_modes=True)
         self.set_priv(state["priv"])
+
+    def state_schema(self) -> Schema:
+        """What `load()` accepts (checked before it runs; pyvirt/state.py): the WARL rules
+        the CPU relies on (no reserved privilege, MPP, satp mode or trap-vector mode) and
+        the reservation inside RAM.  A field added to `save()` is added here too."""
+        def mstatus_rule(v: int) -> str | None:
+            return "MPP is the reserved value 2" if (v & MPP) >> MPP_SHIFT == 2 else None
+
+        def satp_rule(v: int) -> str | None:
+            return None if v >> 60 in (0, 8, 9) else f"unsupported satp mode {v >> 60}"
+
+        def tvec_rule(v: int) -> str | None:
+            return "reserved trap-vector mode" if v & 2 else None
+
+        fields: dict[str, Schema] = {k: U64 for k in (
+            "pc", "medeleg", "mideleg", "mie", "mip", "mscratch", "sscratch", "mepc", "sepc",
+            "mcause", "scause", "mtval", "stval", "mcounteren", "scounteren", "mcountinhibit",
+            "menvcfg", "senvcfg", "instret", "stimecmp")}
+        fields.update(
+            priv=one_of(0, 1, 3), fflags=integer(0, 0x1F), frm=integer(0, 7),
+            mstatus=integer(0, M64, mstatus_rule), satp=integer(0, M64, satp_rule),
+            mtvec=integer(0, M64, tvec_rule), stvec=integer(0, M64, tvec_rule),
+            idle=boolean, state=one_of(0, 1, 2),
+            x=listof(U64, 32), f=listof(U64, 32), pmp=listof(U64, 80),
+            resv=integer(-1, self.bus.ram_size - 1))
+        return record(fields)
 
     # -- privilege and TLB -------------------------------------------------------
     def set_priv(self, priv: int) -> None:

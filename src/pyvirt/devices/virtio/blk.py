@@ -52,6 +52,7 @@ from pyvirt.backends.block import SECTOR, BlockBackend
 from pyvirt.devices.virtio.device import VirtioDevice
 from pyvirt.devices.virtio.queue import Chain, Span, SplitQueue, spans_len, split_spans
 from pyvirt.ratelimit import RateLimiter
+from pyvirt.state import U64, Schema, blob, boolean, record, text
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,11 @@ class VirtioBlk(VirtioDevice):
             size -= n
 
     # -- state --------------------------------------------------------------------------------
+    def device_state_schema(self) -> Schema:
+        backend = record({"path": text(), "size": U64, "read_only": boolean,
+                          "format": text(16)}, optional=("format",))
+        return record({"backend": backend, "serial": blob(VIRTIO_BLK_ID_BYTES)})
+
     def save_device(self) -> dict[str, Any]:
         return {"backend": self.backend.save(), "serial": self.serial}
 

@@ -45,6 +45,7 @@ from pyvirt.devices.virtio.device import VirtioDevice
 from pyvirt.devices.virtio.queue import QueueError, SplitQueue
 from pyvirt.errors import ConfigError
 from pyvirt.fsutil import remove_stale_socket
+from pyvirt.state import Schema, blob, boolean, listof, record
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ CONTROL_RX, CONTROL_TX = 2, 3
 MAX_PENDING = 64 * 1024          # host bytes waiting for the guest, per port
 MAX_TX_CHAIN = 64 * 1024         # bytes taken from one transmit chain
 MAX_PORTS = 16
-MAX_CONTROL_OUT = 4 * MAX_PORTS + 16   # control messages waiting for the guest (as snapcheck allows)
+MAX_CONTROL_OUT = 4 * MAX_PORTS + 16   # control messages waiting for the guest (as its state schema allows)
 QUEUE_SIZE = 128
 
 
@@ -391,6 +392,14 @@ class VirtioConsole(VirtioDevice):
     def close(self) -> None:
         for b in self.backends:
             b.close()
+
+    def device_state_schema(self) -> Schema:
+        n = len(self.backends)
+        return record({"ready": listof(boolean, n), "told_open": listof(boolean, n),
+                       "guest_open": listof(boolean, n), "host_gone": listof(boolean, n),
+                       "pending_in": listof(blob(MAX_PENDING), n),
+                       "control_out": listof(blob(4096), 0, MAX_CONTROL_OUT)},
+                      optional=("host_gone",))
 
     def save_device(self) -> dict[str, Any]:
         return {"ready": list(self.ready), "told_open": list(self.told_open),

@@ -42,6 +42,7 @@ from typing import Any
 from pyvirt.compat import zip_strict
 from pyvirt.devices.virtio.queue import QueueError, SplitQueue
 from pyvirt.memory import Bus
+from pyvirt.state import U8, U32, U64, Schema, items, record, text
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,11 @@ class VirtioDevice:
         or None: the board's idle wait ends then."""
         return None
 
+    def device_state_schema(self) -> Schema:
+        """What `load_device()` accepts; a device that saves state of its own overrides
+        this beside its `save_device()`/`load_device()` (pyvirt/state.py)."""
+        return record({})
+
     def save_device(self) -> dict[str, Any]:
         return {}
 
@@ -257,6 +263,13 @@ class VirtioDevice:
         pass
 
     # -- state ----------------------------------------------------------------------------------
+    def state_schema(self) -> Schema:
+        """What `load()` accepts (checked before it runs; pyvirt/state.py)."""
+        return record({"status": U8, "driver_features": U64, "config_generation": U32,
+                       "needs_reset_reason": text(),
+                       "queues": items([q.state_schema() for q in self.queues]),
+                       "device": self.device_state_schema()})
+
     def save(self) -> dict[str, Any]:
         return {"status": self.status, "driver_features": self.driver_features,
                 "config_generation": self.config_generation,

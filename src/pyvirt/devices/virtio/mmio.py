@@ -38,6 +38,7 @@ from typing import Any
 from pyvirt.devices.base import IrqLine
 from pyvirt.devices.virtio.device import VirtioDevice
 from pyvirt.memory import Bus
+from pyvirt.state import U32, Schema, integer, record
 
 MAGIC = 0x74726976          # "virt"
 VERSION = 2
@@ -192,6 +193,12 @@ class VirtioMmio:
         setattr(q, name, (old & ~(0xFFFF_FFFF << shift)) | (value << shift))
 
     # -- state --------------------------------------------------------------------------------
+    def state_schema(self) -> Schema:
+        """What `load()` accepts (checked before it runs; pyvirt/state.py)."""
+        return record({"dev_features_sel": U32, "drv_features_sel": U32, "queue_sel": U32,
+                       "shm_sel": U32, "interrupt_status": integer(0, 3),
+                       "device": self.device.state_schema()})
+
     def save(self) -> dict[str, Any]:
         return {"dev_features_sel": self.dev_features_sel, "drv_features_sel": self.drv_features_sel,
                 "queue_sel": self.queue_sel, "shm_sel": self.shm_sel,

@@ -49,6 +49,7 @@ from pyvirt.backends.net import MAX_FRAME, MIN_FRAME, NetBackend
 from pyvirt.devices.virtio.device import VirtioDevice
 from pyvirt.devices.virtio.queue import Chain, QueueError, SplitQueue
 from pyvirt.ratelimit import RateLimiter
+from pyvirt.state import Schema, blob, boolean, listof, record
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,10 @@ class VirtioNet(VirtioDevice):
 
     def close(self) -> None:
         self.backend.close()
+
+    def device_state_schema(self) -> Schema:
+        return record({"pending": listof(blob(MAX_FRAME + HDR_SIZE), 0, MAX_PENDING_FRAMES),
+                       "link_up": boolean})
 
     def save_device(self) -> dict[str, Any]:
         return {"pending": list(self.pending), "link_up": self.link_up}

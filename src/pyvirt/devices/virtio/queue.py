@@ -40,6 +40,7 @@ from typing import Any
 from pyvirt.compat import DATACLASS_SLOTS
 from pyvirt.errors import GuestMemoryError
 from pyvirt.memory import Bus
+from pyvirt.state import U16, U64, Schema, boolean, integer, record, text
 
 VIRTQ_DESC_F_NEXT = 1        # the buffer continues in the `next` descriptor
 VIRTQ_DESC_F_WRITE = 2       # device-writable (otherwise device-readable)
@@ -311,6 +312,12 @@ class SplitQueue:
     # -- state ----------------------------------------------------------------------------------
     _FIELDS = ("size", "ready", "desc", "avail", "used", "last_avail", "used_idx", "signalled_used",
                "event_idx", "broken")
+
+    def state_schema(self) -> Schema:
+        """What `load()` accepts (checked before it runs; pyvirt/state.py)."""
+        return record({"size": integer(0, self.max_size), "ready": boolean, "desc": U64,
+                       "avail": U64, "used": U64, "last_avail": U16, "used_idx": U16,
+                       "signalled_used": U16, "event_idx": boolean, "broken": text()})
 
     def save(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._FIELDS}

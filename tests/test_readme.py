@@ -11,7 +11,8 @@ each said here and in SKIP/EXPECTED below:
 * SKIP: lines that need root, minutes (the Debian image, `make`), a terminal, or a peer
   (servers, two VMs talking: tests/integration/test_switch.py does that) -- the reason is
   in the skip list and in the test's report;
-* EXPECTED: lines whose comment says they are refused must fail, with these words.
+* EXPECTED: lines whose comment says they are refused (or end with a non-zero status) must
+  fail, with these words.
 The files the examples name (data.img, base.img, data.qcow2, Image, initrd.cpio) are made
 first: small raw and qcow2 images, and links to the default guest's kernel and initrd.
 """
@@ -46,7 +47,8 @@ SKIP = [
     (r"--net network=lan", "two VMs talking to each other (tests/integration/test_switch.py)"),
     (r"^pyvirt console ", "needs a terminal"),
 ]
-EXPECTED = {"pyvirt snapshot-rm gold": "used by"}
+EXPECTED = {"pyvirt snapshot-rm gold": "used by",
+            "pyvirt run --command 'sleep 60' --timeout 5": "the VM was stopped after 5 s"}
 
 
 def commands(text: str) -> Iterator[tuple[str, str]]:

@@ -44,7 +44,7 @@ def remove_stale_socket(path: Path) -> None:
     try:
         probe.connect(str(path))
     except ConnectionRefusedError:
-        pass                                    # stale: nobody listens
+        pass  # stale: nobody listens
     except OSError as e:
         if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
             raise ConfigError(f"the socket {path} is in use or cannot be checked ({e.strerror})") from None

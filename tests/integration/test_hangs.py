@@ -162,3 +162,25 @@ def test_a_silent_boot_shows_progress_on_a_terminal(default_image) -> None:
         assert b"booting" not in quiet.buf
     finally:
         quiet.kill()
+
+
+def test_a_signal_during_a_command_removes_its_port_sockets(default_image) -> None:
+    """`pyvirt run --command` serves the command's stdin/stdout/stderr on Unix sockets in a
+    private directory in TMPDIR: SIGTERM while the command runs leaves nothing there."""
+    tmp = Path(tempfile.mkdtemp(prefix="pvtmp-"))
+    p = subprocess.Popen([sys.executable, "-m", "pyvirt", "run", "--command", "echo started; sleep 1000"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=dict(os.environ, TMPDIR=str(tmp)))
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"started\n"            # the guest runs the command
+        assert [f.name.startswith("pyvirt-cmd-") for f in tmp.iterdir()] == [True]
+        p.send_signal(signal.SIGTERM)
+        code = p.wait(timeout=30)
+    finally:
+        p.kill()
+        p.wait()
+        left = sorted(f.name for f in tmp.iterdir())
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert code == 128 + signal.SIGTERM
+    assert left == []

@@ -751,7 +751,7 @@ class Qcow2Backend:
             if block is None:
                 zeros: Any = range(lo, hi)
             elif self._rc_order >= 3:
-                counts = memoryview(block).cast("BHIQ"[self._rc_order - 3])   # (0 in any byte order)
+                counts = memoryview(block).cast("BHIQ"[self._rc_order - 3])  # type: ignore[call-overload]   # (0 in any byte order)
                 zeros = [i for i in range(lo, hi) if not counts[i]]
             else:
                 zeros = [i for i in range(lo, hi) if not self._rc_get(block, i)]

@@ -125,10 +125,11 @@ class Client:
         body = {"path": str(Path(path).expanduser().absolute()), "snapshot": snapshot}
         return self._call("POST", f"/vms/{name}/export", json=body, timeout=3600)
 
-    def import_(self, path: str | os.PathLike[str], name: str | None = None, nets: list[str] | None = None,
+    def import_(self, path: str | os.PathLike[str], name: str | None = None,
+                nets: builtins.list[str] | None = None,
                 memory_limit: int | str | None = None, cpu_quota: float | None = None) -> dict[str, Any]:
-        body = {"path": str(Path(path).expanduser().absolute()), "name": name, "nets": nets or [],
-                "memory_limit": memory_limit, "cpu_quota": cpu_quota}
+        body: dict[str, Any] = {"path": str(Path(path).expanduser().absolute()), "name": name,
+                                "nets": nets or [], "memory_limit": memory_limit, "cpu_quota": cpu_quota}
         return self._call("POST", "/vms/import", json=body, timeout=3600)
 
     def console_socket(self, name: str) -> Path:

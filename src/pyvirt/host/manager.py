@@ -15,6 +15,7 @@ exit.json to tell a power-off or a kill (stopped) from a crash.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import json
@@ -224,7 +225,7 @@ class Manager(SnapshotOps):
         return {"path": str(Path(path).expanduser().absolute()), "name": rec.name, "snapshot": snapshot,
                 "members": m["members"], "size": os.path.getsize(Path(path).expanduser())}
 
-    def import_(self, path: str, name: str | None = None, nets: list[str] | None = None,
+    def import_(self, path: str, name: str | None = None, nets: builtins.list[str] | None = None,
                 memory_limit: int | str | None = None, cpu_quota: float | None = None) -> dict[str, Any]:
         """A new, stopped VM from an export archive: checked whole before anything is kept.
         An archive with a snapshot also registers the snapshot (as a snapshot of the new VM),

@@ -80,7 +80,7 @@ _DICT_OF = {mmu.FETCH: 2, mmu.LOAD: 0, mmu.STORE: 1}   # access -> index in (rea
 
 def _su_dicts(mdicts: tuple[dict[int, int], ...]) -> dict[int, tuple[dict[int, int], ...]]:
     """A fresh set of U / S / S-with-SUM TLB dicts (S_SUM shares S's fetch dict), with M's."""
-    s = {0: ({}, {}, {}), 1: ({}, {}, {})}
+    s: dict[int, tuple[dict[int, int], ...]] = {0: ({}, {}, {}), 1: ({}, {}, {})}
     s[S_SUM] = ({}, {}, s[1][2])
     s[3] = mdicts
     return s

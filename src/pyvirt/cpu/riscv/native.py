@@ -410,17 +410,17 @@ class _BlockGen:
                 return False
             start, nfix = len(a.buf), len(a._fixups)
             self._emit_insn(i, ins, pc, nxt)
-            code = bytearray(a.buf[start:])
-            offsets = []
+            snippet = bytearray(a.buf[start:])
+            fixes: list[int] = []
             for at, label in a._fixups[nfix:]:
                 if label.pos is not None and label.pos >= start:
                     # A jump inside the snippet: relative, so the same wherever it goes.
-                    struct.pack_into("<i", code, at - start, label.pos - (at + 4))
+                    struct.pack_into("<i", snippet, at - start, label.pos - (at + 4))
                 else:
-                    offsets.append(at - start)      # to the miss exit
+                    fixes.append(at - start)        # to the miss exit
             if len(_SNIPPETS) >= _SNIPPET_LIMIT:
                 _SNIPPETS.clear()
-            _SNIPPETS[ins] = (bytes(code), tuple(offsets))
+            _SNIPPETS[ins] = (bytes(snippet), tuple(fixes))
             return False
         return self._emit_insn(i, ins, pc, nxt)
 

@@ -161,10 +161,22 @@ OPTIONS: tuple[Option, ...] = (
 FLAG = {o.field: o.flags[0] for o in OPTIONS if o.field}   # a field's flag, for messages
 
 
+class _NotHere(argparse.Action):
+    """Another verb's flag: one line that says whose it is (not 'unrecognized arguments')."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any) -> None:
+        verb = next(iter(self.const))
+        why = " (a pyvirtd VM runs until `pyvirt stop`)" if verb == RUN else ""
+        parser.error(f"{self.option_strings[0]} goes with pyvirt {verb}{why}")
+
+
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    """`verb`'s flags from OPTIONS (every one defaults to None: unset fields keep VmRequest's defaults)."""
+    """`verb`'s flags from OPTIONS (every one defaults to None: unset fields keep VmRequest's
+    defaults); the other verb's own flags are refused by name, hidden from --help."""
     for o in OPTIONS:
         if verb not in o.verbs:
+            parser.add_argument(*o.flags, dest=f"_not_{o.dest}", action=_NotHere, const=o.verbs,
+                                nargs=0 if o.switch is not None else None, help=argparse.SUPPRESS)
             continue
         kw: dict[str, Any] = {"dest": o.dest, "help": o.help, "default": None}
         if o.switch is not None:

@@ -260,6 +260,23 @@ def _existing(path: str, flag: str) -> Path:
     return p.absolute()
 
 
+def _new_root_disk_ok(path: str | None) -> None:
+    """pyvirtd's --root-disk: absolute (the daemon runs elsewhere; the CLI makes it so), an
+    existing file, or a new one named *.qcow2 in an existing directory (the daemon runs as its
+    user, often root: a request never makes a file of any other name)."""
+    if path is None:
+        raise ConfigError("--image debian under pyvirtd needs --root-disk PATH (the VM's root disk, "
+                          "kept across starts; made if missing)")
+    p = Path(path)
+    if not p.is_absolute():
+        raise ConfigError(f"--root-disk {path}: must be an absolute path for pyvirtd")
+    if p.exists():
+        if not p.is_file():
+            raise ConfigError(f"--root-disk {path}: not a file")
+    elif p.suffix != ".qcow2" or not p.parent.is_dir():
+        raise ConfigError(f"--root-disk {path}: a new root disk is a PATH.qcow2 in an existing directory")
+
+
 def _is_opensbi(path: str) -> bool:
     try:
         with open(path, "rb") as f:
@@ -316,14 +333,17 @@ def resolve(req: VmRequest, *, daemon: bool = False, pipe: bool = False) -> Reso
         if req.kernel or req.initrd or req.bios:
             raise ConfigError("--image debian brings its own kernel and initrd (no --kernel/--initrd/--bios)")
         from pyvirt.images.debian_image import root_overlay
-        if daemon and req.root_disk is None:
-            raise ConfigError("--image debian under pyvirtd needs --root-disk PATH (the VM's root disk, "
-                              "kept across starts; made if missing)")
+        if daemon:
+            _new_root_disk_ok(req.root_disk)
         img = _image("debian", build=not daemon)
         kernel, initrd = img.kernel, img.initrd
         if append is None:
             append = img.cmdline
-        root, overlay_dir = root_overlay(img, req.root_disk)
+        try:
+            root, overlay_dir = root_overlay(img, req.root_disk)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--root-disk {req.root_disk}: cannot make it: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
         disks.insert(0, DiskSpec(path=Path(root).absolute(), format="qcow2"))
         if req.command is not None:
             # systemd stays quiet and no login prompt shares the console with the command's output

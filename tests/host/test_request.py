@@ -137,6 +137,15 @@ def test_create_debian_with_its_root_disk(state_dir: Path, debian_cache: Path, c
         one_line_error(run(capsys, "create", "deb2", "--image", "debian", "--root-disk", "r2.qcow2",
                            "--kernel", "data.img", "--state-dir", state), "--image debian brings its own kernel")
         assert not Path("r2.qcow2").exists()
+        # the API makes no file but a PATH.qcow2 at an absolute path in an existing directory
+        from pyvirt.host.client import ApiError
+        for root_disk, words in (("r3.qcow2", "must be an absolute path"),
+                                 (str(tmp_path / "r3.img"), "a new root disk is a PATH.qcow2"),
+                                 (str(tmp_path / "no" / "r3.qcow2"), "a new root disk is a PATH.qcow2"),
+                                 (str(tmp_path), "not a file")):
+            with pytest.raises(ApiError, match=words):
+                d.client.create("deb3", image="debian", root_disk=root_disk)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data.img", "root.qcow2"]
     finally:
         d.cleanup()
 

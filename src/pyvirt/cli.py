@@ -152,9 +152,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_restore(args: argparse.Namespace) -> int:
     """`pyvirt run --restore DIR`: the snapshot's VM, its console on stdio."""
+    defaults = request.VmRequest.model_fields
     given = [o.flags[0] for o in request.OPTIONS
              if o.field not in (None, "engine") and request.RUN in o.verbs
-             and getattr(args, o.dest, None) is not None]
+             and getattr(args, o.dest, None) not in (None, defaults[o.field].default)]
     if given:
         raise ConfigError(f"--restore takes the machine from the snapshot: {given[0]} does not apply")
     from pyvirt.vmm.restore import Overrides, load_snapshot

@@ -3,6 +3,7 @@
     from pyvirt import Client
     c = Client()                       # the state directory's daemon ($PYVIRT_STATE_DIR, ...)
     c.create("web", memory="64M", command="sleep 1000"); c.start("web")
+    c.create("svc", VmRequest(memory="64M", ports=["8080:80"]))   # (from pyvirt import VmRequest)
     c.wait("job")                      # until a VM has powered off (or stopped, or crashed)
     c.list(); c.inspect("web"); c.stop("web", timeout=5); c.delete("web")
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import socket
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,26 @@ def test_created_vm_serves_its_vport(daemon: Daemon, capsys: pytest.CaptureFixtu
     c.settimeout(120)
     with c, c.makefile("rb") as f:
         assert f.readline() == b"hello-from-guest\n"
+
+
+@pytest.mark.skipif(shutil.which("passt") is None, reason="passt is not installed")
+def test_created_vm_forwards_its_port(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    """A VM created with --port (which `pyvirt create` used to refuse) serves the host's port."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    cmd = "mkdir -p /www && echo served-by-pyvirtd > /www/index.html && httpd -p 80 -h /www && sleep 1000"
+    code, _, err = run(capsys, "create", "web", "--memory", "64M", "--port", f"{port}:80", "--command", cmd,
+                       "--state-dir", str(daemon.state))
+    assert code == 0, err
+    assert run(capsys, "start", "web", "--state-dir", str(daemon.state))[0] == 0
+
+    def page() -> bytes:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=10) as resp:
+                return resp.read()
+        except OSError:                      # not up yet: passt resets the connection
+            return b""
+
+    assert wait_for(page, 180, "the guest's web server", interval=0.5) == b"served-by-pyvirtd\n"

@@ -7,7 +7,7 @@ PLIC, CLINT, 16550A UART, virtio-mmio devices) that boots unmodified Linux.
 from pyvirt.errors import ConfigError, GuestMemoryError, ImageError, PyvirtError
 from pyvirt.version import __version__
 
-__all__ = ["Client", "ConfigError", "GuestMemoryError", "ImageError", "PyvirtError", "__version__"]
+__all__ = ["Client", "VmRequest", "ConfigError", "GuestMemoryError", "ImageError", "PyvirtError", "__version__"]
 
 
 def __getattr__(name: str) -> object:
@@ -16,4 +16,7 @@ def __getattr__(name: str) -> object:
     if name == "Client":
         from pyvirt.host.client import Client
         return Client
+    if name == "VmRequest":                # what Client.create sends: a VM as pyvirt run's flags say it
+        from pyvirt.request import VmRequest
+        return VmRequest
     raise AttributeError(f"module 'pyvirt' has no attribute {name!r}")

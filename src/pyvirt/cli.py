@@ -27,14 +27,11 @@ import gc
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
-from pyvirt.engines import ENGINES
+from pyvirt import request
 from pyvirt.errors import ConfigError, PyvirtError
 from pyvirt.version import __version__
-
-if TYPE_CHECKING:
-    from pyvirt.spec import NetSpec
 
 EXIT_USAGE = 2
 
@@ -80,57 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
     run = sub.add_parser("run", help="boot a virtual machine (the default guest with no arguments)")
-    run.add_argument("--image", choices=("default", "debian"), default=None,
-                     help="guest image: default (lean kernel, busybox initramfs) or debian (Debian trixie "
-                          "with systemd on a disk; built on first use)")
-    run.add_argument("--root-disk", metavar="PATH",
-                     help="with --image debian: keep the root disk in PATH, a qcow2 overlay over the "
-                          "cached image (made if missing); without it each run starts from a fresh, "
-                          "throw-away overlay")
-    run.add_argument("--kernel", help="Linux Image or ELF vmlinux to boot")
-    run.add_argument("--initrd", help="initramfs/initrd to load")
-    run.add_argument("--append", help="kernel command line")
-    run.add_argument("--bios", help="M-mode ELF to start instead of the built-in SBI (OpenSBI, bare metal)")
-    run.add_argument("--cpus", type=int, default=1, help="number of harts, 1..8 (default 1)")
-    run.add_argument("--memory", "-m", default=None,
-                     help="RAM size (default 256M; 1G with --image debian)")
-    run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
-                     help="attach a disk image (raw or qcow2, probed; ,format=raw|qcow2 to say which) "
-                          "as virtio-blk (repeatable)")
-    run.add_argument("--no-rng", action="store_true", help="no virtio-rng device")
-    run.add_argument("--vport", action="append", default=[], metavar="NAME=SOCKET",
-                     help="a virtio-console port served on a Unix socket (repeatable); the name "
-                          "hvc0 is the console port, others appear in the guest as named ports")
-    run.add_argument("--net", action="append", default=[],
-                     metavar="user|stream=SOCKET|network=NAME|tap=IFNAME",
-                     help="a virtio-net interface (repeatable): user (passt user-mode networking; "
-                          ",port=HOST:GUEST forwards a host TCP port on 127.0.0.1), stream=SOCKET (a Unix "
-                          "socket speaking QEMU's -netdev stream framing), network=NAME (a switch made "
-                          "by `pyvirt network create NAME`) or tap=IFNAME (a host TAP "
-                          "device, needs root); ,mac=52:54:00:xx:xx:xx sets the MAC (default: random)")
-    run.add_argument("--port", action="append", default=[], metavar="HOST:GUEST",
-                     help="forward TCP port HOST on the host's 127.0.0.1 to GUEST in the guest "
-                          "(repeatable; implies --net user when no --net is given)")
-    run.add_argument("--engine", choices=ENGINES, default=None,
-                     help="CPU engine: interp (reference interpreter), jit (Python blocks) or native "
-                          "(x86-64 code; the default where the host allows; PYVIRT_ENGINE sets the default)")
-    run.add_argument("--mmu", choices=("sv39", "sv48"), default="sv39", help="MMU mode in the device tree")
-    run.add_argument("--command", "-c", metavar="CMD",
-                     help="run CMD in the guest's shell (the default guest: from its /init; debian: once "
-                          "systemd has booted), print its output, exit with its status")
-    run.add_argument("--timeout", type=float, help="stop the VM after this many seconds (exit status 124)")
-    run.add_argument("--stats", action="store_true", help="print instructions run and MIPS at exit")
-    run.add_argument("--quiet", "-q", action="store_true",
-                     help="no boot progress line on a terminal while the guest has printed nothing")
-    run.add_argument("--restore", metavar="DIR",
-                     help="boot nothing: restore the snapshot in DIR and run it (the machine, disks and "
-                          "network come from the snapshot; --engine, --timeout, --stats, "
-                          "--snapshot-after still apply)")
-    run.add_argument("--overlay-dir", metavar="DIR",
-                     help="with --restore: keep the restored VM's disk overlays in DIR (default: "
-                          "a temporary directory, removed at exit)")
-    run.add_argument("--snapshot-after", metavar="SECONDS:DIR",
-                     help="after SECONDS of running, save a snapshot to DIR and exit")
+    request.add_arguments(run, request.RUN)        # the flags of pyvirt create too (request.OPTIONS)
 
     image = sub.add_parser("image", help="guest images")
     isub = image.add_subparsers(dest="image_cmd", metavar="ACTION", parser_class=_Parser)
@@ -180,72 +127,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _cmd_restore(args)
     if args.overlay_dir is not None:
         raise ConfigError("--overlay-dir goes with --restore")
-    from pyvirt.engines import default_engine
-    from pyvirt.guestcmd import CommandPipe, command_append, command_ports_append
-    from pyvirt.spec import DiskSpec, PortSpec, make_spec, parse_size
-
-    disks = [DiskSpec.parse(d) for d in args.disk]
-    ports = [PortSpec.parse(p) for p in args.vport]
-    nets = _nets(args.net, args.port)
-    kernel, initrd, append = args.kernel, args.initrd, args.append
-    memory = args.memory
-    if args.root_disk is not None and args.image != "debian":
-        raise ConfigError("--root-disk goes with --image debian")
-    overlay_dir = None
-    if args.image == "debian":
-        if args.kernel or args.initrd or args.bios:
-            raise ConfigError("--image debian brings its own kernel and initrd (no --kernel/--initrd/--bios)")
-        from pyvirt.images.debian_image import debian_image, root_overlay
-        img = debian_image(build=True, progress=sys.stderr.isatty())
-        kernel, initrd = str(img.kernel), str(img.initrd)
-        if append is None:
-            append = img.cmdline
-        root, overlay_dir = root_overlay(img, args.root_disk)
-        disks.insert(0, DiskSpec(path=root, format="qcow2"))
-        memory = memory or "1G"
-        if args.command is not None:
-            # systemd stays quiet and no login prompt shares the console with the command's output
-            # (TERM=dumb reaches PID 1's environment: systemd then sends no terminal resets)
-            append += " TERM=dumb systemd.show_status=0 systemd.mask=serial-getty@ttyS0.service"
-    elif args.bios is None and kernel is None:
-        from pyvirt.images import default_image
-        img = default_image(build=True, progress=sys.stderr.isatty())
-        kernel = str(img.kernel)
-        initrd = initrd or str(img.initrd)
-        if append is None:
-            append = img.cmdline
-    elif args.command is not None and append is None:
-        append = "console=ttyS0"
-    pipe = None
-    if args.bios is not None and kernel is None and _is_opensbi(args.bios):
-        raise ConfigError(f"--bios {args.bios} is OpenSBI, which starts a kernel: add --kernel IMAGE "
-                          "(as QEMU's -bios fw_dynamic.elf -kernel Image)")
-    if args.command is not None:
-        if kernel is None:
-            raise ConfigError("--command needs a Linux guest (not --bios alone)")
-        if (args.image != "debian" and args.kernel is None and args.initrd is None
-                and args.snapshot_after is None):
-            # the default guest: the command, stdin, stdout and stderr through virtio-console ports
-            pipe = CommandPipe(args.command)
-            ports += pipe.specs
-            append = command_ports_append(append)
-        else:
-            append = command_append(append, args.command)
-    try:
-        memory_bytes = parse_size(memory or "256M")
-    except ConfigError:
-        raise ConfigError(f"--memory {memory}: expected a size such as 256M or 1G") from None
-    spec = make_spec(typed={"memory": memory or "256M"},
-                     cpus=args.cpus, memory=memory_bytes, kernel=kernel, initrd=initrd,
-                     append=append, bios=args.bios, disks=disks, rng=not args.no_rng, ports=ports,
-                     nets=nets, engine=args.engine or default_engine(), mmu=args.mmu)
+    req = request.from_args(args, request.RUN)
+    got = request.resolve(req, pipe=args.snapshot_after is None)
+    spec, pipe = got.spec, got.pipe
     from pyvirt.vmm.vm import Vm
-
-    def cleanup() -> None:
-        if pipe is not None:
-            pipe.finish()
-        if overlay_dir is not None:
-            overlay_dir.cleanup()
 
     def make(console: Any) -> Vm:
         try:
@@ -255,35 +140,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 pipe.start()
             return vm
         except MemoryError:
-            raise ConfigError(f"--memory {memory or '256M'}: this host cannot give the VM that much RAM") \
+            raise ConfigError(f"--memory {got.memory_typed}: this host cannot give the VM that much RAM") \
                 from None
         except OSError as e:
             if e.errno == errno.ENOMEM:
-                raise ConfigError(f"--memory {memory or '256M'}: this host cannot give the VM that "
+                raise ConfigError(f"--memory {got.memory_typed}: this host cannot give the VM that "
                                   "much RAM") from None
             raise
 
-    code = _run_vm(args, make, args.command is None, cleanup, fresh=True)
+    code = _run_vm(args, make, req.command is None, got.cleanup, fresh=True)
     return 1 if pipe is not None and pipe.broken else code      # as for a broken pipe on the console
-
-
-def _is_opensbi(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return b"OpenSBI" in f.read(16 << 20)
-    except OSError:
-        return False                      # (the boot says why it cannot read it)
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
     """`pyvirt run --restore DIR`: the snapshot's VM, its console on stdio."""
-    given = [flag for flag, value in (("--image", args.image), ("--root-disk", args.root_disk),
-                                      ("--kernel", args.kernel), ("--initrd", args.initrd),
-                                      ("--append", args.append), ("--bios", args.bios),
-                                      ("--memory", args.memory), ("--disk", args.disk),
-                                      ("--vport", args.vport), ("--net", args.net), ("--port", args.port),
-                                      ("--command", args.command), ("--no-rng", args.no_rng))
-             if value] + (["--cpus"] if args.cpus != 1 else [])
+    defaults = request.VmRequest.model_fields
+    given = [o.flags[0] for o in request.OPTIONS
+             if o.field not in (None, "engine") and request.RUN in o.verbs
+             and getattr(args, o.dest, None) not in (None, defaults[o.field].default)]
     if given:
         raise ConfigError(f"--restore takes the machine from the snapshot: {given[0]} does not apply")
     from pyvirt.vmm.restore import Overrides, load_snapshot
@@ -415,23 +289,6 @@ def _snapshot_after(text: str | None) -> tuple[float, str] | None:
     if not sep or not directory or not value >= 0:
         raise ConfigError(f"--snapshot-after {text}: expected SECONDS:DIR")
     return value, directory
-
-
-def _nets(net_args: list[str], port_args: list[str]) -> list[NetSpec]:
-    """--net and --port into NetSpecs: --port forwards go to the first user network (one is
-    added when no --net is given)."""
-    from pyvirt.spec import NetSpec, parse_port_forward
-
-    nets = [NetSpec.parse(n) for n in net_args]
-    forwards = [parse_port_forward(p, f"--port {p}") for p in port_args]
-    if forwards:
-        if not nets:
-            nets.append(NetSpec(backend="user"))
-        user = next((n for n in nets if n.backend == "user"), None)
-        if user is None:
-            raise ConfigError("--port needs a user network (--net user)")
-        user.ports.extend(forwards)
-    return nets
 
 
 def _cmd_image(args: argparse.Namespace) -> int:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pyvirt.cli import _nets
 from pyvirt.errors import ConfigError
+from pyvirt.request import _nets
 from pyvirt.spec import NetSpec, make_spec, random_mac
 
 

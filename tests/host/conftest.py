@@ -101,6 +101,16 @@ def daemon(state_dir: Path) -> Iterator[Daemon]:
         d.cleanup()
 
 
+@pytest.fixture
+def bare_daemon(state_dir: Path) -> Iterator[Daemon]:
+    """A daemon that needs no guest image (the VMs here are never started)."""
+    d = Daemon(state_dir)
+    try:
+        yield d
+    finally:
+        d.cleanup()
+
+
 def wait_for(pred, timeout: float, what: str, interval: float = 0.1):   # noqa: ANN001, ANN201
     deadline = time.monotonic() + timeout
     while True:

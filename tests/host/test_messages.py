@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,6 @@ from pyvirt.host import cli as host_cli
 from pyvirt.host import runner
 
 from .conftest import Daemon, wait_for
-
-
-@pytest.fixture
-def bare_daemon(state_dir: Path) -> Iterator[Daemon]:
-    """A daemon that needs no guest image (the VMs here are never started)."""
-    d = Daemon(state_dir)
-    try:
-        yield d
-    finally:
-        d.cleanup()
 
 
 def one_line(r: subprocess.CompletedProcess[str], words: str) -> str:

@@ -1,8 +1,9 @@
 """The `pyvirt` commands that talk to pyvirtd (through pyvirt.Client).
 
     pyvirt daemon [--foreground]            start pyvirtd (in the background unless --foreground)
-    pyvirt create NAME [--cpus N] [--memory SIZE] [--kernel K --initrd I --append A]
-                  [--disk D]... [--net N]... [--command CMD] [--cpu-quota CPUS] [--memory-limit SIZE]
+    pyvirt create NAME [the VM flags of pyvirt run: --cpus, --memory, --image, --root-disk, --kernel,
+                  --initrd, --append, --bios, --disk, --net, --port, --vport, --command, ...]
+                  [--cpu-quota CPUS] [--memory-limit SIZE]   (flags: pyvirt/request.py OPTIONS)
     pyvirt start|stop [--timeout S]|kill|pause|resume NAME
     pyvirt rm [--force] NAME
     pyvirt ls
@@ -32,7 +33,7 @@ import time
 import tty
 from typing import Any
 
-from pyvirt.engines import ENGINES
+from pyvirt import request
 from pyvirt.errors import ConfigError
 from pyvirt.host import snapshot_cli
 
@@ -58,19 +59,7 @@ def add_parsers(sub: Any) -> None:
 
     c = sub.add_parser("create", parents=[common], help="define a VM in pyvirtd (started with `pyvirt start`)")
     c.add_argument("name", metavar="NAME")
-    c.add_argument("--cpus", type=int, default=1, help="harts, 1..8 (default 1)")
-    c.add_argument("--memory", "-m", default="256M", help="guest RAM (default 256M)")
-    c.add_argument("--kernel", help="Linux Image (default: the default guest)")
-    c.add_argument("--initrd")
-    c.add_argument("--append", help="kernel command line")
-    c.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]", help="as for pyvirt run")
-    c.add_argument("--net", action="append", default=[], metavar="SPEC", help="as for pyvirt run")
-    c.add_argument("--command", "-c", metavar="CMD", help="the default guest's /init runs CMD, then powers off")
-    c.add_argument("--engine", choices=ENGINES)
-    c.add_argument("--cpu-quota", type=float, metavar="CPUS",
-                   help="CPU time ceiling in CPUs, e.g. 0.5 (a cgroup limit where the host allows)")
-    c.add_argument("--memory-limit", metavar="SIZE",
-                   help="the VM process's memory ceiling (default: --memory + 256M)")
+    request.add_arguments(c, request.CREATE)        # pyvirt run's flags (request.OPTIONS)
 
     for name, text in (("start", "start a VM"), ("kill", "end a VM now"),
                        ("pause", "pause a VM (no CPU use, its clock stops)"), ("resume", "resume a paused VM"),
@@ -109,10 +98,7 @@ def add_parsers(sub: Any) -> None:
 
 
 # the API's field names as the CLI's flags, for messages
-FIELD_FLAGS = {"cpus": "--cpus", "memory": "--memory", "memory_limit": "--memory-limit",
-               "cpu_quota": "--cpu-quota", "kernel": "--kernel", "initrd": "--initrd", "append": "--append",
-               "disks": "--disk", "nets": "--net", "command": "--command", "engine": "--engine",
-               "count": "--count", "prefix": "--prefix", "timeout": "--timeout", "tail": "--tail"}
+FIELD_FLAGS = {**request.FLAG, "count": "--count", "prefix": "--prefix", "timeout": "--timeout", "tail": "--tail"}
 
 
 def in_flags(message: str) -> str:
@@ -148,10 +134,7 @@ def _run(args: argparse.Namespace) -> int:
         return _daemon(args)
     with Client(state_dir=args.state_dir) as client:
         if args.cmd == "create":
-            vm = client.create(args.name, cpus=args.cpus, memory=args.memory, kernel=args.kernel,
-                               initrd=args.initrd, append=args.append, disks=args.disk, nets=args.net,
-                               command=args.command, engine=args.engine, cpu_quota=args.cpu_quota,
-                               memory_limit=args.memory_limit)
+            vm = client.create(args.name, request.from_args(args, request.CREATE, absolute=True))
             print(f"{vm['name']} {vm['id']}")
             return 0
         if args.cmd in ("start", "kill", "pause", "resume"):

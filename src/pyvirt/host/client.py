@@ -3,6 +3,7 @@
     from pyvirt import Client
     c = Client()                       # the state directory's daemon ($PYVIRT_STATE_DIR, ...)
     c.create("web", memory="64M", command="sleep 1000"); c.start("web")
+    c.create("svc", VmRequest(memory="64M", ports=["8080:80"]))   # (from pyvirt import VmRequest)
     c.wait("job")                      # until a VM has powered off (or stopped, or crashed)
     c.list(); c.inspect("web"); c.stop("web", timeout=5); c.delete("web")
 
@@ -23,6 +24,7 @@ import httpx
 from pyvirt.errors import ConfigError, PyvirtError
 from pyvirt.host.paths import api_socket
 from pyvirt.host.paths import state_dir as find_state_dir
+from pyvirt.request import VmRequest
 
 
 class ApiError(PyvirtError):
@@ -78,8 +80,11 @@ class Client:
     def list(self) -> list[dict[str, Any]]:
         return self._call("GET", "/vms")
 
-    def create(self, name: str, **fields: Any) -> dict[str, Any]:
-        body = {"name": name, **{k: v for k, v in fields.items() if v is not None}}
+    def create(self, name: str, request: VmRequest | None = None, **fields: Any) -> dict[str, Any]:
+        """Define VM `name` from `request` (pyvirt.request.VmRequest, what `pyvirt create`
+        sends) and/or its fields as keywords (memory="64M", command=..., ports=["8080:80"])."""
+        given = request.model_dump(exclude_defaults=True) if request is not None else {}
+        body = {"name": name, **given, **{k: v for k, v in fields.items() if v is not None}}
         return self._call("POST", "/vms", json=body)
 
     def inspect(self, name: str) -> dict[str, Any]:

@@ -1,20 +1,18 @@
 """The API's request models and their mapping onto the one VmSpec.
 
-`VmCreate` is what POST /vms takes; `to_spec()` turns it into the same
-validated `VmSpec` that `pyvirt run` builds from its flags (disks and nets in
-the --disk/--net syntax), plus the host limits that are not part of a VM's
-hardware (CPU quota, memory ceiling).  Errors are one-line ConfigErrors.
+`VmCreate` is what POST /vms takes: pyvirt/request.py's VmRequest (what `pyvirt run`
+and `pyvirt create` build from their flags) plus a name; `to_spec()` resolves it with
+request.resolve, as `pyvirt run` does, and adds the host limits that are not part of a
+VM's hardware (CPU quota, memory ceiling).  Errors are one-line ConfigErrors.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import BaseModel, ConfigDict, Field
 
-from pyvirt.engines import EngineName
 from pyvirt.errors import ConfigError
-from pyvirt.spec import MIB, DiskSpec, NetSpec, VmSpec, format_size, make_spec, parse_size
+from pyvirt.request import VmRequest
+from pyvirt.spec import MIB, VmSpec, format_size, parse_size
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 NAME_RULE = "a VM name is 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -24,26 +22,10 @@ VMM_OVERHEAD = 256 * MIB        # the default memory ceiling: guest RAM + this f
 MIN_MEMORY_LIMIT = 64 * MIB
 
 
-class VmCreate(BaseModel):
-    """A new VM.  Without `kernel` it runs the default guest (lean Linux + busybox); with
-    `command` its /init runs that shell command and powers off with its exit status."""
+class VmCreate(VmRequest):
+    """A new VM: the one VM request (pyvirt/request.py, what `pyvirt run` takes too) and a name."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_RE, description="unique; letters, digits, '.', '_', '-' (1-63)")
-    cpus: int = Field(1, ge=1, le=8, description="harts")
-    memory: int | str = Field("256M", description="guest RAM: bytes, or a size such as 256M")
-    kernel: str | None = Field(None, description="Linux Image (default: the default guest's)")
-    initrd: str | None = None
-    append: str | None = Field(None, description="kernel command line")
-    disks: list[str] = Field(default_factory=list, description="PATH[,ro][,format=raw|qcow2][,bw=RATE][,iops=N][,burst=SIZE] (as --disk)")
-    nets: list[str] = Field(default_factory=list,
-                            description="user[,port=H:G]|stream=SOCK|network=NAME|tap=IF[,mac=M][,bw=|tx_bw=|rx_bw=RATE] (as --net)")
-    command: str | None = Field(None, description="shell command for the default guest's /init")
-    engine: EngineName | None = None
-    cpu_quota: float | None = Field(None, gt=0, le=64,
-                                       description="CPU time ceiling in CPUs (0.5: half of one CPU)")
-    memory_limit: int | str | None = Field(
-        None, description="the runner's memory ceiling (default: memory + 256M for the VMM)")
 
 
 class ExportRequest(BaseModel):
@@ -71,13 +53,6 @@ class Limits(BaseModel):
     memory_limit: int
 
 
-def _existing(path: str, what: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"{what} {path}: no such file")
-    return p.absolute()
-
-
 def _size(value: int | str, what: str) -> int:
     try:
         return parse_size(value)
@@ -86,34 +61,12 @@ def _size(value: int | str, what: str) -> int:
 
 
 def to_spec(req: VmCreate) -> tuple[VmSpec, Limits]:
-    """The VmSpec and host limits for `req` (ConfigError when something is wrong)."""
-    from pyvirt.engines import default_engine
-    from pyvirt.guestcmd import command_append
+    """The VmSpec (request.resolve, as for `pyvirt run`) and host limits for `req`
+    (ConfigError when something is wrong)."""
+    from pyvirt.request import resolve
 
-    memory = _size(req.memory, "memory")
-    kernel = _existing(req.kernel, "kernel") if req.kernel else None
-    initrd = _existing(req.initrd, "initrd") if req.initrd else None
-    append = req.append
-    if kernel is None:
-        from pyvirt.images import cached_default_image
-        img = cached_default_image()
-        if img is None:
-            raise ConfigError("the default guest is not built: run `pyvirt image build` (or give a kernel)")
-        kernel, initrd = img.kernel, initrd or img.initrd
-        append = img.cmdline if append is None else append
-    elif req.command is not None and append is None:
-        append = "console=ttyS0"
-    if req.command is not None:
-        append = command_append(append, req.command, what="command")
-    disks = [DiskSpec.parse(d) for d in req.disks]
-    for d in disks:
-        _existing(str(d.path), "disk")
-        d.path = d.path.expanduser().absolute()
-    nets: list[NetSpec] = [NetSpec.parse(n) for n in req.nets]
-    typed = {"memory": str(req.memory) if isinstance(req.memory, str) else format_size(memory)}
-    spec = make_spec(typed=typed, cpus=req.cpus, memory=memory, kernel=kernel, initrd=initrd, append=append,
-                     disks=disks, nets=nets, engine=req.engine or default_engine())
-    return spec, host_limits(spec, req.memory_limit, req.cpu_quota, typed["memory"])
+    got = resolve(req, daemon=True)
+    return got.spec, host_limits(got.spec, req.memory_limit, req.cpu_quota, got.memory_typed)
 
 
 def host_limits(spec: VmSpec, memory_limit: int | str | None, cpu_quota: float | None,

@@ -1,0 +1,396 @@
+"""One VM request: what a user asks for, however they ask (`pyvirt run`, `pyvirt create`, the
+REST API, the Python Client), and the one resolver from it to a `VmSpec`.
+
+    VmRequest      every user-level option of a VM, in the user's syntax (--disk/--net text,
+                   sizes as typed); the API's VmCreate is this plus a name
+    OPTIONS        the flags: one row each (flags, field, help, which verbs); `add_arguments`
+                   builds `pyvirt run`'s and `pyvirt create`'s parsers from it, `from_args`
+                   turns either verb's parsed arguments into a VmRequest
+    resolve()      VmRequest -> VmSpec: the guest (default image, --image debian with its root
+                   disk, --kernel/--initrd/--bios), --command on the kernel command line or
+                   through ports, --port forwards onto the user network; the only place that
+                   resolves a guest
+
+A new VM option is a VmRequest field, an OPTIONS row and its use in resolve() (plus the
+VmSpec field when it is new hardware).  Errors are one-line ConfigErrors in the words of the
+flags (`--memory 1T: at most 64G`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pyvirt.engines import ENGINES, EngineName
+from pyvirt.errors import ConfigError
+from pyvirt.spec import (
+    DiskSpec,
+    NetSpec,
+    PortSpec,
+    VmSpec,
+    format_size,
+    limit_message,
+    make_spec,
+    parse_port_forward,
+    parse_size,
+)
+
+IMAGES = ("default", "debian")
+DEFAULT_MEMORY = "256M"
+DEBIAN_MEMORY = "1G"
+
+
+class VmRequest(BaseModel):
+    """A VM as a user asks for it.  Without kernel, bios or image it runs the default guest
+    (lean Linux + busybox); with `command` the guest runs that shell command and powers off
+    with its exit status."""
+
+    model_config = ConfigDict(extra="forbid")
+    cpus: int = Field(1, ge=1, le=8, description="harts")
+    memory: int | str | None = Field(None, description="guest RAM: bytes, or a size such as 256M "
+                                                       "(default 256M; 1G with image debian)")
+    image: Literal["default", "debian"] | None = Field(None, description="guest image: default or debian")
+    root_disk: str | None = Field(None, description="with image debian: the root disk, a qcow2 overlay "
+                                                    "over the cached image (made if missing)")
+    kernel: str | None = Field(None, description="Linux Image (default: the default guest's)")
+    initrd: str | None = None
+    append: str | None = Field(None, description="kernel command line")
+    bios: str | None = Field(None, description="M-mode ELF to start instead of the built-in SBI")
+    disks: list[str] = Field(default_factory=list,
+                             description="PATH[,ro][,format=raw|qcow2][,bw=RATE][,iops=N][,burst=SIZE] (as --disk)")
+    nets: list[str] = Field(default_factory=list,
+                            description="user[,port=H:G]|stream=SOCK|network=NAME|tap=IF[,mac=M][,bw=|tx_bw=|rx_bw=RATE] "
+                                        "(as --net)")
+    ports: list[str] = Field(default_factory=list, description="HOST:GUEST TCP forwards onto the user network "
+                                                               "(as --port)")
+    vports: list[str] = Field(default_factory=list, description="NAME=SOCKET virtio-console ports (as --vport)")
+    rng: bool = Field(True, description="a virtio-rng device")
+    mmu: Literal["sv39", "sv48"] = "sv39"
+    command: str | None = Field(None, description="shell command the guest runs, then powers off")
+    engine: EngineName | None = None
+    cpu_quota: float | None = Field(None, gt=0, le=64,
+                                    description="CPU time ceiling in CPUs (0.5: half of one CPU; pyvirtd)")
+    memory_limit: int | str | None = Field(
+        None, description="the runner's memory ceiling (default: memory + 256M for the VMM; pyvirtd)")
+
+
+# -- the flags ----------------------------------------------------------------------------------
+RUN, CREATE = "run", "create"
+BOTH = frozenset((RUN, CREATE))
+
+
+@dataclass(frozen=True)
+class Option:
+    """One flag: `field` is the VmRequest field it sets (None: a verb's own option, read by that
+    verb); `path`: its value names a host file (made absolute, for the daemon)."""
+
+    flags: tuple[str, ...]
+    help: str
+    field: str | None = None
+    verbs: frozenset[str] = BOTH
+    metavar: str | None = None
+    type: Any = None
+    choices: tuple[str, ...] | None = None
+    repeated: bool = False
+    switch: Any = None            # a flag without a value: the field's value when given
+    path: Literal["file", "disk", "vport", None] = None
+
+    @property
+    def dest(self) -> str:
+        return self.field or self.flags[0].lstrip("-").replace("-", "_")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(("--image",), "guest image: default (lean kernel, busybox initramfs) or debian (Debian trixie "
+           "with systemd on a disk; built on first use by pyvirt run, by `pyvirt image build debian` for "
+           "pyvirtd)", "image", choices=IMAGES),
+    Option(("--root-disk",), "with --image debian: keep the root disk in PATH, a qcow2 overlay over the "
+           "cached image (made if missing); without it each run starts from a fresh, throw-away overlay "
+           "(pyvirt create needs it: a daemon VM keeps its disk)", "root_disk", metavar="PATH", path="file"),
+    Option(("--kernel",), "Linux Image or ELF vmlinux to boot", "kernel", path="file"),
+    Option(("--initrd",), "initramfs/initrd to load", "initrd", path="file"),
+    Option(("--append",), "kernel command line", "append"),
+    Option(("--bios",), "M-mode ELF to start instead of the built-in SBI (OpenSBI, bare metal)", "bios",
+           path="file"),
+    Option(("--cpus",), "number of harts, 1..8 (default 1)", "cpus", type=int),
+    Option(("--memory", "-m"), "RAM size (default 256M; 1G with --image debian)", "memory"),
+    Option(("--disk",), "attach a disk image (raw or qcow2, probed; ,format=raw|qcow2 to say which) "
+           "as virtio-blk (repeatable)", "disks", metavar="PATH[,ro]", repeated=True, path="disk"),
+    Option(("--no-rng",), "no virtio-rng device", "rng", switch=False),
+    Option(("--vport",), "a virtio-console port served on a Unix socket (repeatable); the name hvc0 is "
+           "the console port, others appear in the guest as named ports", "vports", metavar="NAME=SOCKET",
+           repeated=True, path="vport"),
+    Option(("--net",), "a virtio-net interface (repeatable): user (passt user-mode networking; "
+           ",port=HOST:GUEST forwards a host TCP port on 127.0.0.1), stream=SOCKET (a Unix socket speaking "
+           "QEMU's -netdev stream framing), network=NAME (a switch made by `pyvirt network create NAME`) or "
+           "tap=IFNAME (a host TAP device, needs root); ,mac=52:54:00:xx:xx:xx sets the MAC (default: random)",
+           "nets", metavar="user|stream=SOCKET|network=NAME|tap=IFNAME", repeated=True),
+    Option(("--port",), "forward TCP port HOST on the host's 127.0.0.1 to GUEST in the guest (repeatable; "
+           "implies --net user when no --net is given)", "ports", metavar="HOST:GUEST", repeated=True),
+    Option(("--engine",), "CPU engine: interp (reference interpreter), jit (Python blocks) or native "
+           "(x86-64 code; the default where the host allows; PYVIRT_ENGINE sets the default)", "engine",
+           choices=ENGINES),
+    Option(("--mmu",), "MMU mode in the device tree (default sv39)", "mmu", choices=("sv39", "sv48")),
+    Option(("--command", "-c"), "run CMD in the guest's shell (the default guest: from its /init; debian: "
+           "once systemd has booted), print its output (pyvirt create: to the VM's log), exit with its "
+           "status", "command", metavar="CMD"),
+    Option(("--cpu-quota",), "CPU time ceiling in CPUs, e.g. 0.5 (a cgroup limit where the host allows)",
+           "cpu_quota", verbs=frozenset((CREATE,)), metavar="CPUS", type=float),
+    Option(("--memory-limit",), "the VM process's memory ceiling (default: --memory + 256M)",
+           "memory_limit", verbs=frozenset((CREATE,)), metavar="SIZE"),
+    # pyvirt run's own: how this one process runs the VM (a daemon VM runs until stopped)
+    Option(("--timeout",), "stop the VM after this many seconds (exit status 124)", verbs=frozenset((RUN,)),
+           type=float),
+    Option(("--stats",), "print instructions run and MIPS at exit", verbs=frozenset((RUN,)), switch=True),
+    Option(("--quiet", "-q"), "no boot progress line on a terminal while the guest has printed nothing",
+           verbs=frozenset((RUN,)), switch=True),
+    Option(("--restore",), "boot nothing: restore the snapshot in DIR and run it (the machine, disks and "
+           "network come from the snapshot; --engine, --timeout, --stats, --snapshot-after still apply)",
+           verbs=frozenset((RUN,)), metavar="DIR"),
+    Option(("--overlay-dir",), "with --restore: keep the restored VM's disk overlays in DIR (default: a "
+           "temporary directory, removed at exit)", verbs=frozenset((RUN,)), metavar="DIR"),
+    Option(("--snapshot-after",), "after SECONDS of running, save a snapshot to DIR and exit",
+           verbs=frozenset((RUN,)), metavar="SECONDS:DIR"),
+)
+FLAG = {o.field: o.flags[0] for o in OPTIONS if o.field}   # a field's flag, for messages
+
+
+class _NotHere(argparse.Action):
+    """Another verb's flag: one line that says whose it is (not 'unrecognized arguments')."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any) -> None:
+        verb = next(iter(self.const))
+        why = " (a pyvirtd VM runs until `pyvirt stop`)" if verb == RUN else ""
+        parser.error(f"{self.option_strings[0]} goes with pyvirt {verb}{why}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    """`verb`'s flags from OPTIONS (every one defaults to None: unset fields keep VmRequest's
+    defaults); the other verb's own flags are refused by name, hidden from --help."""
+    for o in OPTIONS:
+        if verb not in o.verbs:
+            parser.add_argument(*o.flags, dest=f"_not_{o.dest}", action=_NotHere, const=o.verbs,
+                                nargs=0 if o.switch is not None else None, help=argparse.SUPPRESS)
+            continue
+        kw: dict[str, Any] = {"dest": o.dest, "help": o.help, "default": None}
+        if o.switch is not None:
+            kw.update(action="store_const", const=o.switch)
+        else:
+            kw.update(action="append" if o.repeated else "store", metavar=o.metavar, type=o.type,
+                      choices=o.choices)
+        parser.add_argument(*o.flags, **kw)
+
+
+def _absolute(o: Option, value: str) -> str:
+    """A path-valued flag's value with its path made absolute (the daemon runs elsewhere)."""
+    if o.path == "file":
+        return os.path.abspath(os.path.expanduser(value))
+    if o.path == "disk":
+        path, sep, opts = value.partition(",")
+        return os.path.abspath(os.path.expanduser(path)) + sep + opts if path else value
+    if o.path == "vport":
+        name, sep, sock = value.partition("=")
+        return name + sep + os.path.abspath(os.path.expanduser(sock)) if sep and sock else value
+    return value
+
+
+def from_args(args: argparse.Namespace, verb: str, absolute: bool = False) -> VmRequest:
+    """The VmRequest of `verb`'s parsed flags (`absolute`: host paths made absolute)."""
+    fields: dict[str, Any] = {}
+    for o in OPTIONS:
+        if o.field is None or verb not in o.verbs:
+            continue
+        value = getattr(args, o.dest, None)
+        if value is None:
+            continue
+        if absolute and o.path is not None:
+            value = [_absolute(o, v) for v in value] if o.repeated else _absolute(o, value)
+        fields[o.field] = value
+    return request(**fields)
+
+
+def request(**fields: Any) -> VmRequest:
+    """A VmRequest, its validation errors one line in the flags' words."""
+    try:
+        return VmRequest(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else ""
+        value = fields.get(name)
+        what = FLAG.get(name, name)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            what += f" {format(value, 'g') if isinstance(value, float) else value}"
+        raise ConfigError(f"{what}: {limit_message(dict(err))}") from None
+
+
+# -- the resolver -------------------------------------------------------------------------------
+@dataclass
+class Resolved:
+    """A request resolved: the spec, and what the caller must run or clean up with it."""
+
+    spec: VmSpec
+    pipe: Any = None                  # a guestcmd.CommandPipe: --command's stdio through ports
+    overlay_dir: Any = None           # a TemporaryDirectory holding a throw-away Debian root disk
+    memory_typed: str = DEFAULT_MEMORY
+
+    def cleanup(self) -> None:
+        if self.pipe is not None:
+            self.pipe.finish()
+        if self.overlay_dir is not None:
+            self.overlay_dir.cleanup()
+
+
+def _size(value: int | str, flag: str) -> int:
+    try:
+        return parse_size(value)
+    except ConfigError:
+        raise ConfigError(f"{flag} {value}: expected a size such as 256M or 1G") from None
+
+
+def _existing(path: str, flag: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{flag} {path}: no such file")
+    return p.absolute()
+
+
+def _new_root_disk_ok(path: str | None) -> None:
+    """pyvirtd's --root-disk: absolute (the daemon runs elsewhere; the CLI makes it so), an
+    existing file, or a new one named *.qcow2 in an existing directory (the daemon runs as its
+    user, often root: a request never makes a file of any other name)."""
+    if path is None:
+        raise ConfigError("--image debian under pyvirtd needs --root-disk PATH (the VM's root disk, "
+                          "kept across starts; made if missing)")
+    p = Path(path)
+    if not p.is_absolute():
+        raise ConfigError(f"--root-disk {path}: must be an absolute path for pyvirtd")
+    if p.exists():
+        if not p.is_file():
+            raise ConfigError(f"--root-disk {path}: not a file")
+    elif p.suffix != ".qcow2" or not p.parent.is_dir():
+        raise ConfigError(f"--root-disk {path}: a new root disk is a PATH.qcow2 in an existing directory")
+
+
+def _is_opensbi(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return b"OpenSBI" in f.read(16 << 20)
+    except OSError:
+        return False                      # (the boot says why it cannot read it)
+
+
+def _image(name: str, build: bool) -> Any:
+    """Guest image `name` (its kernel, initrd and cmdline): built on demand when `build` (with
+    progress on a terminal), else the cached one or a ConfigError saying how to build it."""
+    from pyvirt.images import cached_default_image, default_image
+    from pyvirt.images.debian_image import cached_debian_image, debian_image
+    if build:
+        make = debian_image if name == "debian" else default_image
+        return make(build=True, progress=sys.stderr.isatty())
+    img = cached_debian_image() if name == "debian" else cached_default_image()
+    if img is None:
+        how = "`pyvirt image build debian`" if name == "debian" else "`pyvirt image build` (or give a kernel)"
+        raise ConfigError(f"the {'Debian image' if name == 'debian' else 'default guest'} is not built: run {how}")
+    return img
+
+
+def resolve(req: VmRequest, *, daemon: bool = False, pipe: bool = False) -> Resolved:
+    """The VmSpec of `req`.
+
+    `daemon`: for pyvirtd -- guest images must be built already (no build on demand), every
+    file must exist now (paths made absolute: the runner starts elsewhere, later), and a Debian
+    root disk must be named (--root-disk: a daemon VM keeps its disk across starts).
+    `pipe`: --command on the default guest gets stdin, stdout and stderr through virtio-console
+    ports (this process's stdio; `pyvirt run`) instead of the kernel command line."""
+    from pyvirt.engines import default_engine
+    from pyvirt.guestcmd import CommandPipe, command_append, command_ports_append
+
+    disks = [DiskSpec.parse(d) for d in req.disks]
+    if daemon:
+        for d in disks:
+            d.path = _existing(str(d.path), "--disk")
+    vports = [PortSpec.parse(p) for p in req.vports]
+    nets = _nets(req.nets, req.ports)
+    check = _existing if daemon else (lambda p, _flag: Path(p))
+    kernel = check(req.kernel, "--kernel") if req.kernel else None
+    initrd = check(req.initrd, "--initrd") if req.initrd else None
+    bios = check(req.bios, "--bios") if req.bios else None
+    append = req.append
+    memory = req.memory if req.memory is not None else DEBIAN_MEMORY if req.image == "debian" else DEFAULT_MEMORY
+    memory_bytes = _size(memory, "--memory")
+    memory_typed = memory if isinstance(memory, str) else format_size(memory)
+    pipe_: Any = None
+    overlay_dir: Any = None
+    if req.root_disk is not None and req.image != "debian":
+        raise ConfigError("--root-disk goes with --image debian")
+    if req.image == "debian":
+        if req.kernel or req.initrd or req.bios:
+            raise ConfigError("--image debian brings its own kernel and initrd (no --kernel/--initrd/--bios)")
+        from pyvirt.images.debian_image import root_overlay
+        if daemon:
+            _new_root_disk_ok(req.root_disk)
+        img = _image("debian", build=not daemon)
+        kernel, initrd = img.kernel, img.initrd
+        if append is None:
+            append = img.cmdline
+        try:
+            root, overlay_dir = root_overlay(img, req.root_disk)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--root-disk {req.root_disk}: cannot make it: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+        disks.insert(0, DiskSpec(path=Path(root).absolute(), format="qcow2"))
+        if req.command is not None:
+            # systemd stays quiet and no login prompt shares the console with the command's output
+            # (TERM=dumb reaches PID 1's environment: systemd then sends no terminal resets)
+            append += " TERM=dumb systemd.show_status=0 systemd.mask=serial-getty@ttyS0.service"
+    elif bios is None and kernel is None:
+        dimg = _image("default", build=not daemon)
+        kernel = dimg.kernel
+        initrd = initrd or dimg.initrd
+        if append is None:
+            append = dimg.cmdline
+    elif req.command is not None and append is None:
+        append = "console=ttyS0"
+    try:
+        if bios is not None and kernel is None and _is_opensbi(str(bios)):
+            raise ConfigError(f"--bios {req.bios} is OpenSBI, which starts a kernel: add --kernel IMAGE "
+                              "(as QEMU's -bios fw_dynamic.elf -kernel Image)")
+        if req.command is not None:
+            if kernel is None:
+                raise ConfigError("--command needs a Linux guest (not --bios alone)")
+            if pipe and req.image != "debian" and req.kernel is None and req.initrd is None:
+                # the default guest: the command, stdin, stdout and stderr through virtio-console ports
+                pipe_ = CommandPipe(req.command)
+                vports += pipe_.specs
+                append = command_ports_append(append)
+            else:
+                append = command_append(append, req.command)
+        spec = make_spec(typed={"memory": memory_typed}, cpus=req.cpus, memory=memory_bytes,
+                         kernel=kernel, initrd=initrd, append=append, bios=bios, disks=disks,
+                         rng=req.rng, ports=vports, nets=nets, engine=req.engine or default_engine(),
+                         mmu=req.mmu)
+    except BaseException:
+        Resolved(VmSpec.model_construct(), pipe_, overlay_dir).cleanup()
+        raise
+    return Resolved(spec, pipe_, overlay_dir, memory_typed)
+
+
+def _nets(net_args: list[str], port_args: list[str]) -> list[NetSpec]:
+    """--net and --port into NetSpecs: --port forwards go to the first user network (one is
+    added when no --net is given)."""
+    nets = [NetSpec.parse(n) for n in net_args]
+    forwards = [parse_port_forward(p, f"--port {p}") for p in port_args]
+    if forwards:
+        if not nets:
+            nets.append(NetSpec(backend="user"))
+        user = next((n for n in nets if n.backend == "user"), None)
+        if user is None:
+            raise ConfigError("--port needs a user network (--net user)")
+        user.ports.extend(forwards)
+    return nets

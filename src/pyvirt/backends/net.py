@@ -22,6 +22,7 @@ believed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -316,12 +317,17 @@ class PasstBackend(StreamBackend):
 
     def _stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            try:
+                self.proc.terminate()
+            except PermissionError:      # a jailed runner may not signal it (host/jail.py): passt
+                pass                     # ends when its socket is closed
             try:
                 self.proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                with contextlib.suppress(PermissionError):
+                    self.proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=2)
         self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -55,6 +55,7 @@ import os
 import socket
 import sys
 from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -368,6 +369,36 @@ def apply(jail: Jail) -> dict[str, Any]:
     else:
         report["seccomp"] = {"on": False, "reason": "no_new_privs could not be set"}
     return report
+
+
+def _spec_files(obj: Any) -> list[Path]:
+    """Every existing absolute path named in a spec (JSON form): images, kernel, initrd."""
+    out: list[Path] = []
+    if isinstance(obj, dict):
+        for v in obj.values():
+            out += _spec_files(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            out += _spec_files(v)
+    elif isinstance(obj, str) and obj.startswith("/") and "\0" not in obj:
+        with suppress(OSError, ValueError):
+            if Path(obj).exists():
+                out.append(Path(obj))
+    return out
+
+
+def runner_jail(vm_dir: Path, snapshots_dir: Path, spec: Any, board: Any) -> Jail:
+    """The jail of a daemon VM's runner: read/write beneath its VM directory (console log,
+    sockets, overlays, disks.json, exit.json), the daemon's snapshot directory (a snapshot is
+    written where the daemon says, under it) and the private directories of its passts (to
+    remove them at the end); read of the files its spec names (images, kernel, initrd)."""
+    snapshots_dir.mkdir(mode=0o700, exist_ok=True)
+    rw = [vm_dir, snapshots_dir]
+    for nic in getattr(board, "nics", []):
+        d = getattr(getattr(nic, "backend", None), "dir", None)
+        if d is not None:
+            rw.append(Path(d))
+    return Jail(rw=rw, ro=_spec_files(spec))
 
 
 def disabled(reason: str) -> dict[str, Any]:

@@ -355,6 +355,25 @@ def write_exit(paths: VmPaths, **info: Any) -> None:
     os.replace(tmp, paths.exit_file)
 
 
+def enter_jail(config: dict[str, Any], paths: VmPaths, vm: Vm) -> bool:
+    """With config["jail"] true: confine this process now that the board is built
+    (host/jail.py), a guest reboot then ending the runner.  What took effect goes to
+    <vm dir>/jail.json (`pyvirt inspect` shows it).  Whether any layer is on."""
+    from pyvirt.host import jail
+    if config.get("jail"):
+        spec = json.loads(vm.spec.model_dump_json())
+        report = jail.apply(jail.runner_jail(paths.dir, paths.dir.parent.parent / "snapshots", spec, vm.board))
+    else:
+        report = jail.disabled("the jail is turned off (pyvirtd --no-jail or PYVIRT_JAIL=off)")
+    on = any(layer["on"] for layer in report.values())
+    if on:
+        vm.reset_in_place = False
+    tmp = paths.dir / "jail.json.tmp"
+    tmp.write_text(json.dumps(report) + "\n")
+    os.replace(tmp, paths.dir / "jail.json")
+    return on
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pyvirt.host.runner")
     ap.add_argument("--id", required=True)
@@ -376,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             console.close()
         return 1
     runner = Runner(paths, vm, console)
+    jailed = enter_jail(config, paths, vm)
     try:
         code = vm.run(restore_gc=False)
     except Exception as e:          # a VMM fault: the traceback goes to runner.log
@@ -388,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         console.close()
     if runner.reason == "snapshot":
         write_exit(paths, reason="snapshot", dir=runner.snapshot_dir)
+    elif vm.reboot_requested and jailed:
+        write_exit(paths, reason="reboot")        # the daemon starts a new runner
     elif runner.reason == "killed" or code is None:
         write_exit(paths, reason="killed")
     else:

@@ -3,7 +3,7 @@
     pyvirt run [--kernel IMAGE --initrd FILE --append ARGS | --bios ELF] [--cpus N]
                [--memory SIZE] [--disk PATH[,ro][,format=raw|qcow2]]... [--command CMD]
                [--engine interp|jit|native]
-               [--net user[,port=H:G]...|stream=SOCK|network=NAME|tap=IF[,mac=MAC]]...
+               [--net user[,port=H:G]...[,host-loopback=on]|stream=SOCK|network=NAME|tap=IF[,mac=MAC]]...
                [--port HOST:GUEST]...
     pyvirt run --image debian [--root-disk PATH] [--command CMD]
     pyvirt run ... [--snapshot-after SECONDS:DIR]
@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--net", action="append", default=[],
                      metavar="user|stream=SOCKET|network=NAME|tap=IFNAME",
                      help="a virtio-net interface (repeatable): user (passt user-mode networking; "
-                          ",port=HOST:GUEST forwards a host TCP port on 127.0.0.1), stream=SOCKET (a Unix "
+                          ",port=HOST:GUEST forwards a host TCP port on 127.0.0.1; ,host-loopback=on lets the "
+                          "guest reach the host's 127.0.0.1 at the gateway address), stream=SOCKET (a Unix "
                           "socket speaking QEMU's -netdev stream framing), network=NAME (a switch made "
                           "by `pyvirt network create NAME`) or tap=IFNAME (a host TAP "
                           "device, needs root); ,mac=52:54:00:xx:xx:xx sets the MAC (default: random)")

@@ -35,7 +35,7 @@ class VmCreate(BaseModel):
     append: str | None = Field(None, description="kernel command line")
     disks: list[str] = Field(default_factory=list, description="PATH[,ro][,format=raw|qcow2][,bw=RATE][,iops=N][,burst=SIZE] (as --disk)")
     nets: list[str] = Field(default_factory=list,
-                            description="user[,port=H:G]|stream=SOCK|network=NAME|tap=IF[,mac=M][,bw=|tx_bw=|rx_bw=RATE] (as --net)")
+                            description="user[,port=H:G][,host-loopback=on]|stream=SOCK|network=NAME|tap=IF[,mac=M][,bw=|tx_bw=|rx_bw=RATE] (as --net)")
     command: str | None = Field(None, description="shell command for the default guest's /init")
     engine: Literal["interp", "jit", "native"] | None = None
     cpu_quota: float | None = Field(None, gt=0, le=64,

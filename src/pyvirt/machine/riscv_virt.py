@@ -407,4 +407,4 @@ def open_net_backend(net: NetSpec) -> NetBackend:
     if net.backend == "tap":
         assert net.ifname is not None
         return TapBackend(net.ifname)
-    return PasstBackend(net.ports)
+    return PasstBackend(net.ports, host_loopback=net.host_loopback)

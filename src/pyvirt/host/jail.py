@@ -326,6 +326,9 @@ def apply_seccomp(lib: ctypes.CDLL, names: Iterable[str] = ALLOWED_SYSCALLS) -> 
 class Jail:
     rw: list[Path] = field(default_factory=list)      # read, write, create, remove beneath
     ro: list[Path] = field(default_factory=list)      # read (directories: beneath)
+    # directories the jailed process empties but may not remove (its passts' private
+    # directories in /tmp: removing one needs a right on /tmp): the daemon removes them
+    leftovers: list[Path] = field(default_factory=list)
 
 
 def python_paths() -> list[Path]:
@@ -394,11 +397,27 @@ def runner_jail(vm_dir: Path, snapshots_dir: Path, spec: Any, board: Any) -> Jai
     remove them at the end); read of the files its spec names (images, kernel, initrd)."""
     snapshots_dir.mkdir(mode=0o700, exist_ok=True)
     rw = [vm_dir, snapshots_dir]
+    leftovers: list[Path] = []
     for nic in getattr(board, "nics", []):
         d = getattr(getattr(nic, "backend", None), "dir", None)
         if d is not None:
             rw.append(Path(d))
-    return Jail(rw=rw, ro=_spec_files(spec))
+            leftovers.append(Path(d))
+            if os.geteuid() == 0:       # passt (nobody) has written its PID file; without
+                with suppress(OSError):  # CAP_DAC_OVERRIDE the runner removes the directory only as its owner
+                    os.chown(d, 0, 0)
+    return Jail(rw=rw, ro=_spec_files(spec), leftovers=leftovers)
+
+
+def remove_leftovers(report: dict[str, Any]) -> None:
+    """Remove the directories a jailed runner's report names as left over (only passt's, in
+    the temporary directory, are believed)."""
+    import shutil
+    import tempfile
+    for d in report.get("leftovers", []) if isinstance(report, dict) else []:
+        p = Path(str(d))
+        if p.parent == Path(tempfile.gettempdir()) and p.name.startswith("pyvirt-passt-") and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def disabled(reason: str) -> dict[str, Any]:

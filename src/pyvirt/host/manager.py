@@ -31,7 +31,7 @@ from typing import Any
 
 from pyvirt import __version__
 from pyvirt.errors import ConfigError, PyvirtError
-from pyvirt.host import cgroups, control
+from pyvirt.host import cgroups, control, jail
 from pyvirt.host.models import Limits, VmCreate, to_spec
 from pyvirt.host.paths import VmPaths, proc_start_time, vm_paths
 from pyvirt.host.snapshots import AGENT_PORT, SnapshotOps, disk_usage
@@ -493,6 +493,8 @@ class Manager(SnapshotOps):
 
     def _ended(self, rec: VmRecord, code: int | None) -> None:
         self.children.pop(rec.id, None)
+        with contextlib.suppress(OSError, ValueError):        # what the jail kept it from removing
+            jail.remove_leftovers(json.loads((self.paths(rec).dir / "jail.json").read_text()))
         self._sync_disks(rec)                   # (a snapshot the daemon did not see end)
         info = _exit_info(self.paths(rec))
         expected = rec.id in self.expected_end

@@ -362,10 +362,12 @@ def enter_jail(config: dict[str, Any], paths: VmPaths, vm: Vm) -> bool:
     from pyvirt.host import jail
     if config.get("jail"):
         spec = json.loads(vm.spec.model_dump_json())
-        report = jail.apply(jail.runner_jail(paths.dir, paths.dir.parent.parent / "snapshots", spec, vm.board))
+        confinement = jail.runner_jail(paths.dir, paths.dir.parent.parent / "snapshots", spec, vm.board)
+        report = jail.apply(confinement)
+        report["leftovers"] = [str(d) for d in confinement.leftovers]     # (for the daemon to remove)
     else:
         report = jail.disabled("the jail is turned off (pyvirtd --no-jail or PYVIRT_JAIL=off)")
-    on = any(layer["on"] for layer in report.values())
+    on = any(layer["on"] for layer in report.values() if isinstance(layer, dict))
     if on:
         vm.reset_in_place = False
     tmp = paths.dir / "jail.json.tmp"

@@ -510,6 +510,8 @@ class Manager(SnapshotOps):
             state, reason = "stopped", f"saved to the snapshot {info.get('dir')}"
         elif info.get("reason") == "killed":
             state, reason = "stopped", "killed"
+        elif info.get("reason") == "reboot":           # (a jailed guest rebooting while it was stopped)
+            state, reason = "stopped", "the guest rebooted while it was being stopped"
         elif info.get("reason") == "error":
             state, reason = "crashed", f"error: {info.get('error')}"
         elif expected:

@@ -397,7 +397,8 @@ def runner_jail(vm_dir: Path, snapshots_dir: Path, spec: Any, board: Any) -> Jai
     """The jail of a daemon VM's runner: read/write beneath its VM directory (console log,
     sockets, overlays, disks.json, exit.json), the daemon's snapshot directory (a snapshot is
     written where the daemon says, under it) and the private directories of its passts (to
-    remove them at the end); read of the files its spec names (images, kernel, initrd)."""
+    remove them at the end); read of the files its spec names (images, kernel, initrd) and of
+    its disks' backing files."""
     snapshots_dir.mkdir(mode=0o700, exist_ok=True)
     rw = [vm_dir, snapshots_dir]
     leftovers: list[Path] = []
@@ -409,7 +410,23 @@ def runner_jail(vm_dir: Path, snapshots_dir: Path, spec: Any, board: Any) -> Jai
             if os.geteuid() == 0:       # passt (nobody) has written its PID file; without
                 with suppress(OSError):  # CAP_DAC_OVERRIDE the runner removes the directory only as its owner
                     os.chown(d, 0, 0)
-    return Jail(rw=rw, ro=_spec_files(spec), leftovers=leftovers)
+    return Jail(rw=rw, ro=_spec_files(spec) + _image_chains(board), leftovers=leftovers)
+
+
+def _image_chains(board: Any) -> list[Path]:
+    """The files of its disks' backing chains (a snapshot reads them again), which the spec
+    does not name."""
+    out: list[Path] = []
+    for slot in getattr(board, "virtio", []):           # (irq, address, VirtioMmio)
+        mmio = slot[-1] if isinstance(slot, tuple) else slot
+        dev = getattr(mmio, "device", mmio)
+        b, depth = getattr(dev, "backend", None), 0
+        while b is not None and depth < 64:
+            p = getattr(b, "path", None)
+            if isinstance(p, (str, Path)) and Path(p).is_absolute():
+                out.append(Path(p))
+            b, depth = getattr(b, "backing", None), depth + 1
+    return out
 
 
 def remove_leftovers(report: dict[str, Any]) -> None:

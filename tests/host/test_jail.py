@@ -120,3 +120,24 @@ def test_the_jail_can_be_turned_off(state_dir: Path) -> None:
         c.kill("free")
     finally:
         d.cleanup()
+
+
+def test_a_layer_the_host_forbids_is_reported_off_and_the_others_still_apply(tmp_path: Path) -> None:
+    """No Landlock and no libseccomp (as on an older or locked-down host): those two layers are
+    off with the reason, no_new_privs and the capabilities still apply, nothing fails."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (capabilities to drop)")
+    code = ("import json; from pathlib import Path; from pyvirt.host import jail\n"
+            "jail.landlock_abi = lambda: 0\n"
+            "def gone(): raise OSError('libseccomp.so.2: cannot open shared object file')\n"
+            "jail._libseccomp = gone\n"
+            f"r = jail.apply(jail.Jail(rw=[Path({str(tmp_path)!r})]))\n"
+            "print(json.dumps({'report': r, 'caps': jail.capabilities_now()}))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    rep = out["report"]
+    assert rep["no_new_privs"]["on"] and rep["capabilities"]["on"], rep
+    assert not rep["landlock"]["on"] and "no Landlock" in rep["landlock"]["reason"]
+    assert not rep["seccomp"]["on"] and "libseccomp" in rep["seccomp"]["reason"]
+    assert out["caps"]["effective"] == 0 and out["caps"]["bounding"] == 0

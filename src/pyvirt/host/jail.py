@@ -29,7 +29,8 @@ on its own so that a host that forbids one still gets the others:
   attacker the two contain the same.
 
 What it does *not* enforce: the runner keeps uid 0 (no user namespace: it
-owns root's files as far as the Landlock rules let it reach them); a
+owns root's files as far as the Landlock rules let it reach them, and
+without Landlock ABI 6 it may signal other uid-0 processes); a
 pathname Unix socket is refused through seccomp (no new socket, no
 connect), not by path -- Landlock has no right for connecting to one at
 ABI 7; no mount/pid/ipc/net namespace is made (the console, control and

@@ -39,7 +39,8 @@ def test_a_jailed_process_is_refused_what_a_runner_must_not_do(tmp_path: Path) -
     try:
         r = subprocess.run([sys.executable, "-m", "pyvirt.host.jail", "--selftest", "--dir", str(mine),
                             "--read", str(given), "--socket", str(tmp_path / "host.sock"),
-                            "--tcp", str(tcp.getsockname()[1])], capture_output=True, text=True, timeout=60)
+                            "--tcp", str(tcp.getsockname()[1])], capture_output=True, text=True, timeout=60,
+                           cwd="/")          # (the working directory, first on sys.path, is not opened)
     finally:
         unix.close()
         tcp.close()
@@ -53,6 +54,7 @@ def test_a_jailed_process_is_refused_what_a_runner_must_not_do(tmp_path: Path) -
                  "raise_capability", "setuid"):
         assert tries[what].startswith("refused"), (what, tries)
     assert not Path("/tmp/pyvirt-jail-escape").exists()
+    assert not any(p in ("ro /", "rw /") for p in out["jail"]["landlock"]["paths"])
 
 
 def test_a_jailed_daemon_vm_boots_runs_snapshots_and_stops(daemon: Daemon, tmp_path: Path) -> None:

@@ -336,13 +336,16 @@ class Jail:
 
 
 def python_paths() -> list[Path]:
-    """What the interpreter may still import from: its prefixes and sys.path."""
+    """What the interpreter may still import from: its prefixes, pyvirt's own directory and
+    sys.path -- less the working directory (`python -m` puts it first: a daemon started in /
+    would otherwise open the whole filesystem) and /."""
     out = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix), Path(sys.base_exec_prefix),
            Path(__file__).resolve().parents[1]}
+    cwd = Path.cwd().resolve()
     for p in sys.path:
-        if p and Path(p).is_absolute() and Path(p).exists():
+        if p and Path(p).is_absolute() and Path(p).exists() and Path(p).resolve() != cwd:
             out.add(Path(p))
-    return sorted(out)
+    return sorted(p for p in out if p.resolve() != Path("/"))
 
 
 def apply(jail: Jail) -> dict[str, Any]:

@@ -40,7 +40,8 @@ def test_a_jailed_process_is_refused_what_a_runner_must_not_do(tmp_path: Path) -
         r = subprocess.run([sys.executable, "-m", "pyvirt.host.jail", "--selftest", "--dir", str(mine),
                             "--read", str(given), "--socket", str(tmp_path / "host.sock"),
                             "--tcp", str(tcp.getsockname()[1])], capture_output=True, text=True, timeout=60,
-                           cwd="/")          # (the working directory, first on sys.path, is not opened)
+                           cwd="/",          # (the working directory, first on sys.path, is not opened)
+                           env=dict(os.environ, PYTHONPATH=str(Path(jail.__file__).resolve().parents[2])))
     finally:
         unix.close()
         tcp.close()

@@ -65,7 +65,7 @@ class VmRequest(BaseModel):
     disks: list[str] = Field(default_factory=list,
                              description="PATH[,ro][,format=raw|qcow2][,bw=RATE][,iops=N][,burst=SIZE] (as --disk)")
     nets: list[str] = Field(default_factory=list,
-                            description="user[,port=H:G]|stream=SOCK|network=NAME|tap=IF[,mac=M][,bw=|tx_bw=|rx_bw=RATE] "
+                            description="user[,port=H:G][,host-loopback=on]|stream=SOCK|network=NAME|tap=IF[,mac=M][,bw=|tx_bw=|rx_bw=RATE] "
                                         "(as --net)")
     ports: list[str] = Field(default_factory=list, description="HOST:GUEST TCP forwards onto the user network "
                                                                "(as --port)")
@@ -127,7 +127,8 @@ OPTIONS: tuple[Option, ...] = (
            "the console port, others appear in the guest as named ports", "vports", metavar="NAME=SOCKET",
            repeated=True, path="vport"),
     Option(("--net",), "a virtio-net interface (repeatable): user (passt user-mode networking; "
-           ",port=HOST:GUEST forwards a host TCP port on 127.0.0.1), stream=SOCKET (a Unix socket speaking "
+           ",port=HOST:GUEST forwards a host TCP port on 127.0.0.1; ,host-loopback=on lets the guest reach the "
+           "host's 127.0.0.1 at the gateway address), stream=SOCKET (a Unix socket speaking "
            "QEMU's -netdev stream framing), network=NAME (a switch made by `pyvirt network create NAME`) or "
            "tap=IFNAME (a host TAP device, needs root); ,mac=52:54:00:xx:xx:xx sets the MAC (default: random)",
            "nets", metavar="user|stream=SOCKET|network=NAME|tap=IFNAME", repeated=True),

@@ -140,6 +140,9 @@ class NetSpec(BaseModel):
     network: str | None = None                  # network
     ifname: str | None = None                   # tap
     ports: list[tuple[int, int]] = Field(default_factory=list)     # user: (host, guest) TCP
+    # user: whether the gateway's address reaches the host's loopback (passt maps it unless
+    # --no-map-gw); off by default: a guest reaches no service on the host's 127.0.0.1
+    host_loopback: bool = False
     mac: str = Field(default_factory=random_mac)
     tx_bw: int | None = Field(None, gt=0)       # bytes/s the guest may send
     rx_bw: int | None = Field(None, gt=0)       # bytes/s the guest is given
@@ -156,7 +159,7 @@ class NetSpec(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> NetSpec:
-        """'user[,port=H:G]...[,mac=M]', 'stream=SOCKET[,mac=M]', 'network=NAME[,mac=M]' or
+        """'user[,port=H:G]...[,host-loopback=on][,mac=M]', 'stream=SOCKET[,mac=M]', 'network=NAME[,mac=M]' or
         'tap=IFNAME[,mac=M]' (--net), each with [,bw=RATE] or [,tx_bw=RATE][,rx_bw=RATE]."""
         first, *opts = text.split(",")
         kind, _, value = first.partition("=")
@@ -178,12 +181,16 @@ class NetSpec(BaseModel):
                 fields["mac"] = o[4:]
             elif o.startswith("port=") and kind == "user":
                 ports.append(parse_port_forward(o[5:], f"--net {text}"))
+            elif o.startswith("host-loopback=") and kind == "user":
+                if o[14:] not in ("on", "off"):
+                    raise ConfigError(f"--net {text}: host-loopback is on or off, not {o[14:]!r}")
+                fields["host_loopback"] = o[14:] == "on"
             elif o.partition("=")[0] in ("bw", "tx_bw", "rx_bw") and o.partition("=")[2]:
                 key, _, value = o.partition("=")
                 rate = parse_rate(value, f"--net {text}: {key}")
                 fields.update({"tx_bw": rate, "rx_bw": rate} if key == "bw" else {key: rate})
             else:
-                known = "port=HOST:GUEST, mac=MAC" if kind == "user" else "mac=MAC"
+                known = "port=HOST:GUEST, host-loopback=on|off, mac=MAC" if kind == "user" else "mac=MAC"
                 known += ", bw=RATE, tx_bw=RATE, rx_bw=RATE"
                 raise ConfigError(f"unknown network option {o!r} in --net {text} (known: {known})")
         fields["ports"] = ports
@@ -203,6 +210,8 @@ class NetSpec(BaseModel):
             raise ValueError("a tap network needs an interface name")
         if self.ports and self.backend != "user":
             raise ValueError("port forwarding needs the user network")
+        if self.host_loopback and self.backend != "user":
+            raise ValueError("host-loopback is an option of the user network")
         return self
 
 

@@ -60,3 +60,15 @@ def test_port_implies_user_network() -> None:
 def test_host_port_forwarded_once() -> None:
     with pytest.raises(ConfigError, match="a host port can be forwarded only once"):
         make_spec(nets=_nets(["user,port=8080:80"], ["8080:81"]))
+
+
+def test_host_loopback_is_off_unless_asked_for() -> None:
+    """Issue 14, item 4: the guest reaches the host's 127.0.0.1 only with host-loopback=on."""
+    assert NetSpec.parse("user").host_loopback is False
+    assert NetSpec.parse("user,host-loopback=on,port=8080:80").host_loopback is True
+    assert NetSpec.parse("user,host-loopback=off").host_loopback is False
+    assert NetSpec.model_validate({"backend": "user"}).host_loopback is False     # older specs, snapshots
+    with pytest.raises(ConfigError, match="host-loopback is on or off"):
+        NetSpec.parse("user,host-loopback=yes")
+    with pytest.raises(ConfigError, match="unknown network option"):
+        NetSpec.parse("stream=/tmp/s,host-loopback=on")

@@ -229,17 +229,17 @@ def test_snapshot_through_the_runner_and_restore_in_a_new_runner(daemon: Daemon)
     def snapshot(d: Path, then: str = "continue") -> None:
         assert control.request(sock, "snapshot", dir=str(d), then=then)["ok"]
 
-    snapshot(daemon.state / "s1")
+    snapshot(daemon.state / "snapshots" / "s1")
     wait_for(lambda: control.request(sock, "status")["snapshot"]["ok"], 30, "snapshot s1")
-    assert (daemon.state / "s1" / "manifest.json").is_file()
+    assert (daemon.state / "snapshots" / "s1" / "manifest.json").is_file()
     c.pause("orig")
-    snapshot(daemon.state / "s2")                         # taken at once, the VM stays paused
+    snapshot(daemon.state / "snapshots" / "s2")                         # taken at once, the VM stays paused
     st = wait_for(lambda: (s := control.request(sock, "status"))["snapshot"]["ok"] and s, 30, "snapshot s2")
-    assert st["state"] == "paused" and (daemon.state / "s2" / "manifest.json").is_file()
+    assert st["state"] == "paused" and (daemon.state / "snapshots" / "s2" / "manifest.json").is_file()
     c.resume("orig")
-    snapshot(daemon.state / "s3", then="quit")
+    snapshot(daemon.state / "snapshots" / "s3", then="quit")
     done = wait_for(lambda: (v := c.inspect("orig"))["state"] == "stopped" and v, 30, "the VM to end")
-    assert done["reason"] == f"saved to the snapshot {daemon.state / 's3'}", done
+    assert done["reason"] == f"saved to the snapshot {daemon.state / 'snapshots' / 's3'}", done
     last = max(int(n) for n in re.findall(r"n=(\d+)", c.logs("orig")["text"]))
 
     # The restore hook: a runner whose config.json names the snapshot
@@ -249,7 +249,7 @@ def test_snapshot_through_the_runner_and_restore_in_a_new_runner(daemon: Daemon)
     from pyvirt.host.paths import vm_paths
     p = vm_paths(daemon.state, "restored0001")
     p.dir.mkdir(parents=True)
-    p.config.write_text(json.dumps({"id": "restored0001", "name": "r", "restore": str(daemon.state / "s3")}))
+    p.config.write_text(json.dumps({"id": "restored0001", "name": "r", "restore": str(daemon.state / "snapshots" / "s3")}))
     runner = subprocess.Popen([sys.executable, "-m", "pyvirt.host.runner", "--id", "restored0001",
                                "--state-dir", str(daemon.state)], start_new_session=True)
     try:

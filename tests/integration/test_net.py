@@ -56,18 +56,35 @@ def host_server(tmp_path: Path):
     server.server_close()
 
 
+def with_address(net: str, command: str):  # noqa: ANN201
+    """`pyvirt run --net NET` running `command` once eth0 has its address (exit status 0)."""
+    r = pyvirt("run", "--net", net, "--command", f"ip -4 addr show eth0 | grep -q 'inet ' || exit 9; {command}",
+               timeout=300)
+    assert r.code == 0, (r.out, r.err)
+    return r
+
+
 @needs_passt
 def test_guest_reaches_host_loopback(default_image, host_server) -> None:
     www, port = host_server
     content = os.urandom(200_000)
     (www / "file").write_bytes(content)
     (www / "small").write_text("hello from the host\n")
-    r = pyvirt("run", "--net", "user", "--command",
-               f"ip -4 addr show eth0 | grep -q 'inet ' || exit 9; "
-               f"wget -q -O - http://{GATEWAY}:{port}/small && "
-               f"wget -q -O /tmp/f http://{GATEWAY}:{port}/file && md5sum /tmp/f", timeout=300)
-    assert r.code == 0, (r.out, r.err)
+    r = with_address("user,host-loopback=on", f"wget -q -O - http://{GATEWAY}:{port}/small && "
+                     f"wget -q -O /tmp/f http://{GATEWAY}:{port}/file && md5sum /tmp/f")
     assert r.out == f"hello from the host\n{hashlib.md5(content).hexdigest()}  /tmp/f\n"
+
+
+@needs_passt
+def test_guest_does_not_reach_host_loopback_by_default(default_image, host_server) -> None:
+    """Without host-loopback=on (issue 14, item 4) passt runs with --no-map-gw: the gateway
+    address is the real gateway, not the host's 127.0.0.1, and the listener there is not reached."""
+    www, port = host_server
+    (www / "small").write_text("hello from the host\n")
+    r = with_address("user", f"wget -q -T 3 -O - http://{GATEWAY}:{port}/small; echo wget=$?; "
+                     f"wget -q -T 3 -O - http://127.0.0.1:{port}/small; echo local=$?")
+    assert "hello from the host" not in r.out, r.out
+    assert "wget=0" not in r.out and "local=0" not in r.out, r.out
 
 
 @needs_passt

@@ -22,6 +22,7 @@ believed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -219,8 +220,9 @@ class PasstBackend(StreamBackend):
     setting up (ports bound) and is serving.  As root passt drops to
     `nobody`, so that directory is handed to nobody.  Forwarded ports are
     bound on 127.0.0.1 only.  The guest gets an address, gateway and DNS
-    from passt's DHCP server; the gateway address reaches the host's
-    loopback (passt maps it unless told --no-map-gw).
+    from passt's DHCP server.  The gateway address reaches the host's loopback
+    only with `host_loopback` (otherwise passt is started with --no-map-gw: a
+    guest reaches no service listening on the host's 127.0.0.1).
 
     A passt that dies (its socket closes) puts the link down and is started
     again after RESTART_DELAYS (1 s, then longer), from `recv()`: the link
@@ -230,7 +232,8 @@ class PasstBackend(StreamBackend):
     RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
 
     def __init__(self, port_forwards: Sequence[tuple[int, int]] = (), mtu: int = 1500,
-                 passt: str = "passt") -> None:
+                 passt: str = "passt", host_loopback: bool = False) -> None:
+        self.host_loopback = host_loopback
         self._args = (list(port_forwards), mtu, passt)
         self._restarts = 0
         self._retry_at: float | None = None
@@ -282,6 +285,8 @@ class PasstBackend(StreamBackend):
                     "--pid", str(pidfile), "--mtu", str(mtu)]
             for host, guest in port_forwards:
                 argv += ["-t", f"127.0.0.1/{host}:{guest}"]
+            if not self.host_loopback:
+                argv.append("--no-map-gw")        # the gateway is not the host's 127.0.0.1
             with open(err_fd, "wb") as err:
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                              pass_fds=[theirs.fileno()], start_new_session=True)
@@ -307,12 +312,17 @@ class PasstBackend(StreamBackend):
 
     def _stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            try:
+                self.proc.terminate()
+            except PermissionError:      # a jailed runner may not signal it (host/jail.py): passt
+                pass                     # ends when its socket is closed
             try:
                 self.proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                with contextlib.suppress(PermissionError):
+                    self.proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=2)
         self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
 

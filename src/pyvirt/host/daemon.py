@@ -42,7 +42,7 @@ def _lock(state: Path) -> int:
     return fd
 
 
-def serve(state: Path) -> None:
+def serve(state: Path, jail: bool | None = None) -> None:
     """Run the daemon in this process until SIGTERM/SIGINT."""
     import uvicorn
 
@@ -57,7 +57,7 @@ def serve(state: Path) -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     sock_path = api_socket(state)
-    manager = Manager(state)
+    manager = Manager(state, jail=jail)
     sock = listen_unix(sock_path, backlog=64)
     try:
         config = uvicorn.Config(make_app(manager), log_level="warning", access_log=False, lifespan="off")
@@ -144,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", help="state directory (default $PYVIRT_STATE_DIR or ~/.local/state/pyvirt)")
     ap.add_argument("--foreground", action="store_true", help="(the default here; for symmetry with "
                                                               "`pyvirt daemon`)")
+    ap.add_argument("--no-jail", action="store_true",
+                    help="run VMs' runners unconfined (for debugging; also PYVIRT_JAIL=off)")
     args = ap.parse_args(argv)
     try:
-        serve(state_dir(args.state_dir))
+        serve(state_dir(args.state_dir), jail=False if args.no_jail else None)
     except PyvirtError as e:
         sys.stderr.write(f"pyvirtd: error: {e}\n")
         return 1

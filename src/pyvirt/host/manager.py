@@ -33,7 +33,7 @@ from typing import Any
 
 from pyvirt.errors import ConfigError
 from pyvirt.guestcmd import AGENT_PORT
-from pyvirt.host import cgroups, control
+from pyvirt.host import cgroups, control, jail
 from pyvirt.host.errors import Conflict, Invalid, NotFound
 from pyvirt.host.models import Limits, VmCreate, to_spec
 from pyvirt.host.paths import VmPaths, proc_start_time, vm_paths
@@ -52,8 +52,10 @@ MAX_LOG_READ = 1 << 20
 
 
 class Manager(SnapshotOps):
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, jail: bool | None = None) -> None:
         self.state = state
+        # each runner confines itself once its board is built (host/jail.py) unless turned off
+        self.jail = os.environ.get("PYVIRT_JAIL", "on") != "off" if jail is None else jail
         (state / "vms").mkdir(mode=0o700, exist_ok=True)
         self.store = Store(state / "pyvirtd.db")
         self.snapshots = SnapshotStore(self.store)
@@ -88,7 +90,7 @@ class Manager(SnapshotOps):
     def info(self) -> dict[str, Any]:
         recs = self.store.all()
         return {"name": "pyvirtd", "version": __version__, "pid": os.getpid(), "state_dir": str(self.state),
-                "cgroups": self.cgroups.describe(),
+                "cgroups": self.cgroups.describe(), "jail": self.jail,
                 "vms": {s: sum(r.state == s for r in recs) for s in ("running", "paused", "stopped", "crashed")}}
 
     def inspect(self, name: str) -> dict[str, Any]:
@@ -112,11 +114,24 @@ class Manager(SnapshotOps):
             "paths": {"dir": str(p.dir), "console_log": str(p.console_log),
                       "console_socket": str(p.console_sock), "control_socket": str(p.control_sock)},
         }
+        out["jail"] = self._jail_report(rec)
         if rec.alive:
             with contextlib.suppress(control.ControlError):
                 st = control.request(p.control_sock, "status", timeout=2)
                 out["runner"] = {k: st.get(k) for k in ("instructions", "resets", "agent", "console_attached")}
         return out
+
+    def _jail_report(self, rec: VmRecord) -> dict[str, Any]:
+        """Which of the jail's layers are on for the running runner (its jail.json), each
+        off one with the reason."""
+        if not rec.alive:
+            return {"reason": "the VM is not running"}
+        try:
+            report = json.loads((self.paths(rec).dir / "jail.json").read_text())
+        except (OSError, ValueError):
+            return {"reason": "not reported (yet) by the runner"}
+        return {name: (layer if layer.get("on") else {"on": False, "reason": layer.get("reason")})
+                for name, layer in report.items() if isinstance(layer, dict)}
 
     def list(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -336,11 +351,13 @@ class Manager(SnapshotOps):
     def _spawn(self, rec: VmRecord, extra: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
         p = self.paths(rec)
         p.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for f in (p.exit_file, p.control_sock, p.dir / control.DISKS_FILE):   # (disks.json: recorded at the end)
+        for f in (p.exit_file, p.control_sock, p.dir / control.DISKS_FILE,   # (disks.json: recorded at the end)
+                  p.dir / "jail.json"):
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
         tmp = p.config.with_name("config.json.tmp")
-        tmp.write_text(json.dumps({"id": rec.id, "name": rec.name, "spec": rec.spec_dict, **(extra or {})}) + "\n")
+        tmp.write_text(json.dumps({"id": rec.id, "name": rec.name, "spec": rec.spec_dict, "jail": self.jail,
+                                   **(extra or {})}) + "\n")
         os.replace(tmp, p.config)
         with open(p.runner_log, "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "pyvirt.host.runner", "--id", rec.id,
@@ -475,17 +492,25 @@ class Manager(SnapshotOps):
 
     def _ended(self, rec: VmRecord, code: int | None) -> None:
         self.children.pop(rec.id, None)
+        with contextlib.suppress(OSError, ValueError):        # what the jail kept it from removing
+            jail.remove_leftovers(json.loads((self.paths(rec).dir / "jail.json").read_text()))
         self._sync_disks(rec)                   # (a snapshot the daemon did not see end)
         info = _exit_info(self.paths(rec))
         expected = rec.id in self.expected_end
         self.expected_end.discard(rec.id)
         exit_status = None
+        if (info.get("reason") == "reboot" and not expected and rec.desired == "running"
+                and rec.id not in self.deleting):
+            self._reboot(rec)
+            return
         if info.get("reason") == "poweroff":
             state, reason, exit_status = "stopped", "poweroff", info.get("exit_status")
         elif info.get("reason") == "snapshot":
             state, reason = "stopped", f"saved to the snapshot {info.get('dir')}"
         elif info.get("reason") == "killed":
             state, reason = "stopped", "killed"
+        elif info.get("reason") == "reboot":           # (a jailed guest rebooting while it was stopped)
+            state, reason = "stopped", "the guest rebooted while it was being stopped"
         elif info.get("reason") == "error":
             state, reason = "crashed", f"error: {info.get('error')}"
         elif expected:
@@ -506,6 +531,21 @@ class Manager(SnapshotOps):
         for f in (p.control_sock, p.console_sock, p.agent_sock):
             with contextlib.suppress(OSError):
                 f.unlink()
+
+    def _reboot(self, rec: VmRecord) -> None:
+        """A jailed runner whose guest rebooted has ended (it cannot build a new board in its
+        jail): start a new one on the disks it recorded, as `start` does (call with the lock held)."""
+        if rec.cgroup:
+            cgroups.remove(json.loads(rec.cgroup)["cgroups"])
+        p = self.paths(rec)
+        for f in (p.control_sock, p.console_sock, p.agent_sock):
+            with contextlib.suppress(OSError):
+                f.unlink()
+        try:
+            self._spawn(self._get(rec.id))
+        except Exception as e:              # recorded as a crash rather than lost
+            self.store.update(rec.id, state="crashed", reason=f"error: could not start it again after a "
+                              f"reboot: {e}", pid=None, pid_start=None, control=None, cgroup=None)
 
     def _monitor_loop(self) -> None:
         while not self._stop.wait(MONITOR_INTERVAL):

@@ -350,6 +350,27 @@ def write_exit(paths: VmPaths, **info: Any) -> None:
     os.replace(tmp, paths.exit_file)
 
 
+def enter_jail(config: dict[str, Any], paths: VmPaths, vm: Vm) -> bool:
+    """With config["jail"] true: confine this process now that the board is built
+    (host/jail.py), a guest reboot then ending the runner.  What took effect goes to
+    <vm dir>/jail.json (`pyvirt inspect` shows it).  Whether any layer is on."""
+    from pyvirt.host import jail
+    if config.get("jail"):
+        spec = json.loads(vm.spec.model_dump_json())
+        confinement = jail.runner_jail(paths.dir, paths.dir.parent.parent / "snapshots", spec, vm.board)
+        report = jail.apply(confinement)
+        report["leftovers"] = [str(d) for d in confinement.leftovers]     # (for the daemon to remove)
+    else:
+        report = jail.disabled("the jail is turned off (pyvirtd --no-jail or PYVIRT_JAIL=off)")
+    on = any(layer["on"] for layer in report.values() if isinstance(layer, dict))
+    if on:
+        vm.reset_in_place = False
+    tmp = paths.dir / "jail.json.tmp"
+    tmp.write_text(json.dumps(report) + "\n")
+    os.replace(tmp, paths.dir / "jail.json")
+    return on
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pyvirt.host.runner")
     ap.add_argument("--id", required=True)
@@ -381,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             console.close()
         return 1
     runner = Runner(paths, vm, console)
+    jailed = enter_jail(config, paths, vm)
     try:
         code = vm.run(restore_gc=False)
     except Exception as e:          # a VMM fault: the traceback goes to runner.log
@@ -394,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     if runner.reason == "snapshot":
         log.info("saved to the snapshot %s; ending", runner.snapshot_dir)
         write_exit(paths, reason="snapshot", dir=runner.snapshot_dir)
+    elif vm.reboot_requested and jailed:
+        write_exit(paths, reason="reboot")        # the daemon starts a new runner
     elif runner.reason == "killed" or code is None:
         log.info("killed")
         write_exit(paths, reason="killed")

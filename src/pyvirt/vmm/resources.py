@@ -31,7 +31,7 @@ def open_net_backend(net: NetSpec) -> NetBackend:
     if net.backend == "tap":
         assert net.ifname is not None
         return TapBackend(net.ifname)
-    return PasstBackend(net.ports)
+    return PasstBackend(net.ports, host_loopback=net.host_loopback)
 
 
 def open_backends(spec: VmSpec) -> HostBackends:

@@ -88,6 +88,11 @@ class Vm:
         self.watches: list[Watch] = []
         self.paused = False
         self.snapshots_taken = 0
+        # False: a guest reboot ends run() (returns None, `reboot_requested` set) instead of
+        # building a new board in this process -- a jailed runner can open no new sockets,
+        # start no passt (host/jail.py); the daemon starts a new runner.
+        self.reset_in_place = True
+        self.reboot_requested = False
 
     def request_quit(self) -> None:
         self.quit_requested = True
@@ -205,6 +210,9 @@ class Vm:
                 board = self.board
                 code = self._run_board(board, sel, max_instructions, deadline)
                 if board.reset_requested and not self.quit_requested:
+                    if not self.reset_in_place:
+                        self.reboot_requested = True
+                        return None
                     board.close()
                     self.stats.resets += 1
                     self.board = build_board(self.spec, self.console)

@@ -1,0 +1,146 @@
+"""The runner's jail (issue 14, item 2; host/jail.py): what a jailed runner must not do is
+refused, and a jailed daemon VM still boots, runs, snapshots, reboots and stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyvirt.host import control, jail
+
+from .conftest import Daemon, wait_for
+
+pytestmark = pytest.mark.slow
+LAYERS_ON = os.geteuid() == 0 and jail.landlock_abi() >= 4
+
+
+def test_a_jailed_process_is_refused_what_a_runner_must_not_do(tmp_path: Path) -> None:
+    """The same jail as a runner's (python -m pyvirt.host.jail --selftest applies it), then:
+    a host file outside its directory, a host Unix socket and a TCP listener it was not given,
+    exec, fork, raising a capability, changing uid -- each refused; its own directory and the
+    file it was given still work."""
+    if not LAYERS_ON:
+        pytest.skip("needs root and Landlock ABI >= 4")
+    mine = tmp_path / "vm"
+    mine.mkdir()
+    given = tmp_path / "image"
+    given.write_bytes(b"disk")
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(tmp_path / "host.sock"))
+    unix.listen()
+    tcp = socket.create_server(("127.0.0.1", 0))
+    try:
+        r = subprocess.run([sys.executable, "-m", "pyvirt.host.jail", "--selftest", "--dir", str(mine),
+                            "--read", str(given), "--socket", str(tmp_path / "host.sock"),
+                            "--tcp", str(tcp.getsockname()[1])], capture_output=True, text=True, timeout=60,
+                           cwd="/",          # (the working directory, first on sys.path, is not opened)
+                           env=dict(os.environ, PYTHONPATH=str(Path(jail.__file__).resolve().parents[2])))
+    finally:
+        unix.close()
+        tcp.close()
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert all(layer["on"] for layer in out["jail"].values()), out["jail"]
+    assert out["caps"] == {"effective": 0, "permitted": 0, "inheritable": 0, "bounding": 0}
+    tries = out["tries"]
+    assert tries["read_inside"] == "allowed" and tries["read_given"] == "allowed", tries
+    for what in ("read_outside", "create_outside", "connect_unix", "connect_tcp", "fork_exec", "execve",
+                 "raise_capability", "setuid"):
+        assert tries[what].startswith("refused"), (what, tries)
+    assert not Path("/tmp/pyvirt-jail-escape").exists()
+    assert not any(p in ("ro /", "rw /") for p in out["jail"]["landlock"]["paths"])
+
+
+def test_a_jailed_daemon_vm_boots_runs_snapshots_and_stops(daemon: Daemon, tmp_path: Path) -> None:
+    """With the jail on (pyvirtd's default): a VM with a disk and `--net user` boots and runs its
+    command, `inspect` reports every layer on, a snapshot is taken and the VM goes on, a snapshot
+    the control socket asks for outside the state directory is refused (the VM goes on too), and
+    `stop` powers it off."""
+    if not LAYERS_ON:
+        pytest.skip("needs root and Landlock ABI >= 4")
+    disk = tmp_path / "data.img"
+    disk.write_bytes(bytes(1 << 20))
+    c = daemon.client
+    c.create("j", memory="64M", disks=[str(disk)], nets=["user"],
+             command="dd if=/dev/urandom of=/dev/vda bs=4096 count=16 2>/dev/null && sync && echo wrote; "
+                     "i=0; while :; do i=$((i+1)); echo n=$i; sleep 0.2; done")
+    vm = c.start("j")
+    wait_for(lambda: "n=3\n" in c.logs("j")["text"], 60, "the counter")
+    assert "wrote\n" in c.logs("j")["text"]
+    info = c.inspect("j")
+    assert set(info["jail"]) == set(jail.LAYERS) and all(v["on"] for v in info["jail"].values()), info["jail"]
+    assert info["jail"]["landlock"]["tcp"] == "denied"
+
+    c.snapshot("j", "s1")
+    assert c.snapshot_info("s1")["name"] == "s1"
+    n = len(re.findall(r"n=\d+", c.logs("j")["text"]))
+    wait_for(lambda: len(re.findall(r"n=\d+", c.logs("j")["text"])) > n + 2, 30, "the VM going on")
+
+    outside = tmp_path / "outside"
+    sock = vm["paths"]["control_socket"]
+    assert control.request(sock, "snapshot", dir=str(outside), then="continue")["ok"]
+    st = wait_for(lambda: (s := control.request(sock, "status"))["snapshot"]["ok"] is not None and s, 30,
+                  "the refused snapshot")
+    assert st["snapshot"]["ok"] is False and "ermission denied" in st["snapshot"]["error"], st
+    assert not (outside / "manifest.json").exists() and st["state"] == "running"
+
+    done = c.stop("j", timeout=30)
+    assert done["state"] == "stopped" and done["reason"] == "poweroff", done
+
+
+def test_a_jailed_guest_reboot_starts_a_new_runner(daemon: Daemon) -> None:
+    """A jailed runner cannot build a new board (no new sockets, no passt): a guest reboot ends
+    it with reason "reboot" and the daemon starts a new one, the VM still running."""
+    if not LAYERS_ON:
+        pytest.skip("needs root and Landlock ABI >= 4")
+    c = daemon.client
+    c.create("rb", memory="64M", command="echo booted; sleep 1; reboot -f; sleep 30")
+    first = c.start("rb")["pid"]
+    wait_for(lambda: c.logs("rb")["text"].count("booted") >= 2, 90, "a second boot")
+    info = wait_for(lambda: (v := c.inspect("rb"))["pid"] not in (None, first) and v, 30, "a new runner")
+    assert info["state"] == "running", info
+    c.kill("rb")
+
+
+def test_the_jail_can_be_turned_off(state_dir: Path) -> None:
+    """PYVIRT_JAIL=off (or pyvirtd --no-jail): runners run unconfined, and inspect says so."""
+    d = Daemon(state_dir, env={"PYVIRT_JAIL": "off"})
+    try:
+        c = d.client
+        assert c.info()["jail"] is False
+        c.create("free", memory="64M", command="i=0; while :; do i=$((i+1)); echo n=$i; sleep 0.2; done")
+        c.start("free")
+        wait_for(lambda: "n=2\n" in c.logs("free")["text"], 60, "the counter")
+        layers = c.inspect("free")["jail"]
+        assert not any(v["on"] for v in layers.values()) and "turned off" in layers["seccomp"]["reason"]
+        c.kill("free")
+    finally:
+        d.cleanup()
+
+
+def test_a_layer_the_host_forbids_is_reported_off_and_the_others_still_apply(tmp_path: Path) -> None:
+    """No Landlock and no libseccomp (as on an older or locked-down host): those two layers are
+    off with the reason, no_new_privs and the capabilities still apply, nothing fails."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (capabilities to drop)")
+    code = ("import json; from pathlib import Path; from pyvirt.host import jail\n"
+            "jail.landlock_abi = lambda: 0\n"
+            "def gone(): raise OSError('libseccomp.so.2: cannot open shared object file')\n"
+            "jail._libseccomp = gone\n"
+            f"r = jail.apply(jail.Jail(rw=[Path({str(tmp_path)!r})]))\n"
+            "print(json.dumps({'report': r, 'caps': jail.capabilities_now()}))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    rep = out["report"]
+    assert rep["no_new_privs"]["on"] and rep["capabilities"]["on"], rep
+    assert not rep["landlock"]["on"] and "no Landlock" in rep["landlock"]["reason"]
+    assert not rep["seccomp"]["on"] and "libseccomp" in rep["seccomp"]["reason"]
+    assert out["caps"]["effective"] == 0 and out["caps"]["bounding"] == 0

@@ -83,3 +83,16 @@ def test_client_wait_and_consistent_output(daemon: Daemon) -> None:
     assert json.loads(daemon.cli("snapshots", "--json").stdout) == []
     r = daemon.cli("rm", "job")
     assert r.returncode == 0 and r.stdout == "job deleted\n", r.stderr
+
+
+def test_a_guest_panic_crashes_the_vm_with_the_panic_line(daemon: Daemon, tmp_path: Path) -> None:
+    """A daemon VM whose guest kernel panics (here: an initrd that is no initramfs, so no root
+    file system) is `crashed` soon after, its reason the panic's first line (issue 18 item 2)."""
+    bogus = tmp_path / "not-an-initrd.img"
+    bogus.write_bytes(b"\x00" * (1 << 20))
+    c = daemon.client
+    c.create("boom", memory="64M", initrd=str(bogus), command="true")
+    c.start("boom")
+    wait_for(lambda: c.inspect("boom")["state"] == "crashed", 120, "the panic to be noticed")
+    reason = c.inspect("boom")["reason"]
+    assert "the guest kernel panicked: Kernel panic - not syncing" in reason, reason

@@ -17,8 +17,8 @@ it is told to stop.  Meanwhile, between slices of the run loop (the Vm's
 
 When the VM ends it writes exit.json -- {"reason": "poweroff", "exit_status":
 N} when the guest powered off, {"reason": "killed"} when told to end it,
-{"reason": "error", "error": MESSAGE} when it could not build the VM or
-the VMM failed -- and exits 0, or 1 after an error.  The daemon reads a runner that died without exit.json
+{"reason": "error", "error": MESSAGE} when it could not build the VM, the
+guest kernel panicked (vmm/watchdog.py) or the VMM failed -- and exits 0, or 1 after an error.  The daemon reads a runner that died without exit.json
 as a crash.
 
 Hooks for snapshots: the control request `snapshot` calls
@@ -402,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
             console.close()
         return 1
     runner = Runner(paths, vm, console)
+    from pyvirt.vmm.watchdog import GuestWatch
+    watch = GuestWatch(vm, progress=False, firmware=False)     # a guest panic ends it, in one line
+    watch.attach()
     jailed = enter_jail(config, paths, vm)
     try:
         code = vm.run(restore_gc=False)
@@ -413,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         runner.close()
         vm.close()
         console.close()
+    if watch.failure is not None:
+        log.error("%s", watch.failure)
+        write_exit(paths, reason="error", error=watch.failure)
+        return 1
     if runner.reason == "snapshot":
         log.info("saved to the snapshot %s; ending", runner.snapshot_dir)
         write_exit(paths, reason="snapshot", dir=runner.snapshot_dir)

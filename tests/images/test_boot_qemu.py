@@ -102,7 +102,7 @@ def test_interactive_shell_prompt_and_poweroff(image: DefaultImage) -> None:
         _read_until(primary, b"root@pyvirt:/# ", 120)
         os.write(primary, b"echo $((6*7)) $(tty) $PS1\r")
         out = _read_until(primary, b"root@pyvirt:/# ", 30)
-        assert b"42 /dev/ttyS0 root@pyvirt:\\w#" in out
+        assert b"42 /dev/ttyS0 root@\\h:\\w#" in out          # (\h: the host name, pyvirt here)
         os.write(primary, b"sleep 30 &\r")                  # job control works
         _read_until(primary, b"root@pyvirt:/# ", 30)
         os.write(primary, b"jobs\r")

@@ -38,9 +38,9 @@ def test_init_script_contract() -> None:
     text = init_script().decode()
     assert text.startswith("#!/bin/sh\n")
     for needle in ("mount -t proc proc /proc", "mount -t sysfs sysfs /sys", "mount -t devtmpfs devtmpfs /dev",
-                   "hostname pyvirt", "HOME=/root", "stty -onlcr", "pyvirt.cmd=", "base64 -d", "</dev/null", "sync",
+                   "name=pyvirt", "pyvirt.hostname=", 'hostname "$name"', "HOME=/root", "stty -onlcr", "pyvirt.cmd=", "base64 -d", "</dev/null", "sync",
                    "devmem 0x100000 32", "0x5555", "(rc << 16) | 0x3333", "poweroff -f",
-                   "PS1='root@pyvirt:\\w# '", "setsid cttyhack sh"):
+                   "PS1='root@\\h:\\w# '", "setsid cttyhack sh"):
         assert needle in text, needle
     if shutil.which("sh"):
         subprocess.run(["sh", "-n"], input=text.encode(), check=True)

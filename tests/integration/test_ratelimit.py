@@ -45,8 +45,8 @@ def test_nic_receive_bandwidth_limit(default_image, host_server) -> None:  # noq
     www, port = host_server
     (www / "file").write_bytes(os.urandom(300_000))
     wget = f"wget -q -O /tmp/f http://{GATEWAY}:{port}/file"
-    free = guest_seconds("--net", "user", cmd=wget)
-    limited = guest_seconds("--net", "user,rx_bw=100k", cmd=wget)
+    free = guest_seconds("--net", "user,host-loopback=on", cmd=wget)      # (the host's 127.0.0.1)
+    limited = guest_seconds("--net", "user,host-loopback=on,rx_bw=100k", cmd=wget)
     # 300 kB at 100 KiB/s: ~2.9 s (frames beyond the pending bound are dropped and resent by TCP)
     assert 2.0 < limited < 15.0, limited
     assert free < limited / 2, (free, limited)

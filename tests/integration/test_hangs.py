@@ -72,6 +72,22 @@ def test_snapshot_after_keeps_the_users_disk_and_says_where(default_image, tmp_p
     assert r.code == 124 and "changed" not in r.err, r.err
 
 
+def _signal_and_clear(p: subprocess.Popen[bytes], sig: int, tmp: Path) -> tuple[int | None, list[str]]:
+    """Send `sig` to pyvirt run `p` (if it still runs) and wait for it: its exit status (None if
+    it had to be killed) and what it left in its TMPDIR `tmp` (which is removed)."""
+    code: int | None = None
+    try:
+        if p.poll() is None:
+            p.send_signal(sig)
+        code = p.wait(timeout=30)
+    finally:
+        p.kill()
+        p.wait()
+        left = sorted(f.name for f in tmp.iterdir())
+        shutil.rmtree(tmp, ignore_errors=True)
+    return code, left
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_cleans_up_every_temporary_file_and_child(default_image, tmp_path: Path, sig: int) -> None:
     """A restored VM with a disk and a user network: its overlay and passt's directory live in
@@ -97,13 +113,8 @@ def test_a_signal_cleans_up_every_temporary_file_and_child(default_image, tmp_pa
             time.sleep(0.1)
         passt = int(passt_pid())
         time.sleep(0.5)
-        p.send_signal(sig)
-        code = p.wait(timeout=30)
     finally:
-        p.kill()
-        p.wait()
-        left = sorted(f.name for f in tmp.iterdir())
-        shutil.rmtree(tmp, ignore_errors=True)
+        code, left = _signal_and_clear(p, sig, tmp)
     err = p.stderr.read().decode() if p.stderr else ""
     assert code == 128 + sig
     assert err.strip() == (f"pyvirt: stopped by {signal.Signals(sig).name}: the VM was shut down and its "
@@ -175,12 +186,7 @@ def test_a_signal_during_a_command_removes_its_port_sockets(default_image) -> No
         assert p.stdout is not None
         assert p.stdout.readline() == b"started\n"            # the guest runs the command
         assert [f.name.startswith("pyvirt-cmd-") for f in tmp.iterdir()] == [True]
-        p.send_signal(signal.SIGTERM)
-        code = p.wait(timeout=30)
     finally:
-        p.kill()
-        p.wait()
-        left = sorted(f.name for f in tmp.iterdir())
-        shutil.rmtree(tmp, ignore_errors=True)
+        code, left = _signal_and_clear(p, signal.SIGTERM, tmp)
     assert code == 128 + signal.SIGTERM
     assert left == []

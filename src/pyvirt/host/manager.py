@@ -525,6 +525,10 @@ class Manager(SnapshotOps):
                           pid_start=None, control=None, cgroup=None)
         status = f", exit status {exit_status}" if exit_status is not None else ""
         (log.warning if state == "crashed" else log.info)("VM %s %s: %s%s", rec.name, state, reason, status)
+        self._release(rec)
+
+    def _release(self, rec: VmRecord) -> None:
+        """What an ended runner leaves: its cgroups and its sockets."""
         if rec.cgroup:
             cgroups.remove(json.loads(rec.cgroup)["cgroups"])
         p = self.paths(rec)
@@ -535,12 +539,7 @@ class Manager(SnapshotOps):
     def _reboot(self, rec: VmRecord) -> None:
         """A jailed runner whose guest rebooted has ended (it cannot build a new board in its
         jail): start a new one on the disks it recorded, as `start` does (call with the lock held)."""
-        if rec.cgroup:
-            cgroups.remove(json.loads(rec.cgroup)["cgroups"])
-        p = self.paths(rec)
-        for f in (p.control_sock, p.console_sock, p.agent_sock):
-            with contextlib.suppress(OSError):
-                f.unlink()
+        self._release(rec)
         try:
             self._spawn(self._get(rec.id))
         except Exception as e:              # recorded as a crash rather than lost

@@ -140,6 +140,9 @@ class VirtBoard:
     def interrupt_pending(self) -> bool:
         return any(h.state == HART_STARTED and h.idle and h.mip & h.mie for h in self.harts)
 
+    def kernel_started(self) -> bool:
+        return any(h.priv == 1 for h in self.harts)
+
     # -- devices -------------------------------------------------------------------
     @staticmethod
     def _mip_line(h: Hart, bit: int) -> Callable[[bool], None]:

@@ -83,8 +83,7 @@ class GuestWatch:
             self.failure = f"the guest kernel panicked: {line}"
             self.vm.request_quit()
         if self.firmware:
-            board = self.vm.board
-            if any(h.priv == 1 for h in board.harts):
+            if self.vm.board.kernel_started():
                 self.firmware = False
             elif (now - self.started > FIRMWARE_SECONDS
                   or self.vm.stats.instructions > FIRMWARE_INSTRUCTIONS) and self.failure is None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pyvirt.host import manager as mgr
+from pyvirt.host import supervisor
 from pyvirt.host.models import VmCreate
 from pyvirt.host.paths import proc_start_time
 
@@ -66,7 +67,7 @@ def test_a_guest_that_finishes_at_once_has_started(state_dir: Path, monkeypatch:
             args = [sys.executable, "-c", "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text("
                     "'{\"reason\": \"poweroff\", \"exit_status\": 0}')", str(exit_file)]
         return real(args, **kw)
-    monkeypatch.setattr(mgr.subprocess, "Popen", popen)
+    monkeypatch.setattr(supervisor.subprocess, "Popen", popen)   # (supervisor.py spawns runners)
     m = mgr.Manager(state_dir)
     try:
         m.create(VmCreate(name="quick", memory="64M", command="true"))

@@ -132,16 +132,28 @@ def test_cgroups_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_control_protocol(tmp_path: Path) -> None:
-    """The server answers each JSON line from the run loop's watch hook; bad lines get errors."""
+    """The server parses each JSON line into its typed request before the handler sees it and
+    answers from the run loop's watch hook; a bad line (not JSON, no op, an unknown op, a
+    field the request does not have or a bad value) is one clear error reply; a handler may
+    answer later (the snapshot reply); both ends check replies against the request's model."""
     import threading
 
-    seen = []
+    from pyvirt.host import control
 
-    def handler(req: dict) -> dict:
+    seen: list[control.Request] = []
+    later: list[control.Respond] = []
+
+    def handler(req: control.Request, respond: control.Respond) -> control.Done | None:
         seen.append(req)
-        if req["op"] == "boom":
+        if isinstance(req, control.Kill):
             raise RuntimeError("exploded")
-        return {"ok": True, "echo": req.get("x")}
+        if isinstance(req, control.Snapshot):
+            later.append(respond)
+            return None
+        if isinstance(req, control.Pause):
+            return control.Done()            # the wrong kind of reply for a pause
+        return control.StatusReply(state="running", pid=1, instructions=5, resets=0, agent=False,
+                                   console_attached=False)
 
     srv = ControlServer(tmp_path / "c.sock", handler)
     assert (tmp_path / "c.sock").stat().st_mode & 0o777 == 0o600
@@ -154,28 +166,78 @@ def test_control_protocol(tmp_path: Path) -> None:
             r, _, _ = select.select(w.fds(), [], [], 0.05)
             if r:
                 w.on_ready(r)
+            while later:                     # answered on a later turn of the loop
+                later.pop()(control.SnapshotReply(snapshot=control.SnapshotOutcome(dir="/d", then="quit",
+                                                                                     ok=True)))
 
     t = threading.Thread(target=loop)
     t.start()
+    sock = tmp_path / "c.sock"
     try:
-        assert request(tmp_path / "c.sock", "status", x=5) == {"ok": True, "echo": 5}
-        bad = request(tmp_path / "c.sock", "boom")
-        assert bad["ok"] is False and "exploded" in bad["error"]
+        st = control.call(sock, control.Status())
+        assert isinstance(st, control.StatusReply) and st.instructions == 5
+        snap = control.call(sock, control.Snapshot(dir="/d", then="quit"))
+        assert isinstance(snap, control.SnapshotReply) and snap.snapshot.ok is True
+        with pytest.raises(control.Refused, match="kill: exploded"):
+            control.call(sock, control.Kill())
+        with pytest.raises(control.Refused, match="wrong kind"):
+            control.call(sock, control.Pause())
+        assert request(sock, "status", x=5) == {"ok": False, "error": "status: x: Extra inputs are not permitted"}
+        bad = request(sock, "fly")
+        assert bad["ok"] is False and bad["error"].startswith("unknown op 'fly' (status, pause")
+        bad = request(sock, "mac", iface="eth0; reboot", address="02:00:00:00:00:01")
+        assert bad["ok"] is False and bad["error"].startswith("mac: iface: String should match")
+        bad = request(sock, "snapshot", then="later")
+        assert bad["ok"] is False and bad["error"].startswith("snapshot: dir: Field required")
         import socket
         s = socket.socket(socket.AF_UNIX)
-        s.connect(str(tmp_path / "c.sock"))
+        s.connect(str(sock))
         s.sendall(b"not json\n{\"no\": 1}\n")
         replies = b""
         while replies.count(b"\n") < 2:
             replies += s.recv(4096)
         s.close()
-        assert replies.count(b'"ok": false') == 2
+        assert replies.count(b'"ok":false') == 2 and b"one JSON object per line" in replies
     finally:
         stop.set()
         t.join()
         srv.close()
-    assert [r["op"] for r in seen] == ["status", "boom"]
+    assert [r.op for r in seen] == ["status", "snapshot", "kill", "pause"]
     assert not (tmp_path / "c.sock").exists()
+
+
+def test_control_client_refuses_a_bad_reply(tmp_path: Path) -> None:
+    """The daemon's side checks what a runner answers: a reply that is not the request's
+    reply model is one ProtocolError naming the request, not a KeyError later."""
+    import threading
+
+    from pyvirt.fsutil import listen_unix
+    from pyvirt.host import control
+    srv = listen_unix(tmp_path / "r.sock")
+    srv.setblocking(True)
+    replies = [b'{"ok": true, "state": "sleeping"}\n', b"[1, 2]\n", b'{"ok": false}\n', b"\xff\n"]
+
+    def serve() -> None:
+        for reply in replies:
+            conn, _ = srv.accept()
+            conn.recv(4096)
+            conn.sendall(reply)
+            conn.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        with pytest.raises(control.ProtocolError, match="malformed reply to pause: state"):
+            control.call(tmp_path / "r.sock", control.Pause())
+        with pytest.raises(control.ProtocolError, match="malformed reply to status"):
+            control.call(tmp_path / "r.sock", control.Status())
+        with pytest.raises(control.ProtocolError, match="malformed error reply to kill"):
+            control.call(tmp_path / "r.sock", control.Kill())
+        with pytest.raises(control.ProtocolError, match="not JSON"):
+            control.call(tmp_path / "r.sock", control.Status())
+    finally:
+        t.join()
+        srv.close()
 
 
 def test_runner_restore_hook_reports_a_bad_snapshot(tmp_path: Path) -> None:

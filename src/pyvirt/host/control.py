@@ -1,24 +1,25 @@
-"""The runner's control protocol: JSON lines on a Unix stream socket.
+"""The runner's control protocol: typed messages, one JSON object a line, on a Unix stream socket.
 
-Each request is one JSON object on one line, `{"op": OP, ...}`; each gets one
-reply line, `{"ok": true, ...}` or `{"ok": false, "error": MESSAGE}`.  Several
-clients may be connected; requests are served by the runner's run loop
-between CPU slices (and at once while the VM is paused).
+Each request is one small pydantic model (its "op" says which); each gets one reply,
+the request's own reply model (`ok` true) or `Refused` (`ok` false, one sentence).  Both
+ends validate what they read against these models: a peer's bad line is one clear
+error (a `Refused` reply to a bad request, `ProtocolError` for a bad reply), never a
+traceback.  Several clients may be connected; requests are served by the runner's run
+loop between CPU slices (and at once while the VM is paused).
 
-    status                   -> state (running|paused), pid, instructions, resets (guest
-                                reboots), agent (the guest
-                                agent has its port open), console_attached
-    pause / resume           -> state
-    stop                     -> asks the guest to power off through the agent (resumes a paused
-                                VM first); agent: whether the agent is there to hear it
-    kill                     -> the VM ends now (disks are still flushed and closed)
-    hostname {name}          -> the guest agent sets the host name
-    mac {iface, address}     -> the guest agent sets interface ethN's MAC address
-    snapshot {dir, then[, live_dir]}
-                             -> Vm.request_snapshot(dir, then=then, done=..., live_dir=...) where the VMM
-                                has it (then: continue|quit), else {"ok": false, "error":
-                                "snapshot is not supported ..."}; the outcome shows later in
-                                status as "snapshot": {dir, then, ok, error}
+    Status                  -> StatusReply: state (running|paused), pid, instructions,
+                               resets (guest reboots), agent (the guest agent has its port
+                               open), console_attached, snapshot (the last one's outcome)
+    Pause / Resume          -> StateReply
+    Stop                    -> StopReply: asks the guest to power off through the agent
+                               (resumes a paused VM first); agent: whether it is there
+    Kill                    -> Done: the VM ends now (disks are still flushed and closed)
+    Hostname {name}         -> Done: the guest agent sets the host name
+    Mac {iface, address}    -> Done: the guest agent sets interface ethN's MAC address
+    Snapshot {dir, then, live_dir?}
+                            -> SnapshotReply, sent when the snapshot is written (or has
+                               failed): outcome {dir, then, ok, error}.  The runner is busy
+                               meanwhile; the caller waits up to SNAPSHOT_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -28,49 +29,221 @@ import json
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from pyvirt.fsutil import listen_unix
 
 MAX_LINE = 64 * 1024
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+SNAPSHOT_TIMEOUT = 600.0        # writing a snapshot (RAM is scanned, non-zero pages written)
+
+# In the VM directory: the disks the VM writes, written by the runner when a snapshot moved them
+# onto new overlays (before its guest runs again), recorded by the daemon (supervisor.sync_disks).
+DISKS_FILE = "disks.json"
 
 
 class ControlError(Exception):
     """The runner did not answer (not there, or it closed the connection)."""
 
 
-# In the VM directory: the disks the VM writes, written by the runner when a snapshot moved them
-# onto new overlays (before its guest runs again), recorded by the daemon (snapshots._sync_disks).
-DISKS_FILE = "disks.json"
+class ProtocolError(ControlError):
+    """The peer's line is not a message of this protocol (one sentence: which and why)."""
 
 
-def request(path: str | Path, op: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
-    """Send one request to the control socket at `path`; its reply."""
+class Refused(Exception):
+    """The runner answered the request with an error (`Refused.error`)."""
+
+
+# -- replies -------------------------------------------------------------------------------
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ErrorReply(_Message):
+    ok: Literal[False] = False
+    error: str = Field(max_length=4096)
+
+
+class Done(_Message):
+    ok: Literal[True] = True
+
+
+class StateReply(Done):
+    state: Literal["running", "paused"]
+
+
+class StopReply(Done):
+    agent: bool
+
+
+class SnapshotOutcome(_Message):
+    dir: str
+    then: Literal["continue", "quit"]
+    ok: bool | None                  # None: being taken
+    error: str | None = None
+
+
+class SnapshotReply(Done):
+    snapshot: SnapshotOutcome
+
+
+class StatusReply(StateReply):
+    pid: int
+    instructions: int
+    resets: int
+    agent: bool
+    console_attached: bool
+    snapshot: SnapshotOutcome | None = None
+
+
+# -- requests ------------------------------------------------------------------------------
+class Request(_Message):
+    Reply: ClassVar[type[Done]] = Done
+    op: str
+
+
+class Status(Request):
+    Reply: ClassVar[type[Done]] = StatusReply
+    op: Literal["status"] = "status"
+
+
+class Pause(Request):
+    Reply: ClassVar[type[Done]] = StateReply
+    op: Literal["pause"] = "pause"
+
+
+class Resume(Request):
+    Reply: ClassVar[type[Done]] = StateReply
+    op: Literal["resume"] = "resume"
+
+
+class Stop(Request):
+    Reply: ClassVar[type[Done]] = StopReply
+    op: Literal["stop"] = "stop"
+
+
+class Kill(Request):
+    op: Literal["kill"] = "kill"
+
+
+class Hostname(Request):
+    op: Literal["hostname"] = "hostname"
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class Mac(Request):
+    op: Literal["mac"] = "mac"
+    iface: str = Field(pattern=r"^eth\d{1,3}$")
+    address: str = Field(pattern=r"^(?:[0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+class Snapshot(Request):
+    Reply: ClassVar[type[Done]] = SnapshotReply
+    op: Literal["snapshot"] = "snapshot"
+    dir: str = Field(min_length=1, max_length=4096)
+    then: Literal["continue", "quit"] = "continue"
+    live_dir: str | None = Field(None, min_length=1, max_length=4096)
+
+
+REQUESTS: tuple[type[Request], ...] = (Status, Pause, Resume, Stop, Kill, Hostname, Mac, Snapshot)
+OPS = tuple(r.model_fields["op"].default for r in REQUESTS)
+_ANY_REQUEST: TypeAdapter[Request] = TypeAdapter(
+    Annotated[Status | Pause | Resume | Stop | Kill | Hostname | Mac | Snapshot, Field(discriminator="op")])
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"][1:] or err["loc"]) or "message"
+    return f"{where}: {err['msg']}"
+
+
+def parse_request(line: bytes) -> Request:
+    """The request on `line`; ProtocolError (one sentence) when it is not one."""
+    try:
+        raw = json.loads(line)
+    except ValueError:
+        raise ProtocolError("a request is one JSON object per line") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("op"), str):
+        raise ProtocolError('a request needs "op" (a string)')
+    op = raw["op"]
+    if op not in OPS:
+        raise ProtocolError(f"unknown op {op[:40]!r} ({', '.join(OPS)})")
+    try:
+        return _ANY_REQUEST.validate_python(raw)
+    except ValidationError as e:
+        raise ProtocolError(f"{op}: {_first_error(e)}") from None
+
+
+def parse_reply(req: Request, raw: Any) -> Done:
+    """`raw` (a decoded line) as the reply to `req`; Refused for an error reply, ProtocolError
+    for anything else that is not `req`'s reply."""
+    if isinstance(raw, dict) and raw.get("ok") is False:
+        try:
+            raise Refused(ErrorReply.model_validate(raw).error)
+        except ValidationError as e:
+            raise ProtocolError(f"a malformed error reply to {req.op}: {_first_error(e)}") from None
+    try:
+        return req.Reply.model_validate(raw)
+    except ValidationError as e:
+        raise ProtocolError(f"a malformed reply to {req.op}: {_first_error(e)}") from None
+
+
+# -- the client ------------------------------------------------------------------------------
+def _exchange(path: str | Path, line: bytes, timeout: float) -> Any:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(str(path))
-        s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        s.sendall(line + b"\n")
         buf = b""
         while b"\n" not in buf:
             chunk = s.recv(65536)
             if not chunk:
                 raise ControlError("the runner closed the control connection")
             buf += chunk
-        reply = json.loads(buf.split(b"\n", 1)[0])
-    except (OSError, ValueError) as e:
+            if len(buf) > MAX_LINE:
+                raise ProtocolError(f"a reply on {path} longer than {MAX_LINE} bytes")
+        return json.loads(buf.split(b"\n", 1)[0])
+    except ValueError:
+        raise ProtocolError(f"a reply on {path} that is not JSON") from None
+    except OSError as e:
         raise ControlError(f"no answer on {path}: {e}") from None
     finally:
         s.close()
+
+
+def call(path: str | Path, req: Request, timeout: float | None = None) -> Done:
+    """Send `req` to the control socket at `path`; its reply, validated (a `req.Reply`).
+    Raises Refused when the runner answered with an error, ControlError when it did not
+    answer (ProtocolError: not with a reply of this protocol)."""
+    if timeout is None:
+        timeout = SNAPSHOT_TIMEOUT if isinstance(req, Snapshot) else 5.0
+    return parse_reply(req, _exchange(path, req.model_dump_json(exclude_none=True).encode(), timeout))
+
+
+def request(path: str | Path, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+    """Send one untyped request line (a test's probe: bad requests included); the reply as a
+    dict, unchecked.  The daemon uses `call`."""
+    if timeout is None:
+        timeout = SNAPSHOT_TIMEOUT if op == "snapshot" else 5.0
+    reply = _exchange(path, json.dumps({"op": op, **args}).encode(), timeout)
     if not isinstance(reply, dict):
-        raise ControlError(f"a malformed reply on {path}")
+        raise ProtocolError(f"a malformed reply on {path}")
     return reply
+
+
+# -- the server ------------------------------------------------------------------------------
+Respond = Callable[[Done], None]
+# handler(request, respond): the reply now, or None and `respond(reply)` later (once)
+Handler = Callable[[Request, Respond], "Done | None"]
 
 
 class ControlServer:
     """The runner's side: a listening socket and its clients, served without blocking
-    (`fds()` and `on_ready()` make a `pyvirt.vmm.vm.Watch`)."""
+    (`fds()` and `on_ready()` make a `pyvirt.vmm.vm.Watch`).  Requests are parsed into their
+    models before the handler sees them; its replies are checked against the request's
+    reply model before they are sent."""
 
     def __init__(self, path: Path, handler: Handler) -> None:
         self.path = path
@@ -112,29 +285,47 @@ class ControlServer:
             self._drop(fd)
             return
         buf += data
-        while b"\n" in buf:
+        while b"\n" in buf and fd in self.clients:
             line, _, rest = bytes(buf).partition(b"\n")
             buf[:] = rest
-            reply = self._handle(line)
-            try:
-                conn.sendall(json.dumps(reply).encode() + b"\n")
-            except OSError:
-                self._drop(fd)
-                return
-        if len(buf) > MAX_LINE:
+            self._handle(fd, conn, line)
+        if fd in self.clients and len(buf) > MAX_LINE:
             self._drop(fd)
 
-    def _handle(self, line: bytes) -> dict[str, Any]:
+    def _send(self, fd: int, conn: socket.socket, reply: Done | ErrorReply) -> None:
+        if self.clients.get(fd, (None,))[0] is not conn:
+            return                            # the client has gone (its fd may be another's now)
         try:
-            req = json.loads(line)
-        except ValueError:
-            return {"ok": False, "error": "a request is one JSON object per line"}
-        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-            return {"ok": False, "error": 'a request needs "op" (a string)'}
+            conn.sendall(reply.model_dump_json().encode() + b"\n")
+        except OSError:
+            self._drop(fd)
+
+    def _handle(self, fd: int, conn: socket.socket, line: bytes) -> None:
         try:
-            return self.handler(req)
+            req = parse_request(line)
+        except ProtocolError as e:
+            self._send(fd, conn, ErrorReply(error=str(e)))
+            return
+        answered = False
+
+        def respond(reply: Done | ErrorReply) -> None:
+            nonlocal answered
+            if answered:
+                return
+            answered = True
+            if not isinstance(reply, (req.Reply, ErrorReply)):
+                reply = ErrorReply(error=f"{req.op}: the runner made a reply of the wrong kind")
+            self._send(fd, conn, reply)
+
+        reply: Done | ErrorReply | None
+        try:
+            reply = self.handler(req, respond)
+        except Refused as e:
+            reply = ErrorReply(error=str(e))
         except Exception as e:                # a bad request must not end the VM
-            return {"ok": False, "error": f"{req['op']}: {e}"}
+            reply = ErrorReply(error=f"{req.op}: {e}")
+        if reply is not None:
+            respond(reply)
 
     def close(self) -> None:
         for fd in list(self.clients):

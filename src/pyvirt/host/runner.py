@@ -21,13 +21,13 @@ N} when the guest powered off, {"reason": "killed"} when told to end it,
 guest kernel panicked (vmm/watchdog.py) or the VMM failed -- and exits 0, or 1 after an error.  The daemon reads a runner that died without exit.json
 as a crash.
 
-Hooks for snapshots: the control request `snapshot` calls
-`vm.request_snapshot(dir, then=then)` when the Vm has that method; with
-"restore": DIR in config.json (and "overrides": {nets, macs, overlay_dir,
-engine, ports}), `build_vm` builds the VM with
-`pyvirt.vmm.snapshot.load_snapshot(DIR, console, overrides=...)` instead of
-`Vm(spec, console)` (the daemon writes it for a VM restored or cloned from a
-snapshot, host/snapshots.py).  A snapshot
+Hooks for snapshots: the control request `Snapshot` calls
+`vm.request_snapshot(dir, then=then, done=...)` and replies when it is written; with
+"restore": DIR in config.json, `build_vm` builds the VM with
+`pyvirt.vmm.restore.load_snapshot(DIR, console, spec=SPEC)` instead of
+`Vm(spec, console)`: SPEC is config.json's "spec", the restored spec the daemon
+computed for the VM's record (host/snapshots.py); without one, "overrides":
+{nets, macs, overlay_dir, engine, ports} are applied to the snapshot's spec.  A snapshot
 with then="quit" ends the runner with {"reason": "snapshot", "dir": DIR}.
 """
 
@@ -39,7 +39,6 @@ import errno
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -52,6 +51,7 @@ from pyvirt.backends.char import _InputMixin
 from pyvirt.errors import ConfigError, PyvirtError
 from pyvirt.fsutil import listen_unix
 from pyvirt.guestcmd import AGENT_PORT
+from pyvirt.host import control
 from pyvirt.host.control import DISKS_FILE, ControlServer
 from pyvirt.host.paths import VmPaths, vm_paths
 from pyvirt.spec import NetSpec, PortSpec, VmSpec, format_size
@@ -163,7 +163,7 @@ class Runner:
         self.agent = self._connect_agent()
         self.agent_out = bytearray()
         self.reason = "poweroff"
-        self.last_snapshot: dict[str, Any] | None = None
+        self.last_snapshot: control.SnapshotOutcome | None = None
         self.snapshot_dir: str | None = None
         # A snapshot's new overlays are recorded before the old images are frozen
         # (vmm/snapshot.py's _freeze_disks calls these).
@@ -214,81 +214,69 @@ class Runner:
         self.reason = "killed"
         self.vm.request_quit()
 
-    # -- the control protocol ------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        return {"ok": True, "state": "paused" if self.vm.paused else "running", "pid": os.getpid(),
-                "instructions": self.vm.stats.instructions, "resets": self.vm.stats.resets,
-                "agent": self.agent_open(), "snapshot": self.last_snapshot,
-                "console_attached": self.console.client is not None}
+    # -- the control protocol (host/control.py) --------------------------------------------
+    def status(self) -> control.StatusReply:
+        return control.StatusReply(state="paused" if self.vm.paused else "running", pid=os.getpid(),
+                                   instructions=self.vm.stats.instructions, resets=self.vm.stats.resets,
+                                   agent=self.agent_open(), snapshot=self.last_snapshot,
+                                   console_attached=self.console.client is not None)
 
-    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
-        op = req["op"]
+    def handle(self, req: control.Request, respond: control.Respond) -> control.Done | None:
         vm = self.vm
-        if op == "status":
+        if isinstance(req, control.Status):
             return self.status()
-        log.info("%s%s", op, "".join(f" {k}={v}" for k, v in req.items() if k != "op"))
-        if op == "pause":
+        log.info("%s", req.model_dump_json())
+        if isinstance(req, control.Pause):
             if vm.paused:
-                return {"ok": False, "error": "the VM is already paused"}
+                raise control.Refused("the VM is already paused")
             vm.pause()
-            return {"ok": True, "state": "paused"}
-        if op == "resume":
+            return control.StateReply(state="paused")
+        if isinstance(req, control.Resume):
             if not vm.paused:
-                return {"ok": False, "error": "the VM is not paused"}
+                raise control.Refused("the VM is not paused")
             vm.resume()
-            return {"ok": True, "state": "running"}
-        if op == "stop":
+            return control.StateReply(state="running")
+        if isinstance(req, control.Stop):
             vm.resume()
             self.send_agent("poweroff")
-            return {"ok": True, "agent": self.agent_open()}
-        if op == "kill":
+            return control.StopReply(agent=self.agent_open())
+        if isinstance(req, control.Kill):
             self.reason = "killed"
             vm.request_quit()
-            return {"ok": True}
-        if op == "hostname":
-            self.send_agent(f"hostname {req.get('name', '')}")
-            return {"ok": True}
-        if op == "mac":
-            iface, address = str(req.get("iface", "")), str(req.get("address", ""))
-            if not re.fullmatch(r"eth\d{1,3}", iface) or not re.fullmatch(r"(?:[0-9a-f]{2}:){5}[0-9a-f]{2}", address):
-                return {"ok": False, "error": "mac needs iface ethN and address xx:xx:xx:xx:xx:xx"}
-            self.send_agent(f"mac {iface} {address}")
-            return {"ok": True}
-        if op == "snapshot":
-            return self.snapshot(req)
-        return {"ok": False, "error": f"unknown op {op!r} (status, pause, resume, stop, kill, "
-                                      "hostname, mac, snapshot)"}
+            return control.Done()
+        if isinstance(req, control.Hostname):
+            self.send_agent(f"hostname {req.name}")
+            return control.Done()
+        if isinstance(req, control.Mac):
+            self.send_agent(f"mac {req.iface} {req.address}")
+            return control.Done()
+        if isinstance(req, control.Snapshot):
+            self.snapshot(req, respond)         # (the reply when it is written)
+            return None
+        raise control.Refused(f"{req.op}: not served by this runner")
 
-    def snapshot(self, req: dict[str, Any]) -> dict[str, Any]:
+    def snapshot(self, req: control.Snapshot, respond: control.Respond) -> None:
         """Ask the Vm for a snapshot at its next slice boundary (at once while paused); the
-        outcome shows in `status` as "snapshot".  then="quit" ends the VM after it."""
-        request_snapshot = getattr(self.vm, "request_snapshot", None)
-        if request_snapshot is None:
-            return {"ok": False, "error": "snapshot is not supported by this pyvirt"}
-        directory, then = req.get("dir"), req.get("then", "continue")
-        if not isinstance(directory, str) or not directory:
-            return {"ok": False, "error": 'snapshot needs "dir" (a directory path)'}
-        if then not in ("continue", "quit"):
-            return {"ok": False, "error": 'snapshot: "then" is "continue" or "quit"'}
+        reply goes out when it is written (or failed), and `status` shows it as "snapshot".
+        then="quit" ends the VM after it."""
+        directory, then, live_dir = req.dir, req.then, req.live_dir
 
         def done(_manifest: Any, error: Exception | None) -> None:
             if live_dir is not None and then == "continue":
-                # Before the guest runs again: the daemon records these (host/snapshots.py,
-                # `_sync_disks`) however long it waited, even if it gave up or was restarted.
+                # Before the guest runs again: the daemon records these (supervisor.sync_disks)
+                # however long it waited, even if it gave up or was restarted.
                 write_disks(self.paths, self.vm)
-            self.last_snapshot = {"dir": directory, "then": then, "ok": error is None,
-                                  "error": None if error is None else str(error)}
+            self.last_snapshot = control.SnapshotOutcome(dir=directory, then=then, ok=error is None,
+                                                         error=None if error is None else str(error))
             if then == "quit" and error is None:
                 self.reason = "snapshot"
                 self.snapshot_dir = directory
+            respond(control.SnapshotReply(snapshot=self.last_snapshot))
 
-        self.last_snapshot = {"dir": directory, "then": then, "ok": None, "error": None}
-        live_dir = req.get("live_dir")
-        if live_dir is not None and (not isinstance(live_dir, str) or not live_dir):
-            return {"ok": False, "error": 'snapshot: "live_dir" is a directory path'}
+        self.last_snapshot = control.SnapshotOutcome(dir=directory, then=then, ok=None)
         # the VM's own images (its directory) are frozen in place, the user's disks copied
-        request_snapshot(directory, then=then, done=done, live_dir=live_dir, own_dir=self.paths.dir)
-        return {"ok": True, "status": "requested"}
+        self.vm.request_snapshot(directory, then=then, done=done, live_dir=live_dir, own_dir=self.paths.dir)
+        return None
 
     def close(self) -> None:
         self.control.close()
@@ -311,6 +299,9 @@ def build_vm(config: dict[str, Any], paths: VmPaths, console: SocketConsole) -> 
             from pyvirt.vmm.restore import Overrides, load_snapshot
         except ImportError:
             raise ConfigError("restoring a snapshot is not supported by this pyvirt") from None
+        if config.get("spec") is not None and config.get("overrides") is None:
+            # the daemon's record: the restored spec it computed (host/snapshots.py)
+            return load_snapshot(config["restore"], console, spec=VmSpec.model_validate(config["spec"]))
         ov = config.get("overrides") or {}
         nets = ov.get("nets")
         overrides = Overrides(nets=None if nets is None else [NetSpec.model_validate(n) for n in nets],

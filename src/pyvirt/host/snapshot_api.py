@@ -10,13 +10,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Body, FastAPI, Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from pyvirt.host.models import NAME_RE
 from pyvirt.host.snapshots import MAX_CLONES
+
+if TYPE_CHECKING:
+    from pyvirt.host.manager import Manager
 
 SnapPath = Path(..., description="the snapshot's name")
 
@@ -37,7 +40,7 @@ class CloneRequest(BaseModel):
     prefix: str | None = Field(None, pattern=NAME_RE, description="VMs are PREFIX-1.. (default: the snapshot's name)")
 
 
-def add_snapshot_routes(app: FastAPI, manager: Any, errors: dict[int | str, dict[str, Any]]) -> None:
+def add_snapshot_routes(app: FastAPI, manager: Manager, errors: dict[int | str, dict[str, Any]]) -> None:
     @app.post("/vms/{name}/snapshots", status_code=201, responses=errors,
               summary="snapshot a running or paused VM (between CPU slices; it goes on)")
     def take(name: str = Path(..., description="the VM's name (or id)"),

@@ -22,6 +22,8 @@ from pyvirt.vmm.snapshot import (
     _map_ram,
     _parse_json,
     _restored_spec,
+    check_restored,
+    make_overlays,
     ram_file_size,
     read_manifest,
 )
@@ -30,8 +32,13 @@ from pyvirt.vmm.vm import Vm
 __all__ = ["Overrides", "load_snapshot"]
 
 
-def load_snapshot(directory: str | Path, console: CharBackend, *, overrides: Overrides | None = None) -> Vm:
+def load_snapshot(directory: str | Path, console: CharBackend, *, overrides: Overrides | None = None,
+                  spec: VmSpec | None = None) -> Vm:
     """A new, not yet running Vm in the state the snapshot at `directory` saved.
+
+    Its spec is `spec` when the caller computed it already (`snapshot.restored_spec`, as the
+    daemon does for its record: it is checked to be the snapshot's machine and its disk
+    overlays are made), else the snapshot's with `overrides` applied.
 
     Every problem with the snapshot (or the host files it needs) is one ConfigError or
     ImageError line.  Host-side backends (network, console ports) are made afresh from
@@ -39,18 +46,27 @@ def load_snapshot(directory: str | Path, console: CharBackend, *, overrides: Ove
     d = Path(directory).resolve()
     m = read_manifest(d)
     try:
-        spec = VmSpec.model_validate(m.get("spec"))
+        saved = VmSpec.model_validate(m.get("spec"))
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "spec"
         raise ConfigError(f"snapshot {d}: invalid spec: {where}: {err['msg']}") from None
+    if spec is not None and overrides is not None:
+        raise ValueError("load_snapshot: a restored spec or overrides, not both")
+    spec_given = spec
+    spec = saved
     if m["memory"] != spec.memory or m["files"][RAM]["size"] != ram_file_size(spec.memory):
         raise ConfigError(f"snapshot {d}: RAM size does not match the spec's {spec.memory} bytes")
     if len(m["disks"]) != len(spec.disks):
         raise ConfigError(f"snapshot {d}: {len(m['disks'])} disks recorded, the spec has {len(spec.disks)}")
     raw = (d / STATE).read_bytes()
     state = _parse_json(raw, f"snapshot {d}: {STATE}")
-    spec, cleanup = _restored_spec(d, m, spec, overrides or Overrides())
+    if spec_given is None:
+        spec, cleanup = _restored_spec(d, m, spec, overrides or Overrides())
+    else:
+        check_restored(d, saved, spec_given)
+        make_overlays(d, m, spec_given, fresh=True)
+        spec, cleanup = spec_given, (lambda: None)
     ram = _map_ram(d / RAM, ram_file_size(spec.memory))
     board = None
     try:

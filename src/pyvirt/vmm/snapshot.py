@@ -455,9 +455,11 @@ def _map_ram(path: Path, size: int) -> mmap.mmap:
         os.close(fd)
 
 
-def _restored_spec(d: Path, m: dict[str, Any], spec: VmSpec, ov: Overrides) -> tuple[VmSpec, Any]:
-    """The spec a restored VM runs with: its own disk overlays, overridden NICs."""
-    from pyvirt.backends.qcow2_tools import create_qcow2
+def restored_spec(d: Path, m: dict[str, Any], spec: VmSpec, ov: Overrides, where: Path) -> VmSpec:
+    """The spec a VM restored from the snapshot at `d` (manifest `m`, saved spec `spec`) runs
+    with: each frozen disk on its own overlay in `where` (made by `make_overlays`), the
+    overrides' NICs, MACs, port sockets and engine.  Computed once, where the restore is
+    decided (the daemon's record, or `load_snapshot`); nothing is written here."""
     nets = list(spec.nets)
     if ov.nets is not None:
         if len(ov.nets) != len(nets):
@@ -479,49 +481,75 @@ def _restored_spec(d: Path, m: dict[str, Any], spec: VmSpec, ov: Overrides) -> t
         if unknown:
             raise ConfigError(f"port override: the snapshot has no port named {unknown[0]!r}")
         ports = [PortSpec(name=p.name, socket=Path(ov.ports.get(p.name, p.socket))) for p in ports]
-    tmp: tempfile.TemporaryDirectory[str] | None = None
-    if any(disk.get("kind") == "frozen" for disk in m["disks"] if isinstance(disk, dict)):
-        if ov.overlay_dir is None:
-            tmp = tempfile.TemporaryDirectory(prefix="pyvirt-restore-")
-            where = Path(tmp.name)
+    disks = []
+    for i, (saved, disk) in enumerate(zip(m["disks"], spec.disks)):
+        kind = saved.get("kind") if isinstance(saved, dict) else None
+        if kind == "shared" and disk.read_only:
+            disks.append(disk)
+        elif kind == "frozen" and not disk.read_only and overlay_name(i) in m["files"]:
+            disks.append(disk.model_copy(update={"path": where / overlay_name(i), "format": "qcow2"}))
         else:
-            where = Path(ov.overlay_dir)
-            where.mkdir(parents=True, exist_ok=True)
+            raise ConfigError(f"snapshot {d}: disk {i} is recorded inconsistently")
+    update: dict[str, Any] = {"disks": disks, "nets": nets, "ports": ports}
+    if ov.engine is not None:
+        update["engine"] = ov.engine
+    try:
+        return VmSpec.model_validate(dict(spec.model_dump(), **update))
+    except ValidationError as e:
+        raise ConfigError(f"restore overrides: {e.errors()[0]['msg']}") from None
+
+
+def check_restored(d: Path, saved: VmSpec, spec: VmSpec) -> None:
+    """`spec` (computed by `restored_spec`, e.g. by the daemon) is `saved`'s machine: only the
+    disks' paths and formats, the NICs, the port sockets and the engine may differ."""
+    def machine(s: VmSpec) -> dict[str, Any]:
+        out = s.model_dump(mode="json", exclude={"nets", "ports", "engine"})
+        out["disks"] = [{k: v for k, v in disk.items() if k not in ("path", "format")} for disk in out["disks"]]
+        out["nets"] = len(s.nets)
+        out["ports"] = [p.name for p in s.ports]
+        return out
+    if machine(saved) != machine(spec):
+        raise ConfigError(f"snapshot {d}: the restored spec is not the snapshot's machine")
+
+
+def make_overlays(d: Path, m: dict[str, Any], spec: VmSpec, *, fresh: bool) -> None:
+    """Each frozen disk's overlay at the path `spec` (a `restored_spec`) names, over the
+    snapshot's overlay, after checking the frozen image is the one the snapshot saw.  With
+    `fresh`, an overlay that exists already is an error (it holds an earlier restore's writes)."""
+    from pyvirt.backends.qcow2_tools import create_qcow2
+    for i, (saved, disk) in enumerate(zip(m["disks"], spec.disks)):
+        if not isinstance(saved, dict) or saved.get("kind") != "frozen":
+            continue
+        base = saved.get("data_sha256")
+        if base is not None and _digest_or_none(Path(str(saved.get("path", "")))) != base:
+            raise ConfigError(f"snapshot {d}: disk {i}'s frozen image {saved.get('path')} changed "
+                              "since the snapshot (its contents do not match the manifest's checksum)")
+        overlay = Path(disk.path)
+        if fresh and overlay.exists():
+            raise ConfigError(f"{overlay} exists already (the disk writes of an earlier restore "
+                              "are kept there): give --overlay-dir a new directory")
+        overlay.parent.mkdir(parents=True, exist_ok=True)
+        create_qcow2(overlay, None, backing=d / overlay_name(i), backing_format="qcow2")
+
+
+def _restored_spec(d: Path, m: dict[str, Any], spec: VmSpec, ov: Overrides) -> tuple[VmSpec, Any]:
+    """`restored_spec` with its overlays made: in `ov.overlay_dir`, else in a temporary
+    directory that the returned cleanup removes."""
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    if ov.overlay_dir is None and any(disk.get("kind") == "frozen" for disk in m["disks"]
+                                      if isinstance(disk, dict)):
+        tmp = tempfile.TemporaryDirectory(prefix="pyvirt-restore-")
 
     def cleanup() -> None:
         if tmp is not None:
             tmp.cleanup()
 
-    disks = []
     try:
-        for i, (saved, disk) in enumerate(zip(m["disks"], spec.disks)):
-            kind = saved.get("kind") if isinstance(saved, dict) else None
-            if kind == "shared" and disk.read_only:
-                disks.append(disk)
-            elif kind == "frozen" and not disk.read_only and overlay_name(i) in m["files"]:
-                base = saved.get("data_sha256")
-                if base is not None and _digest_or_none(Path(str(saved.get("path", "")))) != base:
-                    raise ConfigError(f"snapshot {d}: disk {i}'s frozen image {saved.get('path')} changed "
-                                      "since the snapshot (its contents do not match the manifest's checksum)")
-                overlay = where / overlay_name(i)
-                if tmp is None and overlay.exists():
-                    raise ConfigError(f"{overlay} exists already (the disk writes of an earlier restore "
-                                      "are kept there): give --overlay-dir a new directory")
-                create_qcow2(overlay, None, backing=d / overlay_name(i), backing_format="qcow2")
-                disks.append(disk.model_copy(update={"path": overlay, "format": "qcow2"}))
-            else:
-                raise ConfigError(f"snapshot {d}: disk {i} is recorded inconsistently")
+        new = restored_spec(d, m, spec, ov, Path(tmp.name) if tmp is not None else Path(ov.overlay_dir or "."))
+        make_overlays(d, m, new, fresh=tmp is None)
     except BaseException:
         cleanup()
         raise
-    update: dict[str, Any] = {"disks": disks, "nets": nets, "ports": ports}
-    if ov.engine is not None:
-        update["engine"] = ov.engine
-    try:
-        new = VmSpec.model_validate(dict(spec.model_dump(), **update))
-    except ValidationError as e:
-        cleanup()
-        raise ConfigError(f"restore overrides: {e.errors()[0]['msg']}") from None
     return new, cleanup
 
 

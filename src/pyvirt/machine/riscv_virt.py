@@ -192,6 +192,23 @@ class VirtBoard:
         self.bus.add_mmio(base, 0x1000, transport, f"virtio{slot}")
         self.virtio.append((base, irq, transport))
 
+    def reset(self) -> None:
+        """System reset (a guest reboot): every device and hart back to its power-on state,
+        translations dropped, and the guest loaded again as at first boot.  The host
+        backends (disk images, passt, console and port sockets), the clock and RAM stay --
+        RAM is not cleared, as on real hardware; the loader writes what it places."""
+        self.exit_code = None
+        self.reset_requested = False
+        if self.tohost is not None:
+            self.bus.unwatch(self.tohost >> 12, self._htif_write)
+            self.tohost = None
+        for _, _, dev, _ in self.bus.regions():
+            dev.reset()
+        self.engine.flush()
+        for h in self.harts:
+            h.reset()
+        self._boot()
+
     def _power_event(self, kind: str, code: int) -> None:
         if kind == "reset":
             self.reset_requested = True

@@ -88,9 +88,10 @@ class Vm:
         self.watches: list[Watch] = []
         self.paused = False
         self.snapshots_taken = 0
-        # False: a guest reboot ends run() (returns None, `reboot_requested` set) instead of
-        # building a new board in this process -- a jailed runner can open no new sockets,
-        # start no passt (host/jail.py); the daemon starts a new runner.
+        # True: a guest reboot resets the board in place (`VirtBoard.reset`: devices and
+        # harts reset, the guest loaded again; host backends kept).  False: it ends run()
+        # (returns None, `reboot_requested` set) -- a jailed runner (host/jail.py: the reset
+        # is not yet tried under its seccomp allow-list); the daemon starts a new runner.
         self.reset_in_place = True
         self.reboot_requested = False
 
@@ -213,9 +214,8 @@ class Vm:
                     if not self.reset_in_place:
                         self.reboot_requested = True
                         return None
-                    board.close()
                     self.stats.resets += 1
-                    self.board = build_board(self.spec, self.console)
+                    board.reset()
                     continue
                 return code
         finally:

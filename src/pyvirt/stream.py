@@ -1,7 +1,7 @@
 """A connected, non-blocking stream socket with a bounded queue of output for the peer.
 
-The buffered socket I/O that the stream NIC backend (`backends/net.py`) and the runner's
-console (`host/runner.py`) share (virtio-console's socket ports are to follow).  Writes the
+The buffered socket I/O that the stream NIC backend (`backends/net.py`), the runner's
+console (`host/runner.py`) and virtio-console's socket ports (`UnixSocketPort`) share.  Writes the
 socket does not take now wait in `out`, at most about `max_out` bytes: what the caller does
 when it is full (refuse, drop) is its own policy.  A socket error or the peer's end of stream
 closes the stream; the caller learns it from the return value and `closed`."""

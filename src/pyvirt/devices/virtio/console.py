@@ -35,8 +35,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
-import socket
 import struct
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,8 +42,9 @@ from typing import Any, Protocol
 from pyvirt.devices.virtio.device import VirtioDevice
 from pyvirt.devices.virtio.queue import QueueError, SplitQueue
 from pyvirt.errors import ConfigError
-from pyvirt.fsutil import remove_stale_socket
+from pyvirt.fsutil import listen_unix
 from pyvirt.state import Schema, blob, boolean, listof, record
+from pyvirt.stream import BufferedStream
 
 log = logging.getLogger(__name__)
 
@@ -102,89 +101,74 @@ class NullPort:
 
 
 class UnixSocketPort:
-    """A Unix stream socket the VMM listens on; one client at a time is the host side.  Output
-    while no client is connected is kept for the next one (up to MAX_OUT bytes; beyond, dropped)."""
+    """A Unix stream socket the VMM listens on (mode 0600 from the start); one client at a time
+    is the host side, served through a `pyvirt.stream.BufferedStream`.  Output while no client
+    is connected is kept for the next one (up to MAX_OUT bytes; beyond, dropped)."""
 
     MAX_OUT = 256 * 1024
     CLOSE_FLUSH_TIMEOUT = 5.0      # seconds close() waits for a client to take the last output
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        remove_stale_socket(self.path)           # a stale socket from an earlier run, never a live one
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.server.bind(str(self.path))
+            self.server = listen_unix(self.path, backlog=1)   # (a stale socket is replaced, never a live one)
         except OSError as e:
-            self.server.close()
             raise ConfigError(f"cannot listen on {self.path}: {e.strerror}") from None
-        os.chmod(self.path, 0o600)
-        self.server.listen(1)
-        self.server.setblocking(False)
-        self.client: socket.socket | None = None
-        self.out = bytearray()
+        self.client: BufferedStream | None = None
+        self.out = bytearray()                   # output while no client is connected
         self.connected = False
 
     def _drop(self) -> None:
         if self.client is not None:
             self.client.close()
-            self.out.clear()
         self.client = None
         self.connected = False
 
     def poll(self, want: int) -> bytes:
         if self.client is None:
             try:
-                self.client, _ = self.server.accept()
+                conn, _ = self.server.accept()
             except (BlockingIOError, InterruptedError):
                 return b""
-            self.client.setblocking(False)
+            self.client = BufferedStream(conn, self.MAX_OUT)
+            self.client.queue(self.out)
+            self.out.clear()
             self.connected = True
-        self._flush()
-        if want <= 0 or self.client is None:
-            return b""
-        try:
-            data = self.client.recv(want)
-        except (BlockingIOError, InterruptedError):
-            return b""
-        except OSError:
-            data = b""
-        if not data:
-            self._drop()                         # the client left
-        return data
-
-    def _flush(self) -> None:
-        while self.out and self.client is not None:
-            try:
-                n = self.client.send(self.out)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+        if self.client.flush() is not None or want <= 0:
+            if self.client.closed:
                 self._drop()
-                return
-            del self.out[:n]
+            return b""
+        data = self.client.recv(want)
+        if data is None or isinstance(data, OSError):
+            self._drop()                         # the client left
+            return b""
+        return data
 
     def send(self, data: bytes) -> bool:
         if self.client is None:
             # nobody listening: kept for the next client, as far as the bound allows
             self.out += data[:max(0, self.MAX_OUT - len(self.out))]
             return True
-        if len(self.out) >= self.MAX_OUT:
-            self._flush()
-            if len(self.out) >= self.MAX_OUT:
+        if self.client.full():
+            self.client.flush()
+            if self.client.full():
                 return False
-        self.out += data
-        self._flush()
+        self.client.queue(data)
+        if self.client.flush() is not None:
+            self._drop()
         return True
 
     def fileno(self) -> int | None:
-        return self.client.fileno() if self.client is not None else self.server.fileno()
+        fd = self.client.fileno() if self.client is not None else None
+        return fd if fd is not None else self.server.fileno()
 
     def close(self) -> None:
-        if self.client is not None and self.out:
+        client = self.client
+        if client is not None and client.sock is not None and client.out:
             # the last output (a command's, at power-off) still goes to the client
             with contextlib.suppress(OSError):
-                self.client.settimeout(self.CLOSE_FLUSH_TIMEOUT)
-                self.client.sendall(self.out)
+                client.sock.settimeout(self.CLOSE_FLUSH_TIMEOUT)
+                client.sock.sendall(client.out)
         self._drop()
         self.server.close()
         try:

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_virtio_net import MAC, FakeBackend, frame
-from virtio_rig import make_rig
 
 from pyvirt.devices.virtio.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VirtioBlk
 from pyvirt.devices.virtio.net import HDR_SIZE, VirtioNet
 from pyvirt.ratelimit import RateLimiter, TokenBucket
 from pyvirt.testing.clock import MockClock
 from pyvirt.testing.fakes import MemoryBlockBackend
+from pyvirt.testing.virtio_rig import make_rig
 
 HZ = 1000          # a coarse clock keeps the arithmetic readable: 1 tick = 1 ms
 

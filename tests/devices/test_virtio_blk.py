@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from virtio_rig import RAM, Rig, make_rig
 
 from pyvirt.backends.block import RawFileBackend
 from pyvirt.devices.virtio.blk import (
@@ -31,6 +30,7 @@ from pyvirt.devices.virtio.blk import (
 )
 from pyvirt.devices.virtio.device import STATUS_DEVICE_NEEDS_RESET, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from pyvirt.testing.fakes import MemoryBlockBackend
+from pyvirt.testing.virtio_rig import RAM, Rig, make_rig
 from pyvirt.testing.virtq import F_INDIRECT, F_NEXT, F_WRITE, Buffer, MockQueue
 
 DISK = 1 << 20

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from virtio_rig import make_rig
 
 from pyvirt.devices.virtio.console import (
     CONSOLE_PORT,
@@ -23,6 +22,7 @@ from pyvirt.devices.virtio.console import (
     VirtioConsole,
 )
 from pyvirt.errors import ConfigError
+from pyvirt.testing.virtio_rig import make_rig
 
 CTRL = struct.Struct("<IHH")
 

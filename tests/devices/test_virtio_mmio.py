@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from virtio_rig import MMIO, RAM, make_rig
 
 from pyvirt.devices.virtio.device import (
     STATUS_ACKNOWLEDGE,
@@ -35,6 +34,7 @@ from pyvirt.devices.virtio.mmio import (
     VERSION_REG,
 )
 from pyvirt.devices.virtio.rng import VirtioRng
+from pyvirt.testing.virtio_rig import MMIO, RAM, make_rig
 from pyvirt.testing.virtq import Buffer, DriverError
 
 ACK_DRV = STATUS_ACKNOWLEDGE | STATUS_DRIVER

@@ -6,7 +6,6 @@ from __future__ import annotations
 import struct
 
 import pytest
-from virtio_rig import RAM, make_rig
 
 from pyvirt.devices.virtio.device import INT_CONFIG, INT_USED, STATUS_DEVICE_NEEDS_RESET
 from pyvirt.devices.virtio.net import (
@@ -19,6 +18,7 @@ from pyvirt.devices.virtio.net import (
     VirtioNet,
     parse_mac,
 )
+from pyvirt.testing.virtio_rig import RAM, make_rig
 from pyvirt.testing.virtq import Buffer
 
 MAC = bytes.fromhex("525400123456")

@@ -7,7 +7,6 @@ import struct
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from virtio_rig import RAM, GuardedBus
 
 from pyvirt.devices.virtio.queue import (
     QueueError,
@@ -15,6 +14,7 @@ from pyvirt.devices.virtio.queue import (
     split_spans,
     vring_need_event,
 )
+from pyvirt.testing.virtio_rig import RAM, GuardedBus
 from pyvirt.testing.virtq import F_INDIRECT, F_NEXT, F_WRITE, Buffer, GuestAllocator, MockQueue
 
 RAM_SIZE = 1 << 20

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from virtio_rig import make_rig
-
 from pyvirt.devices.virtio.rng import MAX_PER_REQUEST, VirtioRng
+from pyvirt.testing.virtio_rig import make_rig
 from pyvirt.testing.virtq import Buffer
 
 

@@ -2,86 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pyvirt.host.client import Client
-from pyvirt.host.paths import proc_start_time
-from pyvirt.host.store import Store
 from pyvirt.images import cached_default_image
+from pyvirt.testing.daemon import COUNTER, Daemon, counts, wait_for
 
-PY = sys.executable
-
-
-class Daemon:
-    """A pyvirtd process on `state`; `restart()` stops it (SIGTERM) and starts another."""
-
-    def __init__(self, state: Path, env: dict[str, str] | None = None) -> None:
-        self.state = state
-        self.env = dict(os.environ, **(env or {}))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.client = Client(state_dir=state)
-        self.start()
-
-    def start(self) -> None:
-        log = open(self.state / "test-daemon.log", "ab")
-        self.proc = subprocess.Popen([PY, "-m", "pyvirt.host.daemon", "--state-dir", str(self.state)],
-                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env)
-        log.close()
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(Exception):
-                self.client.info()
-                return
-            assert self.proc.poll() is None, (self.state / "test-daemon.log").read_text()
-            assert time.monotonic() < deadline, "pyvirtd did not come up"
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=20)
-        self.proc = None
-        return code
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([PY, "-m", "pyvirt", *args, "--state-dir", str(self.state)],
-                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-    def cleanup(self) -> None:
-        """End every runner this daemon started (whatever state the test left it in)."""
-        runners = []
-        if self.proc is not None:
-            with contextlib.suppress(Exception):
-                runners = [(v["name"], v["pid"]) for v in self.client.list() if v["pid"]]
-                for name, _ in runners:
-                    with contextlib.suppress(Exception):
-                        self.client.delete(name, force=True)
-            with contextlib.suppress(Exception):
-                self.stop()
-        store = Store(self.state / "pyvirtd.db")      # runners the daemon could not end
-        for rec in store.all():
-            if rec.pid and proc_start_time(rec.pid) == rec.pid_start:
-                with contextlib.suppress(OSError):
-                    os.killpg(rec.pid, signal.SIGKILL)
-        store.close()
-        self.client.close()
-
+__all__ = ["COUNTER", "Daemon", "counts", "wait_for"]     # (also importable from pyvirt.testing.daemon)
 
 @pytest.fixture
 def state_dir() -> Iterator[Path]:
@@ -111,21 +42,3 @@ def bare_daemon(state_dir: Path) -> Iterator[Daemon]:
         d.cleanup()
 
 
-def wait_for(pred, timeout: float, what: str, interval: float = 0.1):   # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(interval)
-
-
-# A guest counter loop for snapshot tests: one "C=<n> before" line every 0.2 s, where "before" is
-# read from /tmp/f, written before any snapshot (so its presence after a restore shows /tmp survived).
-COUNTER = "i=0; echo before > /tmp/f; while true; do i=$((i+1)); echo C=$i $(cat /tmp/f); sleep 0.2; done"
-
-
-def counts(text: str) -> list[int]:
-    """The counter values in a console log, in order."""
-    return [int(n) for n in re.findall(r"C=(\d+)", text)]

@@ -10,8 +10,7 @@ import httpx
 import pytest
 
 from pyvirt.host.client import ApiError, Client, DaemonNotRunning
-
-from .conftest import Daemon, wait_for
+from pyvirt.testing.daemon import Daemon, wait_for
 
 IDLE = "sleep 1000"
 

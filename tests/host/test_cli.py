@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Daemon, wait_for
+from pyvirt.testing.daemon import Daemon, wait_for
 
 
 def one_line_error(r: subprocess.CompletedProcess[str], words: str) -> None:

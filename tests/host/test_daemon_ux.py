@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import COUNTER, Daemon, wait_for
+from pyvirt.testing.daemon import COUNTER, Daemon, wait_for
 
 
 def cli(state: Path, *args: str) -> subprocess.CompletedProcess[str]:

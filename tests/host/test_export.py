@@ -4,7 +4,6 @@ refused with one line and leave nothing behind."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -17,10 +16,9 @@ import pytest
 import zstandard
 
 from pyvirt.backends.qcow2_tools import create_qcow2
-from pyvirt.host import archive
 from pyvirt.host.client import ApiError
-
-from .conftest import COUNTER, Daemon, counts, wait_for
+from pyvirt.testing.archives import member, write_archive
+from pyvirt.testing.daemon import COUNTER, Daemon, counts, wait_for
 
 GUEST = ("if dd if=/dev/vda bs=5 count=1 2>/dev/null | grep -q DATA1; then echo FOUND "
          "$(dd if=/dev/vda bs=4 skip=1024 count=1 2>/dev/null); "
@@ -73,29 +71,6 @@ def test_running_vm_is_not_exported(daemon: Daemon, tmp_path: Path) -> None:
     assert not (tmp_path / "x.pyvirt").exists()
     e = pytest.raises(ApiError, c.export, "busy", tmp_path / "x.pyvirt", snapshot="nope").value
     assert e.status == 404
-
-
-def write_archive(path: Path, manifest: dict | bytes, members: list[tuple[tarfile.TarInfo, bytes]],
-                  cut: int | None = None) -> Path:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        head = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
-        ti = tarfile.TarInfo(archive.MANIFEST)
-        ti.size = len(head)
-        tar.addfile(ti, io.BytesIO(head))
-        for ti, data in members:
-            tar.addfile(ti, io.BytesIO(data) if ti.isfile() else None)
-    data = zstandard.ZstdCompressor().compress(buf.getvalue())
-    path.write_bytes(data[:cut] if cut else data)
-    return path
-
-
-def member(name: str, data: bytes = b"x" * 10, kind: bytes = tarfile.REGTYPE) -> tuple[tarfile.TarInfo, bytes]:
-    ti = tarfile.TarInfo(name)
-    ti.type, ti.size = kind, len(data) if kind == tarfile.REGTYPE else 0
-    if kind == tarfile.SYMTYPE:
-        ti.linkname = "/etc/passwd"
-    return ti, data
 
 
 def good_manifest(**over) -> dict:   # noqa: ANN003

@@ -17,10 +17,9 @@ from pyvirt.backends.disk import open_disk
 from pyvirt.backends.qcow2_tools import create_qcow2
 from pyvirt.host import archive
 from pyvirt.host.client import ApiError
+from pyvirt.testing.archives import member, write_archive
+from pyvirt.testing.daemon import Daemon
 from pyvirt.vmm import snapshot as fmt
-
-from .conftest import Daemon
-from .test_export import member, write_archive
 
 
 @pytest.fixture

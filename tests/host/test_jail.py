@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from pyvirt.host import control, jail
-
-from .conftest import Daemon, wait_for
+from pyvirt.testing.daemon import Daemon, wait_for
 
 pytestmark = pytest.mark.slow
 LAYERS_ON = os.geteuid() == 0 and jail.landlock_abi() >= 4

@@ -12,8 +12,7 @@ from pyvirt.host import manager as mgr
 from pyvirt.host import supervisor
 from pyvirt.host.models import VmCreate
 from pyvirt.host.paths import proc_start_time
-
-from .test_export import member, write_archive
+from pyvirt.testing.archives import member, write_archive
 
 
 def test_start_during_a_forced_delete_is_refused(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

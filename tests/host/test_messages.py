@@ -12,8 +12,7 @@ import pytest
 
 from pyvirt.host import cli as host_cli
 from pyvirt.host import runner
-
-from .conftest import Daemon, wait_for
+from pyvirt.testing.daemon import Daemon, wait_for
 
 
 def one_line(r: subprocess.CompletedProcess[str], words: str) -> str:

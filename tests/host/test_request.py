@@ -18,8 +18,7 @@ import pytest
 from pyvirt import request
 from pyvirt.images.debian_image import DEBIAN_IMAGE_VERSION, PACKAGES, scripts_digest
 from pyvirt.testing.cli import one_line_error, run
-
-from .conftest import Daemon, wait_for
+from pyvirt.testing.daemon import Daemon, wait_for
 
 
 def _flags(parser: argparse.ArgumentParser, command: str) -> set[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Daemon, wait_for
+from pyvirt.testing.daemon import Daemon, wait_for
 
 SLOW = 8          # seconds the runner spends writing a snapshot: over the 5 s status timeout
 

@@ -10,8 +10,7 @@ import pytest
 
 from pyvirt.backends.disk import open_disk
 from pyvirt.host.client import ApiError
-
-from .conftest import COUNTER, Daemon, counts, wait_for
+from pyvirt.testing.daemon import COUNTER, Daemon, counts, wait_for
 
 IDLE = "while true; do sleep 1; done"
 MIB = 1 << 20

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from pyvirt.backends.disk import open_disk
 from pyvirt.backends.qcow2_tools import create_qcow2
-
-from .conftest import Daemon, wait_for
+from pyvirt.testing.daemon import Daemon, wait_for
 
 MIB = 1 << 20
 # Every 0.3 s: "N=<i>" written (and flushed) to both disks, then "W=<i>" on the console.

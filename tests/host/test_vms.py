@@ -17,8 +17,7 @@ import pytest
 
 from pyvirt.host import control
 from pyvirt.host.paths import proc_cpu_ticks, proc_start_time
-
-from .conftest import Daemon, wait_for
+from pyvirt.testing.daemon import Daemon, wait_for
 
 pytestmark = pytest.mark.slow
 TICK = "while :; do echo tick; sleep 1; done"

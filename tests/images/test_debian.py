@@ -26,8 +26,7 @@ from pyvirt.images.debian import (
     verify_clearsigned,
     version_compare,
 )
-
-from .conftest import ARCH, SUITE, FakeArchive, make_deb
+from pyvirt.testing.images import ARCH, SUITE, FakeArchive, make_deb
 
 
 # -- apt sources ----------------------------------------------------------------------

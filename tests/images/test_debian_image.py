@@ -11,8 +11,7 @@ import pytest
 from pyvirt.backends.qcow2_tools import describe_image
 from pyvirt.images import debian_image as di
 from pyvirt.images.cpio import read_newc
-
-from .test_kmodules import fake_module
+from pyvirt.testing.images import fake_module
 
 
 def test_guest_files_are_installed(tmp_path: Path) -> None:

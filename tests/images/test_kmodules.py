@@ -9,33 +9,7 @@ import pytest
 
 from pyvirt.errors import BuildError
 from pyvirt.images.kmodules import ModuleSet, decompress_module, module_name, parse_module, read_modinfo
-
-
-def fake_module(modinfo: dict[str, list[str]] | list[tuple[str, str]], extra_sections: int = 1) -> bytes:
-    """A minimal ELF64 LE relocatable file with a .modinfo section (and a filler section)."""
-    pairs = modinfo if isinstance(modinfo, list) else [(k, v) for k, vs in modinfo.items() for v in vs]
-    info = b"".join(f"{k}={v}".encode() + b"\0" for k, v in pairs)
-    names = [b"", b".text", b".modinfo", b".shstrtab"]
-    shstr = b"\0".join(names) + b"\0"
-    offsets = [0]
-    for n in names[1:]:
-        offsets.append(shstr.index(n + b"\0", 1))
-    body = b"\x13\x00\x00\x00" * 4                      # the filler .text
-    data = body + info + shstr
-    shoff = 64 + len(data)
-    shoff += -shoff % 8
-    header = bytearray(64)
-    header[:6] = b"\x7fELF\x02\x01"
-    header[6] = 1
-    struct.pack_into("<HHI", header, 16, 1, 243, 1)       # ET_REL, EM_RISCV
-    struct.pack_into("<Q", header, 0x28, shoff)
-    struct.pack_into("<HHHHHH", header, 0x34, 64, 0, 0, 64, 4, 3)
-    secs = [(0, 0, 0, 0), (offsets[1], 1, 64, len(body)), (offsets[2], 1, 64 + len(body), len(info)),
-            (offsets[3], 3, 64 + len(body) + len(info), len(shstr))]
-    table = b"".join(struct.pack("<IIQQQQIIQQ", name, typ, 0, 0, off, size, 0, 0, 1, 0)
-                     for name, typ, off, size in secs)
-    out = bytes(header) + data
-    return out + b"\0" * (shoff - len(out)) + table
+from pyvirt.testing.images import fake_module
 
 
 def test_modinfo_pairs_are_read() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import pyvirt
+from pyvirt.testing.guest import pyvirt
 
 
 def one_line_error(r, pattern: str) -> None:

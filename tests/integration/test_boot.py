@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PtyConsole, pyvirt
+from pyvirt.testing.guest import PtyConsole, pyvirt
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import pyvirt
+from pyvirt.testing.guest import pyvirt
 
 pytestmark = pytest.mark.slow
 

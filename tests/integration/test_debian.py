@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from pyvirt.images.debian_image import DebianImage, cached_debian_image
-
-from .conftest import PtyConsole, pyvirt
+from pyvirt.testing.guest import PtyConsole, pyvirt
 
 BOOT_TIMEOUT = 900
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import pyvirt
+from pyvirt.testing.guest import pyvirt
 
 MIB = 1 << 20
 
@@ -160,7 +160,7 @@ def test_firmware_that_never_starts_the_kernel_is_reported(default_image, tmp_pa
 
 
 def test_a_silent_boot_shows_progress_on_a_terminal(default_image) -> None:
-    from .conftest import PtyConsole
+    from pyvirt.testing.guest import PtyConsole
     con = PtyConsole("--command", "sleep 5; echo finished", timeout=120)
     try:
         con.expect(rb"pyvirt: booting, \d+ s, [\d,]+M instructions")

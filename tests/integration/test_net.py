@@ -5,7 +5,6 @@ and the one-line errors."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import os
 import shutil
 import socket
@@ -19,12 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import pyvirt
+from pyvirt.testing.guest import GATEWAY, pyvirt
 
 pytestmark = pytest.mark.slow
 needs_passt = pytest.mark.skipif(shutil.which("passt") is None, reason="passt is not installed")
-
-GATEWAY = "$(ip route | awk '/^default/ {print $3}')"     # in the guest: passt's gateway
 
 
 def free_port() -> int:
@@ -33,27 +30,6 @@ def free_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
-
-
-@pytest.fixture
-def host_server(tmp_path: Path):
-    """An HTTP server on the host's 127.0.0.1 serving tmp_path/www."""
-    www = tmp_path / "www"
-    www.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw) -> None:
-            super().__init__(*a, directory=str(www), **kw)
-
-        def log_message(self, *a) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield www, server.server_address[1]
-    server.shutdown()
-    server.server_close()
 
 
 def with_address(net: str, command: str):  # noqa: ANN201

@@ -6,14 +6,15 @@ the guest's /proc/uptime (the VM clock, which follows the host's)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from .conftest import pyvirt
-from .test_net import GATEWAY, host_server, needs_passt  # noqa: F401  (a fixture)
+from pyvirt.testing.guest import GATEWAY, pyvirt
 
 pytestmark = pytest.mark.slow
+needs_passt = pytest.mark.skipif(shutil.which("passt") is None, reason="passt is not installed")
 TIMED = "a=$(cut -d' ' -f1 /proc/uptime); {cmd} >/dev/null 2>&1 || exit 9; b=$(cut -d' ' -f1 /proc/uptime); " \
         "echo elapsed $a $b"
 

@@ -14,10 +14,9 @@ import pytest
 from pyvirt.backends.char import BufferBackend
 from pyvirt.backends.disk import open_disk
 from pyvirt.spec import DiskSpec, make_spec
+from pyvirt.testing.guest import pyvirt
 from pyvirt.vmm.restore import Overrides, load_snapshot
 from pyvirt.vmm.vm import Vm
-
-from .conftest import pyvirt
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,7 @@ import pytest
 
 from pyvirt.network import create_network, list_networks
 from pyvirt.testing.cli import runtime_dir
-
-from .conftest import pyvirt
+from pyvirt.testing.guest import pyvirt
 
 pytestmark = pytest.mark.slow
 

@@ -26,12 +26,10 @@ from pyvirt.memory import Bus
 from pyvirt.spec import make_spec
 from pyvirt.state import Schema, encode_bytes
 from pyvirt.testing import asm
+from pyvirt.testing.virtio_rig import make_rig
 from pyvirt.vmm.restore import Overrides, load_snapshot
 from pyvirt.vmm.snapshot import save_snapshot
 from pyvirt.vmm.vm import Vm
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "devices"))
-from virtio_rig import make_rig  # noqa: E402
 
 ENGINES = ["interp", "jit"] + (["native"] if native.available() else [])
 RAM = 0x8000_0000
@@ -151,42 +149,6 @@ def test_hostile_hart_state_is_refused(field: str, value: Any) -> None:
 
 
 # -- a whole machine: a bare-metal program run in two halves ------------------------------
-PROGRAM = r"""
-#include <stdint.h>
-extern volatile uint64_t tohost;
-volatile uint64_t result[4];
-static uint64_t table[512];
-int main(void) {
-    uint64_t h = 1469598103934665603ull;
-    asm volatile("li t0, 0x2000; csrs mstatus, t0" ::: "t0");     /* FS on: FP allowed */
-    double acc = 0.5;
-    for (int round = 0; round < 40; round++) {
-        for (int i = 0; i < 512; i++) {
-            table[i] = table[(i * 7 + round) & 511] * 31 + i + h;
-            h = (h ^ table[i]) * 1099511628211ull;
-            acc = acc * 1.0000001 + (double)(h & 0xFF) / 256.0;
-        }
-    }
-    result[0] = h;
-    result[1] = *(uint64_t *)&acc;
-    result[2] = table[17];
-    result[3] = 0x600D;
-    tohost = 1;                       /* exit status 0; then wait, so the end is exact */
-    for (;;)
-        asm volatile("wfi");
-}
-"""
-
-
-@pytest.fixture(scope="module")
-def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    why = asm.toolchain_missing()
-    if why:
-        pytest.skip(why)
-    asm.set_cache_dir(tmp_path_factory.mktemp("asm"))
-    return asm.bare_elf(c=PROGRAM)
-
-
 def bare_vm(elf: Path, engine: str) -> Vm:
     spec = make_spec(bios=str(elf), memory=16 << 20, engine=engine)      # with virtio-rng
     return Vm(spec, BufferBackend())

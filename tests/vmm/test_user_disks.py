@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import pytest
-import test_snapshot  # (tests/vmm is on sys.path: pytest's rootdir import mode)
 
 from pyvirt.backends.char import BufferBackend
 from pyvirt.backends.disk import open_disk
@@ -19,8 +18,6 @@ from pyvirt.spec import DiskSpec, make_spec
 from pyvirt.vmm.restore import load_snapshot
 from pyvirt.vmm.snapshot import save_snapshot
 from pyvirt.vmm.vm import Vm
-
-program = test_snapshot.program           # the bare-metal program fixture
 
 MIB = 1 << 20
 

@@ -7,4 +7,13 @@
   corrupt any of it.
 * `pyvirt.testing.qemu_img` -- `qemu-img` and `qemu-io` as functions, to make,
   change and check disk images with QEMU's own code.
+* `pyvirt.testing.virtio_rig` -- a bus with RAM and one virtio-mmio device
+  mapped, driven by the mock driver (`make_rig`, `GuardedBus`).
+* `pyvirt.testing.daemon` -- `Daemon`: a real pyvirtd process on a state
+  directory; `wait_for`; the snapshot tests' guest counter (`COUNTER`, `counts`).
+* `pyvirt.testing.archives` -- hand-made export archives (`write_archive`, `member`).
+* `pyvirt.testing.guest` -- `pyvirt(...)` runs the CLI, `PtyConsole` runs
+  `pyvirt run` on a pseudo-terminal.
+* `pyvirt.testing.images` -- a signed local Debian archive, .deb packages and
+  kernel modules made for the image builder's tests.
 """

@@ -9,7 +9,7 @@ interrupt state; it runs the machine a slice at a time and acts on the exit:
     Wfi()            no vCPU ran: each waits for an interrupt; sleep until the next timer
                      deadline or host input unless `interrupt_pending()` says one is due
     Halt(code)       the guest powered off with an exit code
-    Reset()          the guest asked for a reset (the VMM rebuilds the board)
+    Reset()          the guest asked for a reset (the VMM resets the board in place)
 
 A second engine or board (an x86-64 KVM board with vCPU file descriptors) implements
 `Machine`; ARCHITECTURE.md says where it plugs in."""
@@ -49,25 +49,55 @@ Exit = Union[BudgetSpent, Wfi, Halt, Reset]
 
 
 @dataclass
-class HostBackends:
-    """The host side of a board's devices, opened by the VMM (`vmm/resources.py`) in the
-    spec's order: one per disk, one per NIC, the console ports.  A board owns what it is
-    given and closes it; it opens no file, socket or process itself."""
+class ConsolePorts:
+    """virtio-console's host side: port 0 (hvc0, if the spec names it) and the named ports."""
 
-    disks: list[BlockBackend] = field(default_factory=list)
-    nets: list[NetBackend] = field(default_factory=list)
-    console_port: PortBackend | None = None  # virtio-console's port 0 (hvc0)
+    console_port: PortBackend | None = None
     named_ports: list[tuple[str, PortBackend]] = field(default_factory=list)
 
     def close(self) -> None:
-        for b in self.disks:
-            b.close()
         if self.console_port is not None:
             self.console_port.close()
         for _, port in self.named_ports:
             port.close()
-        for n in self.nets:
-            n.close()
+
+
+@dataclass
+class HostBackends:
+    """The host side of a board's virtio devices, opened by the VMM (`vmm/resources.py`):
+    by device kind (machine/virtio_table.py's names), one per device in the spec's order.
+    A board owns what it is given and closes it; it opens no file, socket or process itself."""
+
+    by_kind: dict[str, list[Any]] = field(default_factory=dict)
+
+    def of(self, kind: str) -> list[Any]:
+        return self.by_kind.setdefault(kind, [])
+
+    @property
+    def disks(self) -> list[BlockBackend]:
+        return self.of("blk")
+
+    @property
+    def nets(self) -> list[NetBackend]:
+        return self.of("net")
+
+    @property
+    def console(self) -> ConsolePorts:
+        ports = self.of("console")
+        return ports[0] if ports else ConsolePorts()
+
+    @property
+    def console_port(self) -> PortBackend | None:
+        return self.console.console_port
+
+    @property
+    def named_ports(self) -> list[tuple[str, PortBackend]]:
+        return self.console.named_ports
+
+    def close(self) -> None:
+        for backends in self.by_kind.values():
+            for b in backends:
+                b.close()
 
 
 class Engine(Protocol):

@@ -31,18 +31,17 @@ from pyvirt.devices.goldfish_rtc import GoldfishRtc
 from pyvirt.devices.plic import Plic
 from pyvirt.devices.syscon import Syscon
 from pyvirt.devices.uart16550 import Uart16550
-from pyvirt.devices.virtio.blk import VirtioBlk
 from pyvirt.devices.virtio.console import VirtioConsole
+from pyvirt.devices.virtio.device import VirtioDevice
 from pyvirt.devices.virtio.mmio import VirtioMmio
-from pyvirt.devices.virtio.net import VirtioNet, parse_mac
-from pyvirt.devices.virtio.rng import VirtioRng
+from pyvirt.devices.virtio.net import VirtioNet
 from pyvirt.errors import ConfigError
 from pyvirt.machine import boot
 from pyvirt.machine.fdt import U64, Node, reg, to_dtb
 from pyvirt.machine.interface import BudgetSpent, Exit, Halt, HostBackends, Reset, Wfi
 from pyvirt.machine.sbi import Sbi
+from pyvirt.machine.virtio_table import VIRTIO_KINDS
 from pyvirt.memory import Bus
-from pyvirt.ratelimit import RateLimiter
 from pyvirt.spec import VmSpec
 
 RAM_BASE = 0x8000_0000
@@ -89,9 +88,6 @@ class VirtBoard:
             self.engine.add_hart(h)
             h.yield_on_pause = spec.cpus > 1
         self.backends = self.host.disks           # (a snapshot swaps in the live overlays here)
-        self.vconsole: VirtioConsole | None = None
-        self.nics: list[VirtioNet] = []
-        self.throttled: list[VirtioBlk] = []      # disks with a rate limiter: polled, have deadlines
         self.dtb_addr = 0
         self.tohost: int | None = None
         try:
@@ -109,7 +105,7 @@ class VirtBoard:
     def check_devices(spec: VmSpec) -> None:
         """Refuse a spec with more virtio devices than the board has slots (before the VMM
         opens anything for them)."""
-        count = len(spec.disks) + int(spec.rng) + int(bool(spec.ports)) + len(spec.nets)
+        count = sum(kind.count(spec) for kind in VIRTIO_KINDS)
         if count > VIRTIO_SLOTS:
             raise ConfigError(f"too many virtio devices (the board has {VIRTIO_SLOTS} slots)")
 
@@ -166,22 +162,14 @@ class VirtBoard:
         self.syscon = Syscon(self._power_event)
         bus.add_mmio(TEST_BASE, 0x1000, self.syscon, "test")
         self.virtio: list[tuple[int, int, VirtioMmio]] = []
-        for i, (disk, backend) in enumerate(zip_strict(self.spec.disks, self.host.disks)):
-            blk = VirtioBlk(backend, serial=f"pyvirt-disk{i}",
-                            limiter=RateLimiter.build(self.clock, disk.bw, disk.iops, disk.burst))
-            if blk.limiter is not None:
-                self.throttled.append(blk)
-            self._add_virtio(blk)
-        if self.spec.rng:
-            self._add_virtio(VirtioRng())
-        if self.spec.ports:
-            self.vconsole = VirtioConsole(self.host.console_port, self.host.named_ports)
-            self._add_virtio(self.vconsole)
-        for net, backend in zip_strict(self.spec.nets, self.host.nets):
-            nic = VirtioNet(backend, parse_mac(net.mac),
-                            RateLimiter.build(self.clock, net.tx_bw), RateLimiter.build(self.clock, net.rx_bw))
-            self.nics.append(nic)
-            self._add_virtio(nic)
+        for kind in VIRTIO_KINDS:               # (machine/virtio_table.py: slot order)
+            backends = self.host.of(kind.name)
+            for i in range(kind.count(self.spec)):
+                self._add_virtio(kind.make(self.clock, self.spec, i, backends[i] if i < len(backends) else None))
+        devices = [t.device for _, _, t in self.virtio]
+        self.host_io: list[VirtioDevice] = [d for d in devices if d.serves_host]   # polled between slices
+        self.vconsole = next((d for d in devices if isinstance(d, VirtioConsole)), None)
+        self.nics = [d for d in devices if isinstance(d, VirtioNet)]
 
     def _add_virtio(self, device: Any) -> None:
         slot = len(self.virtio)
@@ -416,25 +404,18 @@ class VirtBoard:
                 h.set_irq(STIP, True)
         self.clint.poll()
         self.rtc.poll()
-        if self.vconsole is not None:
-            self.vconsole.poll()
-        for nic in self.nics:
-            nic.poll()
-        for blk in self.throttled:
-            blk.poll()
+        for dev in self.host_io:
+            dev.poll()
 
     def wait_fds(self) -> list[int]:
         """Host descriptors whose input should wake an idle VM."""
-        fds = [] if self.vconsole is None else [b.fileno() for b in self.vconsole.backends]
-        fds += [nic.fileno() for nic in self.nics]
-        return [fd for fd in fds if fd is not None]
+        return [fd for dev in self.host_io for fd in dev.wait_fds()]
 
     def next_deadline(self) -> int | None:
         """The clock tick at which the next timer fires, if any."""
         cands = [h.stimecmp for h in self.harts
                  if (h.ecall_hook is not None or h.menvcfg & STCE) and h.stimecmp < M64]
-        devs = [*self.nics, *self.throttled]
-        for d in (self.clint.next_deadline(), self.rtc.next_deadline(), *(x.next_deadline() for x in devs)):
+        for d in (self.clint.next_deadline(), self.rtc.next_deadline(), *(x.next_deadline() for x in self.host_io)):
             if d is not None:
                 cands.append(d)
         return min(cands) if cands else None

@@ -8,14 +8,14 @@ network=NAME`) resolve to the switch's socket, so `machine/` never imports `netw
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pyvirt.backends.char import CharBackend
-from pyvirt.backends.disk import open_disk
 from pyvirt.backends.net import NetBackend, PasstBackend, StreamBackend, TapBackend
-from pyvirt.devices.virtio.console import UnixSocketPort
 from pyvirt.machine.interface import HostBackends
 from pyvirt.machine.riscv_virt import VirtBoard
+from pyvirt.machine.virtio_table import VIRTIO_KINDS
 from pyvirt.network.manage import network_socket
 from pyvirt.spec import NetSpec, VmSpec
 
@@ -34,22 +34,23 @@ def open_net_backend(net: NetSpec) -> NetBackend:
     return PasstBackend(net.ports, host_loopback=net.host_loopback)
 
 
+# Openers of host sides that need this layer (a NIC's network name resolves through network/);
+# the other kinds open with their row's `open` (machine/virtio_table.py).
+OPENERS: dict[str, Callable[[VmSpec, int], Any]] = {"net": lambda spec, i: open_net_backend(spec.nets[i])}
+
+
 def open_backends(spec: VmSpec) -> HostBackends:
-    """The host side of every disk, console port and NIC the spec names, in that order (as
-    the board attaches them); if one cannot be had, nothing stays open."""
+    """The host side of every virtio device the spec names, kind by kind in the board's slot
+    order (machine/virtio_table.py); if one cannot be had, nothing stays open."""
     VirtBoard.check_devices(spec)
     opened = HostBackends()
     try:
-        for disk in spec.disks:
-            opened.disks.append(open_disk(disk.path, read_only=disk.read_only, fmt=disk.format))
-        for p in spec.ports:
-            port = UnixSocketPort(p.socket)
-            if p.name == "hvc0":
-                opened.console_port = port
-            else:
-                opened.named_ports.append((p.name, port))
-        for net in spec.nets:
-            opened.nets.append(open_net_backend(net))
+        for kind in VIRTIO_KINDS:
+            open_ = OPENERS.get(kind.name, kind.open)
+            if open_ is None:
+                continue
+            for i in range(kind.count(spec)):
+                opened.of(kind.name).append(open_(spec, i))
     except BaseException:
         opened.close()
         raise

@@ -99,6 +99,7 @@ class VirtioBlk(VirtioDevice):
         super().__init__()
         self.backend = backend
         self.limiter = limiter
+        self.serves_host = limiter is not None      # (only a throttled disk needs polls and a timer)
         self.serial = serial.encode("utf-8", "replace")[:VIRTIO_BLK_ID_BYTES]
         self.stats = {"reads": 0, "writes": 0, "flushes": 0, "errors": 0, "discards": 0, "zeroed": 0,
                       "bytes_read": 0, "bytes_written": 0}

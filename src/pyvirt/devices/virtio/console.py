@@ -180,6 +180,7 @@ class UnixSocketPort:
 
 class VirtioConsole(VirtioDevice):
     device_id = VIRTIO_ID_CONSOLE
+    serves_host = True
     queue_max_size = QUEUE_SIZE
 
     def __init__(self, console: PortBackend | None = None,
@@ -372,6 +373,9 @@ class VirtioConsole(VirtioDevice):
             self._send_control()
         except QueueError as e:
             self.needs_reset(f"queue {CONTROL_RX}: {e}")
+
+    def wait_fds(self) -> list[int]:
+        return [fd for b in self.backends if (fd := b.fileno()) is not None]
 
     def close(self) -> None:
         for b in self.backends:

@@ -107,6 +107,19 @@ class VirtioDevice:
     def negotiated(self, bit: int) -> bool:
         return bool(self.status & STATUS_FEATURES_OK and self.driver_features & bit)
 
+    # -- host I/O: the lifecycle the board serves between CPU slices ----------------------
+    # A device that serves host I/O (a backend to poll, descriptors that wake an idle VM, a
+    # timer: `next_deadline` below) sets `serves_host`; the board polls those, and only
+    # those, in one list.
+    serves_host = False
+
+    def poll(self) -> None:
+        """Between CPU slices: move host I/O along."""
+
+    def wait_fds(self) -> list[int]:
+        """Host descriptors whose input should wake an idle VM."""
+        return []
+
     # -- status (2.1, 3.1) ---------------------------------------------------------------
     @property
     def live(self) -> bool:

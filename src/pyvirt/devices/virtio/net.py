@@ -85,6 +85,7 @@ def parse_mac(text: str) -> bytes:
 
 class VirtioNet(VirtioDevice):
     device_id = VIRTIO_ID_NET
+    serves_host = True
     num_queues = 2
     queue_max_size = QUEUE_SIZE
 
@@ -242,6 +243,10 @@ class VirtioNet(VirtioDevice):
 
     def fileno(self) -> int | None:
         return self.backend.fileno()
+
+    def wait_fds(self) -> list[int]:
+        fd = self.backend.fileno()
+        return [] if fd is None else [fd]
 
     def close(self) -> None:
         self.backend.close()

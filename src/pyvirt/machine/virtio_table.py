@@ -1,0 +1,79 @@
+"""The virtio devices of the virt board, one row per kind, in slot order (virtio-mmio slot i
+is device i of the rows taken in turn: disks first, then rng, console, NICs).
+
+Each row says how many devices of its kind a spec asks for, how the VMM opens the host side
+of one (`open`: called by `vmm/resources.py` before the board is built; None: no host side,
+or opened there because it needs the layers above -- a NIC's network name), and how the board
+makes the device over it (`make`).  The board (`VirtBoard._build_devices`), its slot count,
+the VMM's opening of backends, the device tree (one virtio-mmio node per slot) and the
+snapshot state schema (each device's `state_schema()`, by slot) all read this table, so a
+new virtio device is its device file, its backend, a row here and its spec field
+(docs/devices.md, "Adding a virtio device")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pyvirt.clock import Clock
+from pyvirt.devices.virtio.blk import VirtioBlk
+from pyvirt.devices.virtio.console import UnixSocketPort, VirtioConsole
+from pyvirt.devices.virtio.device import VirtioDevice
+from pyvirt.devices.virtio.net import VirtioNet, parse_mac
+from pyvirt.devices.virtio.rng import VirtioRng
+from pyvirt.machine.interface import ConsolePorts
+from pyvirt.ratelimit import RateLimiter
+from pyvirt.spec import VmSpec
+
+
+@dataclass(frozen=True)
+class VirtioKind:
+    name: str                                                  # HostBackends' key
+    count: Callable[[VmSpec], int]                             # devices of this kind in the spec
+    make: Callable[[Clock, VmSpec, int, Any], VirtioDevice]    # device i over its host backend
+    open: Callable[[VmSpec, int], Any] | None = None           # device i's host backend
+
+
+def _open_disk(spec: VmSpec, i: int) -> Any:
+    from pyvirt.backends.disk import open_disk
+    disk = spec.disks[i]
+    return open_disk(disk.path, read_only=disk.read_only, fmt=disk.format)
+
+
+def _make_blk(clock: Clock, spec: VmSpec, i: int, backend: Any) -> VirtioDevice:
+    disk = spec.disks[i]
+    return VirtioBlk(backend, serial=f"pyvirt-disk{i}", limiter=RateLimiter.build(clock, disk.bw, disk.iops, disk.burst))
+
+
+def _open_ports(spec: VmSpec, _i: int) -> ConsolePorts:
+    ports = ConsolePorts()
+    try:
+        for p in spec.ports:
+            port = UnixSocketPort(p.socket)
+            if p.name == "hvc0":
+                ports.console_port = port
+            else:
+                ports.named_ports.append((p.name, port))
+    except BaseException:
+        ports.close()
+        raise
+    return ports
+
+
+def _make_console(_clock: Clock, _spec: VmSpec, _i: int, ports: ConsolePorts) -> VirtioDevice:
+    return VirtioConsole(ports.console_port, ports.named_ports)
+
+
+def _make_net(clock: Clock, spec: VmSpec, i: int, backend: Any) -> VirtioDevice:
+    net = spec.nets[i]
+    return VirtioNet(backend, parse_mac(net.mac), RateLimiter.build(clock, net.tx_bw),
+                     RateLimiter.build(clock, net.rx_bw))
+
+
+VIRTIO_KINDS: tuple[VirtioKind, ...] = (
+    VirtioKind("blk", lambda s: len(s.disks), _make_blk, _open_disk),
+    VirtioKind("rng", lambda s: int(s.rng), lambda _c, _s, _i, _b: VirtioRng()),
+    VirtioKind("console", lambda s: int(bool(s.ports)), _make_console, _open_ports),
+    VirtioKind("net", lambda s: len(s.nets), _make_net),       # (opened by vmm/resources: network names)
+)

@@ -102,6 +102,41 @@ def test_slow_snapshot_loses_no_writes(slow_daemon: Daemon, tmp_path: Path, kill
     assert "FOUND" in c.logs("v")["text"].split("WROTE")[-1], c.logs("v")["text"][-400:]
 
 
+def test_list_answers_while_a_snapshot_is_written(slow_daemon: Daemon, tmp_path: Path) -> None:
+    """A slow API call does not starve the others (issue 14): while the snapshot takes SLOW s,
+    `GET /vms` and `GET /info` answer at once (the endpoints run off the event loop, and no
+    daemon lock is held across the runner's work)."""
+    import threading
+    import time
+
+    d = slow_daemon
+    c = d.client
+    start_disk_vm(d, tmp_path, "echo READY; sleep 1000")
+    wait_for(lambda: "READY" in c.logs("v")["text"], 60, "the guest")
+    done: list[float] = []
+
+    def take() -> None:
+        c.snapshot("v", "s1")
+        done.append(time.monotonic())
+    t = threading.Thread(target=take)
+    began = time.monotonic()
+    t.start()
+    try:
+        wait_for(lambda: (d.state / "snapshots" / "s1").exists(), 20, "the snapshot to begin")
+        answers = []
+        while not done and time.monotonic() - began < SLOW - 2:
+            t0 = time.monotonic()
+            names = [v["name"] for v in c.list()]
+            c.info()
+            answers.append(time.monotonic() - t0)
+            assert "v" in names
+            time.sleep(0.2)
+    finally:
+        t.join(60)
+    assert done and done[0] - began >= SLOW                 # the snapshot was slow...
+    assert len(answers) >= 3 and max(answers) < 1.5, answers   # ...and the others answered meanwhile
+
+
 def test_delete_guard_sees_through_a_symlinked_state_dir(tmp_path: Path) -> None:
     """A VM whose disk a snapshot froze is not deleted, also when the daemon's state directory
     is reached through a symlink (the snapshot records resolved paths)."""

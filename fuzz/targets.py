@@ -8,10 +8,12 @@ with memory and time limits; FUZZING.md says what ran and what it found.
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import logging
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 TMP = Path(tempfile.mkdtemp(prefix="pyvirt-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+atexit.register(shutil.rmtree, TMP, True)
 
 
 class Input:

@@ -16,7 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -24,7 +27,20 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 
+def supervise() -> int:
+    """Run this script again as a child with a scratch directory, and remove the directory
+    after it (libFuzzer ends the process with exit(), past Python's cleanup)."""
+    scratch = tempfile.mkdtemp(prefix="pyvirt-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        env = dict(os.environ, PYVIRT_FUZZ_TMP=scratch)
+        return subprocess.call([sys.executable, __file__, *sys.argv[1:]], env=env)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main() -> int:
+    if not os.environ.get("PYVIRT_FUZZ_TMP"):
+        return supervise()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("target", nargs="?")
     ap.add_argument("--list", action="store_true")
@@ -72,5 +88,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYVIRT_FUZZ", "1")
     sys.exit(main())

@@ -20,8 +20,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-TMP = Path(tempfile.mkdtemp(prefix="pyvirt-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-atexit.register(shutil.rmtree, TMP, True)
+if os.environ.get("PYVIRT_FUZZ_TMP"):          # fuzz/run.py's: it removes it (libFuzzer exits without atexit)
+    TMP = Path(os.environ["PYVIRT_FUZZ_TMP"])
+else:
+    TMP = Path(tempfile.mkdtemp(prefix="pyvirt-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    atexit.register(shutil.rmtree, TMP, True)
 
 
 class Input:

@@ -58,6 +58,8 @@ from pyvirt.spec import NetSpec, PortSpec, VmSpec, format_size
 from pyvirt.stream import BufferedStream
 from pyvirt.vmm.vm import Vm, Watch
 
+AGENT_BACKLOG = 4096          # bytes of lines waiting for a guest agent that has not opened its port
+
 log = logging.getLogger("pyvirt.runner")
 LOG_MAX = 16 << 20        # console.log is rotated (to console.log.1) beyond this
 LOG_PENDING = 256 << 10   # console output held before it is written (also within a CPU slice)
@@ -195,9 +197,15 @@ class Runner:
             return False
         return any(name == AGENT_PORT and vcon.guest_open[i] for i, name in enumerate(vcon.names))
 
-    def send_agent(self, line: str) -> None:
-        self.agent_out += line.encode() + b"\n"
+    def send_agent(self, line: str) -> bool:
+        """Queue one line for the guest agent; False (nothing queued) when a line holds a
+        control character or AGENT_BACKLOG bytes already wait for an agent that is not there."""
+        data = line.encode() + b"\n"
+        if not line.isprintable() or len(self.agent_out) + len(data) > AGENT_BACKLOG:
+            return False
+        self.agent_out += data
         self._agent_flush()
+        return True
 
     def _agent_flush(self) -> None:
         if self.vm.board is not self.agent_board:          # the guest rebooted
@@ -246,13 +254,18 @@ class Runner:
             vm.request_quit()
             return {"ok": True}
         if op == "hostname":
-            self.send_agent(f"hostname {req.get('name', '')}")
+            name = req.get("name")
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name):
+                return {"ok": False, "error": "hostname needs a name: letters, digits, '.', '_', '-' (1-63)"}
+            if not self.send_agent(f"hostname {name}"):
+                return {"ok": False, "error": "the guest agent is not listening and its backlog is full"}
             return {"ok": True}
         if op == "mac":
             iface, address = str(req.get("iface", "")), str(req.get("address", ""))
-            if not re.fullmatch(r"eth\d{1,3}", iface) or not re.fullmatch(r"(?:[0-9a-f]{2}:){5}[0-9a-f]{2}", address):
+            if not re.fullmatch(r"eth[0-9]{1,3}", iface) or not re.fullmatch(r"(?:[0-9a-f]{2}:){5}[0-9a-f]{2}", address):
                 return {"ok": False, "error": "mac needs iface ethN and address xx:xx:xx:xx:xx:xx"}
-            self.send_agent(f"mac {iface} {address}")
+            if not self.send_agent(f"mac {iface} {address}"):
+                return {"ok": False, "error": "the guest agent is not listening and its backlog is full"}
             return {"ok": True}
         if op == "snapshot":
             return self.snapshot(req)

@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check setup system lint image clean pypy-setup pypy-test
+.PHONY: run test check setup system lint image clean pypy-setup pypy-test fuzz
 PYPY_VENV := .venv-pypy
 
 run: setup
@@ -35,6 +35,13 @@ check: $(STAMP)
 	$(VENV)/bin/ruff format --check $(FORMATTED)
 	$(VENV)/bin/mypy
 	PYTHONPATH=src $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/repo   # (this tree, whatever the venv points at)
+
+# Every fuzz target (fuzz/targets.py) under atheris for FUZZ_SECONDS each, with memory and
+# per-input time limits; crashes land in fuzz/crashes/ (FUZZING.md).  `make test` runs a short one.
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	for t in $$(PYTHONPATH=src $(VENV)/bin/python fuzz/run.py --list); do \
+		PYTHONPATH=src $(VENV)/bin/python fuzz/run.py $$t --seconds $(FUZZ_SECONDS) || exit 1; done
 
 setup: system $(STAMP)
 

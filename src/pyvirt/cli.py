@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="boot a virtual machine (the default guest with no arguments)")
     request.add_arguments(run, request.RUN)        # the flags of pyvirt create too (request.OPTIONS)
+    run.add_argument("--jail", action="store_true",
+                     help="confine the VMM once the VM is built, as pyvirtd's runners are (host/jail.py): "
+                          "a guest reboot then ends the run")
 
     image = sub.add_parser("image", help="guest images")
     isub = image.add_subparsers(dest="image_cmd", metavar="ACTION", parser_class=_Parser)
@@ -233,6 +236,8 @@ def _run_vm(args: argparse.Namespace, make: Any, interactive: bool, cleanup: Any
             cleanup()
             raise
         console.on_quit = vm.request_quit
+        if getattr(args, "jail", False):
+            _enter_jail(vm)
         watch = watch_run(vm, args.quiet, firmware=fresh)
         stop.vm = vm
         timer = None
@@ -266,6 +271,10 @@ def _run_vm(args: argparse.Namespace, make: Any, interactive: bool, cleanup: Any
     if snapshot_after is not None and vm.snapshots_taken:
         where = os.path.abspath(snapshot_after[1])
         sys.stderr.write(f"pyvirt: snapshot saved in {where}: `pyvirt run --restore {where}` goes on from it\n")
+    if code is None and vm.reboot_requested:
+        sys.stderr.write("pyvirt: the guest rebooted; a jailed run cannot build a new VM, so it ended "
+                         "(run again, or without --jail)\n")
+        return 0
     if code is None:
         if args.timeout and not vm.quit_requested:
             sys.stderr.write(f"pyvirt: --timeout {args.timeout:g}: the VM was stopped after "
@@ -276,6 +285,19 @@ def _run_vm(args: argparse.Namespace, make: Any, interactive: bool, cleanup: Any
         sys.stderr.write("pyvirt: error: the guest shut down reporting a system failure "
                          "(SBI system reset, reason 1)\n")
     return code
+
+
+def _enter_jail(vm: Any) -> None:
+    """`pyvirt run --jail`: confine this process now that the board is built (host/jail.py);
+    which layers took effect goes to stderr with --stats-like brevity when one is off."""
+    import json as _json
+
+    from pyvirt.host import jail
+    report = jail.apply(jail.run_jail(_json.loads(vm.spec.model_dump_json()), vm.board))
+    vm.reset_in_place = False
+    off = [f"{name} ({layer.get('reason')})" for name, layer in report.items() if not layer.get("on")]
+    if off:
+        sys.stderr.write(f"pyvirt: jail layers off: {'; '.join(off)}\n")
 
 
 def _snapshot_after(text: str | None) -> tuple[float, str] | None:

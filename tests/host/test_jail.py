@@ -35,26 +35,66 @@ def test_a_jailed_process_is_refused_what_a_runner_must_not_do(tmp_path: Path) -
     unix.bind(str(tmp_path / "host.sock"))
     unix.listen()
     tcp = socket.create_server(("127.0.0.1", 0))
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind(f"\0pyvirt-jail-test-{os.getpid()}")
+    abstract.listen()
     try:
         r = subprocess.run([sys.executable, "-m", "pyvirt.host.jail", "--selftest", "--dir", str(mine),
                             "--read", str(given), "--socket", str(tmp_path / "host.sock"),
-                            "--tcp", str(tcp.getsockname()[1])], capture_output=True, text=True, timeout=60,
+                            "--tcp", str(tcp.getsockname()[1]), "--abstract", f"pyvirt-jail-test-{os.getpid()}"],
+                           capture_output=True, text=True, timeout=60,
                            cwd="/",          # (the working directory, first on sys.path, is not opened)
                            env=dict(os.environ, PYTHONPATH=str(Path(jail.__file__).resolve().parents[2])))
     finally:
         unix.close()
         tcp.close()
+        abstract.close()
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert all(layer["on"] for layer in out["jail"].values()), out["jail"]
     assert out["caps"] == {"effective": 0, "permitted": 0, "inheritable": 0, "bounding": 0}
     tries = out["tries"]
     assert tries["read_inside"] == "allowed" and tries["read_given"] == "allowed", tries
-    for what in ("read_outside", "create_outside", "connect_unix", "connect_tcp", "fork_exec", "execve",
-                 "raise_capability", "setuid"):
+    for what in ("read_outside", "create_outside", "connect_unix", "connect_tcp", "connect_abstract",
+                 "fork_exec", "execve", "raise_capability", "setuid"):
         assert tries[what].startswith("refused"), (what, tries)
     assert not Path("/tmp/pyvirt-jail-escape").exists()
     assert not any(p in ("ro /", "rw /") for p in out["jail"]["landlock"]["paths"])
+    # its own user, mount, IPC and network namespaces (not this process's)
+    ns = out["jail"]["namespaces"]
+    assert ns["user"].startswith("on") and "off" in ns["pid"], ns
+    for kind in ("mnt", "ipc", "net"):
+        assert ns[kind].startswith("on") and os.readlink(f"/proc/self/ns/{kind}") not in ns[kind], ns
+
+
+def test_the_network_namespace_alone_cuts_the_host_off(tmp_path: Path) -> None:
+    """Namespaces only (no Landlock, no seccomp): TCP to the host's loopback and its abstract
+    Unix sockets are out of reach; a socket opened before the jail still works."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    tcp = socket.create_server(("127.0.0.1", 0))
+    name = f"pyvirt-ns-test-{os.getpid()}"
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind("\0" + name)
+    abstract.listen()
+    port = tcp.getsockname()[1]
+    code = ("import json, socket; from pyvirt.host import jail\n"
+            "a, b = socket.socketpair()\n"
+            "ns = jail.enter_namespaces()\n"
+            f"def tcp(): socket.create_connection(('127.0.0.1', {port}), timeout=2).close()\n"
+            f"def ab():\n s = socket.socket(socket.AF_UNIX); s.connect('\\0{name}'); s.close()\n"
+            "a.sendall(b'x')\n"
+            "print(json.dumps({'ns': ns, 'tcp': jail._try(tcp), 'abstract': jail._try(ab), 'old': b.recv(1).decode()}))\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    finally:
+        tcp.close()
+        abstract.close()
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ns"]["net"].startswith("on"), out
+    assert out["tcp"].startswith("refused") and out["abstract"].startswith("refused"), out
+    assert out["old"] == "x"
 
 
 def test_a_jailed_daemon_vm_boots_runs_snapshots_and_stops(daemon: Daemon, tmp_path: Path) -> None:
@@ -143,3 +183,32 @@ def test_a_layer_the_host_forbids_is_reported_off_and_the_others_still_apply(tmp
     assert not rep["landlock"]["on"] and "no Landlock" in rep["landlock"]["reason"]
     assert not rep["seccomp"]["on"] and "libseccomp" in rep["seccomp"]["reason"]
     assert out["caps"]["effective"] == 0 and out["caps"]["bounding"] == 0
+
+
+def test_pyvirt_run_jail_confines_the_vmm_and_the_vm_still_runs(tmp_path: Path) -> None:
+    """`pyvirt run --jail`: while the guest runs, the pyvirt process has no capabilities,
+    no_new_privs, a seccomp filter and its own network namespace; the guest's command runs
+    to its end and its output arrives."""
+    if not LAYERS_ON:
+        pytest.skip("needs root and Landlock ABI >= 4")
+    root = Path(jail.__file__).resolve().parents[2]
+    p = subprocess.Popen([sys.executable, "-m", "pyvirt", "run", "--jail", "--quiet", "--command",
+                          "echo STARTED; sleep 4; echo FINISHED"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(root)))
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert line.strip() == "STARTED", (line, p.stderr.read() if p.stderr else "")
+        status = Path(f"/proc/{p.pid}/status").read_text()
+        fields = dict(ln.split(":", 1) for ln in status.splitlines() if ":" in ln)
+        assert fields["NoNewPrivs"].strip() == "1" and fields["Seccomp"].strip() == "2", status
+        assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0, status
+        assert os.readlink(f"/proc/{p.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    assert "FINISHED" in out

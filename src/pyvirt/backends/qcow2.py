@@ -61,12 +61,14 @@ The dirty bit and lazy refcounts are not used.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import heapq
 import logging
 import os
 import struct
+import sys
 import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -117,6 +119,8 @@ _BE64 = struct.Struct(">Q")
 _UNALLOC, _ZERO, _DATA, _COMP = range(4)
 
 L2_CACHE_BYTES = 32 << 20        # cached L2 tables / refcount blocks, each
+TABLE_BUDGET = 64 << 20          # L1 + refcount tables and their indexes, a whole backing chain
+_ENTRY_COST = 128                # bytes a set entry costs at most (its int, slots at a set's lowest fill)
 _MAX_FREE_SKIP = 1 << 20         # clusters past the end with refcounts (crash leaks) skipped
 _MAX_NEST = 16                   # refcount-block allocations inside one another
 _FREE_LOW = 1024                 # free clusters wanted at hand before a write (see _find_free)
@@ -140,6 +144,25 @@ def _punch(fd: int, offset: int, length: int) -> None:
         _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
 
 
+class ChainBudget:
+    """What one image and its backing chain may hold in memory, shared by every image in it.
+
+    `tables`: bytes of L1 and refcount tables and the indexes built from them when the
+    images are opened (TABLE_BUDGET over the chain); an image whose tables do not fit is
+    refused.  `cache`: bytes of L2 tables and refcount blocks cached by the read-only
+    images of the chain (L2_CACHE_BYTES over the chain); each such image drops its own
+    least recently used tables (down to the one in use) when the chain is over it.  So
+    a chain of 32 crafted images costs what one legitimate image may, not 32 times it."""
+
+    __slots__ = ("cache", "cache_limit", "table_limit", "tables")
+
+    def __init__(self, tables: int | None = None, cache: int | None = None) -> None:
+        self.table_limit = TABLE_BUDGET if tables is None else tables
+        self.cache_limit = L2_CACHE_BYTES if cache is None else cache
+        self.tables = 0
+        self.cache = 0
+
+
 def resolve_backing(image: Path, name: str) -> Path:
     """Where a backing file recorded as `name` in `image` is (relative to the image's directory)."""
     if ":" in name.split("/", 1)[0] and not (image.parent / name).exists():
@@ -150,11 +173,12 @@ def resolve_backing(image: Path, name: str) -> Path:
     return p if p.is_absolute() else image.parent / p
 
 
-def open_backing(path: Path, fmt: str | None, chain: tuple[tuple[int, int], ...]) -> Any:
+def open_backing(path: Path, fmt: str | None, chain: tuple[tuple[int, int], ...],
+                 budget: ChainBudget | None = None) -> Any:
     """Open a backing file read-only (shared lock), probing its format when not recorded."""
     fmt = fmt or probe_format(path)
     if fmt == "qcow2":
-        return Qcow2Backend(path, read_only=True, _chain=chain)
+        return Qcow2Backend(path, read_only=True, _chain=chain, _budget=budget)
     if fmt != "raw":
         raise ImageError(f"backing file {path} has format {fmt!r}; pyvirt reads raw and qcow2")
     raw = RawFileBackend(path, read_only=True)
@@ -215,8 +239,9 @@ class Qcow2Backend:
     format = "qcow2"
 
     def __init__(self, path: str | Path, read_only: bool = False, *, open_backing_file: bool = True,
-                 _chain: tuple[tuple[int, int], ...] = ()) -> None:
+                 _chain: tuple[tuple[int, int], ...] = (), _budget: ChainBudget | None = None) -> None:
         self.path = Path(path)
+        self._budget = _budget if _budget is not None else ChainBudget()
         self.read_only = read_only
         self.backing: Any = None
         self.fd = -1
@@ -236,10 +261,11 @@ class Qcow2Backend:
         try:
             st = os.fstat(self.fd)
             file_size = os.lseek(self.fd, 0, os.SEEK_END)
-            first = os.pread(self.fd, 1 << MAX_CLUSTER_BITS, 0)
-            if len(first) >= V2_HEADER_LENGTH:
-                first = first[:1 << max(MIN_CLUSTER_BITS, min(_HEADER_V2.unpack_from(first)[4],
-                                                              MAX_CLUSTER_BITS))]
+            # The header cluster only (the header says how big): a 512-byte cluster costs 512.
+            first = os.pread(self.fd, V2_HEADER_LENGTH, 0)
+            if len(first) == V2_HEADER_LENGTH:
+                cb0 = max(MIN_CLUSTER_BITS, min(_HEADER_V2.unpack_from(first)[4], MAX_CLUSTER_BITS))
+                first = os.pread(self.fd, 1 << cb0, 0)
         except OSError as e:
             raise ImageError(f"cannot read disk image {name}: {e.strerror}") from None
         h = self.header = parse_header(first, file_size, name)
@@ -273,9 +299,13 @@ class Qcow2Backend:
         self._open_clusters = self._next_free
         self._new_data: set[int] = set()
         self._new_meta: set[int] = set()
+        # The L1 entries past the disk's end are never used (an image shrunk by qemu-img keeps
+        # them): only those the disk needs are read.  Every table held is charged to the chain.
+        l1_used = min(h.l1_size, -(-h.size // (cs * (cs // 8))))
+        self._charge(l1_used * 8 + h.rt_clusters * cs)
         try:
-            self._l1 = bytearray(self._pread_meta(h.l1_offset, h.l1_size * 8)) if h.l1_size else bytearray()
-            self._rt = bytearray(self._pread_meta(h.rt_offset, h.rt_clusters * cs))
+            self._l1 = self._pread_table(h.l1_offset, l1_used * 8)
+            self._rt = self._pread_table(h.rt_offset, h.rt_clusters * cs)
         except OSError as e:
             raise ImageError(f"cannot read disk image {name}: {e.strerror}") from None
         self._rt_offset = h.rt_offset
@@ -284,6 +314,7 @@ class Qcow2Backend:
         self._fixed.update(range(h.rt_offset >> cb, (h.rt_offset >> cb) + h.rt_clusters))
         if h.l1_size:
             self._fixed.update(range(h.l1_offset >> cb, (h.l1_offset + h.l1_size * 8 + cs - 1) >> cb))
+        self._charge(len(self._fixed) * _ENTRY_COST)
         self._l2_clusters, self._l2_shared = self._pointed_clusters(self._l1)
         self._rb_clusters, self._rb_shared = self._pointed_clusters(self._rt)
         self._l2_cache: OrderedDict[int, bytearray] = OrderedDict()
@@ -313,20 +344,48 @@ class Qcow2Backend:
                 raise ImageError(f"disk image {name}: backing chain deeper than {MAX_CHAIN}")
             path = resolve_backing(self.path, h.backing_file)
             try:
-                self.backing = open_backing(path, h.backing_format, chain + (ident,))
+                self.backing = open_backing(path, h.backing_format, chain + (ident,), self._budget)
             except ImageError as e:
                 raise ImageError(f"backing file of {name}: {e}") from None
 
+    def _charge(self, nbytes: int) -> None:
+        """Count `nbytes` more of tables against the chain's budget; refuse the image past it."""
+        b = self._budget
+        b.tables += nbytes
+        if b.tables > b.table_limit:
+            raise ImageError(f"disk image {self.path}: its tables (with its backing chain's) need "
+                             f"over {b.table_limit >> 20} MiB of memory, more than pyvirt allows")
+
     def _pointed_clusters(self, table: bytearray) -> tuple[set[int], set[int]]:
-        """Clusters a table's entries point at (well-formed ones), and those named twice."""
+        """Clusters a table's entries point at (well-formed ones inside the file: the others
+        are refused when used), and those named twice; charged to the chain's budget as they
+        grow.  All-zero stretches (unused entries) are skipped at C speed."""
         seen: set[int] = set()
         twice: set[int] = set()
-        cs = self.cluster_size
-        for (e,) in struct.iter_unpack(">Q", table):
-            off = e & OFFSET_MASK
-            if off and off % cs == 0:
-                c = off >> self.cluster_bits
-                (twice if c in seen else seen).add(c)
+        low = self.cluster_size - 1                # an offset with these bits is misaligned
+        cb = self.cluster_bits
+        limit = self._open_clusters
+        charged = 0
+        step = 1 << 16
+        zeros = bytes(step)
+        for base in range(0, len(table), step):
+            chunk = table[base:base + step]
+            if chunk == zeros[:len(chunk)]:
+                continue
+            entries = array.array("Q", chunk)
+            if sys.byteorder == "little":
+                entries.byteswap()
+            for e in entries:
+                off = e & OFFSET_MASK
+                if off and not off & low:
+                    c = off >> cb
+                    if c < limit:
+                        (twice if c in seen else seen).add(c)
+            grown = len(seen) + len(twice) - charged
+            if grown >= 1024:
+                self._charge(grown * _ENTRY_COST)
+                charged += grown
+        self._charge((len(seen) + len(twice) - charged) * _ENTRY_COST)
         return seen, twice
 
     # -- low-level I/O ------------------------------------------------------------------------
@@ -336,6 +395,18 @@ class Qcow2Backend:
         if c < self._open_clusters:
             return not whole or (c + 1) << self.cluster_bits <= self._open_size
         return c in ours
+
+    def _pread_table(self, offset: int, length: int) -> bytearray:
+        """Read a table straight into the bytearray that keeps it (no second copy)."""
+        table = bytearray(length)
+        view = memoryview(table)
+        done = 0
+        while done < length:
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise self._corrupt(f"metadata at {offset:#x} lies beyond the end of the file")
+            done += n
+        return table
 
     def _pread_meta(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -386,7 +457,7 @@ class Qcow2Backend:
 
     def _l2_offset(self, l1i: int) -> int:
         """The offset of the L2 table for L1 index `l1i`, 0 if none."""
-        if l1i >= self.header.l1_size:
+        if l1i * 8 >= len(self._l1):
             raise self._corrupt(f"L1 index {l1i} beyond the L1 table")
         e = _BE64.unpack_from(self._l1, l1i * 8)[0]
         if e & L1_RESERVED:
@@ -400,6 +471,12 @@ class Qcow2Backend:
         t = cache.get(off)
         if t is None:
             t = cache[off] = bytearray(self._pread_meta(off, self.cluster_size))
+            if self.read_only:               # nothing dirty: kept within the chain's cache budget
+                b = self._budget
+                b.cache += self.cluster_size
+                while b.cache > b.cache_limit and len(cache) > 1:
+                    cache.popitem(last=False)
+                    b.cache -= self.cluster_size
         else:
             cache.move_to_end(off)
         return t
@@ -955,6 +1032,8 @@ class Qcow2Backend:
         for cache in (self._l2_cache, self._rb_cache):
             while len(cache) > self._cache_max // 2:
                 cache.popitem(last=False)
+                if self.read_only:
+                    self._budget.cache -= self.cluster_size
 
     def flush(self) -> None:
         """Write back metadata in crash-safe order and make everything durable."""

@@ -39,6 +39,8 @@ MAX_L1_BYTES = 32 << 20          # QEMU's limits on the tables' sizes
 MAX_RT_BYTES = 8 << 20
 MAX_BACKING_NAME = 1023
 MAX_SNAPSHOTS = 65536
+SNAPSHOT_ENTRY_MIN = 40          # the fixed part of a snapshot table entry
+MAX_EXTENSIONS = 64              # header extensions (QEMU writes at most five)
 
 # incompatible_features
 INCOMPAT_DIRTY = 1 << 0
@@ -190,7 +192,9 @@ def parse_header(data: bytes, file_size: int, name: str = "image") -> Qcow2Heade
     if nb_snapshots > MAX_SNAPSHOTS:
         raise corrupt(f"{nb_snapshots} snapshots")
     if nb_snapshots:
-        _check_table(snapshots_offset, 1, cs, file_size, "snapshot table", corrupt)
+        # Each entry takes at least 40 bytes of the file: the count is bounded by its size.
+        _check_table(snapshots_offset, nb_snapshots * SNAPSHOT_ENTRY_MIN, cs, file_size,
+                     "snapshot table", corrupt)
 
     if backing_offset:
         if backing_len > MAX_BACKING_NAME:
@@ -227,6 +231,8 @@ def _parse_extensions(h: Qcow2Header, area: bytes, corrupt: Any) -> None:
         start, end = pos + 8, pos + 8 + length
         if end > len(area):
             raise corrupt(f"header extension {kind:#x} runs past the header area")
+        if len(h.extensions) >= MAX_EXTENSIONS:
+            raise corrupt(f"more than {MAX_EXTENSIONS} header extensions")
         body = bytes(area[start:end])
         h.extensions.append(kind)
         if kind == EXT_BACKING_FORMAT:
@@ -236,6 +242,8 @@ def _parse_extensions(h: Qcow2Header, area: bytes, corrupt: Any) -> None:
                 raise corrupt("backing file format is not ASCII") from None
         elif kind == EXT_FEATURE_NAMES:
             for i in range(0, len(body) - 47, 48):
+                if body[i] > 2 or body[i + 1] > 63:     # no such feature: not kept (bounded)
+                    continue
                 name = body[i + 2:i + 48].split(b"\0", 1)[0].decode("ascii", "replace")
                 h.feature_names[(body[i], body[i + 1])] = name
         pos = start + _align_up(length, 8)

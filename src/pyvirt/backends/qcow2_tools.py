@@ -173,6 +173,9 @@ class CheckResult:
         return f"{head}, {leaks}{tail}"
 
 
+SNAPSHOT_WALK_BYTES = 256 << 20
+
+
 def check_qcow2(b: Qcow2Backend, max_errors: int = 100) -> CheckResult:
     """Compare every cluster's refcount with its references (see the module's notes).
 
@@ -201,6 +204,9 @@ def check_qcow2(b: Qcow2Backend, max_errors: int = 100) -> CheckResult:
             return 0
         return off
 
+    # Snapshots' tables are walked up to a budget (a crafted table of 65536 snapshots with
+    # 32 MiB L1 tables would take hours); past it the check says it is incomplete.
+    walk_left = SNAPSHOT_WALK_BYTES
     ref_range(0, cs)
     if h.l1_size:
         ref_range(h.l1_offset, h.l1_size * 8)
@@ -232,12 +238,18 @@ def check_qcow2(b: Qcow2Backend, max_errors: int = 100) -> CheckResult:
             if rc:
                 refcounts[base + i] = rc
 
-    def walk_l1(l1_off: int, l1_size: int, active: bool) -> None:
+    def walk_l1(l1_off: int, l1_size: int, active: bool) -> bool:
         if l1_size * 8 > 32 << 20 or l1_off % cs or l1_off + l1_size * 8 > file_size:
             error(f"L1 table at {l1_off:#x} ({l1_size} entries) is invalid")
-            return
-        l1 = b._l1 if active else read(l1_off, l1_size * 8)
+            return False
         walked: set[int] = set()
+        nonlocal walk_left
+        if not active:
+            walk_left -= l1_size * 8
+            if walk_left < 0:               # 65536 snapshots of 32 MiB L1 tables: bounded work
+                res.incomplete = "snapshot tables"
+                return False
+        l1 = b._l1 if active and len(b._l1) == l1_size * 8 else read(l1_off, l1_size * 8)
         for i, (e,) in enumerate(struct.iter_unpack(">Q", l1)):
             if not e & OFFSET_MASK:
                 continue
@@ -255,7 +267,13 @@ def check_qcow2(b: Qcow2Backend, max_errors: int = 100) -> CheckResult:
                 error(f"L2 table {off:#x} named twice in one L1 table")
                 continue
             walked.add(off)
+            if not active:
+                walk_left -= cs
+                if walk_left < 0:
+                    res.incomplete = "snapshot tables"
+                    return False
             walk_l2(read(off, cs), active, i)
+        return True
 
     def walk_l2(table: bytes, active: bool, l1i: int) -> None:
         for j, (e,) in enumerate(struct.iter_unpack(">Q", table)):
@@ -318,9 +336,10 @@ def _walk_snapshots(b: Qcow2Backend, file_size: int, read: Any, ref_range: Any, 
             error(f"snapshot {i} lies beyond the end of the file")
             return
         l1_off, l1_size, id_len, name_len, *_, extra = struct.unpack(">QIHHIIQII", fixed)
-        walk_l1(l1_off, l1_size, False)
-        if l1_size:
+        if walk_l1(l1_off, l1_size, False) and l1_size:
             ref_range(l1_off, l1_size * 8)
+        elif l1_size:
+            return                           # an invalid or unwalked table: the rest is not counted
         pos += 40 + extra + id_len + name_len
         pos += -pos % 8
     ref_range(h.snapshots_offset, pos - h.snapshots_offset)

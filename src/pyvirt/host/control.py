@@ -134,7 +134,7 @@ class Hostname(Request):
 
 class Mac(Request):
     op: Literal["mac"] = "mac"
-    iface: str = Field(pattern=r"^eth\d{1,3}$")
+    iface: str = Field(pattern=r"^eth[0-9]{1,3}$")
     address: str = Field(pattern=r"^(?:[0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
 

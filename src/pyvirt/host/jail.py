@@ -3,6 +3,12 @@
 `apply(Jail(...))` confines the calling process, layer by layer, each layer
 on its own so that a host that forbids one still gets the others:
 
+* ``namespaces`` -- (`enter_namespaces`) a new user namespace, then new
+  mount, IPC and network namespaces owned by it: capabilities count only
+  inside them, the network has only a loopback that is down (no TCP, no
+  abstract Unix socket of the host even where Landlock cannot refuse them),
+  no SysV IPC of the host; sockets already open keep working.  No PID
+  namespace (a running process cannot enter one).
 * ``no_new_privs`` -- PR_SET_NO_NEW_PRIVS: nothing it executes (were exec
   allowed) gains privileges from set-uid bits or file capabilities.
 * ``capabilities`` -- every capability dropped from the bounding set, the
@@ -28,19 +34,20 @@ on its own so that a host that forbids one still gets the others:
   rather than a dead runner that loses its pending writes; against an
   attacker the two contain the same.
 
-What it does *not* enforce: the runner keeps uid 0 (no user namespace: it
+What it does *not* enforce: the runner keeps uid 0 (its user namespace maps
+uid 0 to itself, the only mapping a process may write for itself: it
 owns root's files as far as the Landlock rules let it reach them, and
 without Landlock ABI 6 it may signal other uid-0 processes); a
 pathname Unix socket is refused through seccomp (no new socket, no
 connect), not by path -- Landlock has no right for connecting to one at
-ABI 7; no mount/pid/ipc/net namespace is made (the console, control and
-passt sockets are already open and the runner needs none of them);
+ABI 7; no PID namespace and no new root (Landlock gives the filesystem view);
 resources are the cgroup's business (host/cgroups.py).  Inside the jail a
 guest reboot is done by the daemon (the runner ends with reason "reboot"
 and is started again, host/manager.py), and a passt that dies is not
 restarted (no exec): the NIC stays down until the VM is restarted.
 
     python -m pyvirt.host.jail --selftest --dir DIR [--read FILE] [--socket SOCK] [--tcp PORT]
+                               [--abstract NAME]
 
 applies the same jail (rw DIR, read FILE) and then tries what a jailed
 runner must not do, printing a JSON report (tests/host/test_jail.py).
@@ -61,7 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LAYERS = ("no_new_privs", "capabilities", "landlock", "seccomp")
+LAYERS = ("namespaces", "no_new_privs", "capabilities", "landlock", "seccomp")
 
 # -- libc ----------------------------------------------------------------------------------------
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -91,6 +98,58 @@ def _prctl(op: int, a: int = 0, b: int = 0, c: int = 0, d: int = 0) -> int:
     if r < 0:
         raise _err(f"prctl({op})")
     return r
+
+
+# -- namespaces ----------------------------------------------------------------------------------
+CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+_libc.unshare.argtypes = [ctypes.c_int]
+
+
+def _unshare(flags: int) -> None:
+    if _libc.unshare(flags) < 0:
+        raise _err("unshare")
+
+
+def _ns_id(kind: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/ns/{kind}")
+    except OSError:
+        return "?"
+
+
+def enter_namespaces() -> dict[str, Any]:
+    """Move this process into new namespaces, each on its own (a host that forbids one still
+    gets the others): a user namespace first (its capabilities then count only inside it, and
+    it owns the others), then mount, IPC and network namespaces.  The user namespace maps
+    uid and gid to themselves (a process can map only its own ids): the runner keeps uid 0
+    for the files it reaches.  The network namespace has only a loopback that is down: no
+    TCP, no abstract Unix socket of the host, whatever the other layers allow (the sockets
+    already open -- console, control, passt, switch -- keep working).  No PID namespace: a
+    running process cannot enter one (only its children would), and a jailed runner starts
+    none.  Raises OSError when not even the user namespace can be made."""
+    uid, gid = os.geteuid(), os.getegid()
+    out: dict[str, Any] = {}
+    try:
+        _unshare(CLONE_NEWUSER)
+        Path("/proc/self/setgroups").write_text("deny")
+        Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
+        Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
+        out["user"] = f"on (uid {uid} and gid {gid} map to themselves)"
+    except OSError as e:
+        out["user"] = f"off: {e.strerror or e}"
+    for kind, flag in (("mnt", CLONE_NEWNS), ("ipc", CLONE_NEWIPC), ("net", CLONE_NEWNET)):
+        try:
+            _unshare(flag)
+            out[kind] = f"on ({_ns_id(kind)})"
+        except OSError as e:
+            out[kind] = f"off: {e.strerror or e}"
+    out["pid"] = "off: a running process cannot enter a new PID namespace (a jailed runner starts no process)"
+    if not any(v.startswith("on") for v in out.values()):
+        raise OSError(errno.EPERM, f"no namespace could be made ({out['user']})")
+    return out
 
 
 # -- capabilities --------------------------------------------------------------------------------
@@ -333,6 +392,7 @@ class Jail:
     # directories the jailed process empties but may not remove (its passts' private
     # directories in /tmp: removing one needs a right on /tmp): the daemon removes them
     leftovers: list[Path] = field(default_factory=list)
+    namespaces: bool = True                           # enter new user/mount/ipc/net namespaces
 
 
 def python_paths() -> list[Path]:
@@ -364,6 +424,10 @@ def apply(jail: Jail) -> dict[str, Any]:
         seccomp: ctypes.CDLL | None = _libseccomp()        # (loaded before Landlock hides it)
     except OSError as e:
         seccomp, why = None, f"libseccomp is not available: {e}"
+    if jail.namespaces:
+        layer("namespaces", enter_namespaces)        # (first: capabilities are needed to make them)
+    else:
+        report["namespaces"] = {"on": False, "reason": "not asked for"}
     layer("no_new_privs", lambda: _prctl(PR_SET_NO_NEW_PRIVS, 1) and None)
     layer("capabilities", drop_capabilities)
     abi = landlock_abi()
@@ -417,6 +481,21 @@ def runner_jail(vm_dir: Path, snapshots_dir: Path, spec: Any, board: Any) -> Jai
     return Jail(rw=rw, ro=_spec_files(spec) + _image_chains(board), leftovers=leftovers)
 
 
+def run_jail(spec: Any, board: Any) -> Jail:
+    """The jail of `pyvirt run --jail` once its board is built: read/write of its disks (the
+    files: a guest reboot opens them again) and of its passts' private directories; read of
+    the other files its spec names and of its disks' backing chains.  The terminal, the
+    console and command sockets and passt's socket are open already."""
+    disks = [Path(d["path"]) for d in spec.get("disks", []) if isinstance(d, dict)
+             and isinstance(d.get("path"), str) and d["path"].startswith("/") and not d.get("read_only")]
+    rw: list[Path] = [d for d in disks if d.exists()]
+    for nic in getattr(board, "nics", []):
+        d = getattr(getattr(nic, "backend", None), "dir", None)
+        if d is not None:
+            rw.append(Path(d))
+    return Jail(rw=rw, ro=[p for p in _spec_files(spec) + _image_chains(board) if p not in rw], leftovers=[])
+
+
 def _image_chains(board: Any) -> list[Path]:
     """The files of its disks' backing chains (a snapshot reads them again), which the spec
     does not name."""
@@ -457,7 +536,8 @@ def _try(fn: Any) -> str:
     return "allowed"
 
 
-def selftest(directory: Path, read: Path | None, sock: Path | None, tcp: int | None) -> dict[str, Any]:
+def selftest(directory: Path, read: Path | None, sock: Path | None, tcp: int | None,
+             abstract: str | None = None) -> dict[str, Any]:
     report = apply(Jail(rw=[directory], ro=[read] if read else []))
     out: dict[str, Any] = {"jail": report, "caps": capabilities_now()}
 
@@ -476,6 +556,13 @@ def selftest(directory: Path, read: Path | None, sock: Path | None, tcp: int | N
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.connect(str(sock))
+        finally:
+            s.close()
+
+    def connect_abstract() -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect("\0" + str(abstract))
         finally:
             s.close()
 
@@ -511,6 +598,7 @@ def selftest(directory: Path, read: Path | None, sock: Path | None, tcp: int | N
         "create_outside": _try(create_outside),
         "connect_unix": _try(connect_unix) if sock else "n/a",
         "connect_tcp": _try(connect_tcp) if tcp else "n/a",
+        "connect_abstract": _try(connect_abstract) if abstract else "n/a",
         "fork_exec": _try(exec_prog),
         "execve": _try(execve_here),
         "raise_capability": _try(raise_cap),
@@ -526,8 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--read", type=Path)
     ap.add_argument("--socket", type=Path)
     ap.add_argument("--tcp", type=int)
+    ap.add_argument("--abstract", help="an abstract Unix socket's name to try")
     a = ap.parse_args(argv)
-    print(json.dumps(selftest(a.dir, a.read, a.socket, a.tcp), indent=1))
+    print(json.dumps(selftest(a.dir, a.read, a.socket, a.tcp, a.abstract), indent=1))
     return 0
 
 

@@ -58,6 +58,8 @@ from pyvirt.spec import NetSpec, PortSpec, VmSpec, format_size
 from pyvirt.stream import BufferedStream
 from pyvirt.vmm.vm import Vm, Watch
 
+AGENT_BACKLOG = 4096          # bytes of lines waiting for a guest agent that has not opened its port
+
 log = logging.getLogger("pyvirt.runner")
 LOG_MAX = 16 << 20        # console.log is rotated (to console.log.1) beyond this
 LOG_PENDING = 256 << 10   # console output held before it is written (also within a CPU slice)
@@ -195,9 +197,15 @@ class Runner:
             return False
         return any(name == AGENT_PORT and vcon.guest_open[i] for i, name in enumerate(vcon.names))
 
-    def send_agent(self, line: str) -> None:
-        self.agent_out += line.encode() + b"\n"
+    def send_agent(self, line: str) -> bool:
+        """Queue one line for the guest agent; False (nothing queued) when a line holds a
+        control character or AGENT_BACKLOG bytes already wait for an agent that is not there."""
+        data = line.encode() + b"\n"
+        if not line.isprintable() or len(self.agent_out) + len(data) > AGENT_BACKLOG:
+            return False
+        self.agent_out += data
         self._agent_flush()
+        return True
 
     def _agent_flush(self) -> None:
         if self.vm.board is not self.agent_board:          # the guest rebooted
@@ -245,10 +253,12 @@ class Runner:
             vm.request_quit()
             return control.Done()
         if isinstance(req, control.Hostname):
-            self.send_agent(f"hostname {req.name}")
+            if not self.send_agent(f"hostname {req.name}"):
+                raise control.Refused("the guest agent is not listening and its backlog is full")
             return control.Done()
         if isinstance(req, control.Mac):
-            self.send_agent(f"mac {req.iface} {req.address}")
+            if not self.send_agent(f"mac {req.iface} {req.address}"):
+                raise control.Refused("the guest agent is not listening and its backlog is full")
             return control.Done()
         if isinstance(req, control.Snapshot):
             self.snapshot(req, respond)         # (the reply when it is written)

@@ -1,0 +1,590 @@
+"""Fuzz targets: each `fuzz_NAME(data)` feeds one input to a piece of pyvirt that takes
+hostile input, and raises only for a defect (an exception the code must not let out, an
+access outside guest RAM, a device's internal error).  What the code is allowed to answer
+with (one-line errors, a device that needs a reset) is caught here.  `SEEDS[NAME]()`
+gives a few well-formed inputs to start from.  fuzz/run.py runs them under atheris
+with memory and time limits; FUZZING.md says what ran and what it found.
+"""
+
+from __future__ import annotations
+
+import atexit
+import io
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+if os.environ.get("PYVIRT_FUZZ_TMP"):          # fuzz/run.py's: it removes it (libFuzzer exits without atexit)
+    TMP = Path(os.environ["PYVIRT_FUZZ_TMP"])
+else:
+    TMP = Path(tempfile.mkdtemp(prefix="pyvirt-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    atexit.register(shutil.rmtree, TMP, True)
+
+
+class Input:
+    """Reads numbers and bytes off the front of a fuzz input; zeros once it is spent."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def more(self) -> bool:
+        return self.pos < len(self.data)
+
+    def bytes(self, n: int) -> bytes:
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def int(self, size: int) -> int:
+        return int.from_bytes(self.bytes(size).ljust(size, b"\0"), "little")
+
+    def u8(self) -> int:
+        return self.int(1)
+
+    def u16(self) -> int:
+        return self.int(2)
+
+    def u32(self) -> int:
+        return self.int(4)
+
+
+class _Internal(logging.Handler):
+    """Records log records that carry a traceback: a device's last line of defence caught
+    something, which is a defect even though the VM survives it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.seen.append(f"{record.getMessage()}: {record.exc_info[1]!r}")
+
+
+INTERNAL = _Internal()
+logging.getLogger("pyvirt").addHandler(INTERNAL)
+logging.getLogger("pyvirt").propagate = False
+
+
+def _no_internal_errors() -> None:
+    if INTERNAL.seen:
+        seen = list(INTERNAL.seen)
+        INTERNAL.seen.clear()
+        raise AssertionError(f"internal error caught by a last line of defence: {seen[0]}")
+
+
+# -- virtio devices through the mock driver -------------------------------------------------
+def _rig(device: Any, queues: int) -> tuple[Any, list[Any]]:
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "devices"))
+    from virtio_rig import make_rig
+
+    rig = make_rig(device, ram_size=1 << 20)
+    qs = rig.drv.init(queues=queues, queue_size=16)
+    return rig, qs
+
+
+def _drive(inp: Input, rig: Any, qs: list[Any], feed: Callable[[bytes], None] | None) -> None:
+    """Play a hostile guest (and a host peer through `feed`) with the ops the input spells."""
+    from pyvirt.devices.virtio import mmio as regs
+
+    drv, dev, bus = rig.drv, rig.device, rig.bus
+    ram, end = bus.ram_base, bus.ram_end
+    steps = 0
+    while inp.more() and steps < 64:
+        steps += 1
+        op = inp.u8() % 13
+        q = qs[inp.u8() % len(qs)]
+        try:
+            if op == 0:                      # a well-formed chain with fuzzed contents
+                bufs = []
+                for _ in range(1 + inp.u8() % 4):
+                    n = inp.u16() % 2048
+                    if inp.u8() & 1:
+                        bufs.append(drv.buffer(n, writable=True))
+                    else:
+                        bufs.append(drv.buffer(inp.bytes(n)))
+                q.add(bufs, indirect=bool(inp.u8() & 1))
+            elif op == 1:                    # any descriptor, addresses mostly in RAM
+                addr = ram + inp.u32() % (end - ram) if inp.u8() & 3 else inp.int(8)
+                q.write_desc(inp.u8() % q.size, addr, inp.u32() % (1 << 17), inp.u16() & 7, inp.u16())
+            elif op == 2:
+                q.publish(inp.u16())
+            elif op == 3:
+                q.set_avail_idx(inp.u16())
+            elif op == 4:
+                drv.kick(q.index if inp.u8() & 3 else inp.u16())
+            elif op == 5:
+                poll = getattr(dev, "poll", None)
+                if callable(poll):
+                    poll()
+            elif op == 6:                    # any register write (the transport)
+                bus.write(drv.base + (inp.u16() % 0x200), 4, inp.u32())
+            elif op == 7:
+                size = (1, 2, 4, 8)[inp.u8() % 4]
+                bus.read(drv.base + (inp.u16() % 0x200) // size * size, size)
+            elif op == 8:                    # rewrite guest RAM (buffers, rings) under the device
+                addr = ram + inp.u32() % (end - ram)
+                data = inp.bytes(inp.u8())
+                bus.write_bytes(addr, data[:max(0, end - addr)])
+            elif op == 9:
+                drv.ack_interrupt()
+            elif op == 10:
+                q.set_used_event(inp.u16())
+            elif op == 11:
+                if feed is not None:
+                    feed(inp.bytes(inp.u16() % 4096))
+            elif op == 12:
+                size = (1, 2, 4, 8)[inp.u8() % 4]
+                off = regs.CONFIG + (inp.u8() // size * size)
+                bus.write(drv.base + off, size, inp.int(size))
+        except (MemoryError, AssertionError, ValueError, IndexError):
+            # the mock driver's own limits (its allocator, free descriptors): not the device's
+            break
+    if bus.stray:
+        raise AssertionError(f"the device touched memory outside RAM: {bus.stray[:3]}")
+    _no_internal_errors()
+
+
+def fuzz_virtio_blk(data: bytes) -> None:
+    from pyvirt.devices.virtio.blk import VirtioBlk
+    from pyvirt.testing.fakes import MemoryBlockBackend
+
+    inp = Input(data)
+    rig, qs = _rig(VirtioBlk(MemoryBlockBackend(size=64 << 10), serial="fuzz"), 1)
+    _drive(inp, rig, qs, None)
+
+
+def fuzz_virtio_net(data: bytes) -> None:
+    from pyvirt.devices.virtio.net import VirtioNet
+
+    class Peer:
+        def __init__(self) -> None:
+            self.inbox: list[bytes] = []
+            self.link_up = True
+
+        def send(self, frame: bytes) -> bool:
+            return True
+
+        def recv(self, limit: int) -> list[bytes]:
+            out, self.inbox = self.inbox[:limit], self.inbox[limit:]
+            return out
+
+        def fileno(self) -> int | None:
+            return None
+
+        def close(self) -> None:
+            pass
+
+    peer = Peer()
+    inp = Input(data)
+    rig, qs = _rig(VirtioNet(peer, b"\x52\x54\x00\x12\x34\x56"), 2)
+    def feed(frame: bytes) -> None:
+        if frame[:1] == b"\xff":            # the link goes down or up
+            peer.link_up = not peer.link_up
+        elif len(peer.inbox) < 64:
+            peer.inbox.append(frame)
+
+    _drive(inp, rig, qs, feed)
+
+
+def fuzz_virtio_console(data: bytes) -> None:
+    from pyvirt.devices.virtio.console import VirtioConsole
+
+    class Port:
+        def __init__(self) -> None:
+            self.connected = True
+            self.inbox = bytearray()
+
+        def poll(self, want: int) -> bytes:
+            out = bytes(self.inbox[:want])
+            del self.inbox[:len(out)]
+            return out
+
+        def send(self, data: bytes) -> bool:
+            return True
+
+        def fileno(self) -> int | None:
+            return None
+
+        def close(self) -> None:
+            pass
+
+    port = Port()
+    inp = Input(data)
+    rig, qs = _rig(VirtioConsole(None, [("data", port)]), 6)
+    _drive(inp, rig, qs, lambda b: port.inbox.extend(b) if len(port.inbox) < 1 << 16 else None)
+
+
+def fuzz_virtio_rng(data: bytes) -> None:
+    from pyvirt.devices.virtio.rng import VirtioRng
+
+    inp = Input(data)
+    rig, qs = _rig(VirtioRng(source=lambda n: bytes(n)), 1)
+    _drive(inp, rig, qs, None)
+
+
+def fuzz_virtio_mmio(data: bytes) -> None:
+    """The transport's registers from reset, in any order (no driver set-up first)."""
+    import sys
+
+    from pyvirt.devices.virtio.rng import VirtioRng
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "devices"))
+    from virtio_rig import make_rig
+
+    inp = Input(data)
+    rig = make_rig(VirtioRng(source=lambda n: bytes(n)), ram_size=1 << 20)
+    bus, base = rig.bus, rig.drv.base
+    for _ in range(256):
+        if not inp.more():
+            break
+        size = (1, 2, 4, 8)[inp.u8() % 4]
+        off = inp.u16() % 0x200 // size * size
+        if inp.u8() & 1:
+            bus.write(base + off, size, inp.int(size))
+        else:
+            bus.read(base + off, size)
+    if bus.stray:
+        raise AssertionError(f"the device touched memory outside RAM: {bus.stray[:3]}")
+    _no_internal_errors()
+
+
+# -- qcow2 ------------------------------------------------------------------------------------
+def fuzz_qcow2(data: bytes) -> None:
+    """The image is the input's tail; its head spells reads, writes, discards and flushes."""
+    from pyvirt.backends.qcow2 import Qcow2Backend
+    from pyvirt.errors import ImageError
+
+    inp = Input(data)
+    nops = inp.u8() % 16
+    ops = [(inp.u8() % 5, inp.u32(), inp.u16()) for _ in range(nops)]
+    path = TMP / "img.qcow2"
+    path.write_bytes(data[inp.pos:])
+    try:
+        b = Qcow2Backend(path, read_only=bool(nops & 1) and False, open_backing_file=False)
+    except ImageError:
+        return
+    try:
+        for op, off, n in ops:
+            off %= max(b.size, 1)
+            n = min(n, b.size - off)
+            try:
+                if op == 0:
+                    b.readinto(off, memoryview(bytearray(n)))
+                elif op == 1:
+                    b.write(off, bytes([op + 1]) * n)
+                elif op == 2:
+                    b.discard(off - off % 512, n - n % 512)
+                elif op == 3:
+                    b.write_zeroes(off - off % 512, n - n % 512)
+                else:
+                    b.flush()
+            except OSError:                  # ImageCorruptError (EIO), EINVAL: fail the request
+                continue
+    finally:
+        try:
+            b.close()
+        except OSError:
+            pass
+
+
+def _qcow2_seeds() -> Iterator[bytes]:
+    from pyvirt.backends.qcow2 import Qcow2Backend
+    from pyvirt.backends.qcow2_tools import create_qcow2
+
+    for cs in (512, 4096, 65536):
+        p = TMP / f"seed-{cs}.qcow2"
+        p.unlink(missing_ok=True)
+        create_qcow2(p, 1 << 20, cluster_size=cs)
+        b = Qcow2Backend(p)
+        b.write(0, b"x" * 3000)
+        b.write(cs * 5, b"y" * 700)
+        b.close()
+        ops = bytes([4]) + struct.pack("<BIH", 0, 0, 4096) + struct.pack("<BIH", 1, 100, 5000) \
+            + struct.pack("<BIH", 2, 0, 8192) + struct.pack("<BIH", 4, 0, 0)
+        yield ops + p.read_bytes()
+
+
+# -- snapshot state ---------------------------------------------------------------------------
+_BOARD: Any = None
+_STATE: Any = None
+
+
+def _board() -> tuple[Any, Any]:
+    global _BOARD, _STATE
+    if _BOARD is None:
+        from pyvirt.backends.char import BufferBackend
+        from pyvirt.spec import make_spec
+        from pyvirt.vmm.resources import build_board
+
+        code = struct.pack("<I", 0x0000006F)
+        ehdr = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 2, 243, 1,
+                           0x8000_0000, 64, 0, 0, 64, 56, 1, 64, 0, 0)
+        phdr = struct.pack("<IIQQQQQQ", 1, 5, 120, 0x8000_0000, 0x8000_0000, len(code), len(code), 0x1000)
+        (TMP / "fw.elf").write_bytes(ehdr + phdr + code)
+        (TMP / "d.img").write_bytes(bytes(1 << 20))
+        spec = make_spec(bios=str(TMP / "fw.elf"), memory=16 << 20, disks=[{"path": TMP / "d.img"}],
+                         rng=True)
+        _BOARD = build_board(spec, BufferBackend())
+        from pyvirt.state import encode_bytes
+        _STATE = json.loads(json.dumps(_BOARD.save_state(), default=encode_bytes))
+    return _BOARD, _STATE
+
+
+def _paths(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    yield path
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, path + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, path + (i,))
+
+
+def fuzz_snapshot_state(data: bytes) -> None:
+    """A board's saved state with values swapped for hostile ones where the input says, then
+    checked (vmm/snapcheck) and loaded, as `load_snapshot` does."""
+    import copy
+
+    from pyvirt.errors import ConfigError, PyvirtError
+    from pyvirt.vmm.snapcheck import check_state
+
+    board, saved = _board()
+    state = copy.deepcopy(saved)
+    paths = list(_paths(state))[1:]
+    inp = Input(data)
+    values: list[Any] = [-1, 0, 1, 1 << 64, -(1 << 63), 2 ** 31, "", "x" * 300, [], {}, None, True,
+                         1.5, [0] * 70, "AAAA", {"a": 1}]
+    for _ in range(min(8, len(data) // 3)):
+        path = paths[inp.u16() % len(paths)]
+        kind = inp.u8()
+        value: Any = values[kind % len(values)] if kind < 128 else inp.int(1 + kind % 9) - (1 << 8 * (kind % 9))
+        node: Any = state
+        for k in path[:-1]:                  # (an earlier swap may have cut the path)
+            ok = isinstance(node, dict) and k in node or isinstance(node, list) and isinstance(k, int) \
+                and k < len(node)
+            node = node[k] if ok else None
+        if isinstance(node, dict) or isinstance(node, list) and isinstance(path[-1], int) and path[-1] < len(node):
+            if kind == 255 and isinstance(node, dict):
+                node.pop(path[-1], None)
+            else:
+                node[path[-1]] = value
+    try:
+        checked = check_state(board, state)
+    except ConfigError:
+        return
+    try:
+        board.load_state(checked)
+    except (ValueError, KeyError, TypeError, IndexError, PyvirtError):
+        return                               # load_snapshot turns these into one ConfigError
+    finally:
+        board.load_state(check_state(board, saved))
+
+
+def _snapshot_seeds() -> Iterator[bytes]:
+    yield b"\x00\x00\x01"
+    yield bytes(range(48))
+
+
+# -- archive import ---------------------------------------------------------------------------
+def fuzz_archive(data: bytes) -> None:
+    """An export archive: the input is its tar stream (compressed here), or with a first byte
+    of 1 the archive file itself."""
+    import shutil
+
+    import zstandard
+
+    from pyvirt.host.archive import ArchiveError, unpack
+
+    if not data:
+        return
+    raw = data[1:] if data[0] == 1 else zstandard.ZstdCompressor(level=1).compress(data[1:])
+    (TMP / "a.tar.zst").write_bytes(raw)
+    dest = TMP / "unpacked"
+    shutil.rmtree(dest, ignore_errors=True)
+    try:
+        unpack(TMP / "a.tar.zst", dest)
+    except ArchiveError as e:
+        if "\n" in str(e):
+            raise AssertionError(f"a multi-line error: {e!r}") from None
+        if dest.exists():
+            raise AssertionError("a refused archive left its directory behind") from None
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def _archive_seeds() -> Iterator[bytes]:
+    import tarfile
+
+    from pyvirt.host.archive import MANIFEST
+
+    def tar(members: dict[str, bytes]) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as t:
+            for name, body in members.items():
+                ti = tarfile.TarInfo(name)
+                ti.size = len(body)
+                t.addfile(ti, io.BytesIO(body))
+        return out.getvalue()
+
+    disk = bytes(4096) + b"data" * 100
+    m = {"format": "pyvirt-export", "version": 1, "spec": {"memory": 64 << 20, "disks": [{"path": "disks/disk0.img"}]},
+         "members": {"disks/disk0.img": len(disk)}}
+    yield b"\0" + tar({MANIFEST: json.dumps(m).encode(), "disks/disk0.img": disk})
+    yield b"\0" + tar({MANIFEST: json.dumps(m).encode()})
+
+
+# -- the daemon <-> runner control protocol ----------------------------------------------------
+def fuzz_control(data: bytes) -> None:
+    """Bytes from a control client, in the chunks the input says, through the runner's
+    line framing and request handler (with a stand-in VM)."""
+    import socket
+
+    from pyvirt.host.control import ControlServer
+    from pyvirt.host.runner import Runner
+
+    class Vm:
+        paused = False
+
+        def pause(self) -> None:
+            self.paused = True
+
+        def resume(self) -> None:
+            self.paused = False
+
+        def request_quit(self) -> None:
+            pass
+
+        def request_snapshot(self, directory: str, **kw: Any) -> None:
+            if not isinstance(directory, str):
+                raise AssertionError("snapshot dir not a string")
+
+        class stats:
+            instructions = 0
+            resets = 0
+
+    class FakeRunner:
+        vm = Vm()
+        last_snapshot = None
+        paths = type("P", (), {"dir": TMP})()
+        console = type("C", (), {"client": None})()
+        reason = ""
+
+        def send_agent(self, line: str) -> None:
+            if "\n" in line:
+                raise AssertionError(f"a newline reaches the guest agent: {line!r}")
+
+        def agent_open(self) -> bool:
+            return False
+
+        status = Runner.status
+        snapshot = Runner.snapshot
+        handle = Runner.handle
+
+    runner = FakeRunner()
+    server = ControlServer.__new__(ControlServer)
+    server.handler = runner.handle
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    server.clients = {b.fileno(): (b, bytearray())}
+    try:
+        inp = Input(data)
+        while inp.more() and b.fileno() in server.clients:
+            chunk = inp.bytes(1 + inp.u8() * 4)
+            a.sendall(chunk)
+            server._read(b.fileno())
+            a.setblocking(False)
+            try:
+                while a.recv(1 << 16):
+                    pass
+            except BlockingIOError:
+                pass
+            a.setblocking(True)
+            for _, buf in server.clients.values():
+                if len(buf) > 2 * (64 << 10):
+                    raise AssertionError(f"a client's buffer grew to {len(buf)} bytes")
+    finally:
+        a.close()
+        b.close()
+
+
+def _control_seeds() -> Iterator[bytes]:
+    for line in (b'{"op": "status"}\n', b'{"op": "mac", "iface": "eth0", "address": "52:54:00:00:00:01"}\n',
+                 b'{"op": "snapshot", "dir": "/tmp/x", "then": "quit"}\n', b'{"op": "hostname", "name": "a"}\n'):
+        yield bytes([len(line) // 4]) + line
+
+
+# -- the REST API's request models --------------------------------------------------------------
+def fuzz_request(data: bytes) -> None:
+    """A request body for VM create, export and import: validated, then resolved to a spec
+    and limits as the daemon does.  Only one-line validation errors may come out."""
+    from pydantic import ValidationError
+
+    from pyvirt.errors import PyvirtError
+    from pyvirt.host.models import ExportRequest, ImportRequest, VmCreate, to_spec
+
+    if not data:
+        return
+    model = (VmCreate, ExportRequest, ImportRequest)[data[0] % 3]
+    try:
+        req = model.model_validate_json(data[1:])
+    except ValidationError:
+        return
+    if isinstance(req, VmCreate):
+        if req.image not in (None, "default") or req.root_disk:
+            return                           # would build or copy an image: out of scope here
+        try:
+            to_spec(req)
+        except PyvirtError as e:
+            if "\n" in str(e):
+                raise AssertionError(f"a multi-line error: {e!r}") from None
+
+
+def _request_seeds() -> Iterator[bytes]:
+    yield b"\0" + json.dumps({"name": "a", "memory": "64M", "cpus": 1, "net": ["user"]}).encode()
+    yield b"\0" + json.dumps({"name": "b", "disk": ["/dev/null,ro"], "limits": {}, "cpu_quota": 0.5}).encode()
+    yield b"\1" + json.dumps({"path": "/tmp/x.tar.zst"}).encode()
+    yield b"\2" + json.dumps({"path": "/tmp/x.tar.zst", "name": "c"}).encode()
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "virtio_blk": fuzz_virtio_blk,
+    "virtio_net": fuzz_virtio_net,
+    "virtio_console": fuzz_virtio_console,
+    "virtio_rng": fuzz_virtio_rng,
+    "virtio_mmio": fuzz_virtio_mmio,
+    "qcow2": fuzz_qcow2,
+    "snapshot_state": fuzz_snapshot_state,
+    "archive": fuzz_archive,
+    "control": fuzz_control,
+    "request": fuzz_request,
+}
+
+
+def _device_seeds() -> Iterator[bytes]:
+    # a chain of a readable header and a writable buffer, kicked, polled; then raw ring writes
+    yield bytes([0, 0, 1, 16, 0, 0]) + bytes(16) + bytes([4, 0, 0, 5, 0])
+    yield bytes([0, 0, 2, 16, 0, 0]) + struct.pack("<IIQ", 0, 0, 0) + bytes([0, 0, 2, 1]) + bytes([4, 0, 0])
+    yield bytes([1, 0, 1, 0, 0, 0, 0, 0, 16, 0, 0, 1, 0, 2, 0]) + bytes([2, 0, 0, 0, 4, 0, 0])
+    yield bytes([11, 0, 64, 0]) + bytes(64) + bytes([0, 0, 1, 0, 8, 1, 4, 0, 0, 5, 0])
+
+
+SEEDS: dict[str, Callable[[], Iterator[bytes]]] = {
+    "virtio_blk": _device_seeds,
+    "virtio_net": _device_seeds,
+    "virtio_console": _device_seeds,
+    "virtio_rng": _device_seeds,
+    "virtio_mmio": lambda: iter([bytes(range(64)), bytes([2, 0x70, 0, 1, 0, 0, 0, 1])]),
+    "qcow2": _qcow2_seeds,
+    "snapshot_state": _snapshot_seeds,
+    "archive": _archive_seeds,
+    "control": _control_seeds,
+    "request": _request_seeds,
+}

@@ -22,6 +22,7 @@ from typing import Any
 from pyvirt.backends.char import CharBackend
 from pyvirt.clock import Clock
 from pyvirt.compat import zip_strict
+from pyvirt.cpu.riscv import codecache
 from pyvirt.cpu.riscv.csr import MEIP, MSIP, MTIP, S_INTERRUPTS, SEIP, STCE, STIP
 from pyvirt.cpu.riscv.engine import Engine
 from pyvirt.cpu.riscv.hart import HART_STARTED, HART_STOPPED, Hart
@@ -37,6 +38,7 @@ from pyvirt.devices.virtio.mmio import VirtioMmio
 from pyvirt.devices.virtio.net import VirtioNet, parse_mac
 from pyvirt.devices.virtio.rng import VirtioRng
 from pyvirt.errors import ConfigError
+from pyvirt.fsutil import cache_root
 from pyvirt.machine import boot
 from pyvirt.machine.fdt import U64, Node, reg, to_dtb
 from pyvirt.machine.interface import BudgetSpent, Exit, Halt, HostBackends, Reset, Wfi
@@ -82,7 +84,8 @@ class VirtBoard:
         self.reset_requested = False
         self.clock = Clock()
         self.bus = Bus(RAM_BASE, spec.memory, ram)
-        self.engine = Engine(self.bus, spec.engine)
+        self.engine = Engine(self.bus, spec.engine,
+                             code_cache=codecache.for_board(cache_root()) if spec.engine == "native" else None)
         self.harts = [Hart(i, self.bus, self.clock, native_regs=spec.engine == "native")
                       for i in range(spec.cpus)]
         for h in self.harts:
@@ -423,4 +426,7 @@ class VirtBoard:
         return min(cands) if cands else None
 
     def close(self) -> None:
-        self.host.close()
+        try:
+            self.engine.close()              # keeps this run's native code (codecache.py)
+        finally:
+            self.host.close()

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pyvirt.cpu.riscv import isa, native
+from pyvirt.cpu.riscv.codecache import CodeCache, footprint
 from pyvirt.cpu.riscv.decode import Insn, decode
 from pyvirt.cpu.riscv.emit import BlockEmitter, GenericEmitter
 from pyvirt.cpu.riscv.hart import Hart
@@ -86,7 +87,9 @@ HANDLERS = _build_handlers()
 class Engine:
     """Runs harts of one machine; owns the translated-code caches."""
 
-    def __init__(self, bus: Bus, mode: str = "jit", hot: int = 16) -> None:
+    def __init__(self, bus: Bus, mode: str = "jit", hot: int = 16,
+                 code_cache: CodeCache | None = None) -> None:
+        """`code_cache`: translations kept across runs (native engine only; see codecache.py)."""
         if mode not in ENGINES:
             raise ValueError(f"unknown engine {mode!r}")
         self.bus = bus
@@ -102,6 +105,8 @@ class Engine:
             raise ValueError("the native engine needs an x86-64 Linux host")
         self.native = native.Translator() if mode == "native" else None
         self.jumps = native.JumpTables() if mode == "native" else None
+        self.code_cache = code_cache if self.native is not None else None
+        self._stop_half: int | None = None     # see _decode_block
 
     def add_hart(self, hart: Hart) -> None:
         if self.native is not None and isinstance(hart.x, list):
@@ -173,11 +178,13 @@ class Engine:
         out: list[tuple[Insn, int]] = []
         seen: set[int] = set()
         a = pc
+        self._stop_half = None
         while len(out) < MAX_BLOCK and a not in seen:
             po = a & 0xFFF
             lo = ram[base + po] | (ram[base + po + 1] << 8) if po <= 0xFFE else 0
             if lo & 3 == 3:
                 if po > 0xFFC:
+                    self._stop_half = po       # (the code cache's footprint includes it)
                     break                      # crosses into the next page
                 word = lo | ((ram[base + po + 2] | (ram[base + po + 3] << 8)) << 16)
             else:
@@ -204,6 +211,11 @@ class Engine:
             self.flush()
             self.stats["flushes"] += 1
         priv, pc, ppn = key
+        if self.code_cache is not None:
+            ent = self._cached_native(key)
+            if ent is not None:
+                self._register(key, ent)
+                return ent
         insns = self._decode_block(pc, ppn)
         if not insns:
             return (self._crossing_insn, 1, ppn)   # never cached: see lookup()
@@ -280,7 +292,34 @@ class Engine:
             return None
         fn, cut, code = done
         self.jumps.insert(priv, pc, ppn, code)
+        if self.code_cache is not None:
+            self.code_cache.store(priv, pc, footprint(insns, self._stop_half), self._page(ppn),
+                                  *self.native.last, cut)
         return (native.native_entry(fn, cut), cut, ppn)
+
+    def _page(self, ppn: int) -> memoryview:
+        base = (ppn << 12) - self.bus.ram_base
+        return memoryview(self.bus.ram)[base:base + 4096]
+
+    def _cached_native(self, key: tuple[int, int, int]) -> Entry | None:
+        """The block's translation from an earlier run, if its guest bytes are the same."""
+        priv, pc, ppn = key
+        assert self.code_cache is not None and self.native is not None and self.jumps is not None
+        base = (ppn << 12) - self.bus.ram_base
+        if not 0 <= base <= len(self.bus.ram) - 4096:
+            return None
+        hit = self.code_cache.lookup(priv, pc, self._page(ppn))
+        if hit is None:
+            return None
+        code, far, cut = hit
+        fn, addr = self.native.place(code, far)
+        self.jumps.insert(priv, pc, ppn, addr)
+        return (native.native_entry(fn, cut), cut, ppn)
+
+    def close(self) -> None:
+        """The VM is done with the engine: keep this run's translations for the next one."""
+        if self.code_cache is not None:
+            self.code_cache.save()
 
     def _translated(self, insns: list[tuple[Insn, int]], end_pc: int, key: tuple[int, int, int]) -> Entry:
         """The best translation of a block: native if it can start natively, else Python."""

@@ -1,0 +1,291 @@
+"""A persistent cache of native translations, so that a second boot skips translating.
+
+Translating a block to x86-64 is a pure function of the block's guest bytes, its virtual
+pc, the privilege it runs at and the translator itself; native code reaches everything
+else (registers, TLB tables, guest RAM) through the state buffer, and its only absolute
+targets are the far jumps to its code chunk's stub, which `CodeBuffer.put` patches where
+the code lands.  So a translation made in one run can be placed as is in another.
+
+An entry is keyed by (privilege, virtual pc) and holds:
+
+* the *footprint*: every guest byte the block was formed from, as (page offset, bytes)
+  runs — the instructions decoded (direct jumps inside the page included) and the half
+  word that stopped decoding at the page's end;
+* `cut`, the number of instructions the native code covers;
+* the code bytes and the offsets of their far jumps.
+
+A lookup hits only when every footprint byte equals the guest page's bytes now, so a
+changed page (self-modifying code, another program at the same address, a remapped page)
+misses and is translated afresh; invalidation on later stores is the engine's as always.
+Nothing else of the guest is trusted, and the guest decides only which of its own blocks
+are stored: translating the same bytes would give the same code.
+
+The file (one per translator version: the digest of this package's source) lives in
+the cache directory the board names (~/.cache/pyvirt/code), mode 0700.  It is written
+whole, to a temporary name and renamed, and carries a keyed BLAKE2b MAC under a random
+key kept in that directory (0600): a file that fails the MAC, is truncated, too large
+or malformed is ignored.  The file is bounded (`MAX_FILE`), entries used or made by
+this run go first and the rest are kept while they fit; at most `KEEP_FILES` versions
+stay in the directory.  Write errors (a read-only or jailed file system) only mean the
+next run translates again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import stat
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+from pyvirt.cpu.riscv.decode import Insn
+
+MAGIC = b"PYVCODE1"
+MAX_FILE = 48 << 20            # bytes in one cache file
+KEEP_FILES = 4                 # translator versions kept side by side
+MAX_CANDIDATES = 4             # entries kept per (privilege, pc): different code at one address
+KEY_BYTES = 32
+_HEAD = struct.Struct("<8s32sIQ32s")          # magic, translator digest, entries, body length, MAC
+_REC = struct.Struct("<QBBHIH")               # pc, priv, runs, cut, code length, far jumps
+_RUN = struct.Struct("<HH")                   # page offset, length
+
+
+def for_board(root: Path) -> CodeCache | None:
+    """The code cache under cache directory `root`, unless $PYVIRT_CODE_CACHE is "off"."""
+    if os.environ.get("PYVIRT_CODE_CACHE", "on").lower() in ("off", "0", "no"):
+        return None
+    return CodeCache(root / "code")
+
+
+def translator_digest() -> bytes:
+    """SHA-256 of the CPU package's source: any change to the decoder, block formation or
+    the translator makes a new cache file."""
+    h = hashlib.sha256(MAGIC)
+    here = Path(__file__).resolve().parent
+    for p in sorted(here.glob("*.py")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.digest()
+
+
+_DIGEST: bytes | None = None
+
+
+def _digest() -> bytes:
+    global _DIGEST
+    if _DIGEST is None:
+        _DIGEST = translator_digest()
+    return _DIGEST
+
+
+def footprint(insns: Sequence[tuple[Insn, int]], stop_half: int | None) -> tuple[tuple[int, int], ...]:
+    """The page-offset runs (offset, length) a decoded block was read from; `stop_half` is
+    the page offset of a half word read that ended decoding (an instruction that would
+    cross into the next page), else None."""
+    spans = sorted({(pc & 0xFFF, ins.length) for ins, pc in insns}
+                   | ({(stop_half, 2)} if stop_half is not None else set()))
+    runs: list[list[int]] = []
+    for off, n in spans:
+        if runs and off <= runs[-1][0] + runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], off + n - runs[-1][0])
+        else:
+            runs.append([off, n])
+    return tuple((o, n) for o, n in runs)
+
+
+class CodeCache:
+    """The cache file of one translator version in `directory`, loaded at construction."""
+
+    def __init__(self, directory: Path, max_file: int = MAX_FILE) -> None:
+        self.dir = Path(directory)
+        self.max_file = max_file
+        self.digest = _digest()
+        self.path = self.dir / f"native-{self.digest[:8].hex()}.bin"
+        self.stats = {"loaded": 0, "hits": 0, "misses": 0, "stored": 0, "rejected": 0}
+        self._blob = b""
+        # (priv, pc) -> [(record offset, record length)], newest first
+        self._index: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self._used: set[int] = set()           # offsets of loaded records this run hit
+        self._new: list[bytes] = []            # records made this run
+        self._new_bytes = 0
+        self._key = self._read_key()
+        if self._key is not None:
+            self._load()
+
+    # -- the key ---------------------------------------------------------------------------
+    def _read_key(self) -> bytes | None:
+        """The MAC key, made on first use; None (no cache) if it cannot be had safely."""
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.lstat(self.dir)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+                return None
+            path = self.dir / "key"
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(secrets.token_bytes(KEY_BYTES))
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                key = f.read(KEY_BYTES + 1)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+                return None
+            return key if len(key) == KEY_BYTES else None
+        except OSError:
+            return None
+
+    def _mac(self, head: bytes, body: bytes | memoryview) -> bytes:
+        assert self._key is not None
+        h = hashlib.blake2b(key=self._key, digest_size=32)
+        h.update(head)
+        h.update(body)
+        return h.digest()
+
+    # -- loading ---------------------------------------------------------------------------
+    def _load(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return
+            data = f.read(self.max_file + 1)
+        if not self._parse(data):
+            self.stats["rejected"] += 1
+            self._index.clear()
+
+    def _parse(self, data: bytes) -> bool:
+        if len(data) > self.max_file or len(data) < _HEAD.size:
+            return False
+        magic, digest, count, length, mac = _HEAD.unpack_from(data)
+        if magic != MAGIC or digest != self.digest or length != len(data) - _HEAD.size:
+            return False
+        body = memoryview(data)[_HEAD.size:]
+        if not secrets.compare_digest(mac, self._mac(data[:_HEAD.size - 32], body)):
+            return False
+        # The MAC says this run's translator wrote it; the bounds are checked all the same.
+        at, end = _HEAD.size, len(data)
+        index = self._index
+        for _ in range(count):
+            if at + _REC.size > end:
+                return False
+            pc, priv, nruns, cut, ncode, nfar = _REC.unpack_from(data, at)
+            size = _REC.size + nruns * _RUN.size + 4 * nfar + ncode
+            runs_at = at + _REC.size
+            if priv not in (0, 1, 3) or nruns == 0 or cut == 0 or ncode == 0 or at + size > end:
+                return False
+            total = 0
+            for i in range(nruns):
+                off, n = _RUN.unpack_from(data, runs_at + i * _RUN.size)
+                if n == 0 or off + n > 4096:
+                    return False
+                total += n
+            size += total
+            if at + size > end:
+                return False
+            cands = index.setdefault((priv, pc), [])
+            if len(cands) < MAX_CANDIDATES:
+                cands.append((at, size))
+            at += size
+        if at != end:
+            return False
+        self._blob = data
+        self.stats["loaded"] = count
+        return True
+
+    # -- use -------------------------------------------------------------------------------
+    def lookup(self, priv: int, pc: int, page: memoryview | bytes | bytearray
+               ) -> tuple[bytes, list[int], int] | None:
+        """(code, far-jump offsets, cut) of an entry for (priv, pc) whose footprint matches
+        `page` (the 4 KiB physical page the block is fetched from), else None."""
+        cands = self._index.get((priv, pc))
+        if cands:
+            data = self._blob
+            for at, _size in cands:
+                _pc, _priv, nruns, cut, ncode, nfar = _REC.unpack_from(data, at)
+                p = at + _REC.size
+                q = p + nruns * _RUN.size
+                for i in range(nruns):
+                    off, n = _RUN.unpack_from(data, p + 4 * i)
+                    if page[off:off + n] != data[q:q + n]:
+                        break
+                    q += n
+                else:
+                    far = list(struct.unpack_from(f"<{nfar}I", data, q))
+                    q += 4 * nfar
+                    self._used.add(at)
+                    self.stats["hits"] += 1
+                    return data[q:q + ncode], far, cut
+        self.stats["misses"] += 1
+        return None
+
+    def store(self, priv: int, pc: int, runs: tuple[tuple[int, int], ...],
+              page: memoryview | bytes | bytearray, code: bytes, far: Sequence[int], cut: int) -> None:
+        """Record a translation made this run from `page`'s bytes at `runs`."""
+        if self._key is None or self._new_bytes >= self.max_file or cut > 0xFFFF or len(far) > 0xFFFF:
+            return
+        rec = bytearray(_REC.pack(pc, priv, len(runs), cut, len(code), len(far)))
+        for off, n in runs:
+            rec += _RUN.pack(off, n)
+        for off, n in runs:
+            rec += page[off:off + n]
+        rec += struct.pack(f"<{len(far)}I", *far)
+        rec += code
+        self._new.append(bytes(rec))
+        self._new_bytes += len(rec)
+        self.stats["stored"] += 1
+
+    # -- saving ----------------------------------------------------------------------------
+    def save(self) -> bool:
+        """Write what this run used and made, then older entries while they fit; False if
+        there was nothing new or the file could not be written."""
+        if self._key is None or not self._new:
+            return False
+        used = sorted(self._used)
+        old = [(at, size) for cands in self._index.values() for at, size in cands if at not in self._used]
+        old.sort()
+        sizes = {at: size for cands in self._index.values() for at, size in cands}
+        parts: list[bytes] = []
+        room = self.max_file - _HEAD.size
+        count = 0
+        blob = memoryview(self._blob)
+        recs: list[bytes | memoryview] = [*self._new, *(blob[at:at + sizes[at]] for at in used),
+                                          *(blob[at:at + size] for at, size in old)]
+        for rec in recs:
+            if len(rec) > room:
+                break
+            parts.append(bytes(rec))
+            room -= len(rec)
+            count += 1
+        body = b"".join(parts)
+        head = _HEAD.pack(MAGIC, self.digest, count, len(body), bytes(32))[:-32]
+        data = head + self._mac(head, body) + body
+        tmp = self.dir / f".native-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return False
+        self._new.clear()
+        self._prune()
+        return True
+
+    def _prune(self) -> None:
+        """Keep the KEEP_FILES most recently written translator versions."""
+        try:
+            files = sorted(self.dir.glob("native-*.bin"), key=lambda p: p.stat().st_mtime, reverse=True)
+            for p in files[KEEP_FILES:]:
+                p.unlink()
+        except OSError:
+            pass

@@ -1,0 +1,208 @@
+"""The native engine's persistent code cache (cpu/riscv/codecache.py).
+
+Each test runs a small M-mode program on a fresh bus, hart and native engine whose code
+cache lives in a temporary directory, saves it, and runs again with a new engine that
+loads it: the second run must place the first run's code only where the guest bytes are
+the same, and behave exactly as if it had translated everything itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pyvirt.clock import Clock
+from pyvirt.cpu.riscv import codecache, native
+from pyvirt.cpu.riscv.codecache import CodeCache
+from pyvirt.cpu.riscv.engine import Engine
+from pyvirt.cpu.riscv.hart import Hart
+from pyvirt.memory import Bus
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the native engine needs x86-64 Linux")
+
+BASE = 0x8000_0000
+JAL_SELF = 0x0000006F                     # jal x0, 0: spin here
+
+
+def addi(rd: int, rs1: int, imm: int) -> int:
+    return ((imm & 0xFFF) << 20) | (rs1 << 15) | (rd << 7) | 0x13
+
+
+def program(k: int) -> list[int]:
+    """x5 = k; x6 = x5 + 1; x7 = x6 + x5 (add); spin."""
+    add_x7 = (5 << 20) | (6 << 15) | (7 << 7) | 0x33
+    return [addi(5, 0, k), addi(6, 5, 1), add_x7, JAL_SELF]
+
+
+def run(directory: Path, words: list[int], *, after: list[tuple[int, int]] | None = None,
+        max_file: int = codecache.MAX_FILE) -> tuple[Hart, Engine, CodeCache]:
+    """Run `words` at BASE for a while (then, for each (address, word) in `after`, store it
+    through the bus and run on from BASE); save the cache; (hart, engine, cache)."""
+    bus = Bus(BASE, 1 << 20)
+    for i, w in enumerate(words):
+        bus.write(BASE + 4 * i, 4, w)
+    cache = CodeCache(directory, max_file=max_file)
+    eng = Engine(bus, "native", code_cache=cache)
+    hart = Hart(0, bus, Clock(), native_regs=True)
+    eng.add_hart(hart)
+    hart.pc = BASE
+    eng.run(hart, 2000)
+    for addr, w in after or []:
+        bus.write(addr, 4, w)
+        hart.pc = BASE
+        eng.run(hart, 2000)
+    eng.close()
+    return hart, eng, cache
+
+
+def test_second_run_places_the_first_runs_code(tmp_path: Path) -> None:
+    h1, _, c1 = run(tmp_path, program(5))
+    assert c1.stats["stored"] >= 2 and c1.stats["hits"] == 0
+    assert (h1.x[5], h1.x[6], h1.x[7]) == (5, 6, 11)
+    h2, e2, c2 = run(tmp_path, program(5))
+    assert c2.stats["loaded"] == c1.stats["stored"]
+    assert c2.stats["hits"] == c1.stats["stored"] and c2.stats["stored"] == 0
+    assert (h2.x[5], h2.x[6], h2.x[7]) == (5, 6, 11)
+    # What was placed is byte for byte what the translator makes from these bytes.
+    insns = e2._decode_block(BASE, BASE >> 12)
+    fresh = native.Translator()
+    done = fresh.translate(insns, 3)
+    assert done is not None
+    cut = done[1]
+    assert c2.lookup(3, BASE, e2._page(BASE >> 12)) == (*fresh.last, cut)
+
+
+def test_changed_page_content_is_translated_afresh(tmp_path: Path) -> None:
+    run(tmp_path, program(5))
+    h, _, c = run(tmp_path, program(9))
+    assert (h.x[5], h.x[6], h.x[7]) == (9, 10, 19)
+    assert c.stats["stored"] == 1            # the first block: its bytes changed
+    assert c.stats["hits"] == 1              # the spin loop's did not
+
+
+def test_bytes_outside_the_footprint_do_not_matter(tmp_path: Path) -> None:
+    run(tmp_path, program(5) + [0x12345678])
+    h, _, c = run(tmp_path, program(5) + [0x0BADC0DE])
+    assert c.stats["stored"] == 0 and c.stats["hits"] == 2
+    assert h.x[7] == 11
+
+
+def test_self_modifying_code_after_a_hit(tmp_path: Path) -> None:
+    """A hit block is watched like a translated one: a store into it drops it, and the
+    next lookup (the bytes no longer match) translates the new code."""
+    run(tmp_path, program(5))
+    h, e, c = run(tmp_path, program(5), after=[(BASE, addi(5, 0, 40))])
+    assert (h.x[5], h.x[6], h.x[7]) == (40, 41, 81)
+    assert e.stats["invalidated"] >= 1
+    # The store dropped the page's two blocks; the spin loop's bytes are the same: a hit again.
+    assert c.stats["hits"] == 3 and c.stats["stored"] == 1
+
+
+def test_remapped_page_with_other_bytes_misses(tmp_path: Path) -> None:
+    """The same (privilege, pc) fetched from another physical page: hits only if the
+    footprint's bytes are the same there."""
+    run(tmp_path, program(5))
+    c = CodeCache(tmp_path)
+    same = bytearray(4096)
+    for i, w in enumerate(program(5)):
+        same[4 * i:4 * i + 4] = w.to_bytes(4, "little")
+    other = bytearray(same)
+    other[4:8] = addi(6, 5, 2).to_bytes(4, "little")
+    same[100:200] = os.urandom(100)          # past the footprint
+    assert c.lookup(3, BASE, same) is not None
+    assert c.lookup(3, BASE, other) is None
+    assert c.lookup(1, BASE, same) is None   # another privilege
+    assert c.lookup(3, BASE + 0x1000, same) is None
+
+
+def _cache_file(directory: Path) -> Path:
+    (path,) = directory.glob("native-*.bin")
+    return path
+
+
+@pytest.mark.parametrize("damage", ["flip_code", "flip_count", "flip_mac", "truncate", "append", "empty"])
+def test_damaged_file_is_ignored(tmp_path: Path, damage: str) -> None:
+    run(tmp_path, program(5))
+    path = _cache_file(tmp_path)
+    data = bytearray(path.read_bytes())
+    if damage == "flip_code":
+        data[-1] ^= 0xC3
+    elif damage == "flip_count":
+        data[40] ^= 1
+    elif damage == "flip_mac":
+        data[60] ^= 1
+    elif damage == "truncate":
+        del data[-5:]
+    elif damage == "append":
+        data += b"\x90" * 16
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    h, _, c = run(tmp_path, program(5))
+    assert c.stats["loaded"] == 0 and c.stats["hits"] == 0
+    assert c.stats["rejected"] == 1
+    assert h.x[7] == 11
+    # ... and the run wrote a good file over it.
+    assert CodeCache(tmp_path).stats["loaded"] == c.stats["stored"]
+
+
+def test_file_from_another_key_is_ignored(tmp_path: Path) -> None:
+    """A well-formed file that this directory's key did not sign (someone else's cache,
+    or a forged one) is not trusted."""
+    run(tmp_path / "a", program(5))
+    (tmp_path / "b").mkdir(mode=0o700)
+    CodeCache(tmp_path / "b")                 # makes b's key
+    src = _cache_file(tmp_path / "a")
+    (tmp_path / "b" / src.name).write_bytes(src.read_bytes())
+    c = CodeCache(tmp_path / "b")
+    assert c.stats["loaded"] == 0 and c.stats["rejected"] == 1
+
+
+def test_file_of_another_translator_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run(tmp_path, program(5))
+    monkeypatch.setattr(codecache, "_DIGEST", bytes(32))
+    c = CodeCache(tmp_path)
+    assert c.path != _cache_file(tmp_path)
+    c.path.write_bytes(_cache_file(tmp_path).read_bytes())     # same key, other version
+    assert CodeCache(tmp_path).stats == {**c.stats, "rejected": 1}
+
+
+def test_unsafe_directory_or_key_disables_the_cache(tmp_path: Path) -> None:
+    d = tmp_path / "open"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    c = CodeCache(d)
+    assert c._key is None
+    h, _, c2 = run(d, program(5))
+    assert h.x[7] == 11 and not list(d.glob("native-*.bin"))
+    k = tmp_path / "k"
+    k.mkdir(mode=0o700)
+    (k / "key").symlink_to(tmp_path / "elsewhere")
+    assert CodeCache(k)._key is None
+
+
+def test_file_size_is_bounded(tmp_path: Path) -> None:
+    """Many blocks, a small bound: the file never exceeds it and what fits still hits."""
+    words = [addi(5, 5, 1), 0x0000006F | (2 << 21)] * 200   # addi; jal x0, +4 (the next addi)
+    words.append(JAL_SELF)
+    run(tmp_path / "all", words)
+    bound = _cache_file(tmp_path / "all").stat().st_size // 2
+    h1, _, c1 = run(tmp_path, words, max_file=bound)
+    assert h1.x[5] == 200
+    assert c1.stats["stored"] > 0
+    size = _cache_file(tmp_path).stat().st_size
+    assert 0 < size <= bound
+    h2, _, c2 = run(tmp_path, words, max_file=bound)
+    assert h2.x[5] == 200
+    assert 0 < c2.stats["loaded"] < c1.stats["stored"] and c2.stats["hits"] == c2.stats["loaded"]
+    assert _cache_file(tmp_path).stat().st_size <= bound
+
+
+def test_old_versions_are_pruned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for v in range(codecache.KEEP_FILES + 2):
+        monkeypatch.setattr(codecache, "_DIGEST", bytes([v]) * 32)
+        run(tmp_path, program(5))
+    assert len(list(tmp_path.glob("native-*.bin"))) == codecache.KEEP_FILES
+    assert not list(tmp_path.glob(".native-*"))

@@ -105,8 +105,9 @@ class CodeCache:
         self.path = self.dir / f"native-{self.digest[:8].hex()}.bin"
         self.stats = {"loaded": 0, "hits": 0, "misses": 0, "stored": 0, "rejected": 0}
         self._blob = b""
-        # (priv, pc) -> [(record offset, record length)], newest first
-        self._index: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        # pc << 2 | priv -> offset of its record in the file (a tuple when there are several):
+        # small, for a boot's tens of thousands of blocks
+        self._index: dict[int, int | tuple[int, ...]] = {}
         self._used: set[int] = set()           # offsets of loaded records this run hit
         self._new: list[bytes] = []            # records made this run
         self._new_bytes = 0
@@ -190,9 +191,14 @@ class CodeCache:
             size += total
             if at + size > end:
                 return False
-            cands = index.setdefault((priv, pc), [])
-            if len(cands) < MAX_CANDIDATES:
-                cands.append((at, size))
+            k = pc << 2 | priv
+            cands = index.get(k)
+            if cands is None:
+                index[k] = at
+            elif isinstance(cands, int):
+                index[k] = (cands, at)
+            elif len(cands) < MAX_CANDIDATES:
+                index[k] = (*cands, at)
             at += size
         if at != end:
             return False
@@ -205,10 +211,10 @@ class CodeCache:
                ) -> tuple[bytes, list[int], int] | None:
         """(code, far-jump offsets, cut) of an entry for (priv, pc) whose footprint matches
         `page` (the 4 KiB physical page the block is fetched from), else None."""
-        cands = self._index.get((priv, pc))
-        if cands:
+        cands = self._index.get(pc << 2 | priv)
+        if cands is not None:
             data = self._blob
-            for at, _size in cands:
+            for at in (cands,) if isinstance(cands, int) else cands:
                 _pc, _priv, nruns, cut, ncode, nfar = _REC.unpack_from(data, at)
                 p = at + _REC.size
                 q = p + nruns * _RUN.size
@@ -242,6 +248,12 @@ class CodeCache:
         self._new_bytes += len(rec)
         self.stats["stored"] += 1
 
+    def _size(self, at: int) -> int:
+        """The length of the (loaded, checked) record at offset `at`."""
+        _pc, _priv, nruns, _cut, ncode, nfar = _REC.unpack_from(self._blob, at)
+        runs = struct.unpack_from(f"<{2 * nruns}H", self._blob, at + _REC.size)
+        return _REC.size + nruns * _RUN.size + sum(runs[1::2]) + 4 * nfar + ncode
+
     # -- saving ----------------------------------------------------------------------------
     def save(self) -> bool:
         """Write what this run used and made, then older entries while they fit; False if
@@ -249,15 +261,13 @@ class CodeCache:
         if self._key is None or not self._new:
             return False
         used = sorted(self._used)
-        old = [(at, size) for cands in self._index.values() for at, size in cands if at not in self._used]
-        old.sort()
-        sizes = {at: size for cands in self._index.values() for at, size in cands}
+        old = sorted(at for cands in self._index.values()
+                     for at in ((cands,) if isinstance(cands, int) else cands) if at not in self._used)
         parts: list[bytes] = []
         room = self.max_file - _HEAD.size
         count = 0
         blob = memoryview(self._blob)
-        recs: list[bytes | memoryview] = [*self._new, *(blob[at:at + sizes[at]] for at in used),
-                                          *(blob[at:at + size] for at, size in old)]
+        recs: list[bytes | memoryview] = [*self._new, *(blob[at:at + self._size(at)] for at in (*used, *old))]
         for rec in recs:
             if len(rec) > room:
                 break

@@ -206,3 +206,26 @@ def test_old_versions_are_pruned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         run(tmp_path, program(5))
     assert len(list(tmp_path.glob("native-*.bin"))) == codecache.KEEP_FILES
     assert not list(tmp_path.glob(".native-*"))
+
+
+def test_footprint_runs() -> None:
+    from pyvirt.cpu.riscv.decode import decode
+
+    a, c = decode(addi(5, 0, 1)), decode(0x0505)          # addi and c.addi a0, 1
+    at = 0x8000_0FF0
+    assert codecache.footprint([(a, at), (c, at + 4), (a, at + 6)], None) == ((0xFF0, 10),)
+    # A direct jump back inside the page: two runs; the half word that stopped decoding.
+    assert codecache.footprint([(a, at), (a, at - 0x100)], None) == ((0xFF0, 4), (0xEF0, 4))
+    assert codecache.footprint([(a, at + 8), (c, at + 0xC)], 0xFFE) == ((0xFF8, 8),)
+    assert codecache.footprint([(a, at)], 0xFFE) == ((0xFF0, 4), (0xFFE, 2))
+
+
+def test_few_new_entries_leave_the_file_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run(tmp_path, program(5))
+    before = _cache_file(tmp_path).read_bytes()
+    monkeypatch.setattr(codecache, "SAVE_FRACTION", 1)      # now 1 new of 2 loaded is too few
+    _, _, c = run(tmp_path, program(9))
+    assert c.stats["stored"] == 1 and _cache_file(tmp_path).read_bytes() == before
+    monkeypatch.setattr(codecache, "SAVE_FRACTION", 2)
+    run(tmp_path, program(9))
+    assert CodeCache(tmp_path).stats["loaded"] == 3

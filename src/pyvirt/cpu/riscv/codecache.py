@@ -48,6 +48,7 @@ MAX_FILE = 48 << 20            # bytes in one cache file
 KEEP_FILES = 4                 # translator versions kept side by side
 MAX_CANDIDATES = 4             # entries kept per (privilege, pc): different code at one address
 KEY_BYTES = 32
+SAVE_FRACTION = 100            # rewrite a loaded file only for 1/100 of its entries new or more
 _HEAD = struct.Struct("<8s32sIQ32s")          # magic, translator digest, entries, body length, MAC
 _REC = struct.Struct("<QBBHIH")               # pc, priv, runs, cut, code length, far jumps
 _RUN = struct.Struct("<HH")                   # page offset, length
@@ -84,15 +85,26 @@ def footprint(insns: Sequence[tuple[Insn, int]], stop_half: int | None) -> tuple
     """The page-offset runs (offset, length) a decoded block was read from; `stop_half` is
     the page offset of a half word read that ended decoding (an instruction that would
     cross into the next page), else None."""
-    spans = sorted({(pc & 0xFFF, ins.length) for ins, pc in insns}
-                   | ({(stop_half, 2)} if stop_half is not None else set()))
-    runs: list[list[int]] = []
-    for off, n in spans:
-        if runs and off <= runs[-1][0] + runs[-1][1]:
-            runs[-1][1] = max(runs[-1][1], off + n - runs[-1][0])
-        else:
-            runs.append([off, n])
-    return tuple((o, n) for o, n in runs)
+    # Decoding reads forward and jumps around only by direct jumps, so adjacent
+    # instructions make one run; runs may come in any order (and, for odd code, overlap:
+    # each is checked on its own).
+    runs: list[tuple[int, int]] = []
+    start = end = -1
+    for ins, pc in insns:
+        off = pc & 0xFFF
+        if off != end:
+            if end >= 0:
+                runs.append((start, end - start))
+            start = end = off
+        end += ins.length
+    if stop_half is not None and stop_half != end:
+        runs.append((start, end - start))
+        start = end = stop_half
+    if stop_half is not None:
+        end += 2
+    if end >= 0:
+        runs.append((start, end - start))
+    return tuple(runs)
 
 
 class CodeCache:
@@ -257,8 +269,9 @@ class CodeCache:
     # -- saving ----------------------------------------------------------------------------
     def save(self) -> bool:
         """Write what this run used and made, then older entries while they fit; False if
-        there was nothing new or the file could not be written."""
-        if self._key is None or not self._new:
+        there was too little new (a boot that found nearly all its blocks: the few it did
+        not are not worth rewriting the file) or the file could not be written."""
+        if self._key is None or len(self._new) < max(1, self.stats["loaded"] // SAVE_FRACTION):
             return False
         used = sorted(self._used)
         old = sorted(at for cands in self._index.values()

@@ -40,6 +40,7 @@ import stat
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from pyvirt.cpu.riscv.decode import Insn
 
@@ -121,11 +122,14 @@ class CodeCache:
         # small, for a boot's tens of thousands of blocks
         self._index: dict[int, int | tuple[int, ...]] = {}
         self._used: set[int] = set()           # offsets of loaded records this run hit
-        self._new: list[bytes] = []            # records made this run
-        self._new_bytes = 0
+        self._spool: BinaryIO | None = None    # this run's new file (see _open_spool)
+        self._spool_path = Path()
+        self._spool_mac: Any = None
+        self._spool_count = self._spool_bytes = 0
         self._key = self._read_key()
         if self._key is not None:
             self._load()
+            self._open_spool()
 
     # -- the key ---------------------------------------------------------------------------
     def _read_key(self) -> bytes | None:
@@ -154,10 +158,11 @@ class CodeCache:
             return None
 
     def _mac(self, head: bytes, body: bytes | memoryview) -> bytes:
+        """MAC of the body, then the header without its MAC field (the order it is written)."""
         assert self._key is not None
         h = hashlib.blake2b(key=self._key, digest_size=32)
-        h.update(head)
         h.update(body)
+        h.update(head)
         return h.digest()
 
     # -- loading ---------------------------------------------------------------------------
@@ -247,7 +252,8 @@ class CodeCache:
     def store(self, priv: int, pc: int, runs: tuple[tuple[int, int], ...],
               page: memoryview | bytes | bytearray, code: bytes, far: Sequence[int], cut: int) -> None:
         """Record a translation made this run from `page`'s bytes at `runs`."""
-        if self._key is None or self._new_bytes >= self.max_file or cut > 0xFFFF or len(far) > 0xFFFF:
+        if (self._spool is None or self._spool_bytes >= self.max_file // 2
+                or cut > 0xFFFF or len(far) > 0xFFFF):
             return
         rec = bytearray(_REC.pack(pc, priv, len(runs), cut, len(code), len(far)))
         for off, n in runs:
@@ -256,8 +262,13 @@ class CodeCache:
             rec += page[off:off + n]
         rec += struct.pack(f"<{len(far)}I", *far)
         rec += code
-        self._new.append(bytes(rec))
-        self._new_bytes += len(rec)
+        if self._spool_bytes + len(rec) > self.max_file - _HEAD.size:
+            return
+        try:
+            self._put(rec)
+        except OSError:                             # (a full disk: no cache this time)
+            self._spool = None
+            return
         self.stats["stored"] += 1
 
     def _size(self, at: int) -> int:
@@ -267,40 +278,77 @@ class CodeCache:
         return _REC.size + nruns * _RUN.size + sum(runs[1::2]) + 4 * nfar + ncode
 
     # -- saving ----------------------------------------------------------------------------
-    def save(self) -> bool:
-        """Write what this run used and made, then older entries while they fit; False if
-        there was too little new (a boot that found nearly all its blocks: the few it did
-        not are not worth rewriting the file) or the file could not be written."""
-        if self._key is None or len(self._new) < max(1, self.stats["loaded"] // SAVE_FRACTION):
-            return False
-        used = sorted(self._used)
-        old = sorted(at for cands in self._index.values()
-                     for at in ((cands,) if isinstance(cands, int) else cands) if at not in self._used)
-        parts: list[bytes] = []
-        room = self.max_file - _HEAD.size
-        count = 0
-        blob = memoryview(self._blob)
-        recs: list[bytes | memoryview] = [*self._new, *(blob[at:at + self._size(at)] for at in (*used, *old))]
-        for rec in recs:
-            if len(rec) > room:
-                break
-            parts.append(bytes(rec))
-            room -= len(rec)
-            count += 1
-        body = b"".join(parts)
-        head = _HEAD.pack(MAGIC, self.digest, count, len(body), bytes(32))[:-32]
-        data = head + self._mac(head, body) + body
+    def _open_spool(self) -> None:
+        """The file this run's records go to as they are made (so they need no memory), under
+        a temporary name; `save` completes it and renames it over the cache file.  Opened
+        with the board, before any jail."""
+        self._drop_stale()
         tmp = self.dir / f".native-{os.getpid()}-{secrets.token_hex(4)}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.path)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            self._key = None
+            return
+        self._spool = os.fdopen(fd, "wb", buffering=1 << 20)
+        self._spool_path = tmp
+        self._spool.write(bytes(_HEAD.size))          # the header, written last
+        assert self._key is not None
+        self._spool_mac = hashlib.blake2b(key=self._key, digest_size=32)
+
+    def _drop_stale(self) -> None:
+        """Remove temporary files of runs that ended without saving (killed)."""
+        with contextlib.suppress(OSError):
+            for p in self.dir.glob(".native-*.tmp"):
+                pid = p.name.split("-")[1]
+                if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                    p.unlink()
+
+    def _put(self, rec: bytes | bytearray | memoryview) -> None:
+        assert self._spool is not None and self._spool_mac is not None
+        self._spool.write(rec)
+        self._spool_mac.update(rec)
+        self._spool_count += 1
+        self._spool_bytes += len(rec)
+
+    def save(self) -> bool:
+        """Complete the file: what this run made, then the loaded entries it used, then the
+        others while they fit; rename it over the cache file.  False if there was too
+        little new (a boot that found nearly all its blocks: the few it did not are not
+        worth rewriting the file) or it could not be written."""
+        spool, self._spool = self._spool, None
+        if spool is None:
             return False
-        self._new.clear()
+        try:
+            if self.stats["stored"] < max(1, self.stats["loaded"] // SAVE_FRACTION):
+                return False
+            self._spool = spool
+            blob = memoryview(self._blob)
+            old = sorted(at for cands in self._index.values()
+                         for at in ((cands,) if isinstance(cands, int) else cands) if at not in self._used)
+            for at in (*sorted(self._used), *old):
+                size = self._size(at)
+                if self._spool_bytes + size > self.max_file - _HEAD.size:
+                    break
+                self._put(blob[at:at + size])
+            self._spool = None
+            assert self._spool_mac is not None
+            head = _HEAD.pack(MAGIC, self.digest, self._spool_count, self._spool_bytes, bytes(32))[:-32]
+            self._spool_mac.update(head)
+            spool.flush()
+            os.pwrite(spool.fileno(), head + self._spool_mac.digest(), 0)
+            os.replace(self._spool_path, self.path)
+        except OSError:
+            # (e.g. a jailed runner may write the open file but not rename in the directory:
+            # leave no data behind; the name goes when the next board finds it stale)
+            with contextlib.suppress(OSError):
+                os.ftruncate(spool.fileno(), 0)
+            return False
+        finally:
+            self._spool = None
+            with contextlib.suppress(OSError):
+                spool.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self._spool_path)       # (gone already when renamed)
         self._prune()
         return True
 

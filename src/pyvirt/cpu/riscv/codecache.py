@@ -126,6 +126,7 @@ class CodeCache:
         self._spool_path = Path()
         self._spool_mac: Any = None
         self._spool_count = self._spool_bytes = 0
+        self._pending = bytearray()             # records not yet written (written by the MiB)
         self._key = self._read_key()
         if self._key is not None:
             self._load()
@@ -255,13 +256,10 @@ class CodeCache:
         if (self._spool is None or self._spool_bytes >= self.max_file // 2
                 or cut > 0xFFFF or len(far) > 0xFFFF):
             return
-        rec = bytearray(_REC.pack(pc, priv, len(runs), cut, len(code), len(far)))
-        for off, n in runs:
-            rec += _RUN.pack(off, n)
-        for off, n in runs:
-            rec += page[off:off + n]
-        rec += struct.pack(f"<{len(far)}I", *far)
-        rec += code
+        rec = b"".join((_REC.pack(pc, priv, len(runs), cut, len(code), len(far)),
+                        *(_RUN.pack(off, n) for off, n in runs),
+                        *(page[off:off + n] for off, n in runs),
+                        struct.pack(f"<{len(far)}I", *far), code))
         if self._spool_bytes + len(rec) > self.max_file - _HEAD.size:
             return
         try:
@@ -289,7 +287,7 @@ class CodeCache:
         except OSError:
             self._key = None
             return
-        self._spool = os.fdopen(fd, "wb", buffering=1 << 20)
+        self._spool = os.fdopen(fd, "wb", buffering=0)
         self._spool_path = tmp
         self._spool.write(bytes(_HEAD.size))          # the header, written last
         assert self._key is not None
@@ -304,11 +302,17 @@ class CodeCache:
                     p.unlink()
 
     def _put(self, rec: bytes | bytearray | memoryview) -> None:
-        assert self._spool is not None and self._spool_mac is not None
-        self._spool.write(rec)
-        self._spool_mac.update(rec)
+        self._pending += rec
         self._spool_count += 1
         self._spool_bytes += len(rec)
+        if len(self._pending) >= 1 << 20:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        assert self._spool is not None and self._spool_mac is not None
+        self._spool.write(self._pending)
+        self._spool_mac.update(self._pending)
+        self._pending.clear()
 
     def save(self) -> bool:
         """Complete the file: what this run made, then the loaded entries it used, then the
@@ -330,11 +334,11 @@ class CodeCache:
                 if self._spool_bytes + size > self.max_file - _HEAD.size:
                     break
                 self._put(blob[at:at + size])
+            self._write_pending()
             self._spool = None
             assert self._spool_mac is not None
             head = _HEAD.pack(MAGIC, self.digest, self._spool_count, self._spool_bytes, bytes(32))[:-32]
             self._spool_mac.update(head)
-            spool.flush()
             os.pwrite(spool.fileno(), head + self._spool_mac.digest(), 0)
             os.replace(self._spool_path, self.path)
         except OSError:

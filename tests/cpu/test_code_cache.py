@@ -241,3 +241,19 @@ def test_temporary_files_of_dead_runs_are_removed(tmp_path: Path) -> None:
     assert not dead.exists() and live.exists()
     assert c.save() is False                 # nothing stored: its own temporary file goes
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "key"]
+
+
+def test_one_file_per_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYVIRT_CODE_CACHE", "on")
+    k1, k2 = tmp_path / "k1", tmp_path / "k2"
+    k1.write_bytes(b"one")
+    k2.write_bytes(b"two")
+    a, b = codecache.for_board(tmp_path, k1), codecache.for_board(tmp_path, k2)
+    assert a is not None and b is not None and a.path != b.path
+    assert a.path.parent == tmp_path / "code"
+    same = codecache.for_board(tmp_path, k1)
+    assert same is not None and same.path == a.path
+    monkeypatch.setenv("PYVIRT_CODE_CACHE", "off")
+    assert codecache.for_board(tmp_path, k1) is None
+    with pytest.raises(ValueError):
+        CodeCache(tmp_path, "../x")

@@ -85,7 +85,7 @@ class VirtBoard:
         self.clock = Clock()
         self.bus = Bus(RAM_BASE, spec.memory, ram)
         self.engine = Engine(self.bus, spec.engine,
-                             code_cache=codecache.for_board(cache_root()) if spec.engine == "native" else None)
+                             code_cache=codecache.for_board(cache_root(), spec.kernel) if spec.engine == "native" else None)
         self.harts = [Hart(i, self.bus, self.clock, native_regs=spec.engine == "native")
                       for i in range(spec.cpus)]
         for h in self.harts:

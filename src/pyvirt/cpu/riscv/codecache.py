@@ -20,14 +20,15 @@ misses and is translated afresh; invalidation on later stores is the engine's as
 Nothing else of the guest is trusted, and the guest decides only which of its own blocks
 are stored: translating the same bytes would give the same code.
 
-The file (one per translator version: the digest of this package's source) lives in
-the cache directory the board names (~/.cache/pyvirt/code), mode 0700.  It is written
-whole, to a temporary name and renamed, and carries a keyed BLAKE2b MAC under a random
-key kept in that directory (0600): a file that fails the MAC, is truncated, too large
-or malformed is ignored.  The file is bounded (`MAX_FILE`), entries used or made by
-this run go first and the rest are kept while they fit; at most `KEEP_FILES` versions
-stay in the directory.  Write errors (a read-only or jailed file system) only mean the
-next run translates again.
+The files (one per translator version, the digest of this package's source, and kernel:
+see `for_board`) live in the cache directory the board names (~/.cache/pyvirt/code),
+mode 0700.  A run writes its new entries to a file of its own as it makes them, then the
+older entries, and renames it over the old file; the file carries a keyed BLAKE2b MAC
+under a random key kept in that directory (0600): a file that fails the MAC, is
+truncated, too large or malformed is ignored.  A file is bounded (`MAX_FILE`; a run's
+new entries take at most half), entries used or made by the run go first and the rest
+are kept while they fit; at most `KEEP_FILES` files stay in the directory.  Write errors
+(a read-only or jailed file system) only mean the next run translates again.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ from typing import Any, BinaryIO
 from pyvirt.cpu.riscv.decode import Insn
 
 MAGIC = b"PYVCODE1"
-MAX_FILE = 48 << 20            # bytes in one cache file
-KEEP_FILES = 4                 # translator versions kept side by side
+MAX_FILE = 64 << 20            # bytes in one cache file
+KEEP_FILES = 6                 # files (translator versions x kernels) kept side by side
 MAX_CANDIDATES = 4             # entries kept per (privilege, pc): different code at one address
 KEY_BYTES = 32
 SAVE_FRACTION = 100            # rewrite a loaded file only for 1/100 of its entries new or more
@@ -55,11 +56,22 @@ _REC = struct.Struct("<QBBHIH")               # pc, priv, runs, cut, code length
 _RUN = struct.Struct("<HH")                   # page offset, length
 
 
-def for_board(root: Path) -> CodeCache | None:
-    """The code cache under cache directory `root`, unless $PYVIRT_CODE_CACHE is "off"."""
+def for_board(root: Path, kernel: Path | None) -> CodeCache | None:
+    """The code cache under cache directory `root` for a board booting `kernel`, unless
+    $PYVIRT_CODE_CACHE is "off".  Each kernel file (by path, size and time) has a file of
+    its own, so that a small guest does not load a large one's entries; the label only
+    sorts entries into files: what is used is checked against the guest's bytes."""
     if os.environ.get("PYVIRT_CODE_CACHE", "on").lower() in ("off", "0", "no"):
         return None
-    return CodeCache(root / "code")
+    label = "none"
+    if kernel is not None:
+        try:
+            st = os.stat(kernel)
+            label = hashlib.blake2b(f"{Path(kernel).resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode(),
+                                    digest_size=6).hexdigest()
+        except OSError:
+            pass
+    return CodeCache(root / "code", label)
 
 
 def translator_digest() -> bytes:
@@ -111,11 +123,14 @@ def footprint(insns: Sequence[tuple[Insn, int]], stop_half: int | None) -> tuple
 class CodeCache:
     """The cache file of one translator version in `directory`, loaded at construction."""
 
-    def __init__(self, directory: Path, max_file: int = MAX_FILE) -> None:
+    def __init__(self, directory: Path, label: str = "none", max_file: int = MAX_FILE) -> None:
+        """`label`: which file of the directory (see for_board), [0-9a-z] only."""
+        if not label.isalnum() or not label.isascii() or len(label) > 32:
+            raise ValueError(f"bad code cache label {label!r}")
         self.dir = Path(directory)
         self.max_file = max_file
         self.digest = _digest()
-        self.path = self.dir / f"native-{self.digest[:8].hex()}.bin"
+        self.path = self.dir / f"native-{self.digest[:8].hex()}-{label}.bin"
         self.stats = {"loaded": 0, "hits": 0, "misses": 0, "stored": 0, "rejected": 0}
         self._blob = b""
         # pc << 2 | priv -> offset of its record in the file (a tuple when there are several):
@@ -256,17 +271,26 @@ class CodeCache:
         if (self._spool is None or self._spool_bytes >= self.max_file // 2
                 or cut > 0xFFFF or len(far) > 0xFFFF):
             return
-        rec = b"".join((_REC.pack(pc, priv, len(runs), cut, len(code), len(far)),
-                        *(_RUN.pack(off, n) for off, n in runs),
-                        *(page[off:off + n] for off, n in runs),
-                        struct.pack(f"<{len(far)}I", *far), code))
-        if self._spool_bytes + len(rec) > self.max_file - _HEAD.size:
+        size = (_REC.size + _RUN.size * len(runs) + sum(n for _, n in runs)
+                + 4 * len(far) + len(code))
+        if self._spool_bytes + size > self.max_file - _HEAD.size:
             return
-        try:
-            self._put(rec)
-        except OSError:                             # (a full disk: no cache this time)
-            self._spool = None
-            return
+        buf = self._pending
+        buf += _REC.pack(pc, priv, len(runs), cut, len(code), len(far))
+        for off, n in runs:
+            buf += _RUN.pack(off, n)
+        for off, n in runs:
+            buf += page[off:off + n]
+        buf += struct.pack(f"<{len(far)}I", *far)
+        buf += code
+        self._spool_count += 1
+        self._spool_bytes += size
+        if len(buf) >= 1 << 20:
+            try:
+                self._write_pending()
+            except OSError:                         # (a full disk: no cache this time)
+                self._spool = None
+                return
         self.stats["stored"] += 1
 
     def _size(self, at: int) -> int:
@@ -357,7 +381,7 @@ class CodeCache:
         return True
 
     def _prune(self) -> None:
-        """Keep the KEEP_FILES most recently written translator versions."""
+        """Keep the KEEP_FILES most recently written files."""
         try:
             files = sorted(self.dir.glob("native-*.bin"), key=lambda p: p.stat().st_mtime, reverse=True)
             for p in files[KEEP_FILES:]:

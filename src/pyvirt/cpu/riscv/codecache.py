@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import platform
 import secrets
 import stat
 import struct
@@ -75,9 +76,10 @@ def for_board(root: Path, kernel: Path | None) -> CodeCache | None:
 
 
 def translator_digest() -> bytes:
-    """SHA-256 of the CPU package's source: any change to the decoder, block formation or
-    the translator makes a new cache file."""
-    h = hashlib.sha256(MAGIC)
+    """SHA-256 of the CPU package's source and the host's architecture: any change to the
+    decoder, block formation or the translator makes a new cache file.  (The translator
+    emits baseline x86-64 only, whatever the host CPU: nothing else of the host shapes it.)"""
+    h = hashlib.sha256(MAGIC + platform.machine().encode() + b"\0")
     here = Path(__file__).resolve().parent
     for p in sorted(here.glob("*.py")):
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")

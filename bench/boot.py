@@ -39,9 +39,14 @@ def _cpu_seconds(pid: int) -> float:
     return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+CPU_TO_PROMPT: list[float] = []
+
+
 def time_to_prompt(argv: list[str], timeout: float = 600, idle: float = 0.0,
                    settle: float = 5.0) -> tuple[float, float | None]:
-    """Seconds from start to the shell prompt; with `idle`, then the share of one
+    """Seconds from start to the shell prompt (and, in CPU_TO_PROMPT, the CPU seconds the
+    process had used by then: on a shared machine the figure load does not inflate);
+    with `idle`, then the share of one
     core the process uses while the guest sits at its prompt for that long
     (after `settle` seconds: a kernel finishes deferred work after the prompt)."""
     start = time.perf_counter()
@@ -60,6 +65,7 @@ def time_to_prompt(argv: list[str], timeout: float = 600, idle: float = 0.0,
                 except OSError:
                     raise RuntimeError(f"{argv[0]} exited before the prompt: {buf[-300:]!r}") from None
         elapsed = time.perf_counter() - start
+        CPU_TO_PROMPT.append(_cpu_seconds(pid))
         share = None
         if idle:
             _drain(fd, settle)
@@ -122,16 +128,18 @@ def main() -> int:
             "--append", img.cmdline]
     qemu = ["qemu-system-riscv64", "-M", "virt", "-smp", str(args.cpus), "-m", args.memory, "-nographic",
             "-kernel", str(kernel), "-initrd", str(img.initrd), "-append", img.cmdline]
-    p_times, q_times, p_idle, q_idle = [], [], [], []
+    p_times, q_times, p_idle, q_idle, p_cpu, q_cpu = [], [], [], [], [], []
     if args.code_cache == "warm":
         time_to_prompt(ours)
     for _ in range(args.runs):
         t, share = time_to_prompt(ours, idle=args.idle, settle=args.settle)
         p_times.append(t)
+        p_cpu.append(CPU_TO_PROMPT[-1])
         if share is not None:
             p_idle.append(100 * share)
         t, share = time_to_prompt(qemu, idle=args.idle, settle=args.settle)
         q_times.append(t)
+        q_cpu.append(CPU_TO_PROMPT[-1])
         if share is not None:
             q_idle.append(100 * share)
     p, q = statistics.median(p_times), statistics.median(q_times)
@@ -144,6 +152,12 @@ def main() -> int:
     print(_row("pyvirt", p_times))
     print(_row("qemu-system-riscv64 (TCG)", q_times))
     print(f"\npyvirt / QEMU: {p / q:.1f}x")
+    print("\nCPU seconds (user + system) used by the prompt")
+    print("| VMM | min s | median s | max s |")
+    print("|---|---:|---:|---:|")
+    print(_row("pyvirt", p_cpu))
+    print(_row("qemu-system-riscv64 (TCG)", q_cpu))
+    print(f"\npyvirt / QEMU in CPU time: {statistics.median(p_cpu) / statistics.median(q_cpu):.1f}x")
     if args.idle:
         print(f"\nhost CPU while the guest idles at its prompt ({args.idle:g} s, from {args.settle:g} s "
               "after it), % of one core")

@@ -257,3 +257,39 @@ def test_one_file_per_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert codecache.for_board(tmp_path, k1) is None
     with pytest.raises(ValueError):
         CodeCache(tmp_path, "../x")
+
+
+def _jal(offset: int) -> int:
+    """jal x0, offset."""
+    imm = offset & 0x1FFFFF
+    return (((imm >> 20) & 1) << 31 | ((imm >> 1) & 0x3FF) << 21 | ((imm >> 11) & 1) << 20
+            | ((imm >> 12) & 0xFF) << 12 | 0x6F)
+
+
+@pytest.mark.parametrize("engine", ["native", "jit", "interp"])
+def test_page_straddling_instruction_rewritten(engine: str) -> None:
+    """A 32-bit instruction straddling two pages runs from Engine.crossing after its first
+    time; rewritten into a 16-bit one (and a c.nop after it), the next runs do the new one."""
+    bus = Bus(BASE, 1 << 20)
+    bus.write(BASE, 4, addi(5, 5, 1))
+    bus.write(BASE + 4, 4, _jal(0xFFE - 4))
+    bus.write(BASE + 0xFFE, 2, addi(6, 6, 3) & 0xFFFF)
+    bus.write(BASE + 0x1000, 2, addi(6, 6, 3) >> 16)
+    bus.write(BASE + 0x1002, 4, _jal(-0x1002))
+    eng = Engine(bus, engine, hot=2)
+    hart = Hart(0, bus, Clock(), native_regs=engine == "native")
+    eng.add_hart(hart)
+    hart.pc = BASE
+    eng.run(hart, 400)
+    x5, x6 = hart.x[5], hart.x[6]
+    assert x5 > 20 and x6 in (3 * x5, 3 * (x5 - 1))
+    if engine == "native":
+        assert len(eng.crossing) == 1
+    c_addi_x6_5 = 0x0001 | 6 << 7 | 5 << 2
+    bus.write(BASE + 0xFFE, 2, c_addi_x6_5)
+    bus.write(BASE + 0x1000, 2, 0x0001)                 # c.nop
+    hart.x[5] = hart.x[6] = 0
+    hart.pc = BASE
+    eng.run(hart, 400)
+    x5, x6 = hart.x[5], hart.x[6]
+    assert x5 > 20 and x6 in (5 * x5, 5 * (x5 - 1))

@@ -39,6 +39,7 @@ MAX_BLOCK = 64
 # Bounds on the translation cache; reaching either empties it (see Engine._build).
 MAX_BLOCKS = 250_000
 MAX_NATIVE_CODE = 192 << 20
+MAX_CROSSING = 4096         # page-crossing instructions remembered (see Engine.lookup)
 
 Entry = tuple[Callable[[Hart], int], int, int]
 
@@ -99,6 +100,7 @@ class Engine:
         self.caches: dict[int, dict[int, Entry]] = {0: {}, 1: {}, 3: {}}
         self.blocks: dict[tuple[int, int, int], Entry] = {}
         self.page_keys: dict[int, list[tuple[int, int, int]]] = {}
+        self.crossing: dict[tuple[int, int, int], Entry] = {}   # see lookup()
         self.globals: dict[str, Any] = dict(_BASE_GLOBALS, ram=bus.ram)
         self.stats = {"translated": 0, "interp_blocks": 0, "invalidated": 0, "flushes": 0}
         if mode == "native" and not native.available():
@@ -162,9 +164,18 @@ class Engine:
         key = (h.priv, pc, ppn)
         ent = self.blocks.get(key)
         if ent is None:
+            ent = self.crossing.get(key)
+            if ent is not None:
+                return ent
             ent = self._build(key)
             if ent[0] is self._crossing_insn:
-                return ent     # reads h.pc, so it must go through lookup every time
+                # It reads h.pc, so it must go through lookup every time; kept apart so
+                # that it is not decoded again each time (the Debian kernel runs such
+                # instructions 60 k times a boot).  It fetches both halves itself, so a
+                # store to either page cannot make it stale.
+                if len(self.crossing) < MAX_CROSSING:
+                    self.crossing[key] = ent
+                return ent
         self.caches[h.priv][pc] = ent
         return ent
 
@@ -393,11 +404,14 @@ class Engine:
 
     @staticmethod
     def _crossing_insn(h: Hart) -> int:
-        """A 32-bit instruction straddling two pages: fetch both halves every time."""
+        """A 32-bit instruction straddling two pages: fetch both halves every time.  (If
+        the first half now holds a 16-bit instruction, only that: the entry is kept in
+        Engine.crossing while the code may change.)"""
         pc = h.pc
         lo = h.fetch_half(pc)
-        hi = h.fetch_half((pc + 2) & isa.M)
-        ins = decode(lo | (hi << 16))
+        if lo & 3 == 3:
+            lo |= h.fetch_half((pc + 2) & isa.M) << 16
+        ins = decode(lo)
         d = (HANDLERS[ins.name], ins.rd, ins.rs1, ins.rs2, ins.rs3, ins.imm, ins.rm,
              ins.length, ins.raw, pc)
         nxt = d[0](h, d)
@@ -425,6 +439,7 @@ class Engine:
             self.bus.unwatch(ppn, self._code_written)
         self.page_keys.clear()
         self.blocks.clear()
+        self.crossing.clear()
         if self.jumps is not None:
             self.jumps.clear()
         for c in self.caches.values():

@@ -1,4 +1,5 @@
-"""The native engine's persistent code cache (cpu/riscv/codecache.py).
+"""The native engine's persistent code cache (cpu/riscv/codecache.py), and the dispatch
+paths that came with it (page-straddling instructions kept, failed chains repaired).
 
 Each test runs a small M-mode program on a fresh bus, hart and native engine whose code
 cache lives in a temporary directory, saves it, and runs again with a new engine that
@@ -293,3 +294,34 @@ def test_page_straddling_instruction_rewritten(engine: str) -> None:
     eng.run(hart, 400)
     x5, x6 = hart.x[5], hart.x[6]
     assert x5 > 20 and x6 in (5 * x5, 5 * (x5 - 1))
+
+
+def test_a_failed_chain_puts_back_the_jump_and_fetch_entries() -> None:
+    """Two native blocks on two pages jump to each other (chained).  When the jump-table
+    entry of one and its page's native fetch-table entry are gone (as when another process's
+    block at the same pc, or another address space's page, takes their slots), the next
+    chain there fails once and returns to Python, which puts both back."""
+    bus = Bus(BASE, 1 << 20)
+    a, b = BASE, BASE + 0x1000
+    bus.write(a, 4, addi(5, 5, 1))
+    bus.write(a + 4, 4, _jal(b - (a + 4)))
+    bus.write(b, 4, addi(6, 6, 1))
+    bus.write(b + 4, 4, _jal(a - (b + 4)))
+    eng = Engine(bus, "native")
+    hart = Hart(0, bus, Clock(), native_regs=True)
+    eng.add_hart(hart)
+    hart.pc = a
+    eng.run(hart, 1000)
+    assert eng.jumps is not None
+    jv = eng.jumps.views[3]
+    s = eng.jumps.set_of(b)
+    assert b in (jv[s], jv[s + 4])
+    xslot = 4 * native.TLB_ENTRIES + 2 * ((b >> 12) & (native.TLB_ENTRIES - 1))
+    xv = hart._ntlb_views[3]
+    assert xv[xslot] == b >> 12
+    eng.jumps.remove(3, b, b >> 12)
+    xv[xslot] = (1 << 64) - 1
+    x5, x6 = hart.x[5], hart.x[6]
+    eng.run(hart, 1000)
+    assert b in (jv[s], jv[s + 4]) and xv[xslot] == b >> 12 and xv[xslot + 1] == b >> 12
+    assert hart.x[5] - x5 > 100 and abs((hart.x[5] - x5) - (hart.x[6] - x6)) <= 1

@@ -101,6 +101,7 @@ class Engine:
         self.blocks: dict[tuple[int, int, int], Entry] = {}
         self.page_keys: dict[int, list[tuple[int, int, int]]] = {}
         self.crossing: dict[tuple[int, int, int], Entry] = {}   # see lookup()
+        self.native_code: dict[Callable[[Hart], int], int] = {}  # native entry -> code address
         self.globals: dict[str, Any] = dict(_BASE_GLOBALS, ram=bus.ram)
         self.stats = {"translated": 0, "interp_blocks": 0, "invalidated": 0, "flushes": 0}
         if mode == "native" and not native.available():
@@ -115,6 +116,7 @@ class Engine:
             raise ValueError("the native engine needs harts made with native_regs=True")
         self.harts.append(hart)
         hart.native_exit_hook = self._native_exit
+        hart.rechain_hook = self._rechain
         if self.jumps is not None:
             hart.jump_tables = self.jumps
             hart.set_priv(hart.priv)
@@ -306,7 +308,9 @@ class Engine:
         if self.code_cache is not None:
             self.code_cache.store(priv, pc, footprint(insns, self._stop_half), self._page(ppn),
                                   *self.native.last, cut)
-        return (native.native_entry(fn, cut), cut, ppn)
+        run = native.native_entry(fn, cut)
+        self.native_code[run] = code
+        return (run, cut, ppn)
 
     def _page(self, ppn: int) -> memoryview:
         base = (ppn << 12) - self.bus.ram_base
@@ -325,7 +329,19 @@ class Engine:
         code, far, cut = hit
         fn, addr = self.native.place(code, far)
         self.jumps.insert(priv, pc, ppn, addr)
-        return (native.native_entry(fn, cut), cut, ppn)
+        run = native.native_entry(fn, cut)
+        self.native_code[run] = addr
+        return (run, cut, ppn)
+
+    def _rechain(self, h: Hart, pc: int) -> None:
+        """Native code failed to chain to `pc`: if the block there is native, enter it in
+        the jump table again (another block with the same pc — the same address in
+        another process — had taken its place)."""
+        ent = self.caches[h.priv].get(pc)
+        if ent is not None and self.jumps is not None and h.itlb.get(pc >> 12) == ent[2]:
+            code = self.native_code.get(ent[0])
+            if code is not None:
+                self.jumps.insert(h.priv, pc, ent[2], code)
 
     def close(self) -> None:
         """The VM is done with the engine: keep this run's translations for the next one."""
@@ -428,6 +444,8 @@ class Engine:
                 if self.jumps is not None:
                     self.jumps.remove(*key)
                 ent = self.blocks.pop(key, None)
+                if ent is not None:
+                    self.native_code.pop(ent[0], None)
                 cache = self.caches[key[0]]
                 if ent is not None and cache.get(key[1]) is ent:
                     del cache[key[1]]
@@ -440,6 +458,7 @@ class Engine:
         self.page_keys.clear()
         self.blocks.clear()
         self.crossing.clear()
+        self.native_code.clear()
         if self.jumps is not None:
             self.jumps.clear()
         for c in self.caches.values():

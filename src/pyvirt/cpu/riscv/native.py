@@ -776,14 +776,16 @@ def native_entry(fn: Callable[..., int], n: int) -> Callable[[Any], int]:
         if x[W_RESYNC]:
             x[W_RESYNC] = 0
             h.set_priv(h.priv)                 # native code switched S's TLB context
-        d = x[W_RET] - n
+        ran = x[W_RET]
         x[W_RET] = 0
-        if d:
-            h.adj += d
+        if ran != n:
+            h.adj += ran - n
             if h.adj >= LOOP_BUDGET and not pc & 1:
                 return h.stop_at(pc)
         if pc & 1:
             return h.native_exit(pc ^ 1)
+        if ran < CHAIN_BUDGET:
+            h.chain_failed(pc)                 # the chain to pc failed: see there
         return pc
     return run
 

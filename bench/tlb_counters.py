@@ -8,7 +8,9 @@ Python, page-table walks in Python, whole-TLB flushes.
 Runs the VM in this process with counting wrappers around `mmu.walk`,
 `Engine._native_exit` and `Hart.flush_tlb` (the wrappers slow the run down;
 the counts, not the time, are the result).  Works on any pyvirt version that
-has those three functions, so it can count before and after a change.
+has those three functions, so it can count before and after a change.  Where
+the native code cache exists (codecache.py), its hits, misses and stores are
+printed too.
 """
 
 from __future__ import annotations
@@ -33,7 +35,23 @@ def _wrap(owner: Any, name: str, key: str) -> None:
     setattr(owner, name, counted)
 
 
+def _watch_code_caches() -> list[Any]:
+    try:
+        from pyvirt.cpu.riscv import codecache
+    except ImportError:
+        return []
+    made: list[Any] = []
+    init = codecache.CodeCache.__init__
+
+    def watched(self: Any, *args: Any, **kw: Any) -> None:
+        init(self, *args, **kw)
+        made.append(self)
+    codecache.CodeCache.__init__ = watched     # type: ignore[method-assign]
+    return made
+
+
 def main() -> int:
+    caches = _watch_code_caches()
     _wrap(mmu, "walk", "page-table walks in Python")
     _wrap(engine.Engine, "_native_exit", "native-code exits to Python")
     _wrap(hart.Hart, "flush_tlb", "whole-TLB flushes")
@@ -42,6 +60,8 @@ def main() -> int:
     wall = time.monotonic() - start
     for key in ("native-code exits to Python", "page-table walks in Python", "whole-TLB flushes"):
         print(f"{key}: {COUNTS[key]:,}")
+    for c in caches:
+        print("code cache: " + ", ".join(f"{k} {v:,}" for k, v in c.stats.items()))
     print(f"wall (with the counters): {wall:.1f} s, exit {code}")
     return 0
 

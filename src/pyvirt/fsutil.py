@@ -1,5 +1,5 @@
 """Private directories and Unix sockets for pyvirt's background processes (network switches,
-pyvirtd and its VM runners)."""
+pyvirtd and its VM runners), and where pyvirt's cache directory is."""
 
 from __future__ import annotations
 
@@ -11,6 +11,15 @@ import stat
 from pathlib import Path
 
 from pyvirt.errors import ConfigError
+
+
+def cache_root() -> Path:
+    """The cache directory: $PYVIRT_CACHE, else $XDG_CACHE_HOME/pyvirt, else ~/.cache/pyvirt."""
+    env = os.environ.get("PYVIRT_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "pyvirt"
 
 
 def private_dir(d: Path, what: str) -> Path:

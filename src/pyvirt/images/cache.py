@@ -27,14 +27,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-
-def cache_root() -> Path:
-    """The cache directory: $PYVIRT_CACHE, else $XDG_CACHE_HOME/pyvirt, else ~/.cache/pyvirt."""
-    env = os.environ.get("PYVIRT_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "pyvirt"
+from pyvirt.fsutil import cache_root  # noqa: F401 - re-exported (the board's code cache uses it too)
 
 
 def key(*parts: str | bytes) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 from pyvirt.backends.char import CharBackend
 from pyvirt.clock import Clock
 from pyvirt.compat import zip_strict
+from pyvirt.cpu.riscv import codecache
 from pyvirt.cpu.riscv.csr import MEIP, MSIP, MTIP, S_INTERRUPTS, SEIP, STCE, STIP
 from pyvirt.cpu.riscv.engine import Engine
 from pyvirt.cpu.riscv.hart import HART_STARTED, HART_STOPPED, Hart
@@ -36,6 +37,7 @@ from pyvirt.devices.virtio.device import VirtioDevice
 from pyvirt.devices.virtio.mmio import VirtioMmio
 from pyvirt.devices.virtio.net import VirtioNet
 from pyvirt.errors import ConfigError
+from pyvirt.fsutil import cache_root
 from pyvirt.machine import boot
 from pyvirt.machine.fdt import U64, Node, reg, to_dtb
 from pyvirt.machine.interface import BudgetSpent, Exit, Halt, HostBackends, Reset, Wfi
@@ -81,7 +83,8 @@ class VirtBoard:
         self.reset_requested = False
         self.clock = Clock()
         self.bus = Bus(RAM_BASE, spec.memory, ram)
-        self.engine = Engine(self.bus, spec.engine)
+        self.engine = Engine(self.bus, spec.engine,
+                             code_cache=codecache.for_board(cache_root(), spec.kernel) if spec.engine == "native" else None)
         self.harts = [Hart(i, self.bus, self.clock, native_regs=spec.engine == "native")
                       for i in range(spec.cpus)]
         for h in self.harts:
@@ -421,4 +424,7 @@ class VirtBoard:
         return min(cands) if cands else None
 
     def close(self) -> None:
-        self.host.close()
+        try:
+            self.engine.close()              # keeps this run's native code (codecache.py)
+        finally:
+            self.host.close()

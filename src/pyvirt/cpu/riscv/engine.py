@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pyvirt.cpu.riscv import isa, native
+from pyvirt.cpu.riscv.codecache import CodeCache, footprint
 from pyvirt.cpu.riscv.decode import Insn, decode
 from pyvirt.cpu.riscv.emit import BlockEmitter, GenericEmitter
 from pyvirt.cpu.riscv.hart import Hart
@@ -38,6 +39,7 @@ MAX_BLOCK = 64
 # Bounds on the translation cache; reaching either empties it (see Engine._build).
 MAX_BLOCKS = 250_000
 MAX_NATIVE_CODE = 192 << 20
+MAX_CROSSING = 4096         # page-crossing instructions remembered (see Engine.lookup)
 
 Entry = tuple[Callable[[Hart], int], int, int]
 
@@ -86,7 +88,9 @@ HANDLERS = _build_handlers()
 class Engine:
     """Runs harts of one machine; owns the translated-code caches."""
 
-    def __init__(self, bus: Bus, mode: str = "jit", hot: int = 16) -> None:
+    def __init__(self, bus: Bus, mode: str = "jit", hot: int = 16,
+                 code_cache: CodeCache | None = None) -> None:
+        """`code_cache`: translations kept across runs (native engine only; see codecache.py)."""
         if mode not in ENGINES:
             raise ValueError(f"unknown engine {mode!r}")
         self.bus = bus
@@ -96,18 +100,23 @@ class Engine:
         self.caches: dict[int, dict[int, Entry]] = {0: {}, 1: {}, 3: {}}
         self.blocks: dict[tuple[int, int, int], Entry] = {}
         self.page_keys: dict[int, list[tuple[int, int, int]]] = {}
+        self.crossing: dict[tuple[int, int, int], Entry] = {}   # see lookup()
+        self.native_code: dict[Callable[[Hart], int], int] = {}  # native entry -> code address
         self.globals: dict[str, Any] = dict(_BASE_GLOBALS, ram=bus.ram)
         self.stats = {"translated": 0, "interp_blocks": 0, "invalidated": 0, "flushes": 0}
         if mode == "native" and not native.available():
             raise ValueError("the native engine needs an x86-64 Linux host")
         self.native = native.Translator() if mode == "native" else None
         self.jumps = native.JumpTables() if mode == "native" else None
+        self.code_cache = code_cache if self.native is not None else None
+        self._stop_half: int | None = None     # see _decode_block
 
     def add_hart(self, hart: Hart) -> None:
         if self.native is not None and isinstance(hart.x, list):
             raise ValueError("the native engine needs harts made with native_regs=True")
         self.harts.append(hart)
         hart.native_exit_hook = self._native_exit
+        hart.rechain_hook = self._rechain
         if self.jumps is not None:
             hart.jump_tables = self.jumps
             hart.set_priv(hart.priv)
@@ -157,9 +166,18 @@ class Engine:
         key = (h.priv, pc, ppn)
         ent = self.blocks.get(key)
         if ent is None:
+            ent = self.crossing.get(key)
+            if ent is not None:
+                return ent
             ent = self._build(key)
             if ent[0] is self._crossing_insn:
-                return ent     # reads h.pc, so it must go through lookup every time
+                # It reads h.pc, so it must go through lookup every time; kept apart so
+                # that it is not decoded again each time (the Debian kernel runs such
+                # instructions 60 k times a boot).  It fetches both halves itself, so a
+                # store to either page cannot make it stale.
+                if len(self.crossing) < MAX_CROSSING:
+                    self.crossing[key] = ent
+                return ent
         self.caches[h.priv][pc] = ent
         return ent
 
@@ -173,11 +191,13 @@ class Engine:
         out: list[tuple[Insn, int]] = []
         seen: set[int] = set()
         a = pc
+        self._stop_half = None
         while len(out) < MAX_BLOCK and a not in seen:
             po = a & 0xFFF
             lo = ram[base + po] | (ram[base + po + 1] << 8) if po <= 0xFFE else 0
             if lo & 3 == 3:
                 if po > 0xFFC:
+                    self._stop_half = po       # (the code cache's footprint includes it)
                     break                      # crosses into the next page
                 word = lo | ((ram[base + po + 2] | (ram[base + po + 3] << 8)) << 16)
             else:
@@ -204,6 +224,11 @@ class Engine:
             self.flush()
             self.stats["flushes"] += 1
         priv, pc, ppn = key
+        if self.code_cache is not None:
+            ent = self._cached_native(key)
+            if ent is not None:
+                self._register(key, ent)
+                return ent
         insns = self._decode_block(pc, ppn)
         if not insns:
             return (self._crossing_insn, 1, ppn)   # never cached: see lookup()
@@ -280,7 +305,48 @@ class Engine:
             return None
         fn, cut, code = done
         self.jumps.insert(priv, pc, ppn, code)
-        return (native.native_entry(fn, cut), cut, ppn)
+        if self.code_cache is not None:
+            self.code_cache.store(priv, pc, footprint(insns, self._stop_half), self._page(ppn),
+                                  *self.native.last, cut)
+        run = native.native_entry(fn, cut)
+        self.native_code[run] = code
+        return (run, cut, ppn)
+
+    def _page(self, ppn: int) -> memoryview:
+        base = (ppn << 12) - self.bus.ram_base
+        return memoryview(self.bus.ram)[base:base + 4096]
+
+    def _cached_native(self, key: tuple[int, int, int]) -> Entry | None:
+        """The block's translation from an earlier run, if its guest bytes are the same."""
+        priv, pc, ppn = key
+        assert self.code_cache is not None and self.native is not None and self.jumps is not None
+        base = (ppn << 12) - self.bus.ram_base
+        if not 0 <= base <= len(self.bus.ram) - 4096:
+            return None
+        hit = self.code_cache.lookup(priv, pc, self._page(ppn))
+        if hit is None:
+            return None
+        code, far, cut = hit
+        fn, addr = self.native.place(code, far)
+        self.jumps.insert(priv, pc, ppn, addr)
+        run = native.native_entry(fn, cut)
+        self.native_code[run] = addr
+        return (run, cut, ppn)
+
+    def _rechain(self, h: Hart, pc: int) -> None:
+        """Native code failed to chain to `pc`: if the block there is native, enter it in
+        the jump table again (another block with the same pc — the same address in
+        another process — had taken its place)."""
+        ent = self.caches[h.priv].get(pc)
+        if ent is not None and self.jumps is not None and h.itlb.get(pc >> 12) == ent[2]:
+            code = self.native_code.get(ent[0])
+            if code is not None:
+                self.jumps.insert(h.priv, pc, ent[2], code)
+
+    def close(self) -> None:
+        """The VM is done with the engine: keep this run's translations for the next one."""
+        if self.code_cache is not None:
+            self.code_cache.save()
 
     def _translated(self, insns: list[tuple[Insn, int]], end_pc: int, key: tuple[int, int, int]) -> Entry:
         """The best translation of a block: native if it can start natively, else Python."""
@@ -354,11 +420,14 @@ class Engine:
 
     @staticmethod
     def _crossing_insn(h: Hart) -> int:
-        """A 32-bit instruction straddling two pages: fetch both halves every time."""
+        """A 32-bit instruction straddling two pages: fetch both halves every time.  (If
+        the first half now holds a 16-bit instruction, only that: the entry is kept in
+        Engine.crossing while the code may change.)"""
         pc = h.pc
         lo = h.fetch_half(pc)
-        hi = h.fetch_half((pc + 2) & isa.M)
-        ins = decode(lo | (hi << 16))
+        if lo & 3 == 3:
+            lo |= h.fetch_half((pc + 2) & isa.M) << 16
+        ins = decode(lo)
         d = (HANDLERS[ins.name], ins.rd, ins.rs1, ins.rs2, ins.rs3, ins.imm, ins.rm,
              ins.length, ins.raw, pc)
         nxt = d[0](h, d)
@@ -375,6 +444,8 @@ class Engine:
                 if self.jumps is not None:
                     self.jumps.remove(*key)
                 ent = self.blocks.pop(key, None)
+                if ent is not None:
+                    self.native_code.pop(ent[0], None)
                 cache = self.caches[key[0]]
                 if ent is not None and cache.get(key[1]) is ent:
                     del cache[key[1]]
@@ -386,6 +457,8 @@ class Engine:
             self.bus.unwatch(ppn, self._code_written)
         self.page_keys.clear()
         self.blocks.clear()
+        self.crossing.clear()
+        self.native_code.clear()
         if self.jumps is not None:
             self.jumps.clear()
         for c in self.caches.values():

@@ -120,6 +120,7 @@ class Hart(CsrMixin):
         "gtlbs", "asid_sets", "cur_set", "tagbits", "next_tag", "_wrev", "_wrev_n", "_su_all",
         "ecall_hook", "yield_on_pause",
         "_state", "sq", "_uq", "_as_parameter_", "_ntlb", "_ntlb_views", "_ram_host", "native_exit_hook",
+        "rechain_hook",
         "jump_tables",
     )
 
@@ -170,6 +171,7 @@ class Hart(CsrMixin):
         self._ntlb_views = {p: memoryview(t).cast("B").cast("Q") for p, t in self._ntlb.items()}
         self._ram_host = ctypes.addressof(ctypes.c_char.from_buffer(bus.ram))
         self.native_exit_hook: Callable[[Hart, int], int] | None = None
+        self.rechain_hook: Callable[[Hart, int], None] | None = None
         self.reset()
 
     # mstatus, mip, mie, the stored-only S CSRs and the LR reservation live in
@@ -815,6 +817,32 @@ class Hart(CsrMixin):
             slot += 2 * native.TLB_ENTRIES
             view[slot] = key
             view[slot + 1] = (self._ram_host + o) & M64
+
+    def chain_failed(self, pc: int) -> None:
+        """Native code could not chain to the block at `pc` and returned to Python: put
+        back what the chaining stub looks at, so that the next chain there succeeds —
+        the fetch TLB's entry (native_fetch_refill) and the block's jump-table entry
+        (the engine's rechain hook)."""
+        self.native_fetch_refill(pc)
+        if self.rechain_hook is not None:
+            self.rechain_hook(self, pc)
+
+    def native_fetch_refill(self, pc: int) -> None:
+        """Copy the fetch TLB's mapping of `pc`'s page into the native fetch table, as
+        `translate` fills it.  The dict outlives the direct-mapped table's entry (another
+        page, or another address space after a context switch, takes its slot), and the
+        dispatcher, finding the page in the dict, never walks it again."""
+        vpn = pc >> 12
+        ppn = self.itlb.get(vpn)
+        if ppn is None:
+            return
+        key = vpn
+        if self.priv != 3 and self.satp >> 60 and self.gtlbs[self.ctx][2].get(vpn) != ppn:
+            key ^= self.tagbits
+        slot = 4 * native.TLB_ENTRIES + 2 * (vpn & (native.TLB_ENTRIES - 1))
+        view = self._ntlb_views[self.priv]
+        view[slot] = key
+        view[slot + 1] = ppn
 
     def native_exit(self, pc: int) -> int:
         """A native block stopped before the instruction at `pc`: run it here."""

@@ -263,6 +263,7 @@ class Translator:
         self.code = CodeBuffer()
         self.used = 0                   # bytes of code in the current buffer
         self.stats = {"native_blocks": 0, "native_bytes": 0}
+        self.last: tuple[bytes, list[int]] = (b"", [])    # the last translation's code and far jumps
 
     def reset(self) -> None:
         """Forget every translation: the code buffer's memory goes back to the
@@ -286,11 +287,18 @@ class Translator:
         gen = _BlockGen(a, block, insns[cut][1] if cut < len(insns) else None, priv)
         gen.emit()
         code = a.finish()
-        addr = self.code.put(code, a.far)
+        self.last = (code, a.far)
+        fn, addr = self.place(code, a.far)
+        return fn, cut, addr
+
+    def place(self, code: bytes, far: list[int]) -> tuple[Callable[..., int], int]:
+        """Put a block's code (made now, or by an earlier run: see codecache.py) into the
+        code buffer; (callable, code address)."""
+        addr = self.code.put(code, far)
         self.used += len(code)
         self.stats["native_blocks"] += 1
         self.stats["native_bytes"] += len(code)
-        return _BLOCK_TYPE(addr), cut, addr
+        return _BLOCK_TYPE(addr), addr
 
 
 class _BlockGen:
@@ -768,14 +776,16 @@ def native_entry(fn: Callable[..., int], n: int) -> Callable[[Any], int]:
         if x[W_RESYNC]:
             x[W_RESYNC] = 0
             h.set_priv(h.priv)                 # native code switched S's TLB context
-        d = x[W_RET] - n
+        ran = x[W_RET]
         x[W_RET] = 0
-        if d:
-            h.adj += d
+        if ran != n:
+            h.adj += ran - n
             if h.adj >= LOOP_BUDGET and not pc & 1:
                 return h.stop_at(pc)
         if pc & 1:
             return h.native_exit(pc ^ 1)
+        if ran < CHAIN_BUDGET:
+            h.chain_failed(pc)                 # the chain to pc failed: see there
         return pc
     return run
 

@@ -1,0 +1,327 @@
+"""The native engine's persistent code cache (cpu/riscv/codecache.py), and the dispatch
+paths that came with it (page-straddling instructions kept, failed chains repaired).
+
+Each test runs a small M-mode program on a fresh bus, hart and native engine whose code
+cache lives in a temporary directory, saves it, and runs again with a new engine that
+loads it: the second run must place the first run's code only where the guest bytes are
+the same, and behave exactly as if it had translated everything itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pyvirt.clock import Clock
+from pyvirt.cpu.riscv import codecache, native
+from pyvirt.cpu.riscv.codecache import CodeCache
+from pyvirt.cpu.riscv.engine import Engine
+from pyvirt.cpu.riscv.hart import Hart
+from pyvirt.memory import Bus
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the native engine needs x86-64 Linux")
+
+BASE = 0x8000_0000
+JAL_SELF = 0x0000006F                     # jal x0, 0: spin here
+
+
+def addi(rd: int, rs1: int, imm: int) -> int:
+    return ((imm & 0xFFF) << 20) | (rs1 << 15) | (rd << 7) | 0x13
+
+
+def program(k: int) -> list[int]:
+    """x5 = k; x6 = x5 + 1; x7 = x6 + x5 (add); spin."""
+    add_x7 = (5 << 20) | (6 << 15) | (7 << 7) | 0x33
+    return [addi(5, 0, k), addi(6, 5, 1), add_x7, JAL_SELF]
+
+
+def run(directory: Path, words: list[int], *, after: list[tuple[int, int]] | None = None,
+        max_file: int = codecache.MAX_FILE) -> tuple[Hart, Engine, CodeCache]:
+    """Run `words` at BASE for a while (then, for each (address, word) in `after`, store it
+    through the bus and run on from BASE); save the cache; (hart, engine, cache)."""
+    bus = Bus(BASE, 1 << 20)
+    for i, w in enumerate(words):
+        bus.write(BASE + 4 * i, 4, w)
+    cache = CodeCache(directory, max_file=max_file)
+    eng = Engine(bus, "native", code_cache=cache)
+    hart = Hart(0, bus, Clock(), native_regs=True)
+    eng.add_hart(hart)
+    hart.pc = BASE
+    eng.run(hart, 2000)
+    for addr, w in after or []:
+        bus.write(addr, 4, w)
+        hart.pc = BASE
+        eng.run(hart, 2000)
+    eng.close()
+    return hart, eng, cache
+
+
+def test_second_run_places_the_first_runs_code(tmp_path: Path) -> None:
+    h1, _, c1 = run(tmp_path, program(5))
+    assert c1.stats["stored"] >= 2 and c1.stats["hits"] == 0
+    assert (h1.x[5], h1.x[6], h1.x[7]) == (5, 6, 11)
+    h2, e2, c2 = run(tmp_path, program(5))
+    assert c2.stats["loaded"] == c1.stats["stored"]
+    assert c2.stats["hits"] == c1.stats["stored"] and c2.stats["stored"] == 0
+    assert (h2.x[5], h2.x[6], h2.x[7]) == (5, 6, 11)
+    # What was placed is byte for byte what the translator makes from these bytes.
+    insns = e2._decode_block(BASE, BASE >> 12)
+    fresh = native.Translator()
+    done = fresh.translate(insns, 3)
+    assert done is not None
+    cut = done[1]
+    assert c2.lookup(3, BASE, e2._page(BASE >> 12)) == (*fresh.last, cut)
+
+
+def test_changed_page_content_is_translated_afresh(tmp_path: Path) -> None:
+    run(tmp_path, program(5))
+    h, _, c = run(tmp_path, program(9))
+    assert (h.x[5], h.x[6], h.x[7]) == (9, 10, 19)
+    assert c.stats["stored"] == 1            # the first block: its bytes changed
+    assert c.stats["hits"] == 1              # the spin loop's did not
+
+
+def test_bytes_outside_the_footprint_do_not_matter(tmp_path: Path) -> None:
+    run(tmp_path, program(5) + [0x12345678])
+    h, _, c = run(tmp_path, program(5) + [0x0BADC0DE])
+    assert c.stats["stored"] == 0 and c.stats["hits"] == 2
+    assert h.x[7] == 11
+
+
+def test_self_modifying_code_after_a_hit(tmp_path: Path) -> None:
+    """A hit block is watched like a translated one: a store into it drops it, and the
+    next lookup (the bytes no longer match) translates the new code."""
+    run(tmp_path, program(5))
+    h, e, c = run(tmp_path, program(5), after=[(BASE, addi(5, 0, 40))])
+    assert (h.x[5], h.x[6], h.x[7]) == (40, 41, 81)
+    assert e.stats["invalidated"] >= 1
+    # The store dropped the page's two blocks; the spin loop's bytes are the same: a hit again.
+    assert c.stats["hits"] == 3 and c.stats["stored"] == 1
+
+
+def test_remapped_page_with_other_bytes_misses(tmp_path: Path) -> None:
+    """The same (privilege, pc) fetched from another physical page: hits only if the
+    footprint's bytes are the same there."""
+    run(tmp_path, program(5))
+    c = CodeCache(tmp_path)
+    same = bytearray(4096)
+    for i, w in enumerate(program(5)):
+        same[4 * i:4 * i + 4] = w.to_bytes(4, "little")
+    other = bytearray(same)
+    other[4:8] = addi(6, 5, 2).to_bytes(4, "little")
+    same[100:200] = os.urandom(100)          # past the footprint
+    assert c.lookup(3, BASE, same) is not None
+    assert c.lookup(3, BASE, other) is None
+    assert c.lookup(1, BASE, same) is None   # another privilege
+    assert c.lookup(3, BASE + 0x1000, same) is None
+
+
+def _cache_file(directory: Path) -> Path:
+    (path,) = directory.glob("native-*.bin")
+    return path
+
+
+@pytest.mark.parametrize("damage", ["flip_code", "flip_count", "flip_mac", "truncate", "append", "empty"])
+def test_damaged_file_is_ignored(tmp_path: Path, damage: str) -> None:
+    run(tmp_path, program(5))
+    path = _cache_file(tmp_path)
+    data = bytearray(path.read_bytes())
+    if damage == "flip_code":
+        data[-1] ^= 0xC3
+    elif damage == "flip_count":
+        data[40] ^= 1
+    elif damage == "flip_mac":
+        data[60] ^= 1
+    elif damage == "truncate":
+        del data[-5:]
+    elif damage == "append":
+        data += b"\x90" * 16
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    h, _, c = run(tmp_path, program(5))
+    assert c.stats["loaded"] == 0 and c.stats["hits"] == 0
+    assert c.stats["rejected"] == 1
+    assert h.x[7] == 11
+    # ... and the run wrote a good file over it.
+    assert CodeCache(tmp_path).stats["loaded"] == c.stats["stored"]
+
+
+def test_file_from_another_key_is_ignored(tmp_path: Path) -> None:
+    """A well-formed file that this directory's key did not sign (someone else's cache,
+    or a forged one) is not trusted."""
+    run(tmp_path / "a", program(5))
+    (tmp_path / "b").mkdir(mode=0o700)
+    CodeCache(tmp_path / "b")                 # makes b's key
+    src = _cache_file(tmp_path / "a")
+    (tmp_path / "b" / src.name).write_bytes(src.read_bytes())
+    c = CodeCache(tmp_path / "b")
+    assert c.stats["loaded"] == 0 and c.stats["rejected"] == 1
+
+
+def test_file_of_another_translator_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run(tmp_path, program(5))
+    monkeypatch.setattr(codecache, "_DIGEST", bytes(32))
+    c = CodeCache(tmp_path)
+    assert c.path != _cache_file(tmp_path)
+    c.path.write_bytes(_cache_file(tmp_path).read_bytes())     # same key, other version
+    assert CodeCache(tmp_path).stats == {**c.stats, "rejected": 1}
+
+
+def test_unsafe_directory_or_key_disables_the_cache(tmp_path: Path) -> None:
+    d = tmp_path / "open"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    c = CodeCache(d)
+    assert c._key is None
+    h, _, c2 = run(d, program(5))
+    assert h.x[7] == 11 and not list(d.glob("native-*.bin"))
+    k = tmp_path / "k"
+    k.mkdir(mode=0o700)
+    (k / "key").symlink_to(tmp_path / "elsewhere")
+    assert CodeCache(k)._key is None
+
+
+def test_file_size_is_bounded(tmp_path: Path) -> None:
+    """Many blocks, a small bound: the file never exceeds it and what fits still hits."""
+    words = [addi(5, 5, 1), 0x0000006F | (2 << 21)] * 200   # addi; jal x0, +4 (the next addi)
+    words.append(JAL_SELF)
+    _, _, c_all = run(tmp_path / "all", words)
+    bound = _cache_file(tmp_path / "all").stat().st_size // 2
+    h1, _, c1 = run(tmp_path, words, max_file=bound)
+    assert h1.x[5] == 200
+    assert 0 < c1.stats["stored"] < c_all.stats["stored"]     # a run's new entries: half the bound
+    assert 0 < _cache_file(tmp_path).stat().st_size <= bound
+    h2, _, c2 = run(tmp_path, words, max_file=bound)
+    assert h2.x[5] == 200
+    assert c2.stats["loaded"] == c1.stats["stored"] and c2.stats["hits"] == c2.stats["loaded"]
+    assert c2.stats["stored"] > 0
+    assert _cache_file(tmp_path).stat().st_size <= bound
+
+
+def test_old_versions_are_pruned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for v in range(codecache.KEEP_FILES + 2):
+        monkeypatch.setattr(codecache, "_DIGEST", bytes([v]) * 32)
+        run(tmp_path, program(5))
+    assert len(list(tmp_path.glob("native-*.bin"))) == codecache.KEEP_FILES
+    assert not list(tmp_path.glob(".native-*"))
+
+
+def test_footprint_runs() -> None:
+    from pyvirt.cpu.riscv.decode import decode
+
+    a, c = decode(addi(5, 0, 1)), decode(0x0505)          # addi and c.addi a0, 1
+    at = 0x8000_0FF0
+    assert codecache.footprint([(a, at), (c, at + 4), (a, at + 6)], None) == ((0xFF0, 10),)
+    # A direct jump back inside the page: two runs; the half word that stopped decoding.
+    assert codecache.footprint([(a, at), (a, at - 0x100)], None) == ((0xFF0, 4), (0xEF0, 4))
+    assert codecache.footprint([(a, at + 8), (c, at + 0xC)], 0xFFE) == ((0xFF8, 8),)
+    assert codecache.footprint([(a, at)], 0xFFE) == ((0xFF0, 4), (0xFFE, 2))
+
+
+def test_few_new_entries_leave_the_file_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run(tmp_path, program(5))
+    before = _cache_file(tmp_path).read_bytes()
+    monkeypatch.setattr(codecache, "SAVE_FRACTION", 1)      # now 1 new of 2 loaded is too few
+    _, _, c = run(tmp_path, program(9))
+    assert c.stats["stored"] == 1 and _cache_file(tmp_path).read_bytes() == before
+    monkeypatch.setattr(codecache, "SAVE_FRACTION", 2)
+    run(tmp_path, program(9))
+    assert CodeCache(tmp_path).stats["loaded"] == 3
+
+
+def test_temporary_files_of_dead_runs_are_removed(tmp_path: Path) -> None:
+    CodeCache(tmp_path).save()               # makes the directory and key; nothing to save
+    dead = tmp_path / ".native-999999999-0000.tmp"      # (above any pid_max)
+    live = tmp_path / f".native-{os.getpid()}-0000.tmp"
+    dead.write_bytes(b"x")
+    live.write_bytes(b"x")
+    c = CodeCache(tmp_path)
+    assert not dead.exists() and live.exists()
+    assert c.save() is False                 # nothing stored: its own temporary file goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "key"]
+
+
+def test_one_file_per_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYVIRT_CODE_CACHE", "on")
+    k1, k2 = tmp_path / "k1", tmp_path / "k2"
+    k1.write_bytes(b"one")
+    k2.write_bytes(b"two")
+    a, b = codecache.for_board(tmp_path, k1), codecache.for_board(tmp_path, k2)
+    assert a is not None and b is not None and a.path != b.path
+    assert a.path.parent == tmp_path / "code"
+    same = codecache.for_board(tmp_path, k1)
+    assert same is not None and same.path == a.path
+    monkeypatch.setenv("PYVIRT_CODE_CACHE", "off")
+    assert codecache.for_board(tmp_path, k1) is None
+    with pytest.raises(ValueError):
+        CodeCache(tmp_path, "../x")
+
+
+def _jal(offset: int) -> int:
+    """jal x0, offset."""
+    imm = offset & 0x1FFFFF
+    return (((imm >> 20) & 1) << 31 | ((imm >> 1) & 0x3FF) << 21 | ((imm >> 11) & 1) << 20
+            | ((imm >> 12) & 0xFF) << 12 | 0x6F)
+
+
+@pytest.mark.parametrize("engine", ["native", "jit", "interp"])
+def test_page_straddling_instruction_rewritten(engine: str) -> None:
+    """A 32-bit instruction straddling two pages runs from Engine.crossing after its first
+    time; rewritten into a 16-bit one (and a c.nop after it), the next runs do the new one."""
+    bus = Bus(BASE, 1 << 20)
+    bus.write(BASE, 4, addi(5, 5, 1))
+    bus.write(BASE + 4, 4, _jal(0xFFE - 4))
+    bus.write(BASE + 0xFFE, 2, addi(6, 6, 3) & 0xFFFF)
+    bus.write(BASE + 0x1000, 2, addi(6, 6, 3) >> 16)
+    bus.write(BASE + 0x1002, 4, _jal(-0x1002))
+    eng = Engine(bus, engine, hot=2)
+    hart = Hart(0, bus, Clock(), native_regs=engine == "native")
+    eng.add_hart(hart)
+    hart.pc = BASE
+    eng.run(hart, 400)
+    x5, x6 = hart.x[5], hart.x[6]
+    assert x5 > 20 and x6 in (3 * x5, 3 * (x5 - 1))
+    if engine == "native":
+        assert len(eng.crossing) == 1
+    c_addi_x6_5 = 0x0001 | 6 << 7 | 5 << 2
+    bus.write(BASE + 0xFFE, 2, c_addi_x6_5)
+    bus.write(BASE + 0x1000, 2, 0x0001)                 # c.nop
+    hart.x[5] = hart.x[6] = 0
+    hart.pc = BASE
+    eng.run(hart, 400)
+    x5, x6 = hart.x[5], hart.x[6]
+    assert x5 > 20 and x6 in (5 * x5, 5 * (x5 - 1))
+
+
+def test_a_failed_chain_puts_back_the_jump_and_fetch_entries() -> None:
+    """Two native blocks on two pages jump to each other (chained).  When the jump-table
+    entry of one and its page's native fetch-table entry are gone (as when another process's
+    block at the same pc, or another address space's page, takes their slots), the next
+    chain there fails once and returns to Python, which puts both back."""
+    bus = Bus(BASE, 1 << 20)
+    a, b = BASE, BASE + 0x1000
+    bus.write(a, 4, addi(5, 5, 1))
+    bus.write(a + 4, 4, _jal(b - (a + 4)))
+    bus.write(b, 4, addi(6, 6, 1))
+    bus.write(b + 4, 4, _jal(a - (b + 4)))
+    eng = Engine(bus, "native")
+    hart = Hart(0, bus, Clock(), native_regs=True)
+    eng.add_hart(hart)
+    hart.pc = a
+    eng.run(hart, 1000)
+    assert eng.jumps is not None
+    jv = eng.jumps.views[3]
+    s = eng.jumps.set_of(b)
+    assert b in (jv[s], jv[s + 4])
+    xslot = 4 * native.TLB_ENTRIES + 2 * ((b >> 12) & (native.TLB_ENTRIES - 1))
+    xv = hart._ntlb_views[3]
+    assert xv[xslot] == b >> 12
+    eng.jumps.remove(3, b, b >> 12)
+    xv[xslot] = (1 << 64) - 1
+    x5, x6 = hart.x[5], hart.x[6]
+    eng.run(hart, 1000)
+    assert b in (jv[s], jv[s + 4]) and xv[xslot] == b >> 12 and xv[xslot + 1] == b >> 12
+    assert hart.x[5] - x5 > 100 and abs((hart.x[5] - x5) - (hart.x[6] - x6)) <= 1

@@ -121,7 +121,7 @@ def test_graceful_stop_through_the_agent(daemon: Daemon) -> None:
 
 
 def test_graceful_stop_after_a_guest_reboot(daemon: Daemon) -> None:
-    """A reboot makes a new board with a new agent port: the runner reconnects to it."""
+    """After a guest reboot (the board reset in place) the agent is reached again: stop is graceful."""
     c = daemon.client
     until = int(time.time()) + 6              # (the guest's RTC follows the host's clock)
     c.create("rb", memory="64M", command=f"[ $(date +%s) -lt {until} ] && reboot -f; sleep 1000")

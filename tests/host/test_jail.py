@@ -134,17 +134,20 @@ def test_a_jailed_daemon_vm_boots_runs_snapshots_and_stops(daemon: Daemon, tmp_p
     assert done["state"] == "stopped" and done["reason"] == "poweroff", done
 
 
-def test_a_jailed_guest_reboot_starts_a_new_runner(daemon: Daemon) -> None:
-    """A jailed runner cannot build a new board (no new sockets, no passt): a guest reboot ends
-    it with reason "reboot" and the daemon starts a new one, the VM still running."""
+def test_a_jailed_guest_reboot_resets_the_board_in_the_same_runner(daemon: Daemon) -> None:
+    """A guest reboot in a jailed runner resets the board in place (issue 13): the same runner
+    (it needs no new socket, no new passt, nothing the jail forbids), the VM still running,
+    its network up again on the second boot."""
     if not LAYERS_ON:
         pytest.skip("needs root and Landlock ABI >= 4")
     c = daemon.client
-    c.create("rb", memory="64M", command="echo booted; sleep 1; reboot -f; sleep 30")
+    c.create("rb", memory="64M", nets=["user"],
+             command="echo booted; ip -4 addr show eth0 | grep -q inet && echo NET-UP; sleep 1; reboot -f; sleep 30")
     first = c.start("rb")["pid"]
-    wait_for(lambda: c.logs("rb")["text"].count("booted") >= 2, 90, "a second boot")
-    info = wait_for(lambda: (v := c.inspect("rb"))["pid"] not in (None, first) and v, 30, "a new runner")
-    assert info["state"] == "running", info
+    wait_for(lambda: c.logs("rb")["text"].count("NET-UP") >= 2, 90, "a second boot with its network")
+    info = c.inspect("rb")
+    assert info["state"] == "running" and info["pid"] == first and info["runner"]["resets"] >= 1, info
+    assert all(v["on"] for v in info["jail"].values()), info["jail"]
     c.kill("rb")
 
 

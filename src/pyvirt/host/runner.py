@@ -182,9 +182,8 @@ class Runner:
 
     # -- the guest agent -----------------------------------------------------------------
     def _connect_agent(self) -> socket.socket:
-        """Connect to the agent port's socket (the board listens there); a guest reboot makes
-        a new board and a new socket, so this is done again then."""
-        self.agent_board = self.vm.board
+        """Connect to the agent port's socket (the board listens there; a guest reboot resets
+        the board in place, the socket and this connection stay)."""
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock = next((p.socket for p in self.vm.spec.ports if p.name == AGENT_PORT), self.paths.agent_sock)
         s.connect(str(sock))
@@ -208,9 +207,6 @@ class Runner:
         return True
 
     def _agent_flush(self) -> None:
-        if self.vm.board is not self.agent_board:          # the guest rebooted
-            self.agent.close()
-            self.agent = self._connect_agent()
         if self.agent_out and self.agent_open():
             # (the guest drops what arrives on a port it has not opened, hence the wait)
             self.agent.sendall(bytes(self.agent_out))
@@ -353,7 +349,8 @@ def write_exit(paths: VmPaths, **info: Any) -> None:
 
 def enter_jail(config: dict[str, Any], paths: VmPaths, vm: Vm) -> bool:
     """With config["jail"] true: confine this process now that the board is built
-    (host/jail.py), a guest reboot then ending the runner.  What took effect goes to
+    (host/jail.py; a guest reboot resets the board in place, which needs nothing the jail
+    forbids: the backends stay open, the kernel is read again).  What took effect goes to
     <vm dir>/jail.json (`pyvirt inspect` shows it).  Whether any layer is on."""
     from pyvirt.host import jail
     if config.get("jail"):
@@ -364,8 +361,6 @@ def enter_jail(config: dict[str, Any], paths: VmPaths, vm: Vm) -> bool:
     else:
         report = jail.disabled("the jail is turned off (pyvirtd --no-jail or PYVIRT_JAIL=off)")
     on = any(layer["on"] for layer in report.values() if isinstance(layer, dict))
-    if on:
-        vm.reset_in_place = False
     tmp = paths.dir / "jail.json.tmp"
     tmp.write_text(json.dumps(report) + "\n")
     os.replace(tmp, paths.dir / "jail.json")

@@ -248,8 +248,9 @@ class Supervisor:
                 f.unlink()
 
     def _reboot(self, rec: VmRecord) -> None:
-        """A jailed runner whose guest rebooted has ended (it cannot build a new board in its
-        jail): start a new one on the disks it recorded, as `start` does (call with the lock held)."""
+        """A runner that ended on its guest's reboot (exit.json "reboot": one whose Vm does not
+        reset in place -- today's runners do): start a new one on the disks it recorded, as
+        `start` does (call with the lock held)."""
         self._release(rec)
         try:
             self.spawn(self.get(rec.id))

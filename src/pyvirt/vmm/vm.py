@@ -89,9 +89,9 @@ class Vm:
         self.paused = False
         self.snapshots_taken = 0
         # True: a guest reboot resets the board in place (`VirtBoard.reset`: devices and
-        # harts reset, the guest loaded again; host backends kept).  False: it ends run()
-        # (returns None, `reboot_requested` set) -- a jailed runner (host/jail.py: the reset
-        # is not yet tried under its seccomp allow-list); the daemon starts a new runner.
+        # harts reset, the guest loaded again; host backends kept), also in a jailed runner.
+        # False: it ends run() (returns None, `reboot_requested` set) for the caller to
+        # start the VM again.
         self.reset_in_place = True
         self.reboot_requested = False
 

@@ -523,18 +523,46 @@ def _control_seeds() -> Iterator[bytes]:
 
 # -- the REST API's request models --------------------------------------------------------------
 def fuzz_request(data: bytes) -> None:
-    """A request body for VM create, export and import: validated, then resolved to a spec
-    and limits as the daemon does.  Only one-line validation errors may come out."""
+    """A request body for VM create, export or import, validated by the REST API's models and
+    (create) resolved to a spec and host limits as pyvirtd does.  The body is built from the
+    input field by field (names the models know, values of every JSON type), so that most
+    inputs get past JSON and reach pyvirt's own checks.  Only a pydantic ValidationError or a
+    one-line PyvirtError may come out."""
     from pydantic import ValidationError
 
     from pyvirt.errors import PyvirtError
     from pyvirt.host.models import ExportRequest, ImportRequest, VmCreate, to_spec
 
-    if not data:
-        return
-    model = (VmCreate, ExportRequest, ImportRequest)[data[0] % 3]
+    inp = Input(data)
+    model = (VmCreate, ExportRequest, ImportRequest)[inp.u8() % 3]
+    names = sorted(model.model_fields) + ["bogus"]
+    strings = ["", "64M", "1G", "0", "-1", "9" * 30, "1.5G", "user", "user,host-loopback=on", "network=n",
+               "/dev/null", "/dev/null,ro", "/nonexistent", "x:y", "8080:80", "a=/tmp/s", "default", "debian",
+               "sv48", "interp", "../x", "a\nb", "\0", "hvc0=/tmp/x.sock", "1T", "64G"]
+
+    def value() -> Any:
+        kind = inp.u8() % 8
+        if kind == 0:
+            return strings[inp.u8() % len(strings)]
+        if kind == 1:
+            return inp.bytes(inp.u8() % 24).decode("utf-8", "replace")
+        if kind == 2:
+            return inp.int(8) - (1 << 63)
+        if kind == 3:
+            return [value() for _ in range(inp.u8() % 4)]
+        if kind == 4:
+            return bool(inp.u8() & 1)
+        if kind == 5:
+            return None
+        if kind == 6:
+            return inp.u16() / 7
+        return {"k": strings[inp.u8() % len(strings)]}
+
+    body: dict[str, Any] = {"name": "fuzz"} if model is VmCreate else {"path": "/tmp/x.tar.zst"}
+    for _ in range(inp.u8() % 8):
+        body[names[inp.u8() % len(names)]] = value()
     try:
-        req = model.model_validate_json(data[1:])
+        req = model.model_validate(body)
     except ValidationError:
         return
     if isinstance(req, VmCreate):
@@ -548,10 +576,10 @@ def fuzz_request(data: bytes) -> None:
 
 
 def _request_seeds() -> Iterator[bytes]:
-    yield b"\0" + json.dumps({"name": "a", "memory": "64M", "cpus": 1, "net": ["user"]}).encode()
-    yield b"\0" + json.dumps({"name": "b", "disk": ["/dev/null,ro"], "limits": {}, "cpu_quota": 0.5}).encode()
-    yield b"\1" + json.dumps({"path": "/tmp/x.tar.zst"}).encode()
-    yield b"\2" + json.dumps({"path": "/tmp/x.tar.zst", "name": "c"}).encode()
+    yield bytes([0, 3, 5, 0, 2, 9, 0, 7])
+    yield bytes([0, 2, 6, 3, 2, 0, 9, 0, 10])
+    yield bytes([1, 1, 0, 0, 4])
+    yield bytes([2, 2, 1, 0, 7, 3, 0, 2])
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {

@@ -405,7 +405,11 @@ def fuzz_archive(data: bytes) -> None:
 
     if not data:
         return
-    raw = data[1:] if data[0] == 1 else zstandard.ZstdCompressor(level=1).compress(data[1:])
+    if data[0] == 1:
+        raw = data[1:]
+    else:
+        tar = _structured_archive(Input(data[1:])) if data[0] == 2 else data[1:]
+        raw = zstandard.ZstdCompressor(level=1).compress(tar)
     (TMP / "a.tar.zst").write_bytes(raw)
     dest = TMP / "unpacked"
     shutil.rmtree(dest, ignore_errors=True)
@@ -418,6 +422,40 @@ def fuzz_archive(data: bytes) -> None:
             raise AssertionError("a refused archive left its directory behind") from None
     finally:
         shutil.rmtree(dest, ignore_errors=True)
+
+
+def _structured_archive(inp: Input) -> bytes:
+    """A tar stream whose manifest and members the input chooses among the names, sizes and
+    snapshot files archive.py checks (so inputs get past its first checks)."""
+    import tarfile
+
+    from pyvirt.host.archive import MANIFEST, SNAP_MANIFEST, SNAP_RAM, SNAP_STATE
+
+    names = [MANIFEST, "disks/disk0.img", "disks/disk1.img", "boot/kernel", SNAP_MANIFEST, SNAP_STATE, SNAP_RAM,
+             "disks/../x", "/etc/passwd", "disks/.hidden", "other/x", "disks/a\nb"]
+    members: dict[str, bytes] = {}
+    for _ in range(1 + inp.u8() % 6):
+        name = names[inp.u8() % len(names)]
+        if name == SNAP_MANIFEST and inp.u8() & 1:
+            body = json.dumps({"format": "pyvirt-snapshot", "version": inp.u8() % 3,
+                               "files": {"state.json": {}, "ram": {}}, "disks": [{"kind": "frozen",
+                               "path": "disks/disk0.img"}], "spec": {"disks": [{"path": "disks/disk0.img"}]}}).encode()
+        else:
+            body = inp.bytes(inp.u8())
+        members[name] = body
+    declared = {n: len(b) + (inp.u8() % 3 == 0) * inp.u16() for n, b in members.items() if n != MANIFEST}
+    m: dict[str, Any] = {"format": "pyvirt-export", "version": 1, "spec": {"memory": 64 << 20}, "members": declared}
+    if inp.u8() & 1:
+        m["snapshot"] = ["s1", "", "a/b", 5][inp.u8() % 4]
+    out = io.BytesIO()
+    kinds = [tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE, tarfile.LNKTYPE]
+    with tarfile.open(fileobj=out, mode="w", format=(tarfile.PAX_FORMAT, tarfile.GNU_FORMAT)[inp.u8() & 1]) as t:
+        for name, body in [(MANIFEST, members.pop(MANIFEST, json.dumps(m).encode())), *members.items()]:
+            ti = tarfile.TarInfo(name)
+            ti.type = kinds[inp.u8() % len(kinds)] if inp.u8() % 4 == 0 else tarfile.REGTYPE
+            ti.size = len(body) if ti.type == tarfile.REGTYPE else 0
+            t.addfile(ti, io.BytesIO(body) if ti.type == tarfile.REGTYPE else None)
+    return out.getvalue()
 
 
 def _archive_seeds() -> Iterator[bytes]:
@@ -439,6 +477,8 @@ def _archive_seeds() -> Iterator[bytes]:
          "members": {"disks/disk0.img": len(disk)}}
     yield b"\0" + tar({MANIFEST: json.dumps(m).encode(), "disks/disk0.img": disk})
     yield b"\0" + tar({MANIFEST: json.dumps(m).encode()})
+    yield b"\2" + bytes([2, 1, 40]) + b"x" * 40 + bytes([4, 1]) + bytes(8)
+    yield b"\2" + bytes([3, 4, 1, 5, 16]) + b"{}" * 8 + bytes([6, 64]) + bytes(64) + bytes(12)
 
 
 # -- the daemon <-> runner control protocol ----------------------------------------------------

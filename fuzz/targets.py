@@ -405,7 +405,11 @@ def fuzz_archive(data: bytes) -> None:
 
     if not data:
         return
-    raw = data[1:] if data[0] == 1 else zstandard.ZstdCompressor(level=1).compress(data[1:])
+    if data[0] == 1:
+        raw = data[1:]
+    else:
+        tar = _structured_archive(Input(data[1:])) if data[0] == 2 else data[1:]
+        raw = zstandard.ZstdCompressor(level=1).compress(tar)
     (TMP / "a.tar.zst").write_bytes(raw)
     dest = TMP / "unpacked"
     shutil.rmtree(dest, ignore_errors=True)
@@ -418,6 +422,40 @@ def fuzz_archive(data: bytes) -> None:
             raise AssertionError("a refused archive left its directory behind") from None
     finally:
         shutil.rmtree(dest, ignore_errors=True)
+
+
+def _structured_archive(inp: Input) -> bytes:
+    """A tar stream whose manifest and members the input chooses among the names, sizes and
+    snapshot files archive.py checks (so inputs get past its first checks)."""
+    import tarfile
+
+    from pyvirt.host.archive import MANIFEST, SNAP_MANIFEST, SNAP_RAM, SNAP_STATE
+
+    names = [MANIFEST, "disks/disk0.img", "disks/disk1.img", "boot/kernel", SNAP_MANIFEST, SNAP_STATE, SNAP_RAM,
+             "disks/../x", "/etc/passwd", "disks/.hidden", "other/x", "disks/a\nb"]
+    members: dict[str, bytes] = {}
+    for _ in range(1 + inp.u8() % 6):
+        name = names[inp.u8() % len(names)]
+        if name == SNAP_MANIFEST and inp.u8() & 1:
+            body = json.dumps({"format": "pyvirt-snapshot", "version": inp.u8() % 3,
+                               "files": {"state.json": {}, "ram": {}}, "disks": [{"kind": "frozen",
+                               "path": "disks/disk0.img"}], "spec": {"disks": [{"path": "disks/disk0.img"}]}}).encode()
+        else:
+            body = inp.bytes(inp.u8())
+        members[name] = body
+    declared = {n: len(b) + (inp.u8() % 3 == 0) * inp.u16() for n, b in members.items() if n != MANIFEST}
+    m: dict[str, Any] = {"format": "pyvirt-export", "version": 1, "spec": {"memory": 64 << 20}, "members": declared}
+    if inp.u8() & 1:
+        m["snapshot"] = ["s1", "", "a/b", 5][inp.u8() % 4]
+    out = io.BytesIO()
+    kinds = [tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE, tarfile.LNKTYPE]
+    with tarfile.open(fileobj=out, mode="w", format=(tarfile.PAX_FORMAT, tarfile.GNU_FORMAT)[inp.u8() & 1]) as t:
+        for name, body in [(MANIFEST, members.pop(MANIFEST, json.dumps(m).encode())), *members.items()]:
+            ti = tarfile.TarInfo(name)
+            ti.type = kinds[inp.u8() % len(kinds)] if inp.u8() % 4 == 0 else tarfile.REGTYPE
+            ti.size = len(body) if ti.type == tarfile.REGTYPE else 0
+            t.addfile(ti, io.BytesIO(body) if ti.type == tarfile.REGTYPE else None)
+    return out.getvalue()
 
 
 def _archive_seeds() -> Iterator[bytes]:
@@ -439,6 +477,8 @@ def _archive_seeds() -> Iterator[bytes]:
          "members": {"disks/disk0.img": len(disk)}}
     yield b"\0" + tar({MANIFEST: json.dumps(m).encode(), "disks/disk0.img": disk})
     yield b"\0" + tar({MANIFEST: json.dumps(m).encode()})
+    yield b"\2" + bytes([2, 1, 40]) + b"x" * 40 + bytes([4, 1]) + bytes(8)
+    yield b"\2" + bytes([3, 4, 1, 5, 16]) + b"{}" * 8 + bytes([6, 64]) + bytes(64) + bytes(12)
 
 
 # -- the daemon <-> runner control protocol ----------------------------------------------------
@@ -523,18 +563,46 @@ def _control_seeds() -> Iterator[bytes]:
 
 # -- the REST API's request models --------------------------------------------------------------
 def fuzz_request(data: bytes) -> None:
-    """A request body for VM create, export and import: validated, then resolved to a spec
-    and limits as the daemon does.  Only one-line validation errors may come out."""
+    """A request body for VM create, export or import, validated by the REST API's models and
+    (create) resolved to a spec and host limits as pyvirtd does.  The body is built from the
+    input field by field (names the models know, values of every JSON type), so that most
+    inputs get past JSON and reach pyvirt's own checks.  Only a pydantic ValidationError or a
+    one-line PyvirtError may come out."""
     from pydantic import ValidationError
 
     from pyvirt.errors import PyvirtError
     from pyvirt.host.models import ExportRequest, ImportRequest, VmCreate, to_spec
 
-    if not data:
-        return
-    model = (VmCreate, ExportRequest, ImportRequest)[data[0] % 3]
+    inp = Input(data)
+    model = (VmCreate, ExportRequest, ImportRequest)[inp.u8() % 3]
+    names = sorted(model.model_fields) + ["bogus"]
+    strings = ["", "64M", "1G", "0", "-1", "9" * 30, "1.5G", "user", "user,host-loopback=on", "network=n",
+               "/dev/null", "/dev/null,ro", "/nonexistent", "x:y", "8080:80", "a=/tmp/s", "default", "debian",
+               "sv48", "interp", "../x", "a\nb", "\0", "hvc0=/tmp/x.sock", "1T", "64G"]
+
+    def value() -> Any:
+        kind = inp.u8() % 8
+        if kind == 0:
+            return strings[inp.u8() % len(strings)]
+        if kind == 1:
+            return inp.bytes(inp.u8() % 24).decode("utf-8", "replace")
+        if kind == 2:
+            return inp.int(8) - (1 << 63)
+        if kind == 3:
+            return [value() for _ in range(inp.u8() % 4)]
+        if kind == 4:
+            return bool(inp.u8() & 1)
+        if kind == 5:
+            return None
+        if kind == 6:
+            return inp.u16() / 7
+        return {"k": strings[inp.u8() % len(strings)]}
+
+    body: dict[str, Any] = {"name": "fuzz"} if model is VmCreate else {"path": "/tmp/x.tar.zst"}
+    for _ in range(inp.u8() % 8):
+        body[names[inp.u8() % len(names)]] = value()
     try:
-        req = model.model_validate_json(data[1:])
+        req = model.model_validate(body)
     except ValidationError:
         return
     if isinstance(req, VmCreate):
@@ -548,10 +616,10 @@ def fuzz_request(data: bytes) -> None:
 
 
 def _request_seeds() -> Iterator[bytes]:
-    yield b"\0" + json.dumps({"name": "a", "memory": "64M", "cpus": 1, "net": ["user"]}).encode()
-    yield b"\0" + json.dumps({"name": "b", "disk": ["/dev/null,ro"], "limits": {}, "cpu_quota": 0.5}).encode()
-    yield b"\1" + json.dumps({"path": "/tmp/x.tar.zst"}).encode()
-    yield b"\2" + json.dumps({"path": "/tmp/x.tar.zst", "name": "c"}).encode()
+    yield bytes([0, 3, 5, 0, 2, 9, 0, 7])
+    yield bytes([0, 2, 6, 3, 2, 0, 9, 0, 10])
+    yield bytes([1, 1, 0, 0, 4])
+    yield bytes([2, 2, 1, 0, 7, 3, 0, 2])
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {

@@ -18,8 +18,20 @@ for the *host* side and form this tree::
 import errno
 
 
+def one_line(text: str) -> str:
+    """`text` with line breaks and other unprintable characters written as escapes (\\n,
+    \\x1b): a message that quotes what a user, a file or a peer supplied stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class PyvirtError(Exception):
-    """Base of all user-facing pyvirt errors; str(e) is a one-line message."""
+    """Base of all user-facing pyvirt errors; str(e) is a one-line message (whatever
+    user-supplied text it quotes: see `one_line`)."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class ConfigError(PyvirtError):
@@ -41,7 +53,7 @@ class ImageCorruptError(ImageError, OSError):
         super().__init__(errno.EIO, message)
 
     def __str__(self) -> str:
-        return str(self.strerror)
+        return one_line(str(self.strerror))
 
 
 class BuildError(PyvirtError):

@@ -334,14 +334,18 @@ class Engine:
         return (run, cut, ppn)
 
     def _rechain(self, h: Hart, pc: int) -> None:
-        """Native code failed to chain to `pc`: if the block there is native, enter it in
-        the jump table again (another block with the same pc — the same address in
-        another process — had taken its place)."""
+        """Native code failed to chain to `pc`: if the block there is native, put back
+        what the chaining stub looks at — its jump-table entry (a block at the same pc
+        in another process takes it) and its page's native fetch-table entry (another
+        page or another address space takes that slot, and nothing refilled it while
+        the itlb dict held the page)."""
         ent = self.caches[h.priv].get(pc)
-        if ent is not None and self.jumps is not None and h.itlb.get(pc >> 12) == ent[2]:
-            code = self.native_code.get(ent[0])
-            if code is not None:
-                self.jumps.insert(h.priv, pc, ent[2], code)
+        if ent is None:
+            return
+        code = self.native_code.get(ent[0])
+        if code is not None and self.jumps is not None and h.itlb.get(pc >> 12) == ent[2]:
+            self.jumps.insert(h.priv, pc, ent[2], code)
+            h.native_fetch_refill(pc)
 
     def close(self) -> None:
         """The VM is done with the engine: keep this run's translations for the next one."""

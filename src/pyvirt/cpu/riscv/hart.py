@@ -108,6 +108,10 @@ def _state_word(index: int, signed: bool = False) -> Any:
     return property(get, set_)
 
 
+def _no_rechain(h: Hart, pc: int) -> None:
+    pass
+
+
 class Hart(CsrMixin):
     __slots__ = (
         "hartid", "bus", "clock", "ram", "ram_base", "ram_end",
@@ -171,7 +175,9 @@ class Hart(CsrMixin):
         self._ntlb_views = {p: memoryview(t).cast("B").cast("Q") for p, t in self._ntlb.items()}
         self._ram_host = ctypes.addressof(ctypes.c_char.from_buffer(bus.ram))
         self.native_exit_hook: Callable[[Hart, int], int] | None = None
-        self.rechain_hook: Callable[[Hart, int], None] | None = None
+        # Native code could not chain to a block and returned to Python: the engine puts
+        # back what the chaining stub looks at (Engine._rechain)
+        self.rechain_hook: Callable[[Hart, int], None] = _no_rechain
         self.reset()
 
     # mstatus, mip, mie, the stored-only S CSRs and the LR reservation live in
@@ -817,15 +823,6 @@ class Hart(CsrMixin):
             slot += 2 * native.TLB_ENTRIES
             view[slot] = key
             view[slot + 1] = (self._ram_host + o) & M64
-
-    def chain_failed(self, pc: int) -> None:
-        """Native code could not chain to the block at `pc` and returned to Python: put
-        back what the chaining stub looks at, so that the next chain there succeeds —
-        the fetch TLB's entry (native_fetch_refill) and the block's jump-table entry
-        (the engine's rechain hook)."""
-        self.native_fetch_refill(pc)
-        if self.rechain_hook is not None:
-            self.rechain_hook(self, pc)
 
     def native_fetch_refill(self, pc: int) -> None:
         """Copy the fetch TLB's mapping of `pc`'s page into the native fetch table, as

@@ -785,7 +785,7 @@ def native_entry(fn: Callable[..., int], n: int) -> Callable[[Any], int]:
         if pc & 1:
             return h.native_exit(pc ^ 1)
         if ran < CHAIN_BUDGET:
-            h.chain_failed(pc)                 # the chain to pc failed: see there
+            h.rechain_hook(h, pc)              # the chain to pc failed (Engine._rechain)
         return pc
     return run
 

@@ -148,7 +148,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                   "much RAM") from None
             raise
 
-    code = _run_vm(args, make, req.command is None, got.cleanup, fresh=True)
+    interactive = req.command is None and (req.oci is None or req.tty)
+    code = _run_vm(args, make, interactive, got.cleanup, fresh=True)
     return 1 if pipe is not None and pipe.broken else code      # as for a broken pipe on the console
 
 

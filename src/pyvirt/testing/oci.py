@@ -1,0 +1,140 @@
+"""Test images for pyvirt.oci, built from what this project can reach.
+
+    busybox_layers()        riscv64 busybox from Debian's busybox-static (verified through the
+                            signed archive, images/debian.py) plus layers exercising whiteouts,
+                            opaque directories, hard links, symlinks, setuid bits and xattrs
+    write_layout(dir, ...)  an OCI image layout (gzip layers, an index)
+    write_docker_archive(path, ...)   a `docker save` tarball (plain tar layers)
+    layer(entries)          one layer tar from (path, kind, ...) tuples (tarfile, PAX format)
+
+The busybox image's config: Env PATH and GREETING=hello, WorkingDir /work, User app (1000:1000
+in its /etc/passwd), Cmd ["sh"].
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+APPLETS = ("sh", "echo", "cat", "ls", "id", "env", "pwd", "sleep", "true", "false", "stat", "readlink",
+           "test", "printf", "hostname", "getfattr", "tty", "kill", "mkdir", "touch", "rm", "find", "wc")
+
+Entry = tuple[Any, ...]      # (path, "file", data[, mode, uid, gid, xattrs]) | (path, "dir"[, mode, uid, gid])
+#                              (path, "symlink", target) | (path, "hardlink", target) | (path, "whiteout")
+
+
+def layer(entries: list[Entry]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for e in entries:
+            path, kind = e[0], e[1]
+            ti = tarfile.TarInfo(path)
+            ti.mtime = 1_700_000_000
+            if kind == "file":
+                data = e[2]
+                ti.size = len(data)
+                ti.mode = e[3] if len(e) > 3 else 0o644
+                ti.uid, ti.gid = (e[4], e[5]) if len(e) > 5 else (0, 0)
+                if len(e) > 6:
+                    ti.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in e[6].items()}
+                tar.addfile(ti, io.BytesIO(data))
+                continue
+            if kind == "dir":
+                ti.type = tarfile.DIRTYPE
+                ti.mode = e[2] if len(e) > 2 else 0o755
+                ti.uid, ti.gid = (e[3], e[4]) if len(e) > 4 else (0, 0)
+            elif kind == "symlink":
+                ti.type, ti.linkname, ti.mode = tarfile.SYMTYPE, e[2], 0o777
+            elif kind == "hardlink":
+                ti.type, ti.linkname = tarfile.LNKTYPE, e[2]
+            elif kind == "whiteout":
+                ti.size = 0
+            tar.addfile(ti)
+    return out.getvalue()
+
+
+def busybox_binary() -> bytes:
+    from pyvirt.images.debian import DebFile, DebianArchive
+    from pyvirt.images.initramfs import ARCH, BUSYBOX_PACKAGE, BUSYBOX_PATHS, SUITE
+    archive = DebianArchive(SUITE, ARCH)
+    deb = DebFile(archive.download_package(archive.package(BUSYBOX_PACKAGE)))
+    names = set(deb.names())
+    return deb.read(next(p for p in BUSYBOX_PATHS if p in names))
+
+
+def busybox_layers(busybox: bytes) -> list[bytes]:
+    base: list[Entry] = [("bin", "dir"), ("bin/busybox", "file", busybox, 0o755)]
+    base += [(f"bin/{a}", "symlink", "busybox") for a in APPLETS]
+    base += [("etc", "dir"), ("etc/passwd", "file", b"root:x:0:0:root:/root:/bin/sh\n"
+                                                    b"app:x:1000:1000:app:/home/app:/bin/sh\n"),
+             ("etc/group", "file", b"root:x:0:\napp:x:1000:\nstaff:x:50:app\n"),
+             ("home", "dir"), ("home/app", "dir", 0o750, 1000, 1000), ("work", "dir", 0o775, 1000, 1000),
+             ("gone", "file", b"removed by a whiteout\n"), ("opaque", "dir"), ("opaque/old", "file", b"old\n"),
+             ("opaque/sub", "dir"), ("opaque/sub/deep", "file", b"deep\n"), ("tmp", "dir", 0o1777)]
+    second: list[Entry] = [
+        (".wh.gone", "whiteout"), ("opaque", "dir"), ("opaque/.wh..wh..opq", "whiteout"),
+        ("opaque/new", "file", b"new\n"),
+        ("data", "dir", 0o755, 1000, 1000), ("data/file", "file", b"linked\n", 0o640, 1000, 50),
+        ("data/hard", "hardlink", "data/file"), ("data/link", "symlink", "../etc/passwd"),
+        ("data/suid", "file", b"#!/bin/sh\n", 0o4755), ("data/sgid", "file", b"x", 0o2711, 0, 50),
+        ("data/attr", "file", b"x", 0o644, 0, 0, {"user.pyvirt": "yes", "trusted.pyvirt": "t"}),
+        ("data/sticky", "dir", 0o1777)]
+    third: list[Entry] = [("data/hard2", "hardlink", "data/file"), ("etc/motd", "file", b"third layer\n")]
+    return [layer(base), layer(second), layer(third)]
+
+
+def image_config(layers: list[bytes], **config: Any) -> dict[str, Any]:
+    return {"architecture": config.pop("architecture", "riscv64"), "os": "linux",
+            "config": config, "rootfs": {"type": "layers",
+                                         "diff_ids": ["sha256:" + hashlib.sha256(x).hexdigest() for x in layers]}}
+
+
+BUSYBOX_CONFIG = {"Env": ["PATH=/bin", "GREETING=hello"], "WorkingDir": "/work", "User": "app", "Cmd": ["sh"]}
+
+
+def _blob(root: Path, data: bytes) -> dict[str, Any]:
+    digest = hashlib.sha256(data).hexdigest()
+    (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    (root / "blobs" / "sha256" / digest).write_bytes(data)
+    return {"digest": f"sha256:{digest}", "size": len(data)}
+
+
+def manifest_bytes(config_desc: dict[str, Any], layer_descs: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config_desc},
+                       "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **d}
+                                  for d in layer_descs]}).encode()
+
+
+def write_layout(root: Path, config: dict[str, Any], layers: list[bytes], tag: str = "latest",
+                 index_platform: bool = True) -> str:
+    """An OCI layout at `root` (gzip layers); returns the manifest's digest."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    cfg = _blob(root, json.dumps(config).encode())
+    descs = [_blob(root, gzip.compress(x, mtime=0)) for x in layers]
+    man = manifest_bytes(cfg, descs)
+    mdesc = _blob(root, man)
+    entry = {"mediaType": "application/vnd.oci.image.manifest.v1+json", **mdesc,
+             "annotations": {"org.opencontainers.image.ref.name": tag}}
+    if index_platform:
+        entry["platform"] = {"os": config["os"], "architecture": config["architecture"]}
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    return mdesc["digest"]
+
+
+def write_docker_archive(path: Path, config: dict[str, Any], layers: list[bytes], tag: str = "busybox:1") -> None:
+    cfg = json.dumps(config).encode()
+    chex = hashlib.sha256(cfg).hexdigest()
+    names = [f"{hashlib.sha256(x).hexdigest()}/layer.tar" for x in layers]
+    man = json.dumps([{"Config": f"{chex}.json", "RepoTags": [tag], "Layers": names}]).encode()
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in [(f"{chex}.json", cfg), *zip(names, layers), ("manifest.json", man)]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))

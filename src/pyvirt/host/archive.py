@@ -42,7 +42,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from pyvirt.oci.tar import TarFormatError, pax_records, tar_number
+from pyvirt.oci.tar import TarFormatError, pax_records, read_up_to, tar_number
 from pyvirt.vmm import snapfiles
 
 FORMAT = "pyvirt-export"
@@ -337,13 +337,7 @@ class TarReader:
         self.done = False
 
     def _read(self, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            chunk = self.src.read(min(n - len(out), CHUNK))
-            if not chunk:
-                break
-            out += chunk
-        return bytes(out)
+        return read_up_to(self.src, n)
 
     def _skip(self) -> None:
         while self.left:

@@ -54,13 +54,7 @@ class TarReader:
         self.done = False
 
     def _read(self, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            chunk = self.src.read(min(n - len(out), CHUNK))
-            if not chunk:
-                break
-            out += chunk
-        return bytes(out)
+        return read_up_to(self.src, n)
 
     def _exact(self, n: int, what: str) -> bytes:
         data = self._read(n)
@@ -147,6 +141,17 @@ class TarReader:
             raise TarFormatError("the layer is truncated inside a file")
         self.left -= n
         return data
+
+
+def read_up_to(src: Any, n: int) -> bytes:
+    """`n` bytes of `src`, fewer only at its end (read in chunks of at most CHUNK)."""
+    out = bytearray()
+    while len(out) < n:
+        chunk = src.read(min(n - len(out), CHUNK))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
 
 
 def _text(raw: bytes) -> str:

@@ -138,3 +138,29 @@ def write_docker_archive(path: Path, config: dict[str, Any], layers: list[bytes]
             ti = tarfile.TarInfo(name)
             ti.size = len(data)
             tar.addfile(ti, io.BytesIO(data))
+
+
+def push(base: str, name: str, tag: str, config: dict[str, Any], layers: list[bytes]) -> str:
+    """Push an image to a registry at `base` (http://HOST:PORT) with the API v2 monolithic
+    upload; returns the manifest's digest."""
+    import urllib.request
+
+    def upload(data: bytes) -> dict[str, Any]:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        r = urllib.request.urlopen(urllib.request.Request(f"{base}/v2/{name}/blobs/uploads/", method="POST",
+                                                          data=b""), timeout=30)
+        loc = r.headers["Location"]
+        loc = loc if loc.startswith("http") else base + loc
+        sep = "&" if "?" in loc else "?"
+        urllib.request.urlopen(urllib.request.Request(f"{loc}{sep}digest={digest}", method="PUT", data=data,
+                                                      headers={"Content-Type": "application/octet-stream"}),
+                               timeout=60)
+        return {"digest": digest, "size": len(data)}
+
+    cfg = upload(json.dumps(config).encode())
+    descs = [upload(gzip.compress(x, mtime=0)) for x in layers]
+    man = manifest_bytes(cfg, descs)
+    urllib.request.urlopen(urllib.request.Request(
+        f"{base}/v2/{name}/manifests/{tag}", method="PUT", data=man,
+        headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}), timeout=30)
+    return "sha256:" + hashlib.sha256(man).hexdigest()

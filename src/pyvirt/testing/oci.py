@@ -164,3 +164,32 @@ def push(base: str, name: str, tag: str, config: dict[str, Any], layers: list[by
         f"{base}/v2/{name}/manifests/{tag}", method="PUT", data=man,
         headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}), timeout=30)
     return "sha256:" + hashlib.sha256(man).hexdigest()
+
+
+DEBIAN_PRUNED = ("usr/lib/modules", "usr/lib/firmware", "usr/share/doc", "usr/share/man", "usr/share/locale",
+                 "usr/share/i18n", "usr/share/info")
+DEBIAN_ENTRYPOINT = ["/usr/bin/bash", "-c", 'echo "debian entrypoint: $(cat /etc/debian_version) $*"; exec "$@"',
+                     "entrypoint"]
+
+
+def debian_layer(disk: Path, scratch: Path) -> bytes:
+    """One layer holding the cached Debian image's root file system (read with debugfs, no mount:
+    /usr, /etc and /var, less DEBIAN_PRUNED, with the merged-/usr links), as a plain tar."""
+    import shutil
+    import subprocess
+    tree = scratch / "debian-root"
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
+    subprocess.run(["debugfs", "-R", f"rdump /usr /etc /var {tree}", str(disk)], check=True, capture_output=True)
+    for p in DEBIAN_PRUNED:
+        shutil.rmtree(tree / p, ignore_errors=True)
+    for name in ("bin", "lib", "sbin"):
+        (tree / name).symlink_to(f"usr/{name}")
+    for name in ("root", "tmp", "home", "proc", "sys", "dev", "run"):
+        (tree / name).mkdir(exist_ok=True)
+    out = scratch / "debian-layer.tar"
+    subprocess.run(["tar", "-C", str(tree), "--numeric-owner", "--xattrs", "-cf", str(out), "."], check=True)
+    shutil.rmtree(tree)
+    data = out.read_bytes()
+    out.unlink()
+    return data

@@ -1,0 +1,120 @@
+"""`pyvirt run --oci`: the container contract booted on the default kernel (issue 17).
+
+The busybox image (pyvirt.testing.oci: Debian's busybox-static riscv64, three layers, Env
+GREETING=hello, WorkingDir /work, User app) and a Debian-trixie image made from the cached Debian
+image's root file system with an ENTRYPOINT, both converted once per session into a private
+PYVIRT_OCI_CACHE."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyvirt.testing import oci as t
+
+from .conftest import PtyConsole, pyvirt
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory, default_image) -> Iterator[dict[str, Path]]:
+    d = tmp_path_factory.mktemp("oci")
+    old = os.environ.get("PYVIRT_OCI_CACHE")
+    os.environ["PYVIRT_OCI_CACHE"] = str(d / "cache")
+    try:
+        layers = t.busybox_layers(t.busybox_binary())
+        config = t.image_config(layers, **t.BUSYBOX_CONFIG)
+        t.write_layout(d / "busybox", config, layers)
+        t.write_docker_archive(d / "busybox.tar", config, layers)
+        yield {"busybox": d / "busybox", "busybox.tar": d / "busybox.tar", "dir": d}
+    finally:
+        if old is None:
+            os.environ.pop("PYVIRT_OCI_CACHE", None)
+        else:
+            os.environ["PYVIRT_OCI_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def debian(images: dict[str, Path]) -> Path:
+    from pyvirt.images.debian_image import cached_debian_image
+    img = cached_debian_image()
+    if img is None:
+        pytest.skip("the Debian image is not built (`pyvirt image build debian`)")
+    layer = t.debian_layer(img.disk, images["dir"])
+    config = t.image_config([layer], Entrypoint=t.DEBIAN_ENTRYPOINT, Cmd=["bash"],
+                            Env=["PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8"])
+    t.write_docker_archive(images["dir"] / "debian.tar", config, [layer], tag="debian:trixie")
+    return images["dir"] / "debian.tar"
+
+
+def test_echo_hi_and_exit_status(images) -> None:
+    r = pyvirt("run", "--oci", str(images["busybox"]), "echo", "hi", timeout=300)
+    assert (r.code, r.out) == (0, "hi\n"), r.err
+    r = pyvirt("run", "--oci", str(images["busybox.tar"]), "sh", "-c", "exit 7", timeout=120)
+    assert r.code == 7, r.err
+
+
+def test_the_image_env_workdir_and_user_and_their_overrides(images) -> None:
+    show = ["sh", "-c", 'echo "$GREETING|$(pwd)|$(id -u):$(id -g)|$(id -G)|$HOME|$(hostname)"']
+    r = pyvirt("run", "--oci", str(images["busybox"]), *show, timeout=120)
+    assert r.out == "hello|/work|1000:1000|1000 50|/home/app|container\n", r.err
+    r = pyvirt("run", "--oci", str(images["busybox"]), "-e", "GREETING=bye", "-w", "/tmp/new", "-u", "root",
+               *show, timeout=120)
+    assert r.out == "bye|/tmp/new|0:0|0|/root|container\n", r.err
+    r = pyvirt("run", "--oci", str(images["busybox"]), "-u", "1000:staff", *show, timeout=120)
+    assert r.out.split("|")[2] == "1000:50", r.err
+    r = pyvirt("run", "--oci", str(images["busybox"]), "-u", "nobody", "true", timeout=60)
+    assert r.code == 1 and r.err == "pyvirt: error: -u nobody: no user 'nobody' in the image's /etc/passwd\n"
+
+
+def test_stdin_stdout_stderr_and_the_layers_inside(images) -> None:
+    r = pyvirt("run", "--oci", str(images["busybox"]), "-u", "0", "sh", "-c",
+               'cat; echo err >&2; stat -c "%a %u %g %h" /data/suid /data/file; cat /gone 2>/dev/null || echo gone; '
+               'ls /opaque', stdin=b"from stdin\n", timeout=120)
+    assert r.out == "from stdin\n4755 0 0 1\n640 1000 50 3\ngone\nnew\n" and r.err == "err\n", r.err
+
+
+def test_a_missing_command_and_an_unknown_image_are_one_line(images) -> None:
+    r = pyvirt("run", "--oci", str(images["busybox"]), "no-such-program", timeout=120)
+    assert r.code == 127 and "pyvirt-oci: cannot run no-such-program: No such file or directory" in r.err
+    r = pyvirt("run", "--oci", str(images["dir"] / "nothing"), "true", timeout=60)
+    assert r.code == 1 and r.err.count("\n") == 1 and "no such image" in r.err
+
+
+def test_the_second_run_converts_nothing(images) -> None:
+    cache = Path(os.environ["PYVIRT_OCI_CACHE"])
+    pyvirt("run", "--oci", str(images["busybox"]), "true", timeout=300)
+    disks = list((cache / "images").glob("*/rootfs.ext4"))
+    assert len(disks) == 1
+    before = disks[0].stat().st_mtime_ns
+    r = pyvirt("run", "--oci", str(images["busybox.tar"]), "true", timeout=120)
+    assert r.code == 0 and disks[0].stat().st_mtime_ns == before
+    assert len(list((cache / "images").glob("*/rootfs.ext4"))) == 1
+
+
+def test_debian_entrypoint(debian) -> None:
+    r = pyvirt("run", "--oci", str(debian), "--memory", "512M", "bash", "-c", "echo $BASH_VERSION | cut -c1",
+               timeout=600)
+    assert r.code == 0, r.err
+    assert r.out.startswith("debian entrypoint: ") and r.out.endswith("\n5\n"), r.out
+
+
+def test_debian_interactive_tty_and_ctrl_c(debian) -> None:
+    con = PtyConsole("--oci", str(debian), "--memory", "512M", "-it", timeout=300)
+    try:
+        con.expect(rb"debian entrypoint")
+        con.expect(rb"[#$] $")
+        con.send(b"tty; echo $((6*7))\n")
+        con.expect(rb"/dev/ttyS0\s+42")
+        con.send(b"sleep 100\n")
+        time.sleep(2)
+        con.send(b"\x03")
+        con.send(b"echo after-$?\n")
+        con.expect(rb"after-130")
+        con.send(b"exit 3\n")
+        assert con.wait_exit(60) == 3
+    finally:
+        con.kill()

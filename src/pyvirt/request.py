@@ -7,7 +7,7 @@ REST API, the Python Client), and the one resolver from it to a `VmSpec`.
                    builds `pyvirt run`'s and `pyvirt create`'s parsers from it, `from_args`
                    turns either verb's parsed arguments into a VmRequest
     resolve()      VmRequest -> VmSpec: the guest (default image, --image debian with its root
-                   disk, --kernel/--initrd/--bios), --command on the kernel command line or
+                   disk, --oci IMAGE through pyvirt.oci, --kernel/--initrd/--bios), --command on the kernel command line or
                    through ports, --port forwards onto the user network; the only place that
                    resolves a guest
 
@@ -209,8 +209,9 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
             kw.update(action="append" if o.repeated else "store", metavar=o.metavar, type=o.type,
                       choices=o.choices)
         parser.add_argument(*o.flags, **kw)
-    parser.add_argument("oci_args", nargs=argparse.REMAINDER, metavar="CMD",
-                        help="with --oci: the command and its arguments, instead of the image's Cmd")
+    if verb == RUN:     # (pyvirt create's NAME comes first: a CMD there would swallow the flags)
+        parser.add_argument("oci_args", nargs=argparse.REMAINDER, metavar="CMD",
+                            help="with --oci: the command and its arguments, instead of the image's Cmd")
 
 
 def _absolute(o: Option, value: str) -> str:

@@ -1,0 +1,36 @@
+"""pyvirtd runs a container image (pyvirt create --oci): its process writes to the VM's log, its
+exit status is the VM's, its disk is a kept qcow2 overlay on the image's base disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pyvirt.images import cached_default_image
+from pyvirt.testing import oci as t
+
+from .conftest import Daemon, wait_for
+
+
+def test_a_daemon_vm_runs_the_image(state_dir: Path, tmp_path: Path) -> None:
+    if cached_default_image() is None:
+        pytest.fail("the default image is not built: `make test` runs `pyvirt image build` first")
+    layers = t.busybox_layers(t.busybox_binary())
+    t.write_layout(tmp_path / "bb", t.image_config(layers, **t.BUSYBOX_CONFIG), layers)
+    d = Daemon(state_dir, env={"PYVIRT_OCI_CACHE": str(tmp_path / "cache")})
+    try:
+        c = d.client
+        c.create("box", memory="128M", oci=str(tmp_path / "bb"), root_disk=str(tmp_path / "box.qcow2"),
+                 oci_args=["sh", "-c", "echo hi from $(hostname) as $(id -u) in $(pwd); exit 3"])
+        c.start("box")
+        vm = wait_for(lambda: (v := c.inspect("box"))["state"] == "stopped" and v, 120, "power-off")
+        assert vm["exit_status"] == 3, vm
+        assert "hi from box as 1000 in /work" in c.logs("box")["text"]
+        from pyvirt.backends.qcow2_tools import describe_image
+        info = describe_image(str(tmp_path / "box.qcow2"))             # the kept overlay on the base disk
+        assert str(info["backing_file"]).endswith("rootfs.ext4") and not info["check"].errors
+        r = d.cli("create", "bad", "--oci", str(tmp_path / "nothing"), "--root-disk", str(tmp_path / "b.qcow2"))
+        assert r.returncode == 1 and "no such image" in r.stderr and r.stderr.count("\n") == 1
+    finally:
+        d.cleanup()

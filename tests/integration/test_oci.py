@@ -8,6 +8,7 @@ PYVIRT_OCI_CACHE."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,3 +119,27 @@ def test_debian_interactive_tty_and_ctrl_c(debian) -> None:
         assert con.wait_exit(60) == 3
     finally:
         con.kill()
+
+
+def test_pid1_forwards_signals_and_reaps_orphans(images) -> None:
+    """SIGTERM sent to PID 1 reaches the process (its trap runs), and an orphaned child is
+    reaped by PID 1 (no zombie left)."""
+    script = ('trap "echo got-term; exit 9" TERM; sh -c "sleep 0 & exit 0"; sleep 1; '
+              'echo zombies=$(cat /proc/[0-9]*/stat | grep -c ") Z "); kill -TERM 1; '
+              'i=0; while [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done; echo not-forwarded')
+    r = pyvirt("run", "--oci", str(images["busybox"]), "-u", "root", "sh", "-c", script, timeout=120)
+    assert (r.code, r.out) == (9, "zombies=0\ngot-term\n"), r.err
+
+
+def test_snapshot_and_restore_go_on(images, tmp_path) -> None:
+    """A container VM snapshots and restores as any VM does (its disk is a qcow2 overlay on the
+    base disk; with --snapshot-after the process writes to the console)."""
+    loop = "i=0; while :; do i=$((i+1)); echo n=$i; sleep 1; done"
+    r = pyvirt("run", "--oci", str(images["busybox"]), "--snapshot-after", f"30:{tmp_path / 'snap'}",
+               "sh", "-c", loop, timeout=300)
+    assert r.code == 0, r.err
+    seen = [int(x) for x in re.findall(r"n=(\d+)", r.out)]
+    assert seen, r.out
+    r = pyvirt("run", "--restore", str(tmp_path / "snap"), "--timeout", "8", timeout=120)
+    after = [int(x) for x in re.findall(r"n=(\d+)", r.out)]
+    assert after and after[0] == seen[-1] + 1, (seen, r.out)

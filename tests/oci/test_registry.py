@@ -69,13 +69,14 @@ def test_pull_by_tag_and_digest_then_from_the_cache(registry, oci_cache, busybox
     assert resolve_image(f"{host}/pyvirt/busybox:1").digest == img.digest
 
 
-def test_a_tampered_blob_is_refused_and_nothing_cached(registry, oci_cache, busybox_layers) -> None:
+def test_a_tampered_blob_is_refused_and_nothing_cached(registry, oci_cache) -> None:
     host, data = registry
-    config = t.image_config(busybox_layers[:1], Cmd=["sh"], Env=["TAMPERED=1"])
-    t.push(f"http://{host}", "pyvirt/tampered", "1", config, busybox_layers[:1])
+    layer = t.layer([("only-here", "file", os.urandom(8192))])     # a blob no other test shares
+    config = t.image_config([layer], Cmd=["sh"])
+    t.push(f"http://{host}", "pyvirt/tampered", "1", config, [layer])
     import gzip
     import hashlib
-    layer_hex = hashlib.sha256(gzip.compress(busybox_layers[0], mtime=0)).hexdigest()
+    layer_hex = hashlib.sha256(gzip.compress(layer, mtime=0)).hexdigest()
     stored = data / "docker/registry/v2/blobs/sha256" / layer_hex[:2] / layer_hex / "data"
     body = bytearray(stored.read_bytes())
     body[100] ^= 0xFF
@@ -94,3 +95,19 @@ def test_registry_errors_are_one_line(registry, oci_cache) -> None:
         resolve_image(f"localhost:{_free_port()}/pyvirt/busybox:1")
     with pytest.raises(OciError, match="is not a valid repository name"):
         resolve_image(f"{host}/Bad Name:1")
+
+
+def test_a_multi_platform_index_gives_its_riscv64_image(registry, oci_cache, busybox_layers,
+                                                        busybox_config) -> None:
+    host, _ = registry
+    base = f"http://{host}"
+    other = t.image_config(busybox_layers[:1], architecture="amd64", Cmd=["sh"])
+    amd = t.push(base, "pyvirt/multi", "amd64", other, busybox_layers[:1])
+    rv = t.push(base, "pyvirt/multi", "riscv64", busybox_config, busybox_layers)
+    t.push_index(base, "pyvirt/multi", "1", [(amd, {"os": "linux", "architecture": "amd64"}),
+                                              (rv, {"os": "linux", "architecture": "riscv64"})])
+    img = resolve_image(f"{host}/pyvirt/multi:1")
+    assert img.config["architecture"] == "riscv64" and img.config["config"]["User"] == "app"
+    t.push_index(base, "pyvirt/multi", "x86", [(amd, {"os": "linux", "architecture": "amd64"})])
+    with pytest.raises(OciError, match="no linux/riscv64 image; it has linux/amd64$"):
+        resolve_image(f"{host}/pyvirt/multi:x86")

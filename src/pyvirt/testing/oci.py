@@ -193,3 +193,22 @@ def debian_layer(disk: Path, scratch: Path) -> bytes:
     data = out.read_bytes()
     out.unlink()
     return data
+
+
+def push_index(base: str, name: str, tag: str, manifests: list[tuple[str, dict[str, str]]]) -> str:
+    """Push an image index naming `manifests` ((digest, platform) of manifests already pushed)."""
+    import urllib.request
+    entries = []
+    for digest, platform in manifests:
+        with urllib.request.urlopen(urllib.request.Request(
+                f"{base}/v2/{name}/manifests/{digest}",
+                headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}), timeout=30) as r:
+            size = len(r.read())
+        entries.append({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": size,
+                        "platform": platform})
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": entries}).encode()
+    urllib.request.urlopen(urllib.request.Request(
+        f"{base}/v2/{name}/manifests/{tag}", method="PUT", data=index,
+        headers={"Content-Type": "application/vnd.oci.image.index.v1+json"}), timeout=30)
+    return "sha256:" + hashlib.sha256(index).hexdigest()

@@ -143,3 +143,33 @@ def test_snapshot_and_restore_go_on(images, tmp_path) -> None:
     r = pyvirt("run", "--restore", str(tmp_path / "snap"), "--timeout", "8", timeout=120)
     after = [int(x) for x in re.findall(r"n=(\d+)", r.out)]
     assert after and after[0] == seen[-1] + 1, (seen, r.out)
+
+
+def test_a_published_port_reaches_the_container(images) -> None:
+    """-p HOST:GUEST (with the user network it implies): busybox httpd in the container answers
+    on the host's 127.0.0.1."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "pyvirt", "run", "--oci", str(images["busybox"]), "-p", f"{port}:8080",
+                          "-u", "root", "sh", "-c", "echo hello-web > /tmp/index.html; httpd -f -p 8080 -h /tmp"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        body = b""
+        while time.monotonic() < deadline and p.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=5) as r:
+                    body = r.read()
+                break
+            except OSError:
+                time.sleep(1)
+        assert body == b"hello-web\n", p.stderr.read1() if p.poll() is not None else "no answer"
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(60)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyvirt.oci.store import MAX_JSON, BlobStore, OciError, check_digest, file_chunks, parse_json, reader
+from pyvirt.oci.store import MAX_BLOB, MAX_JSON, BlobStore, OciError, check_digest, file_chunks, parse_json, reader
 from pyvirt.oci.tar import TarFormatError, TarReader
 
 PLATFORM = ("linux", "riscv64")
@@ -246,8 +246,12 @@ def _store_unknown(store: BlobStore, chunks: Any) -> str:
     fd, tmp = tempfile.mkstemp(prefix=".part-", dir=d)
     try:
         h = hashlib.sha256()
+        total = 0
         with os.fdopen(fd, "wb") as f:
             for c in chunks:
+                total += len(c)
+                if total > MAX_BLOB:
+                    raise OciError(f"a docker archive member is larger than {MAX_BLOB} bytes")
                 h.update(c)
                 f.write(c)
         digest = "sha256:" + h.hexdigest()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 APPLETS = ("sh", "echo", "cat", "ls", "id", "env", "pwd", "sleep", "true", "false", "stat", "readlink",
-           "test", "printf", "hostname", "getfattr", "tty", "kill", "mkdir", "touch", "rm", "find", "wc")
+           "test", "printf", "hostname", "getfattr", "tty", "kill", "mkdir", "touch", "rm", "find", "wc", "httpd")
 
 Entry = tuple[Any, ...]      # (path, "file", data[, mode, uid, gid, xattrs]) | (path, "dir"[, mode, uid, gid])
 #                              (path, "symlink", target) | (path, "hardlink", target) | (path, "whiteout")

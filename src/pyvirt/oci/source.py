@@ -26,7 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyvirt.oci.store import MAX_BLOB, MAX_JSON, BlobStore, OciError, check_digest, file_chunks, parse_json, reader
+from pyvirt.oci.store import (
+    MAX_BLOB,
+    MAX_JSON,
+    BlobStore,
+    OciError,
+    check_digest,
+    file_chunks,
+    parse_json,
+    reader,
+)
 from pyvirt.oci.tar import TarFormatError, TarReader
 
 PLATFORM = ("linux", "riscv64")

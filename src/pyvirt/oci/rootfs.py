@@ -9,8 +9,11 @@ The directory appears only when complete (images/cache.py's `building`), so a se
 same image neither downloads nor converts anything.  e2fsprogs' `mke2fs -d` (1.47 in Debian 12)
 copies each file's mode, uid, gid, xattrs and hard links from the tree it is given; run as
 root, the tree holds the layers' ownership, so the disk does too.  Unprivileged, the tree can
-hold neither other owners nor device nodes, so the disk would be wrong: converting needs root
-(one line says so).
+hold neither other owners, nor device nodes, nor setgid bits of groups the user is not in, nor
+trusted.* and security.* xattrs: unpack.py records what each path should have, and one
+`debugfs -w` script then sets owner, group and mode of every path, makes the device nodes and
+sets the xattrs on the disk itself (paths with a quote, a backslash or a newline are refused
+there, debugfs's command syntax cannot carry them).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 from pyvirt.images import cache
 from pyvirt.oci.source import Image
 from pyvirt.oci.store import BlobStore, OciError, oci_root
-from pyvirt.oci.unpack import apply_layers
+from pyvirt.oci.unpack import Record, apply_layers
 
 MAX_ACCOUNTS = 1 << 20          # /etc/passwd or /etc/group kept for user lookups
 FREE_SPACE = 1 << 30            # room the container may write (the file is sparse)
@@ -61,9 +64,6 @@ def base_disk(img: Image, store: BlobStore | None = None, limit: int | None = No
     found = cached_base_disk(img)
     if found is not None:
         return found
-    if os.geteuid() != 0:
-        raise OciError(f"{img.source}: converting an image to a disk needs root the first time (its files' "
-                       "owners and device nodes); run it once as root")
     store = store or BlobStore()
     final = oci_root() / "images" / img.digest[7:]
     name = f"oci-{img.digest[7:27]}"
@@ -75,7 +75,8 @@ def base_disk(img: Image, store: BlobStore | None = None, limit: int | None = No
         try:
             tree = scratch / "rootfs"
             tree.mkdir(mode=0o755)
-            apply_layers(tree, store, img.layers, img.diff_ids, limit)
+            record: Record | None = None if os.geteuid() == 0 else {}
+            apply_layers(tree, store, img.layers, img.diff_ids, limit, record)
             with cache.building(final) as out:
                 used, inodes = _usage(tree)
                 size = (used * 5 // 4 + FREE_SPACE + inodes * 256 + (16 << 20) + (1 << 20) - 1) & ~((1 << 20) - 1)
@@ -91,6 +92,8 @@ def base_disk(img: Image, store: BlobStore | None = None, limit: int | None = No
                         raise OciError("mke2fs is not installed (e2fsprogs)") from None
                 if p.returncode != 0:
                     raise OciError(f"{img.source}: mke2fs failed with status {p.returncode} (log: {log})")
+                if record is not None:
+                    _set_metadata(out / "rootfs.ext4", tree, record, scratch, log)
                 os.chmod(out / "rootfs.ext4", 0o444)
                 (out / "config.json").write_text(json.dumps(img.config))
                 for acct in ("passwd", "group"):
@@ -98,6 +101,55 @@ def base_disk(img: Image, store: BlobStore | None = None, limit: int | None = No
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return BaseDisk(final)
+
+
+def _set_metadata(disk: Path, tree: Path, record: Record, scratch: Path, log: Path) -> None:
+    """Owners, modes, device nodes and xattrs the unprivileged tree could not hold, set on the
+    disk with one debugfs script."""
+    lines = ['set_inode_field / uid 0', 'set_inode_field / gid 0']
+    values = scratch / "xattrs"
+    values.mkdir()
+    for n, (rel, (kind, uid, gid, mode, xattrs, dev)) in enumerate(sorted(record.items())):
+        if any(c in rel for c in '"\\\n'):
+            raise OciError(f"{rel[:80]!r}: a path debugfs cannot name (converting unprivileged; run as root)")
+        path = f'"/{rel}"'
+        if kind in ("char", "block"):
+            parent = os.path.dirname(rel)
+            if parent and not os.path.isdir(tree / parent):
+                continue
+            if any(c.isspace() for c in rel):
+                raise OciError(f"{rel[:80]!r}: a device path debugfs cannot name (converting unprivileged; "
+                               "run as root)")
+            # debugfs's mknod names the node in its working directory, unquoted
+            lines += [f'cd "/{parent}"', f"mknod {os.path.basename(rel)} {'c' if kind == 'char' else 'b'} "
+                      f"{dev[0]} {dev[1]}", "cd /"]
+            ftype = stat.S_IFCHR if kind == "char" else stat.S_IFBLK
+        else:
+            try:
+                ftype = stat.S_IFMT(os.lstat(tree / rel).st_mode)
+            except FileNotFoundError:
+                continue                       # removed by a later layer
+        lines += [f"set_inode_field {path} uid {uid}", f"set_inode_field {path} gid {gid}"]
+        if not stat.S_ISLNK(ftype):
+            lines.append(f"set_inode_field {path} mode 0{ftype | mode:o}")
+        for i, (key, value) in enumerate(xattrs.items()):
+            if any(c in key for c in '"\\\n '):
+                continue
+            f = values / f"{n}-{i}"
+            f.write_bytes(value)
+            lines.append(f'ea_set -f {f} {path} "{key}"')
+    script = scratch / "metadata.debugfs"
+    script.write_text("\n".join(lines) + "\n")
+    try:
+        p = subprocess.run(["debugfs", "-w", "-f", str(script), str(disk)], capture_output=True, text=True,
+                           timeout=3600)
+    except FileNotFoundError:
+        raise OciError("debugfs is not installed (e2fsprogs)") from None
+    errors = [line for line in p.stderr.splitlines() if line and not line.startswith("debugfs ")]
+    with open(log, "a") as logf:
+        logf.write(p.stderr)
+    if p.returncode != 0 or errors:
+        raise OciError(f"setting owners on the disk failed: {(errors or ['debugfs failed'])[0][:200]} (log: {log})")
 
 
 def _usage(tree: Path) -> tuple[int, int]:

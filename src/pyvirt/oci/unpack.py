@@ -70,16 +70,21 @@ def _open_layer(f: Any) -> Any:
     return f
 
 
+Record = dict[str, tuple[str, int, int, int, dict[str, bytes], tuple[int, int]]]
+
+
 def apply_layers(root: Path, store: BlobStore, layers: Sequence[str], diff_ids: Sequence[str],
-                 limit: int | None = None) -> None:
-    """Unpack `layers` (blob digests, bottom first) onto the directory `root`."""
+                 limit: int | None = None, record: Record | None = None) -> None:
+    """Unpack `layers` (blob digests, bottom first) onto the directory `root`.  With `record`
+    (unprivileged), what the tree cannot hold is written there for each path: {path: (kind,
+    uid, gid, mode, xattrs, device numbers)} (rootfs.py sets it on the disk afterwards)."""
     budget = _Budget(MAX_UNPACKED if limit is None else limit, MAX_ENTRIES)
     for i, digest in enumerate(layers):
         what = f"layer {i + 1} ({digest[7:19]})"
         with open(store.path(digest), "rb") as raw:
             stream = _Counted(_open_layer(raw), budget, what)
             try:
-                _apply(root, TarReader(stream), budget, what)
+                _apply(root, TarReader(stream), budget, what, record)
                 while stream.read(1 << 20):
                     pass                               # the rest counts for the diff_id
             except TarFormatError as e:
@@ -129,7 +134,7 @@ def _remove(path: Path) -> None:
         os.unlink(path)
 
 
-def _apply(root: Path, tar: TarReader, budget: _Budget, what: str) -> None:
+def _apply(root: Path, tar: TarReader, budget: _Budget, what: str, record: Record | None) -> None:
     mine: set[str] = set()               # paths this layer wrote (an opaque marker keeps them)
     dirs: list[tuple[Path, Member]] = []
     while (m := tar.next()) is not None:
@@ -167,6 +172,8 @@ def _apply(root: Path, tar: TarReader, budget: _Budget, what: str) -> None:
             if st is None or not stat.S_ISDIR(st.st_mode):
                 os.mkdir(dest, 0o700)
             dirs.append((dest, m))            # modes last: a 0555 directory still takes its files
+            if record is not None:
+                record["/".join(parts)] = (m.kind, m.uid, m.gid, m.mode, m.xattrs, (0, 0))
             continue
         if m.kind == "file":
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -187,9 +194,13 @@ def _apply(root: Path, tar: TarReader, budget: _Budget, what: str) -> None:
             kind = {"char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}[m.kind]
             try:
                 os.mknod(dest, kind | 0o600, os.makedev(m.devmajor, m.devminor) if m.kind != "fifo" else 0)
-            except PermissionError:
-                continue                         # devices need root; the image runs with devtmpfs
+            except PermissionError:              # devices need root: recorded for the disk
+                if record is not None:
+                    record["/".join(parts)] = (m.kind, m.uid, m.gid, m.mode, m.xattrs, (m.devmajor, m.devminor))
+                continue
         _metadata(dest, m)
+        if record is not None:
+            record["/".join(parts)] = (m.kind, m.uid, m.gid, m.mode, m.xattrs, (0, 0))
     for dest, m in reversed(dirs):
         _metadata(dest, m)
 

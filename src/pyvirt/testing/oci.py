@@ -26,6 +26,7 @@ APPLETS = ("sh", "echo", "cat", "ls", "id", "env", "pwd", "sleep", "true", "fals
 
 Entry = tuple[Any, ...]      # (path, "file", data[, mode, uid, gid, xattrs]) | (path, "dir"[, mode, uid, gid])
 #                              (path, "symlink", target) | (path, "hardlink", target) | (path, "whiteout")
+#                              (path, "char", major, minor, mode)
 
 
 def layer(entries: list[Entry]) -> bytes:
@@ -52,6 +53,8 @@ def layer(entries: list[Entry]) -> bytes:
                 ti.type, ti.linkname, ti.mode = tarfile.SYMTYPE, e[2], 0o777
             elif kind == "hardlink":
                 ti.type, ti.linkname = tarfile.LNKTYPE, e[2]
+            elif kind == "char":
+                ti.type, ti.devmajor, ti.devminor, ti.mode = tarfile.CHRTYPE, e[2], e[3], e[4]
             elif kind == "whiteout":
                 ti.size = 0
             tar.addfile(ti)
@@ -83,7 +86,7 @@ def busybox_layers(busybox: bytes) -> list[bytes]:
         ("data/hard", "hardlink", "data/file"), ("data/link", "symlink", "../etc/passwd"),
         ("data/suid", "file", b"#!/bin/sh\n", 0o4755), ("data/sgid", "file", b"x", 0o2711, 0, 50),
         ("data/attr", "file", b"x", 0o644, 0, 0, {"user.pyvirt": "yes", "trusted.pyvirt": "t"}),
-        ("data/sticky", "dir", 0o1777)]
+        ("data/sticky", "dir", 0o1777), ("data/null", "char", 1, 3, 0o666)]
     third: list[Entry] = [("data/hard2", "hardlink", "data/file"), ("etc/motd", "file", b"third layer\n")]
     return [layer(base), layer(second), layer(third)]
 

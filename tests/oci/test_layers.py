@@ -247,3 +247,23 @@ def test_gzip_and_plain_layers(tmp_path, oci_cache) -> None:
     (tmp_path / "r").mkdir()
     apply_layers(tmp_path / "r", BlobStore(), img.layers, img.diff_ids)
     assert (tmp_path / "r" / "p").read_bytes() == b"plain"
+
+
+@pytest.mark.parametrize("entries, words", [
+    ([("../evil", "file", b"x")], "leaves the root"),
+    ([("out", "symlink", "/tmp"), ("out/evil", "file", b"x")], "goes through the symlink out, refused"),
+])
+def test_pyvirt_run_refuses_a_hostile_image_in_one_line(tmp_path, oci_cache, entries, words) -> None:
+    import sys
+    from pyvirt.images import cached_default_image
+    if cached_default_image() is None:
+        pytest.skip("the default image is not built")
+    layer = t.layer(entries)
+    t.write_layout(tmp_path / "img", t.image_config([layer], Cmd=["sh"]), [layer])
+    p = subprocess.run([sys.executable, "-m", "pyvirt", "run", "--oci", str(tmp_path / "img"), "true"],
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and words in p.stderr, p.stderr
+    assert p.stderr.startswith("pyvirt: error: ")
+    images = oci_cache / "images"
+    assert not images.exists() or not list(images.iterdir())          # no base disk was kept
+    assert not os.path.exists("/tmp/evil")

@@ -107,7 +107,7 @@ def _parent(root: Path, parts: list[str], what: str, name: str, create: bool = T
     """The directory holding parts[-1]: every component a real directory under `root` (made
     when missing, if `create`), never a symlink."""
     d = root
-    for p in parts[:-1]:
+    for k, p in enumerate(parts[:-1]):
         d = d / p
         try:
             st = os.lstat(d)
@@ -117,7 +117,7 @@ def _parent(root: Path, parts: list[str], what: str, name: str, create: bool = T
             os.mkdir(d, 0o755)
             continue
         if stat.S_ISLNK(st.st_mode):
-            raise OciError(f"{what}: {name[:100]!r} goes through the symlink {'/'.join(parts[:parts.index(p) + 1])}, refused")
+            raise OciError(f"{what}: {name[:100]!r} goes through the symlink {'/'.join(parts[:k + 1])}, refused")
         if not stat.S_ISDIR(st.st_mode):
             raise OciError(f"{what}: {name[:100]!r} goes through {p!r}, which is not a directory")
     return d

@@ -255,6 +255,7 @@ def test_gzip_and_plain_layers(tmp_path, oci_cache) -> None:
 ])
 def test_pyvirt_run_refuses_a_hostile_image_in_one_line(tmp_path, oci_cache, entries, words) -> None:
     import sys
+
     from pyvirt.images import cached_default_image
     if cached_default_image() is None:
         pytest.skip("the default image is not built")

@@ -70,16 +70,40 @@ def test_whiteouts_opaque_dirs_links_modes_and_xattrs(tmp_path, oci_cache, busyb
     assert os.lstat(root / "home" / "app").st_uid == 1000
 
 
+def _replacements() -> list[bytes]:
+    """Layers replacing things with other things: a directory by a file and back, a symlink by
+    a directory, a whiteout of a whole directory, an opaque directory two levels down, a hard
+    link across layers, a file's mode and owner changed by a later layer."""
+    return [
+        t.layer([("a", "dir"), ("a/x", "file", b"x"), ("b", "file", b"b"), ("c", "symlink", "a"),
+                 ("d", "dir"), ("d/e", "dir"), ("d/e/f", "file", b"f"), ("d/e/g", "file", b"g"),
+                 ("w", "dir"), ("w/1", "file", b"1"), ("m", "file", b"m", 0o600, 5, 6)]),
+        t.layer([("a", "file", b"now a file"), ("b", "dir", 0o700, 7, 8), ("b/y", "file", b"y"),
+                 (".wh.c", "whiteout"), ("c", "dir", 0o711), ("d/e/.wh..wh..opq", "whiteout"),
+                 ("d/e/h", "file", b"h"), (".wh.w", "whiteout"), ("m", "file", b"m2", 0o4750, 9, 10),
+                 ("h1", "hardlink", "d/e/h")]),
+        t.layer([("a", "dir", 0o751), ("a/z", "file", b"z"), ("h2", "hardlink", "h1"),
+                 ("b/.wh.y", "whiteout"), ("ln", "symlink", "/absolute/target")]),
+    ]
+
+
 @pytest.mark.skipif(shutil.which("umoci") is None, reason="umoci is not installed (scripts/setup-system.sh)")
-def test_the_same_tree_as_umoci(tmp_path, oci_cache, busybox_layers) -> None:
+@pytest.mark.parametrize("which", ["busybox", "replacements"])
+def test_the_same_tree_as_umoci(tmp_path, oci_cache, busybox_layers, which) -> None:
     """The same files, types, modes, owners, contents, link targets, xattrs and hard links as
     `umoci unpack` of the same layout (run as root, as the conversion is)."""
     if os.geteuid() != 0:
         pytest.skip("umoci keeps ownership only as root")
-    ours = _unpacked(tmp_path, busybox_layers)
+    layers = busybox_layers if which == "busybox" else _replacements()
+    ours = _unpacked(tmp_path, layers, None if which == "busybox" else t.image_config(layers, Cmd=["sh"]))
+    if which == "replacements":
+        assert sorted(os.listdir(ours / "a")) == ["z"] and sorted(os.listdir(ours / "d" / "e")) == ["h"]
+        assert not (ours / "w").exists() and os.listdir(ours / "b") == [] and (ours / "c").is_dir()
+        assert os.lstat(ours / "h2").st_nlink == 3 and stat.S_IMODE(os.lstat(ours / "m").st_mode) == 0o4750
     bundle = tmp_path / "bundle"
-    subprocess.run(["umoci", "unpack", "--image", f"{tmp_path / 'img'}:latest", str(bundle)], check=True,
-                   capture_output=True)
+    p = subprocess.run(["umoci", "unpack", "--image", f"{tmp_path / 'img'}:latest", str(bundle)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
     theirs, mine = _tree(bundle / "rootfs"), _tree(ours)
     assert set(theirs) == set(mine)
     diff = {p: (mine[p], theirs[p]) for p in mine if mine[p] != theirs[p]}

@@ -422,9 +422,9 @@ def resolve(req: VmRequest, *, daemon: bool = False, pipe: bool = False) -> Reso
 def _oci(req: VmRequest, disks: list[DiskSpec], vports: list[PortSpec], daemon: bool,
          pipe: bool) -> tuple[Path, Path, str, Any, Any]:
     """--oci IMAGE: the default kernel, the container's initrd, its root overlay as the first
-    disk and, for pyvirt run without -t, the stdio ports (pyvirt.oci builds the rest)."""
-    from pyvirt.guestcmd import CommandPipe
+    disk and, for pyvirt run without -t, the stdio and signal ports (pyvirt.oci builds the rest)."""
     from pyvirt.oci import RunOptions, container_guest
+    from pyvirt.oci.guest import ContainerPipe
     dimg = _image("default", build=not daemon)
     stdio = "console" if daemon or not pipe else "tty" if req.tty else "ports"
     opts = RunOptions(command=req.oci_args, env=req.env, workdir=req.workdir, user=req.user, stdio=stdio)
@@ -433,7 +433,7 @@ def _oci(req: VmRequest, disks: list[DiskSpec], vports: list[PortSpec], daemon: 
     disks.insert(0, DiskSpec(path=guest.root.absolute(), format="qcow2"))
     pipe_ = None
     if stdio == "ports":
-        pipe_ = CommandPipe("")
+        pipe_ = ContainerPipe()          # stdio as --command's, and the signals pyvirt run receives
         vports += pipe_.specs
     return dimg.kernel, guest.initrd, guest.append, guest.tmp, pipe_
 

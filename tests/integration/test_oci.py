@@ -173,3 +173,24 @@ def test_a_published_port_reaches_the_container(images) -> None:
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(60)
+
+
+def test_a_signal_to_pyvirt_run_reaches_the_process(images) -> None:
+    """The first SIGINT pyvirt run receives goes to the container's process (its trap runs and
+    its exit status is the run's), as docker run's signal proxy does."""
+    import signal
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-m", "pyvirt", "run", "--oci", str(images["busybox"]), "sh", "-c",
+                          'trap "echo got-int; exit 4" INT; echo ready; while :; do sleep 0.2; done'],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"ready\n"
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        assert (p.returncode, out) == (4, b"got-int\n"), err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

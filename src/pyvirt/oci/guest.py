@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from pyvirt.errors import BuildError, ConfigError
+from pyvirt.guestcmd import CommandPipe
 from pyvirt.images import cache
 from pyvirt.images.cpio import CpioWriter
 from pyvirt.oci.store import OciError
+from pyvirt.spec import PortSpec
 
 MAX_ENV = 1024
 MAX_ENV_BYTES = 128 << 10
@@ -201,6 +203,37 @@ def initrd(base_initrd: Path, proc: Process, out: Path) -> Path:
     data += b"\0" * (-len(data) % 4)
     cache.write_atomic(out, data + w.to_bytes())
     return out
+
+
+class ContainerPipe(CommandPipe):
+    """`pyvirt run --oci`'s ports: the process's stdio as `--command`'s (no command is sent),
+    and org.pyvirt.signal, on which each byte is a signal number PID 1 sends to the process."""
+
+    SIGNAL_PORT = "org.pyvirt.signal"
+
+    def __init__(self) -> None:
+        super().__init__("")
+        self.specs.append(PortSpec(name=self.SIGNAL_PORT, socket=self.dir / "signal.sock"))
+        self.signal_sock: Any = None
+
+    def start(self) -> None:
+        super().start()
+        self.signal_sock = self._connect("signal")
+
+    def send_signal(self, signum: int) -> bool:
+        """Send `signum` to the container's process; False when that cannot be done."""
+        if self.signal_sock is None or not 1 <= signum < 65:
+            return False
+        try:
+            self.signal_sock.sendall(bytes([signum]))
+        except OSError:
+            return False
+        return True
+
+    def finish(self) -> None:
+        if self.signal_sock is not None:
+            self.signal_sock.close()
+        super().finish()
 
 
 def append(stdio: str, hostname: str) -> str:

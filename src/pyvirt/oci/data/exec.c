@@ -9,11 +9,14 @@
  * SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGWINCH to the main process, and when that
  * exits syncs and powers the machine off through the syscon test finisher with its exit
  * status (a signal's death is 128 + the signal's number), which `pyvirt run` returns.
+ * Each byte read from the port org.pyvirt.signal (when there is one: `pyvirt run` without -t)
+ * is a signal number sent to the main process: the signals `pyvirt run` receives.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -22,6 +25,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/reboot.h>
+#include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -178,13 +182,32 @@ int main(void)
         fail("fork");
     if (main_pid == 0)
         child();
+    int sfd = signalfd(-1, &set, SFD_CLOEXEC);
+    int pfd = open(PORTS "signal", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (sfd < 0)
+        fail("signalfd");
     for (;;) {
-        siginfo_t info;
-        int sig = sigwaitinfo(&set, &info);
-        if (sig < 0)
+        struct pollfd fds[2] = {{.fd = sfd, .events = POLLIN}, {.fd = pfd, .events = POLLIN}};
+        if (poll(fds, pfd >= 0 ? 2 : 1, -1) < 0)
             continue;
-        if (sig != SIGCHLD) {
-            kill(main_pid, sig);
+        if (pfd >= 0 && fds[1].revents) {
+            unsigned char sigs[64];
+            ssize_t n = read(pfd, sigs, sizeof sigs);
+            for (ssize_t i = 0; i < n; i++)
+                if (sigs[i] >= 1 && sigs[i] < NSIG)
+                    kill(main_pid, sigs[i]);
+            if (n == 0 || (n < 0 && errno != EAGAIN) || (fds[1].revents & (POLLHUP | POLLERR))) {
+                close(pfd);                        /* the host side went away */
+                pfd = -1;
+            }
+        }
+        if (!(fds[0].revents & POLLIN))
+            continue;
+        struct signalfd_siginfo info;
+        if (read(sfd, &info, sizeof info) != sizeof info)
+            continue;
+        if (info.ssi_signo != SIGCHLD) {
+            kill(main_pid, (int)info.ssi_signo);
             continue;
         }
         int status;

@@ -59,3 +59,20 @@ def test_a_container_vm_snapshots_and_clones(oci_daemon, tmp_path: Path) -> None
     for vm in c.clone("gold", 2, prefix="copy"):
         wait_for(lambda vm=vm: any(n > at for n in counts(c.logs(vm["name"])["text"])), 120,
                  f"{vm['name']} counting on")
+
+
+def test_a_container_vm_exports_and_imports(oci_daemon, tmp_path: Path) -> None:
+    """An exported container VM carries its disk (flattened) and boot files: the imported VM
+    sees what the first run wrote and runs the same process."""
+    d, image = oci_daemon
+    c = d.client
+    c.create("box", memory="128M", oci=str(image), root_disk=str(tmp_path / "box.qcow2"),
+             oci_args=["sh", "-c", "echo run-$(cat /work/n 2>/dev/null || echo first); echo second > /work/n; exit 3"])
+    c.start("box")
+    wait_for(lambda: c.inspect("box")["state"] == "stopped", 120, "power-off")
+    assert "run-first" in c.logs("box")["text"]
+    c.export("box", tmp_path / "box.pyvirt")
+    c.import_(tmp_path / "box.pyvirt", name="copy")
+    c.start("copy")
+    vm = wait_for(lambda: (v := c.inspect("copy"))["state"] == "stopped" and v, 120, "the copy's power-off")
+    assert vm["exit_status"] == 3 and "run-second" in c.logs("copy")["text"]

@@ -85,7 +85,7 @@ class VmRequest(BaseModel):
     env: list[str] = Field(default_factory=list, description="with oci: KEY=VALUE environment entries (as -e)")
     workdir: str | None = Field(None, description="with oci: the process's working directory (as -w)")
     user: str | None = Field(None, description="with oci: USER[:GROUP], names or ids (as -u)")
-    tty: bool = Field(False, description="with oci: the process on a terminal, the console (as -t)")
+    tty: bool = Field(False, description="with oci: the process on a pseudo-terminal relayed to the console (as -t)")
     interactive: bool = Field(False, description="with oci: keep stdin open (as -i; pyvirt run always does)")
 
 
@@ -162,7 +162,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--workdir", "-w"), "with --oci: the process's working directory", "workdir", metavar="DIR"),
     Option(("--user", "-u"), "with --oci: run as USER[:GROUP] (names from the image's /etc/passwd and "
            "/etc/group, or ids)", "user", metavar="USER"),
-    Option(("--tty", "-t"), "with --oci: the process runs on a terminal (the console; Ctrl-C reaches it)",
+    Option(("--tty", "-t"), "with --oci: the process runs on a pseudo-terminal relayed to the console "
+           "(Ctrl-C reaches it)",
            "tty", switch=True),
     Option(("--interactive", "-i"), "with --oci: keep stdin open (pyvirt run always passes stdin)",
            "interactive", switch=True),

@@ -103,22 +103,28 @@ def test_debian_entrypoint(debian) -> None:
     assert r.out.startswith("debian entrypoint: ") and r.out.endswith("\n5\n"), r.out
 
 
-def test_debian_interactive_tty_and_ctrl_c(debian) -> None:
-    con = PtyConsole("--oci", str(debian), "--memory", "512M", "-it", timeout=300)
+def _shell_on_a_pty(con: PtyConsole, prompt: bytes, status: int) -> None:
+    """At `prompt`: the shell is on /dev/pts/0; Ctrl-C interrupts its foreground command (not
+    the shell); `exit status` ends the run with that status."""
     try:
-        con.expect(rb"debian entrypoint")
-        con.expect(rb"[#$] $")
+        con.expect(prompt)
         con.send(b"tty; echo $((6*7))\n")
-        con.expect(rb"/dev/ttyS0\s+42")
+        con.expect(rb"/dev/pts/0\s+42")
         con.send(b"sleep 100\n")
         time.sleep(2)
         con.send(b"\x03")
         con.send(b"echo after-$?\n")
         con.expect(rb"after-130")
-        con.send(b"exit 3\n")
-        assert con.wait_exit(60) == 3
+        con.send(b"exit %d\n" % status)
+        assert con.wait_exit(60) == status
     finally:
         con.kill()
+
+
+def test_debian_interactive_tty_and_ctrl_c(debian) -> None:
+    con = PtyConsole("--oci", str(debian), "--memory", "512M", "-it", timeout=300)
+    con.expect(rb"debian entrypoint")
+    _shell_on_a_pty(con, rb"[#$] $", 3)
 
 
 def test_pid1_forwards_signals_and_reaps_orphans(images) -> None:
@@ -194,3 +200,10 @@ def test_a_signal_to_pyvirt_run_reaches_the_process(images) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_busybox_interactive_tty(images) -> None:
+    """-it: a shell on a pseudo-terminal of the image's devpts; Ctrl-C interrupts the foreground
+    command, not the shell; the shell's exit status is the run's."""
+    con = PtyConsole("--oci", str(images["busybox"]), "-it", "-u", "root", "sh", timeout=300)
+    _shell_on_a_pty(con, rb"/work # (\x1b\[6n)?$", 5)        # (ash asks a terminal where its cursor is)

@@ -11,9 +11,10 @@ The guest is the default guest's kernel and initramfs with a second cpio archive
                         groups and where its stdio goes (records "K<value>\\0", see exec.c)
 
 and `rdinit=/pyvirt-oci/init` on the kernel command line.  The process's stdio travels as
-`pyvirt run --command`'s does (guestcmd.CommandPipe's virtio-console ports); with -t it is the
-serial console instead, a terminal (Ctrl-C reaches the process through its line discipline);
-a pyvirtd VM's process writes to the console (the VM's log).
+`pyvirt run --command`'s does (ContainerPipe: guestcmd.CommandPipe's virtio-console ports, and a
+port for the signals pyvirt run receives); with -t it is a pseudo-terminal that PID 1 relays to
+the serial console (Ctrl-C reaches the process through its line discipline); a pyvirtd VM's
+process writes to the console (the VM's log).
 
 What the image config asks (Entrypoint, Cmd, Env, WorkingDir, User) is read with bounds: at
 most MAX_ENV environment entries of MAX_ENV_BYTES in all, MAX_ARGS arguments; -e, -w, -u and a

@@ -9,6 +9,9 @@
  * SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGWINCH to the main process, and when that
  * exits syncs and powers the machine off through the syscon test finisher with its exit
  * status (a signal's death is 128 + the signal's number), which `pyvirt run` returns.
+ * With I=tty the process gets a pseudo-terminal of the image's own devpts (/dev/pts/N in
+ * the container, its controlling terminal in a new session) and PID 1 relays between its
+ * master and the serial console (/dev/ttyS0, put in raw mode), as docker run -t does.
  * Each byte read from the port org.pyvirt.signal (when there is one: `pyvirt run` without -t)
  * is a signal number sent to the main process: the signals `pyvirt run` receives.
  */
@@ -28,6 +31,7 @@
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <unistd.h>
 
 #define MAX_SPEC (1 << 20)
@@ -40,6 +44,8 @@ static gid_t groups_[256];
 static int nargs, nenv, ngroups;
 static char *cwd = "/", *stdio_mode = "console";
 static uid_t uid;
+static int console_fd = -1, master_fd = -1;
+static char slave_path[64];
 static gid_t gid;
 
 static void finish(int status)
@@ -101,6 +107,42 @@ static void mkdirs(char *path)
     mkdir(path, 0755);
 }
 
+static void open_pty(void)
+{
+    struct termios raw;
+    struct winsize ws = {.ws_row = 24, .ws_col = 80};
+    unsigned int n, unlock = 0;
+    console_fd = open("/dev/ttyS0", O_RDWR | O_NOCTTY | O_CLOEXEC);
+    master_fd = open("/oci/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (console_fd < 0 || master_fd < 0)
+        fail("opening the terminal");
+    if (ioctl(master_fd, TIOCSPTLCK, &unlock) < 0 || ioctl(master_fd, TIOCGPTN, &n) < 0)
+        fail("the pseudo-terminal");
+    snprintf(slave_path, sizeof slave_path, "/oci/dev/pts/%u", n);
+    ioctl(master_fd, TIOCSWINSZ, &ws);
+    if (tcgetattr(console_fd, &raw) == 0) {
+        cfmakeraw(&raw);
+        tcsetattr(console_fd, TCSANOW, &raw);
+    }
+}
+
+/* Copy what `from` has to `to` (both may be non-blocking); -1 when `from` is done. */
+static int relay(int from, int to)
+{
+    char buf[4096];
+    ssize_t n = read(from, buf, sizeof buf);
+    if (n <= 0)
+        return n < 0 && errno == EAGAIN ? 0 : -1;
+    for (ssize_t off = 0; off < n;) {
+        ssize_t w = write(to, buf + off, n - off);
+        if (w < 0 && errno != EINTR && errno != EAGAIN)
+            return 0;
+        if (w > 0)
+            off += w;
+    }
+    return 0;
+}
+
 static void exec_in_path(void)
 {
     char *file = argv_[0];
@@ -134,9 +176,9 @@ static void child(void)
 {
     if (strcmp(stdio_mode, "tty") == 0) {
         setsid();
-        int fd = open("/dev/ttyS0", O_RDWR);
+        int fd = open(slave_path, O_RDWR);
         if (fd < 0 || ioctl(fd, TIOCSCTTY, 1) < 0)
-            fail("/dev/ttyS0");
+            fail(slave_path);
         dup2(fd, 0); dup2(fd, 1); dup2(fd, 2);
         if (fd > 2) close(fd);
     } else if (strcmp(stdio_mode, "ports") == 0) {
@@ -177,6 +219,8 @@ int main(void)
         sigaddset(&set, forwarded[i]);
     sigprocmask(SIG_BLOCK, &set, NULL);
     read_spec();
+    if (strcmp(stdio_mode, "tty") == 0)
+        open_pty();
     pid_t main_pid = fork();
     if (main_pid < 0)
         fail("fork");
@@ -187,9 +231,16 @@ int main(void)
     if (sfd < 0)
         fail("signalfd");
     for (;;) {
-        struct pollfd fds[2] = {{.fd = sfd, .events = POLLIN}, {.fd = pfd, .events = POLLIN}};
-        if (poll(fds, pfd >= 0 ? 2 : 1, -1) < 0)
+        struct pollfd fds[4] = {{.fd = sfd, .events = POLLIN}, {.fd = pfd, .events = POLLIN},
+                                {.fd = console_fd, .events = POLLIN}, {.fd = master_fd, .events = POLLIN}};
+        if (poll(fds, 4, -1) < 0)               /* (a negative fd is skipped) */
             continue;
+        if (master_fd >= 0 && fds[3].revents && relay(master_fd, console_fd) < 0) {
+            close(master_fd);                    /* every copy of the slave is closed */
+            master_fd = -1;
+        }
+        if (master_fd >= 0 && fds[2].revents)
+            relay(console_fd, master_fd);
         if (pfd >= 0 && fds[1].revents) {
             unsigned char sigs[64];
             ssize_t n = read(pfd, sigs, sizeof sigs);
@@ -216,6 +267,14 @@ int main(void)
             if (pid == main_pid) {
                 int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
                 kill(-1, SIGKILL);
+                if (master_fd >= 0) {            /* what the process wrote last */
+                    fcntl(master_fd, F_SETFL, O_NONBLOCK);
+                    while (relay(master_fd, console_fd) == 0) {
+                        struct pollfd m = {.fd = master_fd, .events = POLLIN};
+                        if (poll(&m, 1, 100) <= 0)
+                            break;
+                    }
+                }
                 finish(code);
             }
         }

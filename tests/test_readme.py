@@ -46,6 +46,7 @@ SKIP = [
     (r"httpd -f", "a server that runs until it is stopped"),
     (r"--net network=lan", "two VMs talking to each other (tests/integration/test_switch.py)"),
     (r"^pyvirt console ", "needs a terminal"),
+    (r"--oci ", "needs OCI images and a registry (tests/integration/test_oci.py and tests/oci/ build them)"),
 ]
 EXPECTED = {"pyvirt snapshot-rm gold": "used by",
             "pyvirt run --command 'sleep 60' --timeout 5": "the VM was stopped after 5 s"}

@@ -151,7 +151,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                   "much RAM") from None
             raise
 
-    code = _run_vm(args, make, req.command is None, got.cleanup, fresh=True)
+    interactive = req.command is None and (req.oci is None or req.tty)
+    code = _run_vm(args, make, interactive, got.cleanup, fresh=True,
+                   forward=getattr(pipe, "send_signal", None))    # --oci: the first signal to the process
     return 1 if pipe is not None and pipe.broken else code      # as for a broken pipe on the console
 
 
@@ -184,16 +186,24 @@ class _StopSignals:
     """While `pyvirt run` runs: SIGTERM, SIGINT and SIGHUP end the run as Ctrl-A x does
     (the VM is closed: disks written back, passt ended, temporary overlays removed), and
     `signum` says which came; a second one, or one before the VM runs, raises `Stopped`
-    at once (the same cleanup runs on the way out)."""
+    at once (the same cleanup runs on the way out).  With `forward` (--oci without -t), the
+    first one goes to the container's process instead (as docker run's signal proxy), and
+    the run ends when the process does; a further one ends it as above."""
 
     NAMES = ("SIGTERM", "SIGINT", "SIGHUP")
 
-    def __init__(self) -> None:
+    def __init__(self, forward: Any = None) -> None:
         self.vm: Any = None
         self.signum: int | None = None
+        self.forward = forward            # --oci: the first signal goes to the container's process
+        self.forwarded = False
         self._previous: dict[int, Any] = {}
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self.forward is not None and self.vm is not None and not self.forwarded:
+            self.forwarded = self.forward(signum)
+            if self.forwarded:
+                return
         if self.signum is not None or self.vm is None:
             raise Stopped(signum)
         self.signum = signum
@@ -221,7 +231,8 @@ class _StopSignals:
                "temporary files removed\n"
 
 
-def _run_vm(args: argparse.Namespace, make: Any, interactive: bool, cleanup: Any, fresh: bool = False) -> int:
+def _run_vm(args: argparse.Namespace, make: Any, interactive: bool, cleanup: Any, fresh: bool = False,
+            forward: Any = None) -> int:
     """Run the VM `make(console)` builds with the console on stdio, as `pyvirt run` does.
 
     Signals end it cleanly (_StopSignals); a guest that panics, or firmware that never
@@ -229,7 +240,7 @@ def _run_vm(args: argparse.Namespace, make: Any, interactive: bool, cleanup: Any
     from pyvirt.vmm.console import open_console
     from pyvirt.vmm.watchdog import watch_run
     snapshot_after = _snapshot_after(args.snapshot_after)
-    with open_console(interactive=interactive) as console, _StopSignals() as stop:
+    with open_console(interactive=interactive) as console, _StopSignals(forward) as stop:
         try:
             vm = make(console)
         except BaseException:

@@ -7,7 +7,7 @@ REST API, the Python Client), and the one resolver from it to a `VmSpec`.
                    builds `pyvirt run`'s and `pyvirt create`'s parsers from it, `from_args`
                    turns either verb's parsed arguments into a VmRequest
     resolve()      VmRequest -> VmSpec: the guest (default image, --image debian with its root
-                   disk, --kernel/--initrd/--bios), --command on the kernel command line or
+                   disk, --oci IMAGE through pyvirt.oci, --kernel/--initrd/--bios), --command on the kernel command line or
                    through ports, --port forwards onto the user network; the only place that
                    resolves a guest
 
@@ -78,6 +78,15 @@ class VmRequest(BaseModel):
                                     description="CPU time ceiling in CPUs (0.5: half of one CPU; pyvirtd)")
     memory_limit: int | str | None = Field(
         None, description="the runner's memory ceiling (default: memory + 256M for the VMM; pyvirtd)")
+    # a container image run as the VM (pyvirt.oci; docs/oci.md)
+    oci: str | None = Field(None, description="an OCI image: layout directory, docker save tarball or "
+                                              "HOST[:PORT]/NAME[:TAG|@DIGEST]")
+    oci_args: list[str] = Field(default_factory=list, description="with oci: the command instead of the image's Cmd")
+    env: list[str] = Field(default_factory=list, description="with oci: KEY=VALUE environment entries (as -e)")
+    workdir: str | None = Field(None, description="with oci: the process's working directory (as -w)")
+    user: str | None = Field(None, description="with oci: USER[:GROUP], names or ids (as -u)")
+    tty: bool = Field(False, description="with oci: the process on a pseudo-terminal relayed to the console (as -t)")
+    interactive: bool = Field(False, description="with oci: keep stdin open (as -i; pyvirt run always does)")
 
 
 # -- the flags ----------------------------------------------------------------------------------
@@ -132,7 +141,7 @@ OPTIONS: tuple[Option, ...] = (
            "QEMU's -netdev stream framing), network=NAME (a switch made by `pyvirt network create NAME`) or "
            "tap=IFNAME (a host TAP device, needs root); ,mac=52:54:00:xx:xx:xx sets the MAC (default: random)",
            "nets", metavar="user|stream=SOCKET|network=NAME|tap=IFNAME", repeated=True),
-    Option(("--port",), "forward TCP port HOST on the host's 127.0.0.1 to GUEST in the guest (repeatable; "
+    Option(("--port", "-p"), "forward TCP port HOST on the host's 127.0.0.1 to GUEST in the guest (repeatable; "
            "implies --net user when no --net is given)", "ports", metavar="HOST:GUEST", repeated=True),
     Option(("--engine",), "CPU engine: interp (reference interpreter), jit (Python blocks) or native "
            "(x86-64 code; the default where the host allows; PYVIRT_ENGINE sets the default)", "engine",
@@ -145,6 +154,21 @@ OPTIONS: tuple[Option, ...] = (
            "cpu_quota", verbs=frozenset((CREATE,)), metavar="CPUS", type=float),
     Option(("--memory-limit",), "the VM process's memory ceiling (default: --memory + 256M)",
            "memory_limit", verbs=frozenset((CREATE,)), metavar="SIZE"),
+    Option(("--oci",), "run an OCI container image as the VM (docs/oci.md): an OCI layout directory "
+           "(DIR[:TAG]), a `docker save` tarball or a registry reference HOST[:PORT]/NAME[:TAG|@sha256:...]; "
+           "a CMD after the flags replaces the image's Cmd", "oci", metavar="IMAGE"),
+    Option(("--env", "-e"), "with --oci: set KEY=VALUE in the process's environment (KEY alone: this "
+           "process's value; repeatable)", "env", metavar="KEY=VALUE", repeated=True),
+    Option(("--workdir", "-w"), "with --oci: the process's working directory", "workdir", metavar="DIR"),
+    Option(("--user", "-u"), "with --oci: run as USER[:GROUP] (names from the image's /etc/passwd and "
+           "/etc/group, or ids)", "user", metavar="USER"),
+    Option(("--tty", "-t"), "with --oci: the process runs on a pseudo-terminal relayed to the console "
+           "(Ctrl-C reaches it)",
+           "tty", switch=True),
+    Option(("--interactive", "-i"), "with --oci: keep stdin open (pyvirt run always passes stdin)",
+           "interactive", switch=True),
+    Option(("--rm",), "with --oci: throw the container's disk away at exit (pyvirt run always does; "
+           "pyvirt create --oci keeps it in --root-disk)", verbs=frozenset((RUN,)), switch=True),
     # pyvirt run's own: how this one process runs the VM (a daemon VM runs until stopped)
     Option(("--timeout",), "stop the VM after this many seconds (exit status 124)", verbs=frozenset((RUN,)),
            type=float),
@@ -186,6 +210,9 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
             kw.update(action="append" if o.repeated else "store", metavar=o.metavar, type=o.type,
                       choices=o.choices)
         parser.add_argument(*o.flags, **kw)
+    if verb == RUN:     # (pyvirt create's NAME comes first: a CMD there would swallow the flags)
+        parser.add_argument("oci_args", nargs=argparse.REMAINDER, metavar="CMD",
+                            help="with --oci: the command and its arguments, instead of the image's Cmd")
 
 
 def _absolute(o: Option, value: str) -> str:
@@ -213,6 +240,8 @@ def from_args(args: argparse.Namespace, verb: str, absolute: bool = False) -> Vm
         if absolute and o.path is not None:
             value = [_absolute(o, v) for v in value] if o.repeated else _absolute(o, value)
         fields[o.field] = value
+    if getattr(args, "oci_args", None):
+        fields["oci_args"] = args.oci_args
     return request(**fields)
 
 
@@ -328,9 +357,18 @@ def resolve(req: VmRequest, *, daemon: bool = False, pipe: bool = False) -> Reso
     memory_typed = memory if isinstance(memory, str) else format_size(memory)
     pipe_: Any = None
     overlay_dir: Any = None
-    if req.root_disk is not None and req.image != "debian":
-        raise ConfigError("--root-disk goes with --image debian")
-    if req.image == "debian":
+    if req.root_disk is not None and req.image != "debian" and req.oci is None:
+        raise ConfigError("--root-disk goes with --image debian or --oci")
+    if req.oci is None and (req.oci_args or req.env or req.workdir or req.user or req.tty):
+        raise ConfigError(f"{'CMD' if req.oci_args else '-e/-w/-u/-t'} goes with --oci IMAGE")
+    if req.oci is not None:
+        if req.image or req.kernel or req.initrd or req.bios or req.command is not None:
+            raise ConfigError("--oci runs the image's process on the default kernel (no --image, --kernel, "
+                              "--initrd, --bios or --command)")
+        if daemon:
+            _new_root_disk_ok(req.root_disk)
+        kernel, initrd, append, overlay_dir, pipe_ = _oci(req, disks, vports, daemon, pipe)
+    elif req.image == "debian":
         if req.kernel or req.initrd or req.bios:
             raise ConfigError("--image debian brings its own kernel and initrd (no --kernel/--initrd/--bios)")
         from pyvirt.images.debian_image import root_overlay
@@ -380,6 +418,25 @@ def resolve(req: VmRequest, *, daemon: bool = False, pipe: bool = False) -> Reso
         Resolved(VmSpec.model_construct(), pipe_, overlay_dir).cleanup()
         raise
     return Resolved(spec, pipe_, overlay_dir, memory_typed)
+
+
+def _oci(req: VmRequest, disks: list[DiskSpec], vports: list[PortSpec], daemon: bool,
+         pipe: bool) -> tuple[Path, Path, str, Any, Any]:
+    """--oci IMAGE: the default kernel, the container's initrd, its root overlay as the first
+    disk and, for pyvirt run without -t, the stdio and signal ports (pyvirt.oci builds the rest)."""
+    from pyvirt.oci import RunOptions, container_guest
+    from pyvirt.oci.guest import ContainerPipe
+    dimg = _image("default", build=not daemon)
+    stdio = "console" if daemon or not pipe else "tty" if req.tty else "ports"
+    opts = RunOptions(command=req.oci_args, env=req.env, workdir=req.workdir, user=req.user, stdio=stdio)
+    assert req.oci is not None
+    guest = container_guest(req.oci, opts, dimg.initrd, keep=req.root_disk, persistent=daemon)
+    disks.insert(0, DiskSpec(path=guest.root.absolute(), format="qcow2"))
+    pipe_ = None
+    if stdio == "ports":
+        pipe_ = ContainerPipe()          # stdio as --command's, and the signals pyvirt run receives
+        vports += pipe_.specs
+    return dimg.kernel, guest.initrd, guest.append, guest.tmp, pipe_
 
 
 def _nets(net_args: list[str], port_args: list[str]) -> list[NetSpec]:

@@ -25,6 +25,7 @@ LAYERS: list[tuple[tuple[str, ...], ...]] = [
     (("machine",),),  # the board: memory map, devices, harts, boot
     (("vmm",),),  # one running VM: opens host resources, runs the board, snapshots
     (("images",),),  # guest images (the Debian image is configured by booting it: above vmm)
+    (("oci",),),  # OCI images: sources, blob cache, layers, base disks, the container contract
     (("request",),),  # the one VM request: flags, API model and its resolver to a VmSpec (uses images)
     (("host",),),  # pyvirtd, its runner, API, client
     (("cli", "__main__", ""),),  # front-ends and the package facade (pyvirt/__init__.py)

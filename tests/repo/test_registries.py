@@ -74,6 +74,8 @@ def test_snapshot_file_names_are_spelled_once() -> None:
         rel = str(path.relative_to(SRC))
         if rel == "vmm/snapfiles.py" or rel.startswith("images/"):  # images: the build cache's own manifests
             continue
+        if rel.startswith("oci/") or rel == "testing/oci.py":  # docker save's manifest.json (docker's name)
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             text = ""
             if isinstance(node, ast.Constant) and isinstance(node.value, str):

@@ -42,6 +42,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from pyvirt.oci.tar import TarFormatError, pax_records, read_up_to, tar_number
 from pyvirt.vmm import snapfiles
 
 FORMAT = "pyvirt-export"
@@ -307,10 +308,6 @@ def unpack(archive: Path, dest: Path) -> dict[str, Any]:
         raise
 
 
-class TarFormatError(Exception):
-    """The stream is not the tar subset TarReader reads."""
-
-
 class TarMember:
     __slots__ = ("name", "size", "type")
 
@@ -340,13 +337,7 @@ class TarReader:
         self.done = False
 
     def _read(self, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            chunk = self.src.read(min(n - len(out), CHUNK))
-            if not chunk:
-                break
-            out += chunk
-        return bytes(out)
+        return read_up_to(self.src, n)
 
     def _skip(self) -> None:
         while self.left:
@@ -365,7 +356,7 @@ class TarReader:
             return None
         if len(block) < 512:
             raise EOFError("the archive ends inside a tar header")
-        chk = _octal(block[148:156])
+        chk = tar_number(block[148:156])
         if chk != sum(block[:148]) + 8 * 32 + sum(block[156:]):
             raise TarFormatError("a tar header's checksum is wrong")
         return block
@@ -377,7 +368,7 @@ class TarReader:
             block = self._header()
             if block is None:
                 return None
-            size = _octal(block[124:136])
+            size = tar_number(block[124:136])
             kind = block[156:157]
             if kind in (b"x", b"g"):
                 if size > self.MAX_PAX:
@@ -387,7 +378,10 @@ class TarReader:
                     raise EOFError("the archive ends inside a PAX header")
                 self._read(-size % 512)
                 if kind == b"x":
-                    pax.update(_pax_records(data))
+                    try:
+                        pax.update({k: v.decode("utf-8") for k, v in pax_records(data).items()})
+                    except UnicodeDecodeError:
+                        raise TarFormatError("a PAX header is not UTF-8") from None
                 continue
             if kind in (b"L", b"K"):
                 raise TarFormatError("GNU long-name headers are not part of the format")
@@ -419,40 +413,6 @@ class TarReader:
                 reader.left -= len(data)
                 return data
         return _Data()
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] == b"\x80":                    # base-256 (GNU / star)
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise TarFormatError("a tar header has a malformed number") from None
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    pos = 0
-    while pos < len(data):
-        sp = data.find(b" ", pos, pos + 24)
-        try:
-            length = int(data[pos:sp]) if sp > pos else -1
-        except ValueError:
-            length = -1
-        if length <= sp - pos or pos + length > len(data) or data[pos + length - 1:pos + length] != b"\n":
-            raise TarFormatError("a PAX header is malformed")
-        key, eq, value = data[sp + 1:pos + length - 1].partition(b"=")
-        if not eq:
-            raise TarFormatError("a PAX header is malformed")
-        try:
-            out[key.decode("utf-8")] = value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise TarFormatError("a PAX header is not UTF-8") from None
-        pos += length
-    return out
 
 
 def _unpack_members(tar: TarReader, dest: Path) -> dict[str, Any]:

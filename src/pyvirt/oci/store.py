@@ -1,0 +1,127 @@
+"""The content-addressed blob cache shared by every image: ~/.cache/pyvirt/oci.
+
+    oci/blobs/sha256/<hex>     a blob, there only once its bytes hashed to <hex>
+    oci/refs/<key>.json        what an image source last resolved to (a tag, a layout, a
+                               docker archive by path, size and mtime): the manifest's digest
+    oci/images/<hex>/          the base disk and run data of the image whose config is <hex>
+
+A blob is written to a temporary file beside its final name while it is hashed and renamed
+only when the digest matched and its length is within the caller's bound: an interrupted or
+tampered download leaves nothing under its name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from pyvirt.errors import ImageError
+from pyvirt.images import cache
+
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+MAX_JSON = 4 << 20              # a manifest, an index or a config
+MAX_BLOB = 16 << 30             # one layer as stored (compressed)
+
+
+class OciError(ImageError):
+    """An image could not be found, fetched, checked or unpacked (one line)."""
+
+
+def check_digest(digest: Any, what: str) -> str:
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+        raise OciError(f"{what}: {str(digest)[:80]!r} is not a sha256 digest")
+    return digest
+
+
+def oci_root() -> Path:
+    """$PYVIRT_OCI_CACHE, else the oci directory of the pyvirt cache."""
+    env = os.environ.get("PYVIRT_OCI_CACHE")
+    return Path(env) if env else cache.cache_root() / "oci"
+
+
+class BlobStore:
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or oci_root()
+
+    def path(self, digest: str) -> Path:
+        return self.root / "blobs" / "sha256" / check_digest(digest, "blob")[7:]
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def put(self, digest: str, chunks: Iterable[bytes], limit: int = MAX_BLOB, what: str = "blob") -> Path:
+        """Store the bytes of `chunks` as `digest`: refused (nothing kept) when they hash to
+        anything else or pass `limit` bytes."""
+        final = self.path(digest)
+        if final.is_file():
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=final.parent)
+        try:
+            h = hashlib.sha256()
+            total = 0
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    total += len(chunk)
+                    if total > limit:
+                        raise OciError(f"{what} {digest[:19]}: larger than {limit} bytes")
+                    h.update(chunk)
+                    f.write(chunk)
+            if "sha256:" + h.hexdigest() != digest:
+                raise OciError(f"{what} {digest[:19]}: digest mismatch (got sha256:{h.hexdigest()[:12]}), refused")
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return final
+
+    def put_bytes(self, digest: str, data: bytes, what: str = "blob") -> Path:
+        return self.put(digest, [data], len(data), what)
+
+    def json(self, digest: str, what: str) -> dict[str, Any]:
+        """A stored JSON blob (a manifest, an index or a config): at most MAX_JSON bytes, an object."""
+        with open(self.path(digest), "rb") as f:
+            data = f.read(MAX_JSON + 1)
+        return parse_json(data, what)
+
+    def ref(self, key: str) -> dict[str, Any] | None:
+        try:
+            return parse_json((self.root / "refs" / f"{key}.json").read_bytes(), "ref")
+        except (OSError, OciError):
+            return None
+
+    def set_ref(self, key: str, value: dict[str, Any]) -> None:
+        cache.write_atomic(self.root / "refs" / f"{key}.json", json.dumps(value).encode())
+
+
+def parse_json(data: bytes, what: str) -> dict[str, Any]:
+    if len(data) > MAX_JSON:
+        raise OciError(f"{what} is larger than {MAX_JSON} bytes")
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        raise OciError(f"{what} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise OciError(f"{what} is not a JSON object")
+    return value
+
+
+def file_chunks(f: Any, size: int = 1 << 20) -> Iterable[bytes]:
+    return iter(lambda: f.read(size), b"")
+
+
+def reader(path: Path, opener: Callable[..., Any] = open) -> Any:
+    """`path` opened for reading without following a symlink at its last component."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise OciError(f"{path}: cannot read it ({e.strerror})") from None
+    return opener(fd, "rb")

@@ -21,6 +21,7 @@ from typing import Any, Protocol, Union
 
 from pyvirt.backends.block import BlockBackend
 from pyvirt.backends.net import NetBackend
+from pyvirt.backends.virtiofsd import Virtiofsd
 from pyvirt.devices.virtio.console import PortBackend
 
 
@@ -51,15 +52,18 @@ Exit = Union[BudgetSpent, Wfi, Halt, Reset]
 @dataclass
 class HostBackends:
     """The host side of a board's devices, opened by the VMM (`vmm/resources.py`) in the
-    spec's order: one per disk, one per NIC, the console ports.  A board owns what it is
+    spec's order: one per disk, one per NIC, the console ports, one per share.  A board owns what it is
     given and closes it; it opens no file, socket or process itself."""
 
     disks: list[BlockBackend] = field(default_factory=list)
     nets: list[NetBackend] = field(default_factory=list)
     console_port: PortBackend | None = None  # virtio-console's port 0 (hvc0)
     named_ports: list[tuple[str, PortBackend]] = field(default_factory=list)
+    shares: list[Virtiofsd] = field(default_factory=list)    # one virtiofsd per shared folder
 
     def close(self) -> None:
+        for sh in self.shares:
+            sh.close()
         for b in self.disks:
             b.close()
         if self.console_port is not None:

@@ -33,6 +33,7 @@ from pyvirt.devices.syscon import Syscon
 from pyvirt.devices.uart16550 import Uart16550
 from pyvirt.devices.virtio.blk import VirtioBlk
 from pyvirt.devices.virtio.console import VirtioConsole
+from pyvirt.devices.virtio.fs import VirtioFs
 from pyvirt.devices.virtio.mmio import VirtioMmio
 from pyvirt.devices.virtio.net import VirtioNet, parse_mac
 from pyvirt.devices.virtio.rng import VirtioRng
@@ -41,7 +42,7 @@ from pyvirt.machine import boot
 from pyvirt.machine.fdt import U64, Node, reg, to_dtb
 from pyvirt.machine.interface import BudgetSpent, Exit, Halt, HostBackends, Reset, Wfi
 from pyvirt.machine.sbi import Sbi
-from pyvirt.memory import Bus
+from pyvirt.memory import Bus, shared_ram
 from pyvirt.ratelimit import RateLimiter
 from pyvirt.spec import VmSpec
 
@@ -81,7 +82,13 @@ class VirtBoard:
         self.exit_code: int | None = None
         self.reset_requested = False
         self.clock = Clock()
-        self.bus = Bus(RAM_BASE, spec.memory, ram)
+        ram_fd = None
+        if spec.shares:                 # a vhost-user back end maps guest RAM: a memfd
+            if ram is not None:
+                self.host.close()
+                raise ConfigError("a VM with a shared folder cannot be restored from a snapshot")
+            ram, ram_fd = shared_ram(spec.memory)
+        self.bus = Bus(RAM_BASE, spec.memory, ram, ram_fd)
         self.engine = Engine(self.bus, spec.engine)
         self.harts = [Hart(i, self.bus, self.clock, native_regs=spec.engine == "native")
                       for i in range(spec.cpus)]
@@ -91,6 +98,7 @@ class VirtBoard:
         self.backends = self.host.disks           # (a snapshot swaps in the live overlays here)
         self.vconsole: VirtioConsole | None = None
         self.nics: list[VirtioNet] = []
+        self.shares: list[VirtioFs] = []
         self.throttled: list[VirtioBlk] = []      # disks with a rate limiter: polled, have deadlines
         self.dtb_addr = 0
         self.tohost: int | None = None
@@ -109,7 +117,7 @@ class VirtBoard:
     def check_devices(spec: VmSpec) -> None:
         """Refuse a spec with more virtio devices than the board has slots (before the VMM
         opens anything for them)."""
-        count = len(spec.disks) + int(spec.rng) + int(bool(spec.ports)) + len(spec.nets)
+        count = len(spec.disks) + int(spec.rng) + int(bool(spec.ports)) + len(spec.nets) + len(spec.shares)
         if count > VIRTIO_SLOTS:
             raise ConfigError(f"too many virtio devices (the board has {VIRTIO_SLOTS} slots)")
 
@@ -182,6 +190,11 @@ class VirtBoard:
                             RateLimiter.build(self.clock, net.tx_bw), RateLimiter.build(self.clock, net.rx_bw))
             self.nics.append(nic)
             self._add_virtio(nic)
+        for share, fsd in zip_strict(self.spec.shares, self.host.shares):
+            assert fsd.front is not None and self.bus.ram_fd is not None
+            fs = VirtioFs(fsd.front, share.tag, self.bus.ram_fd)
+            self.shares.append(fs)
+            self._add_virtio(fs)
 
     def _add_virtio(self, device: Any) -> None:
         slot = len(self.virtio)
@@ -405,11 +418,14 @@ class VirtBoard:
             nic.poll()
         for blk in self.throttled:
             blk.poll()
+        for fs in self.shares:
+            fs.poll()
 
     def wait_fds(self) -> list[int]:
         """Host descriptors whose input should wake an idle VM."""
         fds = [] if self.vconsole is None else [b.fileno() for b in self.vconsole.backends]
         fds += [nic.fileno() for nic in self.nics]
+        fds += [fd for fs in self.shares for fd in fs.wait_fds()]
         return [fd for fd in fds if fd is not None]
 
     def next_deadline(self) -> int | None:
@@ -423,4 +439,7 @@ class VirtBoard:
         return min(cands) if cands else None
 
     def close(self) -> None:
+        for fs in self.shares:
+            fs.close()
         self.host.close()
+        self.bus.close()

@@ -2,7 +2,7 @@
 
 The board (`machine/`) builds devices over backends it is handed (`HostBackends`); it
 opens no file, socket or process and resolves no host name.  Here disk images are opened
-(and locked), console ports bound, and NICs connected: network names (`--net
+(and locked), console ports bound, shared folders' virtiofsd started, and NICs connected: network names (`--net
 network=NAME`) resolve to the switch's socket, so `machine/` never imports `network/`
 (the layers are checked by tests/repo/test_layers.py)."""
 
@@ -13,6 +13,7 @@ from typing import Any
 from pyvirt.backends.char import CharBackend
 from pyvirt.backends.disk import open_disk
 from pyvirt.backends.net import NetBackend, PasstBackend, StreamBackend, TapBackend
+from pyvirt.backends.virtiofsd import Virtiofsd
 from pyvirt.devices.virtio.console import UnixSocketPort
 from pyvirt.machine.interface import HostBackends
 from pyvirt.machine.riscv_virt import VirtBoard
@@ -35,8 +36,8 @@ def open_net_backend(net: NetSpec) -> NetBackend:
 
 
 def open_backends(spec: VmSpec) -> HostBackends:
-    """The host side of every disk, console port and NIC the spec names, in that order (as
-    the board attaches them); if one cannot be had, nothing stays open."""
+    """The host side of every disk, console port, NIC and share the spec names, in that order
+    (as the board attaches them); if one cannot be had, nothing stays open."""
     VirtBoard.check_devices(spec)
     opened = HostBackends()
     try:
@@ -50,6 +51,8 @@ def open_backends(spec: VmSpec) -> HostBackends:
                 opened.named_ports.append((p.name, port))
         for net in spec.nets:
             opened.nets.append(open_net_backend(net))
+        for share in spec.shares:
+            opened.shares.append(Virtiofsd(share.path, share.tag, share.read_only))
     except BaseException:
         opened.close()
         raise

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 
 from pyvirt.backends.vhost_user import Region, VhostUserError, VhostUserFrontEnd
 from pyvirt.devices.virtio.device import (
@@ -131,18 +132,23 @@ class VirtioFs(VirtioDevice):
         return [*self.calls, *self.errs, self.front.fileno()] if self.started else []
 
     def poll(self) -> None:
-        """Report what the back end wrote, then raise the interrupt it asked for."""
+        """Report what the back end wrote, then raise the interrupt it asked for (one
+        select() over the eventfds and the socket: this runs between every CPU slice)."""
         if not self.started:
             return
-        if self.front.peer_gone():
+        try:
+            ready = set(select.select(self.wait_fds(), [], [], 0)[0])
+        except (OSError, ValueError):
+            ready = {self.front.fileno()}
+        if self.front.fileno() in ready and self.front.peer_gone():
             self.needs_reset("the back end (virtiofsd) went away")
             self.started = []
             return
         for i in self.started:
-            if self._drain(self.errs[i]):
+            if self.errs[i] in ready and self._drain(self.errs[i]):
                 self.needs_reset(f"the back end reported an error on queue {i}")
                 return
-            signalled = self._drain(self.calls[i])
+            signalled = self.calls[i] in ready and self._drain(self.calls[i])
             self.mark_used(i)
             if signalled and self.live:
                 self._interrupt(INT_USED)

@@ -3,13 +3,13 @@
     .venv/bin/python bench/share.py [--runs N] [--mib N] [--files N] [--engine E]
 
 Both VMMs boot the same default kernel and initramfs with a fresh host directory holding
-a MiB-sized file made on the host, shared as tag `work` through the same virtiofsd
+an N MiB file made on the host, shared as tag `work` through the same virtiofsd
 (/usr/lib/qemu/virtiofsd, the same options: backends/virtiofsd.py `virtiofsd_argv`), and
 mounted by /init on /mnt/work.  QEMU: `-object memory-backend-memfd,share=on` and
-`-device vhost-user-fs-device` (virtio-mmio).  Inside the guest, busybox dd times a
-sequential read of the host's file (1 MiB blocks; not in the guest's page cache yet) and
-a sequential write of a new file of the same size (1 MiB blocks, then fsync); then the
-shell creates N small files (echo x > fN) and the guest's /proc/uptime times that.
+`-device vhost-user-fs-device` (virtio-mmio, modern: `force-legacy=false`).  Inside the guest, busybox dd reads the
+host's file (1 MiB blocks; not in the guest's page cache yet) and writes a new file of the
+same size (1 MiB blocks, then fsync); then the shell creates small files (echo x > sN).
+The guest's /proc/uptime (1/100 s) brackets each step.
 Needs root (virtiofsd).
 """
 
@@ -31,25 +31,27 @@ from pyvirt.backends.virtiofsd import virtiofsd_argv
 from pyvirt.engines import ENGINES, default_engine
 from pyvirt.images import DefaultImage, default_image
 
-DD = re.compile(r"^(R|W) (\d+) bytes .*copied, ([\d.]+) s", re.M)
-CREATE = re.compile(r"^C (\d+) ([\d.]+) ([\d.]+)$", re.M)
+LINE = re.compile(r"^(R|W|C) (\d+) ([\d.]+) ([\d.]+)$", re.M)
 
+# busybox dd prints no timing: the guest's /proc/uptime (1/100 s) brackets each step
 SCRIPT = """cd /mnt/work || exit 9
-echo "R $(dd if=big of=/dev/null bs=1M 2>&1 | tail -1)"
-echo "W $(dd if=/dev/zero of=out bs=1M count={mib} conv=fsync 2>&1 | tail -1)"
-t0=$(cut -d' ' -f1 /proc/uptime); i=0
+up() {{ cut -d' ' -f1 /proc/uptime; }}
+t0=$(up); dd if=big of=/dev/null bs=1M 2>/dev/null; echo "R {nbytes} $t0 $(up)"
+t0=$(up); dd if=/dev/zero of=out bs=1M count={mib} conv=fsync 2>/dev/null; echo "W {nbytes} $t0 $(up)"
+t0=$(up); i=0
 while [ $i -lt {files} ]; do echo x > s$i; i=$((i + 1)); done
-echo "C {files} $t0 $(cut -d' ' -f1 /proc/uptime)"
+echo "C {files} $t0 $(up)"
 """
 
 
 def measure(out: str, who: str) -> dict[str, float]:
-    got = {m.group(1): int(m.group(2)) / float(m.group(3)) / 1e6 for m in DD.finditer(out)
-           if float(m.group(3)) > 0}
-    c = CREATE.search(out)
-    if set(got) != {"R", "W"} or c is None:
+    """MB/s for R and W, files/s for C."""
+    got: dict[str, float] = {}
+    for m in LINE.finditer(out):
+        seconds = max(float(m.group(4)) - float(m.group(3)), 0.01)
+        got[m.group(1)] = int(m.group(2)) / seconds / (1e6 if m.group(1) in "RW" else 1)
+    if set(got) != {"R", "W", "C"}:
         raise RuntimeError(f"{who}: incomplete result: {out[-600:]!r}")
-    got["C"] = int(c.group(1)) / max(float(c.group(3)) - float(c.group(2)), 0.01)
     return got
 
 
@@ -83,6 +85,7 @@ def run_qemu(img: DefaultImage, share: Path, script: str, tmp: Path) -> str:
         append = f"console=ttyS0 quiet loglevel=0 pyvirt.share=work pyvirt.cmd={cmd64}"
         argv = ["qemu-system-riscv64", "-M", "virt,memory-backend=mem", "-m", "256M",
                 "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-nographic",
+                "-global", "virtio-mmio.force-legacy=false",          # (libvhost-user: no legacy)
                 "-kernel", str(img.kernel), "-initrd", str(img.initrd), "-append", append,
                 "-chardev", f"socket,id=vfs,path={sock_path}",
                 "-device", "vhost-user-fs-device,chardev=vfs,tag=work"]
@@ -96,12 +99,12 @@ def run_qemu(img: DefaultImage, share: Path, script: str, tmp: Path) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--mib", type=int, default=32)
+    ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--files", type=int, default=200)
     ap.add_argument("--engine", default=default_engine(), choices=ENGINES)
     args = ap.parse_args()
     img = default_image(build=True, progress=False)
-    script = SCRIPT.format(mib=args.mib, files=args.files)
+    script = SCRIPT.format(mib=args.mib, nbytes=args.mib << 20, files=args.files)
     results: dict[str, dict[str, list[float]]] = {"pyvirt": {}, "qemu": {}}
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)

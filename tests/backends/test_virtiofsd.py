@@ -120,3 +120,34 @@ def test_virtiofsd_ends_with_the_vm(tmp_path: Path) -> None:
 def test_a_missing_directory_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such directory"):
         Virtiofsd(tmp_path / "missing", "work", False)
+
+
+def test_a_hostile_driver_cannot_look_outside_the_share(tmp_path: Path) -> None:
+    """What a hostile guest kernel can send, past its own path resolution: LOOKUP of `..` on
+    the share's root, a name with a slash, a walk through a symbolic link to a host
+    directory -- none reaches the file beside the share."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (tmp_path / "secret").write_text("TOPSECRET")
+    (share / "out").symlink_to(tmp_path)
+    fsd, bus, dev, fuse = rig(share, read_only=False)
+    try:
+        error, entry, _ = fuse.call(FUSE_LOOKUP, 1, b"..\0", 128)
+        up = struct.unpack_from("<Q", entry)[0] if error == 0 else None
+        if up is not None:                      # `..` of the root is the root itself
+            error, _, _ = fuse.call(FUSE_LOOKUP, up, b"secret\0", 128)
+            assert error == -2                  # ENOENT
+        for name in (b"../secret\0", b"out/secret\0"):
+            error, _, _ = fuse.call(FUSE_LOOKUP, 1, name, 128)
+            assert error < 0, name
+        error, entry, _ = fuse.call(FUSE_LOOKUP, 1, b"out\0", 128)  # the link itself, not followed
+        assert error == 0
+        mode = struct.unpack_from("<I", entry, 40 + 60)[0]          # fuse_attr.mode
+        assert mode & 0o170000 == 0o120000                          # S_IFLNK
+        link = struct.unpack_from("<Q", entry)[0]
+        error, _, _ = fuse.call(FUSE_LOOKUP, link, b"secret\0", 128)
+        assert error < 0                                            # a link is no directory
+    finally:
+        dev.close()
+        fsd.close()
+        bus.close()

@@ -386,8 +386,9 @@ def resolve(req: VmRequest, *, daemon: bool = False, pipe: bool = False) -> Reso
                 append = command_ports_append(append)
             else:
                 append = command_append(append, req.command)
-        if shares and append is not None:
-            append = share_append(append, shares, debian=req.image == "debian")
+        if shares and kernel is not None:      # (the board's default command line, then the mounts)
+            append = share_append(append if append is not None else "console=ttyS0", shares,
+                                  debian=req.image == "debian")
         spec = make_spec(typed={"memory": memory_typed}, cpus=req.cpus, memory=memory_bytes,
                          kernel=kernel, initrd=initrd, append=append, bios=bios, disks=disks,
                          rng=req.rng, ports=vports, nets=nets, shares=shares,

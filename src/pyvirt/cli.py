@@ -131,6 +131,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.overlay_dir is not None:
         raise ConfigError("--overlay-dir goes with --restore")
     req = request.from_args(args, request.RUN)
+    if args.snapshot_after is not None and req.shares:
+        from pyvirt.vmm.snapshot import SHARE_REFUSAL
+        raise ConfigError(SHARE_REFUSAL)
     got = request.resolve(req, pipe=args.snapshot_after is None)
     spec, pipe = got.spec, got.pipe
     from pyvirt.vmm.vm import Vm

@@ -8,7 +8,9 @@ import errno
 import os
 import socket
 import stat
+import subprocess
 from pathlib import Path
+from typing import Any
 
 from pyvirt.errors import ConfigError
 
@@ -82,3 +84,20 @@ def listen_unix(path: Path, backlog: int = 16) -> socket.socket:
     s.listen(backlog)
     s.setblocking(False)
     return s
+
+
+def end_process(proc: subprocess.Popen[Any], grace: float = 2.0) -> None:
+    """End a helper process (passt, virtiofsd): SIGTERM, then SIGKILL after `grace` seconds.
+    A jailed runner may not signal it (host/jail.py): such helpers also end when their
+    socket to the VM closes."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(PermissionError):
+        proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(PermissionError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)

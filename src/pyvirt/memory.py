@@ -1,4 +1,8 @@
-"""Guest physical memory: RAM in one anonymous mmap, plus MMIO dispatch.
+"""Guest physical memory: RAM in one mmap, plus MMIO dispatch.
+
+RAM is anonymous memory, a snapshot's copy-on-write file mapping (restore), or
+a memfd mapped MAP_SHARED (`shared_ram`: a VM with a shared folder, whose
+vhost-user back end maps the same pages through the descriptor).
 
 The CPU reads and writes RAM directly through `Bus.ram` (its software TLB maps
 guest pages straight to offsets in it).  Everything else -- MMIO, accesses from
@@ -8,12 +12,19 @@ Pages can be *watched*: the CPU watches pages it has translated code from, and
 the HTIF `tohost` word of bare-metal programs is watched too.  Writes to a
 watched page through the bus (CPU slow path or device DMA) call the watcher,
 so translated code is invalidated whatever writes to it.
+
+The dirty-page log (live migration, snapshots): while `start_dirty_log()` is
+on, `dirty_log` is a bytearray with one byte per 4 KiB RAM page, set by every
+writer of guest RAM; `harvest_dirty()` returns the written pages (numbered
+from the start of RAM) and clears them.  Device DMA reported through
+`dma_written` marks its pages here.
 """
 
 from __future__ import annotations
 
 import bisect
 import mmap
+import os
 from collections.abc import Callable
 from struct import Struct
 from typing import Any, Protocol
@@ -54,13 +65,29 @@ class BusError(Exception):
         self.addr = addr
 
 
+def shared_ram(ram_size: int) -> tuple[mmap.mmap, int]:
+    """RAM on a memfd, mapped MAP_SHARED (with Bus's RAM_TAIL): the mapping and the descriptor,
+    which a vhost-user back end maps to reach the same pages (`Bus(ram=..., ram_fd=...)`)."""
+    fd = os.memfd_create("pyvirt-ram", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, ram_size + PAGE_SIZE)      # (RAM_TAIL rounded up to a page)
+        ram = mmap.mmap(fd, ram_size + RAM_TAIL, flags=mmap.MAP_SHARED,
+                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return ram, fd
+
+
 class Bus:
     """The physical address space of one VM."""
 
-    def __init__(self, ram_base: int, ram_size: int, ram: mmap.mmap | None = None) -> None:
+    def __init__(self, ram_base: int, ram_size: int, ram: mmap.mmap | None = None,
+                 ram_fd: int | None = None) -> None:
         """`ram`: a mapping to use as RAM instead of fresh zeroed memory (a restored
-        snapshot's copy-on-write mapping of its RAM file); at least RAM_TAIL bytes
-        longer than `ram_size`."""
+        snapshot's copy-on-write mapping of its RAM file, or `shared_ram`'s); at least
+        RAM_TAIL bytes longer than `ram_size`.  `ram_fd`: the memfd behind a shared `ram`
+        (offset 0 is RAM's first byte); the bus owns it and `close()` closes it."""
         if ram_size <= 0 or ram_size % PAGE_SIZE:
             raise ConfigError(f"memory size must be a positive multiple of 4 KiB, not {ram_size}")
         self.ram_base = ram_base
@@ -74,6 +101,42 @@ class Bus:
         self._bases: list[int] = []
         self._regions: list[tuple[int, int, MmioDevice, str]] = []
         self.watched: dict[int, list[Callable[[int, int], None]]] = {}
+        self.ram_fd = ram_fd
+        self.dirty_log: bytearray | None = None
+
+    def close(self) -> None:
+        """Close the RAM's memfd, if any (the mapping lives on until it is dropped)."""
+        if self.ram_fd is not None:
+            os.close(self.ram_fd)
+            self.ram_fd = None
+
+    # -- the dirty-page log ------------------------------------------------------------
+    def start_dirty_log(self) -> None:
+        """Log every RAM page written from now on (one byte per 4 KiB page)."""
+        self.dirty_log = bytearray(self.ram_size >> PAGE_SHIFT)
+
+    def harvest_dirty(self) -> set[int]:
+        """The RAM pages (numbered from the start of RAM) written since the log started or
+        the last harvest; the log is cleared."""
+        log = self.dirty_log
+        if log is None:
+            return set()
+        pages = {i for i, b in enumerate(log) if b}
+        self.dirty_log = bytearray(len(log))
+        return pages
+
+    def stop_dirty_log(self) -> None:
+        self.dirty_log = None
+
+    def mark_dirty(self, addr: int, length: int) -> None:
+        """Note `length` bytes written at guest-physical `addr` in the log (if it is on)."""
+        log = self.dirty_log
+        if log is None or length <= 0:
+            return
+        first = max(addr - self.ram_base, 0) >> PAGE_SHIFT
+        last = min((addr + length - 1 - self.ram_base) >> PAGE_SHIFT, len(log) - 1)
+        if first <= last:
+            log[first:last + 1] = b"\x01" * (last - first + 1)
 
     # -- layout ---------------------------------------------------------------
     def add_mmio(self, base: int, size: int, device: MmioDevice, name: str = "") -> None:
@@ -170,9 +233,12 @@ class Bus:
             self._notify(addr, length)
 
     def dma_written(self, addr: int, length: int) -> None:
-        """Tell the bus that `length` bytes at `addr` were written through a view."""
+        """Tell the bus that `length` bytes at `addr` were written through a view (or by an
+        external back end): translated code from those pages is dropped, the log marks them."""
         if self.watched and length > 0:
             self._notify(addr, length)
+        if self.dirty_log is not None:
+            self.mark_dirty(addr, length)
 
     # -- state ---------------------------------------------------------------------
     def save_devices(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from pyvirt.spec import (
     DiskSpec,
     NetSpec,
     PortSpec,
+    ShareSpec,
     VmSpec,
     format_size,
     limit_message,
@@ -70,6 +71,8 @@ class VmRequest(BaseModel):
     ports: list[str] = Field(default_factory=list, description="HOST:GUEST TCP forwards onto the user network "
                                                                "(as --port)")
     vports: list[str] = Field(default_factory=list, description="NAME=SOCKET virtio-console ports (as --vport)")
+    shares: list[str] = Field(default_factory=list, description="HOSTDIR:TAG[,ro] shared host folders, "
+                                                                "mounted on /mnt/TAG (as --share)")
     rng: bool = Field(True, description="a virtio-rng device")
     mmu: Literal["sv39", "sv48"] = "sv39"
     command: str | None = Field(None, description="shell command the guest runs, then powers off")
@@ -108,7 +111,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     repeated: bool = False
     switch: Any = None            # a flag without a value: the field's value when given
-    path: Literal["file", "disk", "vport", None] = None
+    path: Literal["file", "disk", "vport", "share", None] = None
 
     @property
     def dest(self) -> str:
@@ -131,6 +134,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--memory", "-m"), "RAM size (default 256M; 1G with --image debian)", "memory"),
     Option(("--disk",), "attach a disk image (raw or qcow2, probed; ,format=raw|qcow2 to say which) "
            "as virtio-blk (repeatable)", "disks", metavar="PATH[,ro]", repeated=True, path="disk"),
+    Option(("--share",), "share host directory HOSTDIR with the guest as virtio-fs TAG, mounted on /mnt/TAG "
+           "(repeatable; ,ro: read-only, enforced by the host; needs root: virtiofsd)", "shares",
+           metavar="HOSTDIR:TAG[,ro]", repeated=True, path="share"),
     Option(("--no-rng",), "no virtio-rng device", "rng", switch=False),
     Option(("--vport",), "a virtio-console port served on a Unix socket (repeatable); the name hvc0 is "
            "the console port, others appear in the guest as named ports", "vports", metavar="NAME=SOCKET",
@@ -222,6 +228,9 @@ def _absolute(o: Option, value: str) -> str:
     if o.path == "disk":
         path, sep, opts = value.partition(",")
         return os.path.abspath(os.path.expanduser(path)) + sep + opts if path else value
+    if o.path == "share":
+        path, sep, tag = value.rpartition(":")
+        return os.path.abspath(os.path.expanduser(path)) + sep + tag if sep and path else value
     if o.path == "vport":
         name, sep, sock = value.partition("=")
         return name + sep + os.path.abspath(os.path.expanduser(sock)) if sep and sock else value
@@ -346,6 +355,11 @@ def resolve(req: VmRequest, *, daemon: bool = False, pipe: bool = False) -> Reso
         for d in disks:
             d.path = _existing(str(d.path), "--disk")
     vports = [PortSpec.parse(p) for p in req.vports]
+    shares = [ShareSpec.parse(sh) for sh in req.shares]
+    for sh in shares:
+        if not sh.path.is_dir():
+            raise ConfigError(f"--share {sh.path}:{sh.tag}: no such directory")
+        sh.path = sh.path.expanduser().absolute()
     nets = _nets(req.nets, req.ports)
     check = _existing if daemon else (lambda p, _flag: Path(p))
     kernel = check(req.kernel, "--kernel") if req.kernel else None
@@ -410,9 +424,13 @@ def resolve(req: VmRequest, *, daemon: bool = False, pipe: bool = False) -> Reso
                 append = command_ports_append(append)
             else:
                 append = command_append(append, req.command)
+        if shares and kernel is not None:      # (the board's default command line, then the mounts)
+            append = share_append(append if append is not None else "console=ttyS0", shares,
+                                  debian=req.image == "debian")
         spec = make_spec(typed={"memory": memory_typed}, cpus=req.cpus, memory=memory_bytes,
                          kernel=kernel, initrd=initrd, append=append, bios=bios, disks=disks,
-                         rng=req.rng, ports=vports, nets=nets, engine=req.engine or default_engine(),
+                         rng=req.rng, ports=vports, nets=nets, shares=shares,
+                         engine=req.engine or default_engine(),
                          mmu=req.mmu)
     except BaseException:
         Resolved(VmSpec.model_construct(), pipe_, overlay_dir).cleanup()
@@ -437,6 +455,17 @@ def _oci(req: VmRequest, disks: list[DiskSpec], vports: list[PortSpec], daemon: 
         pipe_ = ContainerPipe()          # stdio as --command's, and the signals pyvirt run receives
         vports += pipe_.specs
     return dimg.kernel, guest.initrd, guest.append, guest.tmp, pipe_
+
+
+def share_append(append: str, shares: list[ShareSpec], debian: bool) -> str:
+    """The kernel arguments that mount each share on /mnt/TAG: pyvirt.share=TAG[:ro] for the
+    default guest's /init, a systemd mount unit (systemd.mount-extra=) for Debian."""
+    for sh in shares:
+        if debian:
+            append += f" systemd.mount-extra={sh.tag}:/mnt/{sh.tag}:virtiofs:{'ro' if sh.read_only else 'rw'},nofail"
+        else:
+            append += f" pyvirt.share={sh.tag}{':ro' if sh.read_only else ''}"
+    return append
 
 
 def _nets(net_args: list[str], port_args: list[str]) -> list[NetSpec]:

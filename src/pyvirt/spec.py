@@ -87,6 +87,43 @@ class DiskSpec(BaseModel):
         return cls(path=Path(path), **fields)  # type: ignore[arg-type]
 
 
+_SHARE_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,35}$")
+
+
+class ShareSpec(BaseModel):
+    """A shared host folder (virtio-fs, served by virtiofsd): the guest mounts `tag`
+    (the default guest and the Debian image on /mnt/TAG); `read_only` is enforced by the host."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: Path
+    tag: str
+    read_only: bool = False
+
+    @field_validator("tag")
+    @classmethod
+    def _tag(cls, v: str) -> str:
+        if not _SHARE_TAG.match(v):
+            raise ValueError(f"a share's tag is 1..36 letters, digits, '.', '_' or '-', not {v!r}")
+        return v
+
+    @classmethod
+    def parse(cls, text: str) -> ShareSpec:
+        """'HOSTDIR:TAG[,ro]' as given to --share (the last ':' ends the directory)."""
+        path, sep, rest = text.rpartition(":")
+        tag, *opts = rest.split(",")
+        if not sep or not path:
+            raise ConfigError(f"--share {text}: expected HOSTDIR:TAG[,ro]")
+        read_only = False
+        for o in opts:
+            if o in ("ro", "readonly", "read-only"):
+                read_only = True
+            elif o != "rw":
+                raise ConfigError(f"unknown share option {o!r} in --share {text} (known: ro, rw)")
+        if not _SHARE_TAG.match(tag):
+            raise ConfigError(f"--share {text}: a tag is 1..36 letters, digits, '.', '_' or '-'")
+        return cls(path=Path(path), tag=tag, read_only=read_only)
+
+
 _PORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -228,6 +265,7 @@ class VmSpec(BaseModel):
     rng: bool = True
     ports: list[PortSpec] = Field(default_factory=list)       # virtio-console ports
     nets: list[NetSpec] = Field(default_factory=list)         # virtio-net interfaces
+    shares: list[ShareSpec] = Field(default_factory=list)     # virtio-fs shared folders
     engine: EngineName = Field(default_factory=default_engine)
     mmu: Literal["sv39", "sv48"] = "sv39"
 
@@ -254,6 +292,14 @@ class VmSpec(BaseModel):
             raise ValueError("a host port can be forwarded only once")
         return v
 
+    @field_validator("shares")
+    @classmethod
+    def _unique_tags(cls, v: list[ShareSpec]) -> list[ShareSpec]:
+        tags = [sh.tag for sh in v]
+        if len(set(tags)) != len(tags):
+            raise ValueError("share tags must be unique")
+        return v
+
     @field_validator("memory")
     @classmethod
     def _page_multiple(cls, v: int) -> int:
@@ -265,7 +311,7 @@ class VmSpec(BaseModel):
 # the `pyvirt run` flag of each VmSpec field, for messages
 FLAGS = {"cpus": "--cpus", "memory": "--memory", "kernel": "--kernel", "initrd": "--initrd",
          "append": "--append", "bios": "--bios", "disks": "--disk", "ports": "--vport", "nets": "--net",
-         "engine": "--engine", "mmu": "--mmu", "rng": "--no-rng"}
+         "shares": "--share", "engine": "--engine", "mmu": "--mmu", "rng": "--no-rng"}
 SIZE_FIELDS = ("memory",)
 
 

@@ -49,12 +49,13 @@ def test_import_takes_no_host_settings_from_the_archive(daemon: Daemon, tmp_path
          "spec": {"memory": 64 << 20, "kernel": "boot/kernel",
                   "disks": [{"path": "disks/disk0.raw", "format": "qcow2"}],
                   "nets": [{"backend": "tap", "ifname": "eth0"}, {"backend": "network", "network": "lan"},
-                           {"backend": "user", "ports": [[2222, 22]]}]},
+                           {"backend": "user", "ports": [[2222, 22]]}],
+                  "shares": [{"path": "/", "tag": "root"}]},
          "limits": {"memory_limit": 1 << 40, "cpu_quota": None}}
     arc = write_archive(tmp_path / "evil.pyvirt", m, [member("boot/kernel"), member("disks/disk0.raw", disk)])
     vm = daemon.client.import_(arc)
     spec = vm["spec"]
-    assert spec["nets"] == [] and spec["ports"] == []
+    assert spec["nets"] == [] and spec["ports"] == [] and spec["shares"] == []   # no host folder either
     assert vm["limits"]["memory_limit"] == (64 << 20) + (256 << 20)
     d = spec["disks"][0]
     assert d["format"] == "raw" and Path(d["path"]).is_relative_to(daemon.state)

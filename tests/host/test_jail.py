@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pyvirt.host import control, jail
+from pyvirt.host.client import ApiError
 from pyvirt.testing.daemon import Daemon, wait_for
 
 pytestmark = pytest.mark.slow
@@ -132,6 +133,34 @@ def test_a_jailed_daemon_vm_boots_runs_snapshots_and_stops(daemon: Daemon, tmp_p
 
     done = c.stop("j", timeout=30)
     assert done["state"] == "stopped" and done["reason"] == "poweroff", done
+
+
+def test_a_jailed_daemon_vm_with_a_shared_folder(daemon: Daemon, tmp_path: Path) -> None:
+    """virtiofsd is started before the jail and the runner serves the share jailed: the guest
+    reads and writes it; a snapshot is refused with the one line; virtiofsd ends with the VM."""
+    if not LAYERS_ON:
+        pytest.skip("needs root and Landlock ABI >= 4")
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "in").write_text("from the host\n")
+    c = daemon.client
+    c.create("sh", memory="64M", shares=[f"{share}:work"],
+             command="cat /mnt/work/in; echo from the guest > /mnt/work/out; "
+                     "i=0; while :; do i=$((i+1)); echo n=$i; sleep 0.2; done")
+    c.start("sh")
+    wait_for(lambda: "n=2\n" in c.logs("sh")["text"], 60, "the counter")
+    assert "from the host\n" in c.logs("sh")["text"]
+    assert (share / "out").read_text() == "from the guest\n"
+    info = c.inspect("sh")
+    assert all(v["on"] for v in info["jail"].values()), info["jail"]
+    e = pytest.raises(ApiError, c.snapshot, "sh", "s1").value
+    assert "snapshot refused: the VM has a shared folder" in e.detail, e.detail
+    fsd = subprocess.run(["pgrep", "-f", f"source={share}"], capture_output=True, text=True).stdout.split()
+    assert fsd, "no virtiofsd serving the share"
+    done = c.stop("sh", timeout=30)
+    assert done["state"] == "stopped", done
+    wait_for(lambda: not subprocess.run(["pgrep", "-f", f"source={share}"], capture_output=True).stdout, 10,
+             "virtiofsd to end")
 
 
 def test_a_jailed_guest_reboot_resets_the_board_in_the_same_runner(daemon: Daemon) -> None:

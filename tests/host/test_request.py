@@ -59,9 +59,10 @@ def test_create_port_vport_bios_and_relative_paths(bare_daemon: Daemon, capsys: 
     Path("Image").write_bytes(b"\0" * 4096)
     Path("fw.elf").write_bytes(b"\x7fELF" + b"\0" * 4092)
     Path("d.img").write_bytes(b"\0" * 65536)
+    Path("proj").mkdir()
     code, out, err = run(capsys, "create", "web", "--kernel", "Image", "--disk", "d.img,ro", "--port", "8080:80",
                          "--port", "2222:22", "--vport", "data=data.sock", "--mmu", "sv48", "--no-rng",
-                         "--state-dir", state)
+                         "--share", "proj:work,ro", "--state-dir", state)
     assert code == 0, err
     spec = bare_daemon.client.inspect("web")["spec"]
     assert spec["kernel"] == str(tmp_path / "Image")
@@ -70,6 +71,8 @@ def test_create_port_vport_bios_and_relative_paths(bare_daemon: Daemon, capsys: 
     assert spec["nets"][0]["ports"] == [[8080, 80], [2222, 22]]
     assert spec["ports"] == [{"name": "data", "socket": str(tmp_path / "data.sock")}]
     assert spec["mmu"] == "sv48" and spec["rng"] is False
+    assert spec["shares"] == [{"path": str(tmp_path / "proj"), "tag": "work", "read_only": True}]
+    assert "pyvirt.share=work:ro" in spec["append"]
     code, out, err = run(capsys, "create", "bare", "--bios", "fw.elf", "--memory", "64M", "--state-dir", state)
     assert code == 0, err
     spec = bare_daemon.client.inspect("bare")["spec"]
@@ -83,6 +86,8 @@ def test_create_port_vport_bios_and_relative_paths(bare_daemon: Daemon, capsys: 
                    "--vport data: expected NAME=SOCKET-PATH")
     one_line_error(run(capsys, "create", "x", "--bios", "nope.elf", "--state-dir", state),
                    f"--bios {tmp_path / 'nope.elf'}: no such file")
+    one_line_error(run(capsys, "create", "x", "--kernel", "Image", "--share", "nodir:t", "--state-dir", state),
+                   f"--share {tmp_path / 'nodir'}:t: no such directory")
     one_line_error(run(capsys, "create", "x", "--kernel", "Image", "--root-disk", "r.qcow2", "--state-dir", state),
                    "--root-disk goes with --image debian")
     usage_error(capsys, ["create", "x", "--timeout", "5", "--state-dir", state],

@@ -81,3 +81,20 @@ def test_console_login_as_root(debian: DebianImage) -> None:
             pytest.fail(f"poweroff did not end the VM: {vm.buf[-800:]!r}")
     finally:
         vm.kill()
+
+
+@pytest.mark.timeout(BOOT_TIMEOUT + 60)
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/lib/qemu/virtiofsd", os.X_OK),
+                    reason="virtiofsd (and root) needed")
+def test_a_shared_folder_is_mounted_by_systemd(debian: DebianImage, tmp_path: Path) -> None:
+    """--share on the Debian guest: systemd mounts it on /mnt/TAG (a mount unit from the
+    kernel's systemd.mount-extra=, the virtiofs module loaded on demand), both ways."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "a").write_text("debian sees it\n")
+    r = pyvirt("run", "--image", "debian", "--share", f"{share}:work", "--command",
+               "cat /mnt/work/a; findmnt -n -o FSTYPE /mnt/work; echo from-debian > /mnt/work/b",
+               timeout=BOOT_TIMEOUT)
+    assert r.code == 0, r.err
+    assert "debian sees it" in r.out and "virtiofs" in r.out
+    assert (share / "b").read_text() == "from-debian\n"

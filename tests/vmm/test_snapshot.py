@@ -23,7 +23,7 @@ from pyvirt.devices.uart16550 import Uart16550
 from pyvirt.devices.virtio.rng import VirtioRng
 from pyvirt.errors import ConfigError
 from pyvirt.memory import Bus
-from pyvirt.spec import make_spec
+from pyvirt.spec import ShareSpec, make_spec
 from pyvirt.state import Schema, encode_bytes
 from pyvirt.testing import asm
 from pyvirt.testing.virtio_rig import make_rig
@@ -467,3 +467,22 @@ def test_snapshot_files_are_the_owners_alone(tmp_path: Path) -> None:
     assert st.S_IMODE(d.stat().st_mode) == 0o700
     for name in ("ram", "state.json"):
         assert st.S_IMODE((d / name).stat().st_mode) & 0o077 == 0, name
+
+
+def test_a_snapshot_naming_a_shared_folder_is_refused(snapshot: Path, tmp_path: Path) -> None:
+    """A VM with a share is never snapshotted (docs/shares.md): a manifest that says it has
+    one is refused at restore with one line, before any virtiofsd is started."""
+    d = copy_of(snapshot, tmp_path)
+    m = json.loads((d / "manifest.json").read_text())
+    edit_manifest(d, spec={**m["spec"], "shares": [{"path": str(tmp_path), "tag": "work"}]})
+    with pytest.raises(ConfigError, match="a VM with a shared folder is never snapshotted"):
+        load_snapshot(d, BufferBackend())
+
+
+def test_a_vm_with_a_share_is_not_saved(program: Path, tmp_path: Path) -> None:
+    vm = bare_vm(program, "interp")
+    vm.spec = vm.spec.model_copy(update={"shares": [ShareSpec(path=tmp_path, tag="work")]})
+    with pytest.raises(ConfigError, match="snapshot refused: the VM has a shared folder"):
+        save_snapshot(vm, tmp_path / "snap", then="continue")
+    assert not (tmp_path / "snap").exists()
+    vm.close()

@@ -22,7 +22,6 @@ believed.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Protocol
 
 from pyvirt.errors import ConfigError
+from pyvirt.fsutil import end_process
 from pyvirt.stream import BufferedStream
 
 log = logging.getLogger(__name__)
@@ -311,18 +311,8 @@ class PasstBackend(StreamBackend):
             time.sleep(0.005)
 
     def _stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.proc.terminate()
-            except PermissionError:      # a jailed runner may not signal it (host/jail.py): passt
-                pass                     # ends when its socket is closed
-            try:
-                self.proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(PermissionError):
-                    self.proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(timeout=2)
+        if self.proc is not None:
+            end_process(self.proc)      # (passt also ends when its socket is closed)
         self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -478,7 +478,12 @@ def runner_jail(vm_dir: Path, snapshots_dir: Path, spec: Any, board: Any) -> Jai
             if os.geteuid() == 0:       # passt (nobody) has written its PID file; without
                 with suppress(OSError):  # CAP_DAC_OVERRIDE the runner removes the directory only as its owner
                     os.chown(d, 0, 0)
-    return Jail(rw=rw, ro=_spec_files(spec) + _image_chains(board), leftovers=leftovers)
+    for share in getattr(getattr(board, "host", None), "shares", []):   # virtiofsd's socket directory
+        rw.append(Path(share.dir))
+        leftovers.append(Path(share.dir))
+    # a shared folder is virtiofsd's to read, not the runner's
+    files = _spec_files({k: v for k, v in spec.items() if k != "shares"} if isinstance(spec, dict) else spec)
+    return Jail(rw=rw, ro=files + _image_chains(board), leftovers=leftovers)
 
 
 def run_jail(spec: Any, board: Any) -> Jail:
@@ -513,13 +518,14 @@ def _image_chains(board: Any) -> list[Path]:
 
 
 def remove_leftovers(report: dict[str, Any]) -> None:
-    """Remove the directories a jailed runner's report names as left over (only passt's, in
-    the temporary directory, are believed)."""
+    """Remove the directories a jailed runner's report names as left over (only passt's and
+    virtiofsd's, in the temporary directory, are believed)."""
     import shutil
     import tempfile
     for d in report.get("leftovers", []) if isinstance(report, dict) else []:
         p = Path(str(d))
-        if p.parent == Path(tempfile.gettempdir()) and p.name.startswith("pyvirt-passt-") and not p.is_symlink():
+        if (p.parent == Path(tempfile.gettempdir()) and p.name.startswith(("pyvirt-passt-", "pyvirt-virtiofsd-"))
+                and not p.is_symlink()):
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -34,6 +34,7 @@ from pyvirt.devices.syscon import Syscon
 from pyvirt.devices.uart16550 import Uart16550
 from pyvirt.devices.virtio.console import VirtioConsole
 from pyvirt.devices.virtio.device import VirtioDevice
+from pyvirt.devices.virtio.fs import VirtioFs
 from pyvirt.devices.virtio.mmio import VirtioMmio
 from pyvirt.devices.virtio.net import VirtioNet
 from pyvirt.errors import ConfigError
@@ -43,7 +44,7 @@ from pyvirt.machine.fdt import U64, Node, reg, to_dtb
 from pyvirt.machine.interface import BudgetSpent, Exit, Halt, HostBackends, Reset, Wfi
 from pyvirt.machine.sbi import Sbi
 from pyvirt.machine.virtio_table import VIRTIO_KINDS
-from pyvirt.memory import Bus
+from pyvirt.memory import Bus, shared_ram
 from pyvirt.spec import VmSpec
 
 RAM_BASE = 0x8000_0000
@@ -82,7 +83,13 @@ class VirtBoard:
         self.exit_code: int | None = None
         self.reset_requested = False
         self.clock = Clock()
-        self.bus = Bus(RAM_BASE, spec.memory, ram)
+        ram_fd = None
+        if spec.shares:                 # a vhost-user back end maps guest RAM: a memfd
+            if ram is not None:
+                self.host.close()
+                raise ConfigError("a VM with a shared folder cannot be restored from a snapshot")
+            ram, ram_fd = shared_ram(spec.memory)
+        self.bus = Bus(RAM_BASE, spec.memory, ram, ram_fd)
         self.engine = Engine(self.bus, spec.engine,
                              code_cache=codecache.for_board(cache_root(), spec.kernel) if spec.engine == "native" else None)
         self.harts = [Hart(i, self.bus, self.clock, native_regs=spec.engine == "native")
@@ -424,7 +431,13 @@ class VirtBoard:
         return min(cands) if cands else None
 
     def close(self) -> None:
+        for dev in self.host_io:
+            if isinstance(dev, VirtioFs):       # its eventfds (the back end is the host side's)
+                dev.close()
         try:
             self.engine.close()              # keeps this run's native code (codecache.py)
         finally:
-            self.host.close()
+            try:
+                self.host.close()
+            finally:
+                self.bus.close()

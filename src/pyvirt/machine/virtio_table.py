@@ -1,5 +1,5 @@
 """The virtio devices of the virt board, one row per kind, in slot order (virtio-mmio slot i
-is device i of the rows taken in turn: disks first, then rng, console, NICs).
+is device i of the rows taken in turn: disks first, then rng, console, NICs, shares).
 
 Each row says how many devices of its kind a spec asks for, how the VMM opens the host side
 of one (`open`: called by `vmm/resources.py` before the board is built; None: no host side,
@@ -20,6 +20,7 @@ from pyvirt.clock import Clock
 from pyvirt.devices.virtio.blk import VirtioBlk
 from pyvirt.devices.virtio.console import UnixSocketPort, VirtioConsole
 from pyvirt.devices.virtio.device import VirtioDevice
+from pyvirt.devices.virtio.fs import VirtioFs
 from pyvirt.devices.virtio.net import VirtioNet, parse_mac
 from pyvirt.devices.virtio.rng import VirtioRng
 from pyvirt.machine.interface import ConsolePorts
@@ -71,9 +72,21 @@ def _make_net(clock: Clock, spec: VmSpec, i: int, backend: Any) -> VirtioDevice:
                      RateLimiter.build(clock, net.rx_bw))
 
 
+def _open_share(spec: VmSpec, i: int) -> Any:
+    from pyvirt.backends.virtiofsd import Virtiofsd
+    share = spec.shares[i]
+    return Virtiofsd(share.path, share.tag, share.read_only)
+
+
+def _make_fs(_clock: Clock, spec: VmSpec, i: int, fsd: Any) -> VirtioDevice:
+    assert fsd.front is not None
+    return VirtioFs(fsd.front, spec.shares[i].tag)      # (guest RAM's memfd: the bus's)
+
+
 VIRTIO_KINDS: tuple[VirtioKind, ...] = (
     VirtioKind("blk", lambda s: len(s.disks), _make_blk, _open_disk),
     VirtioKind("rng", lambda s: int(s.rng), lambda _c, _s, _i, _b: VirtioRng()),
     VirtioKind("console", lambda s: int(bool(s.ports)), _make_console, _open_ports),
     VirtioKind("net", lambda s: len(s.nets), _make_net),       # (opened by vmm/resources: network names)
+    VirtioKind("fs", lambda s: len(s.shares), _make_fs, _open_share),
 )

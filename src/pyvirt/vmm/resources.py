@@ -2,7 +2,7 @@
 
 The board (`machine/`) builds devices over backends it is handed (`HostBackends`); it
 opens no file, socket or process and resolves no host name.  Here disk images are opened
-(and locked), console ports bound, and NICs connected: network names (`--net
+(and locked), console ports bound, shared folders' virtiofsd started, and NICs connected: network names (`--net
 network=NAME`) resolve to the switch's socket, so `machine/` never imports `network/`
 (the layers are checked by tests/repo/test_layers.py)."""
 

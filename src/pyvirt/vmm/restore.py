@@ -55,6 +55,8 @@ def load_snapshot(directory: str | Path, console: CharBackend, *, overrides: Ove
         raise ValueError("load_snapshot: a restored spec or overrides, not both")
     spec_given = spec
     spec = saved
+    if spec.shares:
+        raise ConfigError(f"snapshot {d}: a VM with a shared folder is never snapshotted (docs/shares.md)")
     if m["memory"] != spec.memory or m["files"][RAM]["size"] != ram_file_size(spec.memory):
         raise ConfigError(f"snapshot {d}: RAM size does not match the spec's {spec.memory} bytes")
     if len(m["disks"]) != len(spec.disks):

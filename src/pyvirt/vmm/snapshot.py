@@ -87,6 +87,10 @@ class Overrides:
 
 
 # -- saving -----------------------------------------------------------------------------
+SHARE_REFUSAL = ("snapshot refused: the VM has a shared folder (--share), whose files and open "
+                 "handles live in virtiofsd, outside the snapshot (docs/shares.md)")
+
+
 def save_snapshot(vm: Vm, directory: str | Path, *, then: str = "continue",
                   live_dir: str | Path | None = None, own_dir: str | Path | None = None) -> dict[str, Any]:
     """Write a snapshot of `vm` (between slices: the VM is not executing) to `directory`
@@ -101,6 +105,8 @@ def save_snapshot(vm: Vm, directory: str | Path, *, then: str = "continue",
     `then="quit"` the VM must not run again."""
     if then not in ("continue", "quit"):
         raise ConfigError(f"snapshot: then must be 'continue' or 'quit', not {then!r}")
+    if vm.spec.shares:
+        raise ConfigError(SHARE_REFUSAL)
     d = Path(directory)
     if d.exists() and (not d.is_dir() or any(d.iterdir())):
         raise ConfigError(f"snapshot directory {d} exists and is not empty")

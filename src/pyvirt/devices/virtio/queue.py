@@ -190,6 +190,11 @@ class SplitQueue:
         again (a device that cannot take it yet, e.g. its host side is congested)."""
         self.last_avail = (self.last_avail - 1) & 0xFFFF
 
+    def chain_at(self, head: int) -> Chain:
+        """The chain from descriptor `head`, checked as `pop` checks it (QueueError if bad),
+        without taking it or breaking the queue (a vhost-user device walking used entries)."""
+        return self._walk(head)
+
     def _walk(self, head: int) -> Chain:
         size = self.size
         if head >= size:

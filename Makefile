@@ -25,7 +25,7 @@ FORMATTED := src/pyvirt/clock.py src/pyvirt/compat.py src/pyvirt/engines.py src/
 	src/pyvirt/vmm/console.py src/pyvirt/version.py src/pyvirt/host/errors.py \
 	src/pyvirt/machine/interface.py src/pyvirt/vmm/resources.py src/pyvirt/vmm/restore.py \
 	src/pyvirt/vmm/snapfiles.py src/pyvirt/state.py src/pyvirt/vmm/snapcheck.py \
-	tests/cpu/conftest.py tests/devices/virtio_rig.py tests/devices/test_state_schemas.py \
+	tests/cpu/conftest.py src/pyvirt/testing/virtio_rig.py tests/devices/test_state_schemas.py \
 	tests/machine/test_interface.py tests/vmm/test_resources.py tests/repo
 
 # Static checks only, in seconds: ruff, ruff format on FORMATTED, mypy on src (settings in

@@ -24,6 +24,12 @@ from pyvirt.memory import Bus
 pytestmark = pytest.mark.skipif(not native.available(), reason="the native engine needs x86-64 Linux")
 
 BASE = 0x8000_0000
+
+
+@pytest.fixture(autouse=True)
+def _save_small_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These programs make a handful of blocks: save them (a real boot makes thousands)."""
+    monkeypatch.setattr(codecache, "MIN_NEW", 1)
 JAL_SELF = 0x0000006F                     # jal x0, 0: spin here
 
 
@@ -222,6 +228,10 @@ def test_footprint_runs() -> None:
 
 
 def test_few_new_entries_leave_the_file_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(codecache, "MIN_NEW", 3)
+    run(tmp_path, program(5))
+    assert not list(tmp_path.glob("native-*.bin"))     # 2 new entries: too few for a file
+    monkeypatch.setattr(codecache, "MIN_NEW", 1)
     run(tmp_path, program(5))
     before = _cache_file(tmp_path).read_bytes()
     monkeypatch.setattr(codecache, "SAVE_FRACTION", 1)      # now 1 new of 2 loaded is too few

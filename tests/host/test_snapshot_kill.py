@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pyvirt.host.client import ApiError
-from pyvirt.testing.daemon import Daemon, wait_for
+from pyvirt.testing.daemon import Daemon, start_disk_vm, wait_for
 
 # In the runners of the daemon started with it, at STEP of save_snapshot: for WHO "runner",
 # SIGKILL to itself; for "daemon", an "at-step" file in the VM directory and a 5 s pause, in
@@ -78,20 +78,6 @@ def hooked(state_dir: Path, request: pytest.FixtureRequest) -> Iterator[Daemon]:
         d.cleanup()
 
 
-def _vm_on_own_disk(d: Daemon, tmp_path: Path) -> None:
-    """VM "v" on a 1 MiB raw disk in its own directory (imported: a snapshot freezes it in
-    place and moves the VM to new overlays), running GUEST."""
-    from pyvirt.images import cached_default_image
-    if cached_default_image() is None:
-        pytest.fail("the default image is not built: `make test` runs `pyvirt image build` first")
-    disk = tmp_path / "d.raw"
-    disk.write_bytes(bytes(1 << 20))
-    d.client.create("v0", memory="64M", disks=[str(disk)], command=GUEST)
-    d.client.export("v0", tmp_path / "v0.tar")
-    d.client.import_(tmp_path / "v0.tar", name="v")
-    d.client.start("v")
-
-
 def _boot_again(d: Daemon, want: str) -> str:
     c = d.client
     if c.inspect("v")["state"] in ("running", "paused"):
@@ -110,7 +96,7 @@ def test_a_snapshot_killed_at_any_step_loses_no_flushed_write(hooked: Daemon, tm
     d = hooked
     c = d.client
     who = d.env["PYVIRT_TEST_KILL"].partition(":")[0]
-    _vm_on_own_disk(d, tmp_path)
+    start_disk_vm(d, tmp_path, GUEST)
     wait_for(lambda: "READY" in c.logs("v")["text"], 90, "MARK1 written and flushed")
     if who == "runner":
         with pytest.raises(ApiError):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvirt.testing.daemon import Daemon, wait_for
+from pyvirt.testing.daemon import Daemon, start_disk_vm, wait_for
 
 SLOW = 8          # seconds the runner spends writing a snapshot: over the 5 s status timeout
 
@@ -44,25 +44,6 @@ def slow_daemon(state_dir: Path) -> Iterator[Daemon]:
         yield d
     finally:
         d.cleanup()
-
-
-def start_disk_vm(d: Daemon, tmp_path: Path, command: str) -> tuple[Path, dict]:
-    """VM "v" with a fresh 1 MiB raw disk of its own (in its directory: imported, so that its
-    snapshots freeze it in place and move the VM to new overlays -- a disk the user gave is
-    copied instead, and the VM keeps writing it) running `command` on the default guest, started.
-    Returns v's disk and its record."""
-    from pyvirt.images import cached_default_image
-    if cached_default_image() is None:
-        pytest.fail("the default image is not built: `make test` runs `pyvirt image build` first")
-    disk = tmp_path / "d.raw"
-    disk.write_bytes(bytes(1 << 20))
-    d.client.create("v0", memory="64M", disks=[str(disk)], command=command)
-    d.client.export("v0", tmp_path / "v0.tar")
-    vm = d.client.import_(tmp_path / "v0.tar", name="v")
-    d.client.start("v")
-    own = Path(vm["spec"]["disks"][0]["path"])
-    assert own.is_relative_to(d.state)
-    return own, vm
 
 
 @pytest.mark.parametrize("kill_daemon", [False, True])

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from pyvirt.host.client import Client
 from pyvirt.host.paths import proc_start_time
@@ -99,3 +99,22 @@ COUNTER = "i=0; echo before > /tmp/f; while true; do i=$((i+1)); echo C=$i $(cat
 def counts(text: str) -> list[int]:
     """The counter values in a console log, in order."""
     return [int(n) for n in re.findall(r"C=(\d+)", text)]
+
+
+def start_disk_vm(d: Daemon, tmp_path: Path, command: str) -> tuple[Path, dict[str, Any]]:
+    """VM "v" with a fresh 1 MiB raw disk of its own (in its directory: imported, so that its
+    snapshots freeze it in place and move the VM to new overlays -- a disk the user gave is
+    copied instead, and the VM keeps writing it) running `command` on the default guest, started.
+    Returns v's disk and its record."""
+    from pyvirt.images import cached_default_image
+    if cached_default_image() is None:
+        raise AssertionError("the default image is not built: `make test` runs `pyvirt image build` first")
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(1 << 20))
+    d.client.create("v0", memory="64M", disks=[str(disk)], command=command)
+    d.client.export("v0", tmp_path / "v0.tar")
+    vm = d.client.import_(tmp_path / "v0.tar", name="v")
+    d.client.start("v")
+    own = Path(vm["spec"]["disks"][0]["path"])
+    assert own.is_relative_to(d.state)
+    return own, vm

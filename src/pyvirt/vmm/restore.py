@@ -32,8 +32,13 @@ from pyvirt.vmm.vm import Vm
 __all__ = ["Overrides", "load_snapshot"]
 
 
-def load_snapshot(directory: str | Path, console: CharBackend, *, overrides: Overrides | None = None,
-                  spec: VmSpec | None = None) -> Vm:
+def load_snapshot(
+    directory: str | Path,
+    console: CharBackend,
+    *,
+    overrides: Overrides | None = None,
+    spec: VmSpec | None = None,
+) -> Vm:
     """A new, not yet running Vm in the state the snapshot at `directory` saved.
 
     Its spec is `spec` when the caller computed it already (`snapshot.restored_spec`, as the

@@ -52,6 +52,8 @@ KEEP_FILES = 6                 # files (translator versions x kernels) kept side
 MAX_CANDIDATES = 4             # entries kept per (privilege, pc): different code at one address
 KEY_BYTES = 32
 SAVE_FRACTION = 100            # rewrite a loaded file only for 1/100 of its entries new or more
+MIN_NEW = 64                   # ... and never for fewer new entries than this (a tiny test guest
+                               # would otherwise push a real kernel's file out of the directory)
 _HEAD = struct.Struct("<8s32sIQ32s")          # magic, translator digest, entries, body length, MAC
 _REC = struct.Struct("<QBBHIH")               # pc, priv, runs, cut, code length, far jumps
 _RUN = struct.Struct("<HH")                   # page offset, length
@@ -349,7 +351,7 @@ class CodeCache:
         if spool is None:
             return False
         try:
-            if self.stats["stored"] < max(1, self.stats["loaded"] // SAVE_FRACTION):
+            if self.stats["stored"] < max(MIN_NEW, self.stats["loaded"] // SAVE_FRACTION):
                 return False
             self._spool = spool
             blob = memoryview(self._blob)

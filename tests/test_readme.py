@@ -13,8 +13,9 @@ each said here and in SKIP/EXPECTED below:
   in the skip list and in the test's report;
 * EXPECTED: lines whose comment says they are refused (or end with a non-zero status) must
   fail, with these words.
-The files the examples name (data.img, base.img, data.qcow2, Image, initrd.cpio) are made
-first: small raw and qcow2 images, and links to the default guest's kernel and initrd.
+The files the examples name (data.img, base.img, data.qcow2, Image, initrd.cpio,
+busybox.oci, busybox.tar) are made first: small raw and qcow2 images, links to the default
+guest's kernel and initrd, and the busybox container image of pyvirt.testing.oci.
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ SKIP = [
     (r"httpd -f", "a server that runs until it is stopped"),
     (r"--net network=lan", "two VMs talking to each other (tests/integration/test_switch.py)"),
     (r"^pyvirt console ", "needs a terminal"),
-    (r"--oci ", "needs OCI images and a registry (tests/integration/test_oci.py and tests/oci/ build them)"),
+    (r"--oci \S+:5000/", "needs a registry (tests/oci/test_registry.py starts one)"),
+    (r"--oci debian\.tar", "needs the Debian image and a terminal (tests/integration/test_oci.py)"),
 ]
 EXPECTED = {"pyvirt snapshot-rm gold": "used by",
             "pyvirt run --command 'sleep 60' --timeout 5": "the VM was stopped after 5 s"}
+STATUS = {"pyvirt run --oci busybox.tar sh -c 'exit 7'": 7}     # the container's own exit status
 
 
 def commands(text: str) -> Iterator[tuple[str, str]]:
@@ -97,6 +100,10 @@ def test_readme_commands(workdir: Path) -> None:
             f.truncate(16 << 20)
     create_qcow2(str(workdir / "data.qcow2"), 64 << 20)
     (workdir / "Image").symlink_to(img.kernel)
+    from pyvirt.testing import oci            # the README's busybox.oci and busybox.tar
+    layers = oci.busybox_layers(oci.busybox_binary())
+    oci.write_layout(workdir / "busybox.oci", oci.image_config(layers, **oci.BUSYBOX_CONFIG), layers)
+    oci.write_docker_archive(workdir / "busybox.tar", oci.image_config(layers, **oci.BUSYBOX_CONFIG), layers)
     (workdir / "initrd.cpio").symlink_to(img.initrd)
     state, runtime = workdir / "state", workdir / "rt"
     runtime.mkdir(mode=0o700)
@@ -120,7 +127,10 @@ def test_readme_commands(workdir: Path) -> None:
                 failures.append(f"{cmd}: still running after {TIMEOUT} s")
                 continue
             words = EXPECTED.get(cmd)
-            if words is not None:
+            if cmd in STATUS:
+                if r.returncode != STATUS[cmd]:
+                    failures.append(f"{cmd}: exit status {r.returncode}, not {STATUS[cmd]}: {r.stderr[-500:]}")
+            elif words is not None:
                 if r.returncode == 0 or words not in r.stderr:
                     failures.append(f"{cmd}: expected a refusal with {words!r}, got {r.returncode}: {r.stderr}")
             elif r.returncode != 0:
@@ -138,4 +148,4 @@ def test_readme_commands(workdir: Path) -> None:
                        timeout=60)
     print("skipped README commands:\n  " + "\n  ".join(skipped))
     assert not failures, "\n".join(failures)
-    assert len(skipped) < 16
+    assert len(skipped) < 18

@@ -102,6 +102,12 @@ class Engine:
             raise ValueError("the native engine needs an x86-64 Linux host")
         self.native = native.Translator() if mode == "native" else None
         self.jumps = native.JumpTables() if mode == "native" else None
+        bus.add_log_hook(self.drop_write_entries)
+
+    def drop_write_entries(self) -> None:
+        """The bus's dirty-log hook: no hart keeps a writable TLB entry (memory.py)."""
+        for h in self.harts:
+            h.drop_write_entries()
 
     def add_hart(self, hart: Hart) -> None:
         if self.native is not None and isinstance(hart.x, list):

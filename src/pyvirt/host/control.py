@@ -19,12 +19,20 @@ between CPU slices (and at once while the VM is paused).
                                 has it (then: continue|quit), else {"ok": false, "error":
                                 "snapshot is not supported ..."}; the outcome shows later in
                                 status as "snapshot": {dir, then, ok, error}
+    migrate {token, downtime, timeout, on_timeout} with a connected socket passed along
+                             (SCM_RIGHTS: the jailed runner opens no socket) -> the migration
+                                starts (host/migration.py); its progress shows in status as
+                                "migration"
+
+Descriptors a request carries (SCM_RIGHTS) reach the handler as req["_fds"], and are closed
+after it unless it took them (set them to -1).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +41,7 @@ from typing import Any
 from pyvirt.fsutil import listen_unix
 
 MAX_LINE = 64 * 1024
+MAX_FDS = 4                     # descriptors one request may carry
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
@@ -45,13 +54,18 @@ class ControlError(Exception):
 DISKS_FILE = "disks.json"
 
 
-def request(path: str | Path, op: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
-    """Send one request to the control socket at `path`; its reply."""
+def request(path: str | Path, op: str, timeout: float = 5.0, fds: list[int] | None = None,
+            **args: Any) -> dict[str, Any]:
+    """Send one request to the control socket at `path` (with descriptors `fds`); its reply."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(str(path))
-        s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        line = json.dumps({"op": op, **args}).encode() + b"\n"
+        if fds:
+            sent = socket.send_fds(s, [line], fds)
+            line = line[sent:]
+        s.sendall(line)
         buf = b""
         while b"\n" not in buf:
             chunk = s.recv(65536)
@@ -66,6 +80,13 @@ def request(path: str | Path, op: str, timeout: float = 5.0, **args: Any) -> dic
     if not isinstance(reply, dict):
         raise ControlError(f"a malformed reply on {path}")
     return reply
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class ControlServer:
@@ -102,20 +123,23 @@ class ControlServer:
 
     def _read(self, fd: int) -> None:
         conn, buf = self.clients[fd]
+        passed: list[int] = []
         try:
-            data = conn.recv(65536)
+            data, passed, _, _ = socket.recv_fds(conn, 65536, MAX_FDS)
         except (BlockingIOError, InterruptedError, socket.timeout):
             return
         except OSError:
             data = b""
         if not data:
+            _close_all(passed)
             self._drop(fd)
             return
         buf += data
         while b"\n" in buf:
             line, _, rest = bytes(buf).partition(b"\n")
             buf[:] = rest
-            reply = self._handle(line)
+            reply = self._handle(line, passed)
+            passed = []
             try:
                 conn.sendall(json.dumps(reply).encode() + b"\n")
             except OSError:
@@ -124,17 +148,21 @@ class ControlServer:
         if len(buf) > MAX_LINE:
             self._drop(fd)
 
-    def _handle(self, line: bytes) -> dict[str, Any]:
+    def _handle(self, line: bytes, passed: list[int]) -> dict[str, Any]:
         try:
-            req = json.loads(line)
-        except ValueError:
-            return {"ok": False, "error": "a request is one JSON object per line"}
-        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-            return {"ok": False, "error": 'a request needs "op" (a string)'}
-        try:
-            return self.handler(req)
-        except Exception as e:                # a bad request must not end the VM
-            return {"ok": False, "error": f"{req['op']}: {e}"}
+            try:
+                req = json.loads(line)
+            except ValueError:
+                return {"ok": False, "error": "a request is one JSON object per line"}
+            if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+                return {"ok": False, "error": 'a request needs "op" (a string)'}
+            req["_fds"] = passed              # (whatever the JSON said: only what was passed)
+            try:
+                return self.handler(req)
+            except Exception as e:            # a bad request must not end the VM
+                return {"ok": False, "error": f"{req['op']}: {e}"}
+        finally:
+            _close_all(passed)
 
     def close(self) -> None:
         for fd in list(self.clients):

@@ -33,7 +33,7 @@ from typing import Any
 
 from pyvirt.errors import ConfigError
 from pyvirt.guestcmd import AGENT_PORT
-from pyvirt.host import cgroups, control, jail
+from pyvirt.host import cgroups, control, jail, migration
 from pyvirt.host.errors import Conflict, Invalid, NotFound
 from pyvirt.host.models import Limits, VmCreate, to_spec
 from pyvirt.host.paths import VmPaths, proc_start_time, vm_paths
@@ -339,7 +339,7 @@ class Manager(SnapshotOps):
             rec = self._get(name)
             self._check(rec)
             rec = self._get(rec.id)
-            if rec.alive:
+            if rec.alive or rec.state == "migrated":
                 raise Conflict(f"VM {rec.name} is already {rec.state}")
             if rec.id in self.deleting:
                 raise Conflict(f"VM {rec.name} is being deleted")
@@ -348,7 +348,8 @@ class Manager(SnapshotOps):
         log.info("started VM %s (runner pid %d)", rec.name, proc.pid)
         return self.inspect(rec.id)
 
-    def _spawn(self, rec: VmRecord, extra: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(self, rec: VmRecord, extra: dict[str, Any] | None = None,
+               pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
         p = self.paths(rec)
         p.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for f in (p.exit_file, p.control_sock, p.dir / control.DISKS_FILE,   # (disks.json: recorded at the end)
@@ -363,7 +364,7 @@ class Manager(SnapshotOps):
             proc = subprocess.Popen([sys.executable, "-m", "pyvirt.host.runner", "--id", rec.id,
                                      "--state-dir", str(self.state)],
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
-                                    start_new_session=True)
+                                    start_new_session=True, pass_fds=pass_fds)
         limits = Limits.model_validate(rec.limits_dict)
         placement = cgroups.place(self.cgroups, rec.id, proc.pid, limits.cpu_quota, limits.memory_limit)
         self.children[rec.id] = proc
@@ -491,6 +492,8 @@ class Manager(SnapshotOps):
             self._ended(rec, None)
 
     def _ended(self, rec: VmRecord, code: int | None) -> None:
+        if migration.incoming_failed(self, rec):           # an incoming migration that did not arrive
+            return
         self.children.pop(rec.id, None)
         with contextlib.suppress(OSError, ValueError):        # what the jail kept it from removing
             jail.remove_leftovers(json.loads((self.paths(rec).dir / "jail.json").read_text()))
@@ -507,6 +510,8 @@ class Manager(SnapshotOps):
             state, reason, exit_status = "stopped", "poweroff", info.get("exit_status")
         elif info.get("reason") == "snapshot":
             state, reason = "stopped", f"saved to the snapshot {info.get('dir')}"
+        elif info.get("reason") == "migrated":
+            state, reason = "migrated", f"migrated to {info.get('to')}"
         elif info.get("reason") == "killed":
             state, reason = "stopped", "killed"
         elif info.get("reason") == "reboot":           # (a jailed guest rebooting while it was stopped)

@@ -53,6 +53,7 @@ from pyvirt.errors import ConfigError, PyvirtError
 from pyvirt.fsutil import listen_unix
 from pyvirt.guestcmd import AGENT_PORT
 from pyvirt.host.control import DISKS_FILE, ControlServer
+from pyvirt.host.migration import migration_status
 from pyvirt.host.paths import VmPaths, vm_paths
 from pyvirt.spec import NetSpec, PortSpec, VmSpec, format_size
 from pyvirt.stream import BufferedStream
@@ -165,6 +166,8 @@ class Runner:
         self.reason = "poweroff"
         self.last_snapshot: dict[str, Any] | None = None
         self.snapshot_dir: str | None = None
+        self.migration: Any = None                 # a vmm.migration.Migration under way or ended
+        self.migrated_to: str | None = None
         # A snapshot's new overlays are recorded before the old images are frozen
         # (vmm/snapshot.py's _freeze_disks calls these).
         vm.disks_moved = [lambda: write_disks(self.paths, vm)]    # type: ignore[attr-defined]
@@ -218,7 +221,7 @@ class Runner:
     def status(self) -> dict[str, Any]:
         return {"ok": True, "state": "paused" if self.vm.paused else "running", "pid": os.getpid(),
                 "instructions": self.vm.stats.instructions, "resets": self.vm.stats.resets,
-                "agent": self.agent_open(), "snapshot": self.last_snapshot,
+                "agent": self.agent_open(), "snapshot": self.last_snapshot, "migration": migration_status(self),
                 "console_attached": self.console.client is not None}
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -226,7 +229,7 @@ class Runner:
         vm = self.vm
         if op == "status":
             return self.status()
-        log.info("%s%s", op, "".join(f" {k}={v}" for k, v in req.items() if k != "op"))
+        log.info("%s%s", op, "".join(f" {k}={v}" for k, v in req.items() if k not in ("op", "token", "_fds")))
         if op == "pause":
             if vm.paused:
                 return {"ok": False, "error": "the VM is already paused"}
@@ -256,8 +259,11 @@ class Runner:
             return {"ok": True}
         if op == "snapshot":
             return self.snapshot(req)
+        if op == "migrate":
+            from pyvirt.host.migration import runner_migrate
+            return runner_migrate(self, req)
         return {"ok": False, "error": f"unknown op {op!r} (status, pause, resume, stop, kill, "
-                                      "hostname, mac, snapshot)"}
+                                      "hostname, mac, snapshot, migrate)"}
 
     def snapshot(self, req: dict[str, Any]) -> dict[str, Any]:
         """Ask the Vm for a snapshot at its next slice boundary (at once while paused); the
@@ -305,7 +311,11 @@ def with_agent_port(spec: VmSpec, sock: Path) -> VmSpec:
 def build_vm(config: dict[str, Any], paths: VmPaths, console: SocketConsole) -> Vm:
     """The Vm to run: a new one from the spec, or -- with config["restore"] = a snapshot
     directory -- the snapshot's, through pyvirt.vmm.snapshot.load_snapshot where this pyvirt
-    has it (config["overrides"] is passed on)."""
+    has it (config["overrides"] is passed on); with config["incoming"], the VM arriving on the
+    connection the daemon passed (host/migration.py)."""
+    if config.get("incoming"):
+        from pyvirt.host.migration import runner_receive
+        return runner_receive(config, console, paths.dir)
     if config.get("restore"):
         try:
             from pyvirt.vmm.restore import Overrides, load_snapshot
@@ -389,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         config = json.loads(paths.config.read_text())
         console = SocketConsole(paths.console_log, paths.console_sock)
         log.info("VM %s (id %s): %s", config.get("name"), args.id,
-                 f"restoring the snapshot {config['restore']}" if config.get("restore") else "booting")
+                 f"restoring the snapshot {config['restore']}" if config.get("restore")
+                 else "arriving by migration" if config.get("incoming") else "booting")
         vm = build_vm(config, paths, console)
     except Exception as e:          # whatever stops the VM from being built is reported
         why = str(e) if isinstance(e, (PyvirtError, OSError, ValueError)) else f"{type(e).__name__}: {e}"
@@ -420,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", watch.failure)
         write_exit(paths, reason="error", error=watch.failure)
         return 1
-    if runner.reason == "snapshot":
+    if runner.reason == "migrated":
+        log.info("migrated to %s; ending", runner.migrated_to)
+        write_exit(paths, reason="migrated", to=runner.migrated_to)
+    elif runner.reason == "snapshot":
         log.info("saved to the snapshot %s; ending", runner.snapshot_dir)
         write_exit(paths, reason="snapshot", dir=runner.snapshot_dir)
     elif vm.reboot_requested and jailed:

@@ -369,15 +369,21 @@ def default_accept(spec_json: Any) -> VmSpec:
     return spec
 
 
-def receive(sock: socket.socket, token: str, console: CharBackend,
-            accept: Callable[[Any], VmSpec] = default_accept, timeout: float = 60) -> Any:
-    """Serve one incoming migration on `sock`; returns the new Vm, built and loaded, not yet
-    running (the caller runs it and then `announce()`s it).  Any problem is one MigrationError
-    (the source was told why); nothing stays open."""
-    from pyvirt.vmm.resources import build_board
-    from pyvirt.vmm.snapcheck import check_state
-    from pyvirt.vmm.vm import Vm
+def _refuse(sock: socket.socket, e: BaseException) -> MigrationError:
+    """Tell the source why (best effort); the error to raise here."""
+    if isinstance(e, OSError) and not isinstance(e, PyvirtError):
+        return MigrationError(f"migration connection failed: {e.strerror or e}")
+    try:
+        send_frame(sock, ERROR, str(e).encode()[:1000])
+    except OSError:
+        pass
+    return e if isinstance(e, MigrationError) else MigrationError(str(e))
 
+
+def accept_handshake(sock: socket.socket, token: str, accept: Callable[[Any], VmSpec] = default_accept,
+                     timeout: float = 60) -> VmSpec:
+    """The destination's first half: the greeting (protocol, version, token) and the spec
+    (`accept` turns it into the spec to run here, or raises); both answered OK."""
     sock.settimeout(timeout)
     try:
         _, raw = recv_frame(sock, (HELLO,), MAX_HELLO)
@@ -398,11 +404,23 @@ def receive(sock: socket.socket, token: str, console: CharBackend,
         _, raw = recv_frame(sock, (SPEC,), MAX_HELLO)
         try:
             spec = accept(json.loads(raw))
-        except ValueError as e:
-            raise MigrationError(f"the spec cannot run here: {e}") from None
-        except PyvirtError as e:
+        except (ValueError, PyvirtError) as e:
             raise MigrationError(f"the spec cannot run here: {e}") from None
         send_frame(sock, OK)
+        return spec
+    except (PyvirtError, OSError) as e:
+        raise _refuse(sock, e) from None
+
+
+def receive_machine(sock: socket.socket, spec: VmSpec, console: CharBackend, timeout: float = 60) -> Any:
+    """The destination's second half: pages, state, COMPLETE -> the board built and loaded ->
+    READY, then GO; returns the Vm, not yet running.  Nothing stays open on failure."""
+    from pyvirt.vmm.resources import build_board
+    from pyvirt.vmm.snapcheck import check_state
+    from pyvirt.vmm.vm import Vm
+
+    sock.settimeout(timeout)
+    try:
         ram = mmap.mmap(-1, spec.memory + RAM_TAIL)
         npages = spec.memory // PAGE_SIZE
         state_raw = None
@@ -436,16 +454,17 @@ def receive(sock: socket.socket, token: str, console: CharBackend,
             board.close()
             raise
         return Vm(spec, console, board=board)
-    except PyvirtError as e:
-        try:
-            send_frame(sock, ERROR, str(e).encode()[:1000])
-        except OSError:
-            pass
-        if isinstance(e, MigrationError):
-            raise
-        raise MigrationError(str(e)) from None
-    except OSError as e:
-        raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
+    except (PyvirtError, OSError) as e:
+        raise _refuse(sock, e) from None
+
+
+def receive(sock: socket.socket, token: str, console: CharBackend,
+            accept: Callable[[Any], VmSpec] = default_accept, timeout: float = 60) -> Any:
+    """Serve one incoming migration on `sock`; returns the new Vm, built and loaded, not yet
+    running (the caller runs it and then `announce()`s it).  Any problem is one MigrationError
+    (the source was told why); nothing stays open."""
+    spec = accept_handshake(sock, token, accept, timeout)
+    return receive_machine(sock, spec, console, timeout)
 
 
 def announce(vm: Any) -> None:

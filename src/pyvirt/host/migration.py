@@ -1,0 +1,301 @@
+"""Live and cold migration between pyvirtd daemons (docs/migration.md).
+
+The destination daemon first opens an *incoming endpoint* for a VM name (`open_incoming`:
+POST /migrations/incoming, `pyvirt incoming NAME`): a Unix socket in its state directory or
+a TCP port, and a one-time token.  One connection is accepted; the daemon checks the
+greeting and the spec itself (vmm/migration.py's `accept_handshake`, with `trusted_spec`
+below: nothing the source says reaches a host file the destination's user did not name),
+records the VM and starts its runner with the connection, which receives the rest
+(`runner_receive`) before it builds its jail.  A runner that fails or dies before the VM is
+complete leaves nothing: its record and directory are removed (`incoming_failed`).
+
+The source daemon (`migrate`: POST /vms/{name}/migrate, `pyvirt migrate VM --to ADDRESS`)
+connects to the address and hands the connected socket to the VM's runner over its control
+socket (SCM_RIGHTS: a jailed runner opens no socket), which migrates between slices
+(`runner_migrate`).  When it completed, the source runner ends and its record says where
+the VM went (state "migrated"); otherwise the VM runs on, unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import secrets
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pyvirt.errors import ConfigError
+from pyvirt.fsutil import listen_unix
+from pyvirt.guestcmd import AGENT_PORT
+from pyvirt.host.errors import Conflict, Invalid
+from pyvirt.host.paths import VmPaths
+from pyvirt.host.store import DuplicateName, VmRecord
+from pyvirt.spec import VmSpec
+from pyvirt.vmm import migration as proto
+
+if TYPE_CHECKING:
+    from pyvirt.host.manager import Manager
+
+log = logging.getLogger("pyvirtd")
+INCOMING_TIMEOUT = 600.0        # an endpoint nobody connected to closes after this
+MARK = "incoming"               # in the VM directory while the VM is still arriving
+GUEST_FIELDS = ("cpus", "memory", "append", "rng", "engine", "mmu")
+
+
+def parse_address(to: str, flag: str = "--to") -> tuple[int, Any]:
+    """unix:/PATH or /PATH -> a Unix socket; tcp:HOST:PORT or HOST:PORT -> TCP (port 0: any)."""
+    if to.startswith("unix:") or to.startswith("/"):
+        return socket.AF_UNIX, to.removeprefix("unix:")
+    host, sep, port = to.removeprefix("tcp:").rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536 or not host:
+        raise Invalid(f"{flag} {to[:300]}: give unix:/PATH or tcp:HOST:PORT")
+    return socket.AF_INET6 if ":" in host else socket.AF_INET, (host.strip("[]"), int(port))
+
+
+def connect(to: str, timeout: float = 10.0) -> socket.socket:
+    family, addr = parse_address(to)
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(addr)
+    except OSError as e:
+        s.close()
+        raise Conflict(f"cannot reach the destination {to}: {e.strerror or e}") from None
+    return s
+
+
+def _boot_file_ok(path: Any, allowed: list[Path]) -> bool:
+    from pyvirt.images.cache import cache_root
+    if path is None:
+        return True
+    p = Path(str(path)).resolve()
+    roots = [cache_root().resolve()]
+    return p.is_file() and (any(p.is_relative_to(r) for r in roots) or p in allowed)
+
+
+def trusted_spec(spec: Any, vm_dir: Path, allow: list[Path]) -> VmSpec:
+    """The spec an incoming VM gets: the guest's hardware as sent; boot files only from the
+    image cache (or `allow`); disks only at paths in `allow` (shared storage); NICs only on
+    the user network (passt, made afresh: connections are lost) or a `pyvirt network` of this
+    host (its MAC kept); console ports only the guest agent's, in its own directory."""
+    if not isinstance(spec, dict):
+        raise ConfigError("the spec is not an object")
+    out: dict[str, Any] = {k: spec[k] for k in GUEST_FIELDS if k in spec}
+    for f in ("kernel", "initrd", "bios"):
+        if not _boot_file_ok(spec.get(f), allow):
+            raise ConfigError(f"its {f} {str(spec.get(f))[:200]} is not a boot file of this host's image cache")
+        out[f] = spec.get(f)
+    disks = spec.get("disks") or []
+    for d in disks:
+        path = Path(str(d.get("path") if isinstance(d, dict) else "")).resolve()
+        if path not in allow:
+            raise ConfigError(f"its disk {str(path)[:200]} is not shared with this host (allow it on the "
+                              "incoming endpoint)")
+    out["disks"] = disks
+    nets = []
+    for n in spec.get("nets") or []:
+        if not isinstance(n, dict) or n.get("backend") not in ("user", "network"):
+            raise ConfigError("only user-network and `pyvirt network` NICs can move")
+        nets.append({k: n[k] for k in ("backend", "network", "mac", "tx_bw", "rx_bw") if k in n})
+    out["nets"] = nets
+    ports = [p for p in spec.get("ports") or [] if isinstance(p, dict)]
+    if any(p.get("name") != AGENT_PORT for p in ports):
+        raise ConfigError("console ports other than the guest agent's cannot move")
+    out["ports"] = [{"name": AGENT_PORT, "socket": str(vm_dir / "agent.sock")}] if ports else []
+    return VmSpec.model_validate(out)
+
+
+def _incoming(m: Manager) -> dict[str, dict[str, Any]]:
+    """The daemon's incoming endpoints by VM name (kept on the manager)."""
+    table: dict[str, dict[str, Any]] | None = getattr(m, "migrations_incoming", None)
+    if table is None:
+        table = {}
+        m.migrations_incoming = table  # type: ignore[attr-defined]
+    return table
+
+
+
+def open_incoming(m: Manager, name: str, tcp: str | None = None,
+                  allow: list[str] | None = None) -> dict[str, Any]:
+    from pyvirt.host.models import NAME_RE, NAME_RULE
+    if not re.fullmatch(NAME_RE, name):
+        raise Invalid(f"VM name {name[:80]!r}: {NAME_RULE}")
+    allowed = [Path(a).resolve() for a in allow or []]
+    with m.lock:
+        if m.store.get(name) is not None or name in _incoming(m):
+            raise Conflict(f"a VM named {name} exists already")
+        token = secrets.token_urlsafe(24)
+        if tcp:
+            family, (host, port) = parse_address(f"tcp:{tcp}", "--tcp")
+            try:
+                listener = socket.create_server((host, port), family=family)
+            except OSError as e:
+                raise Invalid(f"--tcp {tcp}: {e.strerror or e}") from None
+            address = f"tcp:{host}:{listener.getsockname()[1]}"
+            path = None
+        else:
+            (m.state / "incoming").mkdir(mode=0o700, exist_ok=True)
+            path = m.state / "incoming" / f"{name}.sock"
+            listener = listen_unix(path)
+            listener.setblocking(True)
+            address = f"unix:{path}"
+        _incoming(m)[name] = {"address": address, "state": "waiting", "error": None}
+    threading.Thread(target=_serve_incoming, args=(m, name, listener, path, token, allowed),
+                     name=f"incoming-{name}", daemon=True).start()
+    log.info("incoming migration for VM %s on %s", name, address)
+    return {"name": name, "address": address, "token": token, "expires_in": INCOMING_TIMEOUT}
+
+def incoming_status(m: Manager, name: str) -> dict[str, Any]:
+    info = _incoming(m).get(name)
+    if info is None:
+        raise Invalid(f"no incoming migration for {name}")
+    return {"name": name, **info}
+
+def _serve_incoming(m: Manager, name: str, listener: socket.socket, path: Path | None, token: str,
+                    allow: list[Path]) -> None:
+    info = _incoming(m)[name]
+    listener.settimeout(INCOMING_TIMEOUT)
+    try:
+        conn, _ = listener.accept()                # one connection: the token is used up
+    except OSError:
+        info.update(state="expired", error="nobody connected")
+        return
+    finally:
+        listener.close()
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    vm_id = uuid.uuid4().hex[:12]
+    rec = None
+    try:
+        vm_dir = paths_of(m, vm_id).dir
+        spec = proto.accept_handshake(conn, token, lambda s: trusted_spec(s, vm_dir, allow))
+        from pyvirt.host.models import VMM_OVERHEAD, Limits
+        rec = VmRecord(id=vm_id, name=name, spec=spec.model_dump_json(),
+                       limits=Limits(memory_limit=spec.memory + VMM_OVERHEAD).model_dump_json(),
+                       desired="running", created=time.time(), origin="migration")
+        with m.lock:
+            try:
+                m.store.add(rec)
+            except DuplicateName:
+                raise proto.MigrationError(f"a VM named {name} exists already") from None
+            vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            (vm_dir / MARK).write_text("")
+            m._spawn(rec, extra={"incoming": {"fd": conn.fileno()}}, pass_fds=(conn.fileno(),))
+        info.update(state="receiving")
+    except (proto.MigrationError, OSError) as e:
+        info.update(state="failed", error=str(e))
+        log.warning("incoming migration for %s failed: %s", name, e)
+        if rec is not None:
+            with m.lock:
+                m.store.delete(rec.id)
+            shutil.rmtree(paths_of(m, vm_id).dir, ignore_errors=True)
+    finally:
+        conn.close()
+
+def paths_of(m: Manager, vm_id: str) -> VmPaths:
+    from pyvirt.host.paths import vm_paths
+    return vm_paths(m.state, vm_id)
+
+def incoming_failed(m: Manager, rec: VmRecord) -> bool:
+    """A runner that ended before its incoming VM was complete: remove every trace (call
+    with the lock held); whether it was one."""
+    vm_dir = m.paths(rec).dir
+    if not (vm_dir / MARK).exists():
+        return False
+    m.children.pop(rec.id, None)
+    m._release(rec)
+    m.store.delete(rec.id)
+    shutil.rmtree(vm_dir, ignore_errors=True)
+    info = _incoming(m).get(rec.name)
+    if info is not None:
+        info.update(state="failed", error=info.get("error") or "the runner ended before the VM arrived")
+    log.warning("incoming migration for %s failed: nothing kept", rec.name)
+    return True
+
+def migrate(m: Manager, name: str, to: str, token: str, downtime: float = proto.DEFAULT_DOWNTIME,
+            timeout: float = proto.DEFAULT_TIMEOUT, on_timeout: str = "cancel") -> dict[str, Any]:
+    """Move the running VM `name` to the daemon listening at `to`; returns its record (state
+    migrated) or raises Conflict with why (the VM runs on)."""
+    if on_timeout not in ("cancel", "force"):
+        raise Invalid("--on-timeout is cancel or force")
+    if not 0 < downtime <= 60 or not 0 < timeout <= 86400:
+        raise Invalid("--downtime is 0-60 s and --timeout up to a day")
+    rec = m._running(name)
+    sock = connect(to)
+    try:
+        m._control(rec, "migrate", fds=[sock.fileno()], token=token, downtime=downtime, timeout=timeout,
+                      on_timeout=on_timeout, to=to)
+    finally:
+        sock.close()
+    deadline = time.monotonic() + timeout + 120
+    while time.monotonic() < deadline:
+        with m.lock:
+            m._check(m._get(rec.id))
+            now = m._get(rec.id)
+        if not now.alive:
+            if now.state == "migrated":
+                log.info("VM %s migrated to %s", name, to)
+                return m.inspect(rec.id)
+            raise Conflict(f"VM {name} ended during the migration: {now.reason}")
+        try:
+            mig = m._control(now, "status").get("migration") or {}
+        except Conflict:
+            mig = {}
+        if mig.get("outcome") in ("failed", "cancelled"):
+            raise Conflict(f"migration of {name} {mig['outcome']}: {mig.get('error')}; it runs on here")
+        time.sleep(0.1)
+    raise Conflict(f"migration of {name}: no outcome in time")
+
+
+# -- the runner's side ---------------------------------------------------------------------------
+def runner_receive(config: dict[str, Any], console: Any, vm_dir: Path) -> Any:
+    """An incoming VM's runner: the rest of the stream on the descriptor the daemon passed."""
+    sock = socket.socket(fileno=int(config["incoming"]["fd"]))
+    try:
+        vm = proto.receive_machine(sock, VmSpec.model_validate(config["spec"]), console)
+    finally:
+        sock.close()
+    (vm_dir / MARK).unlink()
+    proto.announce(vm)
+    return vm
+
+
+def runner_migrate(runner: Any, req: dict[str, Any]) -> dict[str, Any]:
+    """The control request `migrate`, with the connected socket in req["_fds"]."""
+    fds = req.get("_fds") or []
+    if len(fds) != 1:
+        return {"ok": False, "error": "migrate needs one connected socket passed along"}
+    if getattr(runner, "migration", None) is not None and not runner.migration.done:
+        return {"ok": False, "error": "a migration is under way"}
+    sock = socket.socket(fileno=fds[0])
+    fds[0] = -1                                    # ours now (the Migration closes it)
+
+    def finished(stats: proto.MigrationStats) -> None:
+        if stats.outcome == "completed":
+            runner.reason = "migrated"
+            runner.migrated_to = str(req.get("to", ""))[:300]
+    try:
+        m = proto.Migration(runner.vm, sock, str(req.get("token", "")), downtime=float(req.get("downtime", 0.3)),
+                            timeout=float(req.get("timeout", proto.DEFAULT_TIMEOUT)),
+                            on_timeout=str(req.get("on_timeout", "cancel")), finished=finished)
+    except (proto.MigrationError, ValueError, TypeError) as e:
+        sock.close()
+        return {"ok": False, "error": str(e)}
+    runner.migration = m
+    m.attach()
+    if m.done and m.stats.outcome != "completed":
+        return {"ok": False, "error": m.stats.error}
+    return {"ok": True}
+
+
+def migration_status(runner: Any) -> dict[str, Any] | None:
+    m = getattr(runner, "migration", None)
+    return None if m is None else json.loads(json.dumps(m.stats.as_dict()))

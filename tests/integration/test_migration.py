@@ -6,56 +6,20 @@ converges through auto-converge or, cancelled, stays on the source and runs on."
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 
 from pyvirt.backends.char import BufferBackend
 from pyvirt.request import VmRequest, resolve
-from pyvirt.testing.migrate import connect, start_destination
-from pyvirt.vmm.migration import Migration, MigrationStats
-from pyvirt.vmm.vm import Vm, Watch
+from pyvirt.testing.migrate import TICKER, connect, migrate_once, start_destination, ticks
+from pyvirt.vmm.migration import Migration
+from pyvirt.vmm.vm import Vm
 
 pytestmark = pytest.mark.slow
 
-TICKER = 'i=0; while true; do i=$((i+1)); read up idle < /proc/uptime; echo "tick $i $up"; usleep 10000; done'
-DIRTIER = ("mkdir -p /m; mount -t tmpfs -o size=96m tmpfs /m; dd if=/dev/urandom of=/m/a bs=1M count=40 2>/dev/null;"
+DIRTIER = ("mkdir -p /m; mount -t tmpfs -o size=64m tmpfs /m; dd if=/dev/urandom of=/m/a bs=1M count=16 2>/dev/null;"
            " i=0; while true; do i=$((i+1)); cp /m/a /m/b; echo \"tick $i\"; done")
-TICK = re.compile(r"tick (\d+)(?: ([\d.]+))?")
-
-
-def migrate_once(tmp_path: Path, command: str, after: int = 50, memory: str = "256M",
-                 **kw: object) -> tuple[MigrationStats, str, str, Vm]:
-    """Boot `command`, migrate it once it printed tick `after`; (stats, source console,
-    destination output, the source Vm, closed)."""
-    sock = tmp_path / "mig.sock"
-    dest = start_destination(sock, "secret", 3.0)
-    resolved = resolve(VmRequest(command=command, memory=memory))
-    console = BufferBackend(limit=1 << 20)
-    vm = Vm(resolved.spec, console)
-    result: list[MigrationStats] = []
-    mark = f"tick {after} ".encode()
-
-    def trigger() -> None:
-        if not result and mark in console.output:
-            result.append(MigrationStats())
-            mig = Migration(vm, connect(sock), "secret", finished=lambda s: result.__setitem__(0, s), **kw)
-            mig.attach()
-        if result and result[0].outcome != "running" and result[0].outcome != "completed":
-            vm.request_quit()
-    vm.watches.append(Watch(lambda: [], lambda ready: None, trigger))
-    try:
-        vm.run(timeout=180)
-    finally:
-        vm.close()
-        resolved.cleanup()
-    out, _ = dest.communicate(timeout=120)
-    return result[0], console.output.decode(errors="replace"), out, vm
-
-
-def ticks(text: str) -> list[tuple[int, float]]:
-    return [(int(m[1]), float(m[2] or 0)) for m in TICK.finditer(text)]
 
 
 def test_ticker_moves_and_counts_on(tmp_path: Path, default_image: object) -> None:
@@ -76,6 +40,22 @@ def test_ticker_gap_within_300ms(tmp_path: Path, default_image: object) -> None:
     _, src, dst, _ = migrate_once(tmp_path, TICKER)
     before, after = ticks(src), ticks(dst)
     assert after[0][1] - before[-1][1] <= 0.3
+
+
+def test_a_dirtying_guest_converges_by_auto_converge(tmp_path: Path, default_image: object) -> None:
+    """A 4 MB/s link (max_bandwidth, as QEMU's) against a guest copying 16 MiB over and over."""
+    stats, src, dst, _ = migrate_once(tmp_path, DIRTIER, after=2, downtime=0.05, timeout=300, max_bandwidth=4e6)
+    assert stats.outcome == "completed", stats
+    assert stats.throttle > 0 and stats.rounds >= 3, stats      # it had to slow the guest down
+    before, after = ticks(src), ticks(dst)
+    assert after and after[0][0] in (before[-1][0], before[-1][0] + 1)
+
+
+def test_cancel_at_the_timeout_keeps_it_running_here(tmp_path: Path, default_image: object) -> None:
+    stats, src, _, vm = migrate_once(tmp_path, DIRTIER, after=2, downtime=0.05, timeout=4, max_bandwidth=4e6,
+                                     auto_converge=False, on_timeout="cancel", run_on=8)
+    assert stats.outcome == "cancelled" and not getattr(vm, "migrated", False), stats
+    assert ticks(src)[-1][0] >= 5, "the guest did not go on counting on the source"
 
 
 def test_wrong_token_leaves_the_source_running(tmp_path: Path, default_image: object) -> None:

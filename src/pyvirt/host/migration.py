@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyvirtd")
 INCOMING_TIMEOUT = 600.0        # an endpoint nobody connected to closes after this
+MAX_INCOMING = 16               # endpoints open at once
 MARK = "incoming"               # in the VM directory while the VM is still arriving
 GUEST_FIELDS = ("cpus", "memory", "append", "rng", "engine", "mmu")
 
@@ -113,11 +114,15 @@ def trusted_spec(spec: Any, vm_dir: Path, allow: list[Path]) -> VmSpec:
 
 
 def _incoming(m: Manager) -> dict[str, dict[str, Any]]:
-    """The daemon's incoming endpoints by VM name (kept on the manager)."""
+    """The daemon's incoming endpoints by VM name (kept on the manager); one whose runner has
+    the VM complete (its directory lost the mark) is "arrived"."""
     table: dict[str, dict[str, Any]] | None = getattr(m, "migrations_incoming", None)
     if table is None:
         table = {}
         m.migrations_incoming = table  # type: ignore[attr-defined]
+    for info in table.values():
+        if info["state"] == "receiving" and not (paths_of(m, info["vm_id"]).dir / MARK).exists():
+            info["state"] = "arrived" if m.store.get(info["vm_id"]) is not None else "failed"
     return table
 
 
@@ -129,8 +134,13 @@ def open_incoming(m: Manager, name: str, tcp: str | None = None,
         raise Invalid(f"VM name {name[:80]!r}: {NAME_RULE}")
     allowed = [Path(a).resolve() for a in allow or []]
     with m.lock:
-        if m.store.get(name) is not None or name in _incoming(m):
+        table = _incoming(m)
+        if m.store.get(name) is not None or table.get(name, {}).get("state") in ("waiting", "receiving"):
             raise Conflict(f"a VM named {name} exists already")
+        for old in [n for n, i in table.items() if i["state"] not in ("waiting", "receiving")]:
+            del table[old]
+        if len(table) >= MAX_INCOMING:
+            raise Conflict(f"{MAX_INCOMING} incoming migrations are open already")
         token = secrets.token_urlsafe(24)
         if tcp:
             family, (host, port) = parse_address(f"tcp:{tcp}", "--tcp")
@@ -189,7 +199,7 @@ def _serve_incoming(m: Manager, name: str, listener: socket.socket, path: Path |
             vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             (vm_dir / MARK).write_text("")
             m._spawn(rec, extra={"incoming": {"fd": conn.fileno()}}, pass_fds=(conn.fileno(),))
-        info.update(state="receiving")
+        info.update(state="receiving", vm_id=vm_id)
     except (proto.MigrationError, OSError) as e:
         info.update(state="failed", error=str(e))
         log.warning("incoming migration for %s failed: %s", name, e)

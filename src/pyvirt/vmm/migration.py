@@ -58,8 +58,9 @@ MAX_STATE = 64 << 20            # as a snapshot's state.json
 MAX_HELLO = 64 << 10
 DEFAULT_DOWNTIME = 0.3
 DEFAULT_TIMEOUT = 600.0
-TICK_BUDGET = 0.02              # seconds of sending per tick between slices (unthrottled)
-THROTTLE_STEPS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95)   # the guest's lost share of time, step by step
+SENDER_SHARE = 0.5             # of the run loop's time, the sender's (one thread for guest and sender)
+MAX_TICK = 0.05                # the longest a throttled tick waits
+THROTTLE_STEPS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95)   # auto-converge: the cut of the guest's share, step by step
 _CHUNK = 2 << 20
 _ZERO_CHUNK = bytes(_CHUNK)
 _ZERO_PAGE = bytes(PAGE_SIZE)
@@ -167,6 +168,7 @@ class MigrationStats:
     downtime_seconds: float = 0.0
     throttle: float = 0.0
     bandwidth: float = 0.0        # raw page bytes per second, as measured
+    guest_instructions: int = 0   # what the guest ran at the source while it was being migrated
     outcome: str = "running"      # running, completed, cancelled, failed
     error: str | None = None
     history: list[int] = field(default_factory=list)   # pages left at each round's start
@@ -181,7 +183,7 @@ class Migration:
 
     def __init__(self, vm: Any, sock: socket.socket, token: str = "", *, downtime: float = DEFAULT_DOWNTIME,
                  timeout: float = DEFAULT_TIMEOUT, on_timeout: str = "cancel", auto_converge: bool = True,
-                 spec_json: dict[str, Any] | None = None,
+                 max_bandwidth: float | None = None, spec_json: dict[str, Any] | None = None,
                  finished: Callable[[MigrationStats], None] | None = None) -> None:
         if on_timeout not in ("cancel", "force"):
             raise MigrationError(f"on timeout: cancel or force, not {on_timeout!r}")
@@ -190,6 +192,7 @@ class Migration:
         self.vm, self.sock, self.token = vm, sock, token
         self.downtime, self.timeout, self.on_timeout = downtime, timeout, on_timeout
         self.auto_converge = auto_converge
+        self.max_bandwidth = max_bandwidth           # bytes of pages a second (QEMU's max-bandwidth)
         self.spec_json = spec_json if spec_json is not None else json.loads(vm.spec.model_dump_json())
         self.finished = finished
         self.stats = MigrationStats()
@@ -201,10 +204,14 @@ class Migration:
         self._send_time = 0.0
         self._send_bytes = 0
         self._stuck = 0
+        self._instructions = 0
+        self._guest_time = 0.0
+        self._spent = 0.0
 
     # The handshake runs before the first page: a refused spec costs nothing.
     def start(self) -> None:
         self._started = time.monotonic()
+        self._instructions = self.vm.stats.instructions
         try:
             self.sock.settimeout(30)
             hello = {"protocol": PROTOCOL, "version": VERSION, "token": self.token}
@@ -238,27 +245,34 @@ class Migration:
         if self.done:
             return
         now = time.monotonic()
-        ran = now - self._last_tick                     # the guest's share since the last tick
+        self._guest_time += now - self._last_tick       # the guest's time since the last tick
         try:
-            budget = TICK_BUDGET
-            if self.stats.throttle:
-                budget = max(budget, ran * self.stats.throttle / (1 - self.stats.throttle))
-            end = now + budget
-            while time.monotonic() < end:
-                if not self._pending:
-                    if self._next_round():
-                        return
-                    continue
-                part, self._pending = self._pending[:PAGES_PER_FRAME * 4], self._pending[PAGES_PER_FRAME * 4:]
-                self._send_pages(part)
+            # The sender's time is kept to its share: half, more as auto-converge cuts the guest's.
+            guest = (1 - SENDER_SHARE) * (1 - self.stats.throttle)
+            allowed = self._guest_time * (1 - guest) / guest - self._spent
+            if allowed > 0:
+                end = now + allowed
+                while True:
+                    if not self._pending:
+                        if self._next_round():
+                            return
+                        if self.stats.throttle:          # throttled: the guest waits anyway
+                            time.sleep(max(0.0, min(end - time.monotonic(), MAX_TICK)))
+                        break
+                    if self.max_bandwidth and self._send_bytes >= (now - self._started) * self.max_bandwidth:
+                        if self.stats.throttle:          # the link is the limit: the guest waits
+                            time.sleep(max(0.0, min(end - time.monotonic(), MAX_TICK)))
+                        break
+                    part, self._pending = self._pending[:PAGES_PER_FRAME], self._pending[PAGES_PER_FRAME:]
+                    self._send_pages(part)
+                    if time.monotonic() >= end:
+                        break
+                self._spent += time.monotonic() - now
             if now - self._started > self.timeout:
                 if self.on_timeout == "force":
                     self._finish()
                 else:
                     self._abandon("cancelled", "the migration timed out and was cancelled")
-                return
-            if self.stats.throttle and not self._pending:
-                time.sleep(max(0.0, end - time.monotonic()))   # throttled: the guest waits anyway
         except (MigrationError, OSError) as e:
             self._fail(e)
         finally:
@@ -268,7 +282,7 @@ class Migration:
         """A round was sent: take the next from the log, or finish; True when done."""
         dirty = sorted(self.vm.board.bus.harvest_dirty())
         left = len(dirty) * PAGE_SIZE
-        bw = self.stats.bandwidth or 1 << 30
+        bw = min(self.stats.bandwidth or 1 << 30, self.max_bandwidth or 1 << 40)
         if left / bw <= self.downtime:
             self._pending = dirty
             self._finish()
@@ -327,6 +341,7 @@ class Migration:
         self.done = True
         self.stats.outcome = outcome
         self.stats.total_seconds = time.monotonic() - self._started
+        self.stats.guest_instructions = self.vm.stats.instructions - self._instructions
         self.stats.throttle = self.stats.throttle if outcome == "completed" else 0.0
         try:
             self.sock.close()

@@ -74,14 +74,15 @@ def ticks(text: str) -> list[tuple[int, float]]:
 
 
 def migrate_once(workdir: Path, command: str, after: int = 50, memory: str = "256M", dest_seconds: float = 3.0,
-                 run_on: float = 0.0, **kw: Any) -> tuple[MigrationStats, str, str, Vm]:
+                 run_on: float = 0.0, nets: list[str] | None = None, **kw: Any) -> tuple[MigrationStats, str, str, Vm]:
     """Boot the default guest running `command` here, migrate it to a child destination once it
     printed tick `after`; (stats, source console, destination output, the source Vm, closed).
     A migration that did not complete leaves the VM running here `run_on` seconds more.
+    `nets`: the VM's NICs (as --net).
     `kw`: Migration's options."""
     sock = workdir / "mig.sock"
     dest = start_destination(sock, "secret", dest_seconds)
-    resolved = resolve(VmRequest(command=command, memory=memory))
+    resolved = resolve(VmRequest(command=command, memory=memory, nets=nets or []))
     console = BufferBackend(limit=1 << 20)
     vm = Vm(resolved.spec, console)
     result: list[MigrationStats] = []

@@ -116,3 +116,20 @@ def test_killed_destination_runner_leaves_nothing(two: tuple[Daemon, Daemon]) ->
     assert src.client.inspect("v")["state"] == "running"
     wait_for(lambda: dst.client.list() == [], 10, "the destination to forget the VM")
     assert not list((dst.state / "vms").iterdir())
+
+
+def test_cold_migration_of_a_stopped_vm(two: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    """A stopped VM moves its definition (its disk shared: allowed on the destination) and starts there."""
+    src, dst = two
+    disk = tmp_path / "shared.raw"
+    disk.write_bytes(b"MARK" + bytes((1 << 20) - 4))
+    src.client.create("c", memory="64M", disks=[str(disk)], command="dd if=/dev/vda bs=4 count=1 2>/dev/null; "
+                                                                     "echo; echo cold-ok; sleep 1000")
+    endpoint = dst.client.incoming("c", allow=[str(disk)])
+    r = src.cli("migrate", "c", "--to", endpoint["address"], "--token", endpoint["token"])
+    assert r.returncode == 0, r.stderr
+    assert src.client.inspect("c")["state"] == "migrated"
+    assert dst.client.inspect("c")["state"] == "stopped"
+    dst.client.start("c")
+    wait_for(lambda: "cold-ok" in console(dst, "c"), 120, "the moved VM to boot")
+    assert "MARK" in console(dst, "c")

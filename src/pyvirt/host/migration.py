@@ -14,6 +14,9 @@ connects to the address and hands the connected socket to the VM's runner over i
 socket (SCM_RIGHTS: a jailed runner opens no socket), which migrates between slices
 (`runner_migrate`).  When it completed, the source runner ends and its record says where
 the VM went (state "migrated"); otherwise the VM runs on, unchanged.
+
+A stopped (or crashed) VM moves *cold* through the same command: its definition travels
+(the greeting says "cold"), its disks must be shared, and it arrives stopped.
 """
 
 from __future__ import annotations
@@ -186,7 +189,18 @@ def _serve_incoming(m: Manager, name: str, listener: socket.socket, path: Path |
     rec = None
     try:
         vm_dir = paths_of(m, vm_id).dir
-        spec = proto.accept_handshake(conn, token, lambda s: trusted_spec(s, vm_dir, allow))
+        greeting: dict[str, Any] = {}
+        spec = proto.accept_handshake(conn, token, lambda s: trusted_spec(s, vm_dir, allow), greeting=greeting)
+        if greeting["cold"]:                           # a stopped VM: its definition, recorded stopped
+            proto.receive_cold(conn)
+            from pyvirt.host.models import VMM_OVERHEAD, Limits
+            with m.lock:
+                m.store.add(VmRecord(id=vm_id, name=name, spec=spec.model_dump_json(), desired="stopped",
+                                     limits=Limits(memory_limit=spec.memory + VMM_OVERHEAD).model_dump_json(),
+                                     created=time.time(), origin="migration"))
+            info.update(state="arrived", vm_id=vm_id)
+            log.info("VM %s arrived stopped (cold migration)", name)
+            return
         from pyvirt.host.models import VMM_OVERHEAD, Limits
         rec = VmRecord(id=vm_id, name=name, spec=spec.model_dump_json(),
                        limits=Limits(memory_limit=spec.memory + VMM_OVERHEAD).model_dump_json(),
@@ -238,6 +252,12 @@ def migrate(m: Manager, name: str, to: str, token: str, downtime: float = proto.
         raise Invalid("--on-timeout is cancel or force")
     if not 0 < downtime <= 60 or not 0 < timeout <= 86400:
         raise Invalid("--downtime is 0-60 s and --timeout up to a day")
+    with m.lock:
+        rec = m._get(name)
+        m._check(rec)
+        rec = m._get(rec.id)
+    if rec.state in ("stopped", "crashed"):
+        return _migrate_cold(m, rec, to, token)
     rec = m._running(name)
     sock = connect(to)
     try:
@@ -263,6 +283,23 @@ def migrate(m: Manager, name: str, to: str, token: str, downtime: float = proto.
             raise Conflict(f"migration of {name} {mig['outcome']}: {mig.get('error')}; it runs on here")
         time.sleep(0.1)
     raise Conflict(f"migration of {name}: no outcome in time")
+
+
+def _migrate_cold(m: Manager, rec: VmRecord, to: str, token: str) -> dict[str, Any]:
+    """A stopped VM: its definition moves (its disks must be shared), it arrives stopped."""
+    spec = rec.spec_dict
+    spec["ports"] = [p for p in spec.get("ports", []) if p.get("name") == AGENT_PORT]
+    sock = connect(to)
+    try:
+        proto.send_cold(sock, token, spec)
+    except proto.MigrationError as e:
+        raise Conflict(f"migration of {rec.name}: {e}") from None
+    finally:
+        sock.close()
+    with m.lock:
+        m.store.update(rec.id, state="migrated", reason=f"migrated to {to} (stopped)")
+    log.info("VM %s (stopped) migrated to %s", rec.name, to)
+    return m.inspect(rec.id)
 
 
 # -- the runner's side ---------------------------------------------------------------------------

@@ -396,9 +396,10 @@ def _refuse(sock: socket.socket, e: BaseException) -> MigrationError:
 
 
 def accept_handshake(sock: socket.socket, token: str, accept: Callable[[Any], VmSpec] = default_accept,
-                     timeout: float = 60) -> VmSpec:
+                     timeout: float = 60, greeting: dict[str, Any] | None = None) -> VmSpec:
     """The destination's first half: the greeting (protocol, version, token) and the spec
-    (`accept` turns it into the spec to run here, or raises); both answered OK."""
+    (`accept` turns it into the spec to run here, or raises); both answered OK.  `greeting`
+    gets the greeting's "cold" (a stopped VM: only the definition moves, see `send_cold`)."""
     sock.settimeout(timeout)
     try:
         _, raw = recv_frame(sock, (HELLO,), MAX_HELLO)
@@ -415,6 +416,8 @@ def accept_handshake(sock: socket.socket, token: str, accept: Callable[[Any], Vm
         if not isinstance(hello.get("token"), str) or not hmac.compare_digest(hello["token"].encode(),
                                                                              token.encode()):
             raise MigrationError("wrong migration token")
+        if greeting is not None:
+            greeting["cold"] = hello.get("cold") is True
         send_frame(sock, OK)
         _, raw = recv_frame(sock, (SPEC,), MAX_HELLO)
         try:
@@ -480,6 +483,33 @@ def receive(sock: socket.socket, token: str, console: CharBackend,
     (the source was told why); nothing stays open."""
     spec = accept_handshake(sock, token, accept, timeout)
     return receive_machine(sock, spec, console, timeout)
+
+
+def send_cold(sock: socket.socket, token: str, spec_json: dict[str, Any]) -> None:
+    """Move a stopped VM's definition: HELLO (cold), SPEC, COMPLETE -> READY (recorded there)
+    -> GO.  MigrationError with the destination's reason if it refused."""
+    sock.settimeout(30)
+    try:
+        send_frame(sock, HELLO, json.dumps({"protocol": PROTOCOL, "version": VERSION, "token": token,
+                                            "cold": True}).encode())
+        recv_frame(sock, (OK,))
+        send_frame(sock, SPEC, json.dumps(spec_json).encode())
+        recv_frame(sock, (OK,))
+        send_frame(sock, COMPLETE)
+        recv_frame(sock, (READY,))
+        send_frame(sock, GO)
+    except OSError as e:
+        raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
+
+
+def receive_cold(sock: socket.socket) -> None:
+    """The destination's side of `send_cold` after the handshake: COMPLETE -> READY -> GO."""
+    try:
+        recv_frame(sock, (COMPLETE,))
+        send_frame(sock, READY)
+        recv_frame(sock, (GO,))
+    except OSError as e:
+        raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
 
 
 def announce(vm: Any) -> None:

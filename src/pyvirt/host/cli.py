@@ -12,6 +12,8 @@
     pyvirt logs [-f] [--tail BYTES] NAME
     pyvirt snapshot VM NAME | snapshots | snapshot-rm NAME | restore SNAP [--name VM]
           | clone SNAP --count N [--prefix P]     (host/snapshot_cli.py)
+    pyvirt incoming NAME [--tcp HOST:PORT] [--allow FILE] | migrate VM --to ADDRESS --token T
+          [--downtime MS] [--timeout S] [--on-timeout cancel|force]   (host/migration_cli.py)
 
 Every command takes --state-dir DIR (default $PYVIRT_STATE_DIR or
 ~/.local/state/pyvirt).  The daemon is not started on demand: without one,

@@ -69,9 +69,10 @@ def connect(to: str, timeout: float = 10.0) -> socket.socket:
     s.settimeout(timeout)
     try:
         s.connect(addr)
-    except OSError as e:
+    except (OSError, ValueError, TypeError) as e:
         s.close()
-        raise Conflict(f"cannot reach the destination {to}: {e.strerror or e}") from None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise Conflict(f"cannot reach the destination {to[:300]}: {why}") from None
     return s
 
 
@@ -135,7 +136,10 @@ def open_incoming(m: Manager, name: str, tcp: str | None = None,
     from pyvirt.host.models import NAME_RE, NAME_RULE
     if not re.fullmatch(NAME_RE, name):
         raise Invalid(f"VM name {name[:80]!r}: {NAME_RULE}")
-    allowed = [Path(a).resolve() for a in allow or []]
+    try:
+        allowed = [Path(a).resolve() for a in allow or []]
+    except (OSError, ValueError) as e:
+        raise Invalid(f"--allow: {e}") from None
     with m.lock:
         table = _incoming(m)
         if m.store.get(name) is not None or table.get(name, {}).get("state") in ("waiting", "receiving"):
@@ -149,9 +153,10 @@ def open_incoming(m: Manager, name: str, tcp: str | None = None,
             family, (host, port) = parse_address(f"tcp:{tcp}", "--tcp")
             try:
                 listener = socket.create_server((host, port), family=family)
-            except OSError as e:
-                raise Invalid(f"--tcp {tcp}: {e.strerror or e}") from None
-            address = f"tcp:{host}:{listener.getsockname()[1]}"
+            except (OSError, ValueError, TypeError, UnicodeError) as e:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                raise Invalid(f"--tcp {tcp[:300]}: {why}") from None
+            address = f"tcp:{f'[{host}]' if ':' in host else host}:{listener.getsockname()[1]}"
             path = None
         else:
             (m.state / "incoming").mkdir(mode=0o700, exist_ok=True)

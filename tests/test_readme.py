@@ -100,7 +100,7 @@ def test_readme_commands(workdir: Path) -> None:
             f.truncate(16 << 20)
     create_qcow2(str(workdir / "data.qcow2"), 64 << 20)
     (workdir / "Image").symlink_to(img.kernel)
-    from pyvirt.testing import oci            # the README's busybox.oci and busybox.tar
+    from pyvirt.testing import oci  # the README's busybox.oci and busybox.tar
     layers = oci.busybox_layers(oci.busybox_binary())
     oci.write_layout(workdir / "busybox.oci", oci.image_config(layers, **oci.BUSYBOX_CONFIG), layers)
     oci.write_docker_archive(workdir / "busybox.tar", oci.image_config(layers, **oci.BUSYBOX_CONFIG), layers)

@@ -13,11 +13,15 @@ the HTIF `tohost` word of bare-metal programs is watched too.  Writes to a
 watched page through the bus (CPU slow path or device DMA) call the watcher,
 so translated code is invalidated whatever writes to it.
 
-The dirty-page log (live migration, snapshots): while `start_dirty_log()` is
-on, `dirty_log` is a bytearray with one byte per 4 KiB RAM page, set by every
-writer of guest RAM; `harvest_dirty()` returns the written pages (numbered
-from the start of RAM) and clears them.  Device DMA reported through
-`dma_written` marks its pages here.
+The dirty-page log (live migration, snapshots): while a log is on,
+`dirty_log` is a bytearray with one byte per 4 KiB page of RAM (index =
+(physical address - ram_base) >> 12), set to 1 by every writer of guest RAM:
+the bus's own write paths (CPU slow path, device DMA through `write`,
+`write_bytes`, `dma_written`) mark here; the CPU marks a page when it installs
+a writable TLB entry for it, and the log hooks (`add_log_hook`) drop every
+writable TLB entry when a log starts and at each harvest, so the next store to
+any page goes through a path that marks it.  Native code that refills its own
+TLB must either leave write fills to Python or set the log byte itself.
 """
 
 from __future__ import annotations
@@ -103,40 +107,13 @@ class Bus:
         self.watched: dict[int, list[Callable[[int, int], None]]] = {}
         self.ram_fd = ram_fd
         self.dirty_log: bytearray | None = None
+        self._log_hooks: list[Callable[[], None]] = []
 
     def close(self) -> None:
         """Close the RAM's memfd, if any (the mapping lives on until it is dropped)."""
         if self.ram_fd is not None:
             os.close(self.ram_fd)
             self.ram_fd = None
-
-    # -- the dirty-page log ------------------------------------------------------------
-    def start_dirty_log(self) -> None:
-        """Log every RAM page written from now on (one byte per 4 KiB page)."""
-        self.dirty_log = bytearray(self.ram_size >> PAGE_SHIFT)
-
-    def harvest_dirty(self) -> set[int]:
-        """The RAM pages (numbered from the start of RAM) written since the log started or
-        the last harvest; the log is cleared."""
-        log = self.dirty_log
-        if log is None:
-            return set()
-        pages = {i for i, b in enumerate(log) if b}
-        self.dirty_log = bytearray(len(log))
-        return pages
-
-    def stop_dirty_log(self) -> None:
-        self.dirty_log = None
-
-    def mark_dirty(self, addr: int, length: int) -> None:
-        """Note `length` bytes written at guest-physical `addr` in the log (if it is on)."""
-        log = self.dirty_log
-        if log is None or length <= 0:
-            return
-        first = max(addr - self.ram_base, 0) >> PAGE_SHIFT
-        last = min((addr + length - 1 - self.ram_base) >> PAGE_SHIFT, len(log) - 1)
-        if first <= last:
-            log[first:last + 1] = b"\x01" * (last - first + 1)
 
     # -- layout ---------------------------------------------------------------
     def add_mmio(self, base: int, size: int, device: MmioDevice, name: str = "") -> None:
@@ -186,6 +163,56 @@ class Bus:
                 for cb in list(cbs):
                     cb(addr, length)
 
+    # -- dirty-page log ---------------------------------------------------------
+    def add_log_hook(self, hook: Callable[[], None]) -> None:
+        """Call `hook()` when a dirty log starts and at each harvest: the CPU's
+        engine drops its harts' writable TLB entries there."""
+        self._log_hooks.append(hook)
+
+    def remove_log_hook(self, hook: Callable[[], None]) -> None:
+        if hook in self._log_hooks:
+            self._log_hooks.remove(hook)
+
+    def start_dirty_log(self) -> None:
+        """Start logging written RAM pages (a running log is cleared)."""
+        self.dirty_log = bytearray(self.ram_size >> PAGE_SHIFT)
+        for hook in list(self._log_hooks):
+            hook()
+
+    def harvest_dirty(self) -> set[int]:
+        """The RAM page indexes ((addr - ram_base) >> 12) written since the log
+        started or was last harvested; the log is cleared (in place) and the
+        writable TLB entries dropped again."""
+        log = self.dirty_log
+        if log is None:
+            raise ConfigError("no dirty-page log is running")
+        for hook in list(self._log_hooks):
+            hook()
+        pages: set[int] = set()
+        find = log.find
+        i = find(1)
+        while i >= 0:
+            pages.add(i)
+            i = find(1, i + 1)
+        log[:] = bytes(len(log))
+        return pages
+
+    def stop_dirty_log(self) -> None:
+        self.dirty_log = None
+
+    def mark_dirty(self, addr: int, length: int) -> None:
+        """Mark the RAM pages of guest range `addr`+`length` written (the part in RAM)."""
+        log = self.dirty_log
+        if log is not None and length > 0:
+            first = max(addr - self.ram_base, 0) >> PAGE_SHIFT
+            last = min((addr - self.ram_base + length - 1) >> PAGE_SHIFT, len(log) - 1)
+            if first > last:
+                return
+            if first == last:
+                log[first] = 1
+            else:
+                log[first:last + 1] = b"\x01" * (last + 1 - first)
+
     # -- word access (CPU slow path, devices' register-sized DMA) ---------------
     def read(self, addr: int, size: int) -> int:
         off = addr - self.ram_base
@@ -201,6 +228,10 @@ class Bus:
         off = addr - self.ram_base
         if 0 <= off and addr + size <= self.ram_end:
             _PACK[size](self.ram, off, value & _MASK[size])
+            log = self.dirty_log
+            if log is not None:
+                log[off >> PAGE_SHIFT] = 1
+                log[(off + size - 1) >> PAGE_SHIFT] = 1
             if self.watched:
                 self._notify(addr, size)
             return
@@ -229,16 +260,16 @@ class Bus:
         length = len(data)
         off = self._ram_offset(addr, length)
         memoryview(self.ram)[off:off + length] = data     # (PyPy's mmap takes only bytes)
+        self.mark_dirty(addr, length)
         if self.watched and length:
             self._notify(addr, length)
 
     def dma_written(self, addr: int, length: int) -> None:
         """Tell the bus that `length` bytes at `addr` were written through a view (or by an
         external back end): translated code from those pages is dropped, the log marks them."""
+        self.mark_dirty(addr, length)
         if self.watched and length > 0:
             self._notify(addr, length)
-        if self.dirty_log is not None:
-            self.mark_dirty(addr, length)
 
     # -- state ---------------------------------------------------------------------
     def save_devices(self) -> dict[str, Any]:

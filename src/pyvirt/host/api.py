@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from pyvirt.errors import PyvirtError
 from pyvirt.host.errors import HostError
 from pyvirt.host.manager import Manager
+from pyvirt.host.migration_api import add_migration_routes
 from pyvirt.host.models import NAME_RULE, SNAPSHOT_NAME_RULE, ExportRequest, ImportRequest, VmCreate
 from pyvirt.host.snapshot_api import add_snapshot_routes
 from pyvirt.spec import limit_message
@@ -131,4 +132,5 @@ def make_app(manager: Manager) -> FastAPI:
                                cpu_quota=req.cpu_quota)
 
     add_snapshot_routes(app, manager, ERRORS)
+    add_migration_routes(app, manager, ERRORS)
     return app

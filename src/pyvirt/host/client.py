@@ -126,6 +126,16 @@ class Client:
             params["offset"] = offset
         return self._call("GET", f"/vms/{name}/logs", params=params)
 
+    def incoming(self, name: str, tcp: str | None = None, allow: builtins.list[str] | None = None) -> dict[str, Any]:
+        """Open an endpoint for VM `name` to arrive on: {address, token} to give `migrate`."""
+        return self._call("POST", "/migrations/incoming", json={"name": name, "tcp": tcp, "allow": allow or []})
+
+    def migrate(self, name: str, to: str, token: str, downtime: float = 0.3, timeout: float = 600.0,
+                on_timeout: str = "cancel") -> dict[str, Any]:
+        """Live-migrate the running VM `name` to the endpoint `to`; its record (state migrated)."""
+        body = {"to": to, "token": token, "downtime": downtime, "timeout": timeout, "on_timeout": on_timeout}
+        return self._call("POST", f"/vms/{name}/migrate", json=body, timeout=timeout + 300)
+
     def export(self, name: str, path: str | os.PathLike[str], snapshot: str | None = None) -> dict[str, Any]:
         body = {"path": str(Path(path).expanduser().absolute()), "snapshot": snapshot}
         return self._call("POST", f"/vms/{name}/export", json=body, timeout=3600)

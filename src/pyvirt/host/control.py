@@ -9,7 +9,8 @@ loop between CPU slices (and at once while the VM is paused).
 
     Status                  -> StatusReply: state (running|paused), pid, instructions,
                                resets (guest reboots), agent (the guest agent has its port
-                               open), console_attached, snapshot (the last one's outcome)
+                               open), console_attached, snapshot (the last one's outcome),
+                               migration (the last one's progress)
     Pause / Resume          -> StateReply
     Stop                    -> StopReply: asks the guest to power off through the agent
                                (resumes a paused VM first); agent: whether it is there
@@ -20,22 +21,32 @@ loop between CPU slices (and at once while the VM is paused).
                             -> SnapshotReply, sent when the snapshot is written (or has
                                failed): outcome {dir, then, ok, error}.  The runner is busy
                                meanwhile; the caller waits up to SNAPSHOT_TIMEOUT.
+    Migrate {token, downtime, timeout, on_timeout, to} with a connected socket passed along
+                            -> Done: the migration starts (host/migration.py; SCM_RIGHTS: the
+                               jailed runner opens no socket); its progress shows in
+                               StatusReply's migration (a MigrationProgress)
+
+A request that carries descriptors (SCM_RIGHTS, `Request.FDS` of them: only Migrate) gets
+them as `req.fds`, checked in number like its fields; they are closed after the handler
+unless it took them (set them to -1).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
 
 from pyvirt.fsutil import listen_unix
 
 MAX_LINE = 64 * 1024
+MAX_FDS = 4                     # descriptors one request may carry
 SNAPSHOT_TIMEOUT = 600.0        # writing a snapshot (RAM is scanned, non-zero pages written)
 
 # In the VM directory: the disks the VM writes, written by the runner when a snapshot moved them
@@ -88,6 +99,20 @@ class SnapshotReply(Done):
     snapshot: SnapshotOutcome
 
 
+class MigrationProgress(_Message):
+    """A migration's figures so far (vmm/migration.py's MigrationStats)."""
+    rounds: int
+    pages_sent: int
+    bytes_sent: int
+    total_seconds: float
+    downtime_seconds: float
+    throttle: float
+    bandwidth: float
+    guest_instructions: int
+    outcome: Literal["running", "completed", "cancelled", "failed"]
+    error: str | None = None
+
+
 class StatusReply(StateReply):
     pid: int
     instructions: int
@@ -95,12 +120,21 @@ class StatusReply(StateReply):
     agent: bool
     console_attached: bool
     snapshot: SnapshotOutcome | None = None
+    migration: MigrationProgress | None = None
 
 
 # -- requests ------------------------------------------------------------------------------
 class Request(_Message):
     Reply: ClassVar[type[Done]] = Done
+    FDS: ClassVar[int] = 0           # descriptors the request carries (SCM_RIGHTS)
     op: str
+    _fds: list[int] = PrivateAttr(default_factory=list)
+
+    @property
+    def fds(self) -> list[int]:
+        """The descriptors passed along with the request (the server's; take one by setting
+        its entry to -1)."""
+        return self._fds
 
 
 class Status(Request):
@@ -146,10 +180,23 @@ class Snapshot(Request):
     live_dir: str | None = Field(None, min_length=1, max_length=4096)
 
 
-REQUESTS: tuple[type[Request], ...] = (Status, Pause, Resume, Stop, Kill, Hostname, Mac, Snapshot)
+class Migrate(Request):
+    """Migrate the running VM to the destination at the other end of the connected socket
+    passed along (host/migration.py `runner_migrate`)."""
+    FDS: ClassVar[int] = 1
+    op: Literal["migrate"] = "migrate"
+    token: str = Field(max_length=4096)
+    downtime: float = Field(0.3, gt=0, le=60)          # seconds: the stop-and-copy target
+    timeout: float = Field(600.0, gt=0, le=86400)      # seconds, then on_timeout
+    on_timeout: Literal["cancel", "force"] = "cancel"
+    to: str = Field("", max_length=4096)              # the destination's address (for the record)
+
+
+REQUESTS: tuple[type[Request], ...] = (Status, Pause, Resume, Stop, Kill, Hostname, Mac, Snapshot, Migrate)
 OPS = tuple(r.model_fields["op"].default for r in REQUESTS)
 _ANY_REQUEST: TypeAdapter[Request] = TypeAdapter(
-    Annotated[Status | Pause | Resume | Stop | Kill | Hostname | Mac | Snapshot, Field(discriminator="op")])
+    Annotated[Status | Pause | Resume | Stop | Kill | Hostname | Mac | Snapshot | Migrate,
+              Field(discriminator="op")])
 
 
 def _first_error(e: ValidationError) -> str:
@@ -190,12 +237,16 @@ def parse_reply(req: Request, raw: Any) -> Done:
 
 
 # -- the client ------------------------------------------------------------------------------
-def _exchange(path: str | Path, line: bytes, timeout: float) -> Any:
+def _exchange(path: str | Path, line: bytes, timeout: float, fds: list[int] | None = None) -> Any:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(str(path))
-        s.sendall(line + b"\n")
+        line += b"\n"
+        if fds:                              # (with the line's first bytes)
+            sent = socket.send_fds(s, [line], fds)
+            line = line[sent:]
+        s.sendall(line)
         buf = b""
         while b"\n" not in buf:
             chunk = s.recv(65536)
@@ -213,27 +264,36 @@ def _exchange(path: str | Path, line: bytes, timeout: float) -> Any:
         s.close()
 
 
-def call(path: str | Path, req: Request, timeout: float | None = None) -> Done:
-    """Send `req` to the control socket at `path`; its reply, validated (a `req.Reply`).
-    Raises Refused when the runner answered with an error, ControlError when it did not
-    answer (ProtocolError: not with a reply of this protocol)."""
+def call(path: str | Path, req: Request, timeout: float | None = None, fds: list[int] | None = None) -> Done:
+    """Send `req` to the control socket at `path` (with the descriptors `fds`, SCM_RIGHTS);
+    its reply, validated (a `req.Reply`).  Raises Refused when the runner answered with an
+    error, ControlError when it did not answer (ProtocolError: not with a reply of this
+    protocol)."""
     if timeout is None:
         timeout = SNAPSHOT_TIMEOUT if isinstance(req, Snapshot) else 5.0
-    return parse_reply(req, _exchange(path, req.model_dump_json(exclude_none=True).encode(), timeout))
+    return parse_reply(req, _exchange(path, req.model_dump_json(exclude_none=True).encode(), timeout, fds))
 
 
-def request(path: str | Path, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
-    """Send one untyped request line (a test's probe: bad requests included); the reply as a
-    dict, unchecked.  The daemon uses `call`."""
+def request(path: str | Path, op: str, timeout: float | None = None, fds: list[int] | None = None,
+            **args: Any) -> dict[str, Any]:
+    """Send one untyped request line (a test's probe: bad requests included; with
+    descriptors `fds`); the reply as a dict, unchecked.  The daemon uses `call`."""
     if timeout is None:
         timeout = SNAPSHOT_TIMEOUT if op == "snapshot" else 5.0
-    reply = _exchange(path, json.dumps({"op": op, **args}).encode(), timeout)
+    reply = _exchange(path, json.dumps({"op": op, **args}).encode(), timeout, fds)
     if not isinstance(reply, dict):
         raise ProtocolError(f"a malformed reply on {path}")
     return reply
 
 
 # -- the server ------------------------------------------------------------------------------
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 Respond = Callable[[Done], None]
 # handler(request, respond): the reply now, or None and `respond(reply)` later (once)
 Handler = Callable[[Request, Respond], "Done | None"]
@@ -275,20 +335,26 @@ class ControlServer:
 
     def _read(self, fd: int) -> None:
         conn, buf = self.clients[fd]
+        passed: list[int] = []
         try:
-            data = conn.recv(65536)
+            data, passed, _, _ = socket.recv_fds(conn, 65536, MAX_FDS)
         except (BlockingIOError, InterruptedError, socket.timeout):
             return
         except OSError:
             data = b""
         if not data:
+            _close_all(passed)
             self._drop(fd)
             return
         buf += data
-        while b"\n" in buf and fd in self.clients:
-            line, _, rest = bytes(buf).partition(b"\n")
-            buf[:] = rest
-            self._handle(fd, conn, line)
+        try:
+            while b"\n" in buf and fd in self.clients:
+                line, _, rest = bytes(buf).partition(b"\n")
+                buf[:] = rest
+                self._handle(fd, conn, line, passed)     # (descriptors: with the first line)
+                passed = []
+        finally:
+            _close_all(passed)                # (none was left for a line, or the client went)
         if fd in self.clients and len(buf) > MAX_LINE:
             self._drop(fd)
 
@@ -300,12 +366,17 @@ class ControlServer:
         except OSError:
             self._drop(fd)
 
-    def _handle(self, fd: int, conn: socket.socket, line: bytes) -> None:
+    def _handle(self, fd: int, conn: socket.socket, line: bytes, passed: list[int]) -> None:
         try:
             req = parse_request(line)
+            if len(passed) != req.FDS:
+                raise ProtocolError(f"{req.op} needs {req.FDS} descriptor(s) passed along (SCM_RIGHTS), "
+                                    f"not {len(passed)}")
         except ProtocolError as e:
+            _close_all(passed)
             self._send(fd, conn, ErrorReply(error=str(e)))
             return
+        req._fds = passed                     # (whatever the JSON said: only what was passed)
         answered = False
 
         def respond(reply: Done | ErrorReply) -> None:
@@ -324,6 +395,8 @@ class ControlServer:
             reply = ErrorReply(error=str(e))
         except Exception as e:                # a bad request must not end the VM
             reply = ErrorReply(error=f"{req.op}: {e}")
+        finally:
+            _close_all(req.fds)               # (those the handler did not take)
         if reply is not None:
             respond(reply)
 

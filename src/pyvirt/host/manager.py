@@ -202,7 +202,7 @@ class Manager:
             rec = self._get(name)
             self._check(rec)
             rec = self._get(rec.id)
-            if rec.alive:
+            if rec.alive or rec.state == "migrated":
                 raise Conflict(f"VM {rec.name} is already {rec.state}")
             if rec.id in self.runners.deleting:
                 raise Conflict(f"VM {rec.name} is being deleted")

@@ -53,6 +53,7 @@ from pyvirt.fsutil import listen_unix
 from pyvirt.guestcmd import AGENT_PORT
 from pyvirt.host import control
 from pyvirt.host.control import DISKS_FILE, ControlServer
+from pyvirt.host.migration import migration_status
 from pyvirt.host.paths import VmPaths, vm_paths
 from pyvirt.spec import NetSpec, PortSpec, VmSpec, format_size
 from pyvirt.stream import BufferedStream
@@ -167,6 +168,8 @@ class Runner:
         self.reason = "poweroff"
         self.last_snapshot: control.SnapshotOutcome | None = None
         self.snapshot_dir: str | None = None
+        self.migration: Any = None                 # a vmm.migration.Migration under way or ended
+        self.migrated_to: str | None = None
         # A snapshot's new overlays are recorded before the old images are frozen
         # (vmm/snapshot.py's _freeze_disks calls these).
         vm.disks_moved = [lambda: write_disks(self.paths, vm)]    # type: ignore[attr-defined]
@@ -223,13 +226,14 @@ class Runner:
         return control.StatusReply(state="paused" if self.vm.paused else "running", pid=os.getpid(),
                                    instructions=self.vm.stats.instructions, resets=self.vm.stats.resets,
                                    agent=self.agent_open(), snapshot=self.last_snapshot,
+                                   migration=migration_status(self),
                                    console_attached=self.console.client is not None)
 
     def handle(self, req: control.Request, respond: control.Respond) -> control.Done | None:
         vm = self.vm
         if isinstance(req, control.Status):
             return self.status()
-        log.info("%s", req.model_dump_json())
+        log.info("%s", req.model_dump_json(exclude={"token"}))    # (a migration's token stays out of the log)
         if isinstance(req, control.Pause):
             if vm.paused:
                 raise control.Refused("the VM is already paused")
@@ -259,6 +263,9 @@ class Runner:
         if isinstance(req, control.Snapshot):
             self.snapshot(req, respond)         # (the reply when it is written)
             return None
+        if isinstance(req, control.Migrate):
+            from pyvirt.host.migration import runner_migrate
+            return runner_migrate(self, req)
         raise control.Refused(f"{req.op}: not served by this runner")
 
     def snapshot(self, req: control.Snapshot, respond: control.Respond) -> None:
@@ -299,7 +306,11 @@ def with_agent_port(spec: VmSpec, sock: Path) -> VmSpec:
 def build_vm(config: dict[str, Any], paths: VmPaths, console: SocketConsole) -> Vm:
     """The Vm to run: a new one from the spec, or -- with config["restore"] = a snapshot
     directory -- the snapshot's, through pyvirt.vmm.snapshot.load_snapshot where this pyvirt
-    has it (config["overrides"] is passed on)."""
+    has it (config["overrides"] is passed on); with config["incoming"], the VM arriving on the
+    connection the daemon passed (host/migration.py)."""
+    if config.get("incoming"):
+        from pyvirt.host.migration import runner_receive
+        return runner_receive(config, console, paths.dir)
     if config.get("restore"):
         try:
             from pyvirt.vmm.restore import Overrides, load_snapshot
@@ -385,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         config = json.loads(paths.config.read_text())
         console = SocketConsole(paths.console_log, paths.console_sock)
         log.info("VM %s (id %s): %s", config.get("name"), args.id,
-                 f"restoring the snapshot {config['restore']}" if config.get("restore") else "booting")
+                 f"restoring the snapshot {config['restore']}" if config.get("restore")
+                 else "arriving by migration" if config.get("incoming") else "booting")
         vm = build_vm(config, paths, console)
     except Exception as e:          # whatever stops the VM from being built is reported
         why = str(e) if isinstance(e, (PyvirtError, OSError, ValueError)) else f"{type(e).__name__}: {e}"
@@ -416,7 +428,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", watch.failure)
         write_exit(paths, reason="error", error=watch.failure)
         return 1
-    if runner.reason == "snapshot":
+    if runner.reason == "migrated":
+        log.info("migrated to %s; ending", runner.migrated_to)
+        write_exit(paths, reason="migrated", to=runner.migrated_to)
+    elif runner.reason == "snapshot":
         log.info("saved to the snapshot %s; ending", runner.snapshot_dir)
         write_exit(paths, reason="snapshot", dir=runner.snapshot_dir)
     elif vm.reboot_requested and jailed:

@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     frozen TEXT NOT NULL
 );
 """
-STATES = ("stopped", "running", "paused", "crashed")
+STATES = ("stopped", "running", "paused", "crashed", "migrated")      # migrated: moved to another pyvirtd
 
 
 class DuplicateName(Exception):

@@ -5,7 +5,8 @@ State machine (VmRecord.state):
     stopped --start--> running --pause--> paused --resume--> running
     running/paused --stop (guest powers off) / kill / guest powers off--> stopped
     running/paused --runner dies unexpectedly (signal, non-zero exit)--> crashed
-    crashed --start--> running;  stopped/crashed --delete--> (gone)
+    running/paused/stopped/crashed --migrate (host/migration.py)--> migrated (it is elsewhere now)
+    crashed --start--> running;  stopped/crashed/migrated --delete--> (gone)
 
 A runner is started in its own session, so it outlives the daemon; the
 monitor thread notices when one ends (waitpid for the daemon's own children,
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pyvirt.host import cgroups, control, jail
+from pyvirt.host import cgroups, control, jail, migration
 from pyvirt.host.errors import Conflict, Invalid, NotFound
 from pyvirt.host.models import Limits
 from pyvirt.host.paths import VmPaths, proc_start_time, vm_paths
@@ -58,6 +59,8 @@ class Supervisor:
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.expected_end: set[str] = set()      # ids being stopped or killed on purpose
         self.deleting: set[str] = set()          # ids being deleted: not started meanwhile
+        # incoming migrations by VM name (host/migration.py): an arriving VM's runner is one of these
+        self.migrations_incoming: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
 
@@ -94,11 +97,12 @@ class Supervisor:
         return rec
 
     # -- the control channel ---------------------------------------------------------------
-    def call(self, rec: VmRecord, req: control.Request, reply: type[R], timeout: float | None = None) -> R:
-        """`req` to `rec`'s runner; its reply (of type `reply`).  A runner that does not answer,
-        answers garbage or refuses is one Conflict."""
+    def call(self, rec: VmRecord, req: control.Request, reply: type[R], timeout: float | None = None,
+             fds: list[int] | None = None) -> R:
+        """`req` to `rec`'s runner (with the descriptors `fds` passed along); its reply (of type
+        `reply`).  A runner that does not answer, answers garbage or refuses is one Conflict."""
         try:
-            out = control.call(self.paths(rec).control_sock, req, timeout=timeout)
+            out = control.call(self.paths(rec).control_sock, req, timeout=timeout, fds=fds)
         except control.Refused as e:
             raise Conflict(f"VM {rec.name}: {e}") from None
         except control.ControlError as e:
@@ -115,7 +119,8 @@ class Supervisor:
             return None
 
     # -- starting ----------------------------------------------------------------------------
-    def spawn(self, rec: VmRecord, extra: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
+    def spawn(self, rec: VmRecord, extra: dict[str, Any] | None = None,
+              pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
         p = self.paths(rec)
         p.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for f in (p.exit_file, p.control_sock, p.dir / control.DISKS_FILE,   # (disks.json: recorded at the end)
@@ -130,7 +135,7 @@ class Supervisor:
             proc = subprocess.Popen([sys.executable, "-m", "pyvirt.host.runner", "--id", rec.id,
                                      "--state-dir", str(self.state)],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=out, close_fds=True,
-                                    start_new_session=True)
+                                    start_new_session=True, pass_fds=pass_fds)
         limits = Limits.model_validate(rec.limits_dict)
         placement = cgroups.place(self.cgroups, rec.id, proc.pid, limits.cpu_quota, limits.memory_limit)
         self.children[rec.id] = proc
@@ -202,6 +207,8 @@ class Supervisor:
             self._ended(rec, None)
 
     def _ended(self, rec: VmRecord, code: int | None) -> None:
+        if migration.incoming_failed(self, rec):           # an incoming migration that did not arrive
+            return
         self.children.pop(rec.id, None)
         with contextlib.suppress(OSError, ValueError):        # what the jail kept it from removing
             jail.remove_leftovers(json.loads((self.paths(rec).dir / "jail.json").read_text()))
@@ -218,6 +225,8 @@ class Supervisor:
             state, reason, exit_status = "stopped", "poweroff", info.get("exit_status")
         elif info.get("reason") == "snapshot":
             state, reason = "stopped", f"saved to the snapshot {info.get('dir')}"
+        elif info.get("reason") == "migrated":
+            state, reason = "migrated", f"migrated to {info.get('to')}"
         elif info.get("reason") == "killed":
             state, reason = "stopped", "killed"
         elif info.get("reason") == "reboot":           # (a jailed guest rebooting while it was stopped)

@@ -110,6 +110,12 @@ class Engine:
         self.jumps = native.JumpTables() if mode == "native" else None
         self.code_cache = code_cache if self.native is not None else None
         self._stop_half: int | None = None     # see _decode_block
+        bus.add_log_hook(self.drop_write_entries)
+
+    def drop_write_entries(self) -> None:
+        """The bus's dirty-log hook: no hart keeps a writable TLB entry (memory.py)."""
+        for h in self.harts:
+            h.drop_write_entries()
 
     def add_hart(self, hart: Hart) -> None:
         if self.native is not None and isinstance(hart.x, list):

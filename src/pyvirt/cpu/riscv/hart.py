@@ -467,6 +467,21 @@ class Hart(CsrMixin):
                 if view[at] & native.VPN_MASK == vpn:
                     view[at] = M64
 
+    def drop_write_entries(self) -> None:
+        """Drop every writable TLB entry, Python and native, of every address space
+        and mode (a dirty-page log started or was harvested: memory.py)."""
+        seen: set[int] = set()
+        for dicts in [e[1] for e in self.asid_sets.values()] + [self.gtlbs, self.tlbs]:
+            for ctx in (*SU_CTX, 3):
+                d = dicts[ctx][1] if ctx in dicts else None
+                if d is not None and id(d) not in seen:
+                    seen.add(id(d))
+                    d.clear()                  # in place: translated blocks hold them
+        for t in self._ntlb.values():
+            ctypes.memset(ctypes.addressof(t) + native.TLB_BYTES, 0xFF, native.TLB_BYTES)
+        self._wrev.clear()
+        self._wrev_n = 0
+
     def status_changed(self, old: int, new: int) -> None:
         changed = old ^ new
         if changed & MXR:
@@ -543,6 +558,9 @@ class Hart(CsrMixin):
                 view[slot] = key
                 view[slot + 1] = addend
                 if access == mmu.STORE and ppn not in self.bus.watched:
+                    log = self.bus.dirty_log
+                    if log is not None:        # the only write fill: mark the page (memory.py)
+                        log[(pa - self.ram_base) >> 12] = 1
                     w[vpn] = page_off
                     if self.ctx != 3:
                         self._note_write(w, vpn, ppn)

@@ -1,0 +1,347 @@
+"""Live and cold migration between pyvirtd daemons (docs/migration.md).
+
+The destination daemon first opens an *incoming endpoint* for a VM name (`open_incoming`:
+POST /migrations/incoming, `pyvirt incoming NAME`): a Unix socket in its state directory or
+a TCP port, and a one-time token.  One connection is accepted; the daemon checks the
+greeting and the spec itself (vmm/migration.py's `accept_handshake`, with `trusted_spec`
+below: nothing the source says reaches a host file the destination's user did not name),
+records the VM and starts its runner with the connection, which receives the rest
+(`runner_receive`) before it builds its jail.  A runner that fails or dies before the VM is
+complete leaves nothing: its record and directory are removed (`incoming_failed`).
+
+The source daemon (`migrate`: POST /vms/{name}/migrate, `pyvirt migrate VM --to ADDRESS`)
+connects to the address and hands the connected socket to the VM's runner over its control
+socket (SCM_RIGHTS: a jailed runner opens no socket), which migrates between slices
+(`runner_migrate`).  When it completed, the source runner ends and its record says where
+the VM went (state "migrated"); otherwise the VM runs on, unchanged.
+
+A stopped (or crashed) VM moves *cold* through the same command: its definition travels
+(the greeting says "cold"), its disks must be shared, and it arrives stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import secrets
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pyvirt.errors import ConfigError
+from pyvirt.fsutil import listen_unix
+from pyvirt.guestcmd import AGENT_PORT
+from pyvirt.host import control
+from pyvirt.host.errors import Conflict, Invalid
+from pyvirt.host.paths import VmPaths
+from pyvirt.host.store import DuplicateName, VmRecord
+from pyvirt.spec import VmSpec
+from pyvirt.vmm import migration as proto
+
+if TYPE_CHECKING:
+    from pyvirt.host.manager import Manager
+    from pyvirt.host.supervisor import Supervisor
+
+log = logging.getLogger("pyvirtd")
+INCOMING_TIMEOUT = 600.0        # an endpoint nobody connected to closes after this
+MAX_INCOMING = 16               # endpoints open at once
+MARK = "incoming"               # in the VM directory while the VM is still arriving
+GUEST_FIELDS = ("cpus", "memory", "append", "rng", "engine", "mmu")
+
+
+def parse_address(to: str, flag: str = "--to") -> tuple[int, Any]:
+    """unix:/PATH or /PATH -> a Unix socket; tcp:HOST:PORT or HOST:PORT -> TCP (port 0: any)."""
+    if to.startswith("unix:") or to.startswith("/"):
+        return socket.AF_UNIX, to.removeprefix("unix:")
+    host, sep, port = to.removeprefix("tcp:").rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536 or not host:
+        raise Invalid(f"{flag} {to[:300]}: give unix:/PATH or tcp:HOST:PORT")
+    return socket.AF_INET6 if ":" in host else socket.AF_INET, (host.strip("[]"), int(port))
+
+
+def connect(to: str, timeout: float = 10.0) -> socket.socket:
+    family, addr = parse_address(to)
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(addr)
+    except (OSError, ValueError, TypeError) as e:
+        s.close()
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise Conflict(f"cannot reach the destination {to[:300]}: {why}") from None
+    return s
+
+
+def _boot_file_ok(path: Any, allowed: list[Path]) -> bool:
+    from pyvirt.images.cache import cache_root
+    if path is None:
+        return True
+    p = Path(str(path)).resolve()
+    roots = [cache_root().resolve()]
+    return p.is_file() and (any(p.is_relative_to(r) for r in roots) or p in allowed)
+
+
+def trusted_spec(spec: Any, vm_dir: Path, allow: list[Path]) -> VmSpec:
+    """The spec an incoming VM gets: the guest's hardware as sent; boot files only from the
+    image cache (or `allow`); disks only at paths in `allow` (shared storage); NICs only on
+    the user network (passt, made afresh: connections are lost) or a `pyvirt network` of this
+    host (its MAC kept); console ports only the guest agent's, in its own directory."""
+    if not isinstance(spec, dict):
+        raise ConfigError("the spec is not an object")
+    out: dict[str, Any] = {k: spec[k] for k in GUEST_FIELDS if k in spec}
+    for f in ("kernel", "initrd", "bios"):
+        if not _boot_file_ok(spec.get(f), allow):
+            raise ConfigError(f"its {f} {str(spec.get(f))[:200]} is not a boot file of this host's image cache")
+        out[f] = spec.get(f)
+    disks = spec.get("disks") or []
+    for d in disks:
+        path = Path(str(d.get("path") if isinstance(d, dict) else "")).resolve()
+        if path not in allow:
+            raise ConfigError(f"its disk {str(path)[:200]} is not shared with this host (allow it on the "
+                              "incoming endpoint)")
+    out["disks"] = disks
+    nets = []
+    for n in spec.get("nets") or []:
+        if not isinstance(n, dict) or n.get("backend") not in ("user", "network"):
+            raise ConfigError("only user-network and `pyvirt network` NICs can move")
+        nets.append({k: n[k] for k in ("backend", "network", "mac", "tx_bw", "rx_bw") if k in n})
+    out["nets"] = nets
+    ports = [p for p in spec.get("ports") or [] if isinstance(p, dict)]
+    if any(p.get("name") != AGENT_PORT for p in ports):
+        raise ConfigError("console ports other than the guest agent's cannot move")
+    out["ports"] = [{"name": AGENT_PORT, "socket": str(vm_dir / "agent.sock")}] if ports else []
+    return VmSpec.model_validate(out)
+
+
+def _incoming(runners: Supervisor) -> dict[str, dict[str, Any]]:
+    """The daemon's incoming endpoints by VM name (kept by its runners' supervisor, whose
+    `_ended` reads them); one whose runner has the VM complete (its directory lost the mark)
+    is "arrived"."""
+    table = runners.migrations_incoming
+    for info in table.values():
+        if info["state"] == "receiving" and not (paths_of(runners.state, info["vm_id"]).dir / MARK).exists():
+            info["state"] = "arrived" if runners.store.get(info["vm_id"]) is not None else "failed"
+    return table
+
+
+
+def open_incoming(m: Manager, name: str, tcp: str | None = None,
+                  allow: list[str] | None = None) -> dict[str, Any]:
+    from pyvirt.host.models import NAME_RE, NAME_RULE
+    if not re.fullmatch(NAME_RE, name):
+        raise Invalid(f"VM name {name[:80]!r}: {NAME_RULE}")
+    try:
+        allowed = [Path(a).resolve() for a in allow or []]
+    except (OSError, ValueError) as e:
+        raise Invalid(f"--allow: {e}") from None
+    with m.lock:
+        table = _incoming(m.runners)
+        if m.store.get(name) is not None or table.get(name, {}).get("state") in ("waiting", "receiving"):
+            raise Conflict(f"a VM named {name} exists already")
+        for old in [n for n, i in table.items() if i["state"] not in ("waiting", "receiving")]:
+            del table[old]
+        if len(table) >= MAX_INCOMING:
+            raise Conflict(f"{MAX_INCOMING} incoming migrations are open already")
+        token = secrets.token_urlsafe(24)
+        if tcp:
+            family, (host, port) = parse_address(f"tcp:{tcp}", "--tcp")
+            try:
+                listener = socket.create_server((host, port), family=family)
+            except (OSError, ValueError, TypeError, UnicodeError) as e:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                raise Invalid(f"--tcp {tcp[:300]}: {why}") from None
+            address = f"tcp:{f'[{host}]' if ':' in host else host}:{listener.getsockname()[1]}"
+            path = None
+        else:
+            (m.state / "incoming").mkdir(mode=0o700, exist_ok=True)
+            path = m.state / "incoming" / f"{name}.sock"
+            listener = listen_unix(path)
+            listener.setblocking(True)
+            address = f"unix:{path}"
+        _incoming(m.runners)[name] = {"address": address, "state": "waiting", "error": None}
+    threading.Thread(target=_serve_incoming, args=(m, name, listener, path, token, allowed),
+                     name=f"incoming-{name}", daemon=True).start()
+    log.info("incoming migration for VM %s on %s", name, address)
+    return {"name": name, "address": address, "token": token, "expires_in": INCOMING_TIMEOUT}
+
+def incoming_status(m: Manager, name: str) -> dict[str, Any]:
+    info = _incoming(m.runners).get(name)
+    if info is None:
+        raise Invalid(f"no incoming migration for {name}")
+    return {"name": name, **info}
+
+def _serve_incoming(m: Manager, name: str, listener: socket.socket, path: Path | None, token: str,
+                    allow: list[Path]) -> None:
+    info = _incoming(m.runners)[name]
+    listener.settimeout(INCOMING_TIMEOUT)
+    try:
+        conn, _ = listener.accept()                # one connection: the token is used up
+    except OSError:
+        info.update(state="expired", error="nobody connected")
+        return
+    finally:
+        listener.close()
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    vm_id = uuid.uuid4().hex[:12]
+    rec = None
+    try:
+        vm_dir = paths_of(m.state, vm_id).dir
+        greeting: dict[str, Any] = {}
+        spec = proto.accept_handshake(conn, token, lambda s: trusted_spec(s, vm_dir, allow), greeting=greeting)
+        if greeting["cold"]:                           # a stopped VM: its definition, recorded stopped
+            proto.receive_cold(conn)
+            from pyvirt.host.models import VMM_OVERHEAD, Limits
+            with m.lock:
+                m.store.add(VmRecord(id=vm_id, name=name, spec=spec.model_dump_json(), desired="stopped",
+                                     limits=Limits(memory_limit=spec.memory + VMM_OVERHEAD).model_dump_json(),
+                                     created=time.time(), origin="migration"))
+            info.update(state="arrived", vm_id=vm_id)
+            log.info("VM %s arrived stopped (cold migration)", name)
+            return
+        from pyvirt.host.models import VMM_OVERHEAD, Limits
+        rec = VmRecord(id=vm_id, name=name, spec=spec.model_dump_json(),
+                       limits=Limits(memory_limit=spec.memory + VMM_OVERHEAD).model_dump_json(),
+                       desired="running", created=time.time(), origin="migration")
+        with m.lock:
+            try:
+                m.store.add(rec)
+            except DuplicateName:
+                raise proto.MigrationError(f"a VM named {name} exists already") from None
+            vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            (vm_dir / MARK).write_text("")
+            m.runners.spawn(rec, extra={"incoming": {"fd": conn.fileno()}}, pass_fds=(conn.fileno(),))
+        info.update(state="receiving", vm_id=vm_id)
+    except (proto.MigrationError, OSError) as e:
+        info.update(state="failed", error=str(e))
+        log.warning("incoming migration for %s failed: %s", name, e)
+        if rec is not None:
+            with m.lock:
+                m.store.delete(rec.id)
+            shutil.rmtree(paths_of(m.state, vm_id).dir, ignore_errors=True)
+    finally:
+        conn.close()
+
+def paths_of(state: Path, vm_id: str) -> VmPaths:
+    from pyvirt.host.paths import vm_paths
+    return vm_paths(state, vm_id)
+
+def incoming_failed(runners: Supervisor, rec: VmRecord) -> bool:
+    """A runner that ended before its incoming VM was complete: remove every trace (call
+    with the lock held: the supervisor's `_ended` does); whether it was one."""
+    vm_dir = runners.paths(rec).dir
+    if not (vm_dir / MARK).exists():
+        return False
+    runners.children.pop(rec.id, None)
+    runners._release(rec)
+    runners.store.delete(rec.id)
+    shutil.rmtree(vm_dir, ignore_errors=True)
+    info = _incoming(runners).get(rec.name)
+    if info is not None:
+        info.update(state="failed", error=info.get("error") or "the runner ended before the VM arrived")
+    log.warning("incoming migration for %s failed: nothing kept", rec.name)
+    return True
+
+def migrate(m: Manager, name: str, to: str, token: str, downtime: float = proto.DEFAULT_DOWNTIME,
+            timeout: float = proto.DEFAULT_TIMEOUT, on_timeout: str = "cancel") -> dict[str, Any]:
+    """Move the running VM `name` to the daemon listening at `to`; returns its record (state
+    migrated) or raises Conflict with why (the VM runs on)."""
+    if on_timeout not in ("cancel", "force"):
+        raise Invalid("--on-timeout is cancel or force")
+    if not 0 < downtime <= 60 or not 0 < timeout <= 86400:
+        raise Invalid("--downtime is 0-60 s and --timeout up to a day")
+    rec = m.runners.current(name)
+    if rec.state in ("stopped", "crashed"):
+        return _migrate_cold(m, rec, to, token)
+    rec = m.runners.running(name)
+    sock = connect(to)
+    try:
+        req = control.Migrate(token=token, downtime=downtime, timeout=timeout,
+                              on_timeout="force" if on_timeout == "force" else "cancel", to=to)
+        m.runners.call(rec, req, control.Done, fds=[sock.fileno()])
+    finally:
+        sock.close()
+    deadline = time.monotonic() + timeout + 120
+    while time.monotonic() < deadline:
+        now = m.runners.current(rec.id)
+        if not now.alive:
+            if now.state == "migrated":
+                log.info("VM %s migrated to %s", name, to)
+                return m.inspect(rec.id)
+            raise Conflict(f"VM {name} ended during the migration: {now.reason}")
+        st = m.runners.status(now)
+        mig = st.migration if st is not None else None
+        if mig is not None and mig.outcome in ("failed", "cancelled"):
+            raise Conflict(f"migration of {name} {mig.outcome}: {mig.error}; it runs on here")
+        time.sleep(0.1)
+    raise Conflict(f"migration of {name}: no outcome in time")
+
+
+def _migrate_cold(m: Manager, rec: VmRecord, to: str, token: str) -> dict[str, Any]:
+    """A stopped VM: its definition moves (its disks must be shared), it arrives stopped."""
+    spec = rec.spec_dict
+    spec["ports"] = [p for p in spec.get("ports", []) if p.get("name") == AGENT_PORT]
+    sock = connect(to)
+    try:
+        proto.send_cold(sock, token, spec)
+    except proto.MigrationError as e:
+        raise Conflict(f"migration of {rec.name}: {e}") from None
+    finally:
+        sock.close()
+    with m.lock:
+        m.store.update(rec.id, state="migrated", reason=f"migrated to {to} (stopped)")
+    log.info("VM %s (stopped) migrated to %s", rec.name, to)
+    return m.inspect(rec.id)
+
+
+# -- the runner's side ---------------------------------------------------------------------------
+def runner_receive(config: dict[str, Any], console: Any, vm_dir: Path) -> Any:
+    """An incoming VM's runner: the rest of the stream on the descriptor the daemon passed."""
+    sock = socket.socket(fileno=int(config["incoming"]["fd"]))
+    try:
+        vm = proto.receive_machine(sock, VmSpec.model_validate(config["spec"]), console)
+    finally:
+        sock.close()
+    (vm_dir / MARK).unlink()
+    proto.announce(vm)
+    return vm
+
+
+def runner_migrate(runner: Any, req: control.Migrate) -> control.Done:
+    """The control request Migrate, with the connected socket in req.fds (the control
+    server checked there is one); control.Refused when it cannot start."""
+    fds = req.fds
+    if len(fds) != 1:
+        raise control.Refused("migrate needs one connected socket passed along")
+    if getattr(runner, "migration", None) is not None and not runner.migration.done:
+        raise control.Refused("a migration is under way")
+    sock = socket.socket(fileno=fds[0])
+    fds[0] = -1                                    # ours now (the Migration closes it)
+
+    def finished(stats: proto.MigrationStats) -> None:
+        if stats.outcome == "completed":
+            runner.reason = "migrated"
+            runner.migrated_to = req.to[:300]
+    try:
+        m = proto.Migration(runner.vm, sock, req.token, downtime=req.downtime, timeout=req.timeout,
+                            on_timeout=req.on_timeout, finished=finished)
+    except (proto.MigrationError, ValueError, TypeError) as e:
+        sock.close()
+        raise control.Refused(str(e)) from None
+    runner.migration = m
+    m.attach()
+    if m.done and m.stats.outcome != "completed":
+        raise control.Refused(str(m.stats.error))
+    return control.Done()
+
+
+def migration_status(runner: Any) -> control.MigrationProgress | None:
+    m = getattr(runner, "migration", None)
+    return None if m is None else control.MigrationProgress.model_validate(json.loads(json.dumps(m.stats.as_dict())))

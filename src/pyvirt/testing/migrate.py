@@ -1,0 +1,122 @@
+"""Two ends of a live migration for tests and benchmarks, without pyvirtd: the source Vm runs
+in this process, the destination in a child process (`python -m pyvirt.testing.migrate
+SOCKET TOKEN SECONDS`) that accepts one migration on a Unix socket, runs the VM it received
+for SECONDS and prints its console output, then a JSON line with how it ended (its run time,
+exit, seconds to its first console output, instructions).  `migrate_once` does both ends for
+a default guest running a command; `TICKER` is a guest command printing its uptime every
+10 ms (builtins only: no fork in the loop but usleep's)."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pyvirt.backends.char import BufferBackend
+from pyvirt.request import VmRequest, resolve
+from pyvirt.vmm.migration import Migration, MigrationError, MigrationStats, announce, receive
+from pyvirt.vmm.vm import Vm, Watch
+
+
+def destination(path: str, token: str, seconds: float) -> int:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    print("listening", flush=True)
+    conn, _ = listener.accept()
+    listener.close()
+    console = BufferBackend(limit=1 << 20)
+    try:
+        vm = receive(conn, token, console)
+    except MigrationError as e:
+        print(json.dumps({"error": str(e)}), flush=True)
+        return 3
+    conn.close()
+    t0 = time.monotonic()
+    first: list[float] = []
+
+    def on_tick() -> None:
+        if not first and console.output:
+            first.append(time.monotonic() - t0)
+    vm.watches.append(Watch(lambda: [], lambda ready: None, on_tick))
+    announce(vm)
+    code = vm.run(timeout=seconds)
+    vm.close()
+    sys.stdout.write(console.output.decode(errors="replace"))
+    print("\n" + json.dumps({"ran": time.monotonic() - t0, "exit": code, "first_output": first[0] if first else None,
+                             "instructions": vm.stats.instructions}), flush=True)
+    return 0
+
+
+def start_destination(path: Path, token: str, seconds: float) -> subprocess.Popen[str]:
+    p = subprocess.Popen([sys.executable, "-m", "pyvirt.testing.migrate", str(path), token, str(seconds)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    if p.stdout.readline().strip() != "listening":
+        p.kill()
+        raise RuntimeError("the migration destination did not start")
+    return p
+
+
+TICKER = ('i=0; while true; do i=$((i+1)); read up idle < /proc/uptime; echo "tick $i $up"; '
+          'usleep 10000; done')
+TICK = re.compile(r"tick (\d+)(?: ([\d.]+))?")
+
+
+def ticks(text: str) -> list[tuple[int, float]]:
+    """(counter, guest uptime) of each tick line."""
+    return [(int(m[1]), float(m[2] or 0)) for m in TICK.finditer(text)]
+
+
+def migrate_once(workdir: Path, command: str, after: int = 50, memory: str = "256M", dest_seconds: float = 3.0,
+                 run_on: float = 0.0, nets: list[str] | None = None, **kw: Any) -> tuple[MigrationStats, str, str, Vm]:
+    """Boot the default guest running `command` here, migrate it to a child destination once it
+    printed tick `after`; (stats, source console, destination output, the source Vm, closed).
+    A migration that did not complete leaves the VM running here `run_on` seconds more.
+    `nets`: the VM's NICs (as --net).
+    `kw`: Migration's options."""
+    sock = workdir / "mig.sock"
+    dest = start_destination(sock, "secret", dest_seconds)
+    resolved = resolve(VmRequest(command=command, memory=memory, nets=nets or []))
+    console = BufferBackend(limit=1 << 20)
+    vm = Vm(resolved.spec, console)
+    result: list[MigrationStats] = []
+    mark = f"tick {after}".encode()
+    ended: list[float] = []
+
+    def trigger() -> None:
+        if not result and mark in console.output:
+            result.append(MigrationStats())
+            mig = Migration(vm, connect(sock), "secret", finished=lambda s: result.__setitem__(0, s), **kw)
+            mig.attach()
+        if result and result[0].outcome not in ("running", "completed"):
+            ended.append(time.monotonic())
+            if ended[-1] - ended[0] >= run_on:
+                vm.request_quit()
+    vm.watches.append(Watch(lambda: [], lambda ready: None, trigger))
+    try:
+        vm.run(timeout=600)
+    finally:
+        vm.close()
+        resolved.cleanup()
+    out, _ = dest.communicate(timeout=300)
+    if not result:
+        raise RuntimeError(f"the guest never printed tick {after}: {bytes(console.output[-300:])!r}")
+    return result[0], console.output.decode(errors="replace"), out, vm
+
+
+def connect(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(path))
+    return s
+
+
+__all__ = ["TICKER", "connect", "destination", "migrate_once", "start_destination", "ticks"]
+
+if __name__ == "__main__":
+    sys.exit(destination(sys.argv[1], sys.argv[2], float(sys.argv[3])))

@@ -1,0 +1,169 @@
+"""The source's side of a migration: a destination that goes away at any phase (closed
+connection, killed process), refuses, or answers nonsense leaves the source VM running and
+unchanged (no dirty log left on, the clock running, the run loop going on); a destination
+that plays along to the end makes the source stop with the VM marked migrated."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pyvirt.backends.char import BufferBackend
+from pyvirt.machine.boot import IMAGE_MAGIC2
+from pyvirt.spec import make_spec
+from pyvirt.testing.migrate import connect, start_destination
+from pyvirt.vmm import migration as mig
+from pyvirt.vmm.vm import Vm, Watch
+
+PHASES = ["hello", "spec", "pages", "complete", "ready"]
+
+
+def source_vm(tmp_path: Path) -> Vm:
+    kernel = tmp_path / "k"
+    # An Image whose first instruction jumps to itself: a guest that runs for ever.
+    kernel.write_bytes(b"\x6f\x00\x00\x00" + bytes(52) + IMAGE_MAGIC2 + bytes(4))
+    vm = Vm(make_spec(kernel=kernel, memory=32 << 20), BufferBackend())
+    bus = vm.board.bus
+    for i in range(0, 2000, 7):                       # some non-zero pages to send
+        bus.write_bytes(bus.ram_base + (1 << 20) + i * 4096, os.urandom(64))
+    return vm
+
+
+def fake_destination(sock: socket.socket, stop_at: str) -> None:
+    """Play the destination until `stop_at`, then close the connection."""
+    try:
+        for phase in PHASES:
+            if phase == stop_at:
+                return
+            if phase in ("hello", "spec"):
+                mig.recv_frame(sock, (mig.HELLO, mig.SPEC), 1 << 20)
+                sock.sendall(mig.HEADER.pack(mig.OK, 0))
+            elif phase == "pages":
+                for _ in range(5):
+                    mig.recv_frame(sock, (mig.PAGES,))
+            elif phase == "complete":
+                while mig.recv_frame(sock, (mig.PAGES, mig.STATE, mig.COMPLETE))[0] != mig.COMPLETE:
+                    pass
+            elif phase == "ready":
+                sock.sendall(mig.HEADER.pack(mig.READY, 0))
+                mig.recv_frame(sock, (mig.GO,))
+    except mig.MigrationError:
+        pass
+    finally:
+        sock.close()
+
+
+def run_source(vm: Vm, sock: socket.socket, dirty: bool = False, **kw: object) -> mig.Migration:
+    """Migrate `vm` over `sock` while it runs (`dirty`: the host scribbles over 4 MiB of its
+    RAM between slices, a guest that never converges); until the migration ended."""
+    m = mig.Migration(vm, sock, "t", **kw)  # type: ignore[arg-type]
+    ticks = [0]
+    bus = vm.board.bus
+
+    def stop_later() -> None:
+        ticks[0] += 1
+        if dirty:
+            bus.write_bytes(bus.ram_base + (4 << 20), os.urandom(4 << 20))
+        if m.done and ticks[0] > 5:
+            vm.request_quit()
+    vm.watches.append(Watch(lambda: [], lambda ready: None, stop_later))    # before the migration's
+    m.attach()
+    vm.run(timeout=30)
+    return m
+
+
+@pytest.mark.parametrize("stop_at", PHASES[:-1])
+def test_a_destination_gone_at_any_phase_leaves_the_source_running(tmp_path: Path, stop_at: str) -> None:
+    vm = source_vm(tmp_path)
+    a, b = socket.socketpair()
+    t = threading.Thread(target=fake_destination, args=(b, stop_at))
+    t.start()
+    try:
+        before = vm.stats.instructions
+        m = run_source(vm, a, downtime=0.3)
+        t.join(10)
+        assert m.done and m.stats.outcome == "failed", m.stats
+        assert m.stats.error and "\n" not in m.stats.error
+        assert not getattr(vm, "migrated", False) and not vm.board.bus.dirty_log
+        assert vm.board.clock._paused_at is None            # the guest's time runs on
+        assert vm.stats.instructions > before
+        vm.quit_requested = False                           # and the VM runs on
+        ran = vm.stats.instructions
+        vm.run(max_instructions=ran + 100_000)
+        assert vm.stats.instructions > ran
+    finally:
+        vm.close()
+
+
+def test_the_whole_way_the_source_ends_migrated(tmp_path: Path) -> None:
+    vm = source_vm(tmp_path)
+    a, b = socket.socketpair()
+    t = threading.Thread(target=fake_destination, args=(b, "never"))
+    t.start()
+    try:
+        m = run_source(vm, a)
+        t.join(10)
+        assert m.stats.outcome == "completed" and getattr(vm, "migrated", False)
+        assert m.stats.pages_sent >= 2000 // 7
+    finally:
+        vm.close()
+
+
+def test_timeout_cancel_keeps_the_source(tmp_path: Path) -> None:
+    """A destination that takes pages but never gets to the end: cancel at the timeout."""
+    vm = source_vm(tmp_path)
+    a, b = socket.socketpair()
+
+    def slow(sock: socket.socket) -> None:
+        mig.recv_frame(sock, (mig.HELLO,), 1 << 20)
+        sock.sendall(mig.HEADER.pack(mig.OK, 0))
+        mig.recv_frame(sock, (mig.SPEC,), 1 << 20)
+        sock.sendall(mig.HEADER.pack(mig.OK, 0))
+        try:
+            while True:
+                mig.recv_frame(sock, (mig.PAGES,))
+                time.sleep(0.05)
+        except mig.MigrationError:
+            pass
+        sock.close()
+    t = threading.Thread(target=slow, args=(b,))
+    t.start()
+    try:
+        m = run_source(vm, a, dirty=True, timeout=1.0, on_timeout="cancel", downtime=0.001)
+        t.join(10)
+        assert m.stats.outcome == "cancelled", m.stats
+        assert not getattr(vm, "migrated", False)
+        assert m.stats.total_seconds >= 1.0
+    finally:
+        vm.close()
+
+
+def test_kill_9_of_the_destination_process(tmp_path: Path) -> None:
+    """The real destination (pyvirt.testing.migrate), killed while pages flow."""
+    vm = source_vm(tmp_path)
+    dest = start_destination(tmp_path / "d.sock", "t", 1.0)
+    sock = connect(tmp_path / "d.sock")
+    ticks = [0]
+
+    def kill() -> None:                       # at the source's third tick: pages are flowing
+        ticks[0] += 1
+        if ticks[0] == 3:
+            os.kill(dest.pid, signal.SIGKILL)
+            dest.wait(10)
+    vm.watches.append(Watch(lambda: [], lambda ready: None, kill))
+    try:
+        m = run_source(vm, sock, dirty=True, downtime=0.0001)
+        dest.wait(10)
+        assert m.stats.outcome == "failed", m.stats
+        assert not getattr(vm, "migrated", False)
+        assert m.stats.pages_sent > 0                      # it died while pages flowed
+    finally:
+        vm.close()
+    assert json.loads(json.dumps(m.stats.as_dict()))["outcome"] == "failed"

@@ -1,0 +1,179 @@
+"""The destination's side of a migration stream is as hostile as a guest: wrong tokens,
+protocol versions from the future, refused specs, truncated and corrupted frames, page
+indexes outside RAM, a closed connection -- each one MigrationError line, the source told
+why (an ERROR frame) and nothing left open; and a stream that is right gives a loaded VM."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+
+from pyvirt.backends.char import BufferBackend
+from pyvirt.machine.boot import IMAGE_MAGIC2
+from pyvirt.spec import make_spec
+from pyvirt.vmm import migration as mig
+from pyvirt.vmm.migration import MigrationError
+
+ZSTD = zstandard.ZstdCompressor()
+RANDOM_PAGE = os.urandom(4096)
+
+
+def spec_json(tmp_path: Path) -> dict[str, Any]:
+    kernel = tmp_path / "k"
+    kernel.write_bytes(bytes(56) + IMAGE_MAGIC2 + bytes(4))   # an empty Image: the VM is only built
+    return json.loads(make_spec(kernel=kernel, memory=16 << 20).model_dump_json())
+
+
+def hello(**kw: Any) -> bytes:
+    return json.dumps({"protocol": mig.PROTOCOL, "version": mig.VERSION, "token": "t"} | kw).encode()
+
+
+def frame(kind: int, payload: bytes = b"") -> bytes:
+    return mig.HEADER.pack(kind, len(payload)) + payload
+
+
+def pages(*items: tuple[int, bytes]) -> bytes:
+    body = struct.pack(f"<I{len(items)}I", len(items), *[p for p, _ in items]) + b"".join(d for _, d in items)
+    return ZSTD.compress(body)
+
+
+def serve(stream: Callable[[socket.socket], None]) -> tuple[Any, list[tuple[int, bytes]]]:
+    """Run `receive` against a source that plays `stream`; (the Vm or the error, replies)."""
+    a, b = socket.socketpair()
+    replies: list[tuple[int, bytes]] = []
+
+    def source() -> None:
+        try:
+            stream(b)
+            while True:
+                kind, payload = mig.recv_frame(b, tuple(mig.NAMES), 1 << 20)
+                replies.append((kind, payload))
+        except (MigrationError, OSError):
+            pass
+        finally:
+            b.close()
+    t = threading.Thread(target=source)
+    t.start()
+    try:
+        result: Any = mig.receive(a, "t", BufferBackend(), timeout=5)
+    except MigrationError as e:
+        result = e
+    a.close()
+    t.join(10)
+    return result, replies
+
+
+def handshake(spec: dict[str, Any]) -> Callable[[socket.socket], bytes]:
+    def go(s: socket.socket) -> bytes:
+        s.sendall(frame(mig.HELLO, hello()) + frame(mig.SPEC, json.dumps(spec).encode()))
+        return b""
+    return go
+
+
+def state_of(spec: dict[str, Any], tmp_path: Path) -> bytes:
+    """A real machine state for `spec` (from a board built here)."""
+    from pyvirt.spec import VmSpec
+    from pyvirt.state import encode_bytes
+    from pyvirt.vmm.resources import build_board
+    board = build_board(VmSpec.model_validate(spec), BufferBackend())
+    try:
+        return json.dumps(board.save_state(), default=encode_bytes).encode()
+    finally:
+        board.close()
+
+
+def test_a_good_stream_gives_a_loaded_vm(tmp_path: Path) -> None:
+    spec = spec_json(tmp_path)
+    state = state_of(spec, tmp_path)
+
+    def stream(s: socket.socket) -> None:
+        handshake(spec)(s)
+        s.sendall(frame(mig.PAGES, pages((3, b"\x07" * 4096), (4095, b"\x09" * 4096))))
+        s.sendall(frame(mig.STATE, ZSTD.compress(state)) + frame(mig.COMPLETE))
+        mig.recv_frame(s, (mig.OK,))
+        mig.recv_frame(s, (mig.OK,))
+        mig.recv_frame(s, (mig.READY,))
+        s.sendall(frame(mig.GO))
+    vm, _ = serve(stream)
+    assert not isinstance(vm, Exception), vm
+    try:
+        assert vm.board.bus.read_bytes(vm.board.bus.ram_base + 3 * 4096, 4096) == b"\x07" * 4096
+        assert vm.board.bus.read_bytes(vm.board.bus.ram_base + 4095 * 4096, 2) == b"\x09\x09"
+    finally:
+        vm.close()
+
+
+BAD_HELLOS = {
+    "wrong token": (hello(token="x"), "wrong migration token"),
+    "future version": (hello(version=2), "migration protocol version 2 is not supported"),
+    "not ours": (hello(protocol="qemu"), "not a pyvirt migration stream"),
+    "not json": (b"\xff{", "the greeting is not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_HELLOS)
+def test_bad_greetings_are_refused(case: str) -> None:
+    payload, why = BAD_HELLOS[case]
+    err, replies = serve(lambda s: s.sendall(frame(mig.HELLO, payload)))
+    assert isinstance(err, MigrationError) and why in str(err)
+    assert replies and replies[-1][0] == mig.ERROR and why in replies[-1][1].decode()
+
+
+def test_a_spec_the_destination_cannot_run_is_refused_before_any_page(tmp_path: Path) -> None:
+    spec = spec_json(tmp_path) | {"cpus": 99}
+    sent: list[int] = []
+
+    def stream(s: socket.socket) -> None:
+        handshake(spec)(s)
+        mig.recv_frame(s, (mig.OK,))
+        try:
+            mig.recv_frame(s, (mig.OK,))
+        except MigrationError as e:
+            sent.append(1)
+            assert "the destination refused: the spec cannot run here" in str(e)
+    err, _ = serve(stream)
+    assert isinstance(err, MigrationError) and "cannot run here" in str(err) and sent
+
+
+def corrupt(data: bytes) -> bytes:
+    return data[:len(data) // 2] + bytes(b ^ 0x5A for b in data[len(data) // 2:])
+
+
+BAD_STREAMS: dict[str, tuple[Callable[[dict[str, Any]], bytes], str]] = {
+    "truncated frame": (lambda spec: frame(mig.PAGES, pages((1, RANDOM_PAGE)))[:-100], "truncated"),
+    "closed before complete": (lambda spec: frame(mig.PAGES, pages((1, b"a" * 4096))), "closed by the peer"),
+    "corrupted pages": (lambda spec: frame(mig.PAGES, corrupt(pages((1, b"a" * 4096)))), "bad migration stream"),
+    "page outside RAM": (lambda spec: frame(mig.PAGES, pages((4096, b"a" * 4096))), "outside the guest's 4096 pages"),
+    "count and length differ": (lambda spec: frame(mig.PAGES, ZSTD.compress(struct.pack("<II", 2, 1) + b"a" * 4096)),
+                                "does not match its count"),
+    "huge frame": (lambda spec: mig.HEADER.pack(mig.PAGES, 1 << 30), "a PAGES frame of"),
+    "unknown frame": (lambda spec: frame(77), "frame type 77"),
+    "complete without state": (lambda spec: frame(mig.COMPLETE), "without the machine's state"),
+    "state not json": (lambda spec: frame(mig.STATE, ZSTD.compress(b"{nope")) + frame(mig.COMPLETE), "not JSON"),
+    "state that does not fit": (lambda spec: frame(mig.STATE, ZSTD.compress(b'{"harts": 5}')) + frame(mig.COMPLETE),
+                                "bad migration stream"),
+    "abandoned": (lambda spec: frame(mig.ABANDON), "abandoned"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_STREAMS)
+def test_bad_streams_end_with_one_line(case: str, tmp_path: Path) -> None:
+    spec = spec_json(tmp_path)
+    make, why = BAD_STREAMS[case]
+
+    def stream(s: socket.socket) -> None:
+        handshake(spec)(s)
+        s.sendall(make(spec))
+        s.shutdown(socket.SHUT_WR)
+    err, _ = serve(stream)
+    assert isinstance(err, MigrationError), err
+    assert why in str(err) and "\n" not in str(err)

@@ -82,9 +82,7 @@ def _no_internal_errors() -> None:
 
 # -- virtio devices through the mock driver -------------------------------------------------
 def _rig(device: Any, queues: int) -> tuple[Any, list[Any]]:
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "devices"))
-    from virtio_rig import make_rig
+    from pyvirt.testing.virtio_rig import make_rig
 
     rig = make_rig(device, ram_size=1 << 20)
     qs = rig.drv.init(queues=queues, queue_size=16)
@@ -233,11 +231,8 @@ def fuzz_virtio_rng(data: bytes) -> None:
 
 def fuzz_virtio_mmio(data: bytes) -> None:
     """The transport's registers from reset, in any order (no driver set-up first)."""
-    import sys
-
     from pyvirt.devices.virtio.rng import VirtioRng
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "devices"))
-    from virtio_rig import make_rig
+    from pyvirt.testing.virtio_rig import make_rig
 
     inp = Input(data)
     rig = make_rig(VirtioRng(source=lambda n: bytes(n)), ram_size=1 << 20)

@@ -58,6 +58,7 @@ class HostBackends:
     nets: list[NetBackend] = field(default_factory=list)
     console_port: PortBackend | None = None  # virtio-console's port 0 (hvc0)
     named_ports: list[tuple[str, PortBackend]] = field(default_factory=list)
+    vsock: Any = None                        # virtio-vsock's host side (backends/vsock.py)
 
     def close(self) -> None:
         for b in self.disks:
@@ -68,6 +69,8 @@ class HostBackends:
             port.close()
         for n in self.nets:
             n.close()
+        if self.vsock is not None:
+            self.vsock.close()
 
 
 class Engine(Protocol):

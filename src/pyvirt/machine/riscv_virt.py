@@ -36,6 +36,7 @@ from pyvirt.devices.virtio.console import VirtioConsole
 from pyvirt.devices.virtio.mmio import VirtioMmio
 from pyvirt.devices.virtio.net import VirtioNet, parse_mac
 from pyvirt.devices.virtio.rng import VirtioRng
+from pyvirt.devices.virtio.vsock import NullVsockBackend, VirtioVsock
 from pyvirt.errors import ConfigError
 from pyvirt.machine import boot
 from pyvirt.machine.fdt import U64, Node, reg, to_dtb
@@ -91,6 +92,7 @@ class VirtBoard:
         self.backends = self.host.disks           # (a snapshot swaps in the live overlays here)
         self.vconsole: VirtioConsole | None = None
         self.nics: list[VirtioNet] = []
+        self.vsock: VirtioVsock | None = None
         self.throttled: list[VirtioBlk] = []      # disks with a rate limiter: polled, have deadlines
         self.dtb_addr = 0
         self.tohost: int | None = None
@@ -109,7 +111,8 @@ class VirtBoard:
     def check_devices(spec: VmSpec) -> None:
         """Refuse a spec with more virtio devices than the board has slots (before the VMM
         opens anything for them)."""
-        count = len(spec.disks) + int(spec.rng) + int(bool(spec.ports)) + len(spec.nets)
+        count = (len(spec.disks) + int(spec.rng) + int(bool(spec.ports)) + len(spec.nets)
+                 + int(spec.vsock is not None))
         if count > VIRTIO_SLOTS:
             raise ConfigError(f"too many virtio devices (the board has {VIRTIO_SLOTS} slots)")
 
@@ -182,6 +185,10 @@ class VirtBoard:
                             RateLimiter.build(self.clock, net.tx_bw), RateLimiter.build(self.clock, net.rx_bw))
             self.nics.append(nic)
             self._add_virtio(nic)
+        if self.spec.vsock is not None:
+            self.vsock = VirtioVsock(self.host.vsock or NullVsockBackend(), self.spec.vsock.cid,
+                                     ticks=self.clock.ticks)
+            self._add_virtio(self.vsock)
 
     def _add_virtio(self, device: Any) -> None:
         slot = len(self.virtio)
@@ -405,18 +412,21 @@ class VirtBoard:
             nic.poll()
         for blk in self.throttled:
             blk.poll()
+        if self.vsock is not None:
+            self.vsock.poll()
 
     def wait_fds(self) -> list[int]:
         """Host descriptors whose input should wake an idle VM."""
         fds = [] if self.vconsole is None else [b.fileno() for b in self.vconsole.backends]
         fds += [nic.fileno() for nic in self.nics]
+        fds += self.vsock.wait_fds() if self.vsock is not None else []
         return [fd for fd in fds if fd is not None]
 
     def next_deadline(self) -> int | None:
         """The clock tick at which the next timer fires, if any."""
         cands = [h.stimecmp for h in self.harts
                  if (h.ecall_hook is not None or h.menvcfg & STCE) and h.stimecmp < M64]
-        devs = [*self.nics, *self.throttled]
+        devs = [*self.nics, *self.throttled, *([self.vsock] if self.vsock is not None else [])]
         for d in (self.clint.next_deadline(), self.rtc.next_deadline(), *(x.next_deadline() for x in devs)):
             if d is not None:
                 cands.append(d)

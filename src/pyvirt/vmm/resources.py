@@ -13,6 +13,7 @@ from typing import Any
 from pyvirt.backends.char import CharBackend
 from pyvirt.backends.disk import open_disk
 from pyvirt.backends.net import NetBackend, PasstBackend, StreamBackend, TapBackend
+from pyvirt.backends.vsock import UnixVsockBackend
 from pyvirt.devices.virtio.console import UnixSocketPort
 from pyvirt.machine.interface import HostBackends
 from pyvirt.machine.riscv_virt import VirtBoard
@@ -35,7 +36,7 @@ def open_net_backend(net: NetSpec) -> NetBackend:
 
 
 def open_backends(spec: VmSpec) -> HostBackends:
-    """The host side of every disk, console port and NIC the spec names, in that order (as
+    """The host side of every disk, console port, NIC and vsock the spec names, in that order (as
     the board attaches them); if one cannot be had, nothing stays open."""
     VirtBoard.check_devices(spec)
     opened = HostBackends()
@@ -50,6 +51,8 @@ def open_backends(spec: VmSpec) -> HostBackends:
                 opened.named_ports.append((p.name, port))
         for net in spec.nets:
             opened.nets.append(open_net_backend(net))
+        if spec.vsock is not None:
+            opened.vsock = UnixVsockBackend(spec.vsock.socket)
     except BaseException:
         opened.close()
         raise

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from pyvirt.errors import PyvirtError
+from pyvirt.host.agent_api import add_agent_routes
 from pyvirt.host.errors import HostError
 from pyvirt.host.manager import Manager
 from pyvirt.host.models import NAME_RULE, SNAPSHOT_NAME_RULE, ExportRequest, ImportRequest, VmCreate
@@ -131,4 +132,5 @@ def make_app(manager: Manager) -> FastAPI:
                                cpu_quota=req.cpu_quota)
 
     add_snapshot_routes(app, manager, ERRORS)
+    add_agent_routes(app, manager, ERRORS)
     return app

@@ -12,6 +12,8 @@
     pyvirt logs [-f] [--tail BYTES] NAME
     pyvirt snapshot VM NAME | snapshots | snapshot-rm NAME | restore SNAP [--name VM]
           | clone SNAP --count N [--prefix P]     (host/snapshot_cli.py)
+    pyvirt exec VM [-t] [-i] -- CMD... | shell VM | cp VM:PATH LOCAL | cp LOCAL VM:PATH
+          | port VM HOST:GUEST                    (host/agent_cli.py, through the guest agent)
 
 Every command takes --state-dir DIR (default $PYVIRT_STATE_DIR or
 ~/.local/state/pyvirt).  The daemon is not started on demand: without one,
@@ -35,10 +37,10 @@ from typing import Any
 
 from pyvirt import request
 from pyvirt.errors import ConfigError
-from pyvirt.host import snapshot_cli
+from pyvirt.host import agent_cli, snapshot_cli
 
 COMMANDS = ("daemon", "create", "start", "stop", "kill", "pause", "resume", "rm", "ls", "inspect",
-            "console", "logs", "export", "import", *snapshot_cli.COMMANDS)
+            "console", "logs", "export", "import", *snapshot_cli.COMMANDS, *agent_cli.COMMANDS)
 DETACH = 0x1D          # Ctrl-]
 MAX_LOG_TAIL = 1 << 20  # what the API gives of a log at once
 BUSY = b"\r\npyvirt: the console is busy"      # how a runner's console.sock refuses a second client
@@ -95,6 +97,7 @@ def add_parsers(sub: Any) -> None:
                     help="the runner's memory ceiling (default: the archive's guest RAM + 256M)")
     im.add_argument("--cpu-quota", type=float, metavar="CPUS", help="CPU time ceiling in CPUs")
     snapshot_cli.add_parsers(sub, common)
+    agent_cli.add_parsers(sub, common)
 
 
 # the API's field names as the CLI's flags, for messages
@@ -178,6 +181,8 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         if args.cmd in snapshot_cli.COMMANDS:
             return snapshot_cli.run(args, client)
+        if args.cmd in agent_cli.COMMANDS:
+            return agent_cli.run(args, client)
     raise ConfigError(f"unknown command {args.cmd}")
 
 

@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from pyvirt.errors import ConfigError
 from pyvirt.guestcmd import AGENT_PORT
 from pyvirt.host import control
+from pyvirt.host.agent import after_restore
 from pyvirt.host.errors import Conflict, HostError, Invalid, NotFound
 from pyvirt.host.paths import vm_paths
 from pyvirt.host.store import DuplicateName, SnapshotRecord, VmRecord
@@ -244,6 +245,7 @@ class SnapshotOps:
                     self._control(rec, "hostname", name=rec.name)
                     for i, mac in enumerate(ov["macs"]):
                         self._control(rec, "mac", iface=f"eth{i}", address=mac)
+            after_restore([(self.paths(rec).vsock_sock, rec.name) for rec, _ in made])
         except BaseException:
             for rec, _ in made:                 # all or nothing
                 if self._get(rec.id).alive:

@@ -77,13 +77,15 @@ class Overrides:
     temporary directory removed when the VM is closed;
     `engine`: another execution engine (translations are not state);
     `ports`: new host sockets for virtio-console ports, by port name (a VM
-    restored next to its original must not bind the original's sockets)."""
+    restored next to its original must not bind the original's sockets);
+    `vsock`: a new host socket for the virtio-vsock device (the same reason)."""
 
     nets: list[NetSpec] | None = None
     macs: list[str] | None = None
     overlay_dir: str | Path | None = None
     engine: str | None = None
     ports: dict[str, str | Path] | None = None
+    vsock: str | Path | None = None
 
 
 # -- saving -----------------------------------------------------------------------------
@@ -517,6 +519,8 @@ def _restored_spec(d: Path, m: dict[str, Any], spec: VmSpec, ov: Overrides) -> t
     update: dict[str, Any] = {"disks": disks, "nets": nets, "ports": ports}
     if ov.engine is not None:
         update["engine"] = ov.engine
+    if ov.vsock is not None and spec.vsock is not None:
+        update["vsock"] = spec.vsock.model_copy(update={"socket": Path(ov.vsock)})
     try:
         new = VmSpec.model_validate(dict(spec.model_dump(), **update))
     except ValidationError as e:

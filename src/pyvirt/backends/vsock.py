@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 MAX_LINE = 32                  # "CONNECT 4294967295\n" is 19 bytes
 HANDSHAKE_TIMEOUT = 5.0        # seconds a host client has to send its CONNECT line
 MAX_HANDSHAKES = 16            # host clients not yet past their CONNECT line
+BACKLOG = 128                  # connections the kernel queues until the VMM accepts them
 
 
 class HostStream:
@@ -89,7 +90,7 @@ class UnixVsockBackend:
         self.path = Path(path)
         self.clock = clock
         try:
-            self.server = listen_unix(self.path, MAX_HANDSHAKES)
+            self.server = listen_unix(self.path, BACKLOG)
         except OSError as e:
             raise ConfigError(f"cannot listen on {self.path}: {e.strerror}") from None
         self.handshakes: list[tuple[socket.socket, float]] = []
@@ -178,7 +179,15 @@ def connect_guest(path: str | Path, port: int, timeout: float = 5.0) -> tuple[so
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(timeout)
-        s.connect(str(path))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                s.connect(str(path))
+                break
+            except BlockingIOError:              # the VMM's backlog is full: it accepts between slices
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         s.sendall(b"CONNECT %d\n" % port)
         line = b""
         while not line.endswith(b"\n"):

@@ -179,9 +179,33 @@ static int do_exec(const unsigned char *p, uint32_t n) {
     size_t inq_n = 0, pend_n = 0, pend_off = 0;
     int conn_open = 1, stdin_eof = 0;
     while (fd_out >= 0 || fd_err >= 0) {
+        /* the host's complete frames first (they may all be here already) */
+        while (inq_n >= 5 && pend_n == 0) {
+            uint32_t len = le32(inq);
+            if (len > MAX_PAYLOAD) { conn_open = 0; kill(-pid, SIGKILL); break; }
+            if (inq_n < 5 + len) break;
+            int type = inq[4];
+            unsigned char *pl = inq + 5;
+            if (type == 'I') {
+                if (len == 0) {
+                    stdin_eof = 1;
+                    if (tty) { unsigned char eot = 4; memcpy(pend, &eot, 1); pend_off = 0; pend_n = 1; }
+                    else if (fd_in >= 0) { close(fd_in); fd_in = -1; }
+                } else if (fd_in >= 0) {
+                    memcpy(pend, pl, len); pend_off = 0; pend_n = len;
+                }
+            } else if (type == 'W' && len == 4 && tty) {
+                struct winsize w2 = {.ws_row = pl[0] | pl[1] << 8, .ws_col = pl[2] | pl[3] << 8};
+                ioctl(master, TIOCSWINSZ, &w2);
+            } else if (type == 'K' && len == 1) {
+                kill(-pid, pl[0]);
+            }
+            memmove(inq, inq + 5 + len, inq_n - 5 - len);
+            inq_n -= 5 + len;
+        }
         struct pollfd fds[4];
         int nf = 0, i_conn = -1, i_in = -1, i_out = -1, i_err = -1;
-        if (conn_open && pend_n == 0) { i_conn = nf; fds[nf++] = (struct pollfd){conn, POLLIN, 0}; }
+        if (conn_open && pend_n == 0 && inq_n < sizeof inq) { i_conn = nf; fds[nf++] = (struct pollfd){conn, POLLIN, 0}; }
         if (fd_in >= 0 && pend_n) { i_in = nf; fds[nf++] = (struct pollfd){fd_in, POLLOUT, 0}; }
         if (fd_out >= 0) { i_out = nf; fds[nf++] = (struct pollfd){fd_out, POLLIN, 0}; }
         if (fd_err >= 0) { i_err = nf; fds[nf++] = (struct pollfd){fd_err, POLLIN, 0}; }
@@ -205,29 +229,6 @@ static int do_exec(const unsigned char *p, uint32_t n) {
                 continue;
             }
             if (r > 0) inq_n += (size_t)r;
-            while (inq_n >= 5 && pend_n == 0) {
-                uint32_t len = le32(inq);
-                if (len > MAX_PAYLOAD) { conn_open = 0; kill(-pid, SIGKILL); break; }
-                if (inq_n < 5 + len) break;
-                int type = inq[4];
-                unsigned char *pl = inq + 5;
-                if (type == 'I') {
-                    if (len == 0) {
-                        stdin_eof = 1;
-                        if (tty) { unsigned char eot = 4; memcpy(pend, &eot, 1); pend_off = 0; pend_n = 1; }
-                        else if (fd_in >= 0) { close(fd_in); fd_in = -1; }
-                    } else if (fd_in >= 0) {
-                        memcpy(pend, pl, len); pend_off = 0; pend_n = len;
-                    }
-                } else if (type == 'W' && len == 4 && tty) {
-                    struct winsize w2 = {.ws_row = pl[0] | pl[1] << 8, .ws_col = pl[2] | pl[3] << 8};
-                    ioctl(master, TIOCSWINSZ, &w2);
-                } else if (type == 'K' && len == 1) {
-                    kill(-pid, pl[0]);
-                }
-                memmove(inq, inq + 5 + len, inq_n - 5 - len);
-                inq_n -= 5 + len;
-            }
         }
     }
     if (fd_in >= 0 && fd_in != fd_out) close(fd_in);

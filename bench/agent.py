@@ -10,7 +10,7 @@ runs a shell loop on a virtio-console port (QEMU: virtio-serial-device + virtser
 a chardev socket; pyvirt: --vport) that reads one command line, runs it, and answers
 `rc N`:
 
-* exec round trip: `true` run N times, host to answer;
+* exec round trip: `/bin/true` run N times (fork and exec in the guest), host to answer;
 * copy in: `head -c BYTES <&3 > /tmp/f` followed by the bytes, host to `rc 0`.
 
 pyvirt's agent is measured on the same kind of guest (`pyvirt run --vsock`): `Agent.run
@@ -69,7 +69,7 @@ def port_loop(sock_path: Path, proc: subprocess.Popen[bytes], execs: int, nbytes
         times = []
         for _ in range(execs):
             t0 = time.perf_counter()
-            s.sendall(b"true\n")
+            s.sendall(b"/bin/true\n")                # an external program: fork and exec
             assert _line(s) == b"rc 0\n"
             times.append(time.perf_counter() - t0)
         data = os.urandom(nbytes)

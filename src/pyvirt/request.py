@@ -131,7 +131,8 @@ OPTIONS: tuple[Option, ...] = (
            repeated=True, path="vport"),
     Option(("--vsock",), "a virtio-vsock device (guest CID 3); the VMM listens on the Unix socket SOCKET "
            "(a host client writes 'CONNECT PORT' and reads 'OK ...'; the guest reaches host port P at "
-           "SOCKET_P)", "vsock", metavar="SOCKET", path="file", verbs=frozenset((RUN,))),
+           "SOCKET_P; with --restore: the restored VM's socket)", "vsock", metavar="SOCKET", path="file",
+           verbs=frozenset((RUN,))),
     Option(("--net",), "a virtio-net interface (repeatable): user (passt user-mode networking; "
            ",port=HOST:GUEST forwards a host TCP port on 127.0.0.1; ,host-loopback=on lets the guest reach the "
            "host's 127.0.0.1 at the gateway address), stream=SOCKET (a Unix socket speaking "

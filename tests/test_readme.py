@@ -46,6 +46,8 @@ SKIP = [
     (r"httpd -f", "a server that runs until it is stopped"),
     (r"--net network=lan", "two VMs talking to each other (tests/integration/test_switch.py)"),
     (r"^pyvirt console ", "needs a terminal"),
+    (r"^pyvirt exec web -t", "needs a terminal"),
+    (r"^pyvirt port ", "forwards until it is stopped"),
 ]
 EXPECTED = {"pyvirt snapshot-rm gold": "used by",
             "pyvirt run --command 'sleep 60' --timeout 5": "the VM was stopped after 5 s"}

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import struct
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +28,15 @@ from anyio import to_thread
 from fastapi import FastAPI, Path, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 
-from pyvirt.host.agent import FRAME, MAX_PAYLOAD, Agent, AgentConnection, AgentError, exec_payload
+from pyvirt.host.agent import (
+    FRAME,
+    MAX_PAYLOAD,
+    REQUEST_TIMEOUT,
+    Agent,
+    AgentConnection,
+    AgentError,
+    exec_payload,
+)
 from pyvirt.host.errors import Conflict, Invalid, NotFound
 
 NamePath = Path(..., description="the VM's name (or id)")
@@ -39,6 +48,23 @@ def vm_agent(manager: Any, name: str) -> Agent:
     """The agent of running VM `name` (Conflict if it is not running)."""
     rec = manager._running(name)
     return Agent(manager.paths(rec).vsock_sock)
+
+
+BOOT_WAIT = 60.0        # seconds a request waits for the agent of a VM that is still booting
+
+
+def connect(agent: Agent, timeout: float | None = REQUEST_TIMEOUT) -> AgentConnection:
+    """A connection to the agent, waiting up to BOOT_WAIT for a guest that has not started
+    it yet (a VM just started); AgentError after that."""
+    deadline = time.monotonic() + BOOT_WAIT
+    while True:
+        try:
+            return agent.connect(timeout)
+        except AgentError as e:
+            if "not reachable" not in str(e) and "closed the connection" not in str(e) \
+                    or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
 
 
 def _agent_error(e: AgentError) -> Exception:
@@ -54,7 +80,10 @@ def add_agent_routes(app: FastAPI, manager: Any, errors: dict[int | str, dict[st
     @app.get("/vms/{name}/ports", responses=errors, summary="TCP ports listening in the guest (its agent)")
     def guest_ports(name: str = NamePath) -> list[int]:
         try:
-            return vm_agent(manager, name).listening_ports()
+            with connect(vm_agent(manager, name)) as conn:
+                conn.send("L")
+                text = conn.expect("T")[1].decode(errors="replace")
+            return sorted({int(w) for w in text.split() if w.isdigit() and 0 < int(w) < 65536})
         except AgentError as e:
             raise _agent_error(e) from None
 
@@ -62,7 +91,7 @@ def add_agent_routes(app: FastAPI, manager: Any, errors: dict[int | str, dict[st
     def get_file(name: str = NamePath, path: str = Query(..., min_length=1, max_length=4000)) -> StreamingResponse:
         agent = vm_agent(manager, name)
         try:
-            conn = agent.connect()
+            conn = connect(agent)
             conn.send("R", path.encode())
             _, meta = conn.expect("M")
             if len(meta) != 12:
@@ -97,7 +126,7 @@ def add_agent_routes(app: FastAPI, manager: Any, errors: dict[int | str, dict[st
                        mode: str = Query("644", pattern=r"^[0-7]{1,4}$")) -> dict[str, Any]:
         agent = await to_thread.run_sync(vm_agent, manager, name)
         try:
-            conn = await to_thread.run_sync(agent.connect)
+            conn = await to_thread.run_sync(connect, agent)
         except AgentError as e:
             raise _agent_error(e) from None
         try:
@@ -132,7 +161,7 @@ def add_agent_routes(app: FastAPI, manager: Any, errors: dict[int | str, dict[st
             payload = exec_payload(req.get("argv"), bool(req.get("tty")), bool(req.get("stdin")),
                                    (_int(req.get("rows"), 24), _int(req.get("cols"), 80)))
             agent = await to_thread.run_sync(vm_agent, manager, name)
-            conn = await to_thread.run_sync(lambda: agent.connect(timeout=None))
+            conn = await to_thread.run_sync(connect, agent, None)
             conn.send("E", payload)
             await _relay_exec(ws, conn)
         except (AgentError, Conflict, NotFound, ValueError, KeyError, WebSocketDisconnect) as e:
@@ -146,7 +175,7 @@ def add_agent_routes(app: FastAPI, manager: Any, errors: dict[int | str, dict[st
             if not 0 < port < 65536:
                 raise AgentError(f"TCP port {port} is not 1..65535")
             agent = await to_thread.run_sync(vm_agent, manager, name)
-            conn = await to_thread.run_sync(lambda: agent.connect(timeout=None))
+            conn = await to_thread.run_sync(connect, agent, None)
             conn.send("N", struct.pack("<H", port))
             await to_thread.run_sync(conn.expect, "Z")
             await _relay_bytes(ws, conn)

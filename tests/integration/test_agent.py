@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -22,6 +23,15 @@ from pyvirt.host.agent import Agent, AgentError
 
 pytestmark = pytest.mark.usefixtures("default_image")
 _VMM_PID = [0]
+
+
+def _end(proc: subprocess.Popen[bytes], log: IO[bytes]) -> None:
+    proc.terminate()                                      # SIGTERM: the VMM cleans up
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(30)
+    proc.kill()                                           # (nothing if it has ended)
+    proc.wait()
+    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +52,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
         _VMM_PID[0] = proc.pid
         yield agent
     finally:
-        proc.terminate()                                  # SIGTERM: the VMM cleans up
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-        proc.kill()                                       # (nothing if it has ended)
-        proc.wait()
-        log.close()
+        _end(proc, log)
 
 
 def test_exec_streams_stdout_and_stderr_apart_while_running(guest: Agent) -> None:
@@ -218,3 +223,30 @@ def test_hostile_vsock_peer_in_the_guest(guest: Agent, tmp_path: Path) -> None:
     finally:
         listener.close()
         os.unlink(f"{guest.path}_5000")
+
+
+def test_agent_on_the_debian_guest(tmp_path: Path) -> None:
+    """The Debian image's pyvirt-agent.service: exec with separate streams and the exact
+    status, a TTY's window size.  (Booting Debian takes minutes on a loaded machine.)"""
+    from pyvirt.images.debian_image import cached_debian_image
+    if cached_debian_image() is None:
+        pytest.fail("the Debian image is not built: run `pyvirt image build debian` first")
+    sock = tmp_path / "vsock.sock"
+    log = open(tmp_path / "vm.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "pyvirt", "run", "--image", "debian", "--vsock", str(sock),
+                             "--command", "sleep 100000"], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        agent = Agent(sock)
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                agent.wait(5)
+                break
+            except AgentError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "vm.log").read_text()
+        assert agent.run(["sh", "-c", "echo out; echo err >&2; exit 3"]) == (3, b"out\n", b"err\n")
+        s = agent.exec(["stty", "size"], tty=True, size=(33, 77))
+        assert b"".join(e.data for e in s.events()).strip() == b"33 77" and s.result is not None
+        s.close()
+    finally:
+        _end(proc, log)

@@ -49,6 +49,8 @@ SKIP = [
     (r"^pyvirt console ", "needs a terminal"),
     (r"--oci \S+:5000/", "needs a registry (tests/oci/test_registry.py starts one)"),
     (r"--oci debian\.tar", "needs the Debian image and a terminal (tests/integration/test_oci.py)"),
+    (r"^pyvirt exec web -t", "needs a terminal"),
+    (r"^pyvirt port ", "forwards until it is stopped"),
 ]
 EXPECTED = {"pyvirt snapshot-rm gold": "used by",
             "pyvirt run --command 'sleep 60' --timeout 5": "the VM was stopped after 5 s"}
@@ -148,4 +150,4 @@ def test_readme_commands(workdir: Path) -> None:
                        timeout=60)
     print("skipped README commands:\n  " + "\n  ".join(skipped))
     assert not failures, "\n".join(failures)
-    assert len(skipped) < 18
+    assert len(skipped) < 20          # (pyvirt exec -t, pyvirt port and two container lines: issues 16, 17)

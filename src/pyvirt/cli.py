@@ -164,7 +164,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     """`pyvirt run --restore DIR`: the snapshot's VM, its console on stdio."""
     defaults = request.VmRequest.model_fields
     given = [o.flags[0] for o in request.OPTIONS
-             if o.field not in (None, "engine") and request.RUN in o.verbs
+             if o.field not in (None, "engine", "vsock") and request.RUN in o.verbs
              and getattr(args, o.dest, None) not in (None, defaults[o.field].default)]
     if given:
         raise ConfigError(f"--restore takes the machine from the snapshot: {given[0]} does not apply")
@@ -172,7 +172,8 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 
     def make(console: Any) -> Any:
         return load_snapshot(args.restore, console,
-                             overrides=Overrides(overlay_dir=args.overlay_dir, engine=args.engine))
+                             overrides=Overrides(overlay_dir=args.overlay_dir, engine=args.engine,
+                                                 vsock=args.vsock))
 
     return _run_vm(args, make, sys.stdin.isatty(), lambda: None)
 

@@ -35,6 +35,7 @@ from pyvirt.spec import (
     PortSpec,
     ShareSpec,
     VmSpec,
+    VsockSpec,
     format_size,
     limit_message,
     make_spec,
@@ -74,6 +75,8 @@ class VmRequest(BaseModel):
     shares: list[str] = Field(default_factory=list, description="HOSTDIR:TAG[,ro] shared host folders, "
                                                                 "mounted on /mnt/TAG (as --share)")
     rng: bool = Field(True, description="a virtio-rng device")
+    vsock: str | None = Field(None, description="SOCKET: a virtio-vsock device (guest CID 3) served on "
+                                                "this Unix socket (as --vsock; pyvirtd VMs always have one)")
     mmu: Literal["sv39", "sv48"] = "sv39"
     command: str | None = Field(None, description="shell command the guest runs, then powers off")
     engine: EngineName | None = None
@@ -141,6 +144,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--vport",), "a virtio-console port served on a Unix socket (repeatable); the name hvc0 is "
            "the console port, others appear in the guest as named ports", "vports", metavar="NAME=SOCKET",
            repeated=True, path="vport"),
+    Option(("--vsock",), "a virtio-vsock device (guest CID 3); the VMM listens on the Unix socket SOCKET "
+           "(a host client writes 'CONNECT PORT' and reads 'OK ...'; the guest reaches host port P at "
+           "SOCKET_P; with --restore: the restored VM's socket)", "vsock", metavar="SOCKET", path="file",
+           verbs=frozenset((RUN,))),
     Option(("--net",), "a virtio-net interface (repeatable): user (passt user-mode networking; "
            ",port=HOST:GUEST forwards a host TCP port on 127.0.0.1; ,host-loopback=on lets the guest reach the "
            "host's 127.0.0.1 at the gateway address), stream=SOCKET (a Unix socket speaking "
@@ -431,7 +438,7 @@ def resolve(req: VmRequest, *, daemon: bool = False, pipe: bool = False) -> Reso
                          kernel=kernel, initrd=initrd, append=append, bios=bios, disks=disks,
                          rng=req.rng, ports=vports, nets=nets, shares=shares,
                          engine=req.engine or default_engine(),
-                         mmu=req.mmu)
+                         mmu=req.mmu, vsock=VsockSpec(socket=Path(req.vsock)) if req.vsock else None)
     except BaseException:
         Resolved(VmSpec.model_construct(), pipe_, overlay_dir).cleanup()
         raise

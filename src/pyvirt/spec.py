@@ -146,6 +146,15 @@ class PortSpec(BaseModel):
         return cls(name=name, socket=Path(path))
 
 
+class VsockSpec(BaseModel):
+    """virtio-vsock: the guest's CID and the Unix socket the VMM listens on (host clients
+    write `CONNECT <port>`; a guest connecting to host port P reaches SOCKET_P)."""
+
+    model_config = ConfigDict(extra="forbid")
+    socket: Path
+    cid: int = Field(3, ge=3, lt=0xFFFF_FFFF)
+
+
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
@@ -266,6 +275,7 @@ class VmSpec(BaseModel):
     ports: list[PortSpec] = Field(default_factory=list)       # virtio-console ports
     nets: list[NetSpec] = Field(default_factory=list)         # virtio-net interfaces
     shares: list[ShareSpec] = Field(default_factory=list)     # virtio-fs shared folders
+    vsock: VsockSpec | None = None                            # virtio-vsock
     engine: EngineName = Field(default_factory=default_engine)
     mmu: Literal["sv39", "sv48"] = "sv39"
 
@@ -311,7 +321,8 @@ class VmSpec(BaseModel):
 # the `pyvirt run` flag of each VmSpec field, for messages
 FLAGS = {"cpus": "--cpus", "memory": "--memory", "kernel": "--kernel", "initrd": "--initrd",
          "append": "--append", "bios": "--bios", "disks": "--disk", "ports": "--vport", "nets": "--net",
-         "shares": "--share", "engine": "--engine", "mmu": "--mmu", "rng": "--no-rng"}
+         "shares": "--share", "engine": "--engine", "mmu": "--mmu", "rng": "--no-rng",
+         "vsock": "--vsock"}
 SIZE_FIELDS = ("memory",)
 
 

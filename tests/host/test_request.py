@@ -38,8 +38,9 @@ def test_create_has_every_vm_flag_of_run() -> None:
     assert create_flags - run_flags == create_only | {"--state-dir"}
     for flag in ("--port", "--vport", "--image", "--root-disk", "--bios", "--mmu", "--no-rng"):
         assert flag in create_flags
+    # (--vsock: a pyvirtd VM always has one, on a socket in its own directory)
     assert run_only == {"--timeout", "--stats", "--quiet", "-q", "--restore", "--overlay-dir", "--snapshot-after",
-                        "--rm"}
+                        "--rm", "--vsock"}
     # every VM option is a VmRequest field, and every field but the name has its flag
     fields = {o.field for o in request.OPTIONS if o.field}
     assert fields | {"oci_args"} == set(request.VmRequest.model_fields)    # (oci_args: run's CMD words)

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from pyvirt.errors import PyvirtError
+from pyvirt.host.agent_api import add_agent_routes
 from pyvirt.host.errors import HostError
 from pyvirt.host.manager import Manager
 from pyvirt.host.migration_api import add_migration_routes
@@ -133,4 +134,5 @@ def make_app(manager: Manager) -> FastAPI:
 
     add_snapshot_routes(app, manager, ERRORS)
     add_migration_routes(app, manager, ERRORS)
+    add_agent_routes(app, manager, ERRORS)
     return app

@@ -491,6 +491,10 @@ def trusted_spec(spec: Any, nets: list[dict[str, Any]], ports: dict[str, str] | 
         new_nets.append(n)
     out["nets"] = new_nets
     out["ports"] = []
+    if spec.get("vsock") is not None:
+        # the device stays (a snapshot's state has it); its socket is the runner's own, which
+        # replaces this placeholder (host/runner.py), never a path from the archive
+        out["vsock"] = {"socket": "vsock.sock"}
     if ports is not None:
         for p in spec.get("ports", []):
             name = p.get("name") if isinstance(p, dict) else None

@@ -14,6 +14,8 @@
           | clone SNAP --count N [--prefix P]     (host/snapshot_cli.py)
     pyvirt incoming NAME [--tcp HOST:PORT] [--allow FILE] | migrate VM --to ADDRESS --token T
           [--downtime MS] [--timeout S] [--on-timeout cancel|force]   (host/migration_cli.py)
+    pyvirt exec VM [-t] [-i] -- CMD... | shell VM | cp VM:PATH LOCAL | cp LOCAL VM:PATH
+          | port VM HOST:GUEST                    (host/agent_cli.py, through the guest agent)
 
 Every command takes --state-dir DIR (default $PYVIRT_STATE_DIR or
 ~/.local/state/pyvirt).  The daemon is not started on demand: without one,
@@ -37,10 +39,11 @@ from typing import Any
 
 from pyvirt import request
 from pyvirt.errors import ConfigError
-from pyvirt.host import migration_cli, snapshot_cli
+from pyvirt.host import agent_cli, migration_cli, snapshot_cli
 
 COMMANDS = ("daemon", "create", "start", "stop", "kill", "pause", "resume", "rm", "ls", "inspect",
-            "console", "logs", "export", "import", *snapshot_cli.COMMANDS, *migration_cli.COMMANDS)
+            "console", "logs", "export", "import", *snapshot_cli.COMMANDS, *migration_cli.COMMANDS,
+            *agent_cli.COMMANDS)
 DETACH = 0x1D          # Ctrl-]
 MAX_LOG_TAIL = 1 << 20  # what the API gives of a log at once
 BUSY = b"\r\npyvirt: the console is busy"      # how a runner's console.sock refuses a second client
@@ -98,6 +101,7 @@ def add_parsers(sub: Any) -> None:
     im.add_argument("--cpu-quota", type=float, metavar="CPUS", help="CPU time ceiling in CPUs")
     snapshot_cli.add_parsers(sub, common)
     migration_cli.add_parsers(sub, common)
+    agent_cli.add_parsers(sub, common)
 
 
 # the API's field names as the CLI's flags, for messages
@@ -183,6 +187,8 @@ def _run(args: argparse.Namespace) -> int:
             return snapshot_cli.run(args, client)
         if args.cmd in migration_cli.COMMANDS:
             return migration_cli.run(args, client)
+        if args.cmd in agent_cli.COMMANDS:
+            return agent_cli.run(args, client)
     raise ConfigError(f"unknown command {args.cmd}")
 
 

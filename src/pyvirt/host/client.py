@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from pyvirt.errors import ConfigError, PyvirtError
+from pyvirt.host.agent_client import AgentCalls
 from pyvirt.host.paths import api_socket
 from pyvirt.host.paths import state_dir as find_state_dir
 from pyvirt.request import VmRequest
@@ -38,7 +39,10 @@ class DaemonNotRunning(ConfigError):
     pass
 
 
-class Client:
+class Client(AgentCalls):
+    """pyvirtd's API; the guest agent's calls (exec, run, copy_from, copy_to, guest_ports, tcp)
+    come from host/agent_client.py."""
+
     def __init__(self, state_dir: str | os.PathLike[str] | None = None, timeout: float = 60.0) -> None:
         self.state_dir = find_state_dir(state_dir, create=False)
         self.socket = api_socket(self.state_dir)

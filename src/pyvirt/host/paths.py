@@ -69,6 +69,10 @@ class VmPaths:
         return self.dir / "agent.sock"
 
     @property
+    def vsock_sock(self) -> Path:    # virtio-vsock's host side: the guest agent (docs/agent.md)
+        return self.dir / "vsock.sock"
+
+    @property
     def runner_log(self) -> Path:    # the runner's own stderr
         return self.dir / "runner.log"
 

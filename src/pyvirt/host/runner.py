@@ -52,6 +52,7 @@ from pyvirt.errors import ConfigError, PyvirtError
 from pyvirt.fsutil import listen_unix
 from pyvirt.guestcmd import AGENT_PORT
 from pyvirt.host import control
+from pyvirt.host.agent import with_vsock
 from pyvirt.host.control import DISKS_FILE, ControlServer
 from pyvirt.host.migration import migration_status
 from pyvirt.host.paths import VmPaths, vm_paths
@@ -323,9 +324,10 @@ def build_vm(config: dict[str, Any], paths: VmPaths, console: SocketConsole) -> 
         nets = ov.get("nets")
         overrides = Overrides(nets=None if nets is None else [NetSpec.model_validate(n) for n in nets],
                               macs=ov.get("macs"), overlay_dir=ov.get("overlay_dir"), engine=ov.get("engine"),
-                              ports=ov.get("ports"))
+                              ports=ov.get("ports"), vsock=paths.vsock_sock)
         return load_snapshot(config["restore"], console, overrides=overrides)
     spec = with_agent_port(VmSpec.model_validate(config["spec"]), paths.agent_sock)
+    spec = with_vsock(spec, paths.vsock_sock)
     if config.get("name") and spec.kernel is not None:
         # the default guest's /init takes its host name from here (every boot, restarts included)
         spec = spec.model_copy(update={"append": f"{spec.append or ''} pyvirt.hostname={config['name']}".strip()})

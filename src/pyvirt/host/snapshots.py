@@ -39,6 +39,7 @@ from pydantic import ValidationError
 from pyvirt.errors import ConfigError
 from pyvirt.guestcmd import AGENT_PORT
 from pyvirt.host import control
+from pyvirt.host.agent import after_restore
 from pyvirt.host.errors import Conflict, Invalid, NotFound
 from pyvirt.host.paths import vm_paths
 from pyvirt.host.store import DuplicateName, SnapshotRecord, SnapshotStore, VmRecord
@@ -200,6 +201,7 @@ class Snapshots:
                     self.runners.call(rec, control.Hostname(name=rec.name), control.Done)
                     for i, mac in enumerate(macs):
                         self.runners.call(rec, control.Mac(iface=f"eth{i}", address=mac), control.Done)
+            after_restore([(self.runners.paths(rec).vsock_sock, rec.name) for rec, _ in made])
         except BaseException:
             for rec, _ in made:                 # all or nothing
                 if self.runners.get(rec.id).alive:
@@ -224,7 +226,8 @@ class Snapshots:
             p.name: vm_dir / ("agent.sock" if p.name == AGENT_PORT else f"port-{p.name}.sock") for p in spec.ports}
         macs = [random_mac() if clone else net.mac for net in spec.nets]
         try:
-            new = restored_spec(Path(snap.dir), m, spec, Overrides(macs=macs, ports=ports), vm_dir / "disks")
+            new = restored_spec(Path(snap.dir), m, spec,
+                                Overrides(macs=macs, ports=ports, vsock=vm_dir / "vsock.sock"), vm_dir / "disks")
         except ConfigError as e:
             raise Invalid(str(e)) from None
         limits = Limits(memory_limit=spec.memory + VMM_OVERHEAD)

@@ -12,7 +12,8 @@ How it is built (`build_debian_image`):
 2. Debian's stock riscv64 kernel package (the one `linux-image-riscv64`
    names) is unpacked into the same tree: /boot/vmlinux-* and every module
    under /usr/lib/modules.  pyvirt's own guest files go in: the command runner
-   (`pyvirt-command` and its systemd unit), /etc/fstab, /etc/hostname.
+   (`pyvirt-command` and its systemd unit), the guest agent (`pyvirt-agent`
+   and its unit, images/agent.py), /etc/fstab, /etc/hostname.
 3. `mke2fs -d` turns the tree into a raw ext4 disk image.
 4. An initramfs is written on the host: Debian's busybox-static, the kernel
    modules the root disk needs (virtio-mmio, virtio-blk, ext4 and their
@@ -53,6 +54,7 @@ from pathlib import Path
 
 from pyvirt.errors import BuildError
 from pyvirt.images import cache
+from pyvirt.images.agent import agent_source, build_agent
 from pyvirt.images.progress import Progress
 
 DEBIAN_IMAGE_VERSION = "1"
@@ -70,7 +72,7 @@ SETUP_TIMEOUT = 4 * 3600.0           # seconds of the second stage before it is 
 # emulation udev's coldplug takes longer than that, and serial-getty@ttyS0 -- the console login --
 # failed with "Timed out waiting for device dev-ttyS0.device".  Devices get 15 minutes.
 DEBIAN_CMDLINE = "console=ttyS0 root=/dev/vda rw systemd.default_device_timeout_sec=900"
-DATA_FILES = ("init", "setup", "pyvirt-command", "pyvirt-command.service")
+DATA_FILES = ("init", "setup", "pyvirt-command", "pyvirt-command.service", "pyvirt-agent.service")
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ def scripts_digest() -> str:
     h = hashlib.sha256()
     for name in DATA_FILES:
         h.update(name.encode() + b"\0" + data_file(name) + b"\0")
+    h.update(b"agent\0" + agent_source())
     return h.hexdigest()
 
 
@@ -198,12 +201,15 @@ def install_guest_files(root: Path) -> None:
     sbin.mkdir(parents=True, exist_ok=True)
     (sbin / "pyvirt-command").write_bytes(data_file("pyvirt-command"))
     (sbin / "pyvirt-command").chmod(0o755)
+    (sbin / "pyvirt-agent").write_bytes(build_agent().read_bytes())
+    (sbin / "pyvirt-agent").chmod(0o755)
     units = etc / "systemd/system"
     (units / "multi-user.target.wants").mkdir(parents=True, exist_ok=True)
-    (units / "pyvirt-command.service").write_bytes(data_file("pyvirt-command.service"))
-    link = units / "multi-user.target.wants/pyvirt-command.service"
-    if not link.is_symlink():
-        link.symlink_to("/etc/systemd/system/pyvirt-command.service")
+    for unit in ("pyvirt-command.service", "pyvirt-agent.service"):
+        (units / unit).write_bytes(data_file(unit))
+        link = units / "multi-user.target.wants" / unit
+        if not link.is_symlink():
+            link.symlink_to(f"/etc/systemd/system/{unit}")
     (root / "pyvirt-setup").write_bytes(data_file("setup"))
     (root / "pyvirt-setup").chmod(0o755)
 

@@ -3,6 +3,7 @@
 Layout of the (uncompressed newc) archive::
 
     /init                 pyvirt's /init (data/init), a busybox sh script
+    /bin/pyvirt-agent     the guest agent (images/agent.py), started by /init
     /bin/busybox          from busybox-static, verified through the signed archive
     /bin/sh, /sbin/..., /usr/bin/...   a symlink to /bin/busybox per applet, at the
                           path `busybox --list-full` gives (asked of the riscv64
@@ -11,8 +12,8 @@ Layout of the (uncompressed newc) archive::
                           /init before devtmpfs is mounted)
     /proc /sys /dev /tmp /root /mnt /run /var /etc   directories, /etc/passwd etc.
 
-The result is cached under a key of the busybox .deb's SHA256, the /init text
-and INITRAMFS_VERSION.
+The result is cached under a key of the busybox .deb's SHA256, the /init text,
+the agent's source and INITRAMFS_VERSION.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from pyvirt.errors import BuildError
 from pyvirt.images import cache
+from pyvirt.images.agent import agent_source, build_agent
 from pyvirt.images.cpio import CpioWriter
 from pyvirt.images.progress import Progress
 
@@ -48,7 +50,7 @@ def init_script() -> bytes:
 
 def initramfs_dir(busybox_sha256: str) -> Path:
     """The cache directory of the initramfs built from this busybox .deb and the current /init."""
-    key = cache.key("initramfs", INITRAMFS_VERSION, busybox_sha256, init_script())
+    key = cache.key("initramfs", INITRAMFS_VERSION, busybox_sha256, init_script(), agent_source())
     return cache.cache_root() / f"initramfs-{key}"
 
 
@@ -71,7 +73,8 @@ def busybox_applets(busybox: Path) -> list[str]:
 
 
 def make_initramfs(busybox: bytes, applets: list[str], init: bytes,
-                   files: Mapping[str, bytes] | None = None, directories: Iterable[str] = ()) -> bytes:
+                   files: Mapping[str, bytes] | None = None, directories: Iterable[str] = (),
+                   agent: bytes | None = None) -> bytes:
     """The archive's bytes (see the module docstring for its layout), plus `files`
     ({path: contents}, mode 0644) and `directories`."""
     w = CpioWriter()
@@ -84,6 +87,8 @@ def make_initramfs(busybox: bytes, applets: list[str], init: bytes,
         if path != "bin/busybox" and path not in w:
             w.symlink(path, "/bin/busybox")
     w.file("init", init, 0o755)
+    if agent is not None:
+        w.file("bin/pyvirt-agent", agent, 0o755)
     w.file("etc/hostname", b"pyvirt\n")
     w.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     w.file("etc/group", b"root:x:0:\n")
@@ -122,7 +127,7 @@ def build_initramfs(progress: Progress | None = None) -> Path:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         init = init_script()
-        data = make_initramfs(busybox, applets, init)
+        data = make_initramfs(busybox, applets, init, agent=build_agent().read_bytes())
         with cache.building(final) as out:
             (out / "initramfs.cpio").write_bytes(data)
             manifest = {"version": INITRAMFS_VERSION, "suite": SUITE, "arch": ARCH,

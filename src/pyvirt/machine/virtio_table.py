@@ -1,5 +1,5 @@
 """The virtio devices of the virt board, one row per kind, in slot order (virtio-mmio slot i
-is device i of the rows taken in turn: disks first, then rng, console, NICs, shares).
+is device i of the rows taken in turn: disks first, then rng, console, NICs, vsock, shares).
 
 Each row says how many devices of its kind a spec asks for, how the VMM opens the host side
 of one (`open`: called by `vmm/resources.py` before the board is built; None: no host side,
@@ -23,6 +23,7 @@ from pyvirt.devices.virtio.device import VirtioDevice
 from pyvirt.devices.virtio.fs import VirtioFs
 from pyvirt.devices.virtio.net import VirtioNet, parse_mac
 from pyvirt.devices.virtio.rng import VirtioRng
+from pyvirt.devices.virtio.vsock import NullVsockBackend, VirtioVsock
 from pyvirt.machine.interface import ConsolePorts
 from pyvirt.ratelimit import RateLimiter
 from pyvirt.spec import VmSpec
@@ -72,6 +73,17 @@ def _make_net(clock: Clock, spec: VmSpec, i: int, backend: Any) -> VirtioDevice:
                      RateLimiter.build(clock, net.rx_bw))
 
 
+def _open_vsock(spec: VmSpec, _i: int) -> Any:
+    from pyvirt.backends.vsock import UnixVsockBackend
+    assert spec.vsock is not None
+    return UnixVsockBackend(spec.vsock.socket)
+
+
+def _make_vsock(clock: Clock, spec: VmSpec, _i: int, backend: Any) -> VirtioDevice:
+    assert spec.vsock is not None
+    return VirtioVsock(backend or NullVsockBackend(), spec.vsock.cid, ticks=clock.ticks)
+
+
 def _open_share(spec: VmSpec, i: int) -> Any:
     from pyvirt.backends.virtiofsd import Virtiofsd
     share = spec.shares[i]
@@ -88,5 +100,6 @@ VIRTIO_KINDS: tuple[VirtioKind, ...] = (
     VirtioKind("rng", lambda s: int(s.rng), lambda _c, _s, _i, _b: VirtioRng()),
     VirtioKind("console", lambda s: int(bool(s.ports)), _make_console, _open_ports),
     VirtioKind("net", lambda s: len(s.nets), _make_net),       # (opened by vmm/resources: network names)
+    VirtioKind("vsock", lambda s: int(s.vsock is not None), _make_vsock, _open_vsock),
     VirtioKind("fs", lambda s: len(s.shares), _make_fs, _open_share),
 )

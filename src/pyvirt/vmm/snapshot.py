@@ -77,13 +77,15 @@ class Overrides:
     temporary directory removed when the VM is closed;
     `engine`: another execution engine (translations are not state);
     `ports`: new host sockets for virtio-console ports, by port name (a VM
-    restored next to its original must not bind the original's sockets)."""
+    restored next to its original must not bind the original's sockets);
+    `vsock`: a new host socket for the virtio-vsock device (the same reason)."""
 
     nets: list[NetSpec] | None = None
     macs: list[str] | None = None
     overlay_dir: str | Path | None = None
     engine: str | None = None
     ports: dict[str, str | Path] | None = None
+    vsock: str | Path | None = None
 
 
 # -- saving -----------------------------------------------------------------------------
@@ -499,6 +501,8 @@ def restored_spec(d: Path, m: dict[str, Any], spec: VmSpec, ov: Overrides, where
     update: dict[str, Any] = {"disks": disks, "nets": nets, "ports": ports}
     if ov.engine is not None:
         update["engine"] = ov.engine
+    if ov.vsock is not None and spec.vsock is not None:
+        update["vsock"] = spec.vsock.model_copy(update={"socket": Path(ov.vsock)})
     try:
         return VmSpec.model_validate(dict(spec.model_dump(), **update))
     except ValidationError as e:
@@ -507,9 +511,10 @@ def restored_spec(d: Path, m: dict[str, Any], spec: VmSpec, ov: Overrides, where
 
 def check_restored(d: Path, saved: VmSpec, spec: VmSpec) -> None:
     """`spec` (computed by `restored_spec`, e.g. by the daemon) is `saved`'s machine: only the
-    disks' paths and formats, the NICs, the port sockets and the engine may differ."""
+    disks' paths and formats, the NICs, the port and vsock sockets and the engine may differ."""
     def machine(s: VmSpec) -> dict[str, Any]:
-        out = s.model_dump(mode="json", exclude={"nets", "ports", "engine"})
+        out = s.model_dump(mode="json", exclude={"nets", "ports", "engine", "vsock"})
+        out["vsock"] = None if s.vsock is None else s.vsock.cid
         out["disks"] = [{k: v for k, v in disk.items() if k not in ("path", "format")} for disk in out["disks"]]
         out["nets"] = len(s.nets)
         out["ports"] = [p.name for p in s.ports]

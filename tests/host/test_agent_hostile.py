@@ -1,0 +1,152 @@
+"""The host side of the agent protocol against a scripted (and hostile) agent behind a fake
+VMM vsock socket: frames are bounded, a copy writes only the named destination and never
+more than announced, set-id bits are dropped, and every failure is one AgentError line."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pyvirt.host.agent import MAX_PAYLOAD, PROTOCOL, Agent, AgentError
+
+Script = Callable[[socket.socket], None]
+
+
+def frame(typ: str, data: bytes = b"") -> bytes:
+    return struct.pack("<IB", len(data), ord(typ)) + data
+
+
+def read_frame(c: socket.socket) -> tuple[str, bytes]:
+    head = b""
+    while len(head) < 5:
+        head += c.recv(5 - len(head))
+    n, t = struct.unpack("<IB", head)
+    data = b""
+    while len(data) < n:
+        data += c.recv(n - len(data))
+    return chr(t), data
+
+
+@pytest.fixture
+def fake_vm(tmp_path: Path) -> Iterator[Callable[[Script], Agent]]:
+    path = tmp_path / "vsock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen()
+    threads = []
+
+    def start(script: Script) -> Agent:
+        def serve() -> None:
+            c, _ = srv.accept()
+            with c:
+                line = b""
+                while not line.endswith(b"\n"):
+                    line += c.recv(1)
+                assert line == b"CONNECT 1024\n"
+                c.sendall(b"OK 1073741824\n")
+                try:
+                    script(c)
+                except OSError:
+                    pass
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        threads.append(t)
+        return Agent(path)
+
+    yield start
+    srv.close()
+    for t in threads:
+        t.join(5)
+
+
+def hello(c: socket.socket) -> None:
+    c.sendall(frame("V", PROTOCOL.encode()))
+
+
+def test_wrong_protocol_is_refused(fake_vm) -> None:
+    agent = fake_vm(lambda c: c.sendall(frame("V", b"evil-agent 9")))
+    with pytest.raises(AgentError, match="speaks 'evil-agent 9'"):
+        agent.wait(timeout=0)
+
+
+def test_oversized_frame_is_refused_without_reading_it(fake_vm) -> None:
+    def script(c: socket.socket) -> None:
+        hello(c)
+        read_frame(c)
+        c.sendall(struct.pack("<IB", 1 << 31, ord("T")))
+    agent = fake_vm(script)
+    with pytest.raises(AgentError, match=f"at most {MAX_PAYLOAD}"):
+        agent.listening_ports()
+
+
+def test_copy_cannot_exceed_what_was_announced(fake_vm, tmp_path: Path) -> None:
+    def script(c: socket.socket) -> None:
+        hello(c)
+        read_frame(c)
+        c.sendall(frame("M", struct.pack("<III", 0o644, 10, 0)))
+        for _ in range(100):                             # 6.4 MB for a 10-byte file
+            c.sendall(frame("D", b"x" * MAX_PAYLOAD))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    agent = fake_vm(script)
+    with pytest.raises(AgentError, match="more than the 10 bytes"):
+        agent.read_file("/etc/hostname", dest / "f")
+    assert list(dest.iterdir()) == []                    # nothing left behind
+
+
+def test_copy_writes_only_the_named_file_and_drops_setid(fake_vm, tmp_path: Path) -> None:
+    def script(c: socket.socket) -> None:
+        hello(c)
+        typ, path = read_frame(c)
+        assert (typ, path) == ("R", b"/../../etc/passwd")
+        c.sendall(frame("M", struct.pack("<III", 0o6755, 5, 0)) + frame("D", b"hello") + frame("Z"))
+    dest = tmp_path / "d"
+    dest.mkdir()
+    agent = fake_vm(script)
+    assert agent.read_file("/../../etc/passwd", dest) == 5
+    assert sorted(p.name for p in dest.iterdir()) == ["passwd"]
+    out = dest / "passwd"
+    assert out.read_bytes() == b"hello" and stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "vsock"]
+
+
+def test_error_frame_is_one_printable_line(fake_vm, tmp_path: Path) -> None:
+    def script(c: socket.socket) -> None:
+        hello(c)
+        read_frame(c)
+        c.sendall(frame("X", b"cannot open /nope: No such file\n\x1b[2Jor directory"))
+    agent = fake_vm(script)
+    with pytest.raises(AgentError) as e:
+        agent.read_file("/nope", tmp_path / "x")
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
+    assert not (tmp_path / "x").exists()
+
+
+def test_impossible_exit_status_is_refused(fake_vm) -> None:
+    def script(c: socket.socket) -> None:
+        hello(c)
+        read_frame(c)
+        c.sendall(frame("1", b"out") + frame("x", struct.pack("<IB", 99999, 0)))
+    agent = fake_vm(script)
+    with pytest.raises(AgentError, match="impossible exit status"):
+        agent.run(["true"])
+
+
+def test_agent_that_hangs_up_mid_copy(fake_vm, tmp_path: Path) -> None:
+    def script(c: socket.socket) -> None:
+        hello(c)
+        read_frame(c)
+        c.sendall(frame("M", struct.pack("<III", 0o644, 1000, 0)) + frame("D", b"x" * 10))
+    agent = fake_vm(script)
+    (tmp_path / "keep").write_bytes(b"old")
+    with pytest.raises(AgentError, match="closed the connection"):
+        agent.read_file("/f", tmp_path / "keep")
+    assert (tmp_path / "keep").read_bytes() == b"old"     # the old file is untouched
+    assert sorted(os.listdir(tmp_path)) == ["keep", "vsock"]

@@ -8,7 +8,6 @@ import socket
 import threading
 
 import pytest
-from virtio_rig import make_rig
 
 from pyvirt.backends.vsock import MAX_HANDSHAKES, UnixVsockBackend, connect_guest, parse_connect
 from pyvirt.devices.virtio.device import STATUS_DEVICE_NEEDS_RESET
@@ -32,6 +31,7 @@ from pyvirt.devices.virtio.vsock import (
     VIRTIO_ID_VSOCK,
     VirtioVsock,
 )
+from pyvirt.testing.virtio_rig import make_rig
 from pyvirt.testing.virtq import F_NEXT
 
 CID = 3

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 from pyvirt.host.agent import AgentError
-
-from .conftest import Daemon, wait_for
+from pyvirt.testing.daemon import Daemon, wait_for
 
 MIB = 1 << 20
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from pyvirt.host.client import ApiError
-
-from .conftest import COUNTER, Daemon, counts, wait_for
+from pyvirt.testing.daemon import COUNTER, Daemon, counts, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,7 @@ import pytest
 
 from pyvirt.images import cached_default_image
 from pyvirt.testing import oci as t
-
-from .conftest import Daemon, counts, wait_for
+from pyvirt.testing.daemon import Daemon, counts, wait_for
 
 
 @pytest.fixture

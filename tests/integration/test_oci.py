@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from pyvirt.testing import oci as t
-
-from .conftest import PtyConsole, pyvirt
+from pyvirt.testing.guest import PtyConsole, pyvirt
 
 
 @pytest.fixture(scope="module")

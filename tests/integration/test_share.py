@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from pyvirt.testing.asm import toolchain_missing, user_elf
+from pyvirt.testing.guest import pyvirt
 from pyvirt.vmm.snapshot import SHARE_REFUSAL
-
-from .conftest import pyvirt
 
 pytestmark = [
     pytest.mark.slow,

@@ -92,6 +92,8 @@ class VmRequest(BaseModel):
     workdir: str | None = Field(None, description="with oci: the process's working directory (as -w)")
     user: str | None = Field(None, description="with oci: USER[:GROUP], names or ids (as -u)")
     tty: bool = Field(False, description="with oci: the process on a pseudo-terminal relayed to the console (as -t)")
+    volumes: list[str] = Field(default_factory=list, description="with oci: HOSTDIR:GUESTDIR[:ro] host folders "
+                                                                 "mounted in the container (as -v)")
     interactive: bool = Field(False, description="with oci: keep stdin open (as -i; pyvirt run always does)")
 
 
@@ -114,7 +116,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     repeated: bool = False
     switch: Any = None            # a flag without a value: the field's value when given
-    path: Literal["file", "disk", "vport", "share", None] = None
+    path: Literal["file", "disk", "vport", "share", "volume", None] = None
 
     @property
     def dest(self) -> str:
@@ -175,6 +177,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--workdir", "-w"), "with --oci: the process's working directory", "workdir", metavar="DIR"),
     Option(("--user", "-u"), "with --oci: run as USER[:GROUP] (names from the image's /etc/passwd and "
            "/etc/group, or ids)", "user", metavar="USER"),
+    Option(("--volume", "-v"), "with --oci: mount host directory HOSTDIR on GUESTDIR in the container "
+           "(a shared folder, virtio-fs; repeatable; :ro read-only, enforced by the host; needs root: "
+           "virtiofsd)", "volumes", metavar="HOSTDIR:GUESTDIR[:ro]", repeated=True, path="volume"),
     Option(("--tty", "-t"), "with --oci: the process runs on a pseudo-terminal relayed to the console "
            "(Ctrl-C reaches it)",
            "tty", switch=True),
@@ -238,6 +243,9 @@ def _absolute(o: Option, value: str) -> str:
     if o.path == "share":
         path, sep, tag = value.rpartition(":")
         return os.path.abspath(os.path.expanduser(path)) + sep + tag if sep and path else value
+    if o.path == "volume":
+        path, sep, rest = value.partition(":")
+        return os.path.abspath(os.path.expanduser(path)) + sep + rest if sep and path else value
     if o.path == "vport":
         name, sep, sock = value.partition("=")
         return name + sep + os.path.abspath(os.path.expanduser(sock)) if sep and sock else value
@@ -380,8 +388,8 @@ def resolve(req: VmRequest, *, daemon: bool = False, pipe: bool = False) -> Reso
     overlay_dir: Any = None
     if req.root_disk is not None and req.image != "debian" and req.oci is None:
         raise ConfigError("--root-disk goes with --image debian or --oci")
-    if req.oci is None and (req.oci_args or req.env or req.workdir or req.user or req.tty):
-        raise ConfigError(f"{'CMD' if req.oci_args else '-e/-w/-u/-t'} goes with --oci IMAGE")
+    if req.oci is None and (req.oci_args or req.env or req.workdir or req.user or req.tty or req.volumes):
+        raise ConfigError(f"{'CMD' if req.oci_args else '-e/-w/-u/-t/-v'} goes with --oci IMAGE")
     if req.oci is not None:
         if req.image or req.kernel or req.initrd or req.bios or req.command is not None:
             raise ConfigError("--oci runs the image's process on the default kernel (no --image, --kernel, "
@@ -389,6 +397,10 @@ def resolve(req: VmRequest, *, daemon: bool = False, pipe: bool = False) -> Reso
         if daemon:
             _new_root_disk_ok(req.root_disk)
         kernel, initrd, append, overlay_dir, pipe_ = _oci(req, disks, vports, daemon, pipe)
+        for i, text in enumerate(req.volumes):     # (mounted by the container's init: oci/data/init)
+            volume, guest_dir = _volume(text, f"pyvirt-vol{i}")
+            shares.append(volume)
+            append += f" pyvirt.volume={volume.tag}:{guest_dir}{':ro' if volume.read_only else ''}"
     elif req.image == "debian":
         if req.kernel or req.initrd or req.bios:
             raise ConfigError("--image debian brings its own kernel and initrd (no --kernel/--initrd/--bios)")
@@ -462,6 +474,25 @@ def _oci(req: VmRequest, disks: list[DiskSpec], vports: list[PortSpec], daemon: 
         pipe_ = ContainerPipe()          # stdio as --command's, and the signals pyvirt run receives
         vports += pipe_.specs
     return dimg.kernel, guest.initrd, guest.append, guest.tmp, pipe_
+
+
+def _volume(text: str, tag: str) -> tuple[ShareSpec, str]:
+    """-v HOSTDIR:GUESTDIR[:ro]: the share that serves it and the directory it is mounted on."""
+    host, sep, rest = text.partition(":")
+    guest, _, opt = rest.partition(":")
+    if not sep or not host or not guest:
+        raise ConfigError(f"-v {text}: expected HOSTDIR:GUESTDIR[:ro]")
+    if opt not in ("", "ro", "rw"):
+        raise ConfigError(f"-v {text}: unknown option {opt!r} (known: ro, rw)")
+    parts = guest.split("/")
+    if (not guest.startswith("/") or guest == "/" or ".." in parts or len(guest) > 255
+            or not all(c.isprintable() and not c.isspace() and c != ":" for c in guest)):
+        raise ConfigError(f"-v {text}: GUESTDIR must be an absolute path other than / without '..', "
+                          "spaces or ':'")
+    path = Path(host).expanduser().absolute()
+    if not path.is_dir():
+        raise ConfigError(f"-v {text}: no such directory {path}")
+    return ShareSpec(path=path, tag=tag, read_only=opt == "ro"), guest
 
 
 def share_append(append: str, shares: list[ShareSpec], debian: bool) -> str:

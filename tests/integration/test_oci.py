@@ -57,6 +57,27 @@ def test_echo_hi_and_exit_status(images) -> None:
     assert r.code == 7, r.err
 
 
+def test_volumes_mount_host_folders_in_the_container(images, tmp_path: Path) -> None:
+    """-v HOSTDIR:GUESTDIR[:ro]: a shared folder (virtio-fs) on GUESTDIR inside the image; the
+    container reads and writes it, a :ro volume refuses writes (enforced by the host)."""
+    if os.geteuid() != 0:
+        pytest.skip("volumes are virtio-fs shares: virtiofsd needs root")
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    (rw / "in").write_text("from the host\n")
+    (ro / "keep").write_text("kept\n")
+    r = pyvirt("run", "--oci", str(images["busybox"]), "-u", "0", "-v", f"{rw}:/data/rw", "-v", f"{ro}:/srv/ro:ro",
+               "sh", "-c", "cat /data/rw/in; echo out > /data/rw/out; cat /srv/ro/keep; "
+                           "echo x > /srv/ro/new 2>/dev/null || echo refused", timeout=300)
+    assert (r.code, r.out) == (0, "from the host\nkept\nrefused\n"), r.err
+    assert (rw / "out").read_text() == "out\n"
+    assert sorted(p.name for p in ro.iterdir()) == ["keep"]
+    for bad in (f"{rw}:data", f"{rw}:/a/../b", f"{rw}:/", f"{tmp_path / 'none'}:/x", f"{rw}:/x:rx"):
+        r = pyvirt("run", "--oci", str(images["busybox"]), "-v", bad, "true", timeout=60)
+        assert r.code != 0 and r.err.startswith("pyvirt: error: -v ") and r.err.count("\n") == 1, (bad, r.err)
+
+
 def test_the_image_env_workdir_and_user_and_their_overrides(images) -> None:
     show = ["sh", "-c", 'echo "$GREETING|$(pwd)|$(id -u):$(id -g)|$(id -G)|$HOME|$(hostname)"']
     r = pyvirt("run", "--oci", str(images["busybox"]), *show, timeout=120)

@@ -91,7 +91,8 @@ def trusted_spec(spec: Any, vm_dir: Path, allow: list[Path]) -> VmSpec:
     """The spec an incoming VM gets: the guest's hardware as sent; boot files only from the
     image cache (or `allow`); disks only at paths in `allow` (shared storage); NICs only on
     the user network (passt, made afresh: connections are lost) or a `pyvirt network` of this
-    host (its MAC kept); console ports only the guest agent's, in its own directory."""
+    host (its MAC kept); console ports only the guest agent's and the vsock device's socket, in
+    its own directory; no shared folders."""
     if not isinstance(spec, dict):
         raise ConfigError("the spec is not an object")
     out: dict[str, Any] = {k: spec[k] for k in GUEST_FIELDS if k in spec}
@@ -116,6 +117,12 @@ def trusted_spec(spec: Any, vm_dir: Path, allow: list[Path]) -> VmSpec:
     if any(p.get("name") != AGENT_PORT for p in ports):
         raise ConfigError("console ports other than the guest agent's cannot move")
     out["ports"] = [{"name": AGENT_PORT, "socket": str(vm_dir / "agent.sock")}] if ports else []
+    if spec.get("shares"):
+        raise ConfigError("a VM with a shared folder cannot move (its virtiofsd's state stays here)")
+    vsock = spec.get("vsock")
+    if vsock is not None:                   # (its socket: the guest agent's, in its own directory)
+        cid = vsock.get("cid", 3) if isinstance(vsock, dict) else None
+        out["vsock"] = {"cid": cid, "socket": str(vm_dir / "vsock.sock")}
     return VmSpec.model_validate(out)
 
 
@@ -148,7 +155,7 @@ def open_incoming(m: Manager, name: str, tcp: str | None = None,
             del table[old]
         if len(table) >= MAX_INCOMING:
             raise Conflict(f"{MAX_INCOMING} incoming migrations are open already")
-        token = secrets.token_urlsafe(24)
+        token = secrets.token_hex(24)       # (hex: never a leading "-" that a shell argument parser would take for a flag)
         if tcp:
             family, (host, port) = parse_address(f"tcp:{tcp}", "--tcp")
             try:

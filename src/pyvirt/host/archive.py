@@ -42,7 +42,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from pyvirt.oci.tar import TarFormatError, pax_records, read_up_to, tar_number
+from pyvirt.oci.tar import TarFormatError, header_block, pax_records, read_up_to, tar_number
 from pyvirt.vmm import snapfiles
 
 FORMAT = "pyvirt-export"
@@ -351,14 +351,9 @@ class TarReader:
         if self.headers > self.MAX_HEADERS:
             raise TarFormatError(f"more than {self.MAX_HEADERS} tar headers")
         block = self._read(512)
-        if not block or block == bytes(512):
+        if not header_block(block, EOFError("the archive ends inside a tar header")):
             self.done = True
             return None
-        if len(block) < 512:
-            raise EOFError("the archive ends inside a tar header")
-        chk = tar_number(block[148:156])
-        if chk != sum(block[:148]) + 8 * 32 + sum(block[156:]):
-            raise TarFormatError("a tar header's checksum is wrong")
         return block
 
     def next(self) -> TarMember | None:

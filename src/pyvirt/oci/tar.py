@@ -89,13 +89,9 @@ class TarReader:
             if self.headers > self.MAX_HEADERS:
                 raise TarFormatError(f"more than {self.MAX_HEADERS} tar headers")
             block = self._read(512)
-            if not block or block == bytes(512):
+            if not header_block(block, TarFormatError("the layer ends inside a tar header")):
                 self.done = True
                 return None
-            if len(block) < 512:
-                raise TarFormatError("the layer ends inside a tar header")
-            if tar_number(block[148:156]) != sum(block[:148]) + 8 * 32 + sum(block[156:]):
-                raise TarFormatError("a tar header's checksum is wrong")
             size = tar_number(block[124:136])
             kind = block[156:157]
             if kind in (b"x", b"g"):
@@ -159,6 +155,19 @@ def _text(raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw.decode("utf-8", "surrogateescape")
+
+
+def header_block(block: bytes, short: Exception) -> bool:
+    """Whether `block` (read where a tar header belongs) is one: False at the archive's end
+    (nothing more, or a zero block); `short` is raised for a partial block, TarFormatError
+    for a wrong checksum."""
+    if not block or block == bytes(512):
+        return False
+    if len(block) < 512:
+        raise short
+    if tar_number(block[148:156]) != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+        raise TarFormatError("a tar header's checksum is wrong")
+    return True
 
 
 def tar_number(fieldb: bytes) -> int:

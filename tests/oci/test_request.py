@@ -30,8 +30,10 @@ def test_run_flags_and_the_cmd_words() -> None:
 def test_misplaced_flags_are_one_line() -> None:
     with pytest.raises(ConfigError, match="CMD goes with --oci IMAGE"):
         request.resolve(_args("echo", "hi"))
-    with pytest.raises(ConfigError, match="-e/-w/-u/-t goes with --oci IMAGE"):
+    with pytest.raises(ConfigError, match="-e/-w/-u/-t/-v goes with --oci IMAGE"):
         request.resolve(_args("-e", "A=1"))
+    with pytest.raises(ConfigError, match="-e/-w/-u/-t/-v goes with --oci IMAGE"):
+        request.resolve(_args("-v", "/tmp:/data"))
     with pytest.raises(ConfigError, match=r"--oci runs the image's process on the default kernel"):
         request.resolve(_args("--oci", "img", "--image", "debian"))
 

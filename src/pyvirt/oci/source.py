@@ -14,12 +14,10 @@ or path seen before resolves from the cache (refs/) without reading the source a
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -250,27 +248,7 @@ def _docker_archive(path: Path, store: BlobStore) -> Image:
 
 def _store_unknown(store: BlobStore, chunks: Any) -> str:
     """Store a blob whose digest is learnt by reading it (a docker archive's members)."""
-    d = store.root / "blobs" / "sha256"
-    d.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".part-", dir=d)
-    try:
-        h = hashlib.sha256()
-        total = 0
-        with os.fdopen(fd, "wb") as f:
-            for c in chunks:
-                total += len(c)
-                if total > MAX_BLOB:
-                    raise OciError(f"a docker archive member is larger than {MAX_BLOB} bytes")
-                h.update(c)
-                f.write(c)
-        digest = "sha256:" + h.hexdigest()
-        if not store.has(digest):
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, store.path(digest))
-        return digest
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    return store.put_unknown(chunks, MAX_BLOB, f"a docker archive member is larger than {MAX_BLOB} bytes")
 
 
 # -- a registry (HTTP API v2) -------------------------------------------------------------------

@@ -56,14 +56,12 @@ class BlobStore:
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()
 
-    def put(self, digest: str, chunks: Iterable[bytes], limit: int = MAX_BLOB, what: str = "blob") -> Path:
-        """Store the bytes of `chunks` as `digest`: refused (nothing kept) when they hash to
-        anything else or pass `limit` bytes."""
-        final = self.path(digest)
-        if final.is_file():
-            return final
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=final.parent)
+    def _receive(self, chunks: Iterable[bytes], limit: int, too_big: str) -> tuple[str, str]:
+        """`chunks` written to a new temporary file beside the blobs: its path and the bytes'
+        SHA-256 (hex); OciError(`too_big`) past `limit` bytes, nothing left behind."""
+        d = self.root / "blobs" / "sha256"
+        d.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=d)
         try:
             h = hashlib.sha256()
             total = 0
@@ -71,17 +69,43 @@ class BlobStore:
                 for chunk in chunks:
                     total += len(chunk)
                     if total > limit:
-                        raise OciError(f"{what} {digest[:19]}: larger than {limit} bytes")
+                        raise OciError(too_big)
                     h.update(chunk)
                     f.write(chunk)
-            if "sha256:" + h.hexdigest() != digest:
-                raise OciError(f"{what} {digest[:19]}: digest mismatch (got sha256:{h.hexdigest()[:12]}), refused")
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return tmp, h.hexdigest()
+
+    def _keep(self, tmp: str, digest: str) -> None:
+        """The received file `tmp` becomes blob `digest` (read-only) unless it is there already."""
+        try:
+            if not self.has(digest):
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, self.path(digest))
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+    def put(self, digest: str, chunks: Iterable[bytes], limit: int = MAX_BLOB, what: str = "blob") -> Path:
+        """Store the bytes of `chunks` as `digest`: refused (nothing kept) when they hash to
+        anything else or pass `limit` bytes."""
+        final = self.path(digest)
+        if final.is_file():
+            return final
+        tmp, got = self._receive(chunks, limit, f"{what} {digest[:19]}: larger than {limit} bytes")
+        if "sha256:" + got != digest:
+            os.unlink(tmp)
+            raise OciError(f"{what} {digest[:19]}: digest mismatch (got sha256:{got[:12]}), refused")
+        self._keep(tmp, digest)
         return final
+
+    def put_unknown(self, chunks: Iterable[bytes], limit: int, too_big: str) -> str:
+        """Store a blob whose digest is learnt by reading it (a docker archive's members)."""
+        tmp, got = self._receive(chunks, limit, too_big)
+        self._keep(tmp, "sha256:" + got)
+        return "sha256:" + got
 
     def put_bytes(self, digest: str, data: bytes, what: str = "blob") -> Path:
         return self.put(digest, [data], len(data), what)

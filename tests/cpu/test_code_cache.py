@@ -335,3 +335,27 @@ def test_a_failed_chain_puts_back_the_jump_and_fetch_entries() -> None:
     eng.run(hart, 1000)
     assert b in (jv[s], jv[s + 4]) and xv[xslot] == b >> 12 and xv[xslot + 1] == b >> 12
     assert hart.x[5] - x5 > 100 and abs((hart.x[5] - x5) - (hart.x[6] - x6)) <= 1
+
+
+def _anonymous() -> int:
+    text = Path("/proc/self/smaps_rollup").read_text()
+    return sum(int(line.split()[1]) << 10 for line in text.splitlines() if line.startswith("Anonymous:"))
+
+
+def test_a_loaded_file_is_shared_page_cache_not_private_memory(tmp_path: Path) -> None:
+    """Every VM booting one kernel loads its cache file: it must not cost each of them the
+    file's size in private memory (four clones of a 256 MiB VM came to 666 MiB when it did)."""
+    page = bytes(range(256)) * 16
+    w = CodeCache(tmp_path, max_file=64 << 20)
+    for i in range(6000):                          # ~24 MiB of entries
+        w.store(3, BASE + 4 * i, ((0, 16),), page, bytes([i & 0xFF]) * 4000, [], 1)
+    assert w.save()
+    size = next(tmp_path.glob("native-*.bin")).stat().st_size
+    assert size > 20 << 20
+    before = _anonymous()
+    r = CodeCache(tmp_path, max_file=64 << 20)
+    grown = _anonymous() - before
+    assert r.stats["loaded"] == 6000
+    assert grown < 4 << 20, (grown, size)
+    hit = r.lookup(3, BASE + 4 * 5999, page)       # entries are still read from the file
+    assert hit is not None and hit[0] == bytes([5999 & 0xFF]) * 4000 and hit[2] == 1

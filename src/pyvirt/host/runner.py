@@ -375,8 +375,13 @@ def enter_jail(config: dict[str, Any], paths: VmPaths, vm: Vm) -> bool:
         report = jail.disabled("the jail is turned off (pyvirtd --no-jail or PYVIRT_JAIL=off)")
     on = any(layer["on"] for layer in report.values() if isinstance(layer, dict))
     tmp = paths.dir / "jail.json.tmp"
-    tmp.write_text(json.dumps(report) + "\n")
-    os.replace(tmp, paths.dir / "jail.json")
+    try:
+        tmp.write_text(json.dumps(report) + "\n")
+        os.replace(tmp, paths.dir / "jail.json")
+    except OSError as e:
+        # (a host whose / or state directory a capability-less process cannot walk)
+        raise OSError(e.errno, f"the jailed runner cannot write its VM directory {paths.dir} "
+                      f"({e.strerror}); pyvirtd --no-jail turns the jail off") from e
     return on
 
 

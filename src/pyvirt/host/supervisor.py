@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pyvirt.errors import one_line
 from pyvirt.host import cgroups, control, jail, migration
 from pyvirt.host.errors import Conflict, Invalid, NotFound
 from pyvirt.host.models import Limits
@@ -238,7 +240,9 @@ class Supervisor:
         elif code is not None and code < 0:
             state, reason = "crashed", f"the runner was killed by {_signame(-code)}"
         elif code is not None:
-            state, reason = "crashed", f"the runner exited with status {code} without reporting why"
+            last = last_error_line(self.paths(rec).runner_log)
+            state, reason = "crashed", (f"the runner exited with status {code}: {last}" if last
+                                        else f"the runner exited with status {code} without reporting why")
         else:
             state, reason = "crashed", "the runner disappeared without reporting why"
         self.store.update(rec.id, state=state, reason=reason, exit_status=exit_status, pid=None,
@@ -342,3 +346,21 @@ def _signame(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return f"signal {sig}"
+
+
+def last_error_line(path: Path, limit: int = 8192) -> str:
+    """The last line of a runner's log (its stderr) when it is an exception's last line
+    ("PermissionError: ..."), made one line and short; "" otherwise.  Read from the file's
+    last `limit` bytes only: the log is the runner's, bounded by nothing else."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            tail = f.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [ln for ln in tail.split("\n") if ln.strip()]
+    if not lines or not re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b", lines[-1]):
+        return ""
+    text = one_line(lines[-1].strip())
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from pyvirt.engines import ENGINES, EngineName
 from pyvirt.errors import ConfigError
@@ -80,7 +81,7 @@ class VmRequest(BaseModel):
     shares: list[str] = Field(default_factory=list, description="HOSTDIR:TAG[,ro] shared host folders, "
                                                                 "mounted on /mnt/TAG (as --share)")
     rng: bool = Field(True, description="a virtio-rng device")
-    # (+ a field per VmSpec device field with a Flag, e.g. vsock: _follow_device_fields)
+    # (+ a field per VmSpec device field that carries a spec.Flag: _follow_device_fields)
     mmu: Literal["sv39", "sv48"] = "sv39"
     command: str | None = Field(None, description="shell command the guest runs, then powers off")
     engine: EngineName | None = None
@@ -217,9 +218,9 @@ def _follow_device_fields() -> None:
     for name, flag in flags.items():
         if name in _DEVICE_OPTIONS:
             continue
-        info = (Field(default_factory=list, description=flag.description) if flag.repeated
-                else Field(None, description=flag.description))
-        info.annotation = list[str] if flag.repeated else Optional[str]
+        info = (FieldInfo(annotation=list[str], default_factory=list, description=flag.description)
+                if flag.repeated else
+                FieldInfo(annotation=Optional[str], default=None, description=flag.description))  # type: ignore[arg-type]
         add_model_field(VmRequest, name, info)
         option = Option(flag.flags, flag.help, name, verbs=frozenset(flag.verbs), metavar=flag.metavar,
                         repeated=flag.repeated, path=flag.path)

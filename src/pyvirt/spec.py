@@ -398,7 +398,8 @@ def add_device_field(name: str, annotation: Any, flag: Flag, default: Any = None
     model follow; an API app made earlier keeps the schema it was made with."""
     if name in VmSpec.model_fields:
         raise ValueError(f"VmSpec has a field {name!r} already")
-    add_model_field(VmSpec, name, FieldInfo.from_annotated_attribute(Annotated[annotation, flag], default))
+    declared: Any = Annotated[annotation, flag]
+    add_model_field(VmSpec, name, FieldInfo.from_annotated_attribute(declared, default))
     for hook in DEVICE_FIELD_HOOKS:
         hook()
 

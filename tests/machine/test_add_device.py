@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,8 +35,8 @@ from pyvirt.vmm.restore import load_snapshot
 from pyvirt.vmm.snapshot import save_snapshot
 from pyvirt.vmm.vm import Vm
 
-TOY_ID = 42                 # no device of the board's has it
-MAGIC, DEVICE_ID = 0x000, 0x008      # virtio-mmio registers (virtio 1.2, 4.2.2)
+TOY_ID = 42  # no device of the board's has it
+MAGIC, DEVICE_ID = 0x000, 0x008  # virtio-mmio registers (virtio 1.2, 4.2.2)
 
 
 # -- the device file ------------------------------------------------------------------------------
@@ -52,13 +53,13 @@ class ToyBackend:
 class VirtioToy(VirtioDevice):
     device_id = TOY_ID
     num_queues = 1
-    serves_host = True                      # the board polls it between slices
+    serves_host = True  # the board polls it between slices
 
     def __init__(self, backend: ToyBackend, level: int) -> None:
         super().__init__()
         self.backend, self.level = backend, level
         self.polls = 0
-        self.sent = 0                       # bytes the guest has sent: saved in a snapshot
+        self.sent = 0  # bytes the guest has sent: saved in a snapshot
 
     def process(self, index: int, queue: SplitQueue) -> None:
         while (chain := queue.pop()) is not None:
@@ -91,9 +92,14 @@ class ToySpec(BaseModel):
         return cls(path=Path(text))
 
 
-TOY_FLAG = Flag(("--toy",), "a toy virtio device writing to the host file PATH",
-                "PATH: a toy virtio device writing to this host file (as --toy)", ToySpec.parse,
-                metavar="PATH", path="file")
+TOY_FLAG = Flag(
+    ("--toy",),
+    "a toy virtio device writing to the host file PATH",
+    "PATH: a toy virtio device writing to this host file (as --toy)",
+    ToySpec.parse,
+    metavar="PATH",
+    path="file",
+)
 
 
 # -- its table row -------------------------------------------------------------------------------
@@ -105,7 +111,9 @@ def _make_toy(_clock: Clock, spec: VmSpec, _i: int, backend: ToyBackend) -> Virt
     return VirtioToy(backend, spec.toy.level)  # type: ignore[attr-defined]
 
 
-TOY_ROW = virtio_table.VirtioKind("toy", lambda s: int(getattr(s, "toy", None) is not None), _make_toy, _open_toy)
+TOY_ROW = virtio_table.VirtioKind(
+    "toy", lambda s: int(getattr(s, "toy", None) is not None), _make_toy, _open_toy
+)
 
 
 @pytest.fixture
@@ -122,8 +130,8 @@ def toy() -> Iterator[None]:
 def _bios(tmp_path: Path) -> Path:
     """Firmware of one instruction, `j .`, loaded at RAM's start."""
     code = struct.pack("<I", 0x0000006F)
-    ehdr = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 2, 243, 1, 0x8000_0000,
-                       64, 0, 0, 64, 56, 1, 64, 0, 0)
+    fields = (2, 243, 1, 0x8000_0000, 64, 0, 0, 64, 56, 1, 64, 0, 0)
+    ehdr = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), *fields)
     phdr = struct.pack("<IIQQQQQQ", 1, 5, 120, 0x8000_0000, 0x8000_0000, len(code), len(code), 0x1000)
     path = tmp_path / "fw.elf"
     path.write_bytes(ehdr + phdr + code)
@@ -132,6 +140,7 @@ def _bios(tmp_path: Path) -> Path:
 
 def _help(verb: str) -> str:
     from pyvirt.cli import _parser
+
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         _parser().parse_args([verb, "--help"])
@@ -156,12 +165,15 @@ def test_without_it_nothing_knows_the_toy(tmp_path: Path) -> None:
     assert all(k.name != "toy" for k in virtio_table.VIRTIO_KINDS)
 
 
-def test_the_flag_of_run_and_create_resolves_to_the_spec(toy: None, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_flag_of_run_and_create_resolves_to_the_spec(
+    toy: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pyvirt.cli import _parser
+
     fw = _bios(tmp_path)
     for verb in ("run", "create"):
-        assert "--toy PATH" in _help(verb) and "a toy virtio device writing to the host file PATH" in _help(verb)
+        text = _help(verb)
+        assert "--toy PATH" in text and "a toy virtio device writing to the host file PATH" in text
     monkeypatch.chdir(tmp_path)
     args = _parser().parse_args(["run", "--bios", str(fw), "--toy", "out"])
     req = request.from_args(args, request.RUN)
@@ -178,6 +190,7 @@ def test_the_flag_of_run_and_create_resolves_to_the_spec(toy: None, tmp_path: Pa
 def test_the_rest_api_model_and_its_schema_have_it(toy: None, tmp_path: Path) -> None:
     from pyvirt.host.api import make_app
     from pyvirt.host.models import VmCreate, to_spec
+
     fw = _bios(tmp_path)
     schema = make_app(None).openapi()["components"]["schemas"]["VmCreate"]  # type: ignore[arg-type]
     assert schema["properties"]["toy"]["description"] == TOY_FLAG.description
@@ -197,8 +210,8 @@ def test_the_board_opens_builds_polls_and_describes_it(toy: None, tmp_path: Path
     try:
         board = vm.board
         toys = [t.device for _, _, t in board.virtio if isinstance(t.device, VirtioToy)]
-        assert len(toys) == 1 and toys[0].level == 3 and out.exists()       # the VMM opened its host side
-        base = VIRTIO_BASE + 0x1000 * (len(board.virtio) - 1)                # after the other rows' slots
+        assert len(toys) == 1 and toys[0].level == 3 and out.exists()  # the VMM opened its host side
+        base = VIRTIO_BASE + 0x1000 * (len(board.virtio) - 1)  # after the other rows' slots
         assert board.bus.read(base + MAGIC, 4) == 0x74726976 and board.bus.read(base + DEVICE_ID, 4) == TOY_ID
         nodes = [n.name for n in board.device_tree("", None).find("soc").children]  # type: ignore[union-attr]
         assert sorted(set(nodes) - set(plain_nodes)) == [f"virtio_mmio@{base:x}"]
@@ -206,7 +219,7 @@ def test_the_board_opens_builds_polls_and_describes_it(toy: None, tmp_path: Path
         backend = toys[0].backend
     finally:
         vm.close()
-    assert backend.file.closed                                               # the board closed it
+    assert backend.file.closed  # the board closed it
 
 
 def test_a_snapshot_saves_and_restores_it(toy: None, tmp_path: Path) -> None:
@@ -221,7 +234,16 @@ def test_a_snapshot_saves_and_restores_it(toy: None, tmp_path: Path) -> None:
     restored = load_snapshot(tmp_path / "snap", BufferBackend())
     try:
         again = next(t.device for _, _, t in restored.board.virtio if isinstance(t.device, VirtioToy))
-        assert again.sent == 1234 and not again.backend.file.closed          # its state, a fresh host side
+        assert again.sent == 1234 and not again.backend.file.closed  # its state, a fresh host side
         assert restored.spec.toy == ToySpec(path=out)  # type: ignore[attr-defined]
     finally:
         restored.close()
+
+
+def test_request_py_names_no_device_field() -> None:
+    """The board's own device fields (vsock) come to request.py from their Flags too."""
+    from pyvirt.spec import device_flags
+
+    source = Path(request.__file__).read_text()
+    assert "vsock" in device_flags()
+    assert [name for name in device_flags() if re.search(rf"\b{name}\b", source)] == []

@@ -35,6 +35,7 @@ from pyvirt.errors import ConfigError
 from pyvirt.spec import (
     DEVICE_FIELD_HOOKS,
     DiskSpec,
+    Flag,
     NetSpec,
     PortSpec,
     ShareSpec,
@@ -494,8 +495,17 @@ def _device_values(req: VmRequest) -> dict[str, Any]:
     for name, flag in device_flags().items():
         text = getattr(req, name, None)
         if text:
-            out[name] = [flag.parse(t) for t in text] if flag.repeated else flag.parse(text)
+            out[name] = [_parse(flag, t) for t in text] if flag.repeated else _parse(flag, text)
     return out
+
+
+def _parse(flag: Flag, text: str) -> Any:
+    try:
+        return flag.parse(text)
+    except ValidationError as e:
+        raise ConfigError(f"{flag.flags[0]} {text}: {limit_message(dict(e.errors()[0]))}") from None
+    except ValueError as e:
+        raise ConfigError(f"{flag.flags[0]} {text}: {e}") from None
 
 
 def _oci(req: VmRequest, disks: list[DiskSpec], vports: list[PortSpec], daemon: bool,

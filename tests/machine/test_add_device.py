@@ -89,7 +89,8 @@ class ToySpec(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> ToySpec:
-        return cls(path=Path(text))
+        path, _, level = text.partition(",level=")
+        return cls(path=Path(path), **({"level": level} if level else {}))  # type: ignore[arg-type]
 
 
 TOY_FLAG = Flag(
@@ -247,3 +248,30 @@ def test_request_py_names_no_device_field() -> None:
     source = Path(request.__file__).read_text()
     assert "vsock" in device_flags()
     assert [name for name in device_flags() if re.search(rf"\b{name}\b", source)] == []
+
+
+def test_a_bad_value_is_one_line_in_the_flags_words(toy: None, tmp_path: Path) -> None:
+    fw = _bios(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        request.resolve(request.VmRequest(bios=str(fw), toy="out,level=high"))  # type: ignore[call-arg]
+    assert str(e.value).startswith("--toy out,level=high: ") and "\n" not in str(e.value)
+
+
+def test_a_repeated_flag_gives_a_list(tmp_path: Path) -> None:
+    from pyvirt.cli import _parser
+
+    flag = Flag(
+        ("--toys",), "toys (repeatable)", "toys (as --toys)", ToySpec.parse, metavar="PATH", repeated=True
+    )
+    add_device_field("toys", list[ToySpec], flag, default=[])
+    try:
+        args = _parser().parse_args(
+            ["run", "--bios", str(_bios(tmp_path)), "--toys", "a", "--toys", "b,level=2"]
+        )
+        req = request.from_args(args, request.RUN)
+        assert req.toys == ["a", "b,level=2"]  # type: ignore[attr-defined]
+        assert request.resolve(req).spec.toys == [ToySpec(path=Path("a")), ToySpec(path=Path("b"), level=2)]  # type: ignore[attr-defined]
+        assert request.resolve(request.VmRequest(bios="fw")).spec.toys == []  # type: ignore[attr-defined]
+    finally:
+        remove_device_field("toys")
+    assert "toys" not in request.VmRequest.model_fields and "--toys" not in _help("run")

@@ -11,9 +11,11 @@ REST API, the Python Client), and the one resolver from it to a `VmSpec`.
                    through ports, --port forwards onto the user network; the only place that
                    resolves a guest
 
-A new VM option is a VmRequest field, an OPTIONS row and its use in resolve() (plus the
-VmSpec field when it is new hardware).  Errors are one-line ConfigErrors in the words of the
-flags (`--memory 1T: at most 64G`).
+A device's VmSpec field that carries a `spec.Flag` needs nothing here: its VmRequest field,
+its OPTIONS row and its resolution come from the Flag (`_follow_device_fields`; a virtio
+device is its device file, backend, table row and spec field -- docs/devices.md).  Any other
+new VM option is a VmRequest field, an OPTIONS row and its use in resolve().  Errors are
+one-line ConfigErrors in the words of the flags (`--memory 1T: at most 64G`).
 """
 
 from __future__ import annotations
@@ -23,24 +25,29 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from pyvirt.engines import ENGINES, EngineName
 from pyvirt.errors import ConfigError
 from pyvirt.spec import (
+    DEVICE_FIELD_HOOKS,
     DiskSpec,
+    Flag,
     NetSpec,
     PortSpec,
     ShareSpec,
     VmSpec,
-    VsockSpec,
+    add_model_field,
+    device_flags,
     format_size,
     limit_message,
     make_spec,
     parse_port_forward,
     parse_size,
+    remove_model_field,
 )
 
 IMAGES = ("default", "debian")
@@ -75,8 +82,7 @@ class VmRequest(BaseModel):
     shares: list[str] = Field(default_factory=list, description="HOSTDIR:TAG[,ro] shared host folders, "
                                                                 "mounted on /mnt/TAG (as --share)")
     rng: bool = Field(True, description="a virtio-rng device")
-    vsock: str | None = Field(None, description="SOCKET: a virtio-vsock device (guest CID 3) served on "
-                                                "this Unix socket (as --vsock; pyvirtd VMs always have one)")
+    # (+ a field per VmSpec device field that carries a spec.Flag: _follow_device_fields)
     mmu: Literal["sv39", "sv48"] = "sv39"
     command: str | None = Field(None, description="shell command the guest runs, then powers off")
     engine: EngineName | None = None
@@ -123,7 +129,7 @@ class Option:
         return self.field or self.flags[0].lstrip("-").replace("-", "_")
 
 
-OPTIONS: tuple[Option, ...] = (
+OPTIONS: list[Option] = [
     Option(("--image",), "guest image: default (lean kernel, busybox initramfs) or debian (Debian trixie "
            "with systemd on a disk; built on first use by pyvirt run, by `pyvirt image build debian` for "
            "pyvirtd)", "image", choices=IMAGES),
@@ -146,10 +152,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--vport",), "a virtio-console port served on a Unix socket (repeatable); the name hvc0 is "
            "the console port, others appear in the guest as named ports", "vports", metavar="NAME=SOCKET",
            repeated=True, path="vport"),
-    Option(("--vsock",), "a virtio-vsock device (guest CID 3); the VMM listens on the Unix socket SOCKET "
-           "(a host client writes 'CONNECT PORT' and reads 'OK ...'; the guest reaches host port P at "
-           "SOCKET_P; with --restore: the restored VM's socket)", "vsock", metavar="SOCKET", path="file",
-           verbs=frozenset((RUN,))),
+    # (+ the device fields' flags here, after --vport: _follow_device_fields)
     Option(("--net",), "a virtio-net interface (repeatable): user (passt user-mode networking; "
            ",port=HOST:GUEST forwards a host TCP port on 127.0.0.1; ,host-loopback=on lets the guest reach the "
            "host's 127.0.0.1 at the gateway address), stream=SOCKET (a Unix socket speaking "
@@ -200,8 +203,37 @@ OPTIONS: tuple[Option, ...] = (
            "temporary directory, removed at exit)", verbs=frozenset((RUN,)), metavar="DIR"),
     Option(("--snapshot-after",), "after SECONDS of running, save a snapshot to DIR and exit",
            verbs=frozenset((RUN,)), metavar="SECONDS:DIR"),
-)
+]
 FLAG = {o.field: o.flags[0] for o in OPTIONS if o.field}   # a field's flag, for messages
+
+
+def _follow_device_fields() -> None:
+    """VmRequest, OPTIONS and FLAG as VmSpec's device fields say (spec.Flag): each one's
+    field of the user's text and its flag, after --vport; run on import and whenever a
+    device field is added or removed (spec.add_device_field)."""
+    flags = device_flags()
+    for name in [n for n, o in _DEVICE_OPTIONS.items() if n not in flags]:
+        OPTIONS.remove(_DEVICE_OPTIONS.pop(name))
+        del FLAG[name]
+        remove_model_field(VmRequest, name)
+    for name, flag in flags.items():
+        if name in _DEVICE_OPTIONS:
+            continue
+        info = (FieldInfo(annotation=list[str], default_factory=list, description=flag.description)
+                if flag.repeated else
+                FieldInfo(annotation=Optional[str], default=None, description=flag.description))  # type: ignore[arg-type]
+        add_model_field(VmRequest, name, info)
+        option = Option(flag.flags, flag.help, name, verbs=frozenset(flag.verbs), metavar=flag.metavar,
+                        repeated=flag.repeated, path=flag.path)
+        at = OPTIONS.index(next(o for o in OPTIONS if o.field == "vports")) + 1 + len(_DEVICE_OPTIONS)
+        OPTIONS.insert(at, option)
+        _DEVICE_OPTIONS[name] = option
+        FLAG[name] = flag.flags[0]
+
+
+_DEVICE_OPTIONS: dict[str, Option] = {}
+_follow_device_fields()
+DEVICE_FIELD_HOOKS.append(_follow_device_fields)
 
 
 class _NotHere(argparse.Action):
@@ -450,11 +482,30 @@ def resolve(req: VmRequest, *, daemon: bool = False, pipe: bool = False) -> Reso
                          kernel=kernel, initrd=initrd, append=append, bios=bios, disks=disks,
                          rng=req.rng, ports=vports, nets=nets, shares=shares,
                          engine=req.engine or default_engine(),
-                         mmu=req.mmu, vsock=VsockSpec(socket=Path(req.vsock)) if req.vsock else None)
+                         mmu=req.mmu, **_device_values(req))
     except BaseException:
         Resolved(VmSpec.model_construct(), pipe_, overlay_dir).cleanup()
         raise
     return Resolved(spec, pipe_, overlay_dir, memory_typed)
+
+
+def _device_values(req: VmRequest) -> dict[str, Any]:
+    """The VmSpec device fields the request sets, from their Flags (unset: the spec's default)."""
+    out: dict[str, Any] = {}
+    for name, flag in device_flags().items():
+        text = getattr(req, name, None)
+        if text:
+            out[name] = [_parse(flag, t) for t in text] if flag.repeated else _parse(flag, text)
+    return out
+
+
+def _parse(flag: Flag, text: str) -> Any:
+    try:
+        return flag.parse(text)
+    except ValidationError as e:
+        raise ConfigError(f"{flag.flags[0]} {text}: {limit_message(dict(e.errors()[0]))}") from None
+    except ValueError as e:
+        raise ConfigError(f"{flag.flags[0]} {text}: {e}") from None
 
 
 def _oci(req: VmRequest, disks: list[DiskSpec], vports: list[PortSpec], daemon: bool,

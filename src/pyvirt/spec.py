@@ -2,16 +2,25 @@
 
 CLI flags, a TOML file and the API's JSON all produce a `VmSpec`; device
 models never parse user input.
+
+A device's `VmSpec` field may carry its user-facing side as a `Flag` (`Annotated[...,
+Flag(...)]`): request.py derives from it the `pyvirt run`/`pyvirt create` flag, the
+VmRequest (REST API) field and its resolution to the spec value, so adding such a device
+edits nothing in request.py (docs/devices.md, "Adding a virtio device").  A device defined
+outside this file (a test's, a plugin's) adds its field with `add_device_field`.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from pyvirt.engines import EngineName, default_engine
 from pyvirt.errors import ConfigError
@@ -154,6 +163,30 @@ class VsockSpec(BaseModel):
     socket: Path
     cid: int = Field(3, ge=3, lt=0xFFFF_FFFF)
 
+    @classmethod
+    def parse(cls, text: str) -> VsockSpec:
+        """'SOCKET' as given to --vsock (guest CID 3)."""
+        return cls(socket=Path(text))
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A device field's user-facing side, declared on its VmSpec field (`Annotated[T,
+    Flag(...)]`).  request.py makes of it the flag (`flags`, `help`, `metavar`, for the
+    `verbs` among "run" and "create"), the VmRequest field of the same name (the user's text:
+    `str | None`, or `list[str]` when `repeated`; `description` is the API's) and the spec
+    value (`parse(text)`, each text when repeated; an empty request leaves the field's
+    default).  `path="file"`: the text names a host file, made absolute for the daemon."""
+
+    flags: tuple[str, ...]
+    help: str
+    description: str
+    parse: Callable[[str], Any]
+    metavar: str | None = None
+    verbs: tuple[str, ...] = ("run", "create")
+    repeated: bool = False
+    path: Literal["file"] | None = None
+
 
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
@@ -275,7 +308,12 @@ class VmSpec(BaseModel):
     ports: list[PortSpec] = Field(default_factory=list)       # virtio-console ports
     nets: list[NetSpec] = Field(default_factory=list)         # virtio-net interfaces
     shares: list[ShareSpec] = Field(default_factory=list)     # virtio-fs shared folders
-    vsock: VsockSpec | None = None                            # virtio-vsock
+    vsock: Annotated[VsockSpec | None, Flag(                  # virtio-vsock
+        ("--vsock",), "a virtio-vsock device (guest CID 3); the VMM listens on the Unix socket SOCKET "
+        "(a host client writes 'CONNECT PORT' and reads 'OK ...'; the guest reaches host port P at "
+        "SOCKET_P; with --restore: the restored VM's socket)",
+        "SOCKET: a virtio-vsock device (guest CID 3) served on this Unix socket (as --vsock; pyvirtd "
+        "VMs always have one)", VsockSpec.parse, metavar="SOCKET", verbs=("run",), path="file")] = None
     engine: EngineName = Field(default_factory=default_engine)
     mmu: Literal["sv39", "sv48"] = "sv39"
 
@@ -318,12 +356,74 @@ class VmSpec(BaseModel):
         return v
 
 
-# the `pyvirt run` flag of each VmSpec field, for messages
+# -- device fields: their flags, and fields added from outside this file ---------------------
+def device_flags() -> dict[str, Flag]:
+    """VmSpec's fields that carry a Flag, in field order."""
+    return {name: m for name, f in VmSpec.model_fields.items() for m in f.metadata if isinstance(m, Flag)}
+
+
+# Called after a device field is added or removed (request.py follows VmSpec with these).
+DEVICE_FIELD_HOOKS: list[Callable[[], None]] = []
+
+
+def add_model_field(model: type[BaseModel], name: str, info: FieldInfo) -> None:
+    """Give `model` and its subclasses the field `name` as if their class bodies declared it
+    (a pydantic model's fields are fixed when its class is made: this is the one place that
+    adds to them; the annotation is what subclasses made later inherit it by)."""
+    model.__annotations__[name] = info.annotation
+    for cls in (model, *_subclasses(model)):
+        cls.__pydantic_fields__[name] = info
+        cls.model_rebuild(force=True)
+
+
+def remove_model_field(model: type[BaseModel], name: str) -> None:
+    """Undo `add_model_field`."""
+    model.__annotations__.pop(name, None)
+    for cls in (model, *_subclasses(model)):
+        cls.__pydantic_fields__.pop(name, None)
+        cls.model_rebuild(force=True)
+
+
+def _subclasses(model: type[BaseModel]) -> list[type[BaseModel]]:
+    out = []
+    for sub in model.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
+
+
+def add_device_field(name: str, annotation: Any, flag: Flag, default: Any = None) -> None:
+    """Add a device's field to VmSpec from outside this file, as if VmSpec declared
+    `name: Annotated[annotation, flag] = default` (a device a test or a plugin defines; the
+    board's devices declare theirs in VmSpec).  The request model, the flags and the API
+    model follow; an API app made earlier keeps the schema it was made with."""
+    if name in VmSpec.model_fields:
+        raise ValueError(f"VmSpec has a field {name!r} already")
+    declared: Any = Annotated[annotation, flag]
+    add_model_field(VmSpec, name, FieldInfo.from_annotated_attribute(declared, default))
+    for hook in DEVICE_FIELD_HOOKS:
+        hook()
+
+
+def remove_device_field(name: str) -> None:
+    """Undo `add_device_field`."""
+    if name not in device_flags():
+        raise ValueError(f"VmSpec has no device field {name!r}")
+    remove_model_field(VmSpec, name)
+    for hook in DEVICE_FIELD_HOOKS:
+        hook()
+
+
+# the `pyvirt run` flag of each VmSpec field, for messages (device fields: their Flag's)
 FLAGS = {"cpus": "--cpus", "memory": "--memory", "kernel": "--kernel", "initrd": "--initrd",
          "append": "--append", "bios": "--bios", "disks": "--disk", "ports": "--vport", "nets": "--net",
-         "shares": "--share", "engine": "--engine", "mmu": "--mmu", "rng": "--no-rng",
-         "vsock": "--vsock"}
+         "shares": "--share", "engine": "--engine", "mmu": "--mmu", "rng": "--no-rng"}
 SIZE_FIELDS = ("memory",)
+
+
+def flag_of(field: str) -> str:
+    """The flag that sets VmSpec field `field` (the field's name when none does)."""
+    device = device_flags().get(field)
+    return device.flags[0] if device is not None else FLAGS.get(field, field)
 
 
 def limit_message(err: dict[str, object], size: bool = False) -> str:
@@ -348,7 +448,7 @@ def make_spec(typed: dict[str, str] | None = None, **fields: object) -> VmSpec:
         field = str(err["loc"][0]) if err["loc"] else ""
         if err["type"] == "extra_forbidden":
             raise ConfigError(f"unknown setting {field!r}") from None
-        flag = FLAGS.get(field, field or "the VM")
+        flag = flag_of(field) if field else "the VM"
         value = (typed or {}).get(field)
         if value is None and isinstance(fields.get(field), (int, str)) and not isinstance(fields.get(field), bool):
             raw = fields[field]

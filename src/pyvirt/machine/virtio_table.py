@@ -6,9 +6,14 @@ of one (`open`: called by `vmm/resources.py` before the board is built; None: no
 or opened there because it needs the layers above -- a NIC's network name), and how the board
 makes the device over it (`make`).  The board (`VirtBoard._build_devices`), its slot count,
 the VMM's opening of backends, the device tree (one virtio-mmio node per slot) and the
-snapshot state schema (each device's `state_schema()`, by slot) all read this table, so a
-new virtio device is its device file, its backend, a row here and its spec field
-(docs/devices.md, "Adding a virtio device")."""
+snapshot state schema (each device's `state_schema()`, by slot) all read this table.
+
+A new virtio device is four files (docs/devices.md, "Adding a virtio device"): its device
+file, its backend, a row here and its VmSpec field in spec.py, which carries its flag
+(`Annotated[..., Flag(...)]`): the `pyvirt run`/`pyvirt create` flag, the request and API
+field and their resolution to the spec come from that Flag (request.py edits nothing).  A
+device defined outside src (a test's, a plugin's) adds its row with `register` and its field
+with `spec.add_device_field` (tests/machine/test_add_device.py does both)."""
 
 from __future__ import annotations
 
@@ -95,11 +100,20 @@ def _make_fs(_clock: Clock, spec: VmSpec, i: int, fsd: Any) -> VirtioDevice:
     return VirtioFs(fsd.front, spec.shares[i].tag)      # (guest RAM's memfd: the bus's)
 
 
-VIRTIO_KINDS: tuple[VirtioKind, ...] = (
+VIRTIO_KINDS: list[VirtioKind] = [
     VirtioKind("blk", lambda s: len(s.disks), _make_blk, _open_disk),
     VirtioKind("rng", lambda s: int(s.rng), lambda _c, _s, _i, _b: VirtioRng()),
     VirtioKind("console", lambda s: int(bool(s.ports)), _make_console, _open_ports),
     VirtioKind("net", lambda s: len(s.nets), _make_net),       # (opened by vmm/resources: network names)
     VirtioKind("vsock", lambda s: int(s.vsock is not None), _make_vsock, _open_vsock),
     VirtioKind("fs", lambda s: len(s.shares), _make_fs, _open_share),
-)
+]
+
+
+def register(kind: VirtioKind) -> Callable[[], None]:
+    """Add a row after the others (its devices take the slots after the shares') for a device
+    defined outside this file; returns what removes it again."""
+    if any(k.name == kind.name for k in VIRTIO_KINDS):
+        raise ValueError(f"a virtio kind {kind.name!r} is in the table already")
+    VIRTIO_KINDS.append(kind)
+    return lambda: VIRTIO_KINDS.remove(kind)

@@ -1070,6 +1070,135 @@ def _control_seeds() -> Iterator[bytes]:
         yield bytes([len(line) // 4]) + line
 
 
+# -- the guest agent's answers ------------------------------------------------------------------
+_AGENT_TYPES = "VMDZX12xTE?\0"
+
+
+def _agent_stream(inp: Input) -> bytes:
+    """What a hostile agent sends on one connection: a greeting (right, or not), then frames
+    of types the host knows (and others), honest or lying lengths, payloads from the input."""
+    from pyvirt.host.agent import FRAME, PROTOCOL
+
+    out = bytearray()
+    if inp.u8() % 8:
+        out += FRAME.pack(len(PROTOCOL), ord("V")) + PROTOCOL.encode()
+    for _ in range(inp.u8() % 10):
+        typ = _AGENT_TYPES[inp.u8() % len(_AGENT_TYPES)]
+        how = inp.u8()
+        if typ == "M" and how & 1:
+            body = struct.pack("<III", inp.u32(), inp.u16() if how & 2 else inp.u32(), inp.u8() if how & 4 else 0)
+        elif typ == "x" and how & 1:
+            body = struct.pack("<IB", inp.u8() if how & 2 else inp.u32(), inp.u8())
+        elif typ == "D" and how & 1:
+            body = bytes([inp.u8()]) * (inp.u16() % 70000)
+        else:
+            body = inp.bytes(inp.u8())
+        n = len(body) if how & 0x80 == 0 else inp.u32()
+        out += FRAME.pack(n, ord(typ)) + body
+    return bytes(out)
+
+
+def fuzz_agent(data: bytes) -> None:
+    """A hostile guest agent answering the host's requests (host/agent.py's `Agent`): the
+    greeting, `pyvirt cp` from the guest into a named file or directory (`read_file`: the
+    file's mode, size and data), exec output and exit status (`run`), listening ports, small
+    requests, a copy to the guest.  Each request's connection carries a stream from
+    `_agent_stream`.  Only a one-line AgentError may come out; a copy may write only its
+    destination (no other file appears, changes or goes; no temporary file stays; no set-id
+    bit); a copy that failed leaves the destination as it was."""
+    import socket
+
+    import pyvirt.host.agent as agent_mod
+    from pyvirt.host.agent import Agent, AgentError
+
+    inp = Input(data)
+    work = TMP / "agent"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "dest").mkdir(parents=True)
+    (work / "victim").write_bytes(b"keep")
+    (work / "dest" / "old").write_bytes(b"old")
+    (work / "src").write_bytes(b"host file\n" * 10)
+    (work / "dest" / "sub").mkdir()
+    pairs: list[Any] = []
+
+    def connect_guest(path: Any, port: int, timeout: float = 5.0) -> tuple[Any, int]:
+        a, b = socket.socketpair()
+        pairs.extend((a, b))
+        stream = _agent_stream(inp)
+        b.setblocking(False)
+        try:
+            while stream:
+                stream = stream[b.send(stream):]
+        except BlockingIOError:
+            pass
+        b.shutdown(socket.SHUT_WR)
+        return a, 1 << 30
+
+    saved = agent_mod.connect_guest
+    agent_mod.connect_guest = connect_guest
+    agent = Agent(work / "vsock")
+    try:
+        for _ in range(1 + inp.u8() % 3):
+            op = inp.u8() % 7
+            target: Path | None = None
+            try:
+                if op == 0:
+                    guest = ["/etc/hostname", "a/b", "/", "..", "../../x", "/x/.", "sub", "old"][inp.u8() % 8]
+                    dest = [work / "dest", work / "dest" / "new", work / "dest" / "old", work / "dest" / "sub",
+                            work / "dest" / "nodir" / "x"][inp.u8() % 5]
+                    from pyvirt.host.agent import local_target
+                    try:
+                        target = local_target(guest, dest)
+                    except AgentError:
+                        target = None
+                    before = target.read_bytes() if target is not None and target.is_file() else None
+                    try:
+                        agent.read_file(guest, dest)
+                    except AgentError:
+                        if target is not None and (target.read_bytes() if target.is_file() else None) != before:
+                            raise AssertionError(f"a failed copy changed {target}") from None
+                        raise
+                    if target is not None and target.stat().st_mode & 0o7000:
+                        raise AssertionError(f"{target} has set-id bits")
+                elif op == 1:
+                    agent.run(["sh", "-c", "true"], input=b"in" if inp.u8() & 1 else None)
+                elif op == 2:
+                    agent.listening_ports()
+                elif op == 3:
+                    agent.set_clock(1e9)
+                elif op == 4:
+                    agent.wait(0)
+                elif op == 5:
+                    agent.write_file(work / "src", "/tmp/x")
+                else:
+                    agent.set_hostname("vm")
+            except AgentError as e:
+                if "\n" in str(e):
+                    raise AssertionError(f"a multi-line error: {e!r}") from None
+    finally:
+        agent_mod.connect_guest = saved
+        for s in pairs:
+            s.close()
+        extra = sorted(str(p.relative_to(work)) for p in work.rglob("*")
+                       if p.name not in ("victim", "src", "dest", "old", "sub", "new", "hostname", "x", "b")
+                       or not p.is_relative_to(work / "dest") and p.name not in ("victim", "src", "dest"))
+        if extra or (work / "victim").read_bytes() != b"keep":
+            raise AssertionError(f"written outside the destination: {extra[:3]}")
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _agent_seeds() -> Iterator[bytes]:
+    # cp /etc/hostname -> dest/: M (mode 0644, 6 bytes), D "hello\n", Z
+    meta = bytes([1, 3]) + struct.pack("<IH", 0o104755, 6)
+    yield bytes([0, 0, 0, 0]) + bytes([1, 3]) + meta + bytes([2, 0, 6]) + b"hello\n" + bytes([3, 0, 0])
+    yield bytes([1, 0, 0, 1]) + bytes([1, 3]) + meta + bytes([2, 0, 9]) + b"too long\n" + bytes([3, 0, 0]) \
+        + bytes([0, 0, 2]) + bytes([1, 3]) + meta + bytes([2, 0, 6]) + b"hello\n" + bytes([3, 0, 0])
+    # run: stdout "hi", exit 0
+    yield bytes([0, 1, 0, 1, 3, 5, 0, 2]) + b"hi" + bytes([7, 1, 0, 0])
+    yield bytes([1, 2, 1, 2, 8, 0, 5]) + b"22 80"
+    yield bytes([0, 5, 1, 1, 3, 0, 0])
+
+
 # -- the REST API's request models --------------------------------------------------------------
 def fuzz_request(data: bytes) -> None:
     """A request body for VM create, export or import, validated by the REST API's models and
@@ -1144,6 +1273,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "migration": fuzz_migration,
     "oci": fuzz_oci,
     "control": fuzz_control,
+    "agent": fuzz_agent,
     "request": fuzz_request,
 }
 
@@ -1169,5 +1299,6 @@ SEEDS: dict[str, Callable[[], Iterator[bytes]]] = {
     "migration": _migration_seeds,
     "oci": _oci_seeds,
     "control": _control_seeds,
+    "agent": _agent_seeds,
     "request": _request_seeds,
 }

@@ -128,20 +128,23 @@ def test_bad_greetings_are_refused(case: str) -> None:
     assert replies and replies[-1][0] == mig.ERROR and why in replies[-1][1].decode()
 
 
-def test_a_spec_the_destination_cannot_run_is_refused_before_any_page(tmp_path: Path) -> None:
-    spec = spec_json(tmp_path) | {"cpus": 99}
-    sent: list[int] = []
-
+def refused_at_spec(spec: dict[str, Any], sent: list[str]) -> Callable[[socket.socket], None]:
+    """A source that sends `spec` and records the destination's refusal of it in `sent`."""
     def stream(s: socket.socket) -> None:
         handshake(spec)(s)
         mig.recv_frame(s, (mig.OK,))
         try:
             mig.recv_frame(s, (mig.OK,))
         except MigrationError as e:
-            sent.append(1)
-            assert "the destination refused: the spec cannot run here" in str(e)
-    err, _ = serve(stream)
-    assert isinstance(err, MigrationError) and "cannot run here" in str(err) and sent
+            sent.append(str(e))
+    return stream
+
+
+def test_a_spec_the_destination_cannot_run_is_refused_before_any_page(tmp_path: Path) -> None:
+    sent: list[str] = []
+    err, _ = serve(refused_at_spec(spec_json(tmp_path) | {"cpus": 99}, sent))
+    assert isinstance(err, MigrationError) and "cannot run here" in str(err)
+    assert sent and "the destination refused: the spec cannot run here" in sent[0]
 
 
 def corrupt(data: bytes) -> bytes:
@@ -177,3 +180,24 @@ def test_bad_streams_end_with_one_line(case: str, tmp_path: Path) -> None:
     err, _ = serve(stream)
     assert isinstance(err, MigrationError), err
     assert why in str(err) and "\n" not in str(err)
+
+
+@pytest.mark.parametrize("field", ["disks", "nets", "ports"])
+def test_daemon_refuses_a_spec_whose_lists_are_not_lists_in_one_line(tmp_path: Path, field: str) -> None:
+    """Found by fuzz/targets.py's migration: pyvirtd's `trusted_spec` iterated the source's
+    "disks", "nets" and "ports" as sent, so `"ports": 1` raised TypeError out of the incoming
+    thread (no ERROR to the source, the endpoint never marked failed)."""
+    from pyvirt.host.migration import trusted_spec
+
+    spec = spec_json(tmp_path) | {field: 1}
+    kernel = Path(spec["kernel"]).resolve()
+    sent: list[str] = []
+    stream = refused_at_spec(spec, sent)
+    a, b = socket.socketpair()
+    t = threading.Thread(target=lambda: (stream(b), b.close()))
+    t.start()
+    with pytest.raises(MigrationError, match=f"its {field} is not a list"):
+        mig.accept_handshake(a, "t", lambda s: trusted_spec(s, tmp_path / "vm", [kernel]), timeout=5)
+    a.close()
+    t.join(10)
+    assert sent and f"its {field} is not a list" in sent[0]

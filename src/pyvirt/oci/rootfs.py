@@ -173,10 +173,11 @@ def _account_file(tree: Path, name: str) -> bytes:
     try:
         if stat.S_ISLNK(os.lstat(tree / "etc").st_mode):
             return b""
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)   # (a FIFO: no wait)
     except OSError:
         return b""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):   # (before fdopen: it refuses a directory itself)
+        os.close(fd)
+        return b""
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return b""
         return f.read(MAX_ACCOUNTS)

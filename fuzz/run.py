@@ -65,7 +65,8 @@ def main() -> int:
                     "pyvirt.host.control", "pyvirt.host.runner", "pyvirt.host.models", "pyvirt.request",
                     "pyvirt.vmm.snapcheck", "pyvirt.state", "pyvirt.spec", "pyvirt.vmm.migration",
                     "pyvirt.host.migration", "pyvirt.oci.tar", "pyvirt.oci.unpack", "pyvirt.oci.source",
-                    "pyvirt.oci.store", "pyvirt.oci.guest", "pyvirt.oci.rootfs", "pyvirt.host.agent"):
+                    "pyvirt.oci.store", "pyvirt.oci.guest", "pyvirt.oci.rootfs", "pyvirt.host.agent",
+                    "pyvirt.backends.vhost_user"):
             __import__(mod)
     if args.list or not args.target:
         print("\n".join(targets.TARGETS))

@@ -1199,6 +1199,94 @@ def _agent_seeds() -> Iterator[bytes]:
     yield bytes([0, 5, 1, 1, 3, 0, 0])
 
 
+# -- vhost-user: what a hostile back end answers ---------------------------------------------------
+_VHOST_REQS = [1, 2, 3, 5, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 99]    # (vhost_user.py's request numbers)
+
+
+def fuzz_vhost_user(data: bytes) -> None:
+    """A hostile vhost-user back end (virtiofsd's place): the front end (backends/vhost_user.py)
+    runs a whole session -- handshake, features, the memory table, a ring started and stopped --
+    against replies the input spells: right or wrong request numbers, flags and sizes, payloads,
+    descriptors attached (which the front end must close), the connection cut anywhere.  Only a
+    one-line VhostUserError may come out, and no descriptor may stay open."""
+    import socket
+
+    from pyvirt.backends import vhost_user as vu
+
+    inp = Input(data)
+    fds_before = _fds()
+    a, b = socket.socketpair()
+    mine: list[int] = []
+    try:
+        reqs = _VHOST_REQS
+        b.setblocking(False)
+        for _ in range(inp.u8() % 24):           # the back end's replies, queued up front
+            how = inp.u8()
+            req = reqs[inp.u8() % len(reqs)]
+            flags = vu.VERSION | vu.FLAG_REPLY if how & 1 else inp.u32()
+            body = struct.pack("<Q", inp.int(8)) if how & 2 else inp.bytes(inp.u8() % 24)
+            size = len(body) if how & 4 else inp.u32()
+            msg = struct.pack("<III", req, flags, size) + body
+            anc = []
+            if how & 0x30:
+                extra = [os.eventfd(0) for _ in range((how >> 4) & 3)]
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(extra)}i", *extra))]
+                mine += extra
+            try:
+                b.sendmsg([msg], anc)
+            except BlockingIOError:
+                break
+            for fd in mine:
+                os.close(fd)
+            mine.clear()
+        if inp.u8() & 1:
+            b.shutdown(socket.SHUT_WR)
+        front = vu.VhostUserFrontEnd(a, "fuzz", timeout=0.05)
+        mem = os.memfd_create("fuzz-ram")
+        ev = [os.eventfd(0) for _ in range(3)]
+        mine += [mem, *ev]
+        os.ftruncate(mem, 1 << 16)
+        try:
+            features = front.handshake()
+            front.set_features(features & 0xFFFF_FFFF)
+            front.set_mem_table([vu.Region(0x8000_0000, 1 << 16, mem)])
+            front.start_ring(0, 16, 0x8000_0000, 0x8000_1000, 0x8000_2000, *ev)
+            front.stop_ring(0)
+            front.peer_gone()
+        except vu.VhostUserError as e:
+            if "\n" in str(e) or not front.broken:
+                raise AssertionError(f"a multi-line error, or the front end not marked broken: {e!r}") from None
+            try:
+                front.call(vu.SET_OWNER)
+                raise AssertionError("a broken front end sent another request")
+            except vu.VhostUserError:
+                pass
+    finally:
+        for fd in mine:
+            os.close(fd)
+        a.close()
+        b.close()
+    if _fds() != fds_before:
+        raise AssertionError(f"descriptors open before {fds_before}, after {_fds()}")
+
+
+def _vhost_user_seeds() -> Iterator[bytes]:
+    from pyvirt.backends import vhost_user as vu
+
+    # a back end with protocol features and REPLY_ACK: owner ack, features, protocol features,
+    # then an ack for every request after, GET_VRING_BASE answering (0, 5)
+    def reply(req: int, value: int, fds: int = 0) -> bytes:
+        return bytes([1 | 2 | 4 | fds << 4, _VHOST_REQS.index(req)]) + struct.pack("<Q", value)
+
+    acks = [reply(r, 0) for r in (vu.SET_PROTOCOL_FEATURES, vu.SET_FEATURES, vu.SET_MEM_TABLE, vu.SET_VRING_NUM,
+                                  vu.SET_VRING_BASE, vu.SET_VRING_ADDR, vu.SET_VRING_CALL, vu.SET_VRING_ERR,
+                                  vu.SET_VRING_KICK, vu.SET_VRING_ENABLE, vu.SET_VRING_ENABLE)]
+    seq = [reply(vu.GET_FEATURES, vu.F_PROTOCOL_FEATURES | 1),
+           reply(vu.GET_PROTOCOL_FEATURES, vu.PROTOCOL_F_REPLY_ACK)] + acks + [reply(vu.GET_VRING_BASE, 5 << 32)]
+    yield bytes([len(seq)]) + b"".join(seq) + bytes([0])
+    yield bytes([2]) + reply(vu.GET_FEATURES, 1, fds=2) + reply(vu.SET_FEATURES, 0) + bytes([1])
+
+
 # -- the REST API's request models --------------------------------------------------------------
 def fuzz_request(data: bytes) -> None:
     """A request body for VM create, export or import, validated by the REST API's models and
@@ -1274,6 +1362,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "oci": fuzz_oci,
     "control": fuzz_control,
     "agent": fuzz_agent,
+    "vhost_user": fuzz_vhost_user,
     "request": fuzz_request,
 }
 
@@ -1300,5 +1389,6 @@ SEEDS: dict[str, Callable[[], Iterator[bytes]]] = {
     "oci": _oci_seeds,
     "control": _control_seeds,
     "agent": _agent_seeds,
+    "vhost_user": _vhost_user_seeds,
     "request": _request_seeds,
 }

@@ -189,6 +189,38 @@ def test_malformed_tars_are_one_line(tmp_path, oci_cache) -> None:
     _refused(tmp_path, [bytes(head) + huge_pax + bytes(-len(huge_pax) % 512 + 1024)], "larger than 1048576 bytes")
 
 
+def _pax_layer(name: str, pax: dict[str, str], **fields: int) -> bytes:
+    """One member with the PAX records and header numbers given (tarfile writes them; without
+    PAX records in GNU format, whose numbers may be base-256)."""
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT if pax else tarfile.GNU_FORMAT) as tar:
+        ti = tarfile.TarInfo(name)
+        ti.pax_headers = pax
+        for k, v in fields.items():
+            setattr(ti, k, v)
+        tar.addfile(ti, io.BytesIO(b""))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("layer, words", [
+    (lambda: _pax_layer("a", {"SCHILY.xattr.user.a\0b": "v"}), "xattr name holds a NUL byte"),
+    (lambda: _pax_layer("a", {"path": "x\0y"}), "holds a NUL byte"),
+    (lambda: _pax_layer("a", {"linkpath": "x\0y"}), "holds a NUL byte"),
+    (lambda: _pax_layer("a", {"mtime": "99999999999999999999"}), "out of range"),
+    (lambda: _pax_layer("a", {"uid": "99999999999999999999"}), "out of range"),
+    (lambda: _pax_layer("a", {}, type=b"3", devmajor=1 << 40), "out of range"),
+    (lambda: t.layer([("x" * 300, "file", b"x")]), "cannot write 'x{100}' here: File name too long"),
+])
+def test_members_no_file_system_can_hold_are_refused_in_one_line(tmp_path, oci_cache, layer, words) -> None:
+    """Found by fuzz/targets.py's oci: an xattr name or a path with a NUL byte (PAX records
+    carry them) raised ValueError out of the unpacker, a huge mtime or device number
+    OverflowError, a file name over 255 bytes OSError -- tracebacks, not one line."""
+    _refused(tmp_path, [layer()], words)
+
+
 def test_limits_are_module_constants() -> None:
     assert unpack_mod.MAX_UNPACKED >= 1 << 30 and unpack_mod.MAX_ENTRIES > 100_000
 

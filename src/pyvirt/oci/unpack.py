@@ -89,6 +89,9 @@ def apply_layers(root: Path, store: BlobStore, layers: Sequence[str], diff_ids: 
                     pass                               # the rest counts for the diff_id
             except TarFormatError as e:
                 raise OciError(f"{what}: {e}") from None
+            except OSError as e:                       # (a name too long, a device refused, ENOSPC)
+                name = os.path.basename(e.filename) if isinstance(e.filename, str) else ""
+                raise OciError(f"{what}: cannot write {name[:100]!r} here: {e.strerror or e}") from None
         got = "sha256:" + stream.hash.hexdigest()
         if i < len(diff_ids) and got != diff_ids[i]:
             raise OciError(f"{what}: its content does not match the config's diff_id {diff_ids[i][:19]}, refused")

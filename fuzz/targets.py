@@ -346,8 +346,16 @@ def fuzz_virtio_vsock(data: bytes) -> None:
     time passing).  Defects: as for every device, and a connection, buffer or control
     queue beyond its bound."""
     from pyvirt.backends.vsock import MAX_HANDSHAKES
-    from pyvirt.devices.virtio.vsock import (BUF_ALLOC, HDR, HDR_SIZE, HOST_CID, MAX_CONNECTIONS,
-                                             MAX_PKT_DATA, MAX_STRAY_RST, VirtioVsock)
+    from pyvirt.devices.virtio.vsock import (
+        BUF_ALLOC,
+        HDR,
+        HDR_SIZE,
+        HOST_CID,
+        MAX_CONNECTIONS,
+        MAX_PKT_DATA,
+        MAX_STRAY_RST,
+        VirtioVsock,
+    )
     from pyvirt.testing.virtio_rig import make_rig
     from pyvirt.testing.virtq import Buffer
 
@@ -872,7 +880,6 @@ def _oci_image(inp: Input, mode: int, src: Path) -> Path:
     """An image source the input makes: a layout directory or a docker archive, its JSON documents
     the real ones with fuzzed swaps, its layers `_oci_layer`s (or raw bytes)."""
     import gzip
-    import hashlib
 
     from pyvirt.testing import oci
 
@@ -908,7 +915,6 @@ def _oci_image(inp: Input, mode: int, src: Path) -> Path:
         return root if inp.u8() & 1 else Path(f"{root}:latest")
     path = src / "image.tar"
     oci.write_docker_archive(path, config, [gzip.compress(x, mtime=0) if inp.u8() & 1 else x for x in layers])
-    del hashlib
     return path
 
 

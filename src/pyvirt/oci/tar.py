@@ -203,7 +203,7 @@ def _pax_int(pax: dict[str, bytes], key: str, default: int) -> int:
         return default
     try:
         value = int(float(pax[key])) if key == "mtime" else int(pax[key])
-    except ValueError:
+    except (ValueError, OverflowError):              # (OverflowError: an mtime of "1e400", inf)
         raise TarFormatError(f"a PAX {key} is malformed") from None
     if value < 0:
         raise TarFormatError(f"a PAX {key} is negative")

@@ -223,6 +223,39 @@ def test_members_no_file_system_can_hold_are_refused_in_one_line(tmp_path, oci_c
     _refused(tmp_path, [layer()], words)
 
 
+@pytest.mark.parametrize("which", ["config", "layer"])
+@pytest.mark.parametrize("kind", ["dir", "fifo"])
+def test_a_layout_file_that_is_not_a_regular_file_is_refused_in_one_line(tmp_path, oci_cache, which, kind) -> None:
+    """Found by fuzz/targets.py's oci: a layout whose blob is a directory raised
+    IsADirectoryError out of resolve_image (a traceback); a FIFO there would have blocked it
+    for ever (it now opens without waiting for a writer, and is refused)."""
+    import threading
+
+    layer = t.layer([("a", "file", b"a")])
+    config = t.image_config([layer], Cmd=["sh"])
+    t.write_layout(tmp_path / "img", config, [layer])
+    blobs = tmp_path / "img" / "blobs" / "sha256"
+    target = {"config": blobs / hashlib.sha256(json.dumps(config).encode()).hexdigest(),
+              "layer": blobs / hashlib.sha256(gzip.compress(layer, mtime=0)).hexdigest()}[which]
+    target.unlink()
+    if kind == "dir":
+        target.mkdir()
+    else:
+        os.mkfifo(target)
+    got: list[BaseException] = []
+
+    def resolve() -> None:
+        try:
+            resolve_image(str(tmp_path / "img"))
+        except BaseException as e:                  # (recorded for the assertion below)
+            got.append(e)
+    th = threading.Thread(target=resolve, daemon=True)
+    th.start()
+    th.join(10)
+    assert got and isinstance(got[0], OciError), got
+    assert "\n" not in str(got[0]) and "not a regular file" in str(got[0])
+
+
 def test_limits_are_module_constants() -> None:
     assert unpack_mod.MAX_UNPACKED >= 1 << 30 and unpack_mod.MAX_ENTRIES > 100_000
 

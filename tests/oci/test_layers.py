@@ -256,6 +256,21 @@ def test_a_layout_file_that_is_not_a_regular_file_is_refused_in_one_line(tmp_pat
     assert "\n" not in str(got[0]) and "not a regular file" in str(got[0])
 
 
+def test_layers_that_do_not_decompress_are_refused_in_one_line(tmp_path, oci_cache) -> None:
+    """Found by fuzz/targets.py's oci: a zstd frame naming a dictionary raised ZstdError, a
+    gzip stream with a corrupt deflate block zlib.error -- neither an OSError, both tracebacks."""
+    bad_gzip = gzip.compress(b"", mtime=0)[:10] + b"\xff" * 32       # a deflate block of the reserved type
+    bad_zstd = b"\x28\xb5\x2f\xfd\x21\x01\x05" + bytes(8)            # a frame naming dictionary 1
+    for blob, words in ((bad_gzip, "invalid block type"), (bad_zstd, "Dictionary mismatch")):
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        BlobStore().put_bytes(digest, blob)                             # (as a registry would store it)
+        root = tmp_path / words.split()[0]
+        root.mkdir()
+        with pytest.raises(OciError, match=f"layer 1 .*: cannot decompress it .*{words}") as e:
+            apply_layers(root, BlobStore(), [digest], [])
+        assert "\n" not in str(e.value)
+
+
 def test_limits_are_module_constants() -> None:
     assert unpack_mod.MAX_UNPACKED >= 1 << 30 and unpack_mod.MAX_ENTRIES > 100_000
 

@@ -19,9 +19,12 @@ import hashlib
 import os
 import shutil
 import stat
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import zstandard
 
 from pyvirt.oci.store import BlobStore, OciError
 from pyvirt.oci.tar import Member, TarFormatError, TarReader
@@ -50,7 +53,7 @@ class _Counted:
     def read(self, n: int = -1) -> bytes:
         try:
             data: bytes = self.src.read(n)
-        except (OSError, EOFError, ValueError) as e:
+        except (OSError, EOFError, ValueError, zlib.error, zstandard.ZstdError) as e:
             raise OciError(f"{self.what}: cannot decompress it ({e})") from None
         self.budget.left -= len(data)
         if self.budget.left < 0:
@@ -65,7 +68,6 @@ def _open_layer(f: Any) -> Any:
     if head[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=f, mode="rb")
     if head == b"\x28\xb5\x2f\xfd":
-        import zstandard
         return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
     return f
 

@@ -888,7 +888,7 @@ def _oci_image(inp: Input, mode: int, src: Path) -> Path:
     v = inp.u8()
     if v & 1:
         key = ["os", "architecture", "rootfs", "config", "Cmd", "User", "Env", "WorkingDir"][(v >> 1) % 8]
-        value = [None, 1, "riscv64", [], {}, ["a\0"], "0:0", "x" * 100, [1], {"diff_ids": "x"},
+        value = [None, 1, "riscv64", [], {}, ["a\0"], "0:0", "\u00b2", [1], {"diff_ids": "x"},
                  {"diff_ids": ["sha256:" + "0" * 64]}, "/", "root:999999999999", "1:2:3", "-1", ["A=1"] * 3][(v >> 4) % 16]
         if key in ("os", "architecture", "rootfs", "config"):
             config[key] = value
@@ -1097,6 +1097,8 @@ def _agent_stream(inp: Input) -> bytes:
             body = struct.pack("<IB", inp.u8() if how & 2 else inp.u32(), inp.u8())
         elif typ == "D" and how & 1:
             body = bytes([inp.u8()]) * (inp.u16() % 70000)
+        elif typ == "T" and how & 1:                 # port words: long, non-ASCII digits
+            body = b"9" * (inp.u16() % 6000) + " \u00b2 22 ".encode() + inp.bytes(inp.u8() % 16)
         else:
             body = inp.bytes(inp.u8())
         n = len(body) if how & 0x80 == 0 else inp.u32()

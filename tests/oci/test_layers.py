@@ -271,6 +271,31 @@ def test_layers_that_do_not_decompress_are_refused_in_one_line(tmp_path, oci_cac
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("user, passwd, group, expect", [
+    ("app", "app:x:\u00b2:1::/home:/bin/sh\n", "", "/etc/passwd entry for app is malformed"),
+    ("app", "app:x:-1:1::/home:/bin/sh\n", "", "/etc/passwd entry for app is malformed"),
+    ("app", "app:x:1:99999999999::/home:/bin/sh\n", "", "/etc/passwd entry for app is malformed"),
+    ("\u00b2", "", "", "ids are at most 32 bits"),
+    ("1:\u00b2", "", "", "ids are at most 32 bits"),
+    ("app:staff", "app:x:1:1::/home:/bin/sh\n", "staff:x:\u00b2:\n", (1, 1, [1])),
+    ("app", "app:x:1:1::/home:/bin/sh\n", "big:x:99999999999:app\nsq:x:\u00b2:app\nok:x:7:app\n", (1, 1, [1, 7])),
+])
+def test_hostile_account_files_give_one_line_or_are_ignored(user, passwd, group, expect) -> None:
+    """Found while fixing what fuzz/targets.py's oci found (by reading oci/guest.py): the
+    image's /etc/passwd and /etc/group and its config's User were read with str.isdigit(),
+    which takes "\u00b2" (int() then raised ValueError: a traceback), a negative uid was
+    accepted, and supplementary gids were not held to 32 bits."""
+    from pyvirt.errors import PyvirtError
+    from pyvirt.oci.guest import user_ids
+
+    if isinstance(expect, str):
+        with pytest.raises(PyvirtError, match=expect) as e:
+            user_ids(user, passwd, group)
+        assert "\n" not in str(e.value)
+    else:
+        assert user_ids(user, passwd, group)[:3] == expect
+
+
 def test_limits_are_module_constants() -> None:
     assert unpack_mod.MAX_UNPACKED >= 1 << 30 and unpack_mod.MAX_ENTRIES > 100_000
 

@@ -641,7 +641,7 @@ def _mig_frames(inp: Input) -> bytes:
             body = cctx.compress(bytes((m.MAX_PAGES_RAW, m.MAX_STATE)[inp.u8() & 1] + 1 + inp.u8()))
             out += m.HEADER.pack((m.PAGES, m.STATE)[inp.u8() & 1], len(body)) + body
         else:                                    # a raw frame: any type, a length that may lie
-            body = inp.bytes(inp.u8())
+            body = inp.bytes(inp.u8()) if kind == 8 else b"[" * inp.u16()   # (or JSON nested deep)
             out += m.HEADER.pack(inp.u8() % 12, len(body) if inp.u8() & 1 else inp.u32()) + body
     return bytes(out)
 

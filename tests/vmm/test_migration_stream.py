@@ -117,6 +117,8 @@ BAD_HELLOS = {
     "future version": (hello(version=2), "migration protocol version 2 is not supported"),
     "not ours": (hello(protocol="qemu"), "not a pyvirt migration stream"),
     "not json": (b"\xff{", "the greeting is not a JSON object"),
+    "not an object": (b"[1]", "the greeting is not a JSON object"),
+    "nested too deep": (b"[" * 5000, "the greeting is not a JSON object"),     # (was RecursionError)
 }
 
 
@@ -165,6 +167,8 @@ BAD_STREAMS: dict[str, tuple[Callable[[dict[str, Any]], bytes], str]] = {
     "state that does not fit": (lambda spec: frame(mig.STATE, ZSTD.compress(b'{"harts": 5}')) + frame(mig.COMPLETE),
                                 "bad migration stream"),
     "abandoned": (lambda spec: frame(mig.ABANDON), "abandoned"),
+    "state nested too deep": (lambda spec: frame(mig.STATE, ZSTD.compress(b"[" * 100_000)) + frame(mig.COMPLETE),
+                              "the state is not JSON"),                    # (was RecursionError)
 }
 
 
@@ -180,6 +184,23 @@ def test_bad_streams_end_with_one_line(case: str, tmp_path: Path) -> None:
     err, _ = serve(stream)
     assert isinstance(err, MigrationError), err
     assert why in str(err) and "\n" not in str(err)
+
+
+def test_a_spec_nested_too_deep_is_refused_in_one_line() -> None:
+    """A SPEC frame of "[[[[..." raised RecursionError out of accept_handshake (found by reading
+    while fixing the migration fuzz target's finding; the greeting and the state had it too)."""
+    sent: list[str] = []
+
+    def stream(s: socket.socket) -> None:
+        s.sendall(frame(mig.HELLO, hello()) + frame(mig.SPEC, b"[" * 5000))
+        mig.recv_frame(s, (mig.OK,))
+        try:
+            mig.recv_frame(s, (mig.OK,))
+        except MigrationError as e:
+            sent.append(str(e))
+    err, _ = serve(stream)
+    assert isinstance(err, MigrationError) and "cannot run here" in str(err) and "\n" not in str(err)
+    assert sent
 
 
 @pytest.mark.parametrize("field", ["disks", "nets", "ports"])

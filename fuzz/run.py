@@ -59,10 +59,14 @@ def main() -> int:
     with atheris.instrument_imports(include=["pyvirt"]):
         import targets
         for mod in ("pyvirt.devices.virtio.blk", "pyvirt.devices.virtio.net", "pyvirt.devices.virtio.console",
-                    "pyvirt.devices.virtio.rng", "pyvirt.devices.virtio.mmio", "pyvirt.devices.virtio.queue",
+                    "pyvirt.devices.virtio.rng", "pyvirt.devices.virtio.mmio", "pyvirt.devices.virtio.vsock",
+                    "pyvirt.backends.vsock", "pyvirt.devices.virtio.queue",
                     "pyvirt.backends.qcow2", "pyvirt.backends.qcow2_format", "pyvirt.host.archive",
                     "pyvirt.host.control", "pyvirt.host.runner", "pyvirt.host.models", "pyvirt.request",
-                    "pyvirt.vmm.snapcheck", "pyvirt.state", "pyvirt.spec"):
+                    "pyvirt.vmm.snapcheck", "pyvirt.state", "pyvirt.spec", "pyvirt.vmm.migration",
+                    "pyvirt.host.migration", "pyvirt.oci.tar", "pyvirt.oci.unpack", "pyvirt.oci.source",
+                    "pyvirt.oci.store", "pyvirt.oci.guest", "pyvirt.oci.rootfs", "pyvirt.host.agent",
+                    "pyvirt.backends.vhost_user"):
             __import__(mod)
     if args.list or not args.target:
         print("\n".join(targets.TARGETS))

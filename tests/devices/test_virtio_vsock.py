@@ -298,6 +298,22 @@ def test_hostile_descriptors_break_only_the_queue() -> None:
     assert g.rig.bus.stray == [] and g2.rig.bus.stray == []
 
 
+def test_rx_queue_broken_in_poll_needs_reset_not_internal_error(caplog: pytest.LogCaptureFixture) -> None:
+    """Found by fuzz/targets.py's virtio_vsock: an rx ring whose available index runs far ahead
+    raised QueueError out of `poll()`'s ring walk into its last line of defence (logged as an
+    internal error with a traceback).  It is the guest's fault: the device needs a reset."""
+    g = Guest(rx_buffers=0)
+    g.send(pkt(OP_CREDIT_REQUEST, 9, 9))                 # an RST waits for an rx buffer
+    assert len(g.dev.stray_rst) == 1
+    g.rx.set_avail_idx(4139)                             # more entries than the queue has
+    with caplog.at_level("WARNING", logger="pyvirt"):
+        g.dev.poll()
+    assert g.rig.drv.status & STATUS_DEVICE_NEEDS_RESET
+    assert "available index" in g.dev.needs_reset_reason
+    assert not [r for r in caplog.records if r.exc_info]
+    assert g.rig.bus.stray == []
+
+
 def test_tiny_rx_buffers_do_not_overflow() -> None:
     g = Guest(rx_buffers=4, rx_size=16)
     g.backend.incoming.append((FakeStream(), 5))

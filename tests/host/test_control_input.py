@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from pyvirt.host import control
 from pyvirt.host.runner import AGENT_BACKLOG, Runner
 
@@ -62,3 +64,11 @@ def test_the_agent_backlog_is_bounded_while_the_agent_is_away() -> None:
     assert len(r.agent_out) <= AGENT_BACKLOG
     assert replies[0] == {"ok": True}
     assert replies[-1]["ok"] is False and "backlog is full" in replies[-1]["error"]
+
+
+def test_a_request_nested_too_deep_is_a_protocol_error() -> None:
+    """A control line of "[[[[..." (well under the 64 KiB line limit) raised RecursionError out
+    of parse_request, past the server's ProtocolError answer, into the runner's loop (found by
+    reading while fixing the same in the migration stream)."""
+    with pytest.raises(control.ProtocolError, match="one JSON object per line"):
+        control.parse_request(b"[" * 5000)

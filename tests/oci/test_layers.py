@@ -189,6 +189,113 @@ def test_malformed_tars_are_one_line(tmp_path, oci_cache) -> None:
     _refused(tmp_path, [bytes(head) + huge_pax + bytes(-len(huge_pax) % 512 + 1024)], "larger than 1048576 bytes")
 
 
+def _pax_layer(name: str, pax: dict[str, str], **fields: int) -> bytes:
+    """One member with the PAX records and header numbers given (tarfile writes them; without
+    PAX records in GNU format, whose numbers may be base-256)."""
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT if pax else tarfile.GNU_FORMAT) as tar:
+        ti = tarfile.TarInfo(name)
+        ti.pax_headers = pax
+        for k, v in fields.items():
+            setattr(ti, k, v)
+        tar.addfile(ti, io.BytesIO(b""))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("layer, words", [
+    (lambda: _pax_layer("a", {"SCHILY.xattr.user.a\0b": "v"}), "xattr name holds a NUL byte"),
+    (lambda: _pax_layer("a", {"path": "x\0y"}), "holds a NUL byte"),
+    (lambda: _pax_layer("a", {"linkpath": "x\0y"}), "holds a NUL byte"),
+    (lambda: _pax_layer("a", {"mtime": "99999999999999999999"}), "out of range"),
+    (lambda: _pax_layer("a", {"mtime": "1e400"}), "a PAX mtime is malformed"),
+    (lambda: _pax_layer("a", {"uid": "99999999999999999999"}), "out of range"),
+    (lambda: _pax_layer("a", {}, type=b"3", devmajor=1 << 40), "out of range"),
+    (lambda: t.layer([("x" * 300, "file", b"x")]), "cannot write 'x{100}' here: File name too long"),
+])
+def test_members_no_file_system_can_hold_are_refused_in_one_line(tmp_path, oci_cache, layer, words) -> None:
+    """Found by fuzz/targets.py's oci: an xattr name or a path with a NUL byte (PAX records
+    carry them) raised ValueError out of the unpacker, a huge mtime or device number
+    OverflowError (a PAX mtime of 1e400 too, in the reader), a file name over 255 bytes
+    OSError -- tracebacks, not one line."""
+    _refused(tmp_path, [layer()], words)
+
+
+@pytest.mark.parametrize("which", ["config", "layer"])
+@pytest.mark.parametrize("kind", ["dir", "fifo"])
+def test_a_layout_file_that_is_not_a_regular_file_is_refused_in_one_line(tmp_path, oci_cache, which, kind) -> None:
+    """Found by fuzz/targets.py's oci: a layout whose blob is a directory raised
+    IsADirectoryError out of resolve_image (a traceback); a FIFO there would have blocked it
+    for ever (it now opens without waiting for a writer, and is refused)."""
+    import threading
+
+    layer = t.layer([("a", "file", b"a")])
+    config = t.image_config([layer], Cmd=["sh"])
+    t.write_layout(tmp_path / "img", config, [layer])
+    blobs = tmp_path / "img" / "blobs" / "sha256"
+    target = {"config": blobs / hashlib.sha256(json.dumps(config).encode()).hexdigest(),
+              "layer": blobs / hashlib.sha256(gzip.compress(layer, mtime=0)).hexdigest()}[which]
+    target.unlink()
+    if kind == "dir":
+        target.mkdir()
+    else:
+        os.mkfifo(target)
+    got: list[BaseException] = []
+
+    def resolve() -> None:
+        try:
+            resolve_image(str(tmp_path / "img"))
+        except BaseException as e:                  # (recorded for the assertion below)
+            got.append(e)
+    th = threading.Thread(target=resolve, daemon=True)
+    th.start()
+    th.join(10)
+    assert got and isinstance(got[0], OciError), got
+    assert "\n" not in str(got[0]) and "not a regular file" in str(got[0])
+
+
+def test_layers_that_do_not_decompress_are_refused_in_one_line(tmp_path, oci_cache) -> None:
+    """Found by fuzz/targets.py's oci: a zstd frame naming a dictionary raised ZstdError, a
+    gzip stream with a corrupt deflate block zlib.error -- neither an OSError, both tracebacks."""
+    bad_gzip = gzip.compress(b"", mtime=0)[:10] + b"\xff" * 32       # a deflate block of the reserved type
+    bad_zstd = b"\x28\xb5\x2f\xfd\x21\x01\x05" + bytes(8)            # a frame naming dictionary 1
+    for blob, words in ((bad_gzip, "invalid block type"), (bad_zstd, "Dictionary mismatch")):
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        BlobStore().put_bytes(digest, blob)                             # (as a registry would store it)
+        root = tmp_path / words.split()[0]
+        root.mkdir()
+        with pytest.raises(OciError, match=f"layer 1 .*: cannot decompress it .*{words}") as e:
+            apply_layers(root, BlobStore(), [digest], [])
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("user, passwd, group, expect", [
+    ("app", "app:x:\u00b2:1::/home:/bin/sh\n", "", "/etc/passwd entry for app is malformed"),
+    ("app", "app:x:-1:1::/home:/bin/sh\n", "", "/etc/passwd entry for app is malformed"),
+    ("app", "app:x:1:99999999999::/home:/bin/sh\n", "", "/etc/passwd entry for app is malformed"),
+    ("\u00b2", "", "", "ids are at most 32 bits"),
+    ("1:\u00b2", "", "", "ids are at most 32 bits"),
+    ("app:staff", "app:x:1:1::/home:/bin/sh\n", "staff:x:\u00b2:\n", (1, 1, [1])),
+    ("app", "app:x:1:1::/home:/bin/sh\n", "big:x:99999999999:app\nsq:x:\u00b2:app\nok:x:7:app\n", (1, 1, [1, 7])),
+])
+def test_hostile_account_files_give_one_line_or_are_ignored(user, passwd, group, expect) -> None:
+    """Found while fixing what fuzz/targets.py's oci found (by reading oci/guest.py): the
+    image's /etc/passwd and /etc/group and its config's User were read with str.isdigit(),
+    which takes "\u00b2" (int() then raised ValueError: a traceback), a negative uid was
+    accepted, and supplementary gids were not held to 32 bits."""
+    from pyvirt.errors import PyvirtError
+    from pyvirt.oci.guest import user_ids
+
+    if isinstance(expect, str):
+        with pytest.raises(PyvirtError, match=expect) as e:
+            user_ids(user, passwd, group)
+        assert "\n" not in str(e.value)
+    else:
+        assert user_ids(user, passwd, group)[:3] == expect
+
+
 def test_limits_are_module_constants() -> None:
     assert unpack_mod.MAX_UNPACKED >= 1 << 30 and unpack_mod.MAX_ENTRIES > 100_000
 

@@ -69,3 +69,27 @@ def test_root_and_unprivileged_disks_agree(tmp_path, monkeypatch, busybox_layers
     unprivileged = base_disk(resolve_image(str(tmp_path / "bb"))).disk
     got = {p: _meta(unprivileged, p) for p in PATHS}
     assert got == want
+
+
+@pytest.mark.parametrize("kind", ["dir", "fifo", "symlink"])
+def test_account_files_that_are_not_regular_files_read_as_none(tmp_path: Path, kind: str) -> None:
+    """Found by fuzz/targets.py's oci: an image whose /etc/passwd is a directory made the
+    conversion fail with IsADirectoryError (a traceback, not one line) where it should read no
+    accounts; one whose /etc/passwd is a FIFO would have blocked the conversion for ever."""
+    import threading
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    if kind == "dir":
+        (etc / "passwd").mkdir()
+    elif kind == "fifo":
+        os.mkfifo(etc / "passwd")
+    else:
+        (etc / "passwd").symlink_to("/etc/passwd")
+    (etc / "group").write_bytes(b"app:x:1000:\n")
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(rootfs_mod._account_file(tmp_path, "passwd")), daemon=True)
+    reader.start()
+    reader.join(5)
+    assert got == [b""]
+    assert rootfs_mod._account_file(tmp_path, "group") == b"app:x:1000:\n"

@@ -117,6 +117,8 @@ BAD_HELLOS = {
     "future version": (hello(version=2), "migration protocol version 2 is not supported"),
     "not ours": (hello(protocol="qemu"), "not a pyvirt migration stream"),
     "not json": (b"\xff{", "the greeting is not a JSON object"),
+    "not an object": (b"[1]", "the greeting is not a JSON object"),
+    "nested too deep": (b"[" * 5000, "the greeting is not a JSON object"),     # (was RecursionError)
 }
 
 
@@ -128,20 +130,23 @@ def test_bad_greetings_are_refused(case: str) -> None:
     assert replies and replies[-1][0] == mig.ERROR and why in replies[-1][1].decode()
 
 
-def test_a_spec_the_destination_cannot_run_is_refused_before_any_page(tmp_path: Path) -> None:
-    spec = spec_json(tmp_path) | {"cpus": 99}
-    sent: list[int] = []
-
+def refused_at_spec(spec: dict[str, Any], sent: list[str]) -> Callable[[socket.socket], None]:
+    """A source that sends `spec` and records the destination's refusal of it in `sent`."""
     def stream(s: socket.socket) -> None:
         handshake(spec)(s)
         mig.recv_frame(s, (mig.OK,))
         try:
             mig.recv_frame(s, (mig.OK,))
         except MigrationError as e:
-            sent.append(1)
-            assert "the destination refused: the spec cannot run here" in str(e)
-    err, _ = serve(stream)
-    assert isinstance(err, MigrationError) and "cannot run here" in str(err) and sent
+            sent.append(str(e))
+    return stream
+
+
+def test_a_spec_the_destination_cannot_run_is_refused_before_any_page(tmp_path: Path) -> None:
+    sent: list[str] = []
+    err, _ = serve(refused_at_spec(spec_json(tmp_path) | {"cpus": 99}, sent))
+    assert isinstance(err, MigrationError) and "cannot run here" in str(err)
+    assert sent and "the destination refused: the spec cannot run here" in sent[0]
 
 
 def corrupt(data: bytes) -> bytes:
@@ -162,6 +167,8 @@ BAD_STREAMS: dict[str, tuple[Callable[[dict[str, Any]], bytes], str]] = {
     "state that does not fit": (lambda spec: frame(mig.STATE, ZSTD.compress(b'{"harts": 5}')) + frame(mig.COMPLETE),
                                 "bad migration stream"),
     "abandoned": (lambda spec: frame(mig.ABANDON), "abandoned"),
+    "state nested too deep": (lambda spec: frame(mig.STATE, ZSTD.compress(b"[" * 100_000)) + frame(mig.COMPLETE),
+                              "the state is not JSON"),                    # (was RecursionError)
 }
 
 
@@ -177,3 +184,41 @@ def test_bad_streams_end_with_one_line(case: str, tmp_path: Path) -> None:
     err, _ = serve(stream)
     assert isinstance(err, MigrationError), err
     assert why in str(err) and "\n" not in str(err)
+
+
+def test_a_spec_nested_too_deep_is_refused_in_one_line() -> None:
+    """A SPEC frame of "[[[[..." raised RecursionError out of accept_handshake (found by reading
+    while fixing the migration fuzz target's finding; the greeting and the state had it too)."""
+    sent: list[str] = []
+
+    def stream(s: socket.socket) -> None:
+        s.sendall(frame(mig.HELLO, hello()) + frame(mig.SPEC, b"[" * 5000))
+        mig.recv_frame(s, (mig.OK,))
+        try:
+            mig.recv_frame(s, (mig.OK,))
+        except MigrationError as e:
+            sent.append(str(e))
+    err, _ = serve(stream)
+    assert isinstance(err, MigrationError) and "cannot run here" in str(err) and "\n" not in str(err)
+    assert sent
+
+
+@pytest.mark.parametrize("field", ["disks", "nets", "ports"])
+def test_daemon_refuses_a_spec_whose_lists_are_not_lists_in_one_line(tmp_path: Path, field: str) -> None:
+    """Found by fuzz/targets.py's migration: pyvirtd's `trusted_spec` iterated the source's
+    "disks", "nets" and "ports" as sent, so `"ports": 1` raised TypeError out of the incoming
+    thread (no ERROR to the source, the endpoint never marked failed)."""
+    from pyvirt.host.migration import trusted_spec
+
+    spec = spec_json(tmp_path) | {field: 1}
+    kernel = Path(spec["kernel"]).resolve()
+    sent: list[str] = []
+    stream = refused_at_spec(spec, sent)
+    a, b = socket.socketpair()
+    t = threading.Thread(target=lambda: (stream(b), b.close()))
+    t.start()
+    with pytest.raises(MigrationError, match=f"its {field} is not a list"):
+        mig.accept_handshake(a, "t", lambda s: trusted_spec(s, tmp_path / "vm", [kernel]), timeout=5)
+    a.close()
+    t.join(10)
+    assert sent and f"its {field} is not a list" in sent[0]

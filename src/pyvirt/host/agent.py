@@ -293,7 +293,7 @@ class Agent:
     def listening_ports(self) -> list[int]:
         """TCP ports something listens on in the guest (IPv4 and IPv6)."""
         text = self._simple("L").decode(errors="replace")
-        ports = {int(w) for w in text.split() if w.isdigit() and 0 < int(w) < 65536}
+        ports = {int(w) for w in text.split() if w.isascii() and w.isdigit() and len(w) <= 5 and 0 < int(w) < 65536}
         return sorted(ports)
 
     def set_clock(self, when: float | None = None) -> None:

@@ -209,7 +209,7 @@ def parse_request(line: bytes) -> Request:
     """The request on `line`; ProtocolError (one sentence) when it is not one."""
     try:
         raw = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):               # (RecursionError: "[[[[..." nested too deep)
         raise ProtocolError("a request is one JSON object per line") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("op"), str):
         raise ProtocolError('a request needs "op" (a string)')

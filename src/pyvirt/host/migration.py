@@ -87,6 +87,16 @@ def _boot_file_ok(path: Any, allowed: list[Path]) -> bool:
     return p.is_file() and (any(p.is_relative_to(r) for r in roots) or p in allowed)
 
 
+def _list(spec: dict[str, Any], key: str) -> list[Any]:
+    """The source's `key` list (none: empty); anything else is refused here, before it is read."""
+    value = spec.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"its {key} is not a list")
+    return value
+
+
 def trusted_spec(spec: Any, vm_dir: Path, allow: list[Path]) -> VmSpec:
     """The spec an incoming VM gets: the guest's hardware as sent; boot files only from the
     image cache (or `allow`); disks only at paths in `allow` (shared storage); NICs only on
@@ -100,7 +110,7 @@ def trusted_spec(spec: Any, vm_dir: Path, allow: list[Path]) -> VmSpec:
         if not _boot_file_ok(spec.get(f), allow):
             raise ConfigError(f"its {f} {str(spec.get(f))[:200]} is not a boot file of this host's image cache")
         out[f] = spec.get(f)
-    disks = spec.get("disks") or []
+    disks = _list(spec, "disks")
     for d in disks:
         path = Path(str(d.get("path") if isinstance(d, dict) else "")).resolve()
         if path not in allow:
@@ -108,12 +118,12 @@ def trusted_spec(spec: Any, vm_dir: Path, allow: list[Path]) -> VmSpec:
                               "incoming endpoint)")
     out["disks"] = disks
     nets = []
-    for n in spec.get("nets") or []:
+    for n in _list(spec, "nets"):
         if not isinstance(n, dict) or n.get("backend") not in ("user", "network"):
             raise ConfigError("only user-network and `pyvirt network` NICs can move")
         nets.append({k: n[k] for k in ("backend", "network", "mac", "tx_bw", "rx_bw") if k in n})
     out["nets"] = nets
-    ports = [p for p in spec.get("ports") or [] if isinstance(p, dict)]
+    ports = [p for p in _list(spec, "ports") if isinstance(p, dict)]
     if any(p.get("name") != AGENT_PORT for p in ports):
         raise ConfigError("console ports other than the guest agent's cannot move")
     out["ports"] = [{"name": AGENT_PORT, "socket": str(vm_dir / "agent.sock")}] if ports else []

@@ -143,6 +143,14 @@ def _table(text: str) -> list[list[str]]:
     return [line.split(":") for line in text.splitlines()[:65536] if line and not line.startswith("#")]
 
 
+def _id(text: str) -> int | None:
+    """A user or group id as /etc/passwd, /etc/group or -u write it: ASCII digits, 32 bits
+    (str.isdigit() also takes "²", which int() refuses); None if it is not one."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 10) or int(text) >= 1 << 32:
+        return None
+    return int(text)
+
+
 def user_ids(user: str, passwd: str, group: str) -> tuple[int, int, list[int], str]:
     """(uid, gid, supplementary gids, home) of USER[:GROUP] (names or numbers) in the image."""
     name, _, grp = user.partition(":")
@@ -150,29 +158,32 @@ def user_ids(user: str, passwd: str, group: str) -> tuple[int, int, list[int], s
     groups = _table(group)
     uid, gid, home, uname = 0, 0, "/", ""
     if name:
-        row = next((r for r in users if len(r) >= 6 and (r[0] == name or (name.isdigit() and r[2] == name))), None)
+        row = next((r for r in users if len(r) >= 6 and (r[0] == name or (_id(name) is not None and r[2] == name))),
+                   None)
         if row is not None:
-            try:
-                uid, gid, home, uname = int(row[2]), int(row[3]), row[5] or "/", row[0]
-            except ValueError:
-                raise OciError(f"the image's /etc/passwd entry for {name[:40]} is malformed") from None
+            ids = _id(row[2]), _id(row[3])
+            if ids[0] is None or ids[1] is None:
+                raise OciError(f"the image's /etc/passwd entry for {name[:40]} is malformed")
+            uid, gid, home, uname = ids[0], ids[1], row[5] or "/", row[0]
+        elif (number := _id(name)) is not None:
+            uid, gid = number, number if not grp else 0
         elif name.isdigit():
-            uid, gid = int(name), int(name) if not grp else 0
+            raise ConfigError(f"-u {user[:80]}: ids are at most 32 bits")
         else:
             raise ConfigError(f"-u {user}: no user {name!r} in the image's /etc/passwd")
     else:
         home = "/root"
     if grp:
-        row = next((r for r in groups if len(r) >= 3 and (r[0] == grp or (grp.isdigit() and r[2] == grp))), None)
+        row = next((r for r in groups if len(r) >= 3 and (r[0] == grp or (_id(grp) is not None and r[2] == grp))), None)
         if row is not None:
-            gid = int(row[2]) if row[2].isdigit() else gid
+            gid = number if (number := _id(row[2])) is not None else gid
+        elif (number := _id(grp)) is not None:
+            gid = number
         elif grp.isdigit():
-            gid = int(grp)
+            raise ConfigError(f"-u {user[:80]}: ids are at most 32 bits")
         else:
             raise ConfigError(f"-u {user}: no group {grp!r} in the image's /etc/group")
-    extra = [int(r[2]) for r in groups if len(r) >= 4 and r[2].isdigit() and uname and uname in r[3].split(",")]
-    if uid >= 1 << 32 or gid >= 1 << 32:
-        raise ConfigError(f"-u {user}: ids are at most 32 bits")
+    extra = [g for r in groups if len(r) >= 4 and uname and uname in r[3].split(",") and (g := _id(r[2])) is not None]
     return uid, gid, sorted({gid, *extra})[:256], home
 
 

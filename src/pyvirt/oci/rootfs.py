@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pyvirt.images import cache
 from pyvirt.oci.source import Image
-from pyvirt.oci.store import BlobStore, OciError, oci_root
+from pyvirt.oci.store import BlobStore, OciError, oci_root, reader
 from pyvirt.oci.unpack import Record, apply_layers
 
 MAX_ACCOUNTS = 1 << 20          # /etc/passwd or /etc/group kept for user lookups
@@ -169,14 +169,11 @@ def _usage(tree: Path) -> tuple[int, int]:
 
 def _account_file(tree: Path, name: str) -> bytes:
     """The image's etc/NAME when it is a regular file (never a link followed), at most MAX_ACCOUNTS."""
-    path = tree / "etc" / name
     try:
         if stat.S_ISLNK(os.lstat(tree / "etc").st_mode):
             return b""
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        with reader(tree / "etc" / name) as f:
+            data: bytes = f.read(MAX_ACCOUNTS)
+            return data
+    except (OSError, OciError):
         return b""
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return b""
-        return f.read(MAX_ACCOUNTS)

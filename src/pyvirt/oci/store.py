@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -143,9 +144,14 @@ def file_chunks(f: Any, size: int = 1 << 20) -> Iterable[bytes]:
 
 
 def reader(path: Path, opener: Callable[..., Any] = open) -> Any:
-    """`path` opened for reading without following a symlink at its last component."""
+    """`path` opened for reading without following a symlink at its last component; a
+    regular file only (a directory or a FIFO -- opened without waiting for a writer -- is
+    refused)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise OciError(f"{path}: cannot read it ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OciError(f"{path}: not a regular file")
     return opener(fd, "rb")

@@ -121,6 +121,7 @@ class TarReader:
             size = _pax_int(pax, "size", size)
             m.devmajor, m.devminor = tar_number(block[329:337]), tar_number(block[337:345])
             m.xattrs = {k[len("SCHILY.xattr."):]: v for k, v in pax.items() if k.startswith("SCHILY.xattr.")}
+            _check(m)
             if m.kind == "file":
                 m.size = size
                 self.left, self.pad = size, -size % 512
@@ -137,6 +138,20 @@ class TarReader:
             raise TarFormatError("the layer is truncated inside a file")
         self.left -= n
         return data
+
+
+MAX_ID = 0xFFFF_FFFE                 # uid, gid (0xFFFFFFFF is chown's "leave it")
+MAX_MTIME = 1 << 34                  # seconds (the year 2514): os.utime takes nanoseconds in 64 bits
+MAX_DEV = 0xFFFF_FFFF
+
+
+def _check(m: Member) -> None:
+    """What no file system can hold refused here, for every reader alike: a NUL in a name, a
+    link target or an xattr name (only PAX records can carry one), numbers out of range."""
+    if "\0" in m.name or "\0" in m.linkname or any("\0" in k or not k for k in m.xattrs):
+        raise TarFormatError("a tar member's name, link target or xattr name holds a NUL byte")
+    if m.uid > MAX_ID or m.gid > MAX_ID or m.mtime > MAX_MTIME or m.devmajor > MAX_DEV or m.devminor > MAX_DEV:
+        raise TarFormatError("a tar member's owner, time or device number is out of range")
 
 
 def read_up_to(src: Any, n: int) -> bytes:
@@ -188,7 +203,7 @@ def _pax_int(pax: dict[str, bytes], key: str, default: int) -> int:
         return default
     try:
         value = int(float(pax[key])) if key == "mtime" else int(pax[key])
-    except ValueError:
+    except (ValueError, OverflowError):              # (OverflowError: an mtime of "1e400", inf)
         raise TarFormatError(f"a PAX {key} is malformed") from None
     if value < 0:
         raise TarFormatError(f"a PAX {key} is negative")

@@ -19,9 +19,12 @@ import hashlib
 import os
 import shutil
 import stat
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import zstandard
 
 from pyvirt.oci.store import BlobStore, OciError
 from pyvirt.oci.tar import Member, TarFormatError, TarReader
@@ -50,7 +53,7 @@ class _Counted:
     def read(self, n: int = -1) -> bytes:
         try:
             data: bytes = self.src.read(n)
-        except (OSError, EOFError, ValueError) as e:
+        except (OSError, EOFError, ValueError, zlib.error, zstandard.ZstdError) as e:
             raise OciError(f"{self.what}: cannot decompress it ({e})") from None
         self.budget.left -= len(data)
         if self.budget.left < 0:
@@ -65,7 +68,6 @@ def _open_layer(f: Any) -> Any:
     if head[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=f, mode="rb")
     if head == b"\x28\xb5\x2f\xfd":
-        import zstandard
         return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
     return f
 
@@ -89,6 +91,9 @@ def apply_layers(root: Path, store: BlobStore, layers: Sequence[str], diff_ids: 
                     pass                               # the rest counts for the diff_id
             except TarFormatError as e:
                 raise OciError(f"{what}: {e}") from None
+            except OSError as e:                       # (a name too long, a device refused, ENOSPC)
+                name = os.path.basename(e.filename) if isinstance(e.filename, str) else ""
+                raise OciError(f"{what}: cannot write {name[:100]!r} here: {e.strerror or e}") from None
         got = "sha256:" + stream.hash.hexdigest()
         if i < len(diff_ids) and got != diff_ids[i]:
             raise OciError(f"{what}: its content does not match the config's diff_id {diff_ids[i][:19]}, refused")

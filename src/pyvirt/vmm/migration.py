@@ -405,9 +405,10 @@ def accept_handshake(sock: socket.socket, token: str, accept: Callable[[Any], Vm
         _, raw = recv_frame(sock, (HELLO,), MAX_HELLO)
         try:
             hello = json.loads(raw)
-            assert isinstance(hello, dict)
-        except (ValueError, AssertionError):
-            raise MigrationError("bad migration stream: the greeting is not a JSON object") from None
+        except (ValueError, RecursionError):           # (RecursionError: "[[[[..." nested too deep)
+            hello = None
+        if not isinstance(hello, dict):
+            raise MigrationError("bad migration stream: the greeting is not a JSON object")
         if hello.get("protocol") != PROTOCOL:
             raise MigrationError("not a pyvirt migration stream")
         if hello.get("version") != VERSION:
@@ -422,7 +423,7 @@ def accept_handshake(sock: socket.socket, token: str, accept: Callable[[Any], Vm
         _, raw = recv_frame(sock, (SPEC,), MAX_HELLO)
         try:
             spec = accept(json.loads(raw))
-        except (ValueError, PyvirtError) as e:
+        except (ValueError, RecursionError, PyvirtError) as e:
             raise MigrationError(f"the spec cannot run here: {e}") from None
         send_frame(sock, OK)
         return spec
@@ -456,7 +457,7 @@ def receive_machine(sock: socket.socket, spec: VmSpec, console: CharBackend, tim
             raise MigrationError("bad migration stream: COMPLETE without the machine's state")
         try:
             state = json.loads(state_raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise MigrationError("bad migration stream: the state is not JSON") from None
         board = build_board(spec, console, ram=ram, restore=True)
         try:

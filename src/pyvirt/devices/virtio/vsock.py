@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pyvirt.devices.virtio.device import VirtioDevice
-from pyvirt.devices.virtio.queue import Chain, SplitQueue
+from pyvirt.devices.virtio.queue import Chain, QueueError, SplitQueue
 from pyvirt.state import Schema, boolean, record
 
 log = logging.getLogger(__name__)
@@ -418,6 +418,8 @@ class VirtioVsock(VirtioDevice):
             self._flush_out()
             self._fill_rx()
             self._send_event()
+        except QueueError as e:                          # the guest broke a queue's rules
+            self.needs_reset(str(e))
         except Exception as e:                           # a device bug must not kill the VM
             log.exception("virtio-vsock: poll failed")
             self.needs_reset(f"internal error {e!r}")

@@ -155,7 +155,10 @@ def add_agent_routes(app: FastAPI, manager: Any, errors: dict[int | str, dict[st
         await ws.accept()
         conn: AgentConnection | None = None
         try:
-            req = json.loads(await ws.receive_text())
+            try:
+                req = json.loads(await ws.receive_text())
+            except (ValueError, RecursionError):
+                raise AgentError("an exec request is a JSON object") from None
             if not isinstance(req, dict):
                 raise AgentError("an exec request is a JSON object")
             payload = exec_payload(req.get("argv"), bool(req.get("tty")), bool(req.get("stdin")),

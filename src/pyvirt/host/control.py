@@ -256,7 +256,7 @@ def _exchange(path: str | Path, line: bytes, timeout: float, fds: list[int] | No
             if len(buf) > MAX_LINE:
                 raise ProtocolError(f"a reply on {path} longer than {MAX_LINE} bytes")
         return json.loads(buf.split(b"\n", 1)[0])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ProtocolError(f"a reply on {path} that is not JSON") from None
     except OSError as e:
         raise ControlError(f"no answer on {path}: {e}") from None

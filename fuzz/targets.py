@@ -827,7 +827,28 @@ def _archive_seeds() -> Iterator[bytes]:
 _OCI_NAMES = ["a", "a/b", "etc/passwd", "etc/group", "etc", "l", "l/x", "d/../x", "../x", "/abs", "./a//b",
               ".wh.a", "a/.wh..wh..opq", ".wh..wh..opq", "a/.wh.b", "h", "dev", "x" * 300, "a\\b", "\udcff",
               "d/" * 60 + "f", ""]
-_OCI_TARGETS = ["/", "..", "../..", "/etc/passwd", "a", "a/b", "l", "l/x", "h", "etc", "", "x" * 200, "/tmp"]
+# Absolute link targets point into a victim directory of the harness's own, never at the
+# host's "/": a defect that follows a link out of the root (a chmod, say) must show up as a
+# changed victim, not damage the machine running the fuzzer (one did: "/" went to mode 000).
+_OCI_VICTIM = TMP / "oci-victim"
+_OCI_TARGETS = [str(_OCI_VICTIM), "..", "../..", str(_OCI_VICTIM / "passwd"), "a", "a/b", "l", "l/x", "h", "etc",
+                "", "x" * 200, str(_OCI_VICTIM / "sub")]
+
+
+def _oci_victim_state() -> list[tuple[str, int, int, int, int, bytes]]:
+    """Mode, owner and times of the victim directory, its file and subdirectory (made on
+    first use) and the mode and owner of the fuzzer's scratch root; the file's bytes."""
+    if not _OCI_VICTIM.exists():
+        (_OCI_VICTIM / "sub").mkdir(parents=True)
+        (_OCI_VICTIM / "passwd").write_bytes(b"root:x:0:0::/root:/bin/sh\n")
+        for p in (_OCI_VICTIM, _OCI_VICTIM / "sub", _OCI_VICTIM / "passwd"):
+            os.chmod(p, 0o751)
+    out = []
+    for p in (_OCI_VICTIM, _OCI_VICTIM / "sub", _OCI_VICTIM / "passwd", TMP):
+        st = os.lstat(p)
+        out.append((str(p), st.st_mode, st.st_uid, st.st_gid, 0 if p == TMP else st.st_mtime_ns,
+                    p.read_bytes() if p.name == "passwd" else b""))      # (TMP's entries come and go)
+    return out
 
 
 def _oci_layer(inp: Input) -> bytes:
@@ -950,6 +971,7 @@ def fuzz_oci(data: bytes) -> None:
     for d in (src, rootfs, store_dir):
         d.mkdir(parents=True)
     (work / "victim").write_bytes(b"keep")
+    victims = _oci_victim_state()
     mode, inp = data[0] % 4, Input(data[1:])
     store = BlobStore(store_dir)
     try:
@@ -982,6 +1004,9 @@ def fuzz_oci(data: bytes) -> None:
             - {str(rootfs), str(store_dir), str(src), str(work / "victim")}
         if outside or (work / "victim").read_bytes() != b"keep":
             raise AssertionError(f"written outside the root: {sorted(outside)[:3]}")
+        changed = [a[0] for a, b in zip(victims, _oci_victim_state()) if a != b]
+        if changed:
+            raise AssertionError(f"metadata or data changed outside the root: {changed}")
         shutil.rmtree(work, ignore_errors=True)
 
 

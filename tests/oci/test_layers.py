@@ -148,6 +148,35 @@ def test_a_symlink_out_then_a_file_through_it_is_refused(tmp_path, oci_cache) ->
              "goes through the symlink out")
 
 
+def test_a_directory_replaced_by_a_symlink_does_not_carry_its_mode_out(tmp_path, oci_cache) -> None:
+    """Directory modes are set after a layer's members (a 0555 directory still takes its
+    files); a later member that turned the directory, or one above it, into a symlink to a
+    host directory must not make that last step chmod/chown/utime the host directory.
+    (A fuzzing run did exactly this to the build machine's "/", mode 000.)"""
+    victim = tmp_path / "victim"
+    (victim / "b").mkdir(parents=True)
+    os.chmod(victim, 0o751)
+    os.chmod(victim / "b", 0o751)
+    before = {p: os.stat(p) for p in (victim, victim / "b")}
+    layers = [
+        t.layer([("x", "dir", 0o000), ("x", "symlink", str(victim))]),                   # the dir itself
+        t.layer([("a", "dir"), ("a/b", "dir", 0o000), ("a", "symlink", str(victim))]),    # a dir above it
+        t.layer([("w", "dir", 0o000), (".wh.w", "whiteout"), ("w", "symlink", str(victim))]),
+    ]
+    for lay in layers:
+        root = tmp_path / "root"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        img = resolve_image(_layer_image(tmp_path, lay))
+        apply_layers(root, BlobStore(), img.layers, img.diff_ids)
+        for p, st in before.items():
+            now = os.stat(p)
+            assert (now.st_mode, now.st_uid, now.st_mtime_ns) == (st.st_mode, st.st_uid, st.st_mtime_ns), p
+    # and a directory that stays a directory still gets its mode, last
+    root = _unpacked(tmp_path / "ok", [t.layer([("d", "dir", 0o555), ("d/f", "file", b"x")])])
+    assert stat.S_IMODE(os.stat(root / "d").st_mode) == 0o555 and (root / "d/f").read_bytes() == b"x"
+
+
 def test_a_decompression_bomb_stops_at_the_limit_with_memory_bounded(tmp_path, oci_cache) -> None:
     bomb = t.layer([("zeros", "file", bytes(64 << 20))])
     layout = tmp_path / "bomb"

@@ -14,6 +14,7 @@ bomb stops there, having written at most that much into the scratch directory).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import os
@@ -207,7 +208,37 @@ def _apply(root: Path, tar: TarReader, budget: _Budget, what: str, record: Recor
         if record is not None:
             record["/".join(parts)] = (m.kind, m.uid, m.gid, m.mode, m.xattrs, (0, 0))
     for dest, m in reversed(dirs):
-        _metadata(dest, m)
+        _dir_metadata(root, dest, m)
+
+
+def _dir_metadata(root: Path, dest: Path, m: Member) -> None:
+    """A directory's owner, mode, xattrs and times, set last (a 0555 directory still took
+    its files) through a descriptor reached from `root` one component at a time without
+    following a symlink.  Later members may have replaced the directory or a directory
+    above it with a symlink (to "/", say): then it is no longer in the tree and nothing is
+    set, rather than chmod following the link out of the root."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in dest.relative_to(root).parts:
+            try:
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except (FileNotFoundError, NotADirectoryError, OSError) as e:
+                if isinstance(e, (FileNotFoundError, NotADirectoryError)) or e.errno == errno.ELOOP:
+                    return                       # replaced or removed by a later member
+                raise
+            os.close(fd)
+            fd = nxt
+        if os.geteuid() == 0:
+            os.fchown(fd, m.uid, m.gid)
+        os.fchmod(fd, m.mode)
+        for key, value in m.xattrs.items():
+            try:
+                os.setxattr(fd, key, value)
+            except OSError:
+                pass                             # (a namespace this file system or user cannot set)
+        os.utime(fd, ns=(m.mtime * 10**9, m.mtime * 10**9))
+    finally:
+        os.close(fd)
 
 
 def _metadata(dest: Path, m: Member) -> None:

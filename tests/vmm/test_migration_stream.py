@@ -114,7 +114,7 @@ def test_a_good_stream_gives_a_loaded_vm(tmp_path: Path) -> None:
 
 BAD_HELLOS = {
     "wrong token": (hello(token="x"), "wrong migration token"),
-    "future version": (hello(version=2), "migration protocol version 2 is not supported"),
+    "future version": (hello(version=mig.VERSION + 1), f"migration protocol version {mig.VERSION + 1} is not supported"),
     "not ours": (hello(protocol="qemu"), "not a pyvirt migration stream"),
     "not json": (b"\xff{", "the greeting is not a JSON object"),
 }

@@ -87,9 +87,10 @@ def _boot_file_ok(path: Any, allowed: list[Path]) -> bool:
     return p.is_file() and (any(p.is_relative_to(r) for r in roots) or p in allowed)
 
 
-def trusted_spec(spec: Any, vm_dir: Path, allow: list[Path]) -> VmSpec:
+def trusted_spec(spec: Any, vm_dir: Path, allow: list[Path], copies: list[proto.DiskCopy] | None = None) -> VmSpec:
     """The spec an incoming VM gets: the guest's hardware as sent; boot files only from the
-    image cache (or `allow`); disks only at paths in `allow` (shared storage); NICs only on
+    image cache (or `allow`); disks only at paths in `allow` (shared storage), or -- when the
+    source copies them (`copies`) -- new images in the VM's own directory; NICs only on
     the user network (passt, made afresh: connections are lost) or a `pyvirt network` of this
     host (its MAC kept); console ports only the guest agent's and the vsock device's socket, in
     its own directory; no shared folders."""
@@ -101,11 +102,13 @@ def trusted_spec(spec: Any, vm_dir: Path, allow: list[Path]) -> VmSpec:
             raise ConfigError(f"its {f} {str(spec.get(f))[:200]} is not a boot file of this host's image cache")
         out[f] = spec.get(f)
     disks = spec.get("disks") or []
-    for d in disks:
+    if copies:
+        disks = proto.copy_targets(disks, copies, vm_dir)
+    for d in [] if copies else disks:
         path = Path(str(d.get("path") if isinstance(d, dict) else "")).resolve()
         if path not in allow:
             raise ConfigError(f"its disk {str(path)[:200]} is not shared with this host (allow it on the "
-                              "incoming endpoint)")
+                              "incoming endpoint, or migrate with --copy-storage-all)")
     out["disks"] = disks
     nets = []
     for n in spec.get("nets") or []:
@@ -202,7 +205,11 @@ def _serve_incoming(m: Manager, name: str, listener: socket.socket, path: Path |
     try:
         vm_dir = paths_of(m.state, vm_id).dir
         greeting: dict[str, Any] = {}
-        spec = proto.accept_handshake(conn, token, lambda s: trusted_spec(s, vm_dir, allow), greeting=greeting)
+        def accept(s: Any, copies: list[proto.DiskCopy]) -> VmSpec:
+            if greeting["cold"] and copies:
+                raise ConfigError("a stopped VM's disks are not copied (share them, or migrate it running)")
+            return trusted_spec(s, vm_dir, allow, copies)
+        spec = proto.accept_handshake(conn, token, accept, greeting=greeting)
         if greeting["cold"]:                           # a stopped VM: its definition, recorded stopped
             proto.receive_cold(conn)
             from pyvirt.host.models import VMM_OVERHEAD, Limits
@@ -224,7 +231,9 @@ def _serve_incoming(m: Manager, name: str, listener: socket.socket, path: Path |
                 raise proto.MigrationError(f"a VM named {name} exists already") from None
             vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             (vm_dir / MARK).write_text("")
-            m.runners.spawn(rec, extra={"incoming": {"fd": conn.fileno()}}, pass_fds=(conn.fileno(),))
+            disks = [c.as_dict() for c in greeting["disks"]]
+            m.runners.spawn(rec, extra={"incoming": {"fd": conn.fileno(), "disks": disks}},
+                            pass_fds=(conn.fileno(),))
         info.update(state="receiving", vm_id=vm_id)
     except (proto.MigrationError, OSError) as e:
         info.update(state="failed", error=str(e))
@@ -257,21 +266,27 @@ def incoming_failed(runners: Supervisor, rec: VmRecord) -> bool:
     return True
 
 def migrate(m: Manager, name: str, to: str, token: str, downtime: float = proto.DEFAULT_DOWNTIME,
-            timeout: float = proto.DEFAULT_TIMEOUT, on_timeout: str = "cancel") -> dict[str, Any]:
+            timeout: float = proto.DEFAULT_TIMEOUT, on_timeout: str = "cancel",
+            copy_storage: bool = False) -> dict[str, Any]:
     """Move the running VM `name` to the daemon listening at `to`; returns its record (state
-    migrated) or raises Conflict with why (the VM runs on)."""
+    migrated) or raises Conflict with why (the VM runs on).  `copy_storage`: its disks are
+    copied into the destination's VM directory (libvirt's --copy-storage-all), else shared."""
     if on_timeout not in ("cancel", "force"):
         raise Invalid("--on-timeout is cancel or force")
     if not 0 < downtime <= 60 or not 0 < timeout <= 86400:
         raise Invalid("--downtime is 0-60 s and --timeout up to a day")
     rec = m.runners.current(name)
     if rec.state in ("stopped", "crashed"):
+        if copy_storage:
+            raise Invalid(f"VM {name} is {rec.state}: --copy-storage-all copies the disks of a running VM "
+                          "(start it, or share its disks)")
         return _migrate_cold(m, rec, to, token)
     rec = m.runners.running(name)
     sock = connect(to)
     try:
         req = control.Migrate(token=token, downtime=downtime, timeout=timeout,
-                              on_timeout="force" if on_timeout == "force" else "cancel", to=to)
+                              on_timeout="force" if on_timeout == "force" else "cancel", to=to,
+                              copy_storage=copy_storage)
         m.runners.call(rec, req, control.Done, fds=[sock.fileno()])
     finally:
         sock.close()
@@ -313,7 +328,8 @@ def runner_receive(config: dict[str, Any], console: Any, vm_dir: Path) -> Any:
     """An incoming VM's runner: the rest of the stream on the descriptor the daemon passed."""
     sock = socket.socket(fileno=int(config["incoming"]["fd"]))
     try:
-        vm = proto.receive_machine(sock, VmSpec.model_validate(config["spec"]), console)
+        copies = proto.parse_disk_copies(config["incoming"].get("disks"))
+        vm = proto.receive_machine(sock, VmSpec.model_validate(config["spec"]), console, copies=copies)
     finally:
         sock.close()
     (vm_dir / MARK).unlink()
@@ -338,7 +354,7 @@ def runner_migrate(runner: Any, req: control.Migrate) -> control.Done:
             runner.migrated_to = req.to[:300]
     try:
         m = proto.Migration(runner.vm, sock, req.token, downtime=req.downtime, timeout=req.timeout,
-                            on_timeout=req.on_timeout, finished=finished)
+                            on_timeout=req.on_timeout, copy_storage=req.copy_storage, finished=finished)
     except (proto.MigrationError, ValueError, TypeError) as e:
         sock.close()
         raise control.Refused(str(e)) from None

@@ -8,7 +8,7 @@ payload`, in this order from the source::
     PAGES*    zstd: u32 count, count u32 page indexes, count pages of 4 KiB  (any number, no reply)
     BLOCKS*   zstd: u8 disk, u32 count, count (u64 block, u8 zero), the data blocks  (disk copy)
     STATE     zstd: the machine's state (board.save_state, JSON)
-    COMPLETE  (empty)                                            -> READY (board built) / ERROR
+    COMPLETE  (empty)                                            -> READY (state loaded) / ERROR
     GO        (empty): the destination runs the VM; the source has ended it
     ABANDON   (empty, at any point): the destination drops everything it received
 

@@ -265,12 +265,28 @@ def test_killed_destination_during_a_disk_copy_leaves_nothing(two: tuple[Daemon,
     assert hashlib.sha256(disk.read_bytes()).hexdigest() == digest
 
 
-def test_a_stopped_vm_is_not_copied(two: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+def test_a_stopped_vm_moves_with_its_disks_copied(two: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    """Cold migration with --copy-storage-all: the daemons copy the disk (nothing --allow'ed on
+    the destination), the VM arrives stopped with its own image, which it boots from there; the
+    source's file is left as it was."""
+    import hashlib
+    import os
     src, dst = two
-    disk = tmp_path / "d.raw"
-    disk.write_bytes(bytes(1 << 20))
-    src.client.create("s", memory="64M", disks=[str(disk)], command="sleep 1000")
+    disk = tmp_path / "cold.raw"
+    disk.write_bytes(b"COLDMARK" + os.urandom((3 << 20) - 8) + bytes(1 << 20))
+    digest = hashlib.sha256(disk.read_bytes()).hexdigest()
+    src.client.create("s", memory="64M", disks=[str(disk)],
+                      command="dd if=/dev/vda bs=8 count=1 2>/dev/null; echo; echo cold-copy-ok; sleep 1000")
     endpoint = dst.client.incoming("s")
     r = src.cli("migrate", "s", "--to", endpoint["address"], "--token", endpoint["token"], "--copy-storage-all")
-    assert r.returncode == 1 and "copies the disks of a running VM" in r.stderr, r.stderr
-    assert src.client.inspect("s")["state"] == "stopped"
+    assert r.returncode == 0, r.stderr
+    assert src.client.inspect("s")["state"] == "migrated"
+    moved = dst.client.inspect("s")
+    assert moved["state"] == "stopped"
+    [image] = [Path(d["path"]) for d in moved["spec"]["disks"]]
+    assert image.parent.parent == dst.state / "vms" and image.name == "disk0.raw"
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == digest
+    dst.client.start("s")
+    wait_for(lambda: "cold-copy-ok" in console(dst, "s"), 120, "the moved VM to boot")
+    assert "COLDMARK" in console(dst, "s")
+    assert hashlib.sha256(disk.read_bytes()).hexdigest() == digest

@@ -362,3 +362,70 @@ def test_an_existing_file_or_link_in_the_way_is_never_written(tmp_path: Path) ->
     err = serve(tmp_path, [declare(fmt="qcow2")], frame(mig.COMPLETE))
     assert isinstance(err, MigrationError) and "already exists" in str(err), err
     assert (dest / "disk0.qcow2").read_bytes() == b"mine"
+
+
+def cold_pair(tmp_path: Path, paths: list[Path], play: Callable[[socket.socket], None] | None = None) -> Any:
+    """A cold move of a VM with `paths` as disks: `send_cold` (or `play`, a hostile source)
+    against the destination's `receive_cold` into dest/; the error or None."""
+    spec = json.loads(make_spec(kernel=kernel(tmp_path), memory=16 << 20,
+                                disks=[DiskSpec(path=p) for p in paths]).model_dump_json())
+    (tmp_path / "dest").mkdir(exist_ok=True)
+    a, b = socket.socketpair()
+
+    def source() -> None:
+        opened = [open_disk(p, read_only=True) for p in paths]
+        try:
+            if play is not None:
+                play(b)
+            else:
+                mig.send_cold(b, "t", spec, opened)
+        except MigrationError:
+            pass
+        finally:
+            for d in opened:
+                d.close()
+            b.close()
+    t = threading.Thread(target=source)
+    t.start()
+    greeting: dict[str, Any] = {}
+    try:
+        got = mig.accept_handshake(a, "t", lambda s, c: mig.default_accept(s, c, tmp_path / "dest"),
+                                   greeting=greeting)
+        assert greeting["cold"]
+        mig.receive_cold(a, got, greeting["disks"])
+        result: Any = None
+    except MigrationError as e:
+        result = e
+    a.close()
+    t.join(10)
+    return result
+
+
+def test_a_cold_move_copies_the_disks_flattened(tmp_path: Path) -> None:
+    paths = disks(tmp_path)
+    assert cold_pair(tmp_path, paths) is None
+    dest = tmp_path / "dest"
+    assert sorted(p.name for p in dest.iterdir()) == ["disk0.raw", "disk1.qcow2"]
+    assert guest_view(dest / "disk0.raw", "raw") == guest_view(paths[0])
+    assert guest_view(dest / "disk1.qcow2", "qcow2") == guest_view(paths[1])
+    if shutil.which("qemu-img"):
+        r = subprocess.run(["qemu-img", "check", str(dest / "disk1.qcow2")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_hostile_cold_move_leaves_no_image(tmp_path: Path) -> None:
+    paths = disks(tmp_path)
+    spec = json.loads(make_spec(kernel=kernel(tmp_path), memory=16 << 20,
+                                disks=[DiskSpec(path=p) for p in paths]).model_dump_json())
+    hello = {"protocol": mig.PROTOCOL, "version": mig.VERSION, "token": "t", "cold": True,
+             "disks": [declare(DISK), declare(DISK, "qcow2")]}
+
+    def play(s: socket.socket) -> None:
+        s.sendall(frame(mig.HELLO, json.dumps(hello).encode()) + frame(mig.SPEC, json.dumps(spec).encode())
+                  + frame(mig.BLOCKS, blocks(1, (0, b"a" * BLOCK)))
+                  + frame(mig.BLOCKS, blocks(0, (DISK // BLOCK, b"a" * BLOCK))) + frame(mig.COMPLETE))
+        while mig.recv_frame(s, tuple(mig.NAMES), 1 << 20):
+            pass
+    err = cold_pair(tmp_path, paths, play)
+    assert isinstance(err, MigrationError) and "outside disk 0's 64 blocks" in str(err), err
+    assert list((tmp_path / "dest").iterdir()) == []

@@ -16,7 +16,8 @@ socket (SCM_RIGHTS: a jailed runner opens no socket), which migrates between sli
 the VM went (state "migrated"); otherwise the VM runs on, unchanged.
 
 A stopped (or crashed) VM moves *cold* through the same command: its definition travels
-(the greeting says "cold"), its disks must be shared, and it arrives stopped.
+(the greeting says "cold"), its disks shared or copied (--copy-storage-all: the daemons
+themselves read and write them), and it arrives stopped.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pyvirt.errors import ConfigError
+from pyvirt.errors import ConfigError, ImageError
 from pyvirt.fsutil import listen_unix
 from pyvirt.guestcmd import AGENT_PORT
 from pyvirt.host import control
@@ -205,13 +206,18 @@ def _serve_incoming(m: Manager, name: str, listener: socket.socket, path: Path |
     try:
         vm_dir = paths_of(m.state, vm_id).dir
         greeting: dict[str, Any] = {}
-        def accept(s: Any, copies: list[proto.DiskCopy]) -> VmSpec:
-            if greeting["cold"] and copies:
-                raise ConfigError("a stopped VM's disks are not copied (share them, or migrate it running)")
-            return trusted_spec(s, vm_dir, allow, copies)
-        spec = proto.accept_handshake(conn, token, accept, greeting=greeting)
+        spec = proto.accept_handshake(conn, token, lambda s, c: trusted_spec(s, vm_dir, allow, c),
+                                      greeting=greeting)
         if greeting["cold"]:                           # a stopped VM: its definition, recorded stopped
-            proto.receive_cold(conn)
+            if greeting["disks"]:                      # (and its disks, copied into its directory)
+                vm_dir.mkdir(mode=0o700, parents=True)
+                try:
+                    proto.receive_cold(conn, spec, greeting["disks"])
+                except BaseException:
+                    shutil.rmtree(vm_dir, ignore_errors=True)
+                    raise
+            else:
+                proto.receive_cold(conn)
             from pyvirt.host.models import VMM_OVERHEAD, Limits
             with m.lock:
                 m.store.add(VmRecord(id=vm_id, name=name, spec=spec.model_dump_json(), desired="stopped",
@@ -277,10 +283,7 @@ def migrate(m: Manager, name: str, to: str, token: str, downtime: float = proto.
         raise Invalid("--downtime is 0-60 s and --timeout up to a day")
     rec = m.runners.current(name)
     if rec.state in ("stopped", "crashed"):
-        if copy_storage:
-            raise Invalid(f"VM {name} is {rec.state}: --copy-storage-all copies the disks of a running VM "
-                          "(start it, or share its disks)")
-        return _migrate_cold(m, rec, to, token)
+        return _migrate_cold(m, rec, to, token, copy_storage)
     rec = m.runners.running(name)
     sock = connect(to)
     try:
@@ -306,17 +309,27 @@ def migrate(m: Manager, name: str, to: str, token: str, downtime: float = proto.
     raise Conflict(f"migration of {name}: no outcome in time")
 
 
-def _migrate_cold(m: Manager, rec: VmRecord, to: str, token: str) -> dict[str, Any]:
-    """A stopped VM: its definition moves (its disks must be shared), it arrives stopped."""
+def _migrate_cold(m: Manager, rec: VmRecord, to: str, token: str, copy_storage: bool = False) -> dict[str, Any]:
+    """A stopped VM: its definition moves (its disks shared, or copied with `copy_storage`:
+    opened read-only here, which also keeps it from starting meanwhile), it arrives stopped."""
+    from pyvirt.backends.disk import open_disk
     spec = rec.spec_dict
     spec["ports"] = [p for p in spec.get("ports", []) if p.get("name") == AGENT_PORT]
-    sock = connect(to)
+    disks: list[Any] = []
+    sock = None
     try:
-        proto.send_cold(sock, token, spec)
-    except proto.MigrationError as e:
+        if copy_storage:
+            for d in VmSpec.model_validate(rec.spec_dict).disks:
+                disks.append(open_disk(d.path, read_only=True, fmt=d.format))
+        sock = connect(to)
+        proto.send_cold(sock, token, spec, disks)
+    except (proto.MigrationError, ImageError) as e:
         raise Conflict(f"migration of {rec.name}: {e}") from None
     finally:
-        sock.close()
+        for d in disks:
+            d.close()
+        if sock is not None:
+            sock.close()
     with m.lock:
         m.store.update(rec.id, state="migrated", reason=f"migrated to {to} (stopped)")
     log.info("VM %s (stopped) migrated to %s", rec.name, to)

@@ -245,23 +245,30 @@ def copy_targets(disks: Any, copies: list[DiskCopy], disk_dir: Path) -> list[dic
             for i, (d, c) in enumerate(zip(disks, copies))]
 
 
-def read_block(backend: Any, block: int, buf: bytearray) -> memoryview:
-    """Block `block` of the disk as the guest sees it (the last one may be short)."""
-    n = min(BLOCK, backend.size - block * BLOCK)
-    view = memoryview(buf)[:n]
-    backend.readinto(block * BLOCK, view)
-    return view
-
-
-def encode_blocks(disk: int, blocks: list[tuple[int, memoryview | None]], cctx: zstandard.ZstdCompressor) -> bytes:
-    """A BLOCKS frame's payload: (block, its data or None for a block of zeros)."""
-    body = bytearray(struct.pack("<BI", disk, len(blocks)))
-    for b, data in blocks:
-        body += struct.pack("<QB", b, data is None)
-    for _, data in blocks:
-        if data is not None:
-            body += data
-    return cctx.compress(bytes(body))
+def encode_blocks(disk: int, backend: Any, blocks: Sequence[int], skip_zeros: bool,
+                  cctx: zstandard.ZstdCompressor) -> tuple[bytes | None, int, int]:
+    """A BLOCKS frame's payload for `blocks` (at most BLOCKS_PER_FRAME) of disk number `disk`,
+    read through `backend` -- what the guest sees; a block of zeros goes as a flag, or not at
+    all with `skip_zeros` (a new image reads as zeros already).  (payload or None when
+    nothing is to go, blocks in it, data bytes in it)."""
+    head = bytearray()
+    data = bytearray()
+    count = 0
+    for b in blocks:
+        n = min(BLOCK, backend.size - b * BLOCK)
+        at = len(data)
+        data += _ZERO_BLOCK[:n]
+        backend.readinto(b * BLOCK, memoryview(data)[at:at + n])
+        zero = data[at:] == _ZERO_BLOCK[:n]
+        if zero:
+            del data[at:]
+            if skip_zeros:
+                continue
+        head += struct.pack("<QB", b, zero)
+        count += 1
+    if not count:
+        return None, 0, 0
+    return cctx.compress(struct.pack("<BI", disk, count) + bytes(head) + bytes(data)), count, len(data)
 
 
 class DiskReceiver:
@@ -412,7 +419,6 @@ class Migration:
         # disks (disk, its backend, the tracker, the devices using it)
         self._blocks: list[tuple[int, Sequence[int], bool]] = []
         self._tracked: list[tuple[int, Any, TrackedBackend, list[Any]]] = []
-        self._block_buf = bytearray(BLOCK)
         self._started = 0.0
         self._last_tick = 0.0
         self._send_time = 0.0
@@ -492,20 +498,11 @@ class Migration:
             self._blocks.pop(0)
         t0 = time.monotonic()
         inner = self._tracked[[t[0] for t in self._tracked].index(disk)][1]
-        items: list[tuple[int, memoryview | None]] = []
-        raw = 0
-        for b in part:
-            view = read_block(inner, b, self._block_buf)
-            if view == _ZERO_BLOCK[:len(view)]:
-                if not first:
-                    items.append((b, None))
-                continue
-            items.append((b, memoryview(bytes(view))))
-            raw += len(view)
-        if not items:
+        payload, count, raw = encode_blocks(disk, inner, part, first, self._cctx)
+        if payload is None:
             return
-        self.stats.bytes_sent += send_frame(self.sock, BLOCKS, encode_blocks(disk, items, self._cctx))
-        self.stats.blocks_sent += len(items)
+        self.stats.bytes_sent += send_frame(self.sock, BLOCKS, payload)
+        self.stats.blocks_sent += count
         self._send_time += time.monotonic() - t0
         self._send_bytes += raw
         if self._send_time > 0.005:
@@ -807,16 +804,26 @@ def receive(sock: socket.socket, token: str, console: CharBackend, timeout: floa
     return receive_machine(sock, spec, console, timeout, greeting["disks"])
 
 
-def send_cold(sock: socket.socket, token: str, spec_json: dict[str, Any]) -> None:
-    """Move a stopped VM's definition: HELLO (cold), SPEC, COMPLETE -> READY (recorded there)
-    -> GO.  MigrationError with the destination's reason if it refused."""
+def send_cold(sock: socket.socket, token: str, spec_json: dict[str, Any], disks: Sequence[Any] = ()) -> None:
+    """Move a stopped VM's definition: HELLO (cold), SPEC, with `disks` (its opened disks,
+    one per spec disk) every non-zero block of each, COMPLETE -> READY (recorded there) -> GO.
+    MigrationError with the destination's reason if it refused."""
     sock.settimeout(30)
+    hello: dict[str, Any] = {"protocol": PROTOCOL, "version": VERSION, "token": token, "cold": True}
+    if disks:
+        hello["disks"] = [declare_disk(d).as_dict() for d in disks]
     try:
-        send_frame(sock, HELLO, json.dumps({"protocol": PROTOCOL, "version": VERSION, "token": token,
-                                            "cold": True}).encode())
+        send_frame(sock, HELLO, json.dumps(hello).encode())
         recv_frame(sock, (OK,))
         send_frame(sock, SPEC, json.dumps(spec_json).encode())
         recv_frame(sock, (OK,))
+        cctx = zstandard.ZstdCompressor(level=1)
+        for i, d in enumerate(disks):
+            count = -(-d.size // BLOCK)
+            for b in range(0, count, BLOCKS_PER_FRAME):
+                payload, _, _ = encode_blocks(i, d, range(b, min(b + BLOCKS_PER_FRAME, count)), True, cctx)
+                if payload is not None:
+                    send_frame(sock, BLOCKS, payload)
         send_frame(sock, COMPLETE)
         recv_frame(sock, (READY,))
         send_frame(sock, GO)
@@ -824,14 +831,38 @@ def send_cold(sock: socket.socket, token: str, spec_json: dict[str, Any]) -> Non
         raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
 
 
-def receive_cold(sock: socket.socket) -> None:
-    """The destination's side of `send_cold` after the handshake: COMPLETE -> READY -> GO."""
+def receive_cold(sock: socket.socket, spec: VmSpec | None = None, copies: list[DiskCopy] | None = None) -> None:
+    """The destination's side of `send_cold` after the handshake: with `copies`, the disks'
+    blocks into new images at the paths `spec` names; COMPLETE -> READY -> GO.  A failure
+    leaves no image."""
+    from pyvirt.backends.disk import open_disk
+    disks: DiskReceiver | None = None
     try:
-        recv_frame(sock, (COMPLETE,))
+        if copies and spec is not None:
+            disks = DiskReceiver(spec, copies)
+            disks.writers = [open_disk(d.path, fmt=d.format) for d in spec.disks]
+            while True:
+                kind, payload = recv_frame(sock, (BLOCKS, COMPLETE, ABANDON))
+                if kind == ABANDON:
+                    raise MigrationError("the source abandoned the migration")
+                if kind == COMPLETE:
+                    break
+                disks.apply(payload)
+            disks.finish()
+        else:
+            recv_frame(sock, (COMPLETE,))
         send_frame(sock, READY)
         recv_frame(sock, (GO,))
-    except OSError as e:
-        raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
+    except BaseException as e:
+        if disks is not None:
+            disks.abort()
+        if isinstance(e, (PyvirtError, OSError)):
+            raise _refuse(sock, e) from None
+        raise
+    finally:
+        for w in disks.writers if disks is not None else []:
+            with contextlib.suppress(Exception):
+                w.close()
 
 
 def announce(vm: Any) -> None:

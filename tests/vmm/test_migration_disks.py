@@ -84,7 +84,7 @@ def blk_backends(vm: Vm) -> list[Any]:
     return [t.device.backend for _, _, t in vm.board.virtio if hasattr(t.device, "backend")]
 
 
-def migrate_with_disks(tmp_path: Path, writes: Callable[[Vm, int], None] | None = None,
+def migrate_with_disks(tmp_path: Path, writes: Callable[[Vm, int], None] | None = None, ro: bool = False,
                        **kw: Any) -> tuple[mig.Migration, Any, Path, Vm]:
     """Migrate a VM with the two disks to a real destination (`receive` in a thread, its
     disk directory dest/); `writes(vm, tick)` changes the disks between slices.  (the
@@ -92,8 +92,9 @@ def migrate_with_disks(tmp_path: Path, writes: Callable[[Vm, int], None] | None 
     paths = disks(tmp_path)
     dest = tmp_path / "dest"
     dest.mkdir()
-    vm = Vm(make_spec(kernel=kernel(tmp_path), memory=16 << 20,
-                      disks=[DiskSpec(path=p) for p in paths]), BufferBackend())
+    vm = Vm(make_spec(kernel=kernel(tmp_path), memory=16 << 20,      # (`ro`: the raw one read-only)
+                      disks=[DiskSpec(path=p, read_only=ro and i == 0) for i, p in enumerate(paths)]),
+            BufferBackend())
     a, b = socket.socketpair()
     got: list[Any] = []
 
@@ -192,6 +193,30 @@ def test_disks_arrive_with_every_write_flattened_and_clean(tmp_path: Path) -> No
             flat = tmp_path / "flat.raw"
             subprocess.run(["qemu-img", "convert", "-O", "raw", str(dest / "disk1.qcow2"), str(flat)], check=True)
             assert flat.read_bytes() == guest_view(src[1])
+    finally:
+        vm.close()
+
+
+def test_a_read_only_disk_is_copied_too(tmp_path: Path) -> None:
+    """A disk the guest may only read is copied like the others (written on the destination
+    through the copy's own backends, the board built after) and stays read-only there."""
+    marks: list[tuple[int, int, bytes]] = []
+
+    def writes(vm: Vm, tick: int) -> None:                  # (to the writable qcow2 only)
+        if tick % 3 == 0 and len(marks) < 30:
+            off = (tick * 7919 * 512) % (DISK - 4096)
+            data = os.urandom(4096)
+            blk_backends(vm)[1].write(off, data)
+            marks.append((1, off, data))
+    m, got, dest, vm = migrate_with_disks(tmp_path, writes, ro=True, downtime=0.001)
+    try:
+        assert m.stats.outcome == "completed" and not isinstance(got, Exception), (m.stats, got)
+        assert [b.read_only for b in got.board.backends] == [True, False]
+        got.close()
+        src = [Path(d.path) for d in vm.spec.disks]
+        vm.close()
+        assert guest_view(dest / "disk0.raw", "raw") == guest_view(src[0])
+        assert guest_view(dest / "disk1.qcow2", "qcow2") == guest_view(src[1]) and marks
     finally:
         vm.close()
 

@@ -283,6 +283,7 @@ class DiskReceiver:
         self.copies = copies
         self.made: list[Path] = []
         self.writers: list[Any] = []
+        self.own = False                  # writers of its own (else the board's)
         self.written = [bytearray(-(-c.size // BLOCK)) for c in copies]
         self.used = 0
         try:
@@ -357,6 +358,21 @@ class DiskReceiver:
         else:
             w.write(off, _ZERO_BLOCK[:n])
 
+    def open_writers(self, spec: VmSpec) -> None:
+        """Write through backends of its own (where no board has the images open)."""
+        from pyvirt.backends.disk import open_disk
+        self.own = True
+        for d in spec.disks:
+            self.writers.append(open_disk(d.path, fmt=d.format))
+
+    def close_writers(self) -> None:
+        """Its own backends closed (the board's are the board's)."""
+        if self.own:
+            for w in self.writers:
+                with contextlib.suppress(Exception):
+                    w.close()
+            self.writers = []
+
     def finish(self) -> None:
         """Every block is in: written back to the files."""
         try:
@@ -364,8 +380,10 @@ class DiskReceiver:
                 w.flush()
         except OSError as e:
             raise MigrationError(f"cannot write the copied disks: {e.strerror or e}") from None
+        self.close_writers()
 
     def abort(self) -> None:
+        self.close_writers()
         for p in self.made:
             with contextlib.suppress(OSError):
                 p.unlink()
@@ -735,8 +753,10 @@ def receive_machine(sock: socket.socket, spec: VmSpec, console: CharBackend, tim
     """The destination's second half: the board is built at once (building parses the native
     code cache, a quarter of a second: done while pre-copy runs, not in the pause), then
     pages (and with `copies`, disk blocks into new images at the paths `spec` names, through
-    the board's own backends), state, COMPLETE -> the state loaded -> READY, then GO; returns
-    the Vm, not yet running.  Nothing stays open on failure, and no copied disk."""
+    the board's own backends -- or, when a copied disk is read-only to the guest, through
+    writable ones of the copy's, the board then built at COMPLETE), state, COMPLETE -> the
+    state loaded -> READY, then GO; returns the Vm, not yet running.  Nothing stays open on
+    failure, and no copied disk."""
     from pyvirt.vmm.resources import build_board
     from pyvirt.vmm.snapcheck import check_state
     from pyvirt.vmm.vm import Vm
@@ -750,9 +770,12 @@ def receive_machine(sock: socket.socket, spec: VmSpec, console: CharBackend, tim
         state_raw = None
         if copies:
             disks = DiskReceiver(spec, copies)
-        board = build_board(spec, console, ram=ram, restore=True)
-        if disks is not None:
-            disks.writers = list(board.backends)
+        if disks is not None and any(d.read_only for d in spec.disks):
+            disks.open_writers(spec)
+        else:
+            board = build_board(spec, console, ram=ram, restore=True)
+            if disks is not None:
+                disks.writers = list(board.backends)
         while True:
             kind, payload = recv_frame(sock, (PAGES, BLOCKS, STATE, COMPLETE, ABANDON) if disks
                                        else (PAGES, STATE, COMPLETE, ABANDON))
@@ -774,6 +797,8 @@ def receive_machine(sock: socket.socket, spec: VmSpec, console: CharBackend, tim
             raise MigrationError("bad migration stream: the state is not JSON") from None
         if disks is not None:
             disks.finish()
+        if board is None:
+            board = build_board(spec, console, ram=ram, restore=True)
         try:
             board.load_state(check_state(board, state))
         except (ValueError, KeyError, TypeError, IndexError) as e:
@@ -835,12 +860,11 @@ def receive_cold(sock: socket.socket, spec: VmSpec | None = None, copies: list[D
     """The destination's side of `send_cold` after the handshake: with `copies`, the disks'
     blocks into new images at the paths `spec` names; COMPLETE -> READY -> GO.  A failure
     leaves no image."""
-    from pyvirt.backends.disk import open_disk
     disks: DiskReceiver | None = None
     try:
         if copies and spec is not None:
             disks = DiskReceiver(spec, copies)
-            disks.writers = [open_disk(d.path, fmt=d.format) for d in spec.disks]
+            disks.open_writers(spec)
             while True:
                 kind, payload = recv_frame(sock, (BLOCKS, COMPLETE, ABANDON))
                 if kind == ABANDON:
@@ -859,10 +883,6 @@ def receive_cold(sock: socket.socket, spec: VmSpec | None = None, copies: list[D
         if isinstance(e, (PyvirtError, OSError)):
             raise _refuse(sock, e) from None
         raise
-    finally:
-        for w in disks.writers if disks is not None else []:
-            with contextlib.suppress(Exception):
-                w.close()
 
 
 def announce(vm: Any) -> None:

@@ -284,7 +284,8 @@ class DiskReceiver:
         self.made: list[Path] = []
         self.writers: list[Any] = []
         self.own = False                  # writers of its own (else the board's)
-        self.written = [bytearray(-(-c.size // BLOCK)) for c in copies]
+        self.blocks = [-(-c.size // BLOCK) for c in copies]
+        self.written = [bytearray(-(-n // 8)) for n in self.blocks]     # a bit a block: written here
         self.used = 0
         try:
             if len(spec.disks) != len(copies):
@@ -320,28 +321,29 @@ class DiskReceiver:
             raise MigrationError(f"bad migration stream: disk {disk} is not one of the {len(self.writers)} copied")
         if count > BLOCKS_PER_FRAME or len(raw) < 5 + 9 * count:
             raise MigrationError("bad migration stream: blocks frame length does not match its count")
-        c, w, written = self.copies[disk], self.writers[disk], self.written[disk]
+        c, w, written, nblocks = self.copies[disk], self.writers[disk], self.written[disk], self.blocks[disk]
         at = 5 + 9 * count
         try:
             for i in range(count):
                 b, zero = struct.unpack_from("<QB", raw, 5 + 9 * i)
-                if b >= len(written) or zero > 1:
+                if b >= nblocks or zero > 1:
                     raise MigrationError(f"bad migration stream: block {b} is outside disk {disk}'s "
-                                         f"{len(written)} blocks" if b >= len(written) else
+                                         f"{nblocks} blocks" if b >= nblocks else
                                          "bad migration stream: a block's zero flag is not 0 or 1")
                 off = b * BLOCK
                 n = min(BLOCK, c.size - off)
+                seen = written[b >> 3] >> (b & 7) & 1
                 if zero:
-                    if written[b]:             # (a block never written reads as zeros already)
+                    if seen:                   # (a block never written reads as zeros already)
                         self._zero(w, off, n)
                     continue
                 if at + n > len(raw):
                     raise MigrationError("bad migration stream: blocks frame length does not match its count")
-                if not written[b]:
+                if not seen:
                     self.used += n
                     if self.used > self.budget:
                         raise MigrationError("the copied disks outgrow the free space here")
-                    written[b] = 1
+                    written[b >> 3] |= 1 << (b & 7)
                 w.write(off, memoryview(raw)[at:at + n])
                 at += n
         except OSError as e:

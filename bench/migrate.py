@@ -1,20 +1,24 @@
 """Live migration of the default guest between two processes over a Unix socket
 (pyvirt.testing.migrate: the source here, the destination a child process).
 
-    PYTHONPATH=src .venv/bin/python bench/migrate.py [--memory 256M,1G] [--runs 5] [--quick]
+    PYTHONPATH=src .venv/bin/python bench/migrate.py [--memory 256M,1G] [--runs 5] [--no-disk]
 
 For each memory size and workload -- idle (the 10 ms ticker, which also gives the gap the
 guest itself sees) and writing (the ticker's loop copying 16 MiB in tmpfs over and over) --
 migrate once the guest printed 20 ticks, `--runs` times for 256 MiB idle and once for the
 others, and print total time, bytes sent, rounds, the stop-and-copy pause (the downtime the
-source measures) and the largest gap in the guest's own ticks across the move, next to the
-defaults QEMU publishes for its pre-copy migration.  Writes nothing: copy the table into
-BENCHMARKS.md by hand.
+source measures) and the largest gap in the guest's own ticks across the move (and, as the
+loaded host's noise floor, the largest gap between two ticks at the source before it), next to the
+defaults QEMU publishes for its pre-copy migration.  Then, unless --no-disk, the same with a
+disk copied (copy_storage, libvirt's --copy-storage-all): a 256 MiB guest with a 256 MiB raw
+disk holding 64 MiB of data, idle (the ticker) and writing (the ticker's loop writing 1 MiB
+to the disk, fsynced, each tick).  Writes nothing: copy the table into BENCHMARKS.md by hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -25,6 +29,9 @@ from pyvirt.testing.migrate import TICKER, migrate_once, ticks
 WRITER = ("mkdir -p /m; mount -t tmpfs -o size=64m tmpfs /m; dd if=/dev/urandom of=/m/a bs=1M count=16 "
           "2>/dev/null; i=0; while true; do i=$((i+1)); cp /m/a /m/b; read up x < /proc/uptime; "
           "echo \"tick $i $up\"; done")
+DISK_WRITER = ("i=0; while true; do i=$((i+1)); dd if=/dev/urandom of=/dev/vda bs=64k count=16 "
+               "seek=$(( (i % 64) * 16 )) conv=fsync 2>/dev/null; read up x < /proc/uptime; "
+               "echo \"tick $i $up\"; done")
 QEMU = ("QEMU's published defaults (migration parameters): downtime-limit 300 ms, max-bandwidth "
         "128 MiB/s, auto-converge off (cpu-throttle-initial 20 %, increment 10 % when on)")
 
@@ -36,41 +43,62 @@ def gap(src: str, dst: str) -> float | None:
     return after[0][1] - before[-1][1]
 
 
-def one(memory: str, command: str, after: int) -> dict[str, float]:
+def still_gap(src: str) -> float:
+    """The largest gap between two ticks at the source, before the move: what the loaded host
+    alone does to the guest (the noise floor of the gap above)."""
+    t = ticks(src)
+    return max((b[1] - a[1] for a, b in zip(t, t[1:])), default=float("nan"))
+
+
+def one(memory: str, command: str, after: int, disk: bool = False) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as d:
-        stats, src, dst, _ = migrate_once(Path(d), command, after=after, memory=memory, dest_seconds=4.0)
+        kw: dict[str, object] = {}
+        if disk:
+            path = Path(d) / "disk.raw"
+            with open(path, "wb") as f:
+                f.truncate(256 << 20)
+                for off in range(0, 256 << 20, 4 << 20):       # 64 MiB of data, spread over it
+                    f.seek(off)
+                    f.write(os.urandom(1 << 20))
+            kw = {"disks": [f"{path},format=raw"], "copy_storage": True}
+        stats, src, dst, _ = migrate_once(Path(d), command, after=after, memory=memory, dest_seconds=4.0, **kw)
     if stats.outcome != "completed":
         raise SystemExit(f"migration {stats.outcome}: {stats.error}")
     return {"total": stats.total_seconds, "mib": stats.bytes_sent / 2**20, "rounds": stats.rounds,
-            "pause_ms": stats.downtime_seconds * 1000, "gap": gap(src, dst) or float("nan"),
-            "throttle": stats.throttle}
+            "pause_ms": stats.downtime_seconds * 1000, "gap": gap(src, dst) or float("nan"), "still": still_gap(src),
+            "throttle": stats.throttle, "disk_mib": stats.blocks_sent * 64 / 1024}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--memory", default="256M,1G")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--no-disk", action="store_true", help="skip the runs with a disk copied")
     args = ap.parse_args()
+    first = args.memory.split(",")[0]
+    cases = [(memory, name, command, after, False) for memory in args.memory.split(",")
+             for name, command, after in (("idle", TICKER, 20), ("writing", WRITER, 2))]
+    if not args.no_disk:
+        cases += [("256M", "disk copy, idle", TICKER, 20, True),
+                  ("256M", "disk copy, disk writing", DISK_WRITER, 5, True)]
     rows = []
-    for memory in args.memory.split(","):
+    for memory, name, command, after, disk in cases:
         parse_size(memory)
-        for name, command, after in (("idle", TICKER, 20), ("writing", WRITER, 2)):
-            runs = args.runs if (name == "idle" and memory == args.memory.split(",")[0]) else 1
-            results = [one(memory, command, after) for _ in range(runs)]
-            rows.append((memory, name, runs, results))
-            r = results
-            print(f"{memory} {name}: " + ", ".join(f"{k} {statistics.median(x[k] for x in r):.3g}" for k in r[0]),
-                  flush=True)
+        runs = args.runs if (name == "idle" and memory == first) else 1
+        results = [one(memory, command, after, disk) for _ in range(runs)]
+        rows.append((memory, name, runs, results))
+        print(f"{memory} {name}: " + ", ".join(f"{k} {statistics.median(x[k] for x in results):.3g}"
+                                               for k in results[0]), flush=True)
     print()
-    print("| guest | workload | runs | total s | MiB sent | rounds | pause ms (median / max) "
-          "| guest's tick gap s (median / max) | throttle |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| guest | workload | runs | total s | MiB sent | disk blocks MiB | rounds | pause ms (median / max) "
+          "| guest's tick gap s (median / max) | largest gap before the move s | throttle |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for memory, name, runs, r in rows:
         med = {k: statistics.median(x[k] for x in r) for k in r[0]}
         top = {k: max(x[k] for x in r) for k in r[0]}
-        print(f"| {memory} | {name} | {runs} | {med['total']:.2f} | {med['mib']:.0f} | {med['rounds']:.0f} | "
-              f"{med['pause_ms']:.0f} / {top['pause_ms']:.0f} | {med['gap']:.2f} / {top['gap']:.2f} | "
-              f"{med['throttle']:.0%} |")
+        print(f"| {memory} | {name} | {runs} | {med['total']:.2f} | {med['mib']:.0f} | {med['disk_mib']:.0f} | "
+              f"{med['rounds']:.0f} | {med['pause_ms']:.0f} / {top['pause_ms']:.0f} | "
+              f"{med['gap']:.2f} / {top['gap']:.2f} | {med['still']:.2f} | {med['throttle']:.0%} |")
     print()
     print(QEMU)
 

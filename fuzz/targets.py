@@ -652,8 +652,8 @@ def _fds() -> int:
 
 def fuzz_migration(data: bytes) -> None:
     """A hostile migration source: the stream (first byte 0: raw bytes; 1: frames built by
-    `_mig_frames`) goes through `receive` (the greeting, the spec checked by pyvirtd's
-    `trusted_spec`, pages, state, COMPLETE/GO) on a socketpair.  Only a one-line
+    `_mig_frames`) goes through `accept_handshake` (the greeting, the spec checked by
+    pyvirtd's `trusted_spec`) and `receive_machine` (pages, disk blocks, state, COMPLETE/GO) on a socketpair.  Only a one-line
     MigrationError may come out (or a VM, if the stream was a whole good one); nothing may be
     written outside the new VM's RAM (the directory's files and the shared disk are checked),
     no descriptor may stay open, and the stream's frame and inflation limits hold memory."""
@@ -663,7 +663,7 @@ def fuzz_migration(data: bytes) -> None:
 
     from pyvirt.backends.char import BufferBackend
     from pyvirt.host.migration import trusted_spec
-    from pyvirt.vmm.migration import MigrationError, receive
+    from pyvirt.vmm.migration import MigrationError, accept_handshake, receive_machine
 
     if not data:
         return
@@ -689,14 +689,18 @@ def fuzz_migration(data: bytes) -> None:
     t.start()
     vm = None
     try:
-        vm = receive(b, _MIG_TOKEN, BufferBackend(limit=1 << 16),
-                     accept=lambda s: trusted_spec(s, vm_dir, allow), timeout=5)
+        # pyvirtd's half (the greeting and the spec through trusted_spec), then the runner's
+        greeting: dict[str, Any] = {}
+        spec = accept_handshake(b, _MIG_TOKEN, lambda s, c: trusted_spec(s, vm_dir, allow, c), 5, greeting)
+        vm = receive_machine(b, spec, BufferBackend(limit=1 << 16), 5, greeting.get("disks"))
     except MigrationError as e:
         if "\n" in str(e):
             raise AssertionError(f"a multi-line error: {e!r}") from None
     finally:
         if vm is not None:
             vm.close()
+            for p in vm_dir.glob("disk*"):      # (a whole good stream with disk copies made them)
+                p.unlink()
         b.close()
         t.join()
         a.close()

@@ -134,3 +134,159 @@ def test_cold_migration_of_a_stopped_vm(two: tuple[Daemon, Daemon], tmp_path: Pa
     dst.client.start("c")
     wait_for(lambda: "cold-ok" in console(dst, "c"), 120, "the moved VM to boot")
     assert "MARK" in console(dst, "c")
+
+
+# -- non-shared disks: --copy-storage-all ------------------------------------------------------------
+# The guest writes a record to sector i of vda (raw) and 4096+i of vdb (qcow2 over a backing
+# file), each flushed (conv=fsync), then prints W=i; every 25 records it drops its page cache
+# and prints the md5 of vdb's first 2 MiB (the backing file's data and the overlay's, never
+# written by the loop): the same sum before and after the move means the disk arrived whole.
+WRITER = ('S=$(dd if=/dev/vdb bs=65536 count=32 2>/dev/null | md5sum); echo "SUM ${S%% *}"; i=0; '
+          'while true; do i=$((i+1)); '
+          'echo "R=$i" | dd of=/dev/vda bs=512 seek=$i conv=notrunc,fsync 2>/dev/null; '
+          'echo "R=$i" | dd of=/dev/vdb bs=512 seek=$((4096+i)) conv=notrunc,fsync 2>/dev/null; '
+          'echo W=$i; if [ $((i % 25)) = 0 ]; then echo 3 > /proc/sys/vm/drop_caches; '
+          'S=$(dd if=/dev/vdb bs=65536 count=32 2>/dev/null | md5sum); echo "SUM ${S%% *}"; fi; '
+          'sleep 0.05; done')
+
+
+def writer_disks(tmp_path: Path) -> tuple[Path, Path]:
+    """vda: 4 MiB raw; vdb: an 8 MiB qcow2 over a raw backing file with 2 MiB of data, part of it
+    overwritten in the qcow2."""
+    import os
+
+    from pyvirt.backends.disk import open_disk
+    from pyvirt.backends.qcow2_tools import create_qcow2
+    raw = tmp_path / "a.raw"
+    raw.write_bytes(bytes(4 << 20))
+    base = tmp_path / "base.raw"
+    base.write_bytes(os.urandom(2 << 20) + bytes(6 << 20))
+    top = tmp_path / "top.qcow2"
+    create_qcow2(top, None, backing=base, backing_format="raw")
+    q = open_disk(top, fmt="qcow2")
+    q.write(1 << 20, os.urandom(256 << 10))
+    q.close()
+    return raw, top
+
+
+def guest_view(path: Path, fmt: str = "auto") -> bytes:
+    from pyvirt.backends.disk import open_disk
+    d = open_disk(path, read_only=True, fmt=fmt)
+    try:
+        buf = bytearray(d.size)
+        d.readinto(0, memoryview(buf))
+        return bytes(buf)
+    finally:
+        d.close()
+
+
+def test_copied_disks_arrive_with_every_flushed_write(two: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    """Non-shared raw and qcow2 disks (the qcow2 over a backing file the destination never sees,
+    arriving flattened), written all through the migration: the guest's sums of vdb agree before
+    and after, every record it flushed is on the destination's images, qemu-img check is clean."""
+    import re
+    import subprocess
+    src, dst = two
+    raw, top = writer_disks(tmp_path)
+    region = guest_view(top)[:2 << 20]
+    src.client.create("w", memory="128M", disks=[str(raw), str(top)], command=WRITER)
+    src.client.start("w")
+    wait_for(lambda: "W=20" in console(src, "w"), 180, "the writer")
+    endpoint = dst.client.incoming("w")
+    r = src.cli("migrate", "w", "--to", endpoint["address"], "--token", endpoint["token"], "--copy-storage-all")
+    assert r.returncode == 0, r.stderr
+    assert src.client.inspect("w")["state"] == "migrated"
+    before = [int(n) for n in re.findall(r"W=(\d+)", console(src, "w"))]
+    wait_for(lambda: len(re.findall(r"SUM ", console(dst, "w"))) >= 2, 180, "two sums on the destination")
+    dst.client.stop("w")
+    wait_for(lambda: dst.client.inspect("w")["state"] == "stopped", 60, "the destination VM to stop")
+    text = console(src, "w") + console(dst, "w")
+    sums = re.findall(r"SUM ([0-9a-f]{32})", text)
+    assert len(set(sums)) == 1 and len(sums) >= 3, sums
+    written = [int(n) for n in re.findall(r"W=(\d+)", text)]
+    assert written == list(range(1, written[-1] + 1)) and written[-1] > before[-1] + 10, (before[-1], written[-1])
+    [vm_dir] = [p for p in (dst.state / "vms").iterdir() if p.is_dir()]
+    assert (vm_dir / "disk0.raw").exists() and (vm_dir / "disk1.qcow2").exists()
+    a, b = guest_view(vm_dir / "disk0.raw", "raw"), guest_view(vm_dir / "disk1.qcow2", "qcow2")
+    for i in written:          # every record the guest flushed, before, during and after the move
+        assert a[i * 512:i * 512 + 16].split(b"\n")[0] == f"R={i}".encode(), i
+        assert b[(4096 + i) * 512:(4096 + i) * 512 + 16].split(b"\n")[0] == f"R={i}".encode(), i
+    assert b[:2 << 20] == region                    # the backing file's data, flattened in
+    check = subprocess.run(["qemu-img", "check", str(vm_dir / "disk1.qcow2")], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    info = subprocess.run(["qemu-img", "info", str(vm_dir / "disk1.qcow2")], capture_output=True, text=True)
+    assert "backing file" not in info.stdout, info.stdout
+
+
+@pytest.mark.parametrize("when", ["first-blocks", "mid-copy"])
+def test_killed_destination_during_a_disk_copy_leaves_nothing(two: tuple[Daemon, Daemon], tmp_path: Path,
+                                                              when: str) -> None:
+    """kill -9 of the destination's runner as the copy starts and half-way through a 64 MiB
+    disk: the source runs on with its disk unchanged, the destination keeps no VM, directory
+    or image."""
+    import hashlib
+    import os
+    import signal
+    import threading
+    src, dst = two
+    disk = tmp_path / "big.raw"
+    disk.write_bytes(os.urandom(64 << 20))
+    digest = hashlib.sha256(disk.read_bytes()).hexdigest()
+    src.client.create("v", memory="128M", disks=[str(disk)], command=COUNTER)
+    src.client.start("v")
+    wait_for(lambda: len(counts(console(src, "v"))) >= 3, 120, "the counter")
+    endpoint = dst.client.incoming("v")
+    outcome: list[object] = []
+
+    def go() -> None:
+        try:
+            outcome.append(src.client.migrate("v", endpoint["address"], endpoint["token"], timeout=120,
+                                              copy_storage=True))
+        except ApiError as e:
+            outcome.append(e)
+    t = threading.Thread(target=go)
+    t.start()
+    pid = wait_for(lambda: next((v["pid"] for v in dst.client.list() if v["pid"]), None), 60, "the runner")
+
+    def copied() -> int:
+        return sum(p.stat().st_blocks * 512 for p in (dst.state / "vms").glob("*/disk0.raw"))
+    wait_for(lambda: copied() > (1 << 20 if when == "first-blocks" else 24 << 20), 60, "blocks to arrive",
+             interval=0.02)
+    os.kill(pid, signal.SIGKILL)
+    t.join(120)
+    assert isinstance(outcome[0], ApiError), outcome
+    assert src.client.inspect("v")["state"] == "running"
+    n = len(counts(console(src, "v")))
+    wait_for(lambda: len(counts(console(src, "v"))) > n, 30, "the source counting on")
+    wait_for(lambda: dst.client.list() == [], 10, "the destination to forget the VM")
+    assert not list((dst.state / "vms").iterdir())
+    src.client.stop("v")
+    wait_for(lambda: src.client.inspect("v")["state"] == "stopped", 60, "the source VM to stop")
+    assert hashlib.sha256(disk.read_bytes()).hexdigest() == digest
+
+
+def test_a_stopped_vm_moves_with_its_disks_copied(two: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    """Cold migration with --copy-storage-all: the daemons copy the disk (nothing --allow'ed on
+    the destination), the VM arrives stopped with its own image, which it boots from there; the
+    source's file is left as it was."""
+    import hashlib
+    import os
+    src, dst = two
+    disk = tmp_path / "cold.raw"
+    disk.write_bytes(b"COLDMARK" + os.urandom((3 << 20) - 8) + bytes(1 << 20))
+    digest = hashlib.sha256(disk.read_bytes()).hexdigest()
+    src.client.create("s", memory="64M", disks=[str(disk)],
+                      command="dd if=/dev/vda bs=8 count=1 2>/dev/null; echo; echo cold-copy-ok; sleep 1000")
+    endpoint = dst.client.incoming("s")
+    r = src.cli("migrate", "s", "--to", endpoint["address"], "--token", endpoint["token"], "--copy-storage-all")
+    assert r.returncode == 0, r.stderr
+    assert src.client.inspect("s")["state"] == "migrated"
+    moved = dst.client.inspect("s")
+    assert moved["state"] == "stopped"
+    [image] = [Path(d["path"]) for d in moved["spec"]["disks"]]
+    assert image.parent.parent == dst.state / "vms" and image.name == "disk0.raw"
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == digest
+    dst.client.start("s")
+    wait_for(lambda: "cold-copy-ok" in console(dst, "s"), 120, "the moved VM to boot")
+    assert "COLDMARK" in console(dst, "s")
+    assert hashlib.sha256(disk.read_bytes()).hexdigest() == digest

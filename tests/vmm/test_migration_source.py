@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from pyvirt.backends.char import BufferBackend
+from pyvirt.backends.dirty import BLOCK
 from pyvirt.machine.boot import IMAGE_MAGIC2
-from pyvirt.spec import make_spec
+from pyvirt.spec import DiskSpec, make_spec
 from pyvirt.testing.migrate import connect, start_destination
 from pyvirt.vmm import migration as mig
 from pyvirt.vmm.vm import Vm, Watch
@@ -25,11 +26,15 @@ from pyvirt.vmm.vm import Vm, Watch
 PHASES = ["hello", "spec", "pages", "complete", "ready"]
 
 
-def source_vm(tmp_path: Path) -> Vm:
+def source_vm(tmp_path: Path, disk: bool = False) -> Vm:
     kernel = tmp_path / "k"
     # An Image whose first instruction jumps to itself: a guest that runs for ever.
     kernel.write_bytes(b"\x6f\x00\x00\x00" + bytes(52) + IMAGE_MAGIC2 + bytes(4))
-    vm = Vm(make_spec(kernel=kernel, memory=32 << 20), BufferBackend())
+    disks = []
+    if disk:                                          # (2 MiB of data to copy)
+        (tmp_path / "d.raw").write_bytes(os.urandom(2 << 20))
+        disks = [DiskSpec(path=tmp_path / "d.raw")]
+    vm = Vm(make_spec(kernel=kernel, memory=32 << 20, disks=disks), BufferBackend())
     bus = vm.board.bus
     for i in range(0, 2000, 7):                       # some non-zero pages to send
         bus.write_bytes(bus.ram_base + (1 << 20) + i * 4096, os.urandom(64))
@@ -47,9 +52,9 @@ def fake_destination(sock: socket.socket, stop_at: str) -> None:
                 sock.sendall(mig.HEADER.pack(mig.OK, 0))
             elif phase == "pages":
                 for _ in range(5):
-                    mig.recv_frame(sock, (mig.PAGES,))
+                    mig.recv_frame(sock, (mig.PAGES, mig.BLOCKS))
             elif phase == "complete":
-                while mig.recv_frame(sock, (mig.PAGES, mig.STATE, mig.COMPLETE))[0] != mig.COMPLETE:
+                while mig.recv_frame(sock, (mig.PAGES, mig.BLOCKS, mig.STATE, mig.COMPLETE))[0] != mig.COMPLETE:
                     pass
             elif phase == "ready":
                 sock.sendall(mig.HEADER.pack(mig.READY, 0))
@@ -79,18 +84,28 @@ def run_source(vm: Vm, sock: socket.socket, dirty: bool = False, **kw: object) -
     return m
 
 
+@pytest.mark.parametrize("copy", [False, True], ids=["shared", "disk-copy"])
 @pytest.mark.parametrize("stop_at", PHASES[:-1])
-def test_a_destination_gone_at_any_phase_leaves_the_source_running(tmp_path: Path, stop_at: str) -> None:
-    vm = source_vm(tmp_path)
+def test_a_destination_gone_at_any_phase_leaves_the_source_running(tmp_path: Path, stop_at: str,
+                                                                   copy: bool) -> None:
+    """(with a disk copied, its blocks are the first frames after the spec)"""
+    vm = source_vm(tmp_path, disk=copy)
+    disks = list(vm.board.backends)
     a, b = socket.socketpair()
     t = threading.Thread(target=fake_destination, args=(b, stop_at))
     t.start()
     try:
         before = vm.stats.instructions
-        m = run_source(vm, a, downtime=0.3)
+        m = run_source(vm, a, downtime=0.3, copy_storage=copy)
         t.join(10)
         assert m.done and m.stats.outcome == "failed", m.stats
         assert m.stats.error and "\n" not in m.stats.error
+        if copy and stop_at == "complete":            # (the disk's blocks go first: all 32 of them)
+            assert m.stats.blocks_sent == (2 << 20) // BLOCK, m.stats
+        elif not copy:
+            assert m.stats.blocks_sent == 0
+        assert vm.board.backends == disks and all(                   # the disks untracked again
+            t.device.backend in disks for _, _, t in vm.board.virtio if hasattr(t.device, "backend"))
         assert not getattr(vm, "migrated", False) and not vm.board.bus.dirty_log
         assert vm.board.clock._paused_at is None            # the guest's time runs on
         assert vm.stats.instructions > before

@@ -114,7 +114,7 @@ def test_a_good_stream_gives_a_loaded_vm(tmp_path: Path) -> None:
 
 BAD_HELLOS = {
     "wrong token": (hello(token="x"), "wrong migration token"),
-    "future version": (hello(version=2), "migration protocol version 2 is not supported"),
+    "future version": (hello(version=mig.VERSION + 1), f"migration protocol version {mig.VERSION + 1} is not supported"),
     "not ours": (hello(protocol="qemu"), "not a pyvirt migration stream"),
     "not json": (b"\xff{", "the greeting is not a JSON object"),
     "not an object": (b"[1]", "the greeting is not a JSON object"),
@@ -218,7 +218,7 @@ def test_daemon_refuses_a_spec_whose_lists_are_not_lists_in_one_line(tmp_path: P
     t = threading.Thread(target=lambda: (stream(b), b.close()))
     t.start()
     with pytest.raises(MigrationError, match=f"its {field} is not a list"):
-        mig.accept_handshake(a, "t", lambda s: trusted_spec(s, tmp_path / "vm", [kernel]), timeout=5)
+        mig.accept_handshake(a, "t", lambda s, c: trusted_spec(s, tmp_path / "vm", [kernel], c), timeout=5)
     a.close()
     t.join(10)
     assert sent and f"its {field} is not a list" in sent[0]

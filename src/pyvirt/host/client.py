@@ -135,9 +135,11 @@ class Client(AgentCalls):
         return self._call("POST", "/migrations/incoming", json={"name": name, "tcp": tcp, "allow": allow or []})
 
     def migrate(self, name: str, to: str, token: str, downtime: float = 0.3, timeout: float = 600.0,
-                on_timeout: str = "cancel") -> dict[str, Any]:
-        """Live-migrate the running VM `name` to the endpoint `to`; its record (state migrated)."""
-        body = {"to": to, "token": token, "downtime": downtime, "timeout": timeout, "on_timeout": on_timeout}
+                on_timeout: str = "cancel", copy_storage: bool = False) -> dict[str, Any]:
+        """Live-migrate the running VM `name` to the endpoint `to`; its record (state migrated).
+        `copy_storage`: copy its disks there too (else the destination must share them)."""
+        body = {"to": to, "token": token, "downtime": downtime, "timeout": timeout, "on_timeout": on_timeout,
+                "copy_storage": copy_storage}
         return self._call("POST", f"/vms/{name}/migrate", json=body, timeout=timeout + 300)
 
     def export(self, name: str, path: str | os.PathLike[str], snapshot: str | None = None) -> dict[str, Any]:

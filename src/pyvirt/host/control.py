@@ -103,6 +103,7 @@ class MigrationProgress(_Message):
     """A migration's figures so far (vmm/migration.py's MigrationStats)."""
     rounds: int
     pages_sent: int
+    blocks_sent: int = 0
     bytes_sent: int
     total_seconds: float
     downtime_seconds: float
@@ -190,6 +191,7 @@ class Migrate(Request):
     timeout: float = Field(600.0, gt=0, le=86400)      # seconds, then on_timeout
     on_timeout: Literal["cancel", "force"] = "cancel"
     to: str = Field("", max_length=4096)              # the destination's address (for the record)
+    copy_storage: bool = False                        # copy the disks too (else they are shared)
 
 
 REQUESTS: tuple[type[Request], ...] = (Status, Pause, Resume, Stop, Kill, Hostname, Mac, Snapshot, Migrate)

@@ -16,7 +16,8 @@ socket (SCM_RIGHTS: a jailed runner opens no socket), which migrates between sli
 the VM went (state "migrated"); otherwise the VM runs on, unchanged.
 
 A stopped (or crashed) VM moves *cold* through the same command: its definition travels
-(the greeting says "cold"), its disks must be shared, and it arrives stopped.
+(the greeting says "cold"), its disks shared or copied (--copy-storage-all: the daemons
+themselves read and write them), and it arrives stopped.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pyvirt.errors import ConfigError
+from pyvirt.errors import ConfigError, ImageError
 from pyvirt.fsutil import listen_unix
 from pyvirt.guestcmd import AGENT_PORT
 from pyvirt.host import control
@@ -97,9 +98,10 @@ def _list(spec: dict[str, Any], key: str) -> list[Any]:
     return value
 
 
-def trusted_spec(spec: Any, vm_dir: Path, allow: list[Path]) -> VmSpec:
+def trusted_spec(spec: Any, vm_dir: Path, allow: list[Path], copies: list[proto.DiskCopy] | None = None) -> VmSpec:
     """The spec an incoming VM gets: the guest's hardware as sent; boot files only from the
-    image cache (or `allow`); disks only at paths in `allow` (shared storage); NICs only on
+    image cache (or `allow`); disks only at paths in `allow` (shared storage), or -- when the
+    source copies them (`copies`) -- new images in the VM's own directory; NICs only on
     the user network (passt, made afresh: connections are lost) or a `pyvirt network` of this
     host (its MAC kept); console ports only the guest agent's and the vsock device's socket, in
     its own directory; no shared folders."""
@@ -111,11 +113,13 @@ def trusted_spec(spec: Any, vm_dir: Path, allow: list[Path]) -> VmSpec:
             raise ConfigError(f"its {f} {str(spec.get(f))[:200]} is not a boot file of this host's image cache")
         out[f] = spec.get(f)
     disks = _list(spec, "disks")
-    for d in disks:
+    if copies:
+        disks = proto.copy_targets(disks, copies, vm_dir)
+    for d in [] if copies else disks:
         path = Path(str(d.get("path") if isinstance(d, dict) else "")).resolve()
         if path not in allow:
             raise ConfigError(f"its disk {str(path)[:200]} is not shared with this host (allow it on the "
-                              "incoming endpoint)")
+                              "incoming endpoint, or migrate with --copy-storage-all)")
     out["disks"] = disks
     nets = []
     for n in _list(spec, "nets"):
@@ -212,9 +216,18 @@ def _serve_incoming(m: Manager, name: str, listener: socket.socket, path: Path |
     try:
         vm_dir = paths_of(m.state, vm_id).dir
         greeting: dict[str, Any] = {}
-        spec = proto.accept_handshake(conn, token, lambda s: trusted_spec(s, vm_dir, allow), greeting=greeting)
+        spec = proto.accept_handshake(conn, token, lambda s, c: trusted_spec(s, vm_dir, allow, c),
+                                      greeting=greeting)
         if greeting["cold"]:                           # a stopped VM: its definition, recorded stopped
-            proto.receive_cold(conn)
+            if greeting["disks"]:                      # (and its disks, copied into its directory)
+                vm_dir.mkdir(mode=0o700, parents=True)
+                try:
+                    proto.receive_cold(conn, spec, greeting["disks"])
+                except BaseException:
+                    shutil.rmtree(vm_dir, ignore_errors=True)
+                    raise
+            else:
+                proto.receive_cold(conn)
             from pyvirt.host.models import VMM_OVERHEAD, Limits
             with m.lock:
                 m.store.add(VmRecord(id=vm_id, name=name, spec=spec.model_dump_json(), desired="stopped",
@@ -234,7 +247,9 @@ def _serve_incoming(m: Manager, name: str, listener: socket.socket, path: Path |
                 raise proto.MigrationError(f"a VM named {name} exists already") from None
             vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             (vm_dir / MARK).write_text("")
-            m.runners.spawn(rec, extra={"incoming": {"fd": conn.fileno()}}, pass_fds=(conn.fileno(),))
+            disks = [c.as_dict() for c in greeting["disks"]]
+            m.runners.spawn(rec, extra={"incoming": {"fd": conn.fileno(), "disks": disks}},
+                            pass_fds=(conn.fileno(),))
         info.update(state="receiving", vm_id=vm_id)
     except (proto.MigrationError, OSError) as e:
         info.update(state="failed", error=str(e))
@@ -267,21 +282,24 @@ def incoming_failed(runners: Supervisor, rec: VmRecord) -> bool:
     return True
 
 def migrate(m: Manager, name: str, to: str, token: str, downtime: float = proto.DEFAULT_DOWNTIME,
-            timeout: float = proto.DEFAULT_TIMEOUT, on_timeout: str = "cancel") -> dict[str, Any]:
+            timeout: float = proto.DEFAULT_TIMEOUT, on_timeout: str = "cancel",
+            copy_storage: bool = False) -> dict[str, Any]:
     """Move the running VM `name` to the daemon listening at `to`; returns its record (state
-    migrated) or raises Conflict with why (the VM runs on)."""
+    migrated) or raises Conflict with why (the VM runs on).  `copy_storage`: its disks are
+    copied into the destination's VM directory (libvirt's --copy-storage-all), else shared."""
     if on_timeout not in ("cancel", "force"):
         raise Invalid("--on-timeout is cancel or force")
     if not 0 < downtime <= 60 or not 0 < timeout <= 86400:
         raise Invalid("--downtime is 0-60 s and --timeout up to a day")
     rec = m.runners.current(name)
     if rec.state in ("stopped", "crashed"):
-        return _migrate_cold(m, rec, to, token)
+        return _migrate_cold(m, rec, to, token, copy_storage)
     rec = m.runners.running(name)
     sock = connect(to)
     try:
         req = control.Migrate(token=token, downtime=downtime, timeout=timeout,
-                              on_timeout="force" if on_timeout == "force" else "cancel", to=to)
+                              on_timeout="force" if on_timeout == "force" else "cancel", to=to,
+                              copy_storage=copy_storage)
         m.runners.call(rec, req, control.Done, fds=[sock.fileno()])
     finally:
         sock.close()
@@ -301,17 +319,27 @@ def migrate(m: Manager, name: str, to: str, token: str, downtime: float = proto.
     raise Conflict(f"migration of {name}: no outcome in time")
 
 
-def _migrate_cold(m: Manager, rec: VmRecord, to: str, token: str) -> dict[str, Any]:
-    """A stopped VM: its definition moves (its disks must be shared), it arrives stopped."""
+def _migrate_cold(m: Manager, rec: VmRecord, to: str, token: str, copy_storage: bool = False) -> dict[str, Any]:
+    """A stopped VM: its definition moves (its disks shared, or copied with `copy_storage`:
+    opened read-only here, which also keeps it from starting meanwhile), it arrives stopped."""
+    from pyvirt.backends.disk import open_disk
     spec = rec.spec_dict
     spec["ports"] = [p for p in spec.get("ports", []) if p.get("name") == AGENT_PORT]
-    sock = connect(to)
+    disks: list[Any] = []
+    sock = None
     try:
-        proto.send_cold(sock, token, spec)
-    except proto.MigrationError as e:
+        if copy_storage:
+            for d in VmSpec.model_validate(rec.spec_dict).disks:
+                disks.append(open_disk(d.path, read_only=True, fmt=d.format))
+        sock = connect(to)
+        proto.send_cold(sock, token, spec, disks)
+    except (proto.MigrationError, ImageError) as e:
         raise Conflict(f"migration of {rec.name}: {e}") from None
     finally:
-        sock.close()
+        for d in disks:
+            d.close()
+        if sock is not None:
+            sock.close()
     with m.lock:
         m.store.update(rec.id, state="migrated", reason=f"migrated to {to} (stopped)")
     log.info("VM %s (stopped) migrated to %s", rec.name, to)
@@ -323,7 +351,8 @@ def runner_receive(config: dict[str, Any], console: Any, vm_dir: Path) -> Any:
     """An incoming VM's runner: the rest of the stream on the descriptor the daemon passed."""
     sock = socket.socket(fileno=int(config["incoming"]["fd"]))
     try:
-        vm = proto.receive_machine(sock, VmSpec.model_validate(config["spec"]), console)
+        copies = proto.parse_disk_copies(config["incoming"].get("disks"))
+        vm = proto.receive_machine(sock, VmSpec.model_validate(config["spec"]), console, copies=copies)
     finally:
         sock.close()
     (vm_dir / MARK).unlink()
@@ -348,7 +377,7 @@ def runner_migrate(runner: Any, req: control.Migrate) -> control.Done:
             runner.migrated_to = req.to[:300]
     try:
         m = proto.Migration(runner.vm, sock, req.token, downtime=req.downtime, timeout=req.timeout,
-                            on_timeout=req.on_timeout, finished=finished)
+                            on_timeout=req.on_timeout, copy_storage=req.copy_storage, finished=finished)
     except (proto.MigrationError, ValueError, TypeError) as e:
         sock.close()
         raise control.Refused(str(e)) from None

@@ -3,7 +3,7 @@
     POST /migrations/incoming      {name, tcp?, allow?}   an endpoint for VM NAME to arrive on:
                                                           {address, token} (one connection, once)
     GET  /migrations/incoming/{name}                      how it goes (waiting, receiving, failed)
-    POST /vms/{name}/migrate       {to, token, downtime?, timeout?, on_timeout?}
+    POST /vms/{name}/migrate       {to, token, downtime?, timeout?, on_timeout?, copy_storage?}
                                                           move the running VM there (returns when done)
 """
 
@@ -36,6 +36,8 @@ class MigrateRequest(BaseModel):
     timeout: float = Field(DEFAULT_TIMEOUT, gt=0, le=86400, description="seconds before on_timeout applies")
     on_timeout: str = Field("cancel", pattern="^(cancel|force)$",
                             description="cancel (the VM stays here) or force (pause it and finish)")
+    copy_storage: bool = Field(False, description="copy the disks into the destination's VM directory "
+                                                  "(libvirt's --copy-storage-all); else they must be shared")
 
 
 def add_migration_routes(app: FastAPI, manager: Any, errors: dict[int | str, dict[str, Any]]) -> None:
@@ -52,4 +54,5 @@ def add_migration_routes(app: FastAPI, manager: Any, errors: dict[int | str, dic
               summary="live-migrate a running VM to another pyvirtd (returns when it has moved)")
     def migrate(name: str = Path(..., description="the VM's name (or id)"),
                 req: MigrateRequest = Body(...)) -> dict[str, Any]:
-        return migration.migrate(manager, name, req.to, req.token, req.downtime, req.timeout, req.on_timeout)
+        return migration.migrate(manager, name, req.to, req.token, req.downtime, req.timeout, req.on_timeout,
+                                 req.copy_storage)

@@ -3,7 +3,8 @@
     pyvirt incoming NAME [--tcp HOST:PORT] [--allow FILE]...   on the destination: prints the
                                                                address and one-time token
     pyvirt migrate VM --to ADDRESS --token TOKEN [--downtime MS] [--timeout S]
-                   [--on-timeout cancel|force]                 on the source: move VM there
+                   [--on-timeout cancel|force] [--copy-storage-all]
+                                                               on the source: move VM there
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
                                                                            "applies (default 600)")
     m.add_argument("--on-timeout", choices=("cancel", "force"), default="cancel",
                    help="cancel: the VM stays here, running (default); force: pause it and finish")
+    m.add_argument("--copy-storage-all", action="store_true",
+                   help="copy the VM's disks too, flattened (as libvirt's flag): without it they must be "
+                        "shared storage, --allow'ed on the destination")
 
 
 def run(args: argparse.Namespace, client: Any) -> int:
@@ -45,6 +49,6 @@ def run(args: argparse.Namespace, client: Any) -> int:
     if not args.token:
         raise ConfigError("--token: give the token `pyvirt incoming` printed on the destination")
     vm = client.migrate(args.vm, args.to, args.token, downtime=args.downtime / 1000, timeout=args.timeout,
-                        on_timeout=args.on_timeout)
+                        on_timeout=args.on_timeout, copy_storage=args.copy_storage_all)
     print(f"{vm['name']} {vm['state']} ({vm.get('reason')})")
     return 0

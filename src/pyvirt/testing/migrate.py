@@ -1,6 +1,7 @@
 """Two ends of a live migration for tests and benchmarks, without pyvirtd: the source Vm runs
 in this process, the destination in a child process (`python -m pyvirt.testing.migrate
-SOCKET TOKEN SECONDS`) that accepts one migration on a Unix socket, runs the VM it received
+SOCKET TOKEN SECONDS [DISK_DIR]`) that accepts one migration on a Unix socket (disks the source
+copies becoming new images in DISK_DIR), runs the VM it received
 for SECONDS and prints its console output, then a JSON line with how it ended (its run time,
 exit, seconds to its first console output, instructions).  `migrate_once` does both ends for
 a default guest running a command; `TICKER` is a guest command printing its uptime every
@@ -23,7 +24,7 @@ from pyvirt.vmm.migration import Migration, MigrationError, MigrationStats, anno
 from pyvirt.vmm.vm import Vm, Watch
 
 
-def destination(path: str, token: str, seconds: float) -> int:
+def destination(path: str, token: str, seconds: float, disk_dir: str | None = None) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(1)
@@ -32,7 +33,7 @@ def destination(path: str, token: str, seconds: float) -> int:
     listener.close()
     console = BufferBackend(limit=1 << 20)
     try:
-        vm = receive(conn, token, console)
+        vm = receive(conn, token, console, disk_dir=Path(disk_dir) if disk_dir else None)
     except MigrationError as e:
         print(json.dumps({"error": str(e)}), flush=True)
         return 3
@@ -53,9 +54,10 @@ def destination(path: str, token: str, seconds: float) -> int:
     return 0
 
 
-def start_destination(path: Path, token: str, seconds: float) -> subprocess.Popen[str]:
-    p = subprocess.Popen([sys.executable, "-m", "pyvirt.testing.migrate", str(path), token, str(seconds)],
-                         stdout=subprocess.PIPE, text=True)
+def start_destination(path: Path, token: str, seconds: float,
+                      disk_dir: Path | None = None) -> subprocess.Popen[str]:
+    p = subprocess.Popen([sys.executable, "-m", "pyvirt.testing.migrate", str(path), token, str(seconds),
+                          *([str(disk_dir)] if disk_dir else [])], stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
     if p.stdout.readline().strip() != "listening":
         p.kill()
@@ -74,15 +76,18 @@ def ticks(text: str) -> list[tuple[int, float]]:
 
 
 def migrate_once(workdir: Path, command: str, after: int = 50, memory: str = "256M", dest_seconds: float = 3.0,
-                 run_on: float = 0.0, nets: list[str] | None = None, **kw: Any) -> tuple[MigrationStats, str, str, Vm]:
+                 run_on: float = 0.0, nets: list[str] | None = None, disks: list[str] | None = None,
+                 **kw: Any) -> tuple[MigrationStats, str, str, Vm]:
     """Boot the default guest running `command` here, migrate it to a child destination once it
     printed tick `after`; (stats, source console, destination output, the source Vm, closed).
     A migration that did not complete leaves the VM running here `run_on` seconds more.
-    `nets`: the VM's NICs (as --net).
+    `nets`, `disks`: the VM's NICs and disks (as --net, --disk; disks the source copies --
+    copy_storage=True -- arrive in workdir/dest).
     `kw`: Migration's options."""
     sock = workdir / "mig.sock"
-    dest = start_destination(sock, "secret", dest_seconds)
-    resolved = resolve(VmRequest(command=command, memory=memory, nets=nets or []))
+    (workdir / "dest").mkdir(exist_ok=True)
+    dest = start_destination(sock, "secret", dest_seconds, workdir / "dest")
+    resolved = resolve(VmRequest(command=command, memory=memory, nets=nets or [], disks=disks or []))
     console = BufferBackend(limit=1 << 20)
     vm = Vm(resolved.spec, console)
     result: list[MigrationStats] = []
@@ -119,4 +124,4 @@ def connect(path: Path) -> socket.socket:
 __all__ = ["TICKER", "connect", "destination", "migrate_once", "start_destination", "ticks"]
 
 if __name__ == "__main__":
-    sys.exit(destination(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+    sys.exit(destination(sys.argv[1], sys.argv[2], float(sys.argv[3]), *sys.argv[4:5]))

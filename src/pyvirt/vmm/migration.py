@@ -6,8 +6,9 @@ payload`, in this order from the source::
     HELLO     JSON {"protocol": "pyvirt-migration", "version": 1, "token": ...}   -> OK / ERROR
     SPEC      JSON: the VmSpec                                                     -> OK / ERROR
     PAGES*    zstd: u32 count, count u32 page indexes, count pages of 4 KiB  (any number, no reply)
+    BLOCKS*   zstd: u8 disk, u32 count, count (u64 block, u8 zero), the data blocks  (disk copy)
     STATE     zstd: the machine's state (board.save_state, JSON)
-    COMPLETE  (empty)                                            -> READY (board built) / ERROR
+    COMPLETE  (empty)                                            -> READY (state loaded) / ERROR
     GO        (empty): the destination runs the VM; the source has ended it
     ABANDON   (empty, at any point): the destination drops everything it received
 
@@ -23,39 +24,56 @@ target at the measured bandwidth, the last pages, the state and COMPLETE go in o
 the guest does not run meanwhile -- and on READY the source sends GO and ends its run.
 A guest that writes faster than the link gets fewer instructions per second in steps
 (auto-converge: each tick then also spends a share of time sending, or waiting).
+
+Disks are on shared storage (the destination opens the same paths), or -- `copy_storage`,
+libvirt's --copy-storage-all -- copied in the same stream: the greeting declares each disk
+(format, size, bytes allocated), the destination makes a new image of that format and size
+in a directory of its own choosing (`disk_dir`; names it makes itself), the first round
+sends every non-zero block of what the guest sees (a qcow2 backing chain arrives flattened
+into one image), later rounds the blocks a dirty-block bitmap (backends/dirty.py) saw
+written, the last round during the pause.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import mmap
+import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zstandard
 
 from pyvirt.backends.char import CharBackend
+from pyvirt.backends.dirty import BLOCK, TrackedBackend
 from pyvirt.errors import PyvirtError
 from pyvirt.memory import PAGE_SIZE, RAM_TAIL
 from pyvirt.spec import VmSpec
 from pyvirt.state import encode_bytes
 
 PROTOCOL = "pyvirt-migration"
-VERSION = 1
-(HELLO, SPEC, PAGES, STATE, COMPLETE, GO, ABANDON, OK, READY, ERROR) = range(1, 11)
+VERSION = 2                     # 2: disk copy (BLOCKS, the greeting's "disks")
+(HELLO, SPEC, PAGES, STATE, COMPLETE, GO, ABANDON, OK, READY, ERROR, BLOCKS) = range(1, 12)
 NAMES = {HELLO: "HELLO", SPEC: "SPEC", PAGES: "PAGES", STATE: "STATE", COMPLETE: "COMPLETE", GO: "GO",
-         ABANDON: "ABANDON", OK: "OK", READY: "READY", ERROR: "ERROR"}
+         ABANDON: "ABANDON", OK: "OK", READY: "READY", ERROR: "ERROR", BLOCKS: "BLOCKS"}
 HEADER = struct.Struct(">BI")
 PAGES_PER_FRAME = 64
 MAX_FRAME = 4 << 20             # a compressed frame; more is a bad stream
 MAX_PAGES_RAW = 4 + PAGES_PER_FRAME * (4 + PAGE_SIZE)
 MAX_STATE = 64 << 20            # as a snapshot's state.json
 MAX_HELLO = 64 << 10
+BLOCKS_PER_FRAME = 16
+MAX_BLOCKS_RAW = 5 + BLOCKS_PER_FRAME * (9 + BLOCK)
+MAX_DISKS = 16                  # disks a copy may declare
+MAX_DISK_COPY = 1 << 40         # bytes, one disk copied
+SPACE_RESERVE = 64 << 20        # a copy leaves this much of the destination's file system free
 DEFAULT_DOWNTIME = 0.3
 DEFAULT_TIMEOUT = 600.0
 SENDER_SHARE = 0.5             # of the run loop's time, the sender's (one thread for guest and sender)
@@ -64,6 +82,7 @@ THROTTLE_STEPS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95)   # auto-converge: the cut of t
 _CHUNK = 2 << 20
 _ZERO_CHUNK = bytes(_CHUNK)
 _ZERO_PAGE = bytes(PAGE_SIZE)
+_ZERO_BLOCK = bytes(BLOCK)
 
 
 class MigrationError(PyvirtError):
@@ -158,11 +177,227 @@ def rarp_announce(mac: bytes) -> bytes:
             + mac + bytes(4) + mac + bytes(4) + bytes(18))
 
 
+# -- disk copy ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DiskCopy:
+    """A disk the source copies, as its greeting declares it."""
+    format: str          # raw or qcow2: the image the destination makes
+    size: int            # bytes the guest sees
+    allocated: int       # bytes it holds on the source (the destination checks its free space)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "size": self.size, "allocated": self.allocated}
+
+
+def declare_disk(backend: Any) -> DiskCopy:
+    """What the source says of a disk it copies: its format, size and the bytes its image
+    and backing chain hold (at most its size: the copy is flattened)."""
+    allocated, b = 0, backend
+    while b is not None:
+        with contextlib.suppress(OSError, AttributeError, TypeError):
+            allocated += os.fstat(b.fd).st_blocks * 512
+        b = getattr(b, "backing", None)
+    return DiskCopy(getattr(backend, "format", "raw"), backend.size, min(backend.size, allocated))
+
+
+def parse_disk_copies(raw: Any) -> list[DiskCopy]:
+    """The greeting's "disks" (untrusted): at most MAX_DISKS, each raw or qcow2, 512 B to
+    MAX_DISK_COPY in whole sectors, allocated within its size."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or len(raw) > MAX_DISKS:
+        raise MigrationError(f"bad migration stream: the disks to copy are not a list of at most {MAX_DISKS}")
+    out = []
+    for d in raw:
+        if not isinstance(d, dict) or d.get("format") not in ("raw", "qcow2") or set(d) != {"format", "size",
+                                                                                              "allocated"}:
+            raise MigrationError("bad migration stream: a disk to copy is not {format: raw|qcow2, size, allocated}")
+        size, allocated = d["size"], d["allocated"]
+        if type(size) is not int or type(allocated) is not int or not 0 <= allocated <= size:
+            raise MigrationError("bad migration stream: a disk to copy has a bad size")
+        if not 512 <= size <= MAX_DISK_COPY or size % 512:
+            raise MigrationError(f"a disk of {size} bytes to copy: this host takes whole sectors up to "
+                                 f"{MAX_DISK_COPY >> 30} GiB")
+        out.append(DiskCopy(d["format"], size, allocated))
+    return out
+
+
+def _free_space(where: Path) -> int:
+    p = where
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize
+
+
+def copy_targets(disks: Any, copies: list[DiskCopy], disk_dir: Path) -> list[dict[str, Any]]:
+    """The spec's disks as the destination has them: each a new image it makes in `disk_dir`
+    (named diskN.raw or diskN.qcow2 here, whatever the source's were), the format explicit;
+    refused when the declared bytes do not fit the file system there."""
+    if not isinstance(disks, list) or len(disks) != len(copies) or not all(isinstance(d, dict) for d in disks):
+        raise MigrationError(f"bad migration stream: {len(copies)} disks declared for a VM with "
+                             f"{len(disks) if isinstance(disks, list) else 'no list of'} disks")
+    need = sum(c.allocated for c in copies)
+    free = _free_space(disk_dir) - SPACE_RESERVE
+    if need > free:
+        raise MigrationError(f"no room for the disks here: {need >> 20} MiB to copy, {max(0, free) >> 20} MiB free")
+    return [{**d, "path": str(disk_dir / f"disk{i}.{c.format}"), "format": c.format}
+            for i, (d, c) in enumerate(zip(disks, copies))]
+
+
+def encode_blocks(disk: int, backend: Any, blocks: Sequence[int], skip_zeros: bool,
+                  cctx: zstandard.ZstdCompressor) -> tuple[bytes | None, int, int]:
+    """A BLOCKS frame's payload for `blocks` (at most BLOCKS_PER_FRAME) of disk number `disk`,
+    read through `backend` -- what the guest sees; a block of zeros goes as a flag, or not at
+    all with `skip_zeros` (a new image reads as zeros already).  (payload or None when
+    nothing is to go, blocks in it, data bytes in it)."""
+    head = bytearray()
+    data = bytearray()
+    count = 0
+    for b in blocks:
+        n = min(BLOCK, backend.size - b * BLOCK)
+        at = len(data)
+        data += _ZERO_BLOCK[:n]
+        backend.readinto(b * BLOCK, memoryview(data)[at:at + n])
+        zero = data[at:] == _ZERO_BLOCK[:n]
+        if zero:
+            del data[at:]
+            if skip_zeros:
+                continue
+        head += struct.pack("<QB", b, zero)
+        count += 1
+    if not count:
+        return None, 0, 0
+    return cctx.compress(struct.pack("<BI", disk, count) + bytes(head) + bytes(data)), count, len(data)
+
+
+class DiskReceiver:
+    """The destination's side of a disk copy: the new images, made at the paths of `spec`'s
+    disks (which the destination chose; an existing file is never taken) and written, once
+    the board has opened them, through `writers` (its backends) as BLOCKS arrive, each block
+    inside its disk; new data may take at most the file system's free space less
+    SPACE_RESERVE.  `abort()` removes every image it made (close the writers first)."""
+
+    def __init__(self, spec: VmSpec, copies: list[DiskCopy]) -> None:
+        from pyvirt.backends.qcow2_tools import create_qcow2
+        self.copies = copies
+        self.made: list[Path] = []
+        self.writers: list[Any] = []
+        self.own = False                  # writers of its own (else the board's)
+        self.blocks = [-(-c.size // BLOCK) for c in copies]
+        self.written = [bytearray(-(-n // 8)) for n in self.blocks]     # a bit a block: written here
+        self.used = 0
+        try:
+            if len(spec.disks) != len(copies):
+                raise MigrationError("bad migration stream: the disks declared are not the spec's")
+            self.budget = _free_space(Path(spec.disks[0].path).parent) - SPACE_RESERVE if copies else 0
+            for disk, c in zip(spec.disks, copies):
+                path = Path(disk.path)
+                if c.format == "qcow2":
+                    create_qcow2(path, c.size)
+                else:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                    self.made.append(path)
+                    try:
+                        os.ftruncate(fd, c.size)
+                    finally:
+                        os.close(fd)
+                if path not in self.made:
+                    self.made.append(path)
+        except OSError as e:
+            self.abort()
+            raise MigrationError(f"cannot make the copied disks here: {e.strerror or e}") from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def apply(self, payload: bytes) -> int:
+        """Write a BLOCKS frame; returns how many blocks."""
+        raw = _decompress(payload, MAX_BLOCKS_RAW, "blocks")
+        if len(raw) < 5:
+            raise MigrationError("bad migration stream: short blocks frame")
+        disk, count = struct.unpack_from("<BI", raw)
+        if disk >= len(self.writers):
+            raise MigrationError(f"bad migration stream: disk {disk} is not one of the {len(self.writers)} copied")
+        if count > BLOCKS_PER_FRAME or len(raw) < 5 + 9 * count:
+            raise MigrationError("bad migration stream: blocks frame length does not match its count")
+        c, w, written, nblocks = self.copies[disk], self.writers[disk], self.written[disk], self.blocks[disk]
+        at = 5 + 9 * count
+        try:
+            for i in range(count):
+                b, zero = struct.unpack_from("<QB", raw, 5 + 9 * i)
+                if b >= nblocks or zero > 1:
+                    raise MigrationError(f"bad migration stream: block {b} is outside disk {disk}'s "
+                                         f"{nblocks} blocks" if b >= nblocks else
+                                         "bad migration stream: a block's zero flag is not 0 or 1")
+                off = b * BLOCK
+                n = min(BLOCK, c.size - off)
+                seen = written[b >> 3] >> (b & 7) & 1
+                if zero:
+                    if seen:                   # (a block never written reads as zeros already)
+                        self._zero(w, off, n)
+                    continue
+                if at + n > len(raw):
+                    raise MigrationError("bad migration stream: blocks frame length does not match its count")
+                if not seen:
+                    self.used += n
+                    if self.used > self.budget:
+                        raise MigrationError("the copied disks outgrow the free space here")
+                    written[b >> 3] |= 1 << (b & 7)
+                w.write(off, memoryview(raw)[at:at + n])
+                at += n
+        except OSError as e:
+            raise MigrationError(f"cannot write copied disk {disk}: {e.strerror or e}") from None
+        if at != len(raw):
+            raise MigrationError("bad migration stream: blocks frame length does not match its count")
+        return count
+
+    @staticmethod
+    def _zero(w: Any, off: int, n: int) -> None:
+        own = getattr(w, "write_zeroes", None)
+        if own is not None:
+            own(off, n)
+        else:
+            w.write(off, _ZERO_BLOCK[:n])
+
+    def open_writers(self, spec: VmSpec) -> None:
+        """Write through backends of its own (where no board has the images open)."""
+        from pyvirt.backends.disk import open_disk
+        self.own = True
+        for d in spec.disks:
+            self.writers.append(open_disk(d.path, fmt=d.format))
+
+    def close_writers(self) -> None:
+        """Its own backends closed (the board's are the board's)."""
+        if self.own:
+            for w in self.writers:
+                with contextlib.suppress(Exception):
+                    w.close()
+            self.writers = []
+
+    def finish(self) -> None:
+        """Every block is in: written back to the files."""
+        try:
+            for w in self.writers:
+                w.flush()
+        except OSError as e:
+            raise MigrationError(f"cannot write the copied disks: {e.strerror or e}") from None
+        self.close_writers()
+
+    def abort(self) -> None:
+        self.close_writers()
+        for p in self.made:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        self.made = []
+
+
 # -- the source --------------------------------------------------------------------------------------
 @dataclass
 class MigrationStats:
     rounds: int = 0
     pages_sent: int = 0
+    blocks_sent: int = 0          # disk blocks (BLOCK bytes) copied, zero blocks included
     bytes_sent: int = 0
     total_seconds: float = 0.0
     downtime_seconds: float = 0.0
@@ -184,7 +419,7 @@ class Migration:
     def __init__(self, vm: Any, sock: socket.socket, token: str = "", *, downtime: float = DEFAULT_DOWNTIME,
                  timeout: float = DEFAULT_TIMEOUT, on_timeout: str = "cancel", auto_converge: bool = True,
                  max_bandwidth: float | None = None, spec_json: dict[str, Any] | None = None,
-                 finished: Callable[[MigrationStats], None] | None = None) -> None:
+                 copy_storage: bool = False, finished: Callable[[MigrationStats], None] | None = None) -> None:
         if on_timeout not in ("cancel", "force"):
             raise MigrationError(f"on timeout: cancel or force, not {on_timeout!r}")
         if not 0 < downtime <= 60:
@@ -195,10 +430,15 @@ class Migration:
         self.max_bandwidth = max_bandwidth           # bytes of pages a second (QEMU's max-bandwidth)
         self.spec_json = spec_json if spec_json is not None else json.loads(vm.spec.model_dump_json())
         self.finished = finished
+        self.copy_storage = copy_storage and bool(vm.spec.disks)
         self.stats = MigrationStats()
         self.done = False
         self._cctx = zstandard.ZstdCompressor(level=1)
         self._pending: list[int] = []
+        # disk copy: (disk, blocks, first round) still to send; the trackers in front of the
+        # disks (disk, its backend, the tracker, the devices using it)
+        self._blocks: list[tuple[int, Sequence[int], bool]] = []
+        self._tracked: list[tuple[int, Any, TrackedBackend, list[Any]]] = []
         self._started = 0.0
         self._last_tick = 0.0
         self._send_time = 0.0
@@ -214,7 +454,9 @@ class Migration:
         self._instructions = self.vm.stats.instructions
         try:
             self.sock.settimeout(30)
-            hello = {"protocol": PROTOCOL, "version": VERSION, "token": self.token}
+            hello: dict[str, Any] = {"protocol": PROTOCOL, "version": VERSION, "token": self.token}
+            if self.copy_storage:
+                hello["disks"] = [declare_disk(b).as_dict() for b in self.vm.board.backends]
             send_frame(self.sock, HELLO, json.dumps(hello).encode())
             recv_frame(self.sock, (OK,))
             send_frame(self.sock, SPEC, json.dumps(self.spec_json).encode())
@@ -223,11 +465,68 @@ class Migration:
             self._fail(e)
             return
         bus = self.vm.board.bus
+        if self.copy_storage:
+            self._track_disks()
         bus.start_dirty_log()
         self._pending = nonzero_pages(bus.ram, bus.ram_size)
         self.stats.rounds = 1
         self.stats.history.append(len(self._pending))
         self._last_tick = time.monotonic()
+
+    # -- disk copy --------------------------------------------------------------------------
+    def _track_disks(self) -> None:
+        """A dirty-block bitmap in front of every disk; round 1 is each disk whole."""
+        board = self.vm.board
+        blks = [t.device for _, _, t in board.virtio if hasattr(t.device, "backend")]
+        for i, backend in enumerate(board.backends):
+            tracked = TrackedBackend(backend)
+            devs = [d for d in blks if d.backend is backend]
+            for d in devs:
+                d.backend = tracked
+            board.backends[i] = tracked
+            self._tracked.append((i, backend, tracked, devs))
+            self._blocks.append((i, range(tracked.log.count), True))
+
+    def _untrack_disks(self) -> None:
+        board = self.vm.board
+        for i, backend, tracked, devs in self._tracked:
+            for d in devs:
+                if d.backend is tracked:
+                    d.backend = backend
+            if board.backends[i] is tracked:
+                board.backends[i] = backend
+        self._tracked = []
+
+    def _harvest_blocks(self) -> list[tuple[int, Sequence[int], bool]]:
+        out: list[tuple[int, Sequence[int], bool]] = []
+        for i, _, tracked, devs in self._tracked:
+            if self.vm.board.backends[i] is not tracked or any(d.backend is not tracked for d in devs):
+                raise MigrationError("the VM's disks changed during the migration (a snapshot?)")
+            dirty = tracked.log.harvest()
+            if dirty:
+                out.append((i, dirty, False))
+        return out
+
+    def _send_blocks(self) -> None:
+        """Up to BLOCKS_PER_FRAME blocks of the first disk waiting (in round 1 a block of
+        zeros is skipped: the destination's new image reads as zeros already)."""
+        disk, blocks, first = self._blocks[0]
+        part, rest = blocks[:BLOCKS_PER_FRAME], blocks[BLOCKS_PER_FRAME:]
+        if rest:
+            self._blocks[0] = (disk, rest, first)
+        else:
+            self._blocks.pop(0)
+        t0 = time.monotonic()
+        inner = self._tracked[[t[0] for t in self._tracked].index(disk)][1]
+        payload, count, raw = encode_blocks(disk, inner, part, first, self._cctx)
+        if payload is None:
+            return
+        self.stats.bytes_sent += send_frame(self.sock, BLOCKS, payload)
+        self.stats.blocks_sent += count
+        self._send_time += time.monotonic() - t0
+        self._send_bytes += raw
+        if self._send_time > 0.005:
+            self.stats.bandwidth = self._send_bytes / self._send_time
 
     def _send_pages(self, pages: list[int]) -> None:
         ram = self.vm.board.bus.ram
@@ -253,7 +552,7 @@ class Migration:
             if allowed > 0:
                 end = now + allowed
                 while True:
-                    if not self._pending:
+                    if not self._pending and not self._blocks:
                         if self._next_round():
                             return
                         if self.stats.throttle:          # throttled: the guest waits anyway
@@ -263,8 +562,11 @@ class Migration:
                         if self.stats.throttle:          # the link is the limit: the guest waits
                             time.sleep(max(0.0, min(end - time.monotonic(), MAX_TICK)))
                         break
-                    part, self._pending = self._pending[:PAGES_PER_FRAME], self._pending[PAGES_PER_FRAME:]
-                    self._send_pages(part)
+                    if self._blocks:
+                        self._send_blocks()
+                    else:
+                        part, self._pending = self._pending[:PAGES_PER_FRAME], self._pending[PAGES_PER_FRAME:]
+                        self._send_pages(part)
                     if time.monotonic() >= end:
                         break
                 self._spent += time.monotonic() - now
@@ -281,14 +583,17 @@ class Migration:
     def _next_round(self) -> bool:
         """A round was sent: take the next from the log, or finish; True when done."""
         dirty = sorted(self.vm.board.bus.harvest_dirty())
-        left = len(dirty) * PAGE_SIZE
+        blocks = self._harvest_blocks()
+        left = len(dirty) * PAGE_SIZE + sum(len(b) for _, b, _ in blocks) * BLOCK
         bw = min(self.stats.bandwidth or 1 << 30, self.max_bandwidth or 1 << 40)
+        self._blocks = blocks
         if left / bw <= self.downtime:
             self._pending = dirty
             self._finish()
             return True
         history = self.stats.history
-        if self.auto_converge and history and len(dirty) > history[-1] * 0.9:
+        units = left // PAGE_SIZE                       # (what is left, in pages)
+        if self.auto_converge and history and units > history[-1] * 0.9:
             self._stuck += 1
             if self._stuck >= 2:
                 steps = [s for s in THROTTLE_STEPS if s > self.stats.throttle]
@@ -297,7 +602,7 @@ class Migration:
                 self._stuck = 0
         self._pending = dirty
         self.stats.rounds += 1
-        history.append(len(dirty))
+        history.append(units)
         return False
 
     def _finish(self) -> None:
@@ -307,6 +612,10 @@ class Migration:
         t0 = time.monotonic()
         board.clock.pause()
         try:
+            if self._tracked:                         # the last disk blocks: the guest writes no more
+                self._blocks += self._harvest_blocks()
+                while self._blocks:
+                    self._send_blocks()
             self._send_pages(sorted(set(self._pending) | board.bus.harvest_dirty()))
             self._pending = []
             state = json.dumps(board.save_state(), default=encode_bytes).encode()
@@ -339,6 +648,7 @@ class Migration:
 
     def _end(self, outcome: str) -> None:
         self.done = True
+        self._untrack_disks()
         self.stats.outcome = outcome
         self.stats.total_seconds = time.monotonic() - self._started
         self.stats.guest_instructions = self.vm.stats.instructions - self._instructions
@@ -371,10 +681,16 @@ class Migration:
 
 
 # -- the destination ----------------------------------------------------------------------------------
-def default_accept(spec_json: Any) -> VmSpec:
+def default_accept(spec_json: Any, copies: list[DiskCopy] | None = None, disk_dir: Path | None = None) -> VmSpec:
+    """The spec as sent, its disks -- when the source copies them -- new images in `disk_dir`
+    (a destination without one takes no disk copies)."""
     from pydantic import ValidationError
 
     from pyvirt.machine.riscv_virt import VirtBoard
+    if copies:
+        if disk_dir is None or not isinstance(spec_json, dict):
+            raise MigrationError("this destination takes no disk copies (share the disks)")
+        spec_json = spec_json | {"disks": copy_targets(spec_json.get("disks"), copies, disk_dir)}
     try:
         spec = VmSpec.model_validate(spec_json)
     except ValidationError as e:
@@ -395,11 +711,13 @@ def _refuse(sock: socket.socket, e: BaseException) -> MigrationError:
     return e if isinstance(e, MigrationError) else MigrationError(str(e))
 
 
-def accept_handshake(sock: socket.socket, token: str, accept: Callable[[Any], VmSpec] = default_accept,
+def accept_handshake(sock: socket.socket, token: str,
+                     accept: Callable[[Any, list[DiskCopy]], VmSpec] = default_accept,
                      timeout: float = 60, greeting: dict[str, Any] | None = None) -> VmSpec:
-    """The destination's first half: the greeting (protocol, version, token) and the spec
-    (`accept` turns it into the spec to run here, or raises); both answered OK.  `greeting`
-    gets the greeting's "cold" (a stopped VM: only the definition moves, see `send_cold`)."""
+    """The destination's first half: the greeting (protocol, version, token, the disks the
+    source copies) and the spec (`accept` turns it and the disk copies into the spec to run
+    here, or raises); both answered OK.  `greeting` gets the greeting's "cold" (a stopped VM:
+    only the definition moves, see `send_cold`) and "disks" (the DiskCopy list)."""
     sock.settimeout(timeout)
     try:
         _, raw = recv_frame(sock, (HELLO,), MAX_HELLO)
@@ -417,12 +735,14 @@ def accept_handshake(sock: socket.socket, token: str, accept: Callable[[Any], Vm
         if not isinstance(hello.get("token"), str) or not hmac.compare_digest(hello["token"].encode(),
                                                                              token.encode()):
             raise MigrationError("wrong migration token")
+        copies = parse_disk_copies(hello.get("disks"))
         if greeting is not None:
             greeting["cold"] = hello.get("cold") is True
+            greeting["disks"] = copies
         send_frame(sock, OK)
         _, raw = recv_frame(sock, (SPEC,), MAX_HELLO)
         try:
-            spec = accept(json.loads(raw))
+            spec = accept(json.loads(raw), copies)
         except (ValueError, RecursionError, PyvirtError) as e:
             raise MigrationError(f"the spec cannot run here: {e}") from None
         send_frame(sock, OK)
@@ -431,22 +751,41 @@ def accept_handshake(sock: socket.socket, token: str, accept: Callable[[Any], Vm
         raise _refuse(sock, e) from None
 
 
-def receive_machine(sock: socket.socket, spec: VmSpec, console: CharBackend, timeout: float = 60) -> Any:
-    """The destination's second half: pages, state, COMPLETE -> the board built and loaded ->
-    READY, then GO; returns the Vm, not yet running.  Nothing stays open on failure."""
+def receive_machine(sock: socket.socket, spec: VmSpec, console: CharBackend, timeout: float = 60,
+                    copies: list[DiskCopy] | None = None) -> Any:
+    """The destination's second half: the board is built at once (building parses the native
+    code cache, a quarter of a second: done while pre-copy runs, not in the pause), then
+    pages (and with `copies`, disk blocks into new images at the paths `spec` names, through
+    the board's own backends -- or, when a copied disk is read-only to the guest, through
+    writable ones of the copy's, the board then built at COMPLETE), state, COMPLETE -> the
+    state loaded -> READY, then GO; returns the Vm, not yet running.  Nothing stays open on
+    failure, and no copied disk."""
     from pyvirt.vmm.resources import build_board
     from pyvirt.vmm.snapcheck import check_state
     from pyvirt.vmm.vm import Vm
 
     sock.settimeout(timeout)
+    disks: DiskReceiver | None = None
+    board = None
     try:
         ram = mmap.mmap(-1, spec.memory + RAM_TAIL)
         npages = spec.memory // PAGE_SIZE
         state_raw = None
+        if copies:
+            disks = DiskReceiver(spec, copies)
+        if disks is not None and any(d.read_only for d in spec.disks):
+            disks.open_writers(spec)
+        else:
+            board = build_board(spec, console, ram=ram, restore=True)
+            if disks is not None:
+                disks.writers = list(board.backends)
         while True:
-            kind, payload = recv_frame(sock, (PAGES, STATE, COMPLETE, ABANDON))
+            kind, payload = recv_frame(sock, (PAGES, BLOCKS, STATE, COMPLETE, ABANDON) if disks
+                                       else (PAGES, STATE, COMPLETE, ABANDON))
             if kind == PAGES:
                 apply_pages(ram, npages, payload)
+            elif kind == BLOCKS and disks is not None:
+                disks.apply(payload)
             elif kind == STATE:
                 state_raw = _decompress(payload, MAX_STATE, "state")
             elif kind == ABANDON:
@@ -459,43 +798,60 @@ def receive_machine(sock: socket.socket, spec: VmSpec, console: CharBackend, tim
             state = json.loads(state_raw)
         except (ValueError, RecursionError):
             raise MigrationError("bad migration stream: the state is not JSON") from None
-        board = build_board(spec, console, ram=ram, restore=True)
+        if disks is not None:
+            disks.finish()
+        if board is None:
+            board = build_board(spec, console, ram=ram, restore=True)
         try:
-            try:
-                board.load_state(check_state(board, state))
-            except (ValueError, KeyError, TypeError, IndexError) as e:
-                raise MigrationError(f"bad migration stream: the state does not fit the machine: {e}") from None
-            except PyvirtError as e:
-                raise MigrationError(f"bad migration stream: {e}") from None
-            send_frame(sock, READY)
-            recv_frame(sock, (GO,))
-        except BaseException:
-            board.close()
-            raise
+            board.load_state(check_state(board, state))
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise MigrationError(f"bad migration stream: the state does not fit the machine: {e}") from None
+        except PyvirtError as e:
+            raise MigrationError(f"bad migration stream: {e}") from None
+        send_frame(sock, READY)
+        recv_frame(sock, (GO,))
         return Vm(spec, console, board=board)
-    except (PyvirtError, OSError) as e:
-        raise _refuse(sock, e) from None
+    except BaseException as e:
+        if board is not None:
+            board.close()
+        if disks is not None:
+            disks.abort()
+        if isinstance(e, (PyvirtError, OSError)):
+            raise _refuse(sock, e) from None
+        raise
 
 
-def receive(sock: socket.socket, token: str, console: CharBackend,
-            accept: Callable[[Any], VmSpec] = default_accept, timeout: float = 60) -> Any:
+def receive(sock: socket.socket, token: str, console: CharBackend, timeout: float = 60,
+            disk_dir: Path | None = None) -> Any:
     """Serve one incoming migration on `sock`; returns the new Vm, built and loaded, not yet
-    running (the caller runs it and then `announce()`s it).  Any problem is one MigrationError
-    (the source was told why); nothing stays open."""
-    spec = accept_handshake(sock, token, accept, timeout)
-    return receive_machine(sock, spec, console, timeout)
+    running (the caller runs it and then `announce()`s it).  Disks the source copies become
+    new images in `disk_dir` (none: refused).  Any problem is one MigrationError (the source
+    was told why); nothing stays open."""
+    greeting: dict[str, Any] = {}
+    spec = accept_handshake(sock, token, lambda s, c: default_accept(s, c, disk_dir), timeout, greeting)
+    return receive_machine(sock, spec, console, timeout, greeting["disks"])
 
 
-def send_cold(sock: socket.socket, token: str, spec_json: dict[str, Any]) -> None:
-    """Move a stopped VM's definition: HELLO (cold), SPEC, COMPLETE -> READY (recorded there)
-    -> GO.  MigrationError with the destination's reason if it refused."""
+def send_cold(sock: socket.socket, token: str, spec_json: dict[str, Any], disks: Sequence[Any] = ()) -> None:
+    """Move a stopped VM's definition: HELLO (cold), SPEC, with `disks` (its opened disks,
+    one per spec disk) every non-zero block of each, COMPLETE -> READY (recorded there) -> GO.
+    MigrationError with the destination's reason if it refused."""
     sock.settimeout(30)
+    hello: dict[str, Any] = {"protocol": PROTOCOL, "version": VERSION, "token": token, "cold": True}
+    if disks:
+        hello["disks"] = [declare_disk(d).as_dict() for d in disks]
     try:
-        send_frame(sock, HELLO, json.dumps({"protocol": PROTOCOL, "version": VERSION, "token": token,
-                                            "cold": True}).encode())
+        send_frame(sock, HELLO, json.dumps(hello).encode())
         recv_frame(sock, (OK,))
         send_frame(sock, SPEC, json.dumps(spec_json).encode())
         recv_frame(sock, (OK,))
+        cctx = zstandard.ZstdCompressor(level=1)
+        for i, d in enumerate(disks):
+            count = -(-d.size // BLOCK)
+            for b in range(0, count, BLOCKS_PER_FRAME):
+                payload, _, _ = encode_blocks(i, d, range(b, min(b + BLOCKS_PER_FRAME, count)), True, cctx)
+                if payload is not None:
+                    send_frame(sock, BLOCKS, payload)
         send_frame(sock, COMPLETE)
         recv_frame(sock, (READY,))
         send_frame(sock, GO)
@@ -503,14 +859,33 @@ def send_cold(sock: socket.socket, token: str, spec_json: dict[str, Any]) -> Non
         raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
 
 
-def receive_cold(sock: socket.socket) -> None:
-    """The destination's side of `send_cold` after the handshake: COMPLETE -> READY -> GO."""
+def receive_cold(sock: socket.socket, spec: VmSpec | None = None, copies: list[DiskCopy] | None = None) -> None:
+    """The destination's side of `send_cold` after the handshake: with `copies`, the disks'
+    blocks into new images at the paths `spec` names; COMPLETE -> READY -> GO.  A failure
+    leaves no image."""
+    disks: DiskReceiver | None = None
     try:
-        recv_frame(sock, (COMPLETE,))
+        if copies and spec is not None:
+            disks = DiskReceiver(spec, copies)
+            disks.open_writers(spec)
+            while True:
+                kind, payload = recv_frame(sock, (BLOCKS, COMPLETE, ABANDON))
+                if kind == ABANDON:
+                    raise MigrationError("the source abandoned the migration")
+                if kind == COMPLETE:
+                    break
+                disks.apply(payload)
+            disks.finish()
+        else:
+            recv_frame(sock, (COMPLETE,))
         send_frame(sock, READY)
         recv_frame(sock, (GO,))
-    except OSError as e:
-        raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
+    except BaseException as e:
+        if disks is not None:
+            disks.abort()
+        if isinstance(e, (PyvirtError, OSError)):
+            raise _refuse(sock, e) from None
+        raise
 
 
 def announce(vm: Any) -> None:

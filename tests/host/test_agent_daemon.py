@@ -25,8 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvirt.host.agent import AgentError
-from pyvirt.testing.daemon import Daemon, wait_for
+from pyvirt.testing.daemon import Daemon, wait_agent, wait_for
 
 MIB = 1 << 20
 
@@ -35,13 +34,7 @@ def running(daemon: Daemon, name: str = "vm", memory: str = "512M") -> None:
     c = daemon.client
     c.create(name, memory=memory, command="sleep 100000")
     c.start(name)
-
-    def answers() -> bool:
-        try:
-            return c.run(name, ["true"])[0] == 0
-        except AgentError:
-            return False
-    wait_for(answers, 120, "the guest agent", interval=0.5)
+    wait_agent(c, name)
 
 
 def exec_cli(daemon: Daemon, vm: str, *cmd: str) -> subprocess.CompletedProcess[str]:

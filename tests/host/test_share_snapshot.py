@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pyvirt.host.agent import AgentError
 from pyvirt.host.client import ApiError
-from pyvirt.testing.daemon import Daemon, wait_for
+from pyvirt.testing.daemon import Daemon, wait_agent
 
 pytestmark = [
     pytest.mark.slow,
@@ -41,13 +40,7 @@ def test_a_vm_with_a_share_is_snapshotted_restored_and_cloned(daemon: Daemon, tm
     c = daemon.client
     c.create("src", memory="256M", command="sleep 100000", shares=[f"{share}:work", f"{other}:other,ro"])
     c.start("src")
-
-    def answers() -> bool:
-        try:
-            return c.run("src", ["true"])[0] == 0
-        except AgentError:
-            return False
-    wait_for(answers, 120, "the guest agent", interval=0.5)
+    wait_agent(c, "src")
     both = mounted(daemon, "src")
     assert [line.split()[:2] for line in both] == [["work", "/mnt/work"], ["other", "/mnt/other"]]
     assert both[1].split()[2].startswith("ro,")

@@ -197,14 +197,15 @@ def test_port_forwarding_and_the_tcp_websocket(daemon: Daemon) -> None:
     from websockets.exceptions import ConnectionClosed
     running(daemon)
     c = daemon.client
-    servers = [c.exec("vm", ["sh", "-c", f"echo hello-{p} | nc -l -p {p}"]) for p in (8080, 8081, 8082)]
-    wait_for(lambda: {8080, 8081, 8082} <= set(c.guest_ports("vm")), 30, "the guest's listeners")
+    # (nc's input stays open: busybox nc ends at its input's end, before the peer has written)
+    servers = [c.exec("vm", ["sh", "-c", f"(echo hello-{p}; sleep 60) | nc -l -p {p}"]) for p in (8080, 8082)]
+    wait_for(lambda: {8080, 8082} <= set(c.guest_ports("vm")), 30, "the guest's listeners")
 
     # The WebSocket itself.
     ws = c.tcp("vm", 8082)
     assert ws.recv(timeout=30) == b"hello-8082\n"
     ws.send(b"over the websocket\n")
-    ev = next(servers[2].events())
+    ev = next(servers[1].events())
     assert (ev.stream, ev.data) == (1, b"over the websocket\n")
     ws.close()
     ws = c.tcp("vm", 9)                                   # nothing listens there

@@ -234,9 +234,10 @@ class Agent:
 
     # -- exec --------------------------------------------------------------------------
     def exec(self, argv: list[str], tty: bool = False, stdin: bool = False,
-             size: tuple[int, int] = (24, 80)) -> ExecSession:
+             size: tuple[int, int] = (24, 80), timeout: float | None = None) -> ExecSession:
+        """Start `argv`; `timeout`: seconds the agent may stay silent (None: no limit)."""
         payload = exec_payload(argv, tty, stdin, size)
-        conn = self.connect(timeout=None)
+        conn = self.connect(timeout=timeout)
         try:
             conn.send("E", payload)
         except BaseException:
@@ -244,9 +245,10 @@ class Agent:
             raise
         return ExecSession(conn)
 
-    def run(self, argv: list[str], input: bytes | None = None) -> tuple[int, bytes, bytes]:
+    def run(self, argv: list[str], input: bytes | None = None,
+            timeout: float | None = None) -> tuple[int, bytes, bytes]:
         """Run `argv` to its end: (status as a shell reports it, stdout, stderr)."""
-        return self.exec(argv, stdin=input is not None).collect(input)
+        return self.exec(argv, stdin=input is not None, timeout=timeout).collect(input)
 
     # -- files -------------------------------------------------------------------------
     def read_file(self, guest_path: str, dest: str | Path) -> int:
@@ -328,11 +330,11 @@ SHARES_FILE = "/run/pyvirt-shares"
 _UNMOUNT = "f=" + SHARES_FILE + r"""; mkdir -p /run || exit 1
 awk '$3 == "virtiofs" {print $1, $2, $4}' /proc/mounts | sed -n '1!G;h;$p' > $f.new || exit 1
 sync
-done=""
+gone=""
 while read -r tag dir opts; do
-  if umount "$dir" 2>/dev/null; then done="$tag $dir $opts
-$done"; continue; fi
-  printf '%s' "$done" | while read -r t d o; do [ -n "$t" ] && mount -t virtiofs -o "$o" "$t" "$d"; done
+  if umount "$dir" 2>/dev/null; then gone="$tag $dir $opts
+$gone"; continue; fi
+  printf '%s' "$gone" | while read -r t d o; do [ -n "$t" ] && mount -t virtiofs -o "$o" "$t" "$d"; done
   rm -f $f.new
   echo "share $tag is busy in the guest (a file open or a working directory under $dir)"; exit 3
 done < $f.new
@@ -361,12 +363,16 @@ def remount_shares(agent: Agent) -> None:
     _share_script(agent, _REMOUNT, "mount again")
 
 
+SHARE_SCRIPT_TIMEOUT = 120.0        # seconds for the guest's sync and (un)mounts
+
+
 def _share_script(agent: Agent, script: str, what: str) -> None:
-    code, out, err = agent.run(["sh", "-c", script])
+    """Run a share script; its last line of output is the one-line error when it fails."""
+    code, out, err = agent.run(["sh", "-c", script], timeout=SHARE_SCRIPT_TIMEOUT)
     if code != 0:
-        why = _text((out or err).strip().splitlines()[-1] if (out or err).strip() else b"")
-        raise AgentError(why if out.strip() else f"the guest could not {what} its shares "
-                         f"(status {code}): {why}")
+        lines = (out or err).decode(errors="replace").strip().splitlines()
+        why = _text(lines[-1].encode()) if lines else f"status {code}"
+        raise AgentError(why if out.strip() else f"the guest could not {what} its shares: {why}")
 
 
 AFTER_RESTORE_TIMEOUT = 10.0

@@ -5,20 +5,22 @@ the store's `snapshots` table.  `Snapshots` serves the Manager's snapshot calls,
 on the runners of its `Supervisor`:
 
 * take: a VM with shared folders first has them unmounted by its guest agent
-  (virtiofsd's FUSE state is not saved; a busy share refuses the snapshot in one line)
-  and mounted again after it; the runner is asked (control request `Snapshot`, then="continue") to
-  save the VM between slices, and answers when it is written; the VM goes on
-  writing its disks through new
-  overlays in its own directory (<vm dir>/disks/<random>/), which its record's
+  (virtiofsd's FUSE state is not saved; a busy share refuses the snapshot in one
+  line) and mounted again after it; the runner is asked (control request
+  `Snapshot`, then="continue") to save the VM between slices, and answers when it
+  is written; the VM goes on writing its disks through new overlays in its own
+  directory (<vm dir>/disks/<random>/), which its record's
   spec then names.
 * restore / clone: a new VM record (origin = the snapshot) whose runner is
   started with "restore" in its config.json: its RAM is the snapshot's `ram`
-  mapped copy-on-write, its disks are overlays of its own
+  mapped copy-on-write (read into a memfd for a VM with a share, and a fresh
+  virtiofsd serves the share), its disks are overlays of its own
   (<vm dir>/disks/diskN.qcow2) over the snapshot's, its virtio-console port
   sockets are in its own directory.  A clone also gets a new random MAC per
   NIC and its own host name (sent through the guest agent right after the
-  restore, with the host's clock; a VM with shared folders mounts them again).  Started again after it stops, such a VM boots afresh from its
-  spec (its overlays).
+  restore, with the host's clock; a VM with shared folders mounts them again).
+  Started again after it stops, such a VM boots afresh from its spec (its
+  overlays).
 * delete: refused while a VM made from the snapshot exists (its disks back
   onto the snapshot's files); a VM is not deleted while a snapshot's frozen
   disk image lies in its directory.

@@ -185,6 +185,39 @@ def test_a_back_end_that_goes_away_needs_a_reset(rig: Any) -> None:
     assert dev.status & STATUS_DEVICE_NEEDS_RESET
 
 
+def test_a_restored_device_hands_its_rings_where_they_stand_to_a_fresh_back_end(rig: Any) -> None:
+    bus, dev, irq, drv, back = rig
+    qs = drv.init(queues=2)
+    for _ in range(3):                           # three requests made available...
+        qs[1].add([drv.buffer(b"request"), drv.buffer(64, writable=True)])
+    assert dev.in_flight() == 3                  # ...none answered: a snapshot must wait
+    bus.write(qs[1].used + 2, 2, 3)              # the back end answered them all
+    assert dev.in_flight() == 0
+    state = dev.save()
+
+    ours, theirs = socket.socketpair()           # the restored VM's own virtiofsd
+    fresh = FakeBackEnd(theirs)
+    fresh.start()
+    front = VhostUserFrontEnd(ours, timeout=5)
+    front.handshake()
+    restored = VirtioFs(front, "work", bus.ram_fd)
+    restored.attach(bus, lambda bits: None)
+    restored.load(state)
+    try:
+        assert restored.started == [0, 1]
+        bases = {struct.unpack("<II", p)[0]: struct.unpack("<II", p)[1]
+                 for r, p, _ in fresh.messages if r == vu.SET_VRING_BASE}
+        assert bases == {0: 0, 1: 3}             # ring 1 goes on after the 3 answered requests
+        assert vu.SET_MEM_TABLE in fresh.requests() and fresh.mem_fd >= 0
+        restored.notify(1)                       # the driver's next kick reaches the new back end
+        assert os.eventfd_read(fresh.fds[(vu.SET_VRING_KICK, 1)]) == 1
+        assert restored.seen_used == [0, 3]      # and the coherence walk starts from there
+    finally:
+        restored.close()
+        front.close()
+        theirs.close()
+
+
 def _answer(reply: bytes) -> VhostUserFrontEnd:
     """A front end whose peer answers every message with `reply`, as is."""
     ours, theirs = socket.socketpair()

@@ -138,10 +138,12 @@ class VhostUserFrontEnd:
         self.call(SET_MEM_TABLE, payload, [r.fd for r in regions])
 
     def start_ring(self, index: int, size: int, desc: int, avail: int, used: int,
-                   kick: int, call: int, err: int) -> None:
-        """Everything a ring needs to run, then enabled (descriptors: eventfds)."""
+                   kick: int, call: int, err: int, base: int = 0) -> None:
+        """Everything a ring needs to run, then enabled (descriptors: eventfds).  `base`:
+        the next available index the back end takes (0 for a ring the driver just set up;
+        a restored ring's index, its requests all answered)."""
         self.call(SET_VRING_NUM, _STATE.pack(index, size))
-        self.call(SET_VRING_BASE, _STATE.pack(index, 0))
+        self.call(SET_VRING_BASE, _STATE.pack(index, base & 0xFFFF))
         self.call(SET_VRING_ADDR, _ADDR.pack(index, 0, desc, used, avail, 0))
         self.call(SET_VRING_CALL, _U64.pack(index), [call])
         self.call(SET_VRING_ERR, _U64.pack(index), [err])

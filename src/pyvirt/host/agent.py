@@ -234,9 +234,10 @@ class Agent:
 
     # -- exec --------------------------------------------------------------------------
     def exec(self, argv: list[str], tty: bool = False, stdin: bool = False,
-             size: tuple[int, int] = (24, 80)) -> ExecSession:
+             size: tuple[int, int] = (24, 80), timeout: float | None = None) -> ExecSession:
+        """Start `argv`; `timeout`: seconds the agent may stay silent (None: no limit)."""
         payload = exec_payload(argv, tty, stdin, size)
-        conn = self.connect(timeout=None)
+        conn = self.connect(timeout=timeout)
         try:
             conn.send("E", payload)
         except BaseException:
@@ -244,9 +245,10 @@ class Agent:
             raise
         return ExecSession(conn)
 
-    def run(self, argv: list[str], input: bytes | None = None) -> tuple[int, bytes, bytes]:
+    def run(self, argv: list[str], input: bytes | None = None,
+            timeout: float | None = None) -> tuple[int, bytes, bytes]:
         """Run `argv` to its end: (status as a shell reports it, stdout, stderr)."""
-        return self.exec(argv, stdin=input is not None).collect(input)
+        return self.exec(argv, stdin=input is not None, timeout=timeout).collect(input)
 
     # -- files -------------------------------------------------------------------------
     def read_file(self, guest_path: str, dest: str | Path) -> int:
@@ -317,30 +319,111 @@ class Agent:
         self._simple("O")
 
 
+# -- shared folders around a snapshot (docs/shares.md, "Snapshots") ----------------------
+# virtiofsd's FUSE session (node IDs, open handles) cannot be saved, so the guest lets go of
+# it: its virtiofs mounts are written to SHARES_FILE (guest tmpfs: it is in the snapshot's
+# RAM too), synced and unmounted, innermost first; a busy one (open files, a working
+# directory) stops it all, remounts what it had unmounted and names the share.  After the
+# snapshot the source mounts them again, and so does each VM restored or cloned from it
+# (its fresh virtiofsd answers the new FUSE session).  Plain sh: busybox's and Debian's.
+SHARES_FILE = "/run/pyvirt-shares"
+_UNMOUNT = "f=" + SHARES_FILE + r"""; mkdir -p /run || exit 1
+awk '$3 == "virtiofs" {print $1, $2, $4}' /proc/mounts | sed -n '1!G;h;$p' > $f.new || exit 1
+sync
+gone=""
+while read -r tag dir opts; do
+  if umount "$dir" 2>/dev/null; then gone="$tag $dir $opts
+$gone"; continue; fi
+  printf '%s' "$gone" | while read -r t d o; do [ -n "$t" ] && mount -t virtiofs -o "$o" "$t" "$d"; done
+  rm -f $f.new
+  echo "share $tag is busy in the guest (a file open or a working directory under $dir)"; exit 3
+done < $f.new
+mv $f.new $f
+"""
+_REMOUNT = "f=" + SHARES_FILE + r"""; [ -f $f ] || exit 0
+rc=0
+sed -n '1!G;h;$p' $f > $f.up
+while read -r tag dir opts; do
+  awk -v d="$dir" '$2 == d && $3 == "virtiofs" {x=1} END {exit !x}' /proc/mounts && continue
+  mount -t virtiofs -o "$opts" "$tag" "$dir" 2>/dev/null || { echo "share $tag: cannot mount it on $dir again"; rc=1; }
+done < $f.up
+rm -f $f $f.up
+exit $rc
+"""
+
+
+def unmount_shares(agent: Agent) -> None:
+    """Sync and unmount every virtio-fs share in the guest, noting them for `remount_shares`
+    (AgentError with one line naming a busy share: then nothing stays unmounted)."""
+    _share_script(agent, _UNMOUNT, "unmount")
+
+
+def remount_shares(agent: Agent) -> None:
+    """Mount again the shares `unmount_shares` noted (nothing if it noted none)."""
+    _share_script(agent, _REMOUNT, "mount again")
+
+
+SHARE_SCRIPT_TIMEOUT = 120.0        # seconds for the guest's sync and (un)mounts
+
+
+def _share_script(agent: Agent, script: str, what: str) -> None:
+    """Run a share script; its last line of output is the one-line error when it fails."""
+    code, out, err = agent.run(["sh", "-c", script], timeout=SHARE_SCRIPT_TIMEOUT)
+    if code != 0:
+        lines = (out or err).decode(errors="replace").strip().splitlines()
+        why = _text(lines[-1].encode()) if lines else f"status {code}"
+        raise AgentError(why if out.strip() else f"the guest could not {what} its shares: {why}")
+
+
 AFTER_RESTORE_TIMEOUT = 10.0
 
 
-def after_restore(vms: list[tuple[Path, str]]) -> None:
-    """VMs just restored or cloned from a snapshot, as (vsock socket, name): their guest
-    agents set the wall clock to the host's (the snapshot's is stale) and the host name to
-    the VM's, all at once.  A guest without an agent (or that does not answer in
-    AFTER_RESTORE_TIMEOUT) is logged and left as it is."""
+@dataclass
+class Restored:
+    """A VM just restored or cloned from a snapshot, for `after_restore`: its vsock socket,
+    its name (the host name it takes), the MACs its NICs take (a clone: new ones; eth0
+    first) and whether it has shared folders to mount again."""
+
+    sock: Path
+    name: str
+    macs: list[str]
+    shares: bool = False
+
+
+def after_restore(vms: list[Restored]) -> list[str]:
+    """Bring VMs just restored or cloned from a snapshot up to date through their guest
+    agents, all at once: the wall clock set to the host's (the snapshot's is stale), the host
+    name to the VM's, each NIC's MAC, then their shares mounted again.  Returns the names of
+    the VMs whose agent did not answer in AFTER_RESTORE_TIMEOUT (logged; the caller may try
+    the console-port agent for them)."""
     import threading
 
-    def one(sock: Path, name: str) -> None:
-        agent = Agent(sock)
+    failed: list[str] = []
+
+    def one(vm: Restored) -> None:
+        agent = Agent(vm.sock)
         try:
             agent.wait(AFTER_RESTORE_TIMEOUT)
             agent.set_clock()
-            agent.set_hostname(name)
+            agent.set_hostname(vm.name)
+            for i, mac in enumerate(vm.macs):
+                agent.set_mac(f"eth{i}", mac)
         except AgentError as e:
-            log.warning("VM %s: the guest agent did not take its clock and host name: %s", name, e)
+            log.warning("VM %s: the guest agent did not take its clock, host name and MACs: %s", vm.name, e)
+            failed.append(vm.name)
+            return
+        if vm.shares:
+            try:
+                remount_shares(agent)
+            except AgentError as e:
+                log.warning("VM %s: its shared folders are not mounted again: %s", vm.name, e)
 
-    threads = [threading.Thread(target=one, args=vm) for vm in vms]
+    threads = [threading.Thread(target=one, args=(vm,)) for vm in vms]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return failed
 
 
 def local_target(guest_path: str, dest: str | Path) -> Path:

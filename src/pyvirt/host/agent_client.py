@@ -67,8 +67,12 @@ class AgentCalls:
     def _ws(self, path: str) -> Any:
         from websockets.sync.client import unix_connect
         try:
-            return unix_connect(str(self.socket), f"ws://pyvirtd{path}", max_size=WS_MAX,
-                                open_timeout=30, close_timeout=5)
+            ws = unix_connect(str(self.socket), f"ws://pyvirtd{path}", max_size=WS_MAX,
+                              open_timeout=30, close_timeout=5)
+            # The connection outlives this call (a RemoteExec, a port's stream): it is entered
+            # here as the context manager websockets (17.1 on) asks for, and its `close()`,
+            # which is what leaving that context does, ends it.
+            return ws.__enter__()
         except OSError as e:
             raise AgentError(f"pyvirtd is not reachable on {self.socket}: {e.strerror or e}") from None
 

@@ -179,6 +179,7 @@ class Snapshot(Request):
     dir: str = Field(min_length=1, max_length=4096)
     then: Literal["continue", "quit"] = "continue"
     live_dir: str | None = Field(None, min_length=1, max_length=4096)
+    shares_unmounted: bool = False      # the daemon unmounted the VM's shares in the guest
 
 
 class Migrate(Request):

@@ -289,7 +289,8 @@ class Runner:
 
         self.last_snapshot = control.SnapshotOutcome(dir=directory, then=then, ok=None)
         # the VM's own images (its directory) are frozen in place, the user's disks copied
-        self.vm.request_snapshot(directory, then=then, done=done, live_dir=live_dir, own_dir=self.paths.dir)
+        self.vm.request_snapshot(directory, then=then, done=done, live_dir=live_dir, own_dir=self.paths.dir,
+                                 shares_unmounted=req.shares_unmounted)
         return None
 
     def close(self) -> None:

@@ -4,19 +4,23 @@ Snapshots live in <state>/snapshots/<name>/ (vmm/snapshot.py's format) and in
 the store's `snapshots` table.  `Snapshots` serves the Manager's snapshot calls,
 on the runners of its `Supervisor`:
 
-* take: the runner is asked (control request `Snapshot`, then="continue") to
-  save the VM between slices, and answers when it is written; the VM goes on
-  writing its disks through new
-  overlays in its own directory (<vm dir>/disks/<random>/), which its record's
+* take: a VM with shared folders first has them unmounted by its guest agent
+  (virtiofsd's FUSE state is not saved; a busy share refuses the snapshot in one
+  line) and mounted again after it; the runner is asked (control request
+  `Snapshot`, then="continue") to save the VM between slices, and answers when it
+  is written; the VM goes on writing its disks through new overlays in its own
+  directory (<vm dir>/disks/<random>/), which its record's
   spec then names.
 * restore / clone: a new VM record (origin = the snapshot) whose runner is
   started with "restore" in its config.json: its RAM is the snapshot's `ram`
-  mapped copy-on-write, its disks are overlays of its own
+  mapped copy-on-write (read into a memfd for a VM with a share, and a fresh
+  virtiofsd serves the share), its disks are overlays of its own
   (<vm dir>/disks/diskN.qcow2) over the snapshot's, its virtio-console port
   sockets are in its own directory.  A clone also gets a new random MAC per
   NIC and its own host name (sent through the guest agent right after the
-  restore).  Started again after it stops, such a VM boots afresh from its
-  spec (its overlays).
+  restore, with the host's clock; a VM with shared folders mounts them again).
+  Started again after it stops, such a VM boots afresh from its spec (its
+  overlays).
 * delete: refused while a VM made from the snapshot exists (its disks back
   onto the snapshot's files); a VM is not deleted while a snapshot's frozen
   disk image lies in its directory.
@@ -24,6 +28,7 @@ on the runners of its `Supervisor`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -31,6 +36,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +45,7 @@ from pydantic import ValidationError
 from pyvirt.errors import ConfigError
 from pyvirt.guestcmd import AGENT_PORT
 from pyvirt.host import control
-from pyvirt.host.agent import after_restore
+from pyvirt.host.agent import Agent, AgentError, Restored, after_restore, remount_shares, unmount_shares
 from pyvirt.host.errors import Conflict, Invalid, NotFound
 from pyvirt.host.paths import vm_paths
 from pyvirt.host.store import DuplicateName, SnapshotRecord, SnapshotStore, VmRecord
@@ -100,10 +106,12 @@ class Snapshots:
             live = self.runners.paths(rec).dir / "disks" / uuid.uuid4().hex[:8]
             with self.lock:
                 lock = self.snapshot_locks.setdefault(rec.id, threading.Lock())
-            with lock:
+            shares = bool(VmSpec.model_validate_json(rec.spec).shares)
+            with lock, self._shares_let_go(rec, shares):
                 try:
-                    reply = self.runners.call(rec, control.Snapshot(dir=str(d), then="continue",
-                                                                    live_dir=str(live)), control.SnapshotReply)
+                    reply = self.runners.call(rec, control.Snapshot(dir=str(d), then="continue", live_dir=str(live),
+                                                                    shares_unmounted=shares),
+                                              control.SnapshotReply)
                 except Conflict as e:
                     if self.runners.wait_end(rec, 2.0):
                         raise Conflict(f"VM {rec.name} ended during its snapshot ({e})") from None
@@ -129,6 +137,30 @@ class Snapshots:
             raise
         log.info("snapshot %s of VM %s taken into %s", name, vm_name, d)
         return self.describe_snapshot(snap)
+
+    @contextlib.contextmanager
+    def _shares_let_go(self, rec: VmRecord, shares: bool) -> Iterator[None]:
+        """With `shares`: the VM's shared folders unmounted in the guest for the time of the
+        snapshot (by its guest agent), mounted again after it."""
+        if not shares:
+            yield
+            return
+        if rec.state == "paused":
+            raise Conflict(f"cannot snapshot VM {rec.name}: it is paused, and its guest agent must unmount "
+                           "its shared folders first (resume it)")
+        agent = Agent(self.runners.paths(rec).vsock_sock)
+        try:
+            unmount_shares(agent)
+        except AgentError as e:
+            raise Conflict(f"cannot snapshot VM {rec.name}: {e}") from None
+        try:
+            yield
+        finally:
+            try:
+                remount_shares(agent)
+            except AgentError as e:
+                log.warning("VM %s: its shared folders are not mounted again after the snapshot: %s",
+                            rec.name, e)
 
     # -- deleting --------------------------------------------------------------------------
     def delete_snapshot(self, name: str) -> None:
@@ -195,13 +227,19 @@ class Snapshots:
             # (config.json's "spec" is the record's: the restored spec)
             procs = [self.runners.spawn(rec, extra={"restore": snap.dir}) for rec, _ in made]
         try:
-            for (rec, macs), proc in zip(made, procs):
+            for rec, proc in zip([rec for rec, _ in made], procs):
                 self.runners.wait_ready(rec, proc)
-                if clone:                       # the guest agent takes on the clone's identity
+            # The guest agent (vsock) sets the clock, host name and (a clone's) MACs and
+            # mounts the shares again; a guest without it gets its clone identity through
+            # the console-port agent, as before the vsock agent.
+            silent = set(after_restore([Restored(self.runners.paths(rec).vsock_sock, rec.name,
+                                                 macs if clone else [], bool(spec.shares))
+                                        for rec, macs in made]))
+            for rec, macs in made:
+                if clone and rec.name in silent:
                     self.runners.call(rec, control.Hostname(name=rec.name), control.Done)
                     for i, mac in enumerate(macs):
                         self.runners.call(rec, control.Mac(iface=f"eth{i}", address=mac), control.Done)
-            after_restore([(self.runners.paths(rec).vsock_sock, rec.name) for rec, _ in made])
         except BaseException:
             for rec, _ in made:                 # all or nothing
                 if self.runners.get(rec.id).alive:

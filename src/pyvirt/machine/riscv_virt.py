@@ -66,11 +66,12 @@ class VirtBoard:
 
     def __init__(self, spec: VmSpec, console: CharBackend,
                  on_power: Callable[[str, int], None] | None = None, *,
-                 ram: mmap.mmap | None = None, restore: bool = False,
+                 ram: mmap.mmap | None = None, ram_fd: int | None = None, restore: bool = False,
                  host: HostBackends | None = None) -> None:
         """`restore=True` builds the machine without booting it (no kernel load, no device
         tree): the caller loads a snapshot's state with `load_state()`.  `ram` is the memory
-        to use as RAM (see `Bus`).  `host`: the opened host side of the spec's disks, NICs
+        to use as RAM (see `Bus`), `ram_fd` the memfd behind it when it is shared memory (a
+        restored VM with a shared folder: `vmm.snapshot.map_ram`).  `host`: the opened host side of the spec's disks, NICs
         and console ports (the VMM's `vmm.resources.open_backends`); the board owns it from
         here on, even when this constructor fails."""
         self.host = host if host is not None else HostBackends()
@@ -83,12 +84,12 @@ class VirtBoard:
         self.exit_code: int | None = None
         self.reset_requested = False
         self.clock = Clock()
-        ram_fd = None
         if spec.shares:                 # a vhost-user back end maps guest RAM: a memfd
-            if ram is not None:
+            if ram is None:
+                ram, ram_fd = shared_ram(spec.memory)
+            elif ram_fd is None:
                 self.host.close()
-                raise ConfigError("a VM with a shared folder cannot be restored from a snapshot")
-            ram, ram_fd = shared_ram(spec.memory)
+                raise ConfigError("a VM with a shared folder needs its RAM on a memfd (shared with virtiofsd)")
         self.bus = Bus(RAM_BASE, spec.memory, ram, ram_fd)
         self.engine = Engine(self.bus, spec.engine,
                              code_cache=codecache.for_board(cache_root(), spec.kernel) if spec.engine == "native" else None)

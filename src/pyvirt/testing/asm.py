@@ -149,6 +149,11 @@ def user_elf(source: str) -> Path:
     return _build("user", {"prog.S": source}, USER_FLAGS)
 
 
+def static_c(source: str) -> Path:
+    """Compile a C program (with main) as a static riscv64 Linux user program (glibc)."""
+    return _build("cstatic", {"prog.c": source}, ["-static", "-Os"])
+
+
 def symbols(elf: str | Path) -> dict[str, int]:
     """The ELF's symbol table: name -> value."""
     return parse_elf(Path(elf).read_bytes(), str(elf)).symbols

@@ -91,6 +91,18 @@ def wait_for(pred: Callable[[], T], timeout: float, what: str, interval: float =
         time.sleep(interval)
 
 
+def wait_agent(client: Client, name: str, timeout: float = 120) -> None:
+    """Wait until VM `name`'s guest agent runs a command (a booting guest)."""
+    from pyvirt.host.agent import AgentError
+
+    def answers() -> bool:
+        try:
+            return client.run(name, ["true"])[0] == 0
+        except AgentError:
+            return False
+    wait_for(answers, timeout, f"VM {name}'s guest agent", interval=0.5)
+
+
 # A guest counter loop for snapshot tests: one "C=<n> before" line every 0.2 s, where "before" is
 # read from /tmp/f, written before any snapshot (so its presence after a restore shows /tmp survived).
 COUNTER = "i=0; echo before > /tmp/f; while true; do i=$((i+1)); echo C=$i $(cat /tmp/f); sleep 0.2; done"

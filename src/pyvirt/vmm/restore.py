@@ -19,11 +19,11 @@ from pyvirt.vmm.snapshot import (
     RAM,
     STATE,
     Overrides,
-    _map_ram,
     _parse_json,
     _restored_spec,
     check_restored,
     make_overlays,
+    map_ram,
     ram_file_size,
     read_manifest,
 )
@@ -60,8 +60,6 @@ def load_snapshot(
         raise ValueError("load_snapshot: a restored spec or overrides, not both")
     spec_given = spec
     spec = saved
-    if spec.shares:
-        raise ConfigError(f"snapshot {d}: a VM with a shared folder is never snapshotted (docs/shares.md)")
     if m["memory"] != spec.memory or m["files"][RAM]["size"] != ram_file_size(spec.memory):
         raise ConfigError(f"snapshot {d}: RAM size does not match the spec's {spec.memory} bytes")
     if len(m["disks"]) != len(spec.disks):
@@ -74,10 +72,10 @@ def load_snapshot(
         check_restored(d, saved, spec_given)
         make_overlays(d, m, spec_given, fresh=True)
         spec, cleanup = spec_given, (lambda: None)
-    ram = _map_ram(d / RAM, ram_file_size(spec.memory))
     board = None
     try:
-        board = build_board(spec, console, ram=ram, restore=True)
+        ram, ram_fd = map_ram(d / RAM, spec)  # (a memfd for a VM with a shared folder)
+        board = build_board(spec, console, ram=ram, ram_fd=ram_fd, restore=True)
         checked = check_state(board, state)
         try:
             board.load_state(checked)

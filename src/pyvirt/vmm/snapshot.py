@@ -43,7 +43,7 @@ from pydantic import ValidationError
 
 from pyvirt.backends.disk import open_disk
 from pyvirt.errors import ConfigError
-from pyvirt.memory import PAGE_SIZE
+from pyvirt.memory import PAGE_SIZE, shared_ram
 from pyvirt.spec import NetSpec, PortSpec, VmSpec
 from pyvirt.state import encode_bytes
 from pyvirt.version import __version__
@@ -89,12 +89,29 @@ class Overrides:
 
 
 # -- saving -----------------------------------------------------------------------------
-SHARE_REFUSAL = ("snapshot refused: the VM has a shared folder (--share), whose files and open "
-                 "handles live in virtiofsd, outside the snapshot (docs/shares.md)")
+SHARE_REFUSAL = ("snapshot refused: the VM has a shared folder (--share), whose open files live in "
+                 "virtiofsd, outside the snapshot; pyvirtd snapshots it with the share unmounted by "
+                 "its guest agent (docs/shares.md)")
+IN_FLIGHT_WAIT = 2.0                  # seconds for virtiofsd to answer what it still holds
+
+
+def _check_shares_quiet(vm: Vm) -> None:
+    """Every shared folder's rings idle (its FUSE requests answered): a snapshot cannot hold
+    work in virtiofsd's hands.  virtiofsd runs on its own, so a request in flight is waited
+    for a moment."""
+    from pyvirt.devices.virtio.fs import VirtioFs
+    devices = [t.device for _, _, t in vm.board.virtio if isinstance(t.device, VirtioFs)]
+    end = time.monotonic() + IN_FLIGHT_WAIT
+    while busy := [d.tag for d in devices if d.in_flight()]:
+        if time.monotonic() > end:
+            raise ConfigError(f"snapshot refused: share {busy[0]} still has FUSE requests in "
+                              "flight (is it mounted in the guest?)")
+        time.sleep(0.01)
 
 
 def save_snapshot(vm: Vm, directory: str | Path, *, then: str = "continue",
-                  live_dir: str | Path | None = None, own_dir: str | Path | None = None) -> dict[str, Any]:
+                  live_dir: str | Path | None = None, own_dir: str | Path | None = None,
+                  shares_unmounted: bool = False) -> dict[str, Any]:
     """Write a snapshot of `vm` (between slices: the VM is not executing) to `directory`
     (new, or empty); returns the manifest.
 
@@ -104,11 +121,18 @@ def save_snapshot(vm: Vm, directory: str | Path, *, then: str = "continue",
     writing to a new overlay of its own in `live_dir` (default: `directory`/live), which
     `vm.spec` then names.  Every other writable disk is the user's: the snapshot gets a
     copy of it (diskN.img) and the VM goes on writing the user's file.  With
-    `then="quit"` the VM must not run again."""
+    `then="quit"` the VM must not run again.
+
+    A VM with a shared folder is snapshotted only when the caller has unmounted every share
+    in the guest (`shares_unmounted`: pyvirtd does it through the guest agent) and nothing
+    is in flight on their rings: virtiofsd's FUSE state is not saved, and a restored VM
+    gets a fresh virtiofsd (docs/shares.md)."""
     if then not in ("continue", "quit"):
         raise ConfigError(f"snapshot: then must be 'continue' or 'quit', not {then!r}")
     if vm.spec.shares:
-        raise ConfigError(SHARE_REFUSAL)
+        if not shares_unmounted:
+            raise ConfigError(SHARE_REFUSAL)
+        _check_shares_quiet(vm)
     d = Path(directory)
     if d.exists() and (not d.is_dir() or any(d.iterdir())):
         raise ConfigError(f"snapshot directory {d} exists and is not empty")
@@ -451,16 +475,66 @@ def _check_file(d: Path, name: Any, entry: Any) -> None:
 
 def _map_ram(path: Path, size: int) -> mmap.mmap:
     """The RAM file, private and writable: the guest's writes are copies, never the file's."""
+    fd = _open_ram(path, size)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise ConfigError(f"snapshot: cannot open {path}: {e.strerror}") from None
-    try:
-        if os.fstat(fd).st_size != size:
-            raise ConfigError(f"snapshot: {path} is not {size} bytes")
         return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
+
+
+def _open_ram(path: Path, size: int) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"snapshot: cannot open {path}: {e.strerror}") from None
+    if os.fstat(fd).st_size != size:
+        os.close(fd)
+        raise ConfigError(f"snapshot: {path} is not {size} bytes")
+    return fd
+
+
+def map_ram(path: Path, spec: VmSpec) -> tuple[mmap.mmap, int | None]:
+    """Guest RAM for a VM restored from the RAM file `path`, and its memfd (or None).
+
+    Usually the file mapped copy-on-write (`_map_ram`: restore time does not grow with RAM,
+    clones share clean pages).  A VM with a shared folder needs RAM that virtiofsd can map
+    too (a memfd, `memory.shared_ram`): the file's data is read into one, skipping its
+    holes, so such a restore costs a read of the RAM the guest had touched and each such
+    VM has its own copy."""
+    size = ram_file_size(spec.memory)
+    if not spec.shares:
+        return _map_ram(path, size), None
+    fd = _open_ram(path, size)
+    ram, ram_fd = shared_ram(spec.memory)
+    try:
+        view = memoryview(ram)
+        try:
+            pos, end = 0, min(size, len(ram))
+            while pos < end:
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:          # ENXIO: only a hole remains
+                    break
+                stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+                while start < stop:
+                    n = os.preadv(fd, [view[start:min(stop, start + (8 << 20))]], start)
+                    if n <= 0:
+                        raise ConfigError(f"snapshot: {path} ended early")
+                    start += n
+                pos = stop
+        finally:
+            view.release()
+    except OSError as e:
+        ram.close()
+        os.close(ram_fd)
+        raise ConfigError(f"snapshot: cannot read {path}: {e.strerror}") from None
+    except BaseException:
+        ram.close()
+        os.close(ram_fd)
+        raise
+    finally:
+        os.close(fd)
+    return ram, ram_fd
 
 
 def restored_spec(d: Path, m: dict[str, Any], spec: VmSpec, ov: Overrides, where: Path) -> VmSpec:

@@ -50,6 +50,7 @@ class SnapshotRequest:
     done: Callable[[dict[str, Any] | None, Exception | None], None] | None
     live_dir: Path | None = None
     own_dir: Path | None = None
+    shares_unmounted: bool = False
 
 
 @dataclass
@@ -156,17 +157,19 @@ class Vm:
     # -- snapshots (vmm/snapshot.py) ------------------------------------------------------
     def request_snapshot(self, directory: str | Path, then: str = "continue",
                          done: Callable[[dict[str, Any] | None, Exception | None], None] | None = None,
-                         live_dir: str | Path | None = None, own_dir: str | Path | None = None) -> None:
+                         live_dir: str | Path | None = None, own_dir: str | Path | None = None,
+                         shares_unmounted: bool = False) -> None:
         """Take a snapshot at the next slice boundary inside `run`; then go on running
         (`then="continue"`) or end the run (`"quit"`).  `done(manifest, error)` is called
         after it was written (or failed: the VM goes on either way, unless "quit").
         `live_dir`: where the running VM's new disk overlays go; `own_dir`: where pyvirt's
-        own disk images are (frozen in place; the user's disks are copied: see save_snapshot)."""
+        own disk images are (frozen in place; the user's disks are copied: see save_snapshot);
+        `shares_unmounted`: the caller unmounted the shared folders in the guest (see there)."""
         if then not in ("continue", "quit"):
             raise ValueError(f"then must be 'continue' or 'quit', not {then!r}")
         self._snapshots.append(SnapshotRequest(Path(directory), then, done,
                                                Path(live_dir) if live_dir else None,
-                                               Path(own_dir) if own_dir else None))
+                                               Path(own_dir) if own_dir else None, shares_unmounted))
 
     def _serve_snapshots(self) -> None:
         from pyvirt.vmm.snapshot import save_snapshot
@@ -175,7 +178,7 @@ class Vm:
             manifest, error = None, None
             try:
                 manifest = save_snapshot(self, req.directory, then=req.then, live_dir=req.live_dir,
-                                         own_dir=req.own_dir)
+                                         own_dir=req.own_dir, shares_unmounted=req.shares_unmounted)
                 self.snapshots_taken += 1
             except (PyvirtError, OSError) as e:
                 error = e

@@ -25,7 +25,10 @@ offered: with it the back end may write used entries that neither an interrupt n
 driver's kick bring to our attention for longer.
 
 A driver reset (or the machine's) stops the rings (GET_VRING_BASE); the next DRIVER_OK
-starts them afresh.  A back end that breaks the protocol, goes away or reports a ring error
+starts them afresh.  Snapshots: virtiofsd's FUSE state (node IDs, open handles) cannot be
+saved, so a VM is snapshotted only with its shares unmounted in the guest and no request in
+flight (`in_flight`); a restored device hands its rings, where they stand, to the fresh
+virtiofsd its VM started (docs/shares.md, "Snapshots").  A back end that breaks the protocol, goes away or reports a ring error
 puts the device in DEVICE_NEEDS_RESET; the VM goes on (the share's files fail with EIO).
 """
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+from typing import Any
 
 from pyvirt.backends.vhost_user import Region, VhostUserError, VhostUserFrontEnd
 from pyvirt.devices.virtio.device import (
@@ -92,6 +96,12 @@ class VirtioFs(VirtioDevice):
 
     def activate(self) -> None:
         """DRIVER_OK: hand the back end guest RAM and every ready queue."""
+        self._start_backend(restored=False)
+
+    def _start_backend(self, restored: bool) -> None:
+        """Features, RAM and the ready rings to the back end.  A ring the driver just set up
+        starts at index 0; a restored one (`restored`: a snapshot taken with the share
+        unmounted, every request answered) where its used index stands."""
         assert self.bus is not None
         bus = self.bus
         ram_fd = self.ram_fd if self.ram_fd is not None else bus.ram_fd
@@ -104,12 +114,32 @@ class VirtioFs(VirtioDevice):
             for i, q in enumerate(self.queues):
                 if not q.ready:
                     continue
-                self.seen_used[i] = 0
+                base = bus.read(q.used + 2, 2) if restored else 0
+                self.seen_used[i] = base
                 self.front.start_ring(i, q.size, q.desc, q.avail, q.used,
-                                      self.kicks[i], self.calls[i], self.errs[i])
+                                      self.kicks[i], self.calls[i], self.errs[i], base=base)
                 self.started.append(i)
         except VhostUserError as e:
             self.needs_reset(str(e))
+
+    def in_flight(self) -> int:
+        """Requests the driver made available that the back end has not answered yet, over
+        the running rings (a snapshot needs none: virtiofsd's work is not saved)."""
+        n = 0
+        for i in self.started:
+            q = self.queues[i]
+            if q.ready and not q.broken:
+                n += (q.bus.read(q.avail + 2, 2) - q.bus.read(q.used + 2, 2)) & 0xFFFF
+        return n
+
+    def load(self, state: dict[str, Any]) -> None:
+        """A restored device: a fresh back end takes over the rings where they stand.  The
+        snapshot was taken with the share unmounted in the guest (host/snapshots.py), so
+        the guest holds no FUSE node of the old virtiofsd and has nothing in flight; its
+        next mount starts a new FUSE session on this back end."""
+        super().load(state)
+        if self.live:
+            self._start_backend(restored=True)
 
     def notify(self, index: int) -> None:
         """QueueNotify: the back end's kick (it serves the queue)."""

@@ -17,6 +17,7 @@ import ctypes
 import mmap
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,24 @@ from pyvirt.cpu.riscv import mmu, native
 from pyvirt.cpu.riscv.csr import MXR, SUM
 from pyvirt.cpu.riscv.hart import Hart
 from pyvirt.cpu.riscv.traps import Trap
-from pyvirt.cpu.riscv.x86asm import ALU_ADD, ALU_XOR, CC_E, R10, RAX, RBX, RSI, SHL, Asm
+from pyvirt.cpu.riscv.x86asm import (
+    ALU_ADD,
+    ALU_AND,
+    ALU_CMP,
+    ALU_SUB,
+    ALU_XOR,
+    CC_E,
+    CC_NE,
+    R8,
+    R9,
+    R10,
+    RAX,
+    RBX,
+    RCX,
+    RDX,
+    RSI,
+    Asm,
+)
 from pyvirt.memory import Bus
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the native tier needs x86-64 Linux")
@@ -353,53 +371,85 @@ def test_random_page_tables_match_the_python_walk() -> None:
 
 # -- A/D updates racing between harts ---------------------------------------------------------------
 
-RACE_PAGES = 512
 RACE_VA = 0x4000_0000
 
 
-def _driver() -> tuple[mmap.mmap, Any]:
-    """drive(state, vas, n, go, routine): spin until *go, then call `routine` (a hart's
-    walk routine) with rax = vas[i] for i in 0..n, as native blocks call it on misses."""
-    a = Asm()
-    a.buf += b"\x53"                              # push rbx
-    a.mov(RBX, RSI)                               # rbx = vas
-    a.buf += b"\x52\x41\x50"                      # push rdx (n); push r8 (routine)
-    wait, loop, done = a.label(), a.label(), a.label()
-    a.bind(wait)
-    a.buf += b"\xf3\x90"                          # pause
-    a.buf += b"\x48\x83\x39\x00"                  # cmp qword [rcx], 0  (*go)
-    a.jcc(CC_E, wait)
-    a.alu(ALU_XOR, R10, R10, w=False)
-    a.bind(loop)
-    a.buf += b"\x4c\x3b\x54\x24\x08"              # cmp r10, [rsp + 8]  (n)
-    a.jcc(CC_E, done)
-    a.mov(RAX, R10)
-    a.shift_imm(SHL, RAX, 3)
-    a.alu(ALU_ADD, RAX, RBX)
-    a.load(RAX, RAX, 0)
-    a.buf += b"\xff\x14\x24"                      # call [rsp]  (routine)
-    a.alu_imm(ALU_ADD, R10, 1)
-    a.jmp(loop)
-    a.bind(done)
-    a.buf += b"\x41\x58\x5a\x5b"                  # pop r8; pop rdx; pop rbx
-    a.ret()
+def _code(a: Asm) -> mmap.mmap:
     code = a.finish()
     m = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                   prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
     m[:len(code)] = code
-    fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p,
-                          ctypes.c_uint64)(ctypes.addressof(ctypes.c_char.from_buffer(m)))
-    return m, fn
+    return m
 
 
-def race(mutation: str | None, rounds: int, stop_at_loss: bool = False) -> int:
-    """Two harts on one bus walk the same RACE_PAGES PTEs at once, one loading, one
-    storing, on two threads (ctypes lets go of the GIL).  Returns the PTEs whose D bit
-    the store's walk set and the other walk lost, over `rounds` rounds."""
+def _walker_loop() -> tuple[mmap.mmap, Any]:
+    """walk(state, va, n, routine): call `routine` (a hart's walk routine) n times with
+    rax = va, as native blocks call it on a miss."""
+    a = Asm()
+    loop, done = a.label(), a.label()
+    a.buf += b"\x53\x51"                          # push rbx; push rcx (routine)
+    a.mov(RBX, RDX)
+    a.mov(R10, RSI)
+    a.bind(loop)
+    a.alu_imm(ALU_CMP, RBX, 0)
+    a.jcc(CC_E, done)
+    a.mov(RAX, R10)
+    a.buf += b"\xff\x14\x24"                      # call [rsp]
+    a.alu_imm(ALU_SUB, RBX, 1)
+    a.jmp(loop)
+    a.bind(done)
+    a.buf += b"\x59\x5b"                          # pop rcx; pop rbx
+    a.ret()
+    m = _code(a)
+    return m, ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64)(
+        ctypes.addressof(ctypes.c_char.from_buffer(m)))
+
+
+def _remapper() -> tuple[mmap.mmap, Any]:
+    """remap(pte, n, a, b) -> stale: the guest kernel on a third hart, switching the PTE
+    between values a and b (A and D clear) n times with xchg, counting the times it took
+    back something other than what it last wrote, A and D aside: a walk that wrote back
+    a PTE it had read before the switch."""
+    a = Asm()
+    loop, done, use, ok = a.label(), a.label(), a.label(), a.label()
+    a.alu(ALU_XOR, R9, R9, w=False)              # r9 = stale count
+    a.mov(R8, RDX)                                # r8 = last written (the PTE starts as a)
+    a.bind(loop)
+    a.alu_imm(ALU_CMP, RSI, 0)
+    a.jcc(CC_E, done)
+    a.mov(R10, RDX)
+    a.alu(ALU_CMP, R8, RDX)
+    a.jcc(CC_NE, use)
+    a.mov(R10, RCX)
+    a.bind(use)
+    a.mov(RAX, R10)
+    a.buf += b"\x48\x87\x07"                      # xchg [rdi], rax
+    a.alu_imm(ALU_AND, RAX, ~(A | D))
+    a.alu(ALU_CMP, RAX, R8)
+    a.jcc(CC_E, ok)
+    a.alu_imm(ALU_ADD, R9, 1)
+    a.bind(ok)
+    a.mov(R8, R10)
+    a.alu_imm(ALU_SUB, RSI, 1)
+    a.jmp(loop)
+    a.bind(done)
+    a.mov(RAX, R9)
+    a.ret()
+    m = _code(a)
+    return m, ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
+                               ctypes.c_uint64)(ctypes.addressof(ctypes.c_char.from_buffer(m)))
+
+
+def race(mutation: str | None, n: int) -> int:
+    """Two harts walk one PTE over and over on two threads (ctypes lets go of the GIL),
+    one loading and one storing, while a third remaps it (see _remapper): the times a
+    walk's A/D update wrote back a PTE that had changed since the walk read it."""
     bus = Bus(RAM, SIZE)
     l1, l0 = table(1), table(2)
     bus.write(TABLES + 8 * (RACE_VA >> 30), 8, pte(l1, V))
     bus.write(l1, 8, pte(l0, V))
+    first, second = pte(DATA, V | R | W), pte(DATA + 0x1000, V | R | W)
+    bus.write(l0, 8, first)
     harts = []
     for i in range(2):
         h = Hart(i, bus, Clock(), native_regs=True)
@@ -407,44 +457,38 @@ def race(mutation: str | None, rounds: int, stop_at_loss: bool = False) -> int:
         h.set_priv(1)
         h.write_satp((8 << 60) | (TABLES >> 12))
         harts.append(h)
-    m, drive = _driver()
-    vas = (ctypes.c_uint64 * RACE_PAGES)(*(RACE_VA + 0x1000 * i for i in range(RACE_PAGES)))
-    go = ctypes.c_uint64(0)
-    lost = 0
-    for _ in range(rounds):
-        for i in range(RACE_PAGES):
-            bus.write(l0 + 8 * i, 8, pte(DATA + 0x1000 * (i % 64), V | R | W))
-        go.value = 0
-        threads = [threading.Thread(target=drive, args=(h._as_parameter_, ctypes.addressof(vas), RACE_PAGES,
-                                                        ctypes.addressof(go), h._uq[word]))
-                   for h, word in zip(harts, (native.W_WALK_R, native.W_WALK_W), strict=True)]
-        for t in threads:
-            t.start()
-        go.value = 1
-        for t in threads:
-            t.join()
-        for i in range(RACE_PAGES):
-            v = bus.read(l0 + 8 * i, 8)
-            assert v & ~(A | D) == pte(DATA + 0x1000 * (i % 64), V | R | W)   # nothing else changed
-            lost += v & (A | D) != A | D
-        if stop_at_loss and lost:
-            break
-    del m
-    return lost
+    m1, walk = _walker_loop()
+    m2, remap = _remapper()
+    stale = []
+    host = harts[0]._ram_host + l0 - RAM
+    threads = [threading.Thread(target=walk, args=(h._as_parameter_, RACE_VA, n, h._uq[word]))
+               for h, word in zip(harts, (native.W_WALK_R, native.W_WALK_W), strict=True)]
+    threads.append(threading.Thread(target=lambda: stale.append(remap(host, n, first, second))))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bus.read(l0, 8) & ~(A | D) in (first, second)
+    assert sum(h._uq[native.W_NWALKS] for h in harts) > 0
+    del m1, m2
+    return stale[0]
 
 
 def test_a_and_d_updates_racing_between_harts_are_atomic() -> None:
-    """With lock cmpxchg the store's D survives the load's A update (a walk that finds its
-    PTE changed declines and the Python path walks again)."""
-    assert race(None, 200) == 0
+    """With lock cmpxchg a walk updates A/D only on the PTE it walked: a PTE another
+    hart changed meanwhile is left alone (the walk declines; Python walks again)."""
+    assert race(None, 2_000_000) == 0
 
 
-def test_a_broken_a_d_update_loses_d_bits() -> None:
-    """A plain read-modify-write instead of lock cmpxchg: the same race loses D bits
-    (given two cores; the machine may be busy, so up to 3000 rounds)."""
+def test_a_broken_a_d_update_writes_back_stale_ptes() -> None:
+    """A plain write of the PTE read (no lock cmpxchg): the same race finds stale
+    write-backs, given two cores running two of the threads at once at some point
+    (the machine may be busy: tries for up to 30 s)."""
     if (os.cpu_count() or 1) < 2:
         pytest.skip("needs two cores")
-    assert race("ad", 3000, stop_at_loss=True) > 0
+    end = time.monotonic() + 30
+    while not race("ad", 2_000_000):
+        assert time.monotonic() < end, "no stale write-back seen"
 
 
 # -- deliberately broken walks ---------------------------------------------------------------------

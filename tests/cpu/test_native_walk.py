@@ -288,6 +288,11 @@ def test_declines_what_python_must_do() -> None:
     h = hart_for(Walk(mem, 8, VA, True))
     h.bus.start_dirty_log()
     assert not walk(h, VA, 1)
+    assert not walk(h, VA, 0)                  # A to set: a write the log must see
+    h.translate(VA, mmu.LOAD)                  # (Python's walk sets it through the bus)
+    leaf_page = (TABLES - RAM >> 12) + 2
+    assert h.bus.harvest_dirty() == {leaf_page}
+    assert walk(h, VA, 0)                      # A set: nothing to write
     h.bus.stop_dirty_log()
     assert walk(h, VA, 1)
 

@@ -275,7 +275,7 @@ def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
     with lock cmpxchg, fills the read entry (and the write entry for a store) of the
     current tables as Hart.translate does and returns ZF=1, rdx = the entry.  Anything
     else — a fault, a PTE or page outside RAM, M-mode, a bare satp, a watched page or a
-    running dirty log for a store, a superpage the hart has not yet recorded, a PTE
+    running dirty log for a store, an A/D update while a dirty log runs, a superpage the hart has not yet recorded, a PTE
     that changed under it — returns ZF=0 having changed nothing, and the block leaves
     for the Python path, which raises the precise trap or fills the TLB itself.
     rax, rdi and r10 are kept; rcx, rdx, rsi, r8, r9 and r11 are not.
@@ -454,6 +454,12 @@ def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
     a.alu(ALU_AND, RCX, RSI)
     a.alu(ALU_CMP, RCX, RSI)
     a.jcc(CC_E, done_ad)
+    a.load(RCX, RDI, 8 * W_RAMSIZE)                # an A/D update writes guest memory: not
+    a.shift_imm(SHR, RCX, 12)                      # while a dirty-page log runs (Python's
+    a.alu_mem(ALU_ADD, RCX, RDI, 8 * W_PFLAGS)     # bus.write marks the table's page)
+    a.load_sized(RCX, RCX, 1, False)
+    a.test_imm(RCX, 1)
+    a.jcc(CC_NE, fail)
     a.alu(ALU_OR, RSI, R8)
     if mutation == "ad":
         a.store(RDX, 0, RSI)                       # broken: a plain write of what was read

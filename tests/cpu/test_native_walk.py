@@ -295,6 +295,9 @@ def test_declines_what_python_must_do() -> None:
     assert walk(h, VA, 0)                      # A set: nothing to write
     h.bus.stop_dirty_log()
     assert walk(h, VA, 1)
+    h = hart_for(Walk(mem, 8, VA, False))
+    h.bus.watch(table(2) >> 12, lambda a, n: None)   # code next to the PTE: A goes through the bus
+    assert not walk(h, VA, 0)
 
 
 def test_a_page_that_becomes_code_loses_its_native_write_entries() -> None:

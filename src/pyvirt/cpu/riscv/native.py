@@ -275,7 +275,8 @@ def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
     with lock cmpxchg, fills the read entry (and the write entry for a store) of the
     current tables as Hart.translate does and returns ZF=1, rdx = the entry.  Anything
     else — a fault, a PTE or page outside RAM, M-mode, a bare satp, a watched page or a
-    running dirty log for a store, an A/D update while a dirty log runs, a superpage the hart has not yet recorded, a PTE
+    running dirty log for a store, an A/D update while a dirty log runs or to a PTE in a
+    watched page, a superpage the hart has not yet recorded, a PTE
     that changed under it — returns ZF=0 having changed nothing, and the block leaves
     for the Python path, which raises the precise trap or fills the TLB itself.
     rax, rdi and r10 are kept; rcx, rdx, rsi, r8, r9 and r11 are not.
@@ -459,6 +460,13 @@ def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
     a.alu_mem(ALU_ADD, RCX, RDI, 8 * W_PFLAGS)     # bus.write marks the table's page)
     a.load_sized(RCX, RCX, 1, False)
     a.test_imm(RCX, 1)
+    a.jcc(CC_NE, fail)
+    a.mov(RCX, RDX)                                # nor in a page holding code (the bus
+    a.alu_mem(ALU_SUB, RCX, RDI, 8 * W_RAM)        # write would tell its watchers)
+    a.shift_imm(SHR, RCX, 12)
+    a.alu_mem(ALU_ADD, RCX, RDI, 8 * W_PFLAGS)
+    a.load_sized(RCX, RCX, 1, False)
+    a.test_imm(RCX, PF_WATCHED)
     a.jcc(CC_NE, fail)
     a.alu(ALU_OR, RSI, R8)
     if mutation == "ad":

@@ -523,21 +523,24 @@ def test_a_broken_walk_fails_the_checks(mutation: str) -> None:
 BARE = Path(__file__).parent / "bare"
 
 
-@pytest.mark.parametrize("setting, passes", [("on", True), ("off", True), ("broken-perm", False),
-                                             ("broken-nonleaf", False)])
-def test_paging_program_on_the_native_walk(setting: str, passes: bool, toolchain: None,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("program, setting, passes", [
+    ("paging", "on", True), ("paging", "off", True), ("paging", "broken-perm", False),
+    ("paging", "broken-nonleaf", False), ("asid", "on", True), ("asid", "broken-global", False)])
+def test_bare_programs_on_the_native_walk(program: str, setting: str, passes: bool, toolchain: None,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """tests/cpu/bare/paging.c (S-mode accesses, faults — one in the middle of a walk —,
-    A/D, superpages under Sv39) on the native engine: passes with the walk on and off,
-    fails with a broken walk.  (A misaligned superpage reaches the native walk only when
-    another mapping made its number known, which paging.c has not: the unit checks above
-    catch that mutation.)"""
+    A/D, superpages under Sv39) and asid.c (address spaces, global mappings kept across
+    satp writes) on the native engine: they pass with the walk on (and paging.c with it
+    off) and fail with a broken walk.  (A misaligned superpage reaches the native walk
+    only when another mapping made its number known, which neither program has: the
+    unit checks above catch that mutation.)"""
     from pyvirt.testing import asm
     from pyvirt.testing.baremetal import run_bare
     monkeypatch.setenv("PYVIRT_NATIVE_WALK", setting)
     elf = asm.bare_elf(asm=[(BARE / "rt.S").read_text()],
-                       c=[(BARE / "lib.c").read_text(), (BARE / "paging.c").read_text()],
-                       headers={"bare.h": (BARE / "bare.h").read_text()}, defines={"SATP_MODE": 8})
+                       c=[(BARE / "lib.c").read_text(), (BARE / f"{program}.c").read_text()],
+                       headers={"bare.h": (BARE / "bare.h").read_text()},
+                       defines={"SATP_MODE": 8} if program == "paging" else {})
     r = run_bare(elf, engine="native", hot=1)
     assert (r.exit_code == 0) == passes, r.console.decode(errors="replace")
 

@@ -78,6 +78,13 @@ class Walk:
     def satp(self) -> int:
         return (self.mode << 60) | (self.asid << 44) | (TABLES >> 12)
 
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """For hypothesis's reports: the PTEs, not a megabyte of memory."""
+        ptes = {hex(RAM + i): hex(v) for i in range(0, len(self.mem), 8)
+                if (v := int.from_bytes(self.mem[i:i + 8], "little"))}
+        p.text(f"Walk(mode={self.mode}, va={self.va:#x}, store={self.store}, priv={self.priv}, "
+               f"sum={self.sum_}, mxr={self.mxr}, asid={self.asid}, ptes={ptes})")
+
 
 def hart_for(w: Walk, mutation: str | None = None, native_walk: bool = True) -> Hart:
     bus = Bus(RAM, SIZE)

@@ -567,3 +567,14 @@ def test_tlb_memory_per_hart() -> None:
     grown = h.tlb_bytes()
     assert grown["python entries"] == 512 and grown["python dicts"] > empty + 512 * 8
     assert grown["native tables"] == sizes["native tables"]
+
+
+def test_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyvirt.errors import ConfigError
+    for value, want in (("on", (True, None)), ("OFF", (False, None)), ("0", (False, None)),
+                        ("broken-ad", (True, "ad"))):
+        monkeypatch.setenv("PYVIRT_NATIVE_WALK", value)
+        assert native.walk_setting() == want
+    monkeypatch.setenv("PYVIRT_NATIVE_WALK", "broken-everything")
+    with pytest.raises(ConfigError, match="must be on, off or broken-"):
+        native.walk_setting()

@@ -63,6 +63,7 @@ from pyvirt.cpu.riscv.x86asm import (
     Label,
 )
 from pyvirt.engines import native_available
+from pyvirt.errors import ConfigError
 
 M64 = (1 << 64) - 1
 
@@ -586,14 +587,15 @@ def walker(mutation: str | None = None) -> Walker:
 def walk_setting() -> tuple[bool, str | None]:
     """PYVIRT_NATIVE_WALK: unset or "on" (the native walk), "off" (every miss goes to
     Python, as before it existed), or "broken-<mutation>" (tests: see walk_code)."""
-    v = os.environ.get("PYVIRT_NATIVE_WALK", "on")
-    if v in ("on", ""):
+    v = os.environ.get("PYVIRT_NATIVE_WALK", "on").lower()
+    if v in ("on", "1", "yes", ""):
         return True, None
-    if v == "off":
+    if v in ("off", "0", "no"):
         return False, None
     if v.startswith("broken-") and v[7:] in WALK_MUTATIONS:
         return True, v[7:]
-    raise ValueError(f"PYVIRT_NATIVE_WALK must be on, off or broken-<{'|'.join(WALK_MUTATIONS)}>, not {v!r}")
+    raise ConfigError(f"PYVIRT_NATIVE_WALK must be on, off or broken-<{'|'.join(WALK_MUTATIONS)}>, "
+                      f"not {v[:40]!r}")
 
 
 _BLOCK_TYPE = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p)

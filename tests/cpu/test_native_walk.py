@@ -222,19 +222,28 @@ def test_superpages_at_each_level(mode: int, level: int) -> None:
     assert python_walk(bad)[1] is not None       # (a page fault)
 
 
-def test_superpage_first_met_by_python_then_filled_natively() -> None:
-    """The hart records superpages for sfence.vma va (Hart.superpages): the native walk
-    declines one it has not recorded, and fills from it once `translate` has."""
+def test_superpages_are_recorded_for_sfence_vma() -> None:
+    """The hart records the superpages its entries came from (sfence.vma va of any page
+    in one drops everything): the native walk in the superpage table, when the slot is
+    free; when another superpage holds the slot it declines, and `translate` records
+    the superpage in Hart.superpages instead."""
     va = 0x4020_3000
     w = Walk(tables(8, va, leaf_chain(8, pte(RAM + 0x20_0000, V | R | W | A | D), 1)), 8, va, False)
     h = hart_for(w)
     walk = native.walker().test
+    spn = va >> 21
+    slot = spn & (native.SP_ENTRIES - 1)
+    assert h._sptab[slot] == native.M64 and walk(h, va, 0)
+    assert h._sptab[slot] == spn and not h.superpages
+    assert entries(h, va)[0] != native.M64
+    h.flush_tlb_page(va + 0x5000)                 # another page of the superpage
+    assert h._sptab[slot] == native.M64 and entries(h, va)[0] == native.M64
+    h._sptab[slot] = spn + native.SP_ENTRIES      # another superpage's slot
     assert not walk(h, va, 0)
-    h.translate(va + 0x1000, mmu.LOAD)            # another page of the same superpage
-    assert (va >> 21) in h.superpages
-    assert walk(h, va, 0)
-    h.flush_tlb_page(va + 0x5000)                 # in the superpage: everything goes
-    assert not h.superpages and not walk(h, va, 0)
+    h.translate(va, mmu.LOAD)
+    assert spn in h.superpages and h._sptab[slot] == spn + native.SP_ENTRIES
+    h.flush_tlb_page(va + 0x5000)
+    assert not h.superpages and entries(h, va)[0] == native.M64
 
 
 FAULTS = {

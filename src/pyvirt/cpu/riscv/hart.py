@@ -174,8 +174,11 @@ class Hart(CsrMixin):
         self._ntlb = {p: (ctypes.c_uint64 * (6 * native.TLB_ENTRIES))() for p in (0, 1, S_SUM, 3)}
         self.jump_tables: native.JumpTables | None = None
         self._ntlb_views = {p: memoryview(t).cast("B").cast("Q") for p, t in self._ntlb.items()}
-        # The superpages the native walk may fill from (those in `superpages`, direct-mapped
-        # by number): it leaves a superpage's first page to `translate`, which records it.
+        # Superpages TLB entries came from, for sfence.vma va: `superpages` (translate's)
+        # and this direct-mapped table of their numbers, where the native walk records
+        # the ones it fills from and translate too while a slot is free (a number is
+        # in one or the other, or both).  The native walk declines a superpage whose
+        # slot holds another.
         self._sptab = (ctypes.c_uint64 * native.SP_ENTRIES)()
         # The routines native code calls on a TLB miss (Engine.add_hart picks them).
         self._walk = (0, 0)
@@ -419,7 +422,12 @@ class Hart(CsrMixin):
 
     def _in_superpage(self, vpn: int) -> bool:
         sp = self.superpages
-        return bool(sp) and ((vpn >> 9) in sp or (vpn >> 18) in sp or (vpn >> 27) in sp)
+        if sp and ((vpn >> 9) in sp or (vpn >> 18) in sp or (vpn >> 27) in sp):
+            return True
+        t = self._sptab
+        m = native.SP_ENTRIES - 1
+        a, b, c = vpn >> 9, vpn >> 18, vpn >> 27
+        return t[a & m] == a or t[b & m] == b or t[c & m] == c
 
     def flush_tlb_page(self, va: int, asid: int | None = None) -> None:
         """Drop the mappings of `va`'s page: of every address space and global ones
@@ -581,7 +589,8 @@ class Hart(CsrMixin):
             if level:
                 spn = vpn >> (9 * level)
                 self.superpages.add(spn)
-                self._sptab[spn & (native.SP_ENTRIES - 1)] = spn
+                if self._sptab[spn & (native.SP_ENTRIES - 1)] == M64:
+                    self._sptab[spn & (native.SP_ENTRIES - 1)] = spn
             slot = 2 * (vpn & (native.TLB_ENTRIES - 1))
             addend = (self._ram_host + page_off) & M64
             key = vpn if glob or priv == 3 or mode == 0 else vpn ^ self.tagbits

@@ -90,12 +90,12 @@ W_PRIV = 51        # Hart.priv
 W_RAMBASE = 52     # guest-physical address of RAM ...
 W_RAMSIZE = 53     # ... and its size
 W_PFLAGS = 54      # host address of the bus's page flags (memory.Bus.page_flags)
-W_SPTAB = 55       # host address of the hart's known-superpage table (SP_ENTRIES words)
+W_SPTAB = 55       # host address of the hart's superpage table (SP_ENTRIES words, see Hart)
 W_WALK_R = 56      # the walk routine native code calls on a read-table miss ...
 W_WALK_W = 57      # ... and on a write-table miss (walk_code; or one that always declines)
 W_NWALKS = 58      # TLB refills the native walk made (a counter for bench/tlb_counters.py)
 STATE_WORDS = 64
-SP_ENTRIES = 1024  # known-superpage table: direct-mapped superpage numbers (all ones: empty)
+SP_ENTRIES = 1024  # superpage table: direct-mapped superpage numbers (all ones: empty)
 TLB_ENTRIES = 4096
 TLB_BYTES = TLB_ENTRIES * 16
 LOOP_BUDGET = 20_000
@@ -277,7 +277,7 @@ def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
     current tables as Hart.translate does and returns ZF=1, rdx = the entry.  Anything
     else — a fault, a PTE or page outside RAM, M-mode, a bare satp, a watched page or a
     running dirty log for a store, an A/D update while a dirty log runs or to a PTE in a
-    watched page, a superpage the hart has not yet recorded, a PTE
+    watched page, a superpage whose slot in the hart's superpage table another holds, a PTE
     that changed under it — returns ZF=0 having changed nothing, and the block leaves
     for the Python path, which raises the precise trap or fills the TLB itself.
     rax, rdi and r10 are kept; rcx, rdx, rsi, r8, r9 and r11 are not.
@@ -404,13 +404,16 @@ def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
     a.alu_imm(ALU_CMP, RCX, 12, w=False)
     a.jcc(CC_E, small)
     a.mov(RSI, RAX)                                # a superpage: the hart must know it
-    a.shift_cl(SHR, RSI)                           # (Hart.superpages, for sfence.vma va)
-    a.mov32(R9, RSI)
-    a.alu_imm(ALU_AND, R9, SP_ENTRIES - 1, w=False)
-    a.shift_imm(SHL, R9, 3, w=False)
+    a.shift_cl(SHR, RSI)                           # (for sfence.vma va): its number in the
+    a.mov32(R9, RSI)                               # superpage table, put there now if the
+    a.alu_imm(ALU_AND, R9, SP_ENTRIES - 1, w=False)   # slot is free; another superpage's
+    a.shift_imm(SHL, R9, 3, w=False)               # slot: Python's (Hart.superpages)
     a.alu_mem(ALU_ADD, R9, RDI, 8 * W_SPTAB)
     a.alu_mem(ALU_CMP, RSI, R9, 0)
+    a.jcc(CC_E, small)
+    a.cmp_mem_imm(R9, 0, -1)
     a.jcc(CC_NE, fail)
+    a.store(R9, 0, RSI)
     a.bind(small)
     a.mov_imm(RSI, 1)
     a.shift_cl(SHL, RSI)

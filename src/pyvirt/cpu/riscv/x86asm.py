@@ -279,6 +279,11 @@ class Asm:
         self._op_mem(b"\xff", 2, base, disp, w=False)
 
     @_memo
+    def cmp_mem_imm(self, base: int, disp: int, value: int) -> None:   # cmp qword [m], simm8
+        self._op_mem(b"\x83", 7, base, disp)
+        self.buf += struct.pack("<b", value)
+
+    @_memo
     def test_imm(self, dst: int, value: int) -> None:          # test dst32, imm32
         self._rex(False, 0, dst)
         self.buf += b"\xf7"

@@ -125,7 +125,7 @@ def native_walk(w: Walk, mutation: str | None = None, known_superpages: bool = T
         # As if `translate` had already met the superpage `va` is in.
         spn = w.va >> (12 + 9 * level)
         h.superpages.add(spn)
-        h._sptab[spn & (native.SP_ENTRIES - 1)] = spn
+        h._sptab[native.sp_slot(spn)] = spn
     filled = native.walker(mutation).test(h, w.va, int(w.store))
     return h, bool(filled)
 
@@ -232,16 +232,17 @@ def test_superpages_are_recorded_for_sfence_vma() -> None:
     h = hart_for(w)
     walk = native.walker().test
     spn = va >> 21
-    slot = spn & (native.SP_ENTRIES - 1)
+    slot = native.sp_slot(spn)
     assert h._sptab[slot] == native.M64 and walk(h, va, 0)
     assert h._sptab[slot] == spn and not h.superpages
     assert entries(h, va)[0] != native.M64
     h.flush_tlb_page(va + 0x5000)                 # another page of the superpage
     assert h._sptab[slot] == native.M64 and entries(h, va)[0] == native.M64
-    h._sptab[slot] = spn + native.SP_ENTRIES      # another superpage's slot
+    other = next(n for n in range(spn + 1, spn + 1 << 20) if native.sp_slot(n) == slot)
+    h._sptab[slot] = other                        # another superpage's slot
     assert not walk(h, va, 0)
     h.translate(va, mmu.LOAD)
-    assert spn in h.superpages and h._sptab[slot] == spn + native.SP_ENTRIES
+    assert spn in h.superpages and h._sptab[slot] == other
     h.flush_tlb_page(va + 0x5000)
     assert not h.superpages and entries(h, va)[0] == native.M64
 

@@ -175,7 +175,7 @@ class Hart(CsrMixin):
         self.jump_tables: native.JumpTables | None = None
         self._ntlb_views = {p: memoryview(t).cast("B").cast("Q") for p, t in self._ntlb.items()}
         # Superpages TLB entries came from, for sfence.vma va: `superpages` (translate's)
-        # and this direct-mapped table of their numbers, where the native walk records
+        # and this table of their numbers (native.sp_slot), where the native walk records
         # the ones it fills from and translate too while a slot is free (a number is
         # in one or the other, or both).  The native walk declines a superpage whose
         # slot holds another.
@@ -425,9 +425,9 @@ class Hart(CsrMixin):
         if sp and ((vpn >> 9) in sp or (vpn >> 18) in sp or (vpn >> 27) in sp):
             return True
         t = self._sptab
-        m = native.SP_ENTRIES - 1
+        slot = native.sp_slot
         a, b, c = vpn >> 9, vpn >> 18, vpn >> 27
-        return t[a & m] == a or t[b & m] == b or t[c & m] == c
+        return t[slot(a)] == a or t[slot(b)] == b or t[slot(c)] == c
 
     def flush_tlb_page(self, va: int, asid: int | None = None) -> None:
         """Drop the mappings of `va`'s page: of every address space and global ones
@@ -589,8 +589,9 @@ class Hart(CsrMixin):
             if level:
                 spn = vpn >> (9 * level)
                 self.superpages.add(spn)
-                if self._sptab[spn & (native.SP_ENTRIES - 1)] == M64:
-                    self._sptab[spn & (native.SP_ENTRIES - 1)] = spn
+                at = native.sp_slot(spn)
+                if self._sptab[at] == M64:
+                    self._sptab[at] = spn
             slot = 2 * (vpn & (native.TLB_ENTRIES - 1))
             addend = (self._ram_host + page_off) & M64
             key = vpn if glob or priv == 3 or mode == 0 else vpn ^ self.tagbits

@@ -95,7 +95,15 @@ W_WALK_R = 56      # the walk routine native code calls on a read-table miss ...
 W_WALK_W = 57      # ... and on a write-table miss (walk_code; or one that always declines)
 W_NWALKS = 58      # TLB refills the native walk made (a counter for bench/tlb_counters.py)
 STATE_WORDS = 64
-SP_ENTRIES = 1024  # superpage table: direct-mapped superpage numbers (all ones: empty)
+SP_BITS = 10
+SP_ENTRIES = 1 << SP_BITS   # superpage table: superpage numbers (all ones: empty) ...
+SP_HASH = 0x9E3779B97F4A7C15   # ... hashed by multiplication: the kernel's text and its
+# linear map start at superpage numbers equal modulo any power of two
+
+
+def sp_slot(spn: int) -> int:
+    """The superpage table's slot for superpage number `spn` (as walk_code computes it)."""
+    return ((spn * SP_HASH) & M64) >> (64 - SP_BITS)
 TLB_ENTRIES = 4096
 TLB_BYTES = TLB_ENTRIES * 16
 LOOP_BUDGET = 20_000
@@ -405,9 +413,10 @@ def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
     a.jcc(CC_E, small)
     a.mov(RSI, RAX)                                # a superpage: the hart must know it
     a.shift_cl(SHR, RSI)                           # (for sfence.vma va): its number in the
-    a.mov32(R9, RSI)                               # superpage table, put there now if the
-    a.alu_imm(ALU_AND, R9, SP_ENTRIES - 1, w=False)   # slot is free; another superpage's
-    a.shift_imm(SHL, R9, 3, w=False)               # slot: Python's (Hart.superpages)
+    a.mov_imm(R9, SP_HASH)                         # superpage table (sp_slot), put there
+    a.imul(R9, RSI)                                # now if the slot is free; another
+    a.shift_imm(SHR, R9, 64 - SP_BITS)             # superpage's slot: Python's
+    a.shift_imm(SHL, R9, 3, w=False)               # (Hart.superpages)
     a.alu_mem(ALU_ADD, R9, RDI, 8 * W_SPTAB)
     a.alu_mem(ALU_CMP, RSI, R9, 0)
     a.jcc(CC_E, small)

@@ -10,7 +10,8 @@ Runs the VM in this process with counting wrappers around `mmu.walk`,
 the counts, not the time, are the result).  Works on any pyvirt version that
 has those three functions, so it can count before and after a change.  Where
 the native code cache exists (codecache.py), its hits, misses and stores are
-printed too.
+printed too; where the native page walk exists (native.walk_code), the TLB
+refills it made, and each hart's TLB memory (Hart.tlb_bytes) at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections import Counter
 from typing import Any
 
 from pyvirt import cli
-from pyvirt.cpu.riscv import engine, hart, mmu
+from pyvirt.cpu.riscv import engine, hart, mmu, native
 
 COUNTS: Counter[str] = Counter()
 
@@ -50,8 +51,20 @@ def _watch_code_caches() -> list[Any]:
     return made
 
 
+def _watch_harts() -> list[Any]:
+    harts: list[Any] = []
+    add = engine.Engine.add_hart
+
+    def added(self: Any, h: Any) -> None:
+        add(self, h)
+        harts.append(h)
+    engine.Engine.add_hart = added             # type: ignore[method-assign]
+    return harts
+
+
 def main() -> int:
     caches = _watch_code_caches()
+    harts = _watch_harts()
     _wrap(mmu, "walk", "page-table walks in Python")
     _wrap(engine.Engine, "_native_exit", "native-code exits to Python")
     _wrap(hart.Hart, "flush_tlb", "whole-TLB flushes")
@@ -60,6 +73,14 @@ def main() -> int:
     wall = time.monotonic() - start
     for key in ("native-code exits to Python", "page-table walks in Python", "whole-TLB flushes"):
         print(f"{key}: {COUNTS[key]:,}")
+    nwalks = getattr(native, "W_NWALKS", None)
+    if nwalks is not None:
+        print(f"native page walks (TLB refills): {sum(h._uq[nwalks] for h in harts):,}")
+    for h in harts:
+        if hasattr(h, "tlb_bytes"):
+            sizes = h.tlb_bytes()
+            print(f"hart {h.hartid} TLB: native tables {sizes['native tables'] / 1024:.0f} KiB, "
+                  f"Python dicts {sizes['python dicts'] / 1024:.0f} KiB ({sizes['python entries']:,} entries)")
     for c in caches:
         print("code cache: " + ", ".join(f"{k} {v:,}" for k, v in c.stats.items()))
     print(f"wall (with the counters): {wall:.1f} s, exit {code}")

@@ -27,6 +27,7 @@ TLB must either leave write fills to Python or set the log byte itself.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import mmap
 import os
 from collections.abc import Callable
@@ -107,6 +108,11 @@ class Bus:
         self.watched: dict[int, list[Callable[[int, int], None]]] = {}
         self.ram_fd = ram_fd
         self.dirty_log: bytearray | None = None
+        # One byte per RAM page for the CPU's native page walk (cpu/riscv/native.py):
+        # bit 0 the page is watched, bit 1 a native walk made a write entry for it
+        # (the CPU's to clear); the byte after the last page is 1 while a dirty log runs.
+        self.page_flags = bytearray((ram_size >> PAGE_SHIFT) + 1)
+        self.page_flags_address = ctypes.addressof(ctypes.c_char.from_buffer(self.page_flags))
         self._log_hooks: list[Callable[[], None]] = []
 
     def close(self) -> None:
@@ -145,6 +151,9 @@ class Bus:
     def watch(self, page: int, callback: Callable[[int, int], None]) -> None:
         """Call `callback(addr, length)` when page number `page` is written via the bus."""
         self.watched.setdefault(page, []).append(callback)
+        index = page - (self.ram_base >> PAGE_SHIFT)
+        if 0 <= index < len(self.page_flags) - 1:
+            self.page_flags[index] |= 1
 
     def unwatch(self, page: int, callback: Callable[[int, int], None]) -> None:
         cbs = self.watched.get(page)
@@ -152,6 +161,9 @@ class Bus:
             cbs.remove(callback)
             if not cbs:
                 del self.watched[page]
+                index = page - (self.ram_base >> PAGE_SHIFT)
+                if 0 <= index < len(self.page_flags) - 1:
+                    self.page_flags[index] &= ~1
 
     def _notify(self, addr: int, length: int) -> None:
         first = addr >> PAGE_SHIFT
@@ -176,6 +188,7 @@ class Bus:
     def start_dirty_log(self) -> None:
         """Start logging written RAM pages (a running log is cleared)."""
         self.dirty_log = bytearray(self.ram_size >> PAGE_SHIFT)
+        self.page_flags[-1] = 1                 # before the hooks drop the write entries
         for hook in list(self._log_hooks):
             hook()
 
@@ -199,6 +212,13 @@ class Bus:
 
     def stop_dirty_log(self) -> None:
         self.dirty_log = None
+        self.page_flags[-1] = 0
+
+    def clear_native_write(self, page: int) -> None:
+        """Every hart has dropped its native write entries for page number `page`."""
+        index = page - (self.ram_base >> PAGE_SHIFT)
+        if 0 <= index < len(self.page_flags) - 1:
+            self.page_flags[index] &= ~2
 
     def mark_dirty(self, addr: int, length: int) -> None:
         """Mark the RAM pages of guest range `addr`+`length` written (the part in RAM)."""

@@ -19,6 +19,7 @@
 #define SUPER2M 0x40200000UL
 #define SUPER2M_PA 0x83E00000UL
 #define BAD2M 0x40400000UL
+#define MIDWALK 0x40600000UL            /* its level-1 PTE points to a table but is not valid */
 #define HOLE 0x10000000UL
 
 static u64 pt[8][512] __attribute__((aligned(4096)));
@@ -66,6 +67,7 @@ static void build_tables(void) {
     l1[0] = PTE(pt[2], V);
     l1[1] = PTE(SUPER2M_PA, V | R | W | A | D);             /* 2 MiB page */
     l1[2] = PTE(SUPER2M_PA + 0x1000, V | R | W | A | D);    /* misaligned 2 MiB page */
+    l1[3] = PTE(pt[2], 0);                                  /* invalid non-leaf (MIDWALK) */
     l0 = pt[2];
     l0[0] = PTE(pages[0], V | R | W);                       /* A and D clear */
     l0[1] = PTE(pages[1], V | R | A);                       /* read-only */
@@ -129,6 +131,13 @@ static void s_main(void) {
     EXPECT_FAULT(C_LOAD_PAGE, VA(6));
     sd64(VA(6), 0);
     EXPECT_FAULT(C_STORE_PAGE, VA(6));
+    for (int i = 0; i < 3; i++) {               /* a fault in the middle of the walk, each time */
+        ld64(MIDWALK + 8);
+        EXPECT_FAULT(C_LOAD_PAGE, MIDWALK + 8);
+        sd64(MIDWALK + 16, 5);
+        EXPECT_FAULT(C_STORE_PAGE, MIDWALK + 16);
+    }
+    CHECK_EQ(pages[0][2], 77);
 
     /* U pages from S: only with SUM, never for fetches; SUM takes effect at once. */
     ld64(VA(3));

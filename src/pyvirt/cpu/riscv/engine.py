@@ -108,6 +108,7 @@ class Engine:
             raise ValueError("the native engine needs an x86-64 Linux host")
         self.native = native.Translator() if mode == "native" else None
         self.jumps = native.JumpTables() if mode == "native" else None
+        self.walk = native.walk_setting() if mode == "native" else (False, None)
         self.code_cache = code_cache if self.native is not None else None
         self._stop_half: int | None = None     # see _decode_block
         bus.add_log_hook(self.drop_write_entries)
@@ -126,6 +127,7 @@ class Engine:
         if self.jumps is not None:
             hart.jump_tables = self.jumps
             hart.set_priv(hart.priv)
+            hart.set_walker(*self.walk)
 
     # -- dispatch ---------------------------------------------------------------
     def run(self, h: Hart, budget: int) -> int:
@@ -264,6 +266,7 @@ class Engine:
             self.bus.watch(ppn, self._code_written)
             for h in self.harts:
                 h.drop_write_mapping(ppn)
+            self.bus.clear_native_write(ppn)
         keys.append(key)
         self.blocks[key] = ent
 

@@ -17,6 +17,7 @@ set (or none, when global), see native.TAG_SHIFT.
 from __future__ import annotations
 
 import ctypes
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from struct import Struct
@@ -118,14 +119,14 @@ class Hart(CsrMixin):
         "x", "f", "pc", "priv", "fflags", "frm",
         "medeleg", "mideleg", "mtvec", "stvec",
         "mscratch", "mepc", "mcause", "mtval",
-        "satp", "mcounteren", "scounteren", "mcountinhibit", "menvcfg", "senvcfg", "pmp",
+        "mcounteren", "scounteren", "mcountinhibit", "menvcfg", "senvcfg", "pmp",
         "instret", "adj", "idle", "state", "stimecmp",
         "tlbs", "rtlb", "wtlb", "itlb", "superpages", "ctx",
         "gtlbs", "asid_sets", "cur_set", "tagbits", "next_tag", "_wrev", "_wrev_n", "_su_all",
         "ecall_hook", "yield_on_pause",
         "_state", "sq", "_uq", "_as_parameter_", "_ntlb", "_ntlb_views", "_ram_host", "native_exit_hook",
         "rechain_hook",
-        "jump_tables",
+        "jump_tables", "_sptab", "_walk",
     )
 
     def __init__(self, hartid: int, bus: Bus, clock: Clock, native_regs: bool = False) -> None:
@@ -173,6 +174,17 @@ class Hart(CsrMixin):
         self._ntlb = {p: (ctypes.c_uint64 * (6 * native.TLB_ENTRIES))() for p in (0, 1, S_SUM, 3)}
         self.jump_tables: native.JumpTables | None = None
         self._ntlb_views = {p: memoryview(t).cast("B").cast("Q") for p, t in self._ntlb.items()}
+        # Superpages TLB entries came from, for sfence.vma va: `superpages` (translate's)
+        # and this table of their numbers (native.sp_slot), where the native walk records
+        # the ones it fills from and translate too while a slot is free (a number is
+        # in one or the other, or both).  The native walk declines a superpage whose
+        # slot holds another.
+        self._sptab = (ctypes.c_uint64 * native.SP_ENTRIES)()
+        # The routines native code calls on a TLB miss (Engine.add_hart picks them).
+        self._walk = (0, 0)
+        if native.available():
+            decline = native.walker().addr["decline"]
+            self._walk = (decline, decline)
         self._ram_host = ctypes.addressof(ctypes.c_char.from_buffer(bus.ram))
         self.native_exit_hook: Callable[[Hart, int], int] | None = None
         # Native code could not chain to a block and returned to Python: the engine puts
@@ -189,6 +201,7 @@ class Hart(CsrMixin):
     sepc = _state_word(native.W_SEPC)
     scause = _state_word(native.W_SCAUSE)
     stval = _state_word(native.W_STVAL)
+    satp = _state_word(native.W_SATP)
     resv = _state_word(native.W_RESV, signed=True)     # a RAM offset, or -1
 
     # -- state ------------------------------------------------------------------
@@ -199,6 +212,11 @@ class Hart(CsrMixin):
         self._state[native.W_TLB_S0] = ctypes.addressof(self._ntlb[1])
         self._state[native.W_TLB_S1] = ctypes.addressof(self._ntlb[S_SUM])
         self._state[native.W_TAG] = self.tagbits
+        self._state[native.W_RAMBASE] = self.ram_base
+        self._state[native.W_RAMSIZE] = self.ram_end - self.ram_base
+        self._state[native.W_PFLAGS] = self.bus.page_flags_address
+        self._state[native.W_SPTAB] = ctypes.addressof(self._sptab)
+        self._state[native.W_WALK_R], self._state[native.W_WALK_W] = self._walk
         for i in range(32):
             self.x[i] = 0
         self.f = [0] * 32
@@ -270,8 +288,26 @@ class Hart(CsrMixin):
         return record(fields)
 
     # -- privilege and TLB -------------------------------------------------------
+    def set_walker(self, on: bool, mutation: str | None = None) -> None:
+        """Whether native code refills its TLB with the native page walk (native.walk_code),
+        or leaves every miss to `translate`."""
+        w = native.walker(mutation)
+        self._walk = (w.addr["load"], w.addr["store"]) if on else (w.addr["decline"],) * 2
+        self._state[native.W_WALK_R], self._state[native.W_WALK_W] = self._walk
+
+    def tlb_bytes(self) -> dict[str, int]:
+        """Host memory of this hart's TLB: the native tables and the Python dicts (their
+        hash tables, not the int objects they share with the rest of the process)."""
+        dicts: dict[int, dict[int, int]] = {id(d): d for d in self._all_dicts()}
+        for d in self.tlbs[3]:
+            dicts[id(d)] = d
+        return {"native tables": sum(ctypes.sizeof(t) for t in self._ntlb.values()) + ctypes.sizeof(self._sptab),
+                "python dicts": sum(sys.getsizeof(d) for d in dicts.values()),
+                "python entries": sum(len(d) for d in dicts.values())}
+
     def set_priv(self, priv: int) -> None:
         self.priv = priv
+        self._state[native.W_PRIV] = priv
         ctx = S_SUM if priv == 1 and self.mstatus & SUM else priv
         self.ctx = ctx
         self.rtlb, self.wtlb, self.itlb = self.tlbs[ctx]
@@ -356,6 +392,7 @@ class Hart(CsrMixin):
         self.next_tag = 2
         self._apply_tag()
         self.superpages.clear()
+        ctypes.memset(self._sptab, 0xFF, ctypes.sizeof(self._sptab))
         self._wrev.clear()
         self._wrev_n = 0
 
@@ -385,7 +422,12 @@ class Hart(CsrMixin):
 
     def _in_superpage(self, vpn: int) -> bool:
         sp = self.superpages
-        return bool(sp) and ((vpn >> 9) in sp or (vpn >> 18) in sp or (vpn >> 27) in sp)
+        if sp and ((vpn >> 9) in sp or (vpn >> 18) in sp or (vpn >> 27) in sp):
+            return True
+        t = self._sptab
+        slot = native.sp_slot
+        a, b, c = vpn >> 9, vpn >> 18, vpn >> 27
+        return t[slot(a)] == a or t[slot(b)] == b or t[slot(c)] == c
 
     def flush_tlb_page(self, va: int, asid: int | None = None) -> None:
         """Drop the mappings of `va`'s page: of every address space and global ones
@@ -466,6 +508,15 @@ class Hart(CsrMixin):
             for view in self._ntlb_views.values():
                 if view[at] & native.VPN_MASK == vpn:
                     view[at] = M64
+        index = ppn - (self.ram_base >> 12)
+        flags = self.bus.page_flags
+        if 0 <= index < len(flags) - 1 and flags[index] & native.PF_NATIVE_W:
+            # The native walk made write entries for it, which nothing here records:
+            # drop every one of this hart's that maps the page (Engine clears the flag).
+            scan = native.walker().scan
+            host = self._ram_host + (ppn << 12) - self.ram_base
+            for ctx in SU_CTX:
+                scan(ctypes.addressof(self._ntlb[ctx]) + native.TLB_BYTES, native.TLB_ENTRIES, host)
 
     def drop_write_entries(self) -> None:
         """Drop every writable TLB entry, Python and native, of every address space
@@ -536,7 +587,11 @@ class Hart(CsrMixin):
                 else:
                     self.flush_asid(self.asid())
             if level:
-                self.superpages.add(vpn >> (9 * level))
+                spn = vpn >> (9 * level)
+                self.superpages.add(spn)
+                at = native.sp_slot(spn)
+                if self._sptab[at] == M64:
+                    self._sptab[at] = spn
             slot = 2 * (vpn & (native.TLB_ENTRIES - 1))
             addend = (self._ram_host + page_off) & M64
             key = vpn if glob or priv == 3 or mode == 0 else vpn ^ self.tagbits

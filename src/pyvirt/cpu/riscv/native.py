@@ -6,7 +6,9 @@ privilege's native TLB tables.  It runs the block's instructions directly on
 that buffer and returns the next pc.  Anything it cannot do natively — a TLB
 miss, MMIO, a page crossing, an instruction it does not implement — it hands
 back: it returns the pc of that instruction with bit 0 set, and the hart
-executes that one instruction in the interpreter (`Hart.native_exit`).  So
+executes that one instruction in the interpreter (`Hart.native_exit`) — a TLB
+miss first calls the native page walk, which fills the entry for ordinary RAM
+pages and declines the rest.  So
 every exit makes progress and faults are raised by the Python slow path, with
 the registers already in memory: state is always precise.
 
@@ -14,8 +16,9 @@ Native TLB: per privilege context, TLB_ENTRIES direct-mapped entries for
 reads and as many for writes, each (tagged virtual page number, addend) with
 host address = va + addend; an access hits on the bare vpn (a global entry)
 or on vpn ^ [W_TAG] (the current address space's).  The hart fills them
-exactly when it fills its Python TLB dicts, so the write table never maps a
-page holding translated code.
+when it fills its Python TLB dicts, and native code fills them on a miss with
+the native page walk (walk_code), which the dicts do not see; neither fills a
+write entry for a page holding translated code.
 
 Only on x86-64 hosts (Linux, System V ABI); elsewhere the Python tiers run.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -46,10 +50,12 @@ from pyvirt.cpu.riscv.x86asm import (
     CC_NE,
     R8,
     R9,
+    R11,
     RAX,
     RCX,
     RDI,
     RDX,
+    RSI,
     SAR,
     SHL,
     SHR,
@@ -57,6 +63,7 @@ from pyvirt.cpu.riscv.x86asm import (
     Label,
 )
 from pyvirt.engines import native_available
+from pyvirt.errors import ConfigError
 
 M64 = (1 << 64) - 1
 
@@ -77,7 +84,26 @@ W_TLB_S0 = 46      # S-mode's read/write tables with SUM=0 ...
 W_TLB_S1 = 47      # ... and with SUM=1 (hart.S_SUM)
 W_RESYNC = 48      # set by native code that switched them: the hart re-reads its context
 W_TAG = 49         # the current address space's tag, in bits 52-63 (see TAG_SHIFT)
-STATE_WORDS = 56
+# The native page walk (walk_code) reads these; the hart keeps them up to date.
+W_SATP = 50        # Hart.satp
+W_PRIV = 51        # Hart.priv
+W_RAMBASE = 52     # guest-physical address of RAM ...
+W_RAMSIZE = 53     # ... and its size
+W_PFLAGS = 54      # host address of the bus's page flags (memory.Bus.page_flags)
+W_SPTAB = 55       # host address of the hart's superpage table (SP_ENTRIES words, see Hart)
+W_WALK_R = 56      # the walk routine native code calls on a read-table miss ...
+W_WALK_W = 57      # ... and on a write-table miss (walk_code; or one that always declines)
+W_NWALKS = 58      # TLB refills the native walk made (a counter for bench/tlb_counters.py)
+STATE_WORDS = 64
+SP_BITS = 10
+SP_ENTRIES = 1 << SP_BITS   # superpage table: superpage numbers (all ones: empty) ...
+SP_HASH = 0x9E3779B97F4A7C15   # ... hashed by multiplication: the kernel's text and its
+# linear map start at superpage numbers equal modulo any power of two
+
+
+def sp_slot(spn: int) -> int:
+    """The superpage table's slot for superpage number `spn` (as walk_code computes it)."""
+    return ((spn * SP_HASH) & M64) >> (64 - SP_BITS)
 TLB_ENTRIES = 4096
 TLB_BYTES = TLB_ENTRIES * 16
 LOOP_BUDGET = 20_000
@@ -239,6 +265,349 @@ def _chain_stub() -> bytes:
     a.bind(out)
     a.ret()
     return a.finish()
+
+
+# -- the native page walk -----------------------------------------------------------------------
+# PTE bits (mmu.py) and mstatus bits the walk reads.
+_V, _R, _W, _X, _U, _G, _A, _D = (1 << i for i in range(8))
+WALK_MUTATIONS = ("perm", "superpage", "nonleaf", "ad", "global")
+PF_WATCHED = 1       # memory.Bus.page_flags: the page is watched (holds translated code) ...
+PF_NATIVE_W = 2      # ... a native walk gave some hart a write entry for it
+
+
+def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
+    """The out-of-line TLB refill native blocks call on a miss (`call [rdi + W_WALK_R/W]`),
+    with rax = the virtual address, rdi = the state buffer.
+
+    It walks the Sv39/Sv48 tables in RAM exactly as mmu.walk does and, for an S- or
+    U-mode access that mmu.walk would allow to a RAM page, sets A (and D for a store)
+    with lock cmpxchg, fills the read entry (and the write entry for a store) of the
+    current tables as Hart.translate does and returns ZF=1, rdx = the entry.  Anything
+    else — a fault, a PTE or page outside RAM, M-mode, a bare satp, a watched page or a
+    running dirty log for a store, an A/D update while a dirty log runs or to a PTE in a
+    watched page, a superpage whose slot in the hart's superpage table another holds, a PTE
+    that changed under it — returns ZF=0 having changed nothing, and the block leaves
+    for the Python path, which raises the precise trap or fills the TLB itself.
+    rax, rdi and r10 are kept; rcx, rdx, rsi, r8, r9 and r11 are not.
+
+    Also: "scan" (a C function: table, entries, host page address) drops the entries of
+    a write table that map that page, and "test" (state, va, is_store) -> filled calls
+    the routine the state buffer names.  `mutation` breaks one rule on purpose (tests
+    show that they notice): "perm" skips the U/SUM check, "superpage" the alignment
+    check, "nonleaf" the invalid-PTE check below the root, "ad" updates A/D without
+    lock cmpxchg, "global" ignores G."""
+    if mutation is not None and mutation not in WALK_MUTATIONS:
+        raise ValueError(f"unknown walk mutation {mutation!r}")
+    a = Asm()
+    offs: dict[str, int] = {}
+    fail, common = a.label(), a.label()
+    offs["decline"] = 0
+    a.bind(fail)
+    a.alu_imm(ALU_CMP, RDI, 0)                     # ZF = 0: nothing filled
+    a.ret()
+    offs["load"] = len(a.buf)
+    a.alu(ALU_XOR, R11, R11, w=False)              # r11: bit 0 store, bit 5 (PTE.G) global
+    a.jmp(common)
+    offs["store"] = len(a.buf)
+    a.mov_imm(R11, 1)
+    a.bind(common)
+    a.load(RDX, RDI, 8 * W_PRIV)
+    a.alu_imm(ALU_CMP, RDX, 1)
+    a.jcc(CC_A, fail)                              # M-mode: no translation
+    a.load(RSI, RDI, 8 * W_SATP)
+    a.mov(RDX, RSI)
+    a.shift_imm(SHR, RDX, 60)
+    sv39, go = a.label(), a.label()
+    a.alu_imm(ALU_CMP, RDX, 8)
+    a.jcc(CC_E, sv39)
+    a.alu_imm(ALU_CMP, RDX, 9)
+    a.jcc(CC_NE, fail)                             # bare
+    a.mov_imm(RCX, 39)                             # cl = 12 + 9 * level
+    a.mov(RDX, RAX)
+    a.shift_imm(SAR, RDX, 47)
+    a.jmp(go)
+    a.bind(sv39)
+    a.mov_imm(RCX, 30)
+    a.mov(RDX, RAX)
+    a.shift_imm(SAR, RDX, 38)
+    a.bind(go)
+    a.alu_imm(ALU_ADD, RDX, 1)                     # the bits above the VA: all 0 or all 1
+    a.alu_imm(ALU_CMP, RDX, 1)
+    a.jcc(CC_A, fail)
+    a.shift_imm(SHL, RSI, 20)
+    a.shift_imm(SHR, RSI, 8)                       # rsi = root table (satp.PPN << 12)
+    loop, leaf = a.label(), a.label()
+    a.bind(loop)
+    a.mov(RDX, RAX)
+    a.shift_cl(SHR, RDX)
+    a.alu_imm(ALU_AND, RDX, 511, w=False)
+    a.shift_imm(SHL, RDX, 3, w=False)
+    a.alu(ALU_ADD, RDX, RSI)                       # the PTE's physical address
+    a.alu_mem(ALU_SUB, RDX, RDI, 8 * W_RAMBASE)
+    a.alu_mem(ALU_CMP, RDX, RDI, 8 * W_RAMSIZE)
+    a.jcc(CC_AE, fail)                             # not in RAM
+    a.alu_mem(ALU_ADD, RDX, RDI, 8 * W_RAM)        # rdx = its host address
+    a.load(R8, RDX, 0)                             # r8 = the PTE
+    a.mov(RSI, R8)
+    a.shift_imm(SHR, RSI, 54)
+    a.jcc(CC_NE, fail)                             # reserved bits, PBMT, N
+    skip_v = a.label()
+    if mutation == "nonleaf":
+        a.alu_imm(ALU_CMP, RCX, 30, w=False)
+        a.jcc(CC_B, skip_v)                        # below the top of Sv39: V not checked
+    a.test_imm(R8, _V)
+    a.jcc(CC_E, fail)
+    a.bind(skip_v)
+    a.mov32(RSI, R8)
+    a.alu_imm(ALU_AND, RSI, _R | _W, w=False)
+    a.alu_imm(ALU_CMP, RSI, _W, w=False)
+    a.jcc(CC_E, fail)                              # write-only: reserved
+    if mutation != "global":
+        a.mov32(RSI, R8)
+        a.alu_imm(ALU_AND, RSI, _G, w=False)
+        a.alu(ALU_OR, R11, RSI)
+    a.test_imm(R8, _R | _X)
+    a.jcc(CC_NE, leaf)
+    a.alu_imm(ALU_CMP, RCX, 12, w=False)
+    a.jcc(CC_E, fail)                              # no leaf at level 0
+    a.test_imm(R8, _A | _D | _U)
+    a.jcc(CC_NE, fail)                             # reserved in a non-leaf PTE
+    a.mov(RSI, R8)
+    a.shift_imm(SHR, RSI, 10)
+    a.shift_imm(SHL, RSI, 12)                      # the next table
+    a.alu_imm(ALU_SUB, RCX, 9, w=False)
+    a.jmp(loop)
+
+    a.bind(leaf)                                   # permissions (4.3.2 step 5)
+    notu, access, store, ok = a.label(), a.label(), a.label(), a.label()
+    a.load(RSI, RDI, 8 * W_PRIV)
+    a.test_imm(R8, _U)
+    a.jcc(CC_E, notu)
+    if mutation != "perm":
+        a.alu_imm(ALU_CMP, RSI, 1)
+        a.jcc(CC_NE, access)                       # U-mode, U page
+        a.load(RSI, RDI, 8 * W_MSTATUS)
+        a.test_imm(RSI, SUM)
+        a.jcc(CC_E, fail)                          # S-mode, U page, SUM clear
+    a.jmp(access)
+    a.bind(notu)
+    a.alu_imm(ALU_CMP, RSI, 0)
+    a.jcc(CC_E, fail)                              # U-mode, S page
+    a.bind(access)
+    a.test_imm(R11, 1)
+    a.jcc(CC_NE, store)
+    a.test_imm(R8, _R)
+    a.jcc(CC_NE, ok)
+    a.test_imm(R8, _X)
+    a.jcc(CC_E, fail)
+    a.load(RSI, RDI, 8 * W_MSTATUS)
+    a.test_imm(RSI, MXR)                           # executable pages readable with MXR
+    a.jcc(CC_E, fail)
+    a.jmp(ok)
+    a.bind(store)
+    a.test_imm(R8, _W)
+    a.jcc(CC_E, fail)
+    a.bind(ok)
+    small = a.label()
+    a.alu_imm(ALU_CMP, RCX, 12, w=False)
+    a.jcc(CC_E, small)
+    a.mov(RSI, RAX)                                # a superpage: the hart must know it
+    a.shift_cl(SHR, RSI)                           # (for sfence.vma va): its number in the
+    a.mov_imm(R9, SP_HASH)                         # superpage table (sp_slot), put there
+    a.imul(R9, RSI)                                # now if the slot is free; another
+    a.shift_imm(SHR, R9, 64 - SP_BITS)             # superpage's slot: Python's
+    a.shift_imm(SHL, R9, 3, w=False)               # (Hart.superpages)
+    a.alu_mem(ALU_ADD, R9, RDI, 8 * W_SPTAB)
+    a.alu_mem(ALU_CMP, RSI, R9, 0)
+    a.jcc(CC_E, small)
+    a.cmp_mem_imm(R9, 0, -1)
+    a.jcc(CC_NE, fail)
+    a.store(R9, 0, RSI)
+    a.bind(small)
+    a.mov_imm(RSI, 1)
+    a.shift_cl(SHL, RSI)
+    a.alu_imm(ALU_SUB, RSI, 1)                     # rsi = offset mask of the leaf's page
+    a.mov(R9, R8)
+    a.shift_imm(SHR, R9, 10)
+    a.shift_imm(SHL, R9, 12)                       # r9 = the leaf's physical address
+    if mutation != "superpage":
+        a.mov(RCX, R9)
+        a.alu(ALU_AND, RCX, RSI)
+        a.jcc(CC_NE, fail)                         # misaligned superpage
+    a.mov(RCX, RAX)
+    a.alu(ALU_AND, RCX, RSI)
+    a.alu_imm(ALU_AND, RCX, -4096)
+    a.alu(ALU_OR, R9, RCX)                         # r9 = the 4 KiB page's physical address
+    a.alu_mem(ALU_SUB, R9, RDI, 8 * W_RAMBASE)
+    a.alu_mem(ALU_CMP, R9, RDI, 8 * W_RAMSIZE)
+    a.jcc(CC_AE, fail)                             # not RAM: r9 = offset in RAM from here
+    a.load(RSI, RDI, 8 * W_PFLAGS)
+    ad = a.label()
+    a.test_imm(R11, 1)
+    a.jcc(CC_E, ad)
+    a.load(RCX, RDI, 8 * W_RAMSIZE)                # stores: no dirty-page log running ...
+    a.shift_imm(SHR, RCX, 12)
+    a.alu(ALU_ADD, RCX, RSI)
+    a.load_sized(RCX, RCX, 1, False)
+    a.test_imm(RCX, 1)
+    a.jcc(CC_NE, fail)
+    a.mov(RCX, R9)                                 # ... and not a page holding code
+    a.shift_imm(SHR, RCX, 12)
+    a.alu(ALU_ADD, RCX, RSI)
+    a.load_sized(RCX, RCX, 1, False)
+    a.test_imm(RCX, PF_WATCHED)
+    a.jcc(CC_NE, fail)
+    a.bind(ad)
+    done_ad, want = a.label(), a.label()
+    a.mov_imm(RSI, _A)
+    a.test_imm(R11, 1)
+    a.jcc(CC_E, want)
+    a.mov_imm(RSI, _A | _D)
+    a.bind(want)
+    a.mov(RCX, R8)
+    a.alu(ALU_AND, RCX, RSI)
+    a.alu(ALU_CMP, RCX, RSI)
+    a.jcc(CC_E, done_ad)
+    a.load(RCX, RDI, 8 * W_RAMSIZE)                # an A/D update writes guest memory: not
+    a.shift_imm(SHR, RCX, 12)                      # while a dirty-page log runs (Python's
+    a.alu_mem(ALU_ADD, RCX, RDI, 8 * W_PFLAGS)     # bus.write marks the table's page)
+    a.load_sized(RCX, RCX, 1, False)
+    a.test_imm(RCX, 1)
+    a.jcc(CC_NE, fail)
+    a.mov(RCX, RDX)                                # nor in a page holding code (the bus
+    a.alu_mem(ALU_SUB, RCX, RDI, 8 * W_RAM)        # write would tell its watchers)
+    a.shift_imm(SHR, RCX, 12)
+    a.alu_mem(ALU_ADD, RCX, RDI, 8 * W_PFLAGS)
+    a.load_sized(RCX, RCX, 1, False)
+    a.test_imm(RCX, PF_WATCHED)
+    a.jcc(CC_NE, fail)
+    a.alu(ALU_OR, RSI, R8)
+    if mutation == "ad":
+        a.store(RDX, 0, RSI)                       # broken: a plain write of what was read
+    else:
+        a.mov(RCX, RAX)
+        a.mov(RAX, R8)
+        a.lock_cmpxchg(RDX, RSI)                   # only if the PTE is still what was walked
+        a.mov(RAX, RCX)
+        a.jcc(CC_NE, fail)
+    a.bind(done_ad)
+    # The entries, as Hart.translate makes them.
+    a.mov(RCX, RAX)
+    a.shift_imm(SHR, RCX, 12)
+    glob = a.label()
+    a.test_imm(R11, _G)
+    a.jcc(CC_NE, glob)
+    a.alu_mem(ALU_XOR, RCX, RDI, 8 * W_TAG)        # rcx = the entry's tag word
+    a.bind(glob)
+    a.mov(R8, R9)                                  # r8 = offset in RAM
+    a.alu_mem(ALU_ADD, R9, RDI, 8 * W_RAM)
+    a.mov(RSI, RAX)
+    a.alu_imm(ALU_AND, RSI, -4096)
+    a.alu(ALU_SUB, R9, RSI)                        # r9 = addend (host = va + addend)
+    a.mov(RDX, RAX)
+    a.shift_imm(SHR, RDX, 12)
+    a.alu_imm(ALU_AND, RDX, TLB_ENTRIES - 1, w=False)
+    a.shift_imm(SHL, RDX, 4, w=False)
+    a.mov(RSI, RDX)
+    a.alu_mem(ALU_ADD, RDX, RDI, 8 * W_TLB_R)
+    a.store(RDX, 0, RCX)
+    a.store(RDX, 8, R9)
+    a.add_mem_imm(RDI, 8 * W_NWALKS, 1)
+    filled = a.label()
+    a.test_imm(R11, 1)
+    a.jcc(CC_E, filled)
+    a.alu_mem(ALU_ADD, RSI, RDI, 8 * W_TLB_W)
+    a.store(RSI, 0, RCX)
+    a.store(RSI, 8, R9)
+    a.mov(RDX, RSI)
+    a.shift_imm(SHR, R8, 12)
+    a.alu_mem(ALU_ADD, R8, RDI, 8 * W_PFLAGS)
+    a.lock_or_byte(R8, PF_NATIVE_W)                # (a full barrier before the check below)
+    a.load(R8, RDI, 8 * W_RAMSIZE)
+    a.shift_imm(SHR, R8, 12)
+    a.alu_mem(ALU_ADD, R8, RDI, 8 * W_PFLAGS)
+    a.load_sized(R8, R8, 1, False)
+    a.test_imm(R8, 1)
+    a.jcc(CC_E, filled)
+    a.store_imm32(RSI, 0, -1)                      # a dirty log started meanwhile: take it back
+    a.jmp(fail)
+    a.bind(filled)
+    a.alu(ALU_CMP, RAX, RAX)                       # ZF = 1: filled
+    a.ret()
+
+    offs["scan"] = len(a.buf)                      # (table, entries, host page address)
+    top, nxt, end = a.label(), a.label(), a.label()
+    a.mov_imm(R8, VPN_MASK)
+    a.bind(top)
+    a.alu_imm(ALU_CMP, RSI, 0)
+    a.jcc(CC_E, end)
+    a.load(RAX, RDI, 0)
+    a.alu(ALU_AND, RAX, R8)
+    a.shift_imm(SHL, RAX, 12)
+    a.alu_mem(ALU_ADD, RAX, RDI, 8)
+    a.alu(ALU_CMP, RAX, RDX)
+    a.jcc(CC_NE, nxt)
+    a.store_imm32(RDI, 0, -1)
+    a.bind(nxt)
+    a.alu_imm(ALU_ADD, RDI, 16)
+    a.alu_imm(ALU_SUB, RSI, 1)
+    a.jmp(top)
+    a.bind(end)
+    a.ret()
+
+    offs["test"] = len(a.buf)                      # (state, va, is_store) -> filled
+    st, back = a.label(), a.label()
+    a.mov(RAX, RSI)
+    a.alu_imm(ALU_CMP, RDX, 0)
+    a.jcc(CC_NE, st)
+    a.call_mem(RDI, 8 * W_WALK_R)
+    a.jmp(back)
+    a.bind(st)
+    a.call_mem(RDI, 8 * W_WALK_W)
+    a.bind(back)
+    a.setcc(CC_E, RAX)
+    a.ret()
+    return a.finish(), offs
+
+
+class Walker:
+    """walk_code placed in executable memory of its own (one per process and mutation;
+    it is never freed: native blocks of any code buffer may call it)."""
+
+    def __init__(self, mutation: str | None = None) -> None:
+        code, offs = walk_code(mutation)
+        self._map = mmap.mmap(-1, (len(code) + 4095) & ~4095, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        self._map[:len(code)] = code
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self.addr = {k: base + v for k, v in offs.items()}
+        self.scan = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64)(self.addr["scan"])
+        self.test = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64,
+                                     ctypes.c_uint64)(self.addr["test"])
+
+
+_WALKERS: dict[str | None, Walker] = {}
+
+
+def walker(mutation: str | None = None) -> Walker:
+    w = _WALKERS.get(mutation)
+    if w is None:
+        w = _WALKERS[mutation] = Walker(mutation)
+    return w
+
+
+def walk_setting() -> tuple[bool, str | None]:
+    """PYVIRT_NATIVE_WALK: unset or "on" (the native walk), "off" (every miss goes to
+    Python, as before it existed), or "broken-<mutation>" (tests: see walk_code)."""
+    v = os.environ.get("PYVIRT_NATIVE_WALK", "on").lower()
+    if v in ("on", "1", "yes", ""):
+        return True, None
+    if v in ("off", "0", "no"):
+        return False, None
+    if v.startswith("broken-") and v[7:] in WALK_MUTATIONS:
+        return True, v[7:]
+    raise ConfigError(f"PYVIRT_NATIVE_WALK must be on, off or broken-<{'|'.join(WALK_MUTATIONS)}>, "
+                      f"not {v[:40]!r}")
 
 
 _BLOCK_TYPE = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p)
@@ -750,6 +1119,8 @@ class _BlockGen:
         a.jcc(CC_E, hit)
         a.alu_mem(ALU_XOR, RCX, RDI, 8 * W_TAG)
         a.alu_mem(ALU_CMP, RCX, RDX, 0)              # the current address space's
+        a.jcc(CC_E, hit)
+        a.call_mem(RDI, 8 * (W_WALK_R if table == W_TLB_R else W_WALK_W))   # refill (walk_code)
         a.jcc(CC_NE, miss)
         a.bind(hit)
         if aligned:                      # AMOs: misaligned is a fault the slow path raises

@@ -274,6 +274,33 @@ class Asm:
     def jmp_mem(self, base: int, disp: int) -> None:          # jmp qword [base+disp]
         self._op_mem(b"\xff", 4, base, disp, w=False)
 
+    @_memo
+    def call_mem(self, base: int, disp: int) -> None:         # call qword [base+disp]
+        self._op_mem(b"\xff", 2, base, disp, w=False)
+
+    @_memo
+    def cmp_mem_imm(self, base: int, disp: int, value: int) -> None:   # cmp qword [m], simm8
+        self._op_mem(b"\x83", 7, base, disp)
+        self.buf += struct.pack("<b", value)
+
+    @_memo
+    def test_imm(self, dst: int, value: int) -> None:          # test dst32, imm32
+        self._rex(False, 0, dst)
+        self.buf += b"\xf7"
+        self._modrm_reg(0, dst)
+        self.buf += struct.pack("<I", value)
+
+    @_memo
+    def lock_cmpxchg(self, base: int, src: int) -> None:       # lock cmpxchg [base], src (vs rax)
+        self.buf.append(0xF0)
+        self._op_mem(b"\x0f\xb1", src, base, 0)
+
+    @_memo
+    def lock_or_byte(self, base: int, value: int) -> None:     # lock or byte [base], imm8
+        self.buf.append(0xF0)
+        self._op_mem(b"\x80", 1, base, 0, w=False)
+        self.buf.append(value)
+
     def ret(self) -> None:
         self.buf.append(0xC3)
 

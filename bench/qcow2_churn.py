@@ -4,7 +4,7 @@ check` finds it clean.
 
     .venv/bin/python bench/qcow2_churn.py [--seconds 60] [--mib 64] [--engine E]
 
-The default guest loops for SECONDS: dd 16 MiB (of zeros: the device cannot tell) into one
+The default guest loops for SECONDS (and, for a test, on until it did a number of rounds): dd 16 MiB (of zeros: the device cannot tell) into one
 of four 16 MiB slots of /dev/vda with conv=fsync, blkdiscard it again (every other round
 `blkdiscard -z`, WRITE_ZEROES), sync; then it prints ROUNDS N.  The script prints the
 rounds, the image's apparent and allocated size after the run, and the check's result;
@@ -25,21 +25,24 @@ from pyvirt.engines import ENGINES, default_engine
 from pyvirt.testing import qemu_img as q
 
 LOOP = ("end=$(( $(date +%s) + {secs} )); i=0; "
-        "while [ $(date +%s) -lt $end ]; do s=$(( i % 4 * 16 )); "
+        "while [ $(date +%s) -lt $end ] || [ $i -lt {rounds} ]; do s=$(( i % 4 * 16 )); "
         "dd if=/dev/zero of=/dev/vda bs=1M count=16 seek=$s conv=fsync 2>/dev/null; "
         "if [ $((i % 2)) = 0 ]; then blkdiscard -o $((s << 20)) -l 16777216 /dev/vda; "
         "else blkdiscard -z -o $((s << 20)) -l 16777216 /dev/vda; fi; sync; i=$((i+1)); done; "
         "echo ROUNDS $i")
 
 
-def churn(seconds: int, mib: int = 64, engine: str | None = None, workdir: Path | None = None) -> dict:
-    """Run the guest loop; returns rounds, apparent and allocated size, and the check."""
+def churn(seconds: int, mib: int = 64, engine: str | None = None, workdir: Path | None = None,
+          min_rounds: int = 0) -> dict:
+    """Run the guest loop for `seconds`, and on until `min_rounds` rounds are done (a test
+    needs the rounds, whatever the machine's load); returns rounds, apparent and allocated
+    size, and the check."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         disk = Path(tmp) / "churn.qcow2"
         create_qcow2(disk, mib << 20)
         p = subprocess.run([sys.executable, "-m", "pyvirt", "run", "--memory", "128M",
                             "--engine", engine or default_engine(),
-                            "--disk", f"{disk},format=qcow2", "--command", LOOP.format(secs=seconds)],
+                            "--disk", f"{disk},format=qcow2", "--command", LOOP.format(secs=seconds, rounds=min_rounds)],
                            capture_output=True, text=True, timeout=seconds + 600, stdin=subprocess.DEVNULL)
         rounds = [int(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("ROUNDS ")]
         st = os.stat(disk)

@@ -300,3 +300,9 @@ class VirtioDevice:
         for q, s in zip_strict(self.queues, state["queues"]):
             q.load(s)
         self.load_device(state["device"])
+        self.restored()
+
+    def restored(self) -> None:
+        """Called at the end of `load()`, the device's state in place: a device whose host
+        side must take over the restored rings (virtio-fs's back end) does it here.  It adds
+        no state, so the state schema stays beside save()/load()."""

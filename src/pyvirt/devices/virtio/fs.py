@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import os
 import select
-from typing import Any
 
 from pyvirt.backends.vhost_user import Region, VhostUserError, VhostUserFrontEnd
 from pyvirt.devices.virtio.device import (
@@ -132,12 +131,11 @@ class VirtioFs(VirtioDevice):
                 n += (q.bus.read(q.avail + 2, 2) - q.bus.read(q.used + 2, 2)) & 0xFFFF
         return n
 
-    def load(self, state: dict[str, Any]) -> None:
+    def restored(self) -> None:
         """A restored device: a fresh back end takes over the rings where they stand.  The
         snapshot was taken with the share unmounted in the guest (host/snapshots.py), so
         the guest holds no FUSE node of the old virtiofsd and has nothing in flight; its
         next mount starts a new FUSE session on this back end."""
-        super().load(state)
         if self.live:
             self._start_backend(restored=True)
 

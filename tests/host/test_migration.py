@@ -16,6 +16,7 @@ import pytest
 
 from pyvirt.host.client import ApiError
 from pyvirt.testing.daemon import COUNTER, Daemon, counts, wait_for
+from pyvirt.testing.migrate import guest_view
 
 pytestmark = pytest.mark.slow
 
@@ -167,17 +168,6 @@ def writer_disks(tmp_path: Path) -> tuple[Path, Path]:
     q.write(1 << 20, os.urandom(256 << 10))
     q.close()
     return raw, top
-
-
-def guest_view(path: Path, fmt: str = "auto") -> bytes:
-    from pyvirt.backends.disk import open_disk
-    d = open_disk(path, read_only=True, fmt=fmt)
-    try:
-        buf = bytearray(d.size)
-        d.readinto(0, memoryview(buf))
-        return bytes(buf)
-    finally:
-        d.close()
 
 
 def test_copied_disks_arrive_with_every_flushed_write(two: tuple[Daemon, Daemon], tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from pyvirt.backends.disk import open_disk
 from pyvirt.backends.qcow2_tools import create_qcow2
 from pyvirt.machine.boot import IMAGE_MAGIC2
 from pyvirt.spec import DiskSpec, make_spec
+from pyvirt.testing.migrate import guest_view
 from pyvirt.vmm import migration as mig
 from pyvirt.vmm.migration import MigrationError
 from pyvirt.vmm.vm import Vm, Watch
@@ -68,16 +69,6 @@ def disks(tmp_path: Path) -> list[Path]:
     q.write(40 * BLOCK, os.urandom(BLOCK))
     q.close()
     return [raw, top]
-
-
-def guest_view(path: Path, fmt: str = "auto") -> bytes:
-    d = open_disk(path, read_only=True, fmt=fmt)
-    try:
-        buf = bytearray(d.size)
-        d.readinto(0, memoryview(buf))
-        return bytes(buf)
-    finally:
-        d.close()
 
 
 def blk_backends(vm: Vm) -> list[Any]:

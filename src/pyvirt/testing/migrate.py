@@ -24,6 +24,19 @@ from pyvirt.vmm.migration import Migration, MigrationError, MigrationStats, anno
 from pyvirt.vmm.vm import Vm, Watch
 
 
+def guest_view(path: Path, fmt: str = "auto") -> bytes:
+    """The whole disk image at `path` as a guest sees it (a qcow2 through its backing chain):
+    what a copied disk must equal."""
+    from pyvirt.backends.disk import open_disk
+    d = open_disk(path, read_only=True, fmt=fmt)
+    try:
+        buf = bytearray(d.size)
+        d.readinto(0, memoryview(buf))
+        return bytes(buf)
+    finally:
+        d.close()
+
+
 def destination(path: str, token: str, seconds: float, disk_dir: str | None = None) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)

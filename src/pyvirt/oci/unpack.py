@@ -228,28 +228,22 @@ def _dir_metadata(root: Path, dest: Path, m: Member) -> None:
                 raise
             os.close(fd)
             fd = nxt
-        if os.geteuid() == 0:
-            os.fchown(fd, m.uid, m.gid)
-        os.fchmod(fd, m.mode)
-        for key, value in m.xattrs.items():
-            try:
-                os.setxattr(fd, key, value)
-            except OSError:
-                pass                             # (a namespace this file system or user cannot set)
-        os.utime(fd, ns=(m.mtime * 10**9, m.mtime * 10**9))
+        _metadata(fd, m)
     finally:
         os.close(fd)
 
 
-def _metadata(dest: Path, m: Member) -> None:
-    link = m.kind == "symlink"
+def _metadata(dest: Path | int, m: Member) -> None:
+    """Owner, mode, xattrs and times of `dest`: a path (a member just made, never followed
+    if a symlink) or a descriptor (`_dir_metadata`'s)."""
+    follow = isinstance(dest, int)               # (a descriptor has nothing to follow; a path never is)
     if os.geteuid() == 0:
-        os.chown(dest, m.uid, m.gid, follow_symlinks=False)
-    if not link:
+        os.chown(dest, m.uid, m.gid, follow_symlinks=follow)
+    if m.kind != "symlink":
         os.chmod(dest, m.mode)
     for key, value in m.xattrs.items():
         try:
-            os.setxattr(dest, key, value, follow_symlinks=False)
+            os.setxattr(dest, key, value, follow_symlinks=follow)
         except OSError:
             pass                                 # (a namespace this file system or user cannot set)
-    os.utime(dest, ns=(m.mtime * 10**9, m.mtime * 10**9), follow_symlinks=False)
+    os.utime(dest, ns=(m.mtime * 10**9, m.mtime * 10**9), follow_symlinks=follow)

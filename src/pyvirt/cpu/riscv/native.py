@@ -18,7 +18,9 @@ host address = va + addend; an access hits on the bare vpn (a global entry)
 or on vpn ^ [W_TAG] (the current address space's).  The hart fills them
 when it fills its Python TLB dicts, and native code fills them on a miss with
 the native page walk (walk_code), which the dicts do not see; neither fills a
-write entry for a page holding translated code.
+write entry for a page holding translated code.  The dispatcher's fetch misses
+go through Hart.translate, which tries the same walk (its fetch entry) before
+mmu.walk.
 
 Only on x86-64 hosts (Linux, System V ABI); elsewhere the Python tiers run.
 """

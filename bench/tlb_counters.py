@@ -11,7 +11,8 @@ the counts, not the time, are the result).  Works on any pyvirt version that
 has those three functions, so it can count before and after a change.  Where
 the native code cache exists (codecache.py), its hits, misses and stores are
 printed too; where the native page walk exists (native.walk_code), the TLB
-refills it made, and each hart's TLB memory (Hart.tlb_bytes) at the end.
+refills it made (and how many were instruction fetches, where it walks those),
+and each hart's TLB memory (Hart.tlb_bytes) at the end.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def main() -> int:
     nwalks = getattr(native, "W_NWALKS", None)
     if nwalks is not None:
         print(f"native page walks (TLB refills): {sum(h._uq[nwalks] for h in harts):,}")
+    nfwalks = getattr(native, "W_NFWALKS", None)
+    if nfwalks is not None:
+        print(f"  of which instruction fetches: {sum(h._uq[nfwalks] for h in harts):,}")
     for h in harts:
         if hasattr(h, "tlb_bytes"):
             sizes = h.tlb_bytes()

@@ -8,7 +8,9 @@ one with `translate`, the native one with the walk routine native blocks call on
 miss.  The native walk must fill exactly when `translate` fills (an S/U access allowed
 to a RAM page), make the same TLB entries and leave memory as the Python walk leaves it
 (A and D); when it declines it must change nothing at all, so that the Python path that
-runs next raises the precise trap.  The guest-level side — the privileged programs on
+runs next raises the precise trap.  Instruction fetches likewise (the fetch entry
+`translate` calls before mmu.walk), and `translate` for a fetch on a hart using it
+against one that does not.  The guest-level side — the privileged programs on
 the native engine, with the walk on and broken — is at the end."""
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import mmap
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,7 @@ class Walk:
     sum_: bool = False
     mxr: bool = False
     asid: int = 5
+    fetch: bool = False               # an instruction fetch (then `store` is ignored)
 
     def satp(self) -> int:
         return (self.mode << 60) | (self.asid << 44) | (TABLES >> 12)
@@ -82,7 +85,7 @@ class Walk:
         """For hypothesis's reports: the PTEs, not a megabyte of memory."""
         ptes = {hex(RAM + i): hex(v) for i in range(0, len(self.mem), 8)
                 if (v := int.from_bytes(self.mem[i:i + 8], "little"))}
-        p.text(f"Walk(mode={self.mode}, va={self.va:#x}, store={self.store}, priv={self.priv}, "
+        p.text(f"Walk(mode={self.mode}, va={self.va:#x}, store={self.store}, fetch={self.fetch}, priv={self.priv}, "
                f"sum={self.sum_}, mxr={self.mxr}, asid={self.asid}, ptes={ptes})")
 
 
@@ -110,10 +113,21 @@ def entries(h: Hart, va: int) -> tuple[int, int, int, int]:
     return view[slot], rel(view[slot + 1]), view[wslot], rel(view[wslot + 1])
 
 
+def fetch_entry(h: Hart, va: int) -> tuple[int, int]:
+    """The current privilege's native fetch entry for `va`'s page: (tag word, ppn)."""
+    view = h._ntlb_views[h.priv]
+    slot = 4 * native.TLB_ENTRIES + 2 * ((va >> 12) & (native.TLB_ENTRIES - 1))
+    return view[slot], view[slot + 1]
+
+
+def access_of(w: Walk) -> int:
+    return mmu.FETCH if w.fetch else mmu.STORE if w.store else mmu.LOAD
+
+
 def python_walk(w: Walk) -> tuple[Hart, Trap | None, int]:
     h = hart_for(w, native_walk=False)
     try:
-        return h, None, h.translate(w.va, mmu.STORE if w.store else mmu.LOAD)
+        return h, None, h.translate(w.va, access_of(w))
     except Trap as t:
         return h, t, 0
 
@@ -126,7 +140,10 @@ def native_walk(w: Walk, mutation: str | None = None, known_superpages: bool = T
         spn = w.va >> (12 + 9 * level)
         h.superpages.add(spn)
         h._sptab[native.sp_slot(spn)] = spn
-    filled = native.walker(mutation).test(h, w.va, int(w.store))
+    if w.fetch:
+        filled = native.walker(mutation).fetch(h, w.va)
+    else:
+        filled = native.walker(mutation).test(h, w.va, int(w.store))
     return h, bool(filled)
 
 
@@ -146,6 +163,8 @@ def leaf_level(w: Walk) -> int:
 
 def check(w: Walk, mutation: str | None = None) -> bool:
     """Compare the two walks (see the module's docstring); True when the native one filled."""
+    if w.fetch:
+        return check_fetch(w, mutation)
     ph, trap, pa = python_walk(w)
     before = entries(hart_for(w), w.va)
     nh, filled = native_walk(w, mutation)
@@ -159,6 +178,42 @@ def check(w: Walk, mutation: str | None = None) -> bool:
         assert entries(nh, w.va) == before
         assert nh.bus.ram[:len(w.mem)] == w.mem                         # no side effect
     return filled
+
+
+def check_fetch(w: Walk, mutation: str | None = None) -> bool:
+    """`check` for an instruction fetch: the native fetch walk fills exactly when the
+    Python walk gives a RAM page, the same fetch entry, A as the Python walk leaves it,
+    and what it returns to `translate` (page, G, level) is what mmu.walk finds; declined,
+    it changes nothing.  Then `translate` itself, on a hart whose fetches take the native
+    walk first: the same physical address or the same trap (cause and tval), the same
+    fetch dicts and memory as on a hart without it."""
+    ph, trap, pa = python_walk(w)
+    before = fetch_entry(hart_for(w), w.va)
+    h = hart_for(w, mutation)
+    done = native.walker(mutation).fetch(h, w.va)
+    python_filled = trap is None and RAM <= pa < RAM + SIZE
+    assert bool(done) == python_filled, (done, trap and (trap.cause, hex(trap.tval)), hex(pa))
+    vpn = w.va >> 12
+    if done:
+        assert fetch_entry(h, w.va) == fetch_entry(ph, w.va)
+        assert h.bus.ram[:len(w.mem)] == ph.bus.ram[:len(w.mem)]          # A as the Python walk
+        assert done & ~0xFFF == pa & ~0xFFF and done & 1
+        assert bool(done & 2) == (vpn in ph.gtlbs[ph.ctx][2])              # global
+        assert (((done >> 4) & 0xFF) - 12) // 9 == leaf_level(w)
+        assert h._uq[native.W_NWALKS] == h._uq[native.W_NFWALKS] == 1
+    else:
+        assert fetch_entry(h, w.va) == before
+        assert h.bus.ram[:len(w.mem)] == w.mem                            # no side effect
+    th = hart_for(w, mutation)
+    try:
+        got: tuple[int, int] = (0, th.translate(w.va, mmu.FETCH))
+    except Trap as t:
+        got = (1, t.cause << 64 | t.tval)
+    assert got == ((1, trap.cause << 64 | trap.tval) if trap is not None else (0, pa))
+    assert th.itlb == ph.itlb and th.gtlbs[th.ctx][2] == ph.gtlbs[ph.ctx][2]
+    assert fetch_entry(th, w.va) == fetch_entry(ph, w.va)
+    assert th.bus.ram[:len(w.mem)] == ph.bus.ram[:len(w.mem)]
+    return bool(done)
 
 
 def tables(mode: int, va: int, ptes: list[int]) -> bytes:
@@ -289,6 +344,63 @@ def test_permissions(flags: int, priv: int, sum_: bool, mxr: bool, store: bool) 
     check(w)
 
 
+FETCH_PERMS = [
+    # (PTE flags, priv, SUM, MXR) -> whether the fetch is allowed (and the native walk fills)
+    (V | X, 1, False, False, True),            # S fetches from an execute-only page
+    (V | R | X | A, 1, False, False, True),    # ... A already set: nothing written
+    (V | R, 1, False, False, False),           # no X
+    (V | R, 1, False, True, False),            # ... MXR does not make a page executable
+    (V | R | W, 0, False, False, False),
+    (V | X | U, 1, False, False, False),       # S fetches from a user page ...
+    (V | X | U, 1, True, False, False),        # ... not even with SUM
+    (V | X | U, 0, False, False, True),        # U fetches from a user page
+    (V | X, 0, False, False, False),           # U fetches from a supervisor page
+    (V | X | G, 1, False, False, True),        # global: an untagged entry
+    (V | R | X | U | G, 0, True, True, True),
+]
+
+
+@pytest.mark.parametrize("mode", [8, 9])
+@pytest.mark.parametrize("flags, priv, sum_, mxr, allowed", FETCH_PERMS)
+def test_fetch_permissions(mode: int, flags: int, priv: int, sum_: bool, mxr: bool, allowed: bool) -> None:
+    w = Walk(tables(mode, VA, leaf_chain(mode, pte(DATA, flags))), mode, VA, False, priv, sum_, mxr, fetch=True)
+    assert check(w) == allowed
+    if allowed:
+        h = hart_for(w)
+        key, ppn = fetch_entry(h, VA)
+        assert h.translate(VA, mmu.FETCH) == DATA | VA & 0xFFF and h.itlb == {VA >> 12: DATA >> 12}
+        assert fetch_entry(h, VA) == ((VA >> 12) ^ (0 if flags & G else h.tagbits), DATA >> 12)
+        assert key == native.M64                   # (before: translate made it)
+        assert h._uq[native.W_NFWALKS] == 1        # through the native walk, not mmu.walk
+    else:
+        with pytest.raises(Trap) as e:
+            hart_for(w).translate(VA, mmu.FETCH)
+        assert (e.value.cause, e.value.tval) == (12, VA)     # instruction page fault, precise
+
+
+@pytest.mark.parametrize("mode", [8, 9])
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_fetch_fault_in_the_middle_of_a_walk_changes_nothing(mode: int, name: str) -> None:
+    ptes = [p | X if p & R else p for p in FAULTS[name](mode)]
+    assert not check(Walk(tables(mode, VA, ptes), mode, VA, False, fetch=True))
+
+
+@pytest.mark.parametrize("mode, level", [(8, 1), (8, 2), (9, 1), (9, 3)])
+def test_fetch_from_a_superpage(mode: int, level: int) -> None:
+    span = 1 << (12 + 9 * level)
+    base = {1: DATA, 2: RAM, 3: 0}[level]
+    offset = {1: 0x3456, 2: 0x3456, 3: RAM + 0x3456}[level]
+    va = 5 * span + offset
+    w = Walk(tables(mode, va, leaf_chain(mode, pte(base, V | X | A), level)), mode, va, False, fetch=True)
+    assert check(w)
+    h = hart_for(w)
+    h.translate(va, mmu.FETCH)
+    spn = va >> (12 + 9 * level)
+    assert h._sptab[native.sp_slot(spn)] == spn       # known to sfence.vma va
+    h.flush_tlb_page(va + 0x1000)
+    assert h.itlb == {} and fetch_entry(h, va)[0] == native.M64
+
+
 def test_declines_what_python_must_do() -> None:
     """M-mode, a bare satp, a non-canonical address, a store to a watched page (code)
     or while a dirty log runs: left to Python."""
@@ -380,18 +492,23 @@ def walks(draw: st.DrawFn) -> Walk:
                 draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 0xFFFF)))
 
 
-def random_check(mutation: str | None, examples: int) -> None:
+def random_check(mutation: str | None, examples: int, fetch: bool = False) -> None:
+    """`check` on random walks; with `fetch`, each walk as an instruction fetch."""
     @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck),
               phases=[Phase.explicit, Phase.generate] if mutation else list(Phase))
     @given(walks())
     def run(w: Walk) -> None:
-        check(w, mutation)
+        check(replace(w, fetch=True) if fetch else w, mutation)
     run()
 
 
 def test_random_page_tables_match_the_python_walk() -> None:
     random_check(None, 1500)
+
+
+def test_random_page_tables_match_the_python_walk_for_fetches() -> None:
+    random_check(None, 1500, fetch=True)
 
 
 # -- A/D updates racing between harts ---------------------------------------------------------------
@@ -524,6 +641,11 @@ BROKEN = {
     "nonleaf": Walk(tables(8, VA, [pte(table(1), V), pte(table(2), 0), pte(DATA, V | R)]), 8, VA, False),
     "global": Walk(tables(8, VA, leaf_chain(8, pte(DATA, V | R | G))), 8, VA, False),
 }
+BROKEN_FETCH = {
+    "exec": Walk(tables(8, VA, leaf_chain(8, pte(DATA, V | R))), 8, VA, False, fetch=True),
+    "perm": Walk(tables(8, VA, leaf_chain(8, pte(DATA, V | X | U))), 8, VA, False, 1, True, fetch=True),
+    "global": Walk(tables(8, VA, leaf_chain(8, pte(DATA, V | X | G))), 8, VA, False, fetch=True),
+}
 
 
 @pytest.mark.parametrize("mutation", list(BROKEN))
@@ -541,6 +663,17 @@ def test_a_broken_walk_fails_the_checks(mutation: str) -> None:
         random_check(mutation, 1500)
 
 
+@pytest.mark.parametrize("mutation", list(BROKEN_FETCH))
+def test_a_broken_fetch_walk_fails_the_checks(mutation: str) -> None:
+    """"exec" (a fetch without X) and "perm" (an S-mode fetch from a user page with SUM)
+    and "global", on fetches: the fixed case and the random fetch checks notice."""
+    check(BROKEN_FETCH[mutation])
+    with pytest.raises(AssertionError):
+        check(BROKEN_FETCH[mutation], mutation)
+    with pytest.raises(AssertionError):
+        random_check(mutation, 1500, fetch=True)
+
+
 # -- on the native engine ----------------------------------------------------------------------------
 
 BARE = Path(__file__).parent / "bare"
@@ -548,13 +681,15 @@ BARE = Path(__file__).parent / "bare"
 
 @pytest.mark.parametrize("program, setting, passes", [
     ("paging", "on", True), ("paging", "off", True), ("paging", "broken-perm", False),
-    ("paging", "broken-nonleaf", False), ("asid", "on", True), ("asid", "broken-global", False)])
+    ("paging", "broken-nonleaf", False), ("paging", "broken-exec", False), ("asid", "on", True),
+    ("asid", "broken-global", False)])
 def test_bare_programs_on_the_native_walk(program: str, setting: str, passes: bool, toolchain: None,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """tests/cpu/bare/paging.c (S-mode accesses, faults — one in the middle of a walk —,
-    A/D, superpages under Sv39) and asid.c (address spaces, global mappings kept across
-    satp writes) on the native engine: they pass with the walk on (and paging.c with it
-    off) and fail with a broken walk.  (A misaligned superpage reaches the native walk
+    A/D, superpages under Sv39, fetches from pages without X and from user pages) and
+    asid.c (address spaces, global mappings kept across satp writes) on the native
+    engine: they pass with the walk on (and paging.c with it off) and fail with a broken
+    walk (broken-exec: a fetch from a page without X is let through).  (A misaligned superpage reaches the native walk
     only when another mapping made its number known, which neither program has: the
     unit checks above catch that mutation.)"""
     from pyvirt.testing import asm
@@ -594,3 +729,9 @@ def test_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYVIRT_NATIVE_WALK", "broken-everything")
     with pytest.raises(ConfigError, match="must be on, off or broken-"):
         native.walk_setting()
+    for value, on in (("on", True), ("", True), ("Off", False), ("no", False)):
+        monkeypatch.setenv("PYVIRT_NATIVE_FETCH_WALK", value)
+        assert native.fetch_walk_setting() is on
+    monkeypatch.setenv("PYVIRT_NATIVE_FETCH_WALK", "sometimes")
+    with pytest.raises(ConfigError, match="must be on or off"):
+        native.fetch_walk_setting()

@@ -109,6 +109,7 @@ class Engine:
         self.native = native.Translator() if mode == "native" else None
         self.jumps = native.JumpTables() if mode == "native" else None
         self.walk = native.walk_setting() if mode == "native" else (False, None)
+        self.fetch_walk = native.fetch_walk_setting() if mode == "native" else False
         self.code_cache = code_cache if self.native is not None else None
         self._stop_half: int | None = None     # see _decode_block
         bus.add_log_hook(self.drop_write_entries)
@@ -127,7 +128,7 @@ class Engine:
         if self.jumps is not None:
             hart.jump_tables = self.jumps
             hart.set_priv(hart.priv)
-            hart.set_walker(*self.walk)
+            hart.set_walker(*self.walk, fetch=self.fetch_walk)
 
     # -- dispatch ---------------------------------------------------------------
     def run(self, h: Hart, budget: int) -> int:

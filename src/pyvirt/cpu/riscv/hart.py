@@ -126,7 +126,7 @@ class Hart(CsrMixin):
         "ecall_hook", "yield_on_pause",
         "_state", "sq", "_uq", "_as_parameter_", "_ntlb", "_ntlb_views", "_ram_host", "native_exit_hook",
         "rechain_hook",
-        "jump_tables", "_sptab", "_walk",
+        "jump_tables", "_sptab", "_walk", "_fetch_walk",
     )
 
     def __init__(self, hartid: int, bus: Bus, clock: Clock, native_regs: bool = False) -> None:
@@ -180,11 +180,13 @@ class Hart(CsrMixin):
         # in one or the other, or both).  The native walk declines a superpage whose
         # slot holds another.
         self._sptab = (ctypes.c_uint64 * native.SP_ENTRIES)()
-        # The routines native code calls on a TLB miss (Engine.add_hart picks them).
-        self._walk = (0, 0)
+        # The routines native code calls on a TLB miss: read, write, fetch (Engine.add_hart
+        # picks them), and the C entry `translate` calls for a fetch, or None.
+        self._walk = (0, 0, 0)
+        self._fetch_walk: Callable[[int, int], int] | None = None
         if native.available():
             decline = native.walker().addr["decline"]
-            self._walk = (decline, decline)
+            self._walk = (decline, decline, decline)
         self._ram_host = ctypes.addressof(ctypes.c_char.from_buffer(bus.ram))
         self.native_exit_hook: Callable[[Hart, int], int] | None = None
         # Native code could not chain to a block and returned to Python: the engine puts
@@ -216,7 +218,7 @@ class Hart(CsrMixin):
         self._state[native.W_RAMSIZE] = self.ram_end - self.ram_base
         self._state[native.W_PFLAGS] = self.bus.page_flags_address
         self._state[native.W_SPTAB] = ctypes.addressof(self._sptab)
-        self._state[native.W_WALK_R], self._state[native.W_WALK_W] = self._walk
+        self._state[native.W_WALK_R], self._state[native.W_WALK_W], self._state[native.W_WALK_X] = self._walk
         for i in range(32):
             self.x[i] = 0
         self.f = [0] * 32
@@ -288,12 +290,15 @@ class Hart(CsrMixin):
         return record(fields)
 
     # -- privilege and TLB -------------------------------------------------------
-    def set_walker(self, on: bool, mutation: str | None = None) -> None:
+    def set_walker(self, on: bool, mutation: str | None = None, fetch: bool = True) -> None:
         """Whether native code refills its TLB with the native page walk (native.walk_code),
-        or leaves every miss to `translate`."""
+        or leaves every miss to `translate`; and with `fetch` (and `on`), whether `translate`
+        walks for an instruction fetch with it before mmu.walk."""
         w = native.walker(mutation)
-        self._walk = (w.addr["load"], w.addr["store"]) if on else (w.addr["decline"],) * 2
-        self._state[native.W_WALK_R], self._state[native.W_WALK_W] = self._walk
+        dec = w.addr["decline"]
+        self._walk = (w.addr["load"], w.addr["store"], w.addr["fetch"] if fetch else dec) if on else (dec,) * 3
+        self._state[native.W_WALK_R], self._state[native.W_WALK_W], self._state[native.W_WALK_X] = self._walk
+        self._fetch_walk = w.fetch if on and fetch else None
 
     def tlb_bytes(self) -> dict[str, int]:
         """Host memory of this hart's TLB: the native tables and the Python dicts (their
@@ -570,9 +575,18 @@ class Hart(CsrMixin):
                 glob = True
                 pa = (g << 12 if access == mmu.FETCH else self.ram_base + (vpn << 12) + g) | (va & 0xFFF)
             else:
-                st = self.mstatus
-                pa, level, glob = mmu.walk(self.bus, mode, self.satp & ((1 << 44) - 1), va, access, priv,
-                                           bool(st & SUM), bool(st & MXR))
+                fw = self._fetch_walk
+                done = fw(self._as_parameter_, va) if fw is not None and access == mmu.FETCH else 0
+                if done:
+                    # The native walk (native.walk_code "fetch_c") took it; anything unusual,
+                    # faults included, it declines and mmu.walk decides.
+                    pa = (done & ~0xFFF) | (va & 0xFFF)
+                    level = (((done >> 4) & 0xFF) - 12) // 9
+                    glob = bool(done & 2)
+                else:
+                    st = self.mstatus
+                    pa, level, glob = mmu.walk(self.bus, mode, self.satp & ((1 << 44) - 1), va, access, priv,
+                                               bool(st & SUM), bool(st & MXR))
         if not mprv and self.ram_base <= pa < self.ram_end:
             vpn = va >> 12
             ppn = pa >> 12
@@ -586,18 +600,18 @@ class Hart(CsrMixin):
                     self._native_clear(3)
                 else:
                     self.flush_asid(self.asid())
-            if level:
-                spn = vpn >> (9 * level)
-                self.superpages.add(spn)
-                at = native.sp_slot(spn)
-                if self._sptab[at] == M64:
-                    self._sptab[at] = spn
             slot = 2 * (vpn & (native.TLB_ENTRIES - 1))
             addend = (self._ram_host + page_off) & M64
             key = vpn if glob or priv == 3 or mode == 0 else vpn ^ self.tagbits
             gd = self.gtlbs[self.ctx] if glob else None
             if gd is not None and len(gd[0]) + len(gd[1]) + len(gd[2]) > GLOBAL_LIMIT:
                 self.flush_tlb()
+            if level:                          # (after any flush, which forgets superpages)
+                spn = vpn >> (9 * level)
+                self.superpages.add(spn)
+                at = native.sp_slot(spn)
+                if self._sptab[at] == M64:
+                    self._sptab[at] = spn
             if access == mmu.FETCH:
                 ix[vpn] = ppn
                 if gd is not None:

@@ -18,7 +18,9 @@ host address = va + addend; an access hits on the bare vpn (a global entry)
 or on vpn ^ [W_TAG] (the current address space's).  The hart fills them
 when it fills its Python TLB dicts, and native code fills them on a miss with
 the native page walk (walk_code), which the dicts do not see; neither fills a
-write entry for a page holding translated code.
+write entry for a page holding translated code.  The dispatcher's fetch misses
+go through Hart.translate, which tries the same walk (its fetch entry) before
+mmu.walk.
 
 Only on x86-64 hosts (Linux, System V ABI); elsewhere the Python tiers run.
 """
@@ -94,6 +96,8 @@ W_SPTAB = 55       # host address of the hart's superpage table (SP_ENTRIES word
 W_WALK_R = 56      # the walk routine native code calls on a read-table miss ...
 W_WALK_W = 57      # ... and on a write-table miss (walk_code; or one that always declines)
 W_NWALKS = 58      # TLB refills the native walk made (a counter for bench/tlb_counters.py)
+W_WALK_X = 59      # the walk routine for instruction fetches (walk_code's "fetch", or "decline")
+W_NFWALKS = 60     # fetch-table refills the native walk made (of W_NWALKS, for tlb_counters.py)
 STATE_WORDS = 64
 SP_BITS = 10
 SP_ENTRIES = 1 << SP_BITS   # superpage table: superpage numbers (all ones: empty) ...
@@ -270,14 +274,15 @@ def _chain_stub() -> bytes:
 # -- the native page walk -----------------------------------------------------------------------
 # PTE bits (mmu.py) and mstatus bits the walk reads.
 _V, _R, _W, _X, _U, _G, _A, _D = (1 << i for i in range(8))
-WALK_MUTATIONS = ("perm", "superpage", "nonleaf", "ad", "global")
+WALK_MUTATIONS = ("perm", "superpage", "nonleaf", "ad", "global", "exec")
 PF_WATCHED = 1       # memory.Bus.page_flags: the page is watched (holds translated code) ...
 PF_NATIVE_W = 2      # ... a native walk gave some hart a write entry for it
 
 
 def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
     """The out-of-line TLB refill native blocks call on a miss (`call [rdi + W_WALK_R/W]`),
-    with rax = the virtual address, rdi = the state buffer.
+    with rax = the virtual address, rdi = the state buffer; "fetch" (`[rdi + W_WALK_X]`)
+    does the same for an instruction fetch.
 
     It walks the Sv39/Sv48 tables in RAM exactly as mmu.walk does and, for an S- or
     U-mode access that mmu.walk would allow to a RAM page, sets A (and D for a store)
@@ -290,12 +295,19 @@ def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
     for the Python path, which raises the precise trap or fills the TLB itself.
     rax, rdi and r10 are kept; rcx, rdx, rsi, r8, r9 and r11 are not.
 
+    A fetch needs X (MXR does not apply), a U page only in U-mode (SUM does not apply),
+    sets A alone, and fills the entry of the current privilege's fetch table (vpn tag,
+    ppn) as Hart.translate does; on return r9 is the page's offset in RAM and r11 holds
+    the walk's G bit (bit 5) and 12 + 9 * level (bits 8-15).  "fetch_c" is its C entry
+    (state, va) -> 0 declined, else the page's physical address | 1 | 2 if global |
+    (12 + 9 * level) << 4: what Hart.translate calls in place of mmu.walk for a fetch.
+
     Also: "scan" (a C function: table, entries, host page address) drops the entries of
     a write table that map that page, and "test" (state, va, is_store) -> filled calls
     the routine the state buffer names.  `mutation` breaks one rule on purpose (tests
     show that they notice): "perm" skips the U/SUM check, "superpage" the alignment
     check, "nonleaf" the invalid-PTE check below the root, "ad" updates A/D without
-    lock cmpxchg, "global" ignores G."""
+    lock cmpxchg, "global" ignores G, "exec" lets a fetch through without X."""
     if mutation is not None and mutation not in WALK_MUTATIONS:
         raise ValueError(f"unknown walk mutation {mutation!r}")
     a = Asm()
@@ -305,6 +317,9 @@ def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
     a.bind(fail)
     a.alu_imm(ALU_CMP, RDI, 0)                     # ZF = 0: nothing filled
     a.ret()
+    offs["fetch"] = len(a.buf)
+    a.mov_imm(R11, 2)                              # r11: bit 1 fetch
+    a.jmp(common)
     offs["load"] = len(a.buf)
     a.alu(ALU_XOR, R11, R11, w=False)              # r11: bit 0 store, bit 5 (PTE.G) global
     a.jmp(common)
@@ -379,13 +394,18 @@ def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
     a.jmp(loop)
 
     a.bind(leaf)                                   # permissions (4.3.2 step 5)
-    notu, access, store, ok = a.label(), a.label(), a.label(), a.label()
+    notu, access, store, ok, fetch = a.label(), a.label(), a.label(), a.label(), a.label()
+    a.mov(RSI, RCX)
+    a.shift_imm(SHL, RSI, 8)
+    a.alu(ALU_OR, R11, RSI)                        # r11 bits 8-15: 12 + 9 * level
     a.load(RSI, RDI, 8 * W_PRIV)
     a.test_imm(R8, _U)
     a.jcc(CC_E, notu)
     if mutation != "perm":
         a.alu_imm(ALU_CMP, RSI, 1)
         a.jcc(CC_NE, access)                       # U-mode, U page
+        a.test_imm(R11, 2)
+        a.jcc(CC_NE, fail)                         # S-mode fetch, U page (SUM or not)
         a.load(RSI, RDI, 8 * W_MSTATUS)
         a.test_imm(RSI, SUM)
         a.jcc(CC_E, fail)                          # S-mode, U page, SUM clear
@@ -396,6 +416,8 @@ def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
     a.bind(access)
     a.test_imm(R11, 1)
     a.jcc(CC_NE, store)
+    a.test_imm(R11, 2)
+    a.jcc(CC_NE, fetch)
     a.test_imm(R8, _R)
     a.jcc(CC_NE, ok)
     a.test_imm(R8, _X)
@@ -403,6 +425,11 @@ def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
     a.load(RSI, RDI, 8 * W_MSTATUS)
     a.test_imm(RSI, MXR)                           # executable pages readable with MXR
     a.jcc(CC_E, fail)
+    a.jmp(ok)
+    a.bind(fetch)
+    if mutation != "exec":
+        a.test_imm(R8, _X)
+        a.jcc(CC_E, fail)                          # a fetch needs X, whatever MXR says
     a.jmp(ok)
     a.bind(store)
     a.test_imm(R8, _W)
@@ -499,6 +526,9 @@ def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
     a.jcc(CC_NE, glob)
     a.alu_mem(ALU_XOR, RCX, RDI, 8 * W_TAG)        # rcx = the entry's tag word
     a.bind(glob)
+    fetch_fill = a.label()
+    a.test_imm(R11, 2)
+    a.jcc(CC_NE, fetch_fill)
     a.mov(R8, R9)                                  # r8 = offset in RAM
     a.alu_mem(ALU_ADD, R9, RDI, 8 * W_RAM)
     a.mov(RSI, RAX)
@@ -535,6 +565,22 @@ def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
     a.alu(ALU_CMP, RAX, RAX)                       # ZF = 1: filled
     a.ret()
 
+    a.bind(fetch_fill)                             # the fetch table's entry: (tag word, ppn)
+    a.mov(RDX, RAX)
+    a.shift_imm(SHR, RDX, 12)
+    a.alu_imm(ALU_AND, RDX, TLB_ENTRIES - 1, w=False)
+    a.shift_imm(SHL, RDX, 4, w=False)
+    a.alu_mem(ALU_ADD, RDX, RDI, 8 * W_TLB_X)
+    a.store(RDX, 0, RCX)
+    a.mov(RSI, R9)
+    a.alu_mem(ALU_ADD, RSI, RDI, 8 * W_RAMBASE)
+    a.shift_imm(SHR, RSI, 12)
+    a.store(RDX, 8, RSI)
+    a.add_mem_imm(RDI, 8 * W_NWALKS, 1)
+    a.add_mem_imm(RDI, 8 * W_NFWALKS, 1)
+    a.alu(ALU_CMP, RAX, RAX)
+    a.ret()
+
     offs["scan"] = len(a.buf)                      # (table, entries, host page address)
     top, nxt, end = a.label(), a.label(), a.label()
     a.mov_imm(R8, VPN_MASK)
@@ -567,6 +613,22 @@ def walk_code(mutation: str | None = None) -> tuple[bytes, dict[str, int]]:
     a.bind(back)
     a.setcc(CC_E, RAX)
     a.ret()
+
+    offs["fetch_c"] = len(a.buf)                   # (state, va) -> see above
+    no = a.label()
+    a.mov(RAX, RSI)
+    a.call_mem(RDI, 8 * W_WALK_X)
+    a.jcc(CC_NE, no)
+    a.mov(RAX, R11)
+    a.shift_imm(SHR, RAX, 4)
+    a.alu_imm(ALU_AND, RAX, 0xFF2, w=False)        # G -> bit 1, 12 + 9 * level -> bits 4-11
+    a.alu_mem(ALU_ADD, R9, RDI, 8 * W_RAMBASE)
+    a.alu(ALU_OR, RAX, R9)
+    a.alu_imm(ALU_OR, RAX, 1)
+    a.ret()
+    a.bind(no)
+    a.alu(ALU_XOR, RAX, RAX, w=False)
+    a.ret()
     return a.finish(), offs
 
 
@@ -584,6 +646,7 @@ class Walker:
         self.scan = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64)(self.addr["scan"])
         self.test = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64,
                                      ctypes.c_uint64)(self.addr["test"])
+        self.fetch = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64)(self.addr["fetch_c"])
 
 
 _WALKERS: dict[str | None, Walker] = {}
@@ -608,6 +671,17 @@ def walk_setting() -> tuple[bool, str | None]:
         return True, v[7:]
     raise ConfigError(f"PYVIRT_NATIVE_WALK must be on, off or broken-<{'|'.join(WALK_MUTATIONS)}>, "
                       f"not {v[:40]!r}")
+
+
+def fetch_walk_setting() -> bool:
+    """PYVIRT_NATIVE_FETCH_WALK: unset or "on" (instruction-fetch misses use the native walk
+    too, where PYVIRT_NATIVE_WALK is on), or "off" (they go to mmu.walk, as before)."""
+    v = os.environ.get("PYVIRT_NATIVE_FETCH_WALK", "on").lower()
+    if v in ("on", "1", "yes", ""):
+        return True
+    if v in ("off", "0", "no"):
+        return False
+    raise ConfigError(f"PYVIRT_NATIVE_FETCH_WALK must be on or off, not {v[:40]!r}")
 
 
 _BLOCK_TYPE = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pyvirt.backends.disk import open_disk
-from pyvirt.host.agent import Agent, frozen_filesystems
+from pyvirt.host.agent import Agent, AgentConnection, AgentError, frozen_filesystems
 from pyvirt.testing.daemon import Daemon, wait_agent, wait_for
 
 MIB = 1 << 20
@@ -78,6 +78,25 @@ def test_snapshot_freezes_and_thaws_the_guest_file_systems(daemon: Daemon, tmp_p
         assert count(c) == n and not done.is_set()
     assert done.wait(30) and fr.thawed, fr.describe()
     wait_for(lambda: count(c) > n, 30, "the writer to go on after the thaw")
+
+    # The agent thaws by itself when the host goes away, and after 30 s without its word.
+    for host_leaves in (True, False):
+        conn = AgentConnection(agent.path, timeout=60)
+        conn.send("Q")
+        assert conn.expect("T")[1] == b"/mnt/d\n"
+        t0 = time.monotonic()
+        n = count(c)
+        time.sleep(1)
+        assert count(c) == n
+        if host_leaves:
+            conn.close()
+        else:
+            with pytest.raises(AgentError, match="thawed without the host's word"):
+                conn.expect("Z")
+            conn.close()
+        wait_for(lambda: count(c) > n, 40, "the writer to go on")
+        took = time.monotonic() - t0
+        assert took < 10 if host_leaves else 28 < took < 45, took
 
     # (2) a daemon snapshot while the writer runs: its copy of the disk is clean
     snap = c.snapshot("vm", "s1")

@@ -94,7 +94,7 @@ def test_snapshot_freezes_and_thaws_the_guest_file_systems(daemon: Daemon, tmp_p
             with pytest.raises(AgentError, match="thawed without the host's word"):
                 conn.expect("Z")
             conn.close()
-        wait_for(lambda: count(c) > n, 40, "the writer to go on")
+        wait_for(lambda n=n: count(c) > n, 40, "the writer to go on")
         took = time.monotonic() - t0
         assert took < 10 if host_leaves else 28 < took < 45, took
 

@@ -6,7 +6,10 @@ on the runners of its `Supervisor`:
 
 * take: a VM with shared folders first has them unmounted by its guest agent
   (virtiofsd's FUSE state is not saved; a busy share refuses the snapshot in one
-  line) and mounted again after it; the runner is asked (control request
+  line) and mounted again after it; its guest agent freezes its writable
+  block-backed file systems and thaws them after the snapshot, even a failed
+  one (a guest without the agent, or paused, is taken as it is: the result's
+  `guest_filesystems` says which); the runner is asked (control request
   `Snapshot`, then="continue") to save the VM between slices, and answers when it
   is written; the VM goes on writing its disks through new overlays in its own
   directory (<vm dir>/disks/<random>/), which its record's
@@ -45,8 +48,16 @@ from pydantic import ValidationError
 from pyvirt.errors import ConfigError
 from pyvirt.guestcmd import AGENT_PORT
 from pyvirt.host import control
-from pyvirt.host.agent import (Agent, AgentError, Freeze, Restored, after_restore, frozen_filesystems,
-                               remount_shares, unmount_shares)
+from pyvirt.host.agent import (
+    Agent,
+    AgentError,
+    Freeze,
+    Restored,
+    after_restore,
+    frozen_filesystems,
+    remount_shares,
+    unmount_shares,
+)
 from pyvirt.host.errors import Conflict, Invalid, NotFound
 from pyvirt.host.paths import vm_paths
 from pyvirt.host.store import DuplicateName, SnapshotRecord, SnapshotStore, VmRecord

@@ -162,3 +162,42 @@ def test_listening_ports_ignores_words_int_refuses(fake_vm, ports: str) -> None:
         read_frame(c)
         c.sendall(frame("T", ports.encode()))
     assert fake_vm(script).listening_ports() == [22, 80]
+
+
+# -- freezing around a snapshot: never raises, says why nothing was frozen -----------------
+def test_freeze_with_an_older_agent_or_none(fake_vm, tmp_path: Path) -> None:
+    from pyvirt.host.agent import frozen_filesystems
+    with frozen_filesystems(fake_vm(hello)) as fr:          # "pyvirt-agent 1": no "freeze" word
+        pass
+    assert fr.frozen is None and fr.describe() == "not frozen: the guest agent ('pyvirt-agent 1') cannot freeze file systems"
+    with frozen_filesystems(Agent(tmp_path / "nothing-here")) as fr:
+        pass
+    assert fr.describe().startswith("not frozen: the guest agent did not answer")
+
+
+def test_freeze_refused_broken_or_not_thawed(fake_vm) -> None:
+    from pyvirt.host.agent import frozen_filesystems
+
+    def freezer(answer: bytes, thaw: bytes | None) -> Script:
+        def script(c: socket.socket) -> None:
+            c.sendall(frame("V", PROTOCOL.encode() + b" freeze"))
+            assert read_frame(c) == ("Q", b"")
+            c.sendall(answer)
+            if thaw is not None:
+                assert read_frame(c) == ("U", b"")
+                c.sendall(thaw)
+        return script
+
+    with frozen_filesystems(fake_vm(freezer(frame("X", b"freeze /: Device or resource busy\n\x1b[2J"), None))) as fr:
+        pass
+    assert fr.describe() == "not frozen: the guest agent could not freeze: freeze /: Device or resource busy??[2J"
+    with frozen_filesystems(fake_vm(freezer(struct.pack("<IB", MAX_PAYLOAD + 1, ord("T")), None))) as fr:
+        pass
+    assert fr.frozen is None and "65537 bytes" in fr.note
+    with frozen_filesystems(fake_vm(freezer(frame("T", b"/\n/mnt/d\n"), frame("Z", b"/mnt/d\n/\n")))) as fr:
+        assert fr.frozen == ["/", "/mnt/d"]
+    assert fr.describe() == "froze /, /mnt/d (thawed after the snapshot)"
+    with pytest.raises(RuntimeError), \
+            frozen_filesystems(fake_vm(freezer(frame("T", b"/mnt/d\n"), frame("X", b"thaw /mnt/d: bad")))) as fr:
+        raise RuntimeError("the snapshot failed")                # (it is thawed all the same)
+    assert not fr.thawed and fr.describe() == "froze /mnt/d (thaw: thaw /mnt/d: bad)"

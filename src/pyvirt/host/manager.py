@@ -235,11 +235,28 @@ class Manager:
         log.info("stopping VM %s (forced off after %g s)", rec.name, timeout)
         self.runners.expected_end.add(rec.id)
         self.store.update(rec.id, desired="stopped")
-        with contextlib.suppress(Conflict):
-            self.runners.call(rec, control.Stop(), control.StopReply)
+        if not self._agent_poweroff(rec):
+            with contextlib.suppress(Conflict):          # the console-port agent (and a paused VM resumed)
+                self.runners.call(rec, control.Stop(), control.StopReply)
         if not self.runners.wait_end(rec, timeout):
             self._force_end(rec, why=f"forced off after {timeout:g} s")
         return self.inspect(rec.id)
+
+    def _agent_poweroff(self, rec: VmRecord) -> bool:
+        """Ask the guest agent (vsock) to power the guest off; False when it did not answer
+        (a guest without it: the caller uses the console-port agent)."""
+        from pyvirt.host.agent import Agent, AgentError
+        if rec.state == "paused":
+            with contextlib.suppress(Conflict):
+                self.runners.call(rec, control.Resume(), control.StateReply)
+                self.store.update(rec.id, state="running")
+        try:
+            Agent(self.runners.paths(rec).vsock_sock).poweroff(connect_timeout=2.0)
+        except AgentError as e:
+            log.info("VM %s: the guest agent did not take the power-off (%s): through the console port", rec.name, e)
+            return False
+        log.info("VM %s: powering off through the guest agent", rec.name)
+        return True
 
     def kill(self, name: str) -> dict[str, Any]:
         rec = self._running(name)

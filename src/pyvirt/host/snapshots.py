@@ -6,7 +6,10 @@ on the runners of its `Supervisor`:
 
 * take: a VM with shared folders first has them unmounted by its guest agent
   (virtiofsd's FUSE state is not saved; a busy share refuses the snapshot in one
-  line) and mounted again after it; the runner is asked (control request
+  line) and mounted again after it; its guest agent freezes its writable
+  block-backed file systems and thaws them after the snapshot, even a failed
+  one (a guest without the agent, or paused, is taken as it is: the result's
+  `guest_filesystems` says which); the runner is asked (control request
   `Snapshot`, then="continue") to save the VM between slices, and answers when it
   is written; the VM goes on writing its disks through new overlays in its own
   directory (<vm dir>/disks/<random>/), which its record's
@@ -45,7 +48,16 @@ from pydantic import ValidationError
 from pyvirt.errors import ConfigError
 from pyvirt.guestcmd import AGENT_PORT
 from pyvirt.host import control
-from pyvirt.host.agent import Agent, AgentError, Restored, after_restore, remount_shares, unmount_shares
+from pyvirt.host.agent import (
+    Agent,
+    AgentError,
+    Freeze,
+    Restored,
+    after_restore,
+    frozen_filesystems,
+    remount_shares,
+    unmount_shares,
+)
 from pyvirt.host.errors import Conflict, Invalid, NotFound
 from pyvirt.host.paths import vm_paths
 from pyvirt.host.store import DuplicateName, SnapshotRecord, SnapshotStore, VmRecord
@@ -107,7 +119,7 @@ class Snapshots:
             with self.lock:
                 lock = self.snapshot_locks.setdefault(rec.id, threading.Lock())
             shares = bool(VmSpec.model_validate_json(rec.spec).shares)
-            with lock, self._shares_let_go(rec, shares):
+            with lock, self._shares_let_go(rec, shares), self._frozen(rec) as freeze:
                 try:
                     reply = self.runners.call(rec, control.Snapshot(dir=str(d), then="continue", live_dir=str(live),
                                                                     shares_unmounted=shares),
@@ -135,8 +147,18 @@ class Snapshots:
         except BaseException:
             shutil.rmtree(d, ignore_errors=True)
             raise
-        log.info("snapshot %s of VM %s taken into %s", name, vm_name, d)
-        return self.describe_snapshot(snap)
+        log.info("snapshot %s of VM %s taken into %s; its file systems: %s", name, vm_name, d, freeze.describe())
+        return {**self.describe_snapshot(snap), "guest_filesystems": freeze.describe()}
+
+    @contextlib.contextmanager
+    def _frozen(self, rec: VmRecord) -> Iterator[Freeze]:
+        """The guest's file systems frozen by its agent for the time of the snapshot (a guest
+        without the agent, or a paused one, is snapshotted as it is)."""
+        if rec.state == "paused":
+            yield Freeze(note="the VM is paused (its guest agent cannot answer)")
+            return
+        with frozen_filesystems(Agent(self.runners.paths(rec).vsock_sock)) as freeze:
+            yield freeze
 
     @contextlib.contextmanager
     def _shares_let_go(self, rec: VmRecord, shares: bool) -> Iterator[None]:

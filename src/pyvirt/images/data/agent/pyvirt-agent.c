@@ -1,4 +1,5 @@
-/* pyvirt-agent: the guest side of pyvirt's agent protocol (docs/agent.md), version 1.
+/* pyvirt-agent: the guest side of pyvirt's agent protocol (docs/agent.md), version 1
+ * with the features named after the version in its greeting ("freeze": request Q).
  *
  * Listens on AF_VSOCK port 1024; each host connection is one request, served by a
  * forked child.  Frames both ways: le32 length, u8 type, `length` bytes of payload
@@ -30,13 +31,16 @@
 #include <sys/time.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <termios.h>
 #include <unistd.h>
 
 #define AGENT_PORT 1024
-#define VERSION "pyvirt-agent 1"
+#define VERSION "pyvirt-agent 1 freeze"
 #define MAX_PAYLOAD 65536
 #define MAX_ARGS 256
+#define MAX_FROZEN 64
+#define THAW_AFTER_MS 30000       /* a freeze the host never ends is ended here */
 
 static int conn = -1;
 
@@ -369,6 +373,113 @@ static int freeze(const char *path, unsigned long req) {
     return rc;
 }
 
+/* -- freezing every file system for a snapshot (request Q) ---------------------------- */
+/* /proc/mounts writes ' ', tab, newline and backslash in octal (\040) */
+static void unescape(char *s) {
+    char *o = s;
+    for (char *p = s; *p; o++) {
+        if (p[0] == '\\' && p[1] >= '0' && p[1] <= '3' && p[2] >= '0' && p[2] <= '7' && p[3] >= '0' && p[3] <= '7') {
+            *o = (char)((p[1] - '0') << 6 | (p[2] - '0') << 3 | (p[3] - '0'));
+            p += 4;
+        } else {
+            *o = *p++;
+        }
+    }
+    *o = 0;
+}
+
+/* Whether a mounted file system is one to freeze: block-backed (its source a /dev node),
+ * mounted read-write, not a kind that has no blocks of its own or that the host serves. */
+static int freezable(const char *src, const char *type, const char *opts) {
+    static const char *skip[] = {"tmpfs", "ramfs", "proc", "sysfs", "devtmpfs", "devpts", "virtiofs", "9p",
+                                 "overlay", "squashfs", "iso9660", "nfs", "nfs4", "cifs", "cgroup", "cgroup2",
+                                 "debugfs", "tracefs", "securityfs", "pstore", "bpf", "mqueue", "hugetlbfs",
+                                 "configfs", "fusectl", "autofs", "rootfs", "efivarfs", NULL};
+    if (strncmp(src, "/dev/", 5) != 0 || strncmp(type, "fuse", 4) == 0) return 0;
+    if (strncmp(opts, "rw", 2) != 0 || (opts[2] && opts[2] != ',')) return 0;
+    for (int i = 0; skip[i]; i++)
+        if (strcmp(type, skip[i]) == 0) return 0;
+    return 1;
+}
+
+static char frozen[MAX_FROZEN][PATH_MAX];
+static int n_frozen;
+
+/* Thaws what this request froze, newest first; the mount points thawed go to `out`. */
+static void thaw_all(char *out, size_t cap) {
+    size_t used = 0;
+    if (cap) out[0] = 0;
+    while (n_frozen > 0) {
+        const char *m = frozen[--n_frozen];
+        if (freeze(m, FITHAW) == 0 && used < cap) {
+            int w = snprintf(out + used, cap - used, "%s\n", m);
+            if (w > 0) used += (size_t)w < cap - used ? (size_t)w : cap - used - 1;
+        }
+    }
+}
+
+/* Q: FIFREEZE each writable block-backed file system (the last mounted first; one per
+ * device), answer 'T' with their mount points one a line (none: nothing to freeze), then
+ * wait for the host's 'U' -- or its going away, or THAW_AFTER_MS -- and thaw them all
+ * ('Z' with the mount points thawed; 'X' when it was not the host that ended it).  A file
+ * system without freeze support is left as it is; an error thaws what was frozen. */
+static int do_freeze_all(void) {
+    static char lines[256][PATH_MAX + 64];
+    int n = 0;
+    FILE *f = fopen("/proc/mounts", "r");
+    if (!f) return send_error("cannot read", "/proc/mounts");
+    char line[3 * PATH_MAX];
+    while (n < 256 && fgets(line, sizeof line, f)) snprintf(lines[n++], sizeof lines[0], "%s", line);
+    fclose(f);
+    dev_t devs[MAX_FROZEN];
+    static char out[MAX_PAYLOAD];
+    size_t used = 0;
+    n_frozen = 0;
+    for (int i = n - 1; i >= 0; i--) {
+        char src[PATH_MAX], dir[PATH_MAX], type[64], opts[1024];
+        if (sscanf(lines[i], "%4095s %4095s %63s %1023s", src, dir, type, opts) != 4) continue;
+        unescape(dir);
+        if (!freezable(src, type, opts)) continue;
+        struct stat st;
+        if (stat(dir, &st) < 0) continue;
+        int seen = 0;
+        for (int k = 0; k < n_frozen; k++) seen |= devs[k] == st.st_dev;
+        if (seen) continue;                                       /* a bind mount of one frozen */
+        if (n_frozen == MAX_FROZEN) break;
+        if (freeze(dir, FIFREEZE) < 0) {
+            if (errno == EOPNOTSUPP || errno == ENOTTY || errno == EINVAL || errno == EBUSY) continue;
+            int e = errno;
+            thaw_all(out, sizeof out);
+            errno = e;
+            return send_error("freeze", dir);
+        }
+        devs[n_frozen] = st.st_dev;
+        snprintf(frozen[n_frozen++], PATH_MAX, "%s", dir);
+        int w = snprintf(out + used, sizeof out - used, "%s\n", dir);
+        if (w > 0 && (size_t)w < sizeof out - used) used += (size_t)w;
+    }
+    if (send_frame('T', out, used) < 0) { thaw_all(out, sizeof out); return -1; }
+    /* the file systems stay frozen until the host says 'U' */
+    struct timespec t0, now;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int type = 0, host = 0;
+    uint32_t len;
+    for (;;) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long left = THAW_AFTER_MS - ((now.tv_sec - t0.tv_sec) * 1000 + (now.tv_nsec - t0.tv_nsec) / 1000000);
+        if (left <= 0) break;
+        struct pollfd pf = {conn, POLLIN, 0};
+        int r = poll(&pf, 1, (int)left);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+        host = recv_frame(&type, buf, &len) == 0 && type == 'U';
+        break;                                    /* 'U', anything else or the host gone */
+    }
+    thaw_all(out, sizeof out);
+    if (!host) return send_text('X', "freeze: thawed without the host's word (it went away or took over 30 s)");
+    return send_frame('Z', out, strlen(out));
+}
+
 /* payload: le16 port.  Connects to 127.0.0.1:port in the guest, answers 'Z', then the
  * connection carries the TCP stream's bytes both ways (no more frames). */
 static int do_tcp(const unsigned char *p, uint32_t n) {
@@ -438,6 +549,7 @@ static void serve(void) {
         if (freeze(n ? arg : "/", type == 'F' ? FIFREEZE : FITHAW) < 0) send_error(type == 'F' ? "freeze" : "thaw", n ? arg : "/");
         else send_frame('Z', NULL, 0);
         break;
+    case 'Q': do_freeze_all(); break;
     case 'O':
         send_frame('Z', NULL, 0);
         sync();

@@ -62,8 +62,9 @@ SUITE = "trixie"
 ARCH = "riscv64"
 # What debootstrap installs beyond minbase (it resolves their dependencies).
 # ioping: the in-guest random I/O benchmark (bench/disk_debian.py); dd is coreutils'.
+# iperf3: the in-guest network benchmark (bench/net_debian.py).
 PACKAGES = ("systemd-sysv", "udev", "kmod", "e2fsprogs", "iproute2", "procps", "netbase",
-            "busybox-static", "ioping")
+            "busybox-static", "ioping", "iperf3")
 ROOT_MODULES = ("virtio_mmio", "virtio_blk", "ext4")
 DISK_SIZE = 2 << 30
 SETUP_MEMORY = 1 << 30

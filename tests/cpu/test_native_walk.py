@@ -446,69 +446,104 @@ def test_a_page_that_becomes_code_loses_its_native_write_entries() -> None:
 
 # -- random page tables ------------------------------------------------------------------------------
 
+DEFECTS = ("address", "pointer", "leaf", "page", "reserved")
+
+
 @st.composite
 def walks(draw: st.DrawFn) -> Walk:
+    """A walk of random tables: a third wholly random, a third well formed down to the
+    leaf (a canonical address, valid pointers, a valid leaf with an aligned page in RAM,
+    no reserved bits: the permissions decide), a third well formed but for one defect
+    (DEFECTS); half of the well-formed ones with a leaf that allows a load or store.
+    The checks of a mutation need walks that fill, or would but for the rule it breaks:
+    wholly random tables filled one walk in 60, one in 150 to 200 showed "global", whether
+    1500 of them held one depended on the test files run before in the process
+    (hypothesis draws some integers from the constants of the modules loaded, so even
+    derandomized, its walks change with them).  Now about one in 5 fills (one in 10
+    fetches) and each mutation shows in 2 % of the walks or more."""
     mode = draw(st.sampled_from([8, 9]))
+    store, priv, sum_, mxr = draw(st.booleans()), draw(st.sampled_from([0, 1])), draw(st.booleans()), draw(st.booleans())
+    kind = draw(st.sampled_from(["random", "sane", "defect"]))
+    sane = kind != "random"
+    defect = draw(st.sampled_from(DEFECTS)) if kind == "defect" else None
+    allowed = sane and draw(st.booleans())       # a leaf that lets a load or store through ...
     levels = mmu.LEVELS[mode]
     va_bits = 12 + 9 * levels
-    high = draw(st.sampled_from([0, 1, 2]))      # user half, upper half, non-canonical
+    # user half, upper half, non-canonical
+    high = 2 if defect == "address" else draw(st.sampled_from([0, 1] if sane else [0, 1, 2]))
     va = draw(st.integers(0, (1 << (va_bits - 1)) - 1))
     if high == 1:
         va |= ((1 << (65 - va_bits)) - 1) << (va_bits - 1)
     elif high == 2:
         va |= 1 << draw(st.integers(va_bits, 63))
     va &= native.M64
-    depth = draw(st.integers(1, levels))          # the leaf's index in the walk
+    depth = draw(st.integers(2 if defect == "pointer" else 1, levels))    # the leaf's index in the walk
+    bad_pointer = depth - 2 - draw(st.integers(0, depth - 2)) if defect == "pointer" else -1
     ptes = []
-    flag_bits = st.integers(0, 255)
+    flag_bits = st.tuples(*[st.booleans()] * 8).map(lambda bits: sum(b << i for i, b in enumerate(bits)))
     for k in range(depth):
         level = levels - 1 - k
         if k < depth - 1:
-            flags = draw(st.sampled_from([V, V, V, V | G, V | A, V | U, 0, V | R | W]))
-            ptes.append(pte(table(k + 1), flags))
+            choices = ([V, V, V, V | G, V | A, V | U, 0, V | R | W] if not sane else
+                       [0, G, V | A, V | U, V | D] if k == bad_pointer else [V, V | G])
+            ptes.append(pte(table(k + 1), draw(st.sampled_from(choices))))
             continue
         flags = draw(flag_bits)
+        if allowed:
+            flags |= R | W | (U if priv == 0 else 0)       # (S and a U page: SUM decides)
+        if sane:
+            flags = flags & ~V if defect == "leaf" else flags | V
         span = 1 << (9 * level)                   # in pages
-        where = draw(st.sampled_from(["aligned", "misaligned", "outside"]))
+        where = "aligned"
+        if not sane:
+            where = draw(st.sampled_from(["aligned", "misaligned", "outside"]))
+        elif defect == "page":
+            where = draw(st.sampled_from(["misaligned", "outside"])) if level else "outside"
         ppn = (DATA >> 12) + draw(st.integers(0, 15))
         if level:
             ppn = ((DATA if level == 1 else RAM) >> 12) // span * span
             if where == "misaligned":
                 ppn += draw(st.integers(1, span - 1))
-            if draw(st.booleans()):
-                # The touched 4 KiB page inside RAM, when the superpage starts there.
+            if sane or draw(st.booleans()):
+                # The touched 4 KiB page inside RAM (a superpage below RAM: from its start).
                 offset_bits = 12 + 9 * level
-                va = va >> offset_bits << offset_bits | draw(st.integers(0, (1 << offset_bits) - 1)) % (4 << 20)
+                into_ram = max(RAM - (ppn << 12), 0)
+                va = va >> offset_bits << offset_bits | into_ram + draw(st.integers(0, (1 << offset_bits) - 1)) % (4 << 20)
         if where == "outside":
             ppn = draw(st.integers(0, (1 << 44) - 1))
         value = ppn << 10 | flags
-        if draw(st.integers(0, 15)) == 0:
+        if defect == "reserved" or not sane and draw(st.integers(0, 15)) == 0:
             value |= draw(st.integers(1, 1023)) << 54
         ptes.append(value)
     if depth < levels and draw(st.booleans()):
         ptes.append(pte(DATA, draw(flag_bits)))   # past a leaf: never read
     mem = tables(mode, va, ptes)
-    return Walk(mem, mode, va, draw(st.booleans()), draw(st.sampled_from([0, 1])),
-                draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 0xFFFF)))
+    return Walk(mem, mode, va, store, priv, sum_, mxr, draw(st.integers(0, 0xFFFF)))
 
 
-def random_check(mutation: str | None, examples: int, fetch: bool = False) -> None:
-    """`check` on random walks; with `fetch`, each walk as an instruction fetch."""
+def random_check(mutation: str | None, examples: int, fetch: bool = False) -> float:
+    """`check` on random walks; with `fetch`, each walk as an instruction fetch.  The
+    fraction of the walks that the native walk filled."""
+    counts = [0, 0]
+
     @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck),
               phases=[Phase.explicit, Phase.generate] if mutation else list(Phase))
     @given(walks())
     def run(w: Walk) -> None:
-        check(replace(w, fetch=True) if fetch else w, mutation)
+        counts[0] += 1
+        counts[1] += check(replace(w, fetch=True) if fetch else w, mutation)
     run()
+    return counts[1] / counts[0]
 
 
 def test_random_page_tables_match_the_python_walk() -> None:
-    random_check(None, 1500)
+    """(Filling is what most mutations show in: the walks fill often enough.)"""
+    assert random_check(None, 1500) > 0.1
 
 
 def test_random_page_tables_match_the_python_walk_for_fetches() -> None:
-    random_check(None, 1500, fetch=True)
+    assert random_check(None, 1500, fetch=True) > 0.05
 
 
 # -- A/D updates racing between harts ---------------------------------------------------------------
@@ -653,12 +688,6 @@ def test_a_broken_walk_fails_the_checks(mutation: str) -> None:
     check(BROKEN[mutation])                      # the walk, unbroken, passes
     with pytest.raises(AssertionError):
         check(BROKEN[mutation], mutation)
-    if mutation == "global":
-        # KNOWN DEFECT, open: run after some other test files (tests/cli/test_disk_cli.py,
-        # for one), the random tables no longer catch this mutation, though they do alone and
-        # with all of tests/cpu -- an order dependence in the walker or the harness, not yet
-        # found.  The fixed case above (and asid.c below) still catch it.
-        return
     with pytest.raises(AssertionError):
         random_check(mutation, 1500)
 

@@ -296,3 +296,37 @@ def test_a_snapshot_killed_at_any_step_loses_no_flushed_write(bench: Bench, step
     assert disk.is_file() and disk.resolve().is_relative_to(b.state.resolve())
     qemu_img_chain_clean(disk)
     b.boot_and_check()                                # also the next case's VM
+
+
+def test_unrecorded_snapshot_directories_are_removed_when_nothing_writes_them(state_dir: Path) -> None:
+    """What remove_orphans takes (no runner here): a whole unrecorded snapshot at once; an
+    unfinished one at start, else once it is ORPHAN_AGE old; never one this daemon is taking,
+    an import's (marked incomplete) nor a recorded one."""
+    import time
+
+    from pyvirt.host import manager as mgr
+    from pyvirt.host.archive import INCOMPLETE
+    from pyvirt.host.snapshots import ORPHAN_AGE
+    from pyvirt.host.store import SnapshotRecord
+    from pyvirt.vmm.snapfiles import MANIFEST
+
+    m = mgr.Manager(state_dir, jail=False)
+    try:
+        top = state_dir / "snapshots"
+        top.mkdir(mode=0o700, exist_ok=True)
+        for n in ("whole", "old", "fresh", "importing", "taking", "recorded"):
+            (top / n).mkdir()
+        (top / "whole" / MANIFEST).write_text("{}")
+        (top / "importing" / INCOMPLETE).touch()
+        (top / "importing" / MANIFEST).write_text("{}")
+        past = time.time() - ORPHAN_AGE - 5
+        os.utime(top / "old", (past, past))
+        m.snaps.taking.add("taking")
+        m.snaps.snapshots.add(SnapshotRecord(name="recorded", vm="v", vm_id="x", dir=str(top / "recorded"),
+                                             created=time.time(), memory=0, size=0, version=1, frozen="[]"))
+        m.snaps.remove_orphans()
+        assert sorted(p.name for p in top.iterdir()) == ["fresh", "importing", "recorded", "taking"]
+        m.snaps.remove_orphans(at_start=True)
+        assert sorted(p.name for p in top.iterdir()) == ["importing", "recorded", "taking"]
+    finally:
+        m.close()

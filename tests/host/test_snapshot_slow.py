@@ -1,5 +1,5 @@
-"""A snapshot that takes longer than the daemon's control timeouts (a big RAM, a slow disk)
-is atomic with respect to the store: it completes and is recorded, and the VM's writes after
+"""A snapshot that takes 30 s, far longer than the daemon's control timeouts (as a big RAM or a
+slow disk would) is atomic with respect to the store: it completes and is recorded, and the VM's writes after
 it land where the store says -- also when the daemon is killed while it is being written."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from pyvirt.testing.daemon import Daemon, start_disk_vm, wait_for
 
-SLOW = 8          # seconds the runner spends writing a snapshot: over the 5 s status timeout
+SLOW = 30         # seconds the runner spends writing a snapshot (issue 14: "a snapshot taking 30 s"), far over the 5 s status timeout
 
 # Slows pyvirt.vmm.snapshot.save_snapshot in the runners of the daemon started with it.
 HOOK = f"""

@@ -64,10 +64,13 @@ class Manager:
 
     def recover(self) -> None:
         """After a (re)start: find the runners that are still there, record the others' ends,
-        remove what unfinished imports left."""
+        remove what unfinished imports and snapshots left (and, from then on, what unfinished
+        snapshots leave once their runners are done)."""
         log.info("pyvirtd %s on %s", __version__, self.state)
         self.runners.recover()
         self.transfers.remove_unfinished_imports()
+        self.snaps.remove_orphans(at_start=True)
+        self.runners.housekeeping.append(self.snaps.remove_orphans)
 
     # -- lookups -------------------------------------------------------------------------
     def _get(self, name: str) -> VmRecord:

@@ -67,6 +67,7 @@ from pyvirt.spec import VmSpec, random_mac
 log = logging.getLogger("pyvirtd")
 
 MAX_CLONES = 32
+ORPHAN_AGE = 60.0              # seconds before an unrecorded, unfinished snapshot directory is removed
 
 
 def disk_usage(path: Path) -> int:
@@ -85,6 +86,7 @@ class Snapshots:
         self.lock = runners.lock
         self.snapshots = snapshots
         self.snapshot_locks: dict[str, threading.Lock] = {}
+        self.taking: set[str] = set()            # names of the snapshots this daemon is taking
 
     def _snapshot(self, name: str) -> SnapshotRecord:
         snap = self.snapshots.get(name)
@@ -106,14 +108,23 @@ class Snapshots:
     def take_snapshot(self, vm_name: str, name: str) -> dict[str, Any]:
         """Snapshot a running or paused VM; it goes on (a paused one stays paused)."""
         rec = self.runners.running(vm_name)
-        if self.snapshots.get(name) is not None:
-            raise Conflict(f"a snapshot named {name} exists already")
         d = self.state / "snapshots" / name
-        d.parent.mkdir(mode=0o700, exist_ok=True)
+        with self.lock:
+            if self.snapshots.get(name) is not None or name in self.taking:
+                raise Conflict(f"a snapshot named {name} exists already (or is being taken)")
+            self.taking.add(name)          # (remove_orphans leaves it alone)
         try:
-            d.mkdir(mode=0o700)
-        except FileExistsError:
-            raise Conflict(f"a snapshot named {name} exists already (or is being taken)") from None
+            d.parent.mkdir(mode=0o700, exist_ok=True)
+            try:
+                d.mkdir(mode=0o700)
+            except FileExistsError:
+                raise Conflict(f"a snapshot named {name} exists already (or is being taken)") from None
+            return self._take(rec, vm_name, name, d)
+        finally:
+            with self.lock:
+                self.taking.discard(name)
+
+    def _take(self, rec: VmRecord, vm_name: str, name: str, d: Path) -> dict[str, Any]:
         try:
             live = self.runners.paths(rec).dir / "disks" / uuid.uuid4().hex[:8]
             with self.lock:
@@ -149,6 +160,49 @@ class Snapshots:
             raise
         log.info("snapshot %s of VM %s taken into %s; its file systems: %s", name, vm_name, d, freeze.describe())
         return {**self.describe_snapshot(snap), "guest_filesystems": freeze.describe()}
+
+    def remove_orphans(self, at_start: bool = False) -> None:
+        """Remove the snapshot directories that no record names and no snapshot this daemon is
+        taking fills: what a daemon killed while taking one left (its runner went on, and may
+        have finished it).  A whole one (its manifest in place: nothing writes it any more)
+        goes at once; an unfinished one only once no runner can be writing it (every running
+        runner answers that it is not saving a snapshot) and -- but `at_start`, when nothing
+        else of this daemon makes directories there -- after ORPHAN_AGE seconds.  Directories
+        an import fills (marked incomplete) are Transfers'."""
+        from pyvirt.host.archive import INCOMPLETE
+        from pyvirt.vmm.snapfiles import MANIFEST
+        top = self.state / "snapshots"
+        if not top.is_dir():
+            return
+        with self.lock:
+            known = {s.name for s in self.snapshots.all()} | self.taking
+        orphans = [d for d in top.iterdir()
+                   if d.name not in known and not d.is_symlink() and d.is_dir() and not (d / INCOMPLETE).exists()]
+        busy: bool | None = None
+        for d in orphans:
+            if not (d / MANIFEST).exists():
+                with contextlib.suppress(OSError):
+                    if not at_start and time.time() - d.stat().st_mtime < ORPHAN_AGE:
+                        continue
+                if busy is None:
+                    busy = self._runner_saving()
+                if busy:
+                    continue
+            with self.lock:
+                if self.snapshots.get(d.name) is not None or d.name in self.taking:
+                    continue
+            shutil.rmtree(d, ignore_errors=True)
+            log.warning("removed %s: a snapshot left unrecorded (the daemon ended while taking it)", d)
+
+    def _runner_saving(self) -> bool:
+        """Whether some running VM's runner may be writing a snapshot: it does not answer (it
+        does not while it writes one), or says a snapshot is under way."""
+        for rec in self.store.all():
+            if rec.alive:
+                st = self.runners.status(rec)
+                if st is None or (st.snapshot is not None and st.snapshot.ok is None):
+                    return True
+        return False
 
     @contextlib.contextmanager
     def _frozen(self, rec: VmRecord) -> Iterator[Freeze]:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +43,7 @@ log = logging.getLogger("pyvirtd")
 START_TIMEOUT = 30.0           # the runner's control socket answers within this
 KILL_WAIT = 5.0                # after a kill request, before SIGKILL
 MONITOR_INTERVAL = 0.2
+HOUSEKEEPING = 2.0             # seconds between runs of the housekeeping jobs
 
 R = TypeVar("R", bound=control.Done)
 
@@ -65,15 +67,23 @@ class Supervisor:
         self.migrations_incoming: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
+        self._housekeeper: threading.Thread | None = None
+        self._disks_seen: dict[str, int] = {}     # id -> disks.json's mtime_ns when last recorded
+        self.housekeeping: list[Callable[[], None]] = []    # run every HOUSEKEEPING s (their own thread)
 
     def watch(self) -> None:
         self._monitor = threading.Thread(target=self._monitor_loop, name="pyvirtd-monitor", daemon=True)
         self._monitor.start()
+        # (a thread of its own: a job that asks runners does not hold up noticing ends)
+        self._housekeeper = threading.Thread(target=self._housekeeping_loop, name="pyvirtd-housekeeping",
+                                             daemon=True)
+        self._housekeeper.start()
 
     def close(self) -> None:
         self._stop.set()
-        if self._monitor is not None:
-            self._monitor.join(timeout=2)
+        for t in (self._monitor, self._housekeeper):
+            if t is not None:
+                t.join(timeout=2)
 
     # -- records ----------------------------------------------------------------------------
     def get(self, name: str) -> VmRecord:
@@ -277,8 +287,32 @@ class Supervisor:
                 with self.lock:
                     for rec in self.store.all():
                         self.check(rec)
+                        self._disks_moved(rec)
             except Exception as e:                # keep watching whatever happens
                 log.error("monitor: %s", e)
+
+    def _housekeeping_loop(self) -> None:
+        while not self._stop.wait(HOUSEKEEPING):
+            for job in self.housekeeping:
+                try:
+                    job()
+                except Exception as e:            # go on whatever happens
+                    log.error("housekeeping: %s", e)
+
+    def _disks_moved(self, rec: VmRecord) -> None:
+        """A running VM's disks.json, recorded when it changed: a runner that moved to new
+        overlays in a snapshot this daemon did not see end (it was restarted meanwhile) writes
+        where the store says within a monitor interval, not only when it ends (lock held)."""
+        if not rec.alive:
+            self._disks_seen.pop(rec.id, None)
+            return
+        try:
+            mtime = (self.paths(rec).dir / control.DISKS_FILE).stat().st_mtime_ns
+        except OSError:
+            return
+        if self._disks_seen.get(rec.id) != mtime:
+            self._disks_seen[rec.id] = mtime
+            self.sync_disks(rec)
 
     def sync_disks(self, rec: VmRecord) -> None:
         """Record the disks the runner reported it writes now (<vm dir>/disks.json, written

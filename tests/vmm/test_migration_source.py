@@ -52,9 +52,10 @@ def fake_destination(sock: socket.socket, stop_at: str) -> None:
                 sock.sendall(mig.HEADER.pack(mig.OK, 0))
             elif phase == "pages":
                 for _ in range(5):
-                    mig.recv_frame(sock, (mig.PAGES, mig.BLOCKS))
+                    mig.recv_frame(sock, (mig.CODE, mig.PAGES, mig.BLOCKS))
             elif phase == "complete":
-                while mig.recv_frame(sock, (mig.PAGES, mig.BLOCKS, mig.STATE, mig.COMPLETE))[0] != mig.COMPLETE:
+                while mig.recv_frame(sock, (mig.CODE, mig.PAGES, mig.BLOCKS, mig.STATE,
+                                            mig.COMPLETE))[0] != mig.COMPLETE:
                     pass
             elif phase == "ready":
                 sock.sendall(mig.HEADER.pack(mig.READY, 0))
@@ -143,7 +144,7 @@ def test_timeout_cancel_keeps_the_source(tmp_path: Path) -> None:
         sock.sendall(mig.HEADER.pack(mig.OK, 0))
         try:
             while True:
-                mig.recv_frame(sock, (mig.PAGES,))
+                mig.recv_frame(sock, (mig.CODE, mig.PAGES))
                 time.sleep(0.05)
         except mig.MigrationError:
             pass

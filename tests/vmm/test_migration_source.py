@@ -183,3 +183,34 @@ def test_kill_9_of_the_destination_process(tmp_path: Path) -> None:
     finally:
         vm.close()
     assert json.loads(json.dumps(m.stats.as_dict()))["outcome"] == "failed"
+
+
+def test_a_destination_that_does_not_read_does_not_stall_the_guest(tmp_path: Path) -> None:
+    """8 MiB of pages that do not compress, to a destination that takes the handshake and then
+    reads nothing for 3 s (as one building its board or translating would): the source's
+    run loop goes on between slices all the while -- its frames wait in a queue, not in a
+    blocking send."""
+    vm = source_vm(tmp_path)
+    bus = vm.board.bus
+    bus.write_bytes(bus.ram_base + (8 << 20), os.urandom(8 << 20))
+    a, b = socket.socketpair()
+
+    def deaf(sock: socket.socket) -> None:
+        for kind in (mig.HELLO, mig.SPEC):
+            mig.recv_frame(sock, (kind,), 1 << 20)
+            sock.sendall(mig.HEADER.pack(mig.OK, 0))
+        time.sleep(3)
+        sock.close()
+    t = threading.Thread(target=deaf, args=(b,))
+    t.start()
+    beats: list[float] = []
+    vm.watches.append(Watch(lambda: [], lambda ready: None, lambda: beats.append(time.monotonic())))
+    try:
+        m = run_source(vm, a)
+        t.join(10)
+        assert m.stats.outcome == "failed", m.stats                  # (it closed without reading)
+        assert beats[-1] - beats[0] >= 3
+        longest = max(y - x for x, y in zip(beats, beats[1:]))
+        assert longest < 1.0, f"the guest stalled {longest:.2f} s"
+    finally:
+        vm.close()

@@ -91,7 +91,9 @@ MAX_DISKS = 16                  # disks a copy may declare
 MAX_CODE = 1 << 16              # blocks a CODE frame may name (the source's newest)
 _CODE_ENTRY = struct.Struct("<QIB")
 MAX_CODE_RAW = 4 + MAX_CODE * _CODE_ENTRY.size
-SCAN_CHUNK = 2 << 20            # RAM scanned for non-zero pages at a time (a few ms)
+SCAN_CHUNK = 2 << 20            # RAM compared with zeros at a time (a few ms)
+SCAN_MAPPED = 32 << 20          # ... or looked up in the page table (Bus.touched_pages)
+MAX_SEND_TICK = 0.02            # the longest one tick sends (a sender behind is not paid back at once)
 OUT_HIGH = 1 << 20              # bytes queued for the socket before the sender stops encoding
 MAX_DISK_COPY = 1 << 40         # bytes, one disk copied
 SPACE_RESERVE = 64 << 20        # a copy leaves this much of the destination's file system free
@@ -617,10 +619,18 @@ class Migration:
             self._send_time += time.monotonic() - t0
 
     def _scan(self) -> None:
-        """Round 1: the next chunk of RAM's non-zero pages to send."""
+        """Round 1: the next chunk of RAM's non-zero pages to send (only the pages the
+        process's page table has, where it can tell: most of a guest's RAM was never
+        touched, and reading it would map every page)."""
         bus = self.vm.board.bus
-        end = min(self._scan_at + SCAN_CHUNK, self._scan_end)
-        found = nonzero_pages(bus.ram, end, self._scan_at)
+        end = min(self._scan_at + SCAN_MAPPED, self._scan_end)
+        touched = bus.touched_pages(self._scan_at >> 12, (end - self._scan_at) >> 12)
+        if touched is None:
+            end = min(self._scan_at + SCAN_CHUNK, self._scan_end)
+            found = nonzero_pages(bus.ram, end, self._scan_at)
+        else:
+            ram = bus.ram
+            found = [p for p in touched if ram[p << 12:(p + 1) << 12] != _ZERO_PAGE]
         self._scan_at = end
         self._pending += found
         self._found += len(found)
@@ -636,6 +646,8 @@ class Migration:
             # The sender's time is kept to its share: half, more as auto-converge cuts the guest's.
             guest = (1 - SENDER_SHARE) * (1 - self.stats.throttle)
             allowed = self._guest_time * (1 - guest) / guest - self._spent
+            if not self.stats.throttle:          # (throttled, the guest is meant to wait)
+                allowed = min(allowed, MAX_SEND_TICK)
             if allowed > 0:
                 end = now + allowed
                 while True:
@@ -882,6 +894,7 @@ def receive_machine(sock: socket.socket, spec: VmSpec, console: CharBackend, tim
             disks.open_writers(spec)
         else:
             board = build_board(spec, console, ram=ram, restore=True)
+            board.bus.ram_private = True          # (anonymous memory of this process's)
             if disks is not None:
                 disks.writers = list(board.backends)
         code: dict[int, list[tuple[int, int, int]]] | None = None
@@ -913,6 +926,7 @@ def receive_machine(sock: socket.socket, spec: VmSpec, console: CharBackend, tim
             disks.finish()
         if board is None:
             board = build_board(spec, console, ram=ram, restore=True)
+            board.bus.ram_private = True
         try:
             board.load_state(check_state(board, state), keep_code=True)
             board.clock.pause()               # until the VM runs (Vm.run): the guest sees no wait

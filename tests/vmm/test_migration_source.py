@@ -52,11 +52,13 @@ def fake_destination(sock: socket.socket, stop_at: str) -> None:
                 sock.sendall(mig.HEADER.pack(mig.OK, 0))
             elif phase == "pages":
                 for _ in range(5):
-                    mig.recv_frame(sock, (mig.CODE, mig.PAGES, mig.BLOCKS))
+                    if mig.recv_frame(sock, (mig.CODE, mig.PAGES, mig.BLOCKS, mig.SYNC))[0] == mig.SYNC:
+                        sock.sendall(mig.HEADER.pack(mig.OK, 0))
             elif phase == "complete":
-                while mig.recv_frame(sock, (mig.CODE, mig.PAGES, mig.BLOCKS, mig.STATE,
-                                            mig.COMPLETE))[0] != mig.COMPLETE:
-                    pass
+                while (kind := mig.recv_frame(sock, (mig.CODE, mig.PAGES, mig.BLOCKS, mig.SYNC, mig.STATE,
+                                                     mig.COMPLETE))[0]) != mig.COMPLETE:
+                    if kind == mig.SYNC:
+                        sock.sendall(mig.HEADER.pack(mig.OK, 0))
             elif phase == "ready":
                 sock.sendall(mig.HEADER.pack(mig.READY, 0))
                 mig.recv_frame(sock, (mig.GO,))
@@ -144,7 +146,8 @@ def test_timeout_cancel_keeps_the_source(tmp_path: Path) -> None:
         sock.sendall(mig.HEADER.pack(mig.OK, 0))
         try:
             while True:
-                mig.recv_frame(sock, (mig.CODE, mig.PAGES))
+                if mig.recv_frame(sock, (mig.CODE, mig.PAGES, mig.SYNC))[0] == mig.SYNC:
+                    sock.sendall(mig.HEADER.pack(mig.OK, 0))
                 time.sleep(0.05)
         except mig.MigrationError:
             pass
@@ -212,5 +215,48 @@ def test_a_destination_that_does_not_read_does_not_stall_the_guest(tmp_path: Pat
         assert beats[-1] - beats[0] >= 3
         longest = max(y - x for x, y in zip(beats, beats[1:]))
         assert longest < 1.0, f"the guest stalled {longest:.2f} s"
+    finally:
+        vm.close()
+
+
+def test_the_stop_and_copy_waits_until_the_destination_has_taken_in_the_round(tmp_path: Path) -> None:
+    """A destination slow to take in what it was sent (on a link whose buffers hold it all,
+    as TCP's do) answers the end of round 1 (SYNC) a second late: the source pauses the
+    guest only after that answer, so the pause does not hold the destination's backlog."""
+    vm = source_vm(tmp_path)
+    a, b = socket.socketpair()
+    seen: dict[str, float] = {}
+
+    def behind(sock: socket.socket) -> None:
+        try:
+            for kind in (mig.HELLO, mig.SPEC):
+                mig.recv_frame(sock, (kind,), 1 << 20)
+                sock.sendall(mig.HEADER.pack(mig.OK, 0))
+            while True:
+                kind, _ = mig.recv_frame(sock, (mig.CODE, mig.PAGES, mig.SYNC, mig.STATE, mig.COMPLETE))
+                if kind == mig.SYNC and "ok" not in seen:
+                    time.sleep(1.0)
+                    seen["ok"] = time.monotonic()
+                    sock.sendall(mig.HEADER.pack(mig.OK, 0))
+                elif kind == mig.SYNC:
+                    sock.sendall(mig.HEADER.pack(mig.OK, 0))
+                elif kind == mig.STATE:
+                    seen["state"] = time.monotonic()
+                elif kind == mig.COMPLETE:
+                    break
+            sock.sendall(mig.HEADER.pack(mig.READY, 0))
+            mig.recv_frame(sock, (mig.GO,))
+        except mig.MigrationError:
+            pass
+        finally:
+            sock.close()
+    t = threading.Thread(target=behind, args=(b,))
+    t.start()
+    try:
+        m = run_source(vm, a, downtime=0.3)
+        t.join(10)
+        assert m.stats.outcome == "completed", m.stats
+        assert "ok" in seen and seen["state"] > seen["ok"]
+        assert m.stats.downtime_seconds < 0.5, m.stats
     finally:
         vm.close()

@@ -9,6 +9,7 @@ payload`, in this order from the source::
               the source has translated, for the destination to translate (or take from its
               code cache) as their pages arrive, while the guest still runs at the source
     PAGES*    zstd: u32 count, count u32 page indexes, count pages of 4 KiB  (any number, no reply)
+    SYNC      (empty, at the end of each round)         -> OK (once everything before it is in)
     BLOCKS*   zstd: u8 disk, u32 count, count (u64 block, u8 zero), the data blocks  (disk copy)
     STATE     zstd: the machine's state (board.save_state, JSON)
     COMPLETE  (empty)                                            -> READY (state loaded) / ERROR
@@ -75,10 +76,11 @@ from pyvirt.spec import VmSpec
 from pyvirt.state import encode_bytes
 
 PROTOCOL = "pyvirt-migration"
-VERSION = 3                     # 2: disk copy (BLOCKS, the greeting's "disks"); 3: CODE
-(HELLO, SPEC, PAGES, STATE, COMPLETE, GO, ABANDON, OK, READY, ERROR, BLOCKS, CODE) = range(1, 13)
+VERSION = 3                     # 2: disk copy (BLOCKS, the greeting's "disks"); 3: CODE, SYNC
+(HELLO, SPEC, PAGES, STATE, COMPLETE, GO, ABANDON, OK, READY, ERROR, BLOCKS, CODE, SYNC) = range(1, 14)
 NAMES = {HELLO: "HELLO", SPEC: "SPEC", PAGES: "PAGES", STATE: "STATE", COMPLETE: "COMPLETE", GO: "GO",
-         ABANDON: "ABANDON", OK: "OK", READY: "READY", ERROR: "ERROR", BLOCKS: "BLOCKS", CODE: "CODE"}
+         ABANDON: "ABANDON", OK: "OK", READY: "READY", ERROR: "ERROR", BLOCKS: "BLOCKS", CODE: "CODE",
+         SYNC: "SYNC"}
 HEADER = struct.Struct(">BI")
 PAGES_PER_FRAME = 64
 MAX_FRAME = 4 << 20             # a compressed frame; more is a bad stream
@@ -489,6 +491,7 @@ class Migration:
         self._scan_at = 0                 # round 1: RAM below this was scanned for non-zero pages
         self._scan_end = 0
         self._found = 0
+        self._syncing = False             # a SYNC went, its OK not read yet
         # disk copy: (disk, blocks, first round) still to send; the trackers in front of the
         # disks (disk, its backend, the tracker, the devices using it)
         self._blocks: list[tuple[int, Sequence[int], bool]] = []
@@ -618,6 +621,25 @@ class Migration:
         finally:
             self._send_time += time.monotonic() - t0
 
+    def _synced(self, until: float) -> bool:
+        """The round is all sent: SYNC, then True once the destination's OK says it has
+        taken in everything before it (a link with big buffers -- TCP -- would otherwise
+        leave the destination's backlog to the pause)."""
+        if not self._syncing:
+            self._queue(SYNC)
+            self._syncing = True
+            self._pump(until)
+            return False
+        if self._out:
+            self._pump(until)
+            if self._out:
+                return False
+        if not select.select([self.sock], [], [], 0)[0]:
+            return False
+        recv_frame(self.sock, (OK,))
+        self._syncing = False
+        return True
+
     def _scan(self) -> None:
         """Round 1: the next chunk of RAM's non-zero pages to send (only the pages the
         process's page table has, where it can tell: most of a guest's RAM was never
@@ -658,7 +680,7 @@ class Migration:
                     scanning = self._scan_at < self._scan_end
                     if not self._pending and not self._blocks and not scanning:
                         self._pump(end)
-                        if self._out:                    # this round is not all sent yet
+                        if self._out or not self._synced(end):   # this round is not all in yet
                             break
                         if self._next_round():
                             return
@@ -736,6 +758,9 @@ class Migration:
             self._queue(COMPLETE)
             self.sock.settimeout(60)
             self._pump(None)
+            if self._syncing:                        # (forced while a SYNC was out)
+                recv_frame(self.sock, (OK,))
+                self._syncing = False
             recv_frame(self.sock, (READY,))
             send_frame(self.sock, GO)
         except (MigrationError, OSError) as e:
@@ -898,13 +923,15 @@ def receive_machine(sock: socket.socket, spec: VmSpec, console: CharBackend, tim
             if disks is not None:
                 disks.writers = list(board.backends)
         code: dict[int, list[tuple[int, int, int]]] | None = None
-        expect = (CODE, PAGES, STATE, COMPLETE, ABANDON) + ((BLOCKS,) if disks else ())
+        expect = (CODE, PAGES, SYNC, STATE, COMPLETE, ABANDON) + ((BLOCKS,) if disks else ())
         while True:
             kind, payload = recv_frame(sock, expect)
             if kind == PAGES:
                 written = apply_pages(ram, npages, payload)
                 if board is not None:
                     _written(board, written, code)
+            elif kind == SYNC:
+                send_frame(sock, OK)
             elif kind == CODE:                 # (once; no board yet: nothing to translate into)
                 code = parse_code(payload, board.bus.ram_base, npages) if board is not None else None
                 expect = tuple(k for k in expect if k != CODE)

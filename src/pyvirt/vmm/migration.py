@@ -605,33 +605,35 @@ class Migration:
         self._out += payload
         return HEADER.size + len(payload)
 
-    def _pump(self, until: float | None) -> None:
-        """Send queued frames: all of them (None), or what the socket takes until `until`
-        (time.monotonic()) without waiting past it."""
+    def _pump(self, wait: float | None = 0.0) -> None:
+        """Send queued frames: what the socket takes now (`wait` 0: while the guest runs,
+        waiting for a slow destination would be the guest's time lost), what it takes
+        within `wait` seconds, or all of them (None)."""
         out, sock = self._out, self.sock
         t0 = time.monotonic()
+        until = None if wait is None else t0 + wait
         try:
             while out:
                 if until is not None:
-                    wait = until - time.monotonic()
-                    if wait <= 0 or not select.select([], [sock], [], wait)[1]:
+                    left = max(0.0, until - time.monotonic())
+                    if not select.select([], [sock], [], left)[1]:
                         break
                 n = sock.send(memoryview(out)[:1 << 20])
                 del out[:n]
         finally:
             self._send_time += time.monotonic() - t0
 
-    def _synced(self, until: float) -> bool:
+    def _synced(self) -> bool:
         """The round is all sent: SYNC, then True once the destination's OK says it has
         taken in everything before it (a link with big buffers -- TCP -- would otherwise
         leave the destination's backlog to the pause)."""
         if not self._syncing:
             self._queue(SYNC)
             self._syncing = True
-            self._pump(until)
+            self._pump()
             return False
         if self._out:
-            self._pump(until)
+            self._pump()
             if self._out:
                 return False
         if not select.select([self.sock], [], [], 0)[0]:
@@ -674,13 +676,13 @@ class Migration:
                 end = now + allowed
                 while True:
                     if len(self._out) >= OUT_HIGH:
-                        self._pump(end)
+                        self._pump()
                         if len(self._out) >= OUT_HIGH:
                             break                        # the link (or the destination) is behind
                     scanning = self._scan_at < self._scan_end
                     if not self._pending and not self._blocks and not scanning:
-                        self._pump(end)
-                        if self._out or not self._synced(end):   # this round is not all in yet
+                        self._pump()
+                        if self._out or not self._synced():       # this round is not all in yet
                             break
                         if self._next_round():
                             return
@@ -700,7 +702,7 @@ class Migration:
                         self._scan()
                     if time.monotonic() >= end:
                         break
-                self._pump(end)
+                self._pump()
                 self._spent += time.monotonic() - now
             if now - self._started > self.timeout:
                 if self.on_timeout == "force":
@@ -775,7 +777,7 @@ class Migration:
 
     def _abandon(self, outcome: str, why: str) -> None:
         try:
-            self._pump(time.monotonic() + 1.0)          # (a frame half sent first)
+            self._pump(1.0)                             # (a frame half sent first)
             if not self._out:
                 send_frame(self.sock, ABANDON)
         except OSError:

@@ -260,3 +260,48 @@ def test_the_stop_and_copy_waits_until_the_destination_has_taken_in_the_round(tm
         assert m.stats.downtime_seconds < 0.5, m.stats
     finally:
         vm.close()
+
+
+def test_round_one_sends_every_non_zero_page_and_reads_only_those_touched(tmp_path: Path) -> None:
+    """Pages written through the bus, straight into RAM (as native code stores), written and
+    zeroed again, or only read: the destination's copy of RAM equals the source's; and
+    round 1 found them through the page table, without reading (so mapping) the rest."""
+    import mmap
+    vm = source_vm(tmp_path)
+    bus = vm.board.bus
+    npages = bus.ram_size >> 12
+    bus.write_bytes(bus.ram_base + (5000 << 12) + 4095, b"\x01")
+    bus.ram[(6000 << 12) + 17] = 0x5A
+    bus.ram[7000 << 12:(7000 << 12) + 4096] = os.urandom(4096)
+    bus.ram[7000 << 12:(7000 << 12) + 4096] = bytes(4096)
+    assert bus.ram[8000 << 12] == 0
+    copy = mmap.mmap(-1, bus.ram_size)
+    a, b = socket.socketpair()
+
+    def destination(sock: socket.socket) -> None:
+        try:
+            for kind in (mig.HELLO, mig.SPEC):
+                mig.recv_frame(sock, (kind,), 1 << 20)
+                sock.sendall(mig.HEADER.pack(mig.OK, 0))
+            while (got := mig.recv_frame(sock, (mig.CODE, mig.PAGES, mig.SYNC, mig.STATE, mig.COMPLETE)))[0] \
+                    != mig.COMPLETE:
+                if got[0] == mig.PAGES:
+                    mig.apply_pages(copy, npages, got[1])
+                elif got[0] == mig.SYNC:
+                    sock.sendall(mig.HEADER.pack(mig.OK, 0))
+            sock.sendall(mig.HEADER.pack(mig.READY, 0))
+            mig.recv_frame(sock, (mig.GO,))
+        finally:
+            sock.close()
+    t = threading.Thread(target=destination, args=(b,))
+    t.start()
+    try:
+        m = run_source(vm, a)
+        t.join(10)
+        assert m.stats.outcome == "completed", m.stats
+        touched = bus.touched_pages(0, npages)                      # (before the comparison reads all)
+        assert touched is not None and {5000, 6000, 7000, 8000} <= set(touched)
+        assert len(touched) < npages // 2, len(touched)              # the rest never mapped
+        assert copy[:] == bus.ram[:bus.ram_size]
+    finally:
+        vm.close()

@@ -101,7 +101,7 @@ MAX_DISK_COPY = 1 << 40         # bytes, one disk copied
 SPACE_RESERVE = 64 << 20        # a copy leaves this much of the destination's file system free
 DEFAULT_DOWNTIME = 0.3
 DEFAULT_TIMEOUT = 600.0
-SENDER_SHARE = 0.5             # of the run loop's time, the sender's (one thread for guest and sender)
+SENDER_SHARE = 0.25            # of the run loop's time, the sender's (one thread for guest and sender)
 MAX_TICK = 0.05                # the longest a throttled tick waits
 THROTTLE_STEPS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95)   # auto-converge: the cut of the guest's share, step by step
 _CHUNK = 2 << 20
@@ -667,7 +667,7 @@ class Migration:
         now = time.monotonic()
         self._guest_time += now - self._last_tick       # the guest's time since the last tick
         try:
-            # The sender's time is kept to its share: half, more as auto-converge cuts the guest's.
+            # The sender's time is kept to its share: a quarter, more as auto-converge cuts the guest's.
             guest = (1 - SENDER_SHARE) * (1 - self.stats.throttle)
             allowed = self._guest_time * (1 - guest) / guest - self._spent
             if not self.stats.throttle:          # (throttled, the guest is meant to wait)

@@ -212,7 +212,7 @@ def test_a_destination_that_does_not_read_does_not_stall_the_guest(tmp_path: Pat
         m = run_source(vm, a)
         t.join(10)
         assert m.stats.outcome == "failed", m.stats                  # (it closed without reading)
-        assert beats[-1] - beats[0] >= 3
+        assert beats[-1] - beats[0] >= 2.5                          # (it ran through the 3 s)
         longest = max(y - x for x, y in zip(beats, beats[1:]))
         assert longest < 1.0, f"the guest stalled {longest:.2f} s"
     finally:

@@ -498,7 +498,8 @@ class Migration:
         self._tracked: list[tuple[int, Any, TrackedBackend, list[Any]]] = []
         self._started = 0.0
         self._last_tick = 0.0
-        self._send_time = 0.0
+        self._send_time = 0.0             # encoding and sending, and the destination's lag (_pump)
+        self._stalled_at: float | None = None   # since then frames wait on the destination
         self._send_bytes = 0
         self._stuck = 0
         self._instructions = 0
@@ -621,7 +622,16 @@ class Migration:
                 n = sock.send(memoryview(out)[:1 << 20])
                 del out[:n]
         finally:
-            self._send_time += time.monotonic() - t0
+            # The bandwidth counts the time spent here and, as a blocking send would, the
+            # time frames waited on a destination slower than the sender.
+            now = time.monotonic()
+            if self._stalled_at is None:
+                self._send_time += now - t0
+                if out:
+                    self._stalled_at = now
+            elif not out:
+                self._send_time += now - self._stalled_at
+                self._stalled_at = None
 
     def _synced(self) -> bool:
         """The round is all sent: SYNC, then True once the destination's OK says it has
@@ -636,10 +646,16 @@ class Migration:
             self._pump()
             if self._out:
                 return False
+        if self._stalled_at is None:
+            self._stalled_at = time.monotonic()   # (all sent: the wait now is the destination's lag)
         if not select.select([self.sock], [], [], 0)[0]:
             return False
         recv_frame(self.sock, (OK,))
         self._syncing = False
+        self._send_time += time.monotonic() - self._stalled_at
+        self._stalled_at = None
+        if self._send_time > 0.005:
+            self.stats.bandwidth = self._send_bytes / self._send_time
         return True
 
     def _scan(self) -> None:

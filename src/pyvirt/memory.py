@@ -103,6 +103,10 @@ class Bus:
         if ram is not None and len(ram) < ram_size + RAM_TAIL:
             raise ConfigError(f"RAM mapping of {len(ram)} bytes is too small for {ram_size} bytes of RAM")
         self.ram = mmap.mmap(-1, ram_size + RAM_TAIL) if ram is None else ram
+        # Private anonymous memory that only this process writes: a page it never touched
+        # reads as zeros (see `touched_pages`).  Not so for a file's copy-on-write mapping
+        # or a memfd another process maps; the owner of a `ram` of its own may set it.
+        self.ram_private = ram is None
         self._bases: list[int] = []
         self._regions: list[tuple[int, int, MmioDevice, str]] = []
         self.watched: dict[int, list[Callable[[int, int], None]]] = {}
@@ -114,12 +118,36 @@ class Bus:
         self.page_flags = bytearray((ram_size >> PAGE_SHIFT) + 1)
         self.page_flags_address = ctypes.addressof(ctypes.c_char.from_buffer(self.page_flags))
         self._log_hooks: list[Callable[[], None]] = []
+        self._pagemap: int | None = None
+        self._ram_host = 0
 
     def close(self) -> None:
         """Close the RAM's memfd, if any (the mapping lives on until it is dropped)."""
         if self.ram_fd is not None:
             os.close(self.ram_fd)
             self.ram_fd = None
+        if self._pagemap is not None:
+            os.close(self._pagemap)
+            self._pagemap = None
+
+    def touched_pages(self, first: int, count: int) -> list[int] | None:
+        """Of RAM pages first .. first+count-1 (indexes), those that may hold data: the ones
+        this process's page table has (present or swapped out, /proc/self/pagemap), when
+        RAM is `ram_private`; the others were never touched and read as zeros.  None when
+        that cannot be known (every page may hold data)."""
+        if not self.ram_private or first < 0 or count <= 0 or (first + count) << PAGE_SHIFT > self.ram_size:
+            return None
+        try:
+            if self._pagemap is None:
+                self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+                self._ram_host = ctypes.addressof(ctypes.c_char.from_buffer(self.ram))
+            raw = os.pread(self._pagemap, 8 * count, ((self._ram_host >> PAGE_SHIFT) + first) * 8)
+        except (OSError, ValueError, TypeError):
+            return None
+        if len(raw) != 8 * count:
+            return None
+        entries = memoryview(raw).cast("Q")
+        return [first + i for i in range(count) if entries[i] >> 62]       # (bit 63 present, 62 swapped)
 
     # -- layout ---------------------------------------------------------------
     def add_mmio(self, base: int, size: int, device: MmioDevice, name: str = "") -> None:

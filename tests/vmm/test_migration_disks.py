@@ -246,6 +246,7 @@ def test_a_destination_gone_during_the_copy_leaves_the_source_as_it_was(tmp_path
         d = mig.DiskReceiver(spec, greeting["disks"])
         d.writers = [open_disk(x.path, fmt=x.format) for x in spec.disks]
         try:
+            mig.recv_frame(b, (mig.CODE,))      # (the source's translated blocks come first)
             for _ in range(2):
                 d.apply(mig.recv_frame(b, (mig.BLOCKS,))[1])
         finally:

@@ -52,10 +52,13 @@ def fake_destination(sock: socket.socket, stop_at: str) -> None:
                 sock.sendall(mig.HEADER.pack(mig.OK, 0))
             elif phase == "pages":
                 for _ in range(5):
-                    mig.recv_frame(sock, (mig.PAGES, mig.BLOCKS))
+                    if mig.recv_frame(sock, (mig.CODE, mig.PAGES, mig.BLOCKS, mig.SYNC))[0] == mig.SYNC:
+                        sock.sendall(mig.HEADER.pack(mig.OK, 0))
             elif phase == "complete":
-                while mig.recv_frame(sock, (mig.PAGES, mig.BLOCKS, mig.STATE, mig.COMPLETE))[0] != mig.COMPLETE:
-                    pass
+                while (kind := mig.recv_frame(sock, (mig.CODE, mig.PAGES, mig.BLOCKS, mig.SYNC, mig.STATE,
+                                                     mig.COMPLETE))[0]) != mig.COMPLETE:
+                    if kind == mig.SYNC:
+                        sock.sendall(mig.HEADER.pack(mig.OK, 0))
             elif phase == "ready":
                 sock.sendall(mig.HEADER.pack(mig.READY, 0))
                 mig.recv_frame(sock, (mig.GO,))
@@ -143,7 +146,8 @@ def test_timeout_cancel_keeps_the_source(tmp_path: Path) -> None:
         sock.sendall(mig.HEADER.pack(mig.OK, 0))
         try:
             while True:
-                mig.recv_frame(sock, (mig.PAGES,))
+                if mig.recv_frame(sock, (mig.CODE, mig.PAGES, mig.SYNC))[0] == mig.SYNC:
+                    sock.sendall(mig.HEADER.pack(mig.OK, 0))
                 time.sleep(0.05)
         except mig.MigrationError:
             pass
@@ -182,3 +186,122 @@ def test_kill_9_of_the_destination_process(tmp_path: Path) -> None:
     finally:
         vm.close()
     assert json.loads(json.dumps(m.stats.as_dict()))["outcome"] == "failed"
+
+
+def test_a_destination_that_does_not_read_does_not_stall_the_guest(tmp_path: Path) -> None:
+    """8 MiB of pages that do not compress, to a destination that takes the handshake and then
+    reads nothing for 3 s (as one building its board or translating would): the source's
+    run loop goes on between slices all the while -- its frames wait in a queue, not in a
+    blocking send."""
+    vm = source_vm(tmp_path)
+    bus = vm.board.bus
+    bus.write_bytes(bus.ram_base + (8 << 20), os.urandom(8 << 20))
+    a, b = socket.socketpair()
+
+    def deaf(sock: socket.socket) -> None:
+        for kind in (mig.HELLO, mig.SPEC):
+            mig.recv_frame(sock, (kind,), 1 << 20)
+            sock.sendall(mig.HEADER.pack(mig.OK, 0))
+        time.sleep(3)
+        sock.close()
+    t = threading.Thread(target=deaf, args=(b,))
+    t.start()
+    beats: list[float] = []
+    vm.watches.append(Watch(lambda: [], lambda ready: None, lambda: beats.append(time.monotonic())))
+    try:
+        m = run_source(vm, a)
+        t.join(10)
+        assert m.stats.outcome == "failed", m.stats                  # (it closed without reading)
+        assert beats[-1] - beats[0] >= 2.5                          # (it ran through the 3 s)
+        longest = max(y - x for x, y in zip(beats, beats[1:]))
+        assert longest < 1.0, f"the guest stalled {longest:.2f} s"
+    finally:
+        vm.close()
+
+
+def test_the_stop_and_copy_waits_until_the_destination_has_taken_in_the_round(tmp_path: Path) -> None:
+    """A destination slow to take in what it was sent (on a link whose buffers hold it all,
+    as TCP's do) answers the end of round 1 (SYNC) a second late: the source pauses the
+    guest only after that answer, so the pause does not hold the destination's backlog."""
+    vm = source_vm(tmp_path)
+    a, b = socket.socketpair()
+    seen: dict[str, float] = {}
+
+    def behind(sock: socket.socket) -> None:
+        try:
+            for kind in (mig.HELLO, mig.SPEC):
+                mig.recv_frame(sock, (kind,), 1 << 20)
+                sock.sendall(mig.HEADER.pack(mig.OK, 0))
+            while True:
+                kind, _ = mig.recv_frame(sock, (mig.CODE, mig.PAGES, mig.SYNC, mig.STATE, mig.COMPLETE))
+                if kind == mig.SYNC and "ok" not in seen:
+                    time.sleep(1.0)
+                    seen["ok"] = time.monotonic()
+                    sock.sendall(mig.HEADER.pack(mig.OK, 0))
+                elif kind == mig.SYNC:
+                    sock.sendall(mig.HEADER.pack(mig.OK, 0))
+                elif kind == mig.STATE:
+                    seen["state"] = time.monotonic()
+                elif kind == mig.COMPLETE:
+                    break
+            sock.sendall(mig.HEADER.pack(mig.READY, 0))
+            mig.recv_frame(sock, (mig.GO,))
+        except mig.MigrationError:
+            pass
+        finally:
+            sock.close()
+    t = threading.Thread(target=behind, args=(b,))
+    t.start()
+    try:
+        m = run_source(vm, a, downtime=0.3)
+        t.join(10)
+        assert m.stats.outcome == "completed", m.stats
+        assert "ok" in seen and seen["state"] > seen["ok"]
+        assert m.stats.downtime_seconds < 0.5, m.stats
+    finally:
+        vm.close()
+
+
+def test_round_one_sends_every_non_zero_page_and_reads_only_those_touched(tmp_path: Path) -> None:
+    """Pages written through the bus, straight into RAM (as native code stores), written and
+    zeroed again, or only read: the destination's copy of RAM equals the source's; and
+    round 1 found them through the page table, without reading (so mapping) the rest."""
+    import mmap
+    vm = source_vm(tmp_path)
+    bus = vm.board.bus
+    npages = bus.ram_size >> 12
+    bus.write_bytes(bus.ram_base + (5000 << 12) + 4095, b"\x01")
+    bus.ram[(6000 << 12) + 17] = 0x5A
+    bus.ram[7000 << 12:(7000 << 12) + 4096] = os.urandom(4096)
+    bus.ram[7000 << 12:(7000 << 12) + 4096] = bytes(4096)
+    assert bus.ram[8000 << 12] == 0
+    copy = mmap.mmap(-1, bus.ram_size)
+    a, b = socket.socketpair()
+
+    def destination(sock: socket.socket) -> None:
+        try:
+            for kind in (mig.HELLO, mig.SPEC):
+                mig.recv_frame(sock, (kind,), 1 << 20)
+                sock.sendall(mig.HEADER.pack(mig.OK, 0))
+            while (got := mig.recv_frame(sock, (mig.CODE, mig.PAGES, mig.SYNC, mig.STATE, mig.COMPLETE)))[0] \
+                    != mig.COMPLETE:
+                if got[0] == mig.PAGES:
+                    mig.apply_pages(copy, npages, got[1])
+                elif got[0] == mig.SYNC:
+                    sock.sendall(mig.HEADER.pack(mig.OK, 0))
+            sock.sendall(mig.HEADER.pack(mig.READY, 0))
+            mig.recv_frame(sock, (mig.GO,))
+        finally:
+            sock.close()
+    t = threading.Thread(target=destination, args=(b,))
+    t.start()
+    try:
+        m = run_source(vm, a)
+        t.join(10)
+        assert m.stats.outcome == "completed", m.stats
+        touched = bus.touched_pages(0, npages)                      # (before the comparison reads all)
+        assert touched is not None and {5000, 6000, 7000, 8000} <= set(touched)
+        assert len(touched) < npages // 2, len(touched)              # the rest never mapped
+        assert copy[:] == bus.ram[:bus.ram_size]
+    finally:
+        vm.close()

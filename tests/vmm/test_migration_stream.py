@@ -19,6 +19,7 @@ import zstandard
 
 from pyvirt.backends.char import BufferBackend
 from pyvirt.machine.boot import IMAGE_MAGIC2
+from pyvirt.machine.riscv_virt import RAM_BASE
 from pyvirt.spec import make_spec
 from pyvirt.vmm import migration as mig
 from pyvirt.vmm.migration import MigrationError
@@ -222,3 +223,74 @@ def test_daemon_refuses_a_spec_whose_lists_are_not_lists_in_one_line(tmp_path: P
     a.close()
     t.join(10)
     assert sent and f"its {field} is not a list" in sent[0]
+
+
+ADD_1 = struct.pack("<II", 0x00150513, 0xFFDFF06F)        # loop: addi a0, a0, 1; j loop
+ADD_1024 = struct.pack("<II", 0x40050513, 0xFFDFF06F)     # loop: addi a0, a0, 1024; j loop
+
+
+@pytest.mark.parametrize("sent_again", [False, True], ids=["sent-once", "sent-again"])
+def test_the_blocks_the_source_names_are_translated_as_their_page_arrives(tmp_path: Path, sent_again: bool) -> None:
+    """CODE names the block at the guest's pc: the destination translates it when its page
+    arrives, before the VM runs; a page sent again (written at the source meanwhile) drops
+    what was translated from it, and the guest runs the new bytes."""
+    spec = spec_json(tmp_path)
+    state = state_of(spec, tmp_path)
+    hart = json.loads(state)["harts"][0]
+    pc, priv = hart["pc"], hart["priv"]
+    base = RAM_BASE
+    page, off = (pc - base) >> 12, pc & 0xFFF
+    key = (priv, pc, pc >> 12)                     # (no paging yet: the pc is physical)
+
+    def code_page(loop: bytes) -> bytes:
+        return bytes(off) + loop + bytes(4096 - off - len(loop))
+
+    def stream(s: socket.socket) -> None:
+        handshake(spec)(s)
+        s.sendall(frame(mig.CODE, mig.encode_code([key, (priv, pc, (base >> 12) + 9999999)])))
+        s.sendall(frame(mig.PAGES, pages((page, code_page(ADD_1)))))
+        if sent_again:
+            s.sendall(frame(mig.PAGES, pages((page, code_page(ADD_1024)))))
+        s.sendall(frame(mig.STATE, ZSTD.compress(state)) + frame(mig.COMPLETE))
+        for kind in (mig.OK, mig.OK, mig.READY):
+            mig.recv_frame(s, (kind,))
+        s.sendall(frame(mig.GO))
+    vm, _ = serve(stream)
+    assert not isinstance(vm, Exception), vm
+    try:
+        engine = vm.board.engine
+        assert (key in engine.blocks) is not sent_again          # translated before it runs, or dropped
+        assert vm.board.clock._paused_at is not None               # the guest's time waits for it to run
+        vm.run(max_instructions=10_000)
+        a0 = vm.board.harts[0].x[10]
+        assert a0 > 1024
+        assert (a0 % 1024 == 0) is sent_again, a0                # the bytes it ran are the last sent
+    finally:
+        vm.close()
+
+
+BAD_CODE = {
+    "corrupted": (b"\x28\xb5\x2f\xfd" + os.urandom(40), "bad migration stream: code"),
+    "count and length differ": (ZSTD.compress(struct.pack("<I", 3) + bytes(13)), "code frame length"),
+    "too many": (ZSTD.compress(struct.pack("<I", mig.MAX_CODE + 1) + bytes(13 * (mig.MAX_CODE + 1))),
+                 "bad migration stream"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CODE)
+def test_a_bad_code_frame_is_refused(tmp_path: Path, case: str) -> None:
+    payload, why = BAD_CODE[case]
+    spec = spec_json(tmp_path)
+
+    def stream(s: socket.socket) -> None:
+        handshake(spec)(s)
+        s.sendall(frame(mig.CODE, payload))
+    err, replies = serve(stream)
+    assert isinstance(err, MigrationError) and why in str(err), err
+    assert "\n" not in str(err) and replies[-1][0] == mig.ERROR
+
+
+def test_code_outside_ram_or_of_no_privilege_is_left_out() -> None:
+    named = mig.parse_code(mig.encode_code([(1, 0x80200000, 0x80200), (2, 0x80200000, 0x80200),
+                                            (1, 0x1000, 0x1), (0, 0x10000, 0x80200 + 4096)]), 0x80000000, 4096)
+    assert named == {0x200: [(1, 0x80200000, 0x80200)]}

@@ -370,10 +370,13 @@ class VirtBoard:
         return {"clock": self.clock.save(), "harts": [h.save() for h in self.harts],
                 "devices": self.bus.save_devices(), "tohost": self.tohost, "dtb_addr": self.dtb_addr}
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def load_state(self, state: dict[str, Any], keep_code: bool = False) -> None:
         """Load what `save_state` returned (already checked by the snapshot code: a state
         from an untrusted file must go through `vmm.snapshot`'s validation first).
-        Translations and TLBs are caches, not state: all of them are dropped."""
+        Translations and TLBs are caches, not state: the TLBs are dropped, and the
+        translations too unless `keep_code` -- for a board whose RAM reached it only
+        through writes that drop the translations of the pages written (`Bus.dma_written`:
+        a migration's destination, which translated the guest's blocks ahead)."""
         self.clock.load(state["clock"])
         for h, hs in zip_strict(self.harts, state["harts"]):
             h.load(hs)
@@ -384,7 +387,8 @@ class VirtBoard:
         self.tohost = state["tohost"]
         if self.tohost is not None and self.spec.bios is not None:
             self.bus.watch(self.tohost >> 12, self._htif_write)
-        self.engine.flush()
+        if not keep_code:
+            self.engine.flush()
         for h in self.harts:
             h.flush_tlb(all_modes=True)
 

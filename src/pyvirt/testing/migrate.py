@@ -1,7 +1,9 @@
 """Two ends of a live migration for tests and benchmarks, without pyvirtd: the source Vm runs
 in this process, the destination in a child process (`python -m pyvirt.testing.migrate
-SOCKET TOKEN SECONDS [DISK_DIR]`) that accepts one migration on a Unix socket (disks the source
-copies becoming new images in DISK_DIR), runs the VM it received
+ADDRESS TOKEN SECONDS [DISK_DIR]`) that accepts one migration on a Unix socket (ADDRESS a
+path) or on TCP (ADDRESS tcp:HOST:PORT, port 0: any; the port it took is on its first line),
+the one-time token checked (disks the source copies becoming new images in DISK_DIR), runs
+the VM it received
 for SECONDS and prints its console output, then a JSON line with how it ended (its run time,
 exit, seconds to its first console output, instructions).  `migrate_once` does both ends for
 a default guest running a command; `TICKER` is a guest command printing its uptime every
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -38,10 +41,15 @@ def guest_view(path: Path, fmt: str = "auto") -> bytes:
 
 
 def destination(path: str, token: str, seconds: float, disk_dir: str | None = None) -> int:
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    if path.startswith("tcp:"):
+        host, _, port = path.removeprefix("tcp:").rpartition(":")
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind((host, int(port)))
+    else:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
     listener.listen(1)
-    print("listening", flush=True)
+    print(f"listening {listener.getsockname()[1] if path.startswith('tcp:') else ''}".strip(), flush=True)
     conn, _ = listener.accept()
     listener.close()
     console = BufferBackend(limit=1 << 20)
@@ -67,14 +75,21 @@ def destination(path: str, token: str, seconds: float, disk_dir: str | None = No
     return 0
 
 
-def start_destination(path: Path, token: str, seconds: float,
+def start_destination(path: Path | str, token: str, seconds: float,
                       disk_dir: Path | None = None) -> subprocess.Popen[str]:
+    """The destination process, listening at `path` (a Unix socket, or tcp:HOST:PORT: then
+    `p.address` is tcp:HOST:THE_PORT_IT_TOOK)."""
     p = subprocess.Popen([sys.executable, "-m", "pyvirt.testing.migrate", str(path), token, str(seconds),
                           *([str(disk_dir)] if disk_dir else [])], stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
-    if p.stdout.readline().strip() != "listening":
+    words = p.stdout.readline().split()
+    if not words or words[0] != "listening":
         p.kill()
         raise RuntimeError("the migration destination did not start")
+    addr = str(path)
+    if addr.startswith("tcp:"):
+        addr = f"{addr.rpartition(':')[0]}:{words[1]}"
+    p.address = addr                                   # type: ignore[attr-defined]
     return p
 
 
@@ -90,16 +105,19 @@ def ticks(text: str) -> list[tuple[int, float]]:
 
 def migrate_once(workdir: Path, command: str, after: int = 50, memory: str = "256M", dest_seconds: float = 3.0,
                  run_on: float = 0.0, nets: list[str] | None = None, disks: list[str] | None = None,
-                 **kw: Any) -> tuple[MigrationStats, str, str, Vm]:
+                 tcp: bool = False, **kw: Any) -> tuple[MigrationStats, str, str, Vm]:
     """Boot the default guest running `command` here, migrate it to a child destination once it
     printed tick `after`; (stats, source console, destination output, the source Vm, closed).
     A migration that did not complete leaves the VM running here `run_on` seconds more.
     `nets`, `disks`: the VM's NICs and disks (as --net, --disk; disks the source copies --
-    copy_storage=True -- arrive in workdir/dest).
+    copy_storage=True -- arrive in workdir/dest).  `tcp`: over TCP on 127.0.0.1 (else a Unix
+    socket), with a one-time random token either way.
     `kw`: Migration's options."""
-    sock = workdir / "mig.sock"
+    token = secrets.token_urlsafe(24)
     (workdir / "dest").mkdir(exist_ok=True)
-    dest = start_destination(sock, "secret", dest_seconds, workdir / "dest")
+    dest = start_destination("tcp:127.0.0.1:0" if tcp else workdir / "mig.sock", token, dest_seconds,
+                             workdir / "dest")
+    sock: Path | str = dest.address                    # type: ignore[attr-defined]
     resolved = resolve(VmRequest(command=command, memory=memory, nets=nets or [], disks=disks or []))
     console = BufferBackend(limit=1 << 20)
     vm = Vm(resolved.spec, console)
@@ -110,7 +128,7 @@ def migrate_once(workdir: Path, command: str, after: int = 50, memory: str = "25
     def trigger() -> None:
         if not result and mark in console.output:
             result.append(MigrationStats())
-            mig = Migration(vm, connect(sock), "secret", finished=lambda s: result.__setitem__(0, s), **kw)
+            mig = Migration(vm, connect(sock), token, finished=lambda s: result.__setitem__(0, s), **kw)
             mig.attach()
         if result and result[0].outcome not in ("running", "completed"):
             ended.append(time.monotonic())
@@ -128,7 +146,11 @@ def migrate_once(workdir: Path, command: str, after: int = 50, memory: str = "25
     return result[0], console.output.decode(errors="replace"), out, vm
 
 
-def connect(path: Path) -> socket.socket:
+def connect(path: Path | str) -> socket.socket:
+    """A connection to a Unix socket path or tcp:HOST:PORT."""
+    if str(path).startswith("tcp:"):
+        host, _, port = str(path).removeprefix("tcp:").rpartition(":")
+        return socket.create_connection((host, int(port)))
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(str(path))
     return s

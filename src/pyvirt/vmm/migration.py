@@ -5,7 +5,11 @@ payload`, in this order from the source::
 
     HELLO     JSON {"protocol": "pyvirt-migration", "version": 1, "token": ...}   -> OK / ERROR
     SPEC      JSON: the VmSpec                                                     -> OK / ERROR
+    CODE      zstd: u32 count, count (u64 pc, u32 physical page, u8 privilege): the blocks
+              the source has translated, for the destination to translate (or take from its
+              code cache) as their pages arrive, while the guest still runs at the source
     PAGES*    zstd: u32 count, count u32 page indexes, count pages of 4 KiB  (any number, no reply)
+    SYNC      (empty, at the end of each round)         -> OK (once everything before it is in)
     BLOCKS*   zstd: u8 disk, u32 count, count (u64 block, u8 zero), the data blocks  (disk copy)
     STATE     zstd: the machine's state (board.save_state, JSON)
     COMPLETE  (empty)                                            -> READY (state loaded) / ERROR
@@ -18,10 +22,22 @@ decompressed sizes bounded, the state checked against the machine's schema as a 
 is); a bad one ends the migration with one line, the source VM running on unchanged.
 
 The source side (`Migration`) runs between the VM's slices (a `Watch`'s tick): the first
-round sends every non-zero page while the guest runs, each later round what the dirty-page
-log (memory.py) says was written since; when what is left would go in less than the downtime
-target at the measured bandwidth, the last pages, the state and COMPLETE go in one tick --
-the guest does not run meanwhile -- and on READY the source sends GO and ends its run.
+round finds and sends every non-zero page while the guest runs, each later round what the
+dirty-page log (memory.py) says was written since; when what is left would go in less than
+the downtime target at the measured bandwidth, the last pages, the state and COMPLETE go in
+one tick -- the guest does not run meanwhile, its clock stopped -- and on READY the source
+sends GO and ends its run.  Until then the sender never blocks the guest for longer than its
+share of a tick: RAM is scanned for non-zero pages a chunk at a time, and frames go through
+a queue that takes what the socket accepts without waiting (a destination still building
+its board, or translating, does not stall the guest at the source).
+
+The destination's guest must not spend its first slices translating its whole working set
+(thousands of blocks: a tenth of a second and more, which the guest sees as a gap): the
+source names the blocks it has translated (CODE), and the destination translates each page's
+blocks as that page arrives, during pre-copy -- from its own RAM's bytes, so nothing of the
+source's code is trusted; a page sent again drops its blocks, as any write does -- and keeps
+them when it loads the state.  Its clock stays stopped from the state's load until the VM
+runs (`Vm.run`).
 A guest that writes faster than the link gets fewer instructions per second in steps
 (auto-converge: each tick then also spends a share of time sending, or waiting).
 
@@ -41,6 +57,7 @@ import hmac
 import json
 import mmap
 import os
+import select
 import socket
 import struct
 import time
@@ -59,10 +76,11 @@ from pyvirt.spec import VmSpec
 from pyvirt.state import encode_bytes
 
 PROTOCOL = "pyvirt-migration"
-VERSION = 2                     # 2: disk copy (BLOCKS, the greeting's "disks")
-(HELLO, SPEC, PAGES, STATE, COMPLETE, GO, ABANDON, OK, READY, ERROR, BLOCKS) = range(1, 12)
+VERSION = 3                     # 2: disk copy (BLOCKS, the greeting's "disks"); 3: CODE, SYNC
+(HELLO, SPEC, PAGES, STATE, COMPLETE, GO, ABANDON, OK, READY, ERROR, BLOCKS, CODE, SYNC) = range(1, 14)
 NAMES = {HELLO: "HELLO", SPEC: "SPEC", PAGES: "PAGES", STATE: "STATE", COMPLETE: "COMPLETE", GO: "GO",
-         ABANDON: "ABANDON", OK: "OK", READY: "READY", ERROR: "ERROR", BLOCKS: "BLOCKS"}
+         ABANDON: "ABANDON", OK: "OK", READY: "READY", ERROR: "ERROR", BLOCKS: "BLOCKS", CODE: "CODE",
+         SYNC: "SYNC"}
 HEADER = struct.Struct(">BI")
 PAGES_PER_FRAME = 64
 MAX_FRAME = 4 << 20             # a compressed frame; more is a bad stream
@@ -72,11 +90,18 @@ MAX_HELLO = 64 << 10
 BLOCKS_PER_FRAME = 16
 MAX_BLOCKS_RAW = 5 + BLOCKS_PER_FRAME * (9 + BLOCK)
 MAX_DISKS = 16                  # disks a copy may declare
+MAX_CODE = 1 << 16              # blocks a CODE frame may name (the source's newest)
+_CODE_ENTRY = struct.Struct("<QIB")
+MAX_CODE_RAW = 4 + MAX_CODE * _CODE_ENTRY.size
+SCAN_CHUNK = 2 << 20            # RAM compared with zeros at a time (a few ms)
+SCAN_MAPPED = 32 << 20          # ... or looked up in the page table (Bus.touched_pages)
+MAX_SEND_TICK = 0.02            # the longest one tick sends (a sender behind is not paid back at once)
+OUT_HIGH = 1 << 20              # bytes queued for the socket before the sender stops encoding
 MAX_DISK_COPY = 1 << 40         # bytes, one disk copied
 SPACE_RESERVE = 64 << 20        # a copy leaves this much of the destination's file system free
 DEFAULT_DOWNTIME = 0.3
 DEFAULT_TIMEOUT = 600.0
-SENDER_SHARE = 0.5             # of the run loop's time, the sender's (one thread for guest and sender)
+SENDER_SHARE = 0.25            # of the run loop's time, the sender's (one thread for guest and sender)
 MAX_TICK = 0.05                # the longest a throttled tick waits
 THROTTLE_STEPS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95)   # auto-converge: the cut of the guest's share, step by step
 _CHUNK = 2 << 20
@@ -141,8 +166,8 @@ def encode_pages(ram: mmap.mmap, pages: list[int], cctx: zstandard.ZstdCompresso
     return cctx.compress(bytes(body))
 
 
-def apply_pages(ram: mmap.mmap, npages: int, payload: bytes) -> int:
-    """Write a PAGES frame's pages into `ram`; returns how many."""
+def apply_pages(ram: mmap.mmap, npages: int, payload: bytes) -> tuple[int, ...]:
+    """Write a PAGES frame's pages into `ram`; returns their indexes."""
     raw = _decompress(payload, MAX_PAGES_RAW, "pages")
     if len(raw) < 4:
         raise MigrationError("bad migration stream: short pages frame")
@@ -155,18 +180,45 @@ def apply_pages(ram: mmap.mmap, npages: int, payload: bytes) -> int:
         if p >= npages:
             raise MigrationError(f"bad migration stream: page {p} is outside the guest's {npages} pages")
         ram[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = raw[at + i * PAGE_SIZE:at + (i + 1) * PAGE_SIZE]
-    return count
+    return index
 
 
-def nonzero_pages(ram: mmap.mmap, size: int) -> list[int]:
+def nonzero_pages(ram: mmap.mmap, size: int, start: int = 0) -> list[int]:
+    """The indexes of the pages of ram[start:size] that are not all zeros."""
     out = []
-    for base in range(0, size, _CHUNK):
+    for base in range(start, size, _CHUNK):
         end = min(base + _CHUNK, size)
         chunk = ram[base:end]
         if chunk == _ZERO_CHUNK[:end - base]:
             continue
         out += [(base + off) >> 12 for off in range(0, end - base, PAGE_SIZE)
                 if chunk[off:off + PAGE_SIZE] != _ZERO_PAGE]
+    return out
+
+
+def encode_code(keys: Sequence[tuple[int, int, int]]) -> bytes:
+    """A CODE frame's payload: the last MAX_CODE of `keys` ((privilege, pc, physical page))."""
+    keys = keys[-MAX_CODE:]
+    body = bytearray(struct.pack("<I", len(keys)))
+    for priv, pc, ppn in keys:
+        body += _CODE_ENTRY.pack(pc, ppn, priv)
+    return zstandard.ZstdCompressor(level=1).compress(bytes(body))
+
+
+def parse_code(payload: bytes, ram_base: int, npages: int) -> dict[int, list[tuple[int, int, int]]]:
+    """A CODE frame (untrusted): its blocks by RAM page index, those outside RAM dropped
+    (the engine checks the privileges again)."""
+    raw = _decompress(payload, MAX_CODE_RAW, "code")
+    if len(raw) < 4:
+        raise MigrationError("bad migration stream: short code frame")
+    (count,) = struct.unpack_from("<I", raw)
+    if count > MAX_CODE or len(raw) != 4 + count * _CODE_ENTRY.size:
+        raise MigrationError("bad migration stream: code frame length does not match its count")
+    first = ram_base >> 12
+    out: dict[int, list[tuple[int, int, int]]] = {}
+    for pc, ppn, priv in _CODE_ENTRY.iter_unpack(memoryview(raw)[4:]):
+        if 0 <= ppn - first < npages and priv in (0, 1, 3):
+            out.setdefault(ppn - first, []).append((priv, pc, ppn))
     return out
 
 
@@ -435,13 +487,19 @@ class Migration:
         self.done = False
         self._cctx = zstandard.ZstdCompressor(level=1)
         self._pending: list[int] = []
+        self._out = bytearray()           # frames queued for the socket (see _pump)
+        self._scan_at = 0                 # round 1: RAM below this was scanned for non-zero pages
+        self._scan_end = 0
+        self._found = 0
+        self._syncing = False             # a SYNC went, its OK not read yet
         # disk copy: (disk, blocks, first round) still to send; the trackers in front of the
         # disks (disk, its backend, the tracker, the devices using it)
         self._blocks: list[tuple[int, Sequence[int], bool]] = []
         self._tracked: list[tuple[int, Any, TrackedBackend, list[Any]]] = []
         self._started = 0.0
         self._last_tick = 0.0
-        self._send_time = 0.0
+        self._send_time = 0.0             # encoding and sending, and the destination's lag (_pump)
+        self._stalled_at: float | None = None   # since then frames wait on the destination
         self._send_bytes = 0
         self._stuck = 0
         self._instructions = 0
@@ -464,13 +522,16 @@ class Migration:
         except (MigrationError, OSError) as e:
             self._fail(e)
             return
-        bus = self.vm.board.bus
+        board = self.vm.board
+        bus = board.bus
         if self.copy_storage:
             self._track_disks()
         bus.start_dirty_log()
-        self._pending = nonzero_pages(bus.ram, bus.ram_size)
+        keys = getattr(getattr(board, "engine", None), "block_keys", None)
+        if keys is not None:
+            self._queue(CODE, encode_code(keys()))
+        self._scan_at, self._scan_end = 0, bus.ram_size      # round 1: found as it goes (tick)
         self.stats.rounds = 1
-        self.stats.history.append(len(self._pending))
         self._last_tick = time.monotonic()
 
     # -- disk copy --------------------------------------------------------------------------
@@ -521,7 +582,7 @@ class Migration:
         payload, count, raw = encode_blocks(disk, inner, part, first, self._cctx)
         if payload is None:
             return
-        self.stats.bytes_sent += send_frame(self.sock, BLOCKS, payload)
+        self.stats.bytes_sent += self._queue(BLOCKS, payload)
         self.stats.blocks_sent += count
         self._send_time += time.monotonic() - t0
         self._send_bytes += raw
@@ -533,12 +594,88 @@ class Migration:
         t0 = time.monotonic()
         for i in range(0, len(pages), PAGES_PER_FRAME):
             part = pages[i:i + PAGES_PER_FRAME]
-            self.stats.bytes_sent += send_frame(self.sock, PAGES, encode_pages(ram, part, self._cctx))
+            self.stats.bytes_sent += self._queue(PAGES, encode_pages(ram, part, self._cctx))
             self.stats.pages_sent += len(part)
         self._send_time += time.monotonic() - t0
         self._send_bytes += len(pages) * PAGE_SIZE
         if self._send_time > 0.005:
             self.stats.bandwidth = self._send_bytes / self._send_time
+
+    def _queue(self, kind: int, payload: bytes = b"") -> int:
+        self._out += HEADER.pack(kind, len(payload))
+        self._out += payload
+        return HEADER.size + len(payload)
+
+    def _pump(self, wait: float | None = 0.0) -> None:
+        """Send queued frames: what the socket takes now (`wait` 0: while the guest runs,
+        waiting for a slow destination would be the guest's time lost), what it takes
+        within `wait` seconds, or all of them (None)."""
+        out, sock = self._out, self.sock
+        t0 = time.monotonic()
+        until = None if wait is None else t0 + wait
+        try:
+            while out:
+                if until is not None:
+                    left = max(0.0, until - time.monotonic())
+                    if not select.select([], [sock], [], left)[1]:
+                        break
+                n = sock.send(memoryview(out)[:1 << 20])
+                del out[:n]
+        finally:
+            # The bandwidth counts the time spent here and, as a blocking send would, the
+            # time frames waited on a destination slower than the sender.
+            now = time.monotonic()
+            if self._stalled_at is None:
+                self._send_time += now - t0
+                if out:
+                    self._stalled_at = now
+            elif not out:
+                self._send_time += now - self._stalled_at
+                self._stalled_at = None
+
+    def _synced(self) -> bool:
+        """The round is all sent: SYNC, then True once the destination's OK says it has
+        taken in everything before it (a link with big buffers -- TCP -- would otherwise
+        leave the destination's backlog to the pause)."""
+        if not self._syncing:
+            self._queue(SYNC)
+            self._syncing = True
+            self._pump()
+            return False
+        if self._out:
+            self._pump()
+            if self._out:
+                return False
+        if self._stalled_at is None:
+            self._stalled_at = time.monotonic()   # (all sent: the wait now is the destination's lag)
+        if not select.select([self.sock], [], [], 0)[0]:
+            return False
+        recv_frame(self.sock, (OK,))
+        self._syncing = False
+        self._send_time += time.monotonic() - self._stalled_at
+        self._stalled_at = None
+        if self._send_time > 0.005:
+            self.stats.bandwidth = self._send_bytes / self._send_time
+        return True
+
+    def _scan(self) -> None:
+        """Round 1: the next chunk of RAM's non-zero pages to send (only the pages the
+        process's page table has, where it can tell: most of a guest's RAM was never
+        touched, and reading it would map every page)."""
+        bus = self.vm.board.bus
+        end = min(self._scan_at + SCAN_MAPPED, self._scan_end)
+        touched = bus.touched_pages(self._scan_at >> 12, (end - self._scan_at) >> 12)
+        if touched is None:
+            end = min(self._scan_at + SCAN_CHUNK, self._scan_end)
+            found = nonzero_pages(bus.ram, end, self._scan_at)
+        else:
+            ram = bus.ram
+            found = [p for p in touched if ram[p << 12:(p + 1) << 12] != _ZERO_PAGE]
+        self._scan_at = end
+        self._pending += found
+        self._found += len(found)
+        if end >= self._scan_end:
+            self.stats.history.append(self._found)
 
     def tick(self) -> None:
         if self.done:
@@ -546,13 +683,23 @@ class Migration:
         now = time.monotonic()
         self._guest_time += now - self._last_tick       # the guest's time since the last tick
         try:
-            # The sender's time is kept to its share: half, more as auto-converge cuts the guest's.
+            # The sender's time is kept to its share: a quarter, more as auto-converge cuts the guest's.
             guest = (1 - SENDER_SHARE) * (1 - self.stats.throttle)
             allowed = self._guest_time * (1 - guest) / guest - self._spent
+            if not self.stats.throttle:          # (throttled, the guest is meant to wait)
+                allowed = min(allowed, MAX_SEND_TICK)
             if allowed > 0:
                 end = now + allowed
                 while True:
-                    if not self._pending and not self._blocks:
+                    if len(self._out) >= OUT_HIGH:
+                        self._pump()
+                        if len(self._out) >= OUT_HIGH:
+                            break                        # the link (or the destination) is behind
+                    scanning = self._scan_at < self._scan_end
+                    if not self._pending and not self._blocks and not scanning:
+                        self._pump()
+                        if self._out or not self._synced():       # this round is not all in yet
+                            break
                         if self._next_round():
                             return
                         if self.stats.throttle:          # throttled: the guest waits anyway
@@ -564,11 +711,14 @@ class Migration:
                         break
                     if self._blocks:
                         self._send_blocks()
-                    else:
+                    elif self._pending and (len(self._pending) >= PAGES_PER_FRAME or not scanning):
                         part, self._pending = self._pending[:PAGES_PER_FRAME], self._pending[PAGES_PER_FRAME:]
                         self._send_pages(part)
+                    else:
+                        self._scan()
                     if time.monotonic() >= end:
                         break
+                self._pump()
                 self._spent += time.monotonic() - now
             if now - self._started > self.timeout:
                 if self.on_timeout == "force":
@@ -616,12 +766,19 @@ class Migration:
                 self._blocks += self._harvest_blocks()
                 while self._blocks:
                     self._send_blocks()
+            if self._scan_at < self._scan_end:         # (forced before round 1 was found)
+                self._pending += nonzero_pages(board.bus.ram, self._scan_end, self._scan_at)
+                self._scan_at = self._scan_end
             self._send_pages(sorted(set(self._pending) | board.bus.harvest_dirty()))
             self._pending = []
             state = json.dumps(board.save_state(), default=encode_bytes).encode()
-            self.stats.bytes_sent += send_frame(self.sock, STATE, self._cctx.compress(state))
-            send_frame(self.sock, COMPLETE)
+            self.stats.bytes_sent += self._queue(STATE, self._cctx.compress(state))
+            self._queue(COMPLETE)
             self.sock.settimeout(60)
+            self._pump(None)
+            if self._syncing:                        # (forced while a SYNC was out)
+                recv_frame(self.sock, (OK,))
+                self._syncing = False
             recv_frame(self.sock, (READY,))
             send_frame(self.sock, GO)
         except (MigrationError, OSError) as e:
@@ -636,7 +793,9 @@ class Migration:
 
     def _abandon(self, outcome: str, why: str) -> None:
         try:
-            send_frame(self.sock, ABANDON)
+            self._pump(1.0)                             # (a frame half sent first)
+            if not self._out:
+                send_frame(self.sock, ABANDON)
         except OSError:
             pass
         self.stats.error = why
@@ -754,12 +913,13 @@ def accept_handshake(sock: socket.socket, token: str,
 def receive_machine(sock: socket.socket, spec: VmSpec, console: CharBackend, timeout: float = 60,
                     copies: list[DiskCopy] | None = None) -> Any:
     """The destination's second half: the board is built at once (building parses the native
-    code cache, a quarter of a second: done while pre-copy runs, not in the pause), then
+    code cache, a quarter of a second: done while pre-copy runs, not in the pause), then the
+    source's translated blocks (CODE: each page's are translated here as the page arrives),
     pages (and with `copies`, disk blocks into new images at the paths `spec` names, through
     the board's own backends -- or, when a copied disk is read-only to the guest, through
     writable ones of the copy's, the board then built at COMPLETE), state, COMPLETE -> the
-    state loaded -> READY, then GO; returns the Vm, not yet running.  Nothing stays open on
-    failure, and no copied disk."""
+    state loaded (the translations kept, the clock stopped until the VM runs) -> READY, then
+    GO; returns the Vm, not yet running.  Nothing stays open on failure, and no copied disk."""
     from pyvirt.vmm.resources import build_board
     from pyvirt.vmm.snapcheck import check_state
     from pyvirt.vmm.vm import Vm
@@ -777,13 +937,22 @@ def receive_machine(sock: socket.socket, spec: VmSpec, console: CharBackend, tim
             disks.open_writers(spec)
         else:
             board = build_board(spec, console, ram=ram, restore=True)
+            board.bus.ram_private = True          # (anonymous memory of this process's)
             if disks is not None:
                 disks.writers = list(board.backends)
+        code: dict[int, list[tuple[int, int, int]]] | None = None
+        expect = (CODE, PAGES, SYNC, STATE, COMPLETE, ABANDON) + ((BLOCKS,) if disks else ())
         while True:
-            kind, payload = recv_frame(sock, (PAGES, BLOCKS, STATE, COMPLETE, ABANDON) if disks
-                                       else (PAGES, STATE, COMPLETE, ABANDON))
+            kind, payload = recv_frame(sock, expect)
             if kind == PAGES:
-                apply_pages(ram, npages, payload)
+                written = apply_pages(ram, npages, payload)
+                if board is not None:
+                    _written(board, written, code)
+            elif kind == SYNC:
+                send_frame(sock, OK)
+            elif kind == CODE:                 # (once; no board yet: nothing to translate into)
+                code = parse_code(payload, board.bus.ram_base, npages) if board is not None else None
+                expect = tuple(k for k in expect if k != CODE)
             elif kind == BLOCKS and disks is not None:
                 disks.apply(payload)
             elif kind == STATE:
@@ -802,8 +971,10 @@ def receive_machine(sock: socket.socket, spec: VmSpec, console: CharBackend, tim
             disks.finish()
         if board is None:
             board = build_board(spec, console, ram=ram, restore=True)
+            board.bus.ram_private = True
         try:
-            board.load_state(check_state(board, state))
+            board.load_state(check_state(board, state), keep_code=True)
+            board.clock.pause()               # until the VM runs (Vm.run): the guest sees no wait
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise MigrationError(f"bad migration stream: the state does not fit the machine: {e}") from None
         except PyvirtError as e:
@@ -819,6 +990,21 @@ def receive_machine(sock: socket.socket, spec: VmSpec, console: CharBackend, tim
         if isinstance(e, (PyvirtError, OSError)):
             raise _refuse(sock, e) from None
         raise
+
+
+def _written(board: Any, pages: tuple[int, ...], code: dict[int, list[tuple[int, int, int]]] | None) -> None:
+    """Pages of RAM arrived: blocks translated from them before are dropped (a page sent
+    again), those the source named on them are translated (on a page's first arrival)."""
+    bus = board.bus
+    first = bus.ram_base >> 12
+    watched = bus.watched
+    for p in pages:
+        if first + p in watched:
+            bus.dma_written(bus.ram_base + p * PAGE_SIZE, PAGE_SIZE)
+        if code:
+            keys = code.pop(p, None)
+            if keys:
+                board.engine.warm(keys)
 
 
 def receive(sock: socket.socket, token: str, console: CharBackend, timeout: float = 60,

@@ -204,6 +204,7 @@ class Vm:
                 pass
         start = time.monotonic()
         deadline = start + timeout if timeout else None
+        self.board.clock.resume()          # (a migrated VM's waits for its first slice)
         tune_gc = hasattr(gc, "freeze")    # CPython's collector (PyPy's is generational anyway)
         if tune_gc:
             saved_gc = gc.get_threshold()

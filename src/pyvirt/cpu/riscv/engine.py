@@ -23,7 +23,7 @@ write TLBs never map them.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pyvirt.cpu.riscv import isa, native
@@ -189,6 +189,29 @@ class Engine:
                 return ent
         self.caches[h.priv][pc] = ent
         return ent
+
+    def block_keys(self) -> list[tuple[int, int, int]]:
+        """(privilege, pc, physical page) of every block translated now, the newest last: what
+        a migration's destination translates ahead (`warm`)."""
+        return list(self.blocks)
+
+    def warm(self, keys: Iterable[tuple[int, int, int]]) -> int:
+        """Translate the blocks `keys` name ((privilege, pc, physical page), as `block_keys`
+        gives them; untrusted: anything not a RAM page or a privilege is skipped) before they
+        run, from the code cache where it has them: a migrated guest's first slices then
+        run at full speed instead of translating its whole working set.  A block stays
+        correct as any other: a later write to its page drops it.  Returns how many were made."""
+        bus = self.bus
+        first, last = bus.ram_base >> 12, (bus.ram_end >> 12) - 1
+        made = 0
+        for key in keys:
+            priv, pc, ppn = key
+            if priv not in self.caches or not first <= ppn <= last or key in self.blocks or key in self.crossing:
+                continue
+            ent = self._build(key)
+            if ent[0] is not self._crossing_insn:
+                made += 1
+        return made
 
     # -- building blocks -------------------------------------------------------------
     def _decode_block(self, pc: int, ppn: int) -> list[tuple[Insn, int]]:

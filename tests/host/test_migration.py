@@ -1,8 +1,11 @@
 """Live migration between two pyvirtd daemons (each its own state directory), through the CLI,
-the REST API and pyvirt.Client: over a Unix socket and over TCP with the one-time token; the
+the REST API and pyvirt.Client: over a Unix socket, over TCP with the one-time token and over
+TCP with mutual TLS (both daemons with --tls-creds; certificates made here with openssl); the
 guest's counter goes on on the destination and the source's record says where it went; a
-wrong token, a used-up token and a spec naming host files the destination did not grant are
-refused with the VM running on at the source and nothing left at the destination."""
+wrong token, a used-up token, a spec naming host files the destination did not grant, a
+client certificate of another CA, a destination certificate of another CA or for another
+name, and a plaintext source at a TLS endpoint are refused with the VM running on at the
+source and nothing left at the destination."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import pytest
 from pyvirt.host.client import ApiError
 from pyvirt.testing.daemon import COUNTER, Daemon, counts, wait_for
 from pyvirt.testing.migrate import guest_view
+from pyvirt.testing.tlscerts import make_ca, make_creds
 
 pytestmark = pytest.mark.slow
 
@@ -42,12 +46,24 @@ def console(d: Daemon, name: str) -> str:
     return str(d.client.logs(name)["text"])
 
 
-@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
-def test_a_running_vm_moves_and_counts_on(two: tuple[Daemon, Daemon], tcp: bool) -> None:
+def with_tls(d: Daemon, creds: Path | None) -> None:
+    """Restart `d` with --tls-creds `creds` (None: without; its VMs run on)."""
+    d.args = ["--tls-creds", str(creds)] if creds else []
+    d.restart()
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp", "tls"])
+def test_a_running_vm_moves_and_counts_on(two: tuple[Daemon, Daemon], transport: str, tmp_path: Path) -> None:
     src, dst = two
+    tcp = transport != "unix"
+    if transport == "tls":
+        creds = make_creds(tmp_path / "creds")
+        with_tls(src, creds)
+        with_tls(dst, creds)
     started_counter(src)
     endpoint = dst.client.incoming("v", tcp="127.0.0.1:0" if tcp else None)
     assert endpoint["address"].startswith("tcp:127.0.0.1:" if tcp else "unix:")
+    assert endpoint["tls"] is (transport == "tls")
     before = counts(console(src, "v"))
     r = src.cli("migrate", "v", "--to", endpoint["address"], "--token", endpoint["token"])
     assert r.returncode == 0, r.stderr
@@ -89,6 +105,51 @@ def test_refusals_leave_the_source_running(two: tuple[Daemon, Daemon], tmp_path:
         src.client.migrate("w", endpoint["address"], endpoint["token"])
     assert src.client.inspect("w")["state"] == "running"
     assert dst.client.list() == [] and not list((dst.state / "vms").iterdir())
+
+
+def test_tls_refusals_leave_the_source_running(two: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    """The destination has --tls-creds of CA A.  A source whose client certificate CA B signed,
+    one that trusts only CA B, one that expects another name (--tls-hostname) and one without
+    TLS are each refused (one line, exit status 1): the VM runs on at the source, the
+    destination keeps nothing; then the right credentials move it."""
+    src, dst = two
+    ca_a, ca_b = make_ca(tmp_path / "ca-a"), make_ca(tmp_path / "ca-b")
+    good = make_creds(tmp_path / "good", ca_a)
+    with_tls(dst, good)
+    foreign_client = make_creds(tmp_path / "foreign-client", ca_b)      # trusts A, shows B's certificate
+    shutil.copy(ca_a / "ca-cert.pem", foreign_client / "ca-cert.pem")
+    trusts_b = make_creds(tmp_path / "trusts-b", ca_a)                  # shows A's certificate, trusts B
+    shutil.copy(ca_b / "ca-cert.pem", trusts_b / "ca-cert.pem")
+    started_counter(src)
+    cases = [(foreign_client, [], "alert unknown ca: the destination refused this daemon's client certificate"), (trusts_b, [], "certificate verify failed"),
+             (good, ["--tls-hostname", "other.example"], "Hostname mismatch"), (None, [], "the destination refused: this endpoint takes TLS only")]
+    for creds, extra, why in cases:
+        with_tls(src, creds)
+        endpoint = dst.client.incoming("v", tcp="127.0.0.1:0")
+        assert endpoint["tls"] is True
+        r = src.cli("migrate", "v", "--to", endpoint["address"], "--token", endpoint["token"], *extra)
+        assert r.returncode == 1 and why in r.stderr, (creds, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert src.client.inspect("v")["state"] == "running"
+        n = len(counts(console(src, "v")))
+        wait_for(lambda n=n: len(counts(console(src, "v"))) > n, 30, "the source counting on")
+        assert dst.client.list() == [] and not list((dst.state / "vms").iterdir())
+    with_tls(src, good)
+    endpoint = dst.client.incoming("v", tcp="127.0.0.1:0")
+    src.client.migrate("v", endpoint["address"], endpoint["token"], tls_hostname="localhost")
+    assert src.client.inspect("v")["state"] == "migrated"
+    wait_for(lambda: len(counts(console(dst, "v"))) >= 2, 60, "the counter on the destination")
+
+
+def test_pyvirtd_refuses_incomplete_tls_creds(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    creds = make_creds(tmp_path / "creds")
+    (creds / "client-key.pem").unlink()
+    r = subprocess.run([sys.executable, "-m", "pyvirt.host.daemon", "--state-dir", str(tmp_path / "state"),
+                        "--tls-creds", str(creds)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("pyvirtd: error: --tls-creds") and "client-key.pem" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_killed_destination_runner_leaves_nothing(two: tuple[Daemon, Daemon]) -> None:

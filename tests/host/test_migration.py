@@ -20,7 +20,7 @@ import pytest
 from pyvirt.host.client import ApiError
 from pyvirt.testing.daemon import COUNTER, Daemon, counts, wait_for
 from pyvirt.testing.migrate import guest_view
-from pyvirt.testing.tlscerts import make_ca, make_creds
+from pyvirt.testing.tlscerts import issue, make_ca, make_creds
 
 pytestmark = pytest.mark.slow
 
@@ -109,8 +109,8 @@ def test_refusals_leave_the_source_running(two: tuple[Daemon, Daemon], tmp_path:
 
 def test_tls_refusals_leave_the_source_running(two: tuple[Daemon, Daemon], tmp_path: Path) -> None:
     """The destination has --tls-creds of CA A.  A source whose client certificate CA B signed,
-    one that trusts only CA B, one that expects another name (--tls-hostname) and one without
-    TLS are each refused (one line, exit status 1): the VM runs on at the source, the
+    one that trusts only CA B, one that expects another name (--tls-hostname), one facing an
+    expired server certificate and one without TLS are each refused (one line, exit status 1): the VM runs on at the source, the
     destination keeps nothing; then the right credentials move it."""
     src, dst = two
     ca_a, ca_b = make_ca(tmp_path / "ca-a"), make_ca(tmp_path / "ca-b")
@@ -120,11 +120,19 @@ def test_tls_refusals_leave_the_source_running(two: tuple[Daemon, Daemon], tmp_p
     shutil.copy(ca_a / "ca-cert.pem", foreign_client / "ca-cert.pem")
     trusts_b = make_creds(tmp_path / "trusts-b", ca_a)                  # shows A's certificate, trusts B
     shutil.copy(ca_b / "ca-cert.pem", trusts_b / "ca-cert.pem")
+    expired = make_creds(tmp_path / "expired", ca_a)                   # the server's certificate ended yesterday
+    issue(ca_a, expired, "server", server=True, days=-1)
     started_counter(src)
-    cases = [(foreign_client, [], "alert unknown ca: the destination refused this daemon's client certificate"), (trusts_b, [], "certificate verify failed"),
-             (good, ["--tls-hostname", "other.example"], "Hostname mismatch"), (None, [], "the destination refused: this endpoint takes TLS only")]
-    for creds, extra, why in cases:
+    cases = [(foreign_client, good, [], "alert unknown ca: the destination refused this daemon's client certificate"),
+             (trusts_b, good, [], "TLS handshake failed: certificate verify failed: self-signed certificate in "
+                                  "certificate chain"),
+             (good, good, ["--tls-hostname", "other.example"], "Hostname mismatch"),
+             (good, expired, [], "certificate verify failed: certificate has expired"),
+             (None, good, [], "the destination refused: this endpoint takes TLS only")]
+    for creds, dst_creds, extra, why in cases:
         with_tls(src, creds)
+        if dst.args[1:] != [str(dst_creds)]:
+            with_tls(dst, dst_creds)
         endpoint = dst.client.incoming("v", tcp="127.0.0.1:0")
         assert endpoint["tls"] is True
         r = src.cli("migrate", "v", "--to", endpoint["address"], "--token", endpoint["token"], *extra)

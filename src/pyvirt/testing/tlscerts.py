@@ -26,8 +26,9 @@ def make_ca(d: Path) -> Path:
     return d
 
 
-def issue(ca: Path, d: Path, name: str, server: bool) -> None:
-    """`name`-cert.pem and `name`-key.pem in `d`, signed by the CA in `ca`."""
+def issue(ca: Path, d: Path, name: str, server: bool, days: int = 2) -> None:
+    """`name`-cert.pem and `name`-key.pem in `d`, signed by the CA in `ca`, valid `days` from
+    now (-1: expired yesterday)."""
     d.mkdir(parents=True, exist_ok=True)
     _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
              "-keyout", f"{name}-key.pem", "-out", f"{name}.csr", "-subj", f"/CN=pyvirt test {name}", cwd=d)
@@ -36,7 +37,7 @@ def issue(ca: Path, d: Path, name: str, server: bool) -> None:
                    + ("extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n" if server
                       else "extendedKeyUsage=clientAuth\n"))
     _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca / "ca-cert.pem"), "-CAkey", str(ca / "ca-key.pem"),
-             "-CAcreateserial", "-out", f"{name}-cert.pem", "-extfile", ext.name, "-days", "2", cwd=d)
+             "-CAcreateserial", "-out", f"{name}-cert.pem", "-extfile", ext.name, "-days", str(days), cwd=d)
     (d / f"{name}.csr").unlink()
     ext.unlink()
 

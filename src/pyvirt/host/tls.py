@@ -78,17 +78,19 @@ class Creds:
         for ctx in (self.server, self.client):
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
 
-    def accept(self, conn: socket.socket) -> Relay:
+    def accept(self, conn: socket.socket, inner: socket.socket | None = None) -> Relay:
         """The destination's side of a connection it accepted: TLS with the client's
-        certificate checked; the relay whose `plain` end carries the migration."""
-        return self._wrap(conn, server_side=True, hostname=None)
+        certificate checked; the relay whose `plain` end carries the migration (or that
+        relays to `inner`, a connected socket, instead)."""
+        return self._wrap(conn, server_side=True, hostname=None, inner=inner)
 
-    def connect(self, conn: socket.socket, hostname: str) -> Relay:
+    def connect(self, conn: socket.socket, hostname: str, inner: socket.socket | None = None) -> Relay:
         """The source's side: the destination's certificate checked against the CA and
         `hostname`."""
-        return self._wrap(conn, server_side=False, hostname=hostname)
+        return self._wrap(conn, server_side=False, hostname=hostname, inner=inner)
 
-    def _wrap(self, conn: socket.socket, server_side: bool, hostname: str | None) -> Relay:
+    def _wrap(self, conn: socket.socket, server_side: bool, hostname: str | None,
+              inner: socket.socket | None) -> Relay:
         conn.settimeout(HANDSHAKE_TIMEOUT)
         if server_side:
             try:
@@ -106,16 +108,21 @@ class Creds:
         except (ssl.SSLError, OSError, ValueError) as e:
             conn.close()
             raise TlsError(f"TLS handshake failed: {reason(e)}") from None
-        return Relay(tls)
+        return Relay(tls, inner)
 
 
 class Relay:
     """Copies plaintext between `plain` (a socketpair end: give it to the runner, or read and
-    write it here) and the TLS socket, in its own thread, until either side ends."""
+    write it here) and the TLS socket, in its own thread, until either side ends.  With
+    `inner` (a connected socket, closed with the relay) it relays to that instead (and
+    `plain` is that socket too)."""
 
-    def __init__(self, tls: ssl.SSLSocket) -> None:
+    def __init__(self, tls: ssl.SSLSocket, inner: socket.socket | None = None) -> None:
         self.tls = tls
-        self.plain, self._inner = socket.socketpair()
+        if inner is None:
+            self.plain, self._inner = socket.socketpair()
+        else:
+            self.plain = self._inner = inner
         self.error: str | None = None
         self._thread = threading.Thread(target=self._run, name="tls-relay", daemon=True)
         self._thread.start()

@@ -149,6 +149,23 @@ def test_tls_refusals_leave_the_source_running(two: tuple[Daemon, Daemon], tmp_p
     wait_for(lambda: len(counts(console(dst, "v"))) >= 2, 60, "the counter on the destination")
 
 
+def test_a_stopped_vm_moves_over_tls(two: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    """Cold migration over TCP with TLS: the source daemon itself sends through its relay; the
+    VM arrives stopped.  --tls-hostname without TLS is refused."""
+    src, dst = two
+    with pytest.raises(ApiError, match="--tls-hostname: only for a TCP address"):
+        src.client.migrate("nothing", "unix:/nowhere", "t", tls_hostname="localhost")
+    creds = make_creds(tmp_path / "creds")
+    with_tls(src, creds)
+    with_tls(dst, creds)
+    src.client.create("c", memory="64M", command="echo cold-tls-ok")
+    endpoint = dst.client.incoming("c", tcp="127.0.0.1:0")
+    r = src.cli("migrate", "c", "--to", endpoint["address"], "--token", endpoint["token"])
+    assert r.returncode == 0, r.stderr
+    assert src.client.inspect("c")["state"] == "migrated"
+    assert dst.client.inspect("c")["state"] == "stopped"
+
+
 def test_pyvirtd_refuses_incomplete_tls_creds(tmp_path: Path) -> None:
     import subprocess
     import sys

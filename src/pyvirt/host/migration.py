@@ -340,6 +340,8 @@ def migrate(m: Manager, name: str, to: str, token: str, downtime: float = proto.
         raise Invalid("--on-timeout is cancel or force")
     if not 0 < downtime <= 60 or not 0 < timeout <= 86400:
         raise Invalid("--downtime is 0-60 s and --timeout up to a day")
+    if tls_hostname and (m.tls is None or parse_address(to)[0] == socket.AF_UNIX):
+        raise Invalid("--tls-hostname: only for a TCP address, from a pyvirtd with --tls-creds")
     rec = m.runners.current(name)
     if rec.state in ("stopped", "crashed"):
         return _migrate_cold(m, rec, to, token, copy_storage, tls_hostname)

@@ -92,6 +92,11 @@ class Creds:
     def _wrap(self, conn: socket.socket, server_side: bool, hostname: str | None,
               inner: socket.socket | None) -> Relay:
         conn.settimeout(HANDSHAKE_TIMEOUT)
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            # Each relayed write is a record of its own: Nagle would hold a small one (the
+            # pause's READY and GO) until the previous one's delayed ACK, some 40 ms.
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if server_side:
             try:
                 first = conn.recv(1, socket.MSG_PEEK)

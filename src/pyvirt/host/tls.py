@@ -61,10 +61,12 @@ class Creds:
     def __init__(self, directory: Path | str) -> None:
         d = Path(directory).expanduser()
         self.dir = d.absolute()
+        if not d.is_dir():
+            raise TlsError(f"--tls-creds {str(d)[:300]}: not a directory (give one holding {', '.join(FILES)})")
         missing = [f for f in FILES if not (d / f).is_file()]
         if missing:
             raise TlsError(f"--tls-creds {str(d)[:300]}: no {', '.join(missing)} there "
-                           f"(it holds {', '.join(FILES)})")
+                           f"(a credentials directory holds {', '.join(FILES)})")
         try:
             self.server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self.server.load_cert_chain(d / "server-cert.pem", d / "server-key.pem")

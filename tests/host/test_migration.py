@@ -107,6 +107,12 @@ def test_refusals_leave_the_source_running(two: tuple[Daemon, Daemon], tmp_path:
     assert dst.client.list() == [] and not list((dst.state / "vms").iterdir())
 
 
+def outcome(d: Daemon, name: str) -> dict[str, str] | None:
+    """The incoming endpoint's state once it is no longer waiting."""
+    info: dict[str, str] = d.client._call("GET", f"/migrations/incoming/{name}")
+    return info if info["state"] != "waiting" else None
+
+
 def test_tls_refusals_leave_the_source_running(two: tuple[Daemon, Daemon], tmp_path: Path) -> None:
     """The destination has --tls-creds of CA A.  A source whose client certificate CA B signed,
     one that trusts only CA B, one that expects another name (--tls-hostname), one facing an
@@ -138,6 +144,9 @@ def test_tls_refusals_leave_the_source_running(two: tuple[Daemon, Daemon], tmp_p
         r = src.cli("migrate", "v", "--to", endpoint["address"], "--token", endpoint["token"], *extra)
         assert r.returncode == 1 and why in r.stderr, (creds, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        info = wait_for(lambda: outcome(dst, "v"), 10, "the endpoint's outcome")
+        assert info["state"] == "failed", info
+        assert info["error"].startswith("TLS handshake failed: " if creds else "the source does not speak TLS"), info
         assert src.client.inspect("v")["state"] == "running"
         n = len(counts(console(src, "v")))
         wait_for(lambda n=n: len(counts(console(src, "v"))) > n, 30, "the source counting on")

@@ -1,9 +1,10 @@
-"""Live migration of the default guest between two processes over a Unix socket and over TCP
-with a one-time token (pyvirt.testing.migrate: the source here, the destination a child
-process).
+"""Live migration of the default guest between two processes over a Unix socket, over TCP
+with a one-time token and over TCP with mutual TLS and the token (pyvirt.testing.migrate:
+the source here, the destination a child process; with TLS each end's TLS in a process of
+its own, pyvirt.testing.tlsproxy, as pyvirtd's relay: credentials made with openssl).
 
     PYTHONPATH=src .venv/bin/python bench/migrate.py [--memory 256M,1G] [--runs 5] [--no-disk]
-                                                     [--transport unix,tcp] [--only-idle]
+                                                     [--transport unix,tcp,tls] [--only-idle]
 
 For each memory size and workload -- idle (the 10 ms ticker, which also gives the gap the
 guest itself sees) and writing (the ticker's loop copying 16 MiB in tmpfs over and over) --
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -36,6 +38,7 @@ WRITER = ("mkdir -p /m; mount -t tmpfs -o size=64m tmpfs /m; dd if=/dev/urandom 
 DISK_WRITER = ("i=0; while true; do i=$((i+1)); dd if=/dev/urandom of=/dev/vda bs=64k count=16 "
                "seek=$(( (i % 64) * 16 )) conv=fsync 2>/dev/null; read up x < /proc/uptime; "
                "echo \"tick $i $up\"; done")
+NAMES = {"unix": "Unix socket", "tcp": "TCP, token", "tls": "TCP, TLS + token"}
 QEMU = ("QEMU's published defaults (migration parameters): downtime-limit 300 ms, max-bandwidth "
         "128 MiB/s, auto-converge off (cpu-throttle-initial 20 %, increment 10 % when on)")
 
@@ -63,7 +66,8 @@ def migration_gap(src: str, dst: str, after: int) -> float:
     return largest([t for t in ticks(src) if t[0] >= after] + ticks(dst))
 
 
-def one(memory: str, command: str, after: int, disk: bool = False, tcp: bool = False) -> dict[str, float]:
+def one(memory: str, command: str, after: int, disk: bool = False, transport: str = "unix",
+        creds: Path | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as d:
         kw: dict[str, object] = {}
         if disk:
@@ -74,8 +78,8 @@ def one(memory: str, command: str, after: int, disk: bool = False, tcp: bool = F
                     f.seek(off)
                     f.write(os.urandom(1 << 20))
             kw = {"disks": [f"{path},format=raw"], "copy_storage": True}
-        stats, src, dst, _ = migrate_once(Path(d), command, after=after, memory=memory, dest_seconds=4.0, tcp=tcp,
-                                          **kw)
+        stats, src, dst, _ = migrate_once(Path(d), command, after=after, memory=memory, dest_seconds=4.0,
+                                          tcp=transport != "unix", tls=creds if transport == "tls" else None, **kw)
     if stats.outcome != "completed":
         raise SystemExit(f"migration {stats.outcome}: {stats.error}")
     return {"total": stats.total_seconds, "mib": stats.bytes_sent / 2**20, "rounds": stats.rounds,
@@ -89,13 +93,18 @@ def main() -> None:
     ap.add_argument("--memory", default="256M,1G")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-disk", action="store_true", help="skip the runs with a disk copied")
-    ap.add_argument("--transport", default="unix,tcp", help="unix, tcp (with a token) or both")
+    ap.add_argument("--transport", default="unix,tcp", help="unix, tcp (with a token), tls (TCP with mutual "
+                                                             "TLS and the token), comma-separated")
     ap.add_argument("--only-idle", action="store_true", help="only the first memory size's idle runs")
     args = ap.parse_args()
     first = args.memory.split(",")[0]
     transports = args.transport.split(",")
-    if not set(transports) <= {"unix", "tcp"}:
-        raise SystemExit("--transport: unix, tcp or unix,tcp")
+    if not set(transports) <= {"unix", "tcp", "tls"}:
+        raise SystemExit("--transport: unix, tcp, tls, comma-separated")
+    creds = None
+    if "tls" in transports:
+        from pyvirt.testing.tlscerts import make_creds
+        creds = make_creds(Path(tempfile.mkdtemp(prefix="pyvirt-bench-tls-")))
     cases = [(memory, name, command, after, False) for memory in args.memory.split(",")
              for name, command, after in (("idle", TICKER, 20), ("writing", WRITER, 2))]
     if not args.no_disk:
@@ -109,7 +118,7 @@ def main() -> None:
         main_row = name == "idle" and memory == first
         for transport in transports if main_row else transports[:1]:
             runs = args.runs if main_row else 1
-            results = [one(memory, command, after, disk, transport == "tcp") for _ in range(runs)]
+            results = [one(memory, command, after, disk, transport, creds) for _ in range(runs)]
             rows.append((memory, name, transport, runs, results))
             print(f"{memory} {name} {transport}: " + ", ".join(
                 f"{k} {statistics.median(x[k] for x in results):.3g}" for k in results[0]), flush=True)
@@ -121,13 +130,15 @@ def main() -> None:
     for memory, name, transport, runs, r in rows:
         med = {k: statistics.median(x[k] for x in r) for k in r[0]}
         top = {k: max(x[k] for x in r) for k in r[0]}
-        print(f"| {memory} | {name} | {'TCP, token' if transport == 'tcp' else 'Unix socket'} | {runs} | "
+        print(f"| {memory} | {name} | {NAMES[transport]} | {runs} | "
               f"{med['total']:.2f} | {med['mib']:.0f} | {med['disk_mib']:.0f} | {med['rounds']:.0f} | "
               f"{med['pause_ms']:.0f} / {top['pause_ms']:.0f} | {med['gap']:.3f} / {top['gap']:.3f} | "
               f"{med['during']:.3f} / {top['during']:.3f} | {med['still']:.3f} / {top['still']:.3f} | "
               f"{med['throttle']:.0%} |")
     print()
     print(QEMU)
+    if creds is not None:
+        shutil.rmtree(creds, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Live migration between two pyvirtd daemons (each its own state directory), through the CLI,
-the REST API and pyvirt.Client: over a Unix socket and over TCP with the one-time token; the
+the REST API and pyvirt.Client: over a Unix socket, over TCP with the one-time token and over
+TCP with mutual TLS (both daemons with --tls-creds; certificates made here with openssl); the
 guest's counter goes on on the destination and the source's record says where it went; a
-wrong token, a used-up token and a spec naming host files the destination did not grant are
-refused with the VM running on at the source and nothing left at the destination."""
+wrong token, a used-up token, a spec naming host files the destination did not grant, a
+client certificate of another CA, a destination certificate of another CA or for another
+name, and a plaintext source at a TLS endpoint are refused with the VM running on at the
+source and nothing left at the destination."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import pytest
 from pyvirt.host.client import ApiError
 from pyvirt.testing.daemon import COUNTER, Daemon, counts, wait_for
 from pyvirt.testing.migrate import guest_view
+from pyvirt.testing.tlscerts import issue, make_ca, make_creds
 
 pytestmark = pytest.mark.slow
 
@@ -42,12 +46,24 @@ def console(d: Daemon, name: str) -> str:
     return str(d.client.logs(name)["text"])
 
 
-@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
-def test_a_running_vm_moves_and_counts_on(two: tuple[Daemon, Daemon], tcp: bool) -> None:
+def with_tls(d: Daemon, creds: Path | None) -> None:
+    """Restart `d` with --tls-creds `creds` (None: without; its VMs run on)."""
+    d.args = ["--tls-creds", str(creds)] if creds else []
+    d.restart()
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp", "tls"])
+def test_a_running_vm_moves_and_counts_on(two: tuple[Daemon, Daemon], transport: str, tmp_path: Path) -> None:
     src, dst = two
+    tcp = transport != "unix"
+    if transport == "tls":
+        creds = make_creds(tmp_path / "creds")
+        with_tls(src, creds)
+        with_tls(dst, creds)
     started_counter(src)
     endpoint = dst.client.incoming("v", tcp="127.0.0.1:0" if tcp else None)
     assert endpoint["address"].startswith("tcp:127.0.0.1:" if tcp else "unix:")
+    assert endpoint["tls"] is (transport == "tls")
     before = counts(console(src, "v"))
     r = src.cli("migrate", "v", "--to", endpoint["address"], "--token", endpoint["token"])
     assert r.returncode == 0, r.stderr
@@ -89,6 +105,85 @@ def test_refusals_leave_the_source_running(two: tuple[Daemon, Daemon], tmp_path:
         src.client.migrate("w", endpoint["address"], endpoint["token"])
     assert src.client.inspect("w")["state"] == "running"
     assert dst.client.list() == [] and not list((dst.state / "vms").iterdir())
+
+
+def outcome(d: Daemon, name: str) -> dict[str, str] | None:
+    """The incoming endpoint's state once it is no longer waiting."""
+    info: dict[str, str] = d.client._call("GET", f"/migrations/incoming/{name}")
+    return info if info["state"] != "waiting" else None
+
+
+def test_tls_refusals_leave_the_source_running(two: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    """The destination has --tls-creds of CA A.  A source whose client certificate CA B signed,
+    one that trusts only CA B, one that expects another name (--tls-hostname), one facing an
+    expired server certificate and one without TLS are each refused (one line, exit status 1): the VM runs on at the source, the
+    destination keeps nothing; then the right credentials move it."""
+    src, dst = two
+    ca_a, ca_b = make_ca(tmp_path / "ca-a"), make_ca(tmp_path / "ca-b")
+    good = make_creds(tmp_path / "good", ca_a)
+    with_tls(dst, good)
+    foreign_client = make_creds(tmp_path / "foreign-client", ca_b)      # trusts A, shows B's certificate
+    shutil.copy(ca_a / "ca-cert.pem", foreign_client / "ca-cert.pem")
+    trusts_b = make_creds(tmp_path / "trusts-b", ca_a)                  # shows A's certificate, trusts B
+    shutil.copy(ca_b / "ca-cert.pem", trusts_b / "ca-cert.pem")
+    expired = make_creds(tmp_path / "expired", ca_a)                   # the server's certificate ended yesterday
+    issue(ca_a, expired, "server", server=True, days=-1)
+    started_counter(src)
+    cases = [(foreign_client, good, [], "alert unknown ca: the destination refused this daemon's client certificate"),
+             (trusts_b, good, [], "TLS handshake failed: certificate verify failed: self-signed certificate in "
+                                  "certificate chain"),
+             (good, good, ["--tls-hostname", "other.example"], "Hostname mismatch"),
+             (good, expired, [], "certificate verify failed: certificate has expired"),
+             (None, good, [], "the destination refused: this endpoint takes TLS only")]
+    for creds, dst_creds, extra, why in cases:
+        with_tls(src, creds)
+        if dst.args[1:] != [str(dst_creds)]:
+            with_tls(dst, dst_creds)
+        endpoint = dst.client.incoming("v", tcp="127.0.0.1:0")
+        assert endpoint["tls"] is True
+        r = src.cli("migrate", "v", "--to", endpoint["address"], "--token", endpoint["token"], *extra)
+        assert r.returncode == 1 and why in r.stderr, (creds, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        info = wait_for(lambda: outcome(dst, "v"), 10, "the endpoint's outcome")
+        assert info["state"] == "failed", info
+        assert info["error"].startswith("TLS handshake failed: " if creds else "the source does not speak TLS"), info
+        assert src.client.inspect("v")["state"] == "running"
+        n = len(counts(console(src, "v")))
+        wait_for(lambda n=n: len(counts(console(src, "v"))) > n, 30, "the source counting on")
+        assert dst.client.list() == [] and not list((dst.state / "vms").iterdir())
+    with_tls(src, good)
+    endpoint = dst.client.incoming("v", tcp="127.0.0.1:0")
+    src.client.migrate("v", endpoint["address"], endpoint["token"], tls_hostname="localhost")
+    assert src.client.inspect("v")["state"] == "migrated"
+    wait_for(lambda: len(counts(console(dst, "v"))) >= 2, 60, "the counter on the destination")
+
+
+def test_a_stopped_vm_moves_over_tls(two: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    """Cold migration over TCP with TLS: the source daemon itself sends through its relay; the
+    VM arrives stopped.  --tls-hostname without TLS is refused."""
+    src, dst = two
+    with pytest.raises(ApiError, match="--tls-hostname: only for a TCP address"):
+        src.client.migrate("nothing", "unix:/nowhere", "t", tls_hostname="localhost")
+    creds = make_creds(tmp_path / "creds")
+    with_tls(src, creds)
+    with_tls(dst, creds)
+    src.client.create("c", memory="64M", command="echo cold-tls-ok")
+    endpoint = dst.client.incoming("c", tcp="127.0.0.1:0")
+    r = src.cli("migrate", "c", "--to", endpoint["address"], "--token", endpoint["token"])
+    assert r.returncode == 0, r.stderr
+    assert src.client.inspect("c")["state"] == "migrated"
+    assert dst.client.inspect("c")["state"] == "stopped"
+
+
+def test_pyvirtd_refuses_incomplete_tls_creds(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    creds = make_creds(tmp_path / "creds")
+    (creds / "client-key.pem").unlink()
+    r = subprocess.run([sys.executable, "-m", "pyvirt.host.daemon", "--state-dir", str(tmp_path / "state"),
+                        "--tls-creds", str(creds)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("pyvirtd: error: --tls-creds") and "client-key.pem" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_killed_destination_runner_leaves_nothing(two: tuple[Daemon, Daemon]) -> None:

@@ -61,6 +61,8 @@ def add_parsers(sub: Any) -> None:
     d.add_argument("--foreground", action="store_true", help="run in this process, logging to the terminal "
                                                              "(default: in the background, logging to "
                                                              "pyvirtd.log)")
+    d.add_argument("--tls-creds", metavar="DIR", help="x509 credentials for migrations over TCP (as "
+                                                      "`pyvirtd --tls-creds`; docs/migration.md)")
 
     c = sub.add_parser("create", parents=[common], help="define a VM in pyvirtd (started with `pyvirt start`)")
     c.add_argument("name", metavar="NAME")
@@ -215,9 +217,9 @@ def _daemon(args: argparse.Namespace) -> int:
               f"{len(vms)} VM(s), {running} running; log {state / 'pyvirtd.log'}")
         return 0
     if args.foreground:
-        serve(state)
+        serve(state, tls_creds=args.tls_creds)
         return 0
-    print(start_background(state))
+    print(start_background(state, tls_creds=args.tls_creds))
     return 0
 
 

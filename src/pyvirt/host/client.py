@@ -131,15 +131,19 @@ class Client(AgentCalls):
         return self._call("GET", f"/vms/{name}/logs", params=params)
 
     def incoming(self, name: str, tcp: str | None = None, allow: builtins.list[str] | None = None) -> dict[str, Any]:
-        """Open an endpoint for VM `name` to arrive on: {address, token} to give `migrate`."""
+        """Open an endpoint for VM `name` to arrive on: {address, token} to give `migrate` (and
+        tls: whether it takes TLS only -- TCP on a daemon with --tls-creds)."""
         return self._call("POST", "/migrations/incoming", json={"name": name, "tcp": tcp, "allow": allow or []})
 
     def migrate(self, name: str, to: str, token: str, downtime: float = 0.3, timeout: float = 600.0,
-                on_timeout: str = "cancel", copy_storage: bool = False) -> dict[str, Any]:
+                on_timeout: str = "cancel", copy_storage: bool = False,
+                tls_hostname: str | None = None) -> dict[str, Any]:
         """Live-migrate the running VM `name` to the endpoint `to`; its record (state migrated).
-        `copy_storage`: copy its disks there too (else the destination must share them)."""
+        `copy_storage`: copy its disks there too (else the destination must share them).
+        `tls_hostname`: over TCP with the daemon's --tls-creds, the name the destination's
+        certificate must carry (default: the address's host)."""
         body = {"to": to, "token": token, "downtime": downtime, "timeout": timeout, "on_timeout": on_timeout,
-                "copy_storage": copy_storage}
+                "copy_storage": copy_storage, "tls_hostname": tls_hostname}
         return self._call("POST", f"/vms/{name}/migrate", json=body, timeout=timeout + 300)
 
     def export(self, name: str, path: str | os.PathLike[str], snapshot: str | None = None) -> dict[str, Any]:

@@ -42,12 +42,16 @@ def _lock(state: Path) -> int:
     return fd
 
 
-def serve(state: Path, jail: bool | None = None) -> None:
-    """Run the daemon in this process until SIGTERM/SIGINT."""
+def serve(state: Path, jail: bool | None = None, tls_creds: str | None = None) -> None:
+    """Run the daemon in this process until SIGTERM/SIGINT.  `tls_creds`: a directory of x509
+    credentials (host/tls.py): migrations over TCP use TLS."""
     import uvicorn
 
     from pyvirt.host.api import make_app
     from pyvirt.host.manager import Manager
+    from pyvirt.host.tls import Creds
+
+    tls = Creds(tls_creds) if tls_creds else None      # (a bad directory: one line, before anything starts)
 
     os.umask(0o077)                      # the database, logs and sockets are the user's alone
     lock_fd = _lock(state)
@@ -57,7 +61,7 @@ def serve(state: Path, jail: bool | None = None) -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     sock_path = api_socket(state)
-    manager = Manager(state, jail=jail)
+    manager = Manager(state, jail=jail, tls=tls)
     sock = listen_unix(sock_path, backlog=64)
     try:
         config = uvicorn.Config(make_app(manager), log_level="warning", access_log=False, lifespan="off")
@@ -65,7 +69,7 @@ def serve(state: Path, jail: bool | None = None) -> None:
         # handler it found: with these, that ends in the clean-up below and exit status 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
-        log.info("listening on %s", sock_path)
+        log.info("listening on %s%s", sock_path, f"; migrations over TCP use TLS ({tls.dir})" if tls else "")
         uvicorn.Server(config).run(sockets=[sock])
         log.info("stopping (the VMs go on running)")
     finally:
@@ -86,14 +90,15 @@ def running(state: Path) -> bool:
         return False
 
 
-def start_background(state: Path) -> Path:
+def start_background(state: Path, tls_creds: str | None = None) -> Path:
     """Start the daemon detached from this terminal (its messages go to pyvirtd.log); the API
-    socket once it answers."""
+    socket once it answers.  `tls_creds`: as `pyvirtd --tls-creds`."""
     if running(state):
         raise ConfigError(f"pyvirtd is already running for {state}")
     log_path = state / "pyvirtd.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pyvirt.host.daemon", "--state-dir", str(state)],
+        tls = ["--tls-creds", str(Path(tls_creds).absolute())] if tls_creds else []
+        proc = subprocess.Popen([sys.executable, "-m", "pyvirt.host.daemon", "--state-dir", str(state), *tls],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
                                 start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT
@@ -146,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
                                                               "`pyvirt daemon`)")
     ap.add_argument("--no-jail", action="store_true",
                     help="run VMs' runners unconfined (for debugging; also PYVIRT_JAIL=off)")
+    ap.add_argument("--tls-creds", metavar="DIR",
+                    help="x509 credentials (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, "
+                         "client-key.pem, as QEMU's tls-creds-x509): migrations over TCP use mutual TLS")
     args = ap.parse_args(argv)
     try:
-        serve(state_dir(args.state_dir), jail=False if args.no_jail else None)
+        serve(state_dir(args.state_dir), jail=False if args.no_jail else None, tls_creds=args.tls_creds)
     except PyvirtError as e:
         sys.stderr.write(f"pyvirtd: error: {e}\n")
         return 1

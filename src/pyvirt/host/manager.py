@@ -31,6 +31,7 @@ from pyvirt.host.paths import VmPaths
 from pyvirt.host.snapshots import Snapshots
 from pyvirt.host.store import DuplicateName, SnapshotStore, Store, VmRecord
 from pyvirt.host.supervisor import Supervisor
+from pyvirt.host.tls import Creds
 from pyvirt.host.transfer import Transfers
 from pyvirt.spec import format_size
 from pyvirt.version import __version__
@@ -43,8 +44,9 @@ MAX_LOG_READ = 1 << 20
 
 
 class Manager:
-    def __init__(self, state: Path, jail: bool | None = None) -> None:
+    def __init__(self, state: Path, jail: bool | None = None, tls: Creds | None = None) -> None:
         self.state = state
+        self.tls = tls                  # --tls-creds: migrations over TCP use TLS (host/tls.py)
         # each runner confines itself once its board is built (host/jail.py) unless turned off
         self.jail = os.environ.get("PYVIRT_JAIL", "on") != "off" if jail is None else jail
         (state / "vms").mkdir(mode=0o700, exist_ok=True)

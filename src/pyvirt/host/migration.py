@@ -42,6 +42,7 @@ from pyvirt.host import control
 from pyvirt.host.errors import Conflict, Invalid
 from pyvirt.host.paths import VmPaths
 from pyvirt.host.store import DuplicateName, VmRecord
+from pyvirt.host.tls import Creds, PlaintextPeer, Relay, TlsError
 from pyvirt.spec import VmSpec
 from pyvirt.vmm import migration as proto
 
@@ -66,7 +67,11 @@ def parse_address(to: str, flag: str = "--to") -> tuple[int, Any]:
     return socket.AF_INET6 if ":" in host else socket.AF_INET, (host.strip("[]"), int(port))
 
 
-def connect(to: str, timeout: float = 10.0) -> socket.socket:
+def connect(to: str, timeout: float = 10.0, tls: Creds | None = None,
+            tls_hostname: str | None = None) -> tuple[socket.socket, Relay | None]:
+    """A connection to the destination `to`; over TCP with `tls` (the daemon's --tls-creds),
+    TLS with the destination's certificate checked against the CA and `tls_hostname` (default:
+    the address's host), carried by a Relay: then the socket is its plaintext end."""
     family, addr = parse_address(to)
     s = socket.socket(family, socket.SOCK_STREAM)
     s.settimeout(timeout)
@@ -76,7 +81,22 @@ def connect(to: str, timeout: float = 10.0) -> socket.socket:
         s.close()
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise Conflict(f"cannot reach the destination {to[:300]}: {why}") from None
-    return s
+    if tls is None or family == socket.AF_UNIX:
+        return s, None
+    try:
+        relay = tls.connect(s, tls_hostname or addr[0])
+    except TlsError as e:
+        raise Conflict(f"the destination {to[:300]}: {e}") from None
+    return relay.plain, relay
+
+
+def _tls_why(why: str, relay: Relay | None) -> str:
+    """A failed migration's reason, with what TLS said when the relay ended on an error (a
+    destination refusing the source's certificate says so only after the handshake)."""
+    if relay is None or not relay.error:
+        return why
+    hint = ": the destination refused this daemon's client certificate" if "alert" in relay.error else ""
+    return f"{why} (TLS: {relay.error}{hint})"
 
 
 def _boot_file_ok(path: Any, allowed: list[Path]) -> bool:
@@ -185,11 +205,12 @@ def open_incoming(m: Manager, name: str, tcp: str | None = None,
             listener = listen_unix(path)
             listener.setblocking(True)
             address = f"unix:{path}"
-        _incoming(m.runners)[name] = {"address": address, "state": "waiting", "error": None}
+        tls = m.tls is not None and path is None
+        _incoming(m.runners)[name] = {"address": address, "tls": tls, "state": "waiting", "error": None}
     threading.Thread(target=_serve_incoming, args=(m, name, listener, path, token, allowed),
                      name=f"incoming-{name}", daemon=True).start()
-    log.info("incoming migration for VM %s on %s", name, address)
-    return {"name": name, "address": address, "token": token, "expires_in": INCOMING_TIMEOUT}
+    log.info("incoming migration for VM %s on %s%s", name, address, " (TLS)" if tls else "")
+    return {"name": name, "address": address, "token": token, "tls": tls, "expires_in": INCOMING_TIMEOUT}
 
 def incoming_status(m: Manager, name: str) -> dict[str, Any]:
     info = _incoming(m.runners).get(name)
@@ -211,6 +232,15 @@ def _serve_incoming(m: Manager, name: str, listener: socket.socket, path: Path |
         if path is not None:
             with contextlib.suppress(OSError):
                 path.unlink()
+    if m.tls is not None and path is None:          # TCP with --tls-creds: TLS, the client's certificate checked
+        try:
+            conn = m.tls.accept(conn).plain
+        except TlsError as e:
+            info.update(state="failed", error=str(e))
+            log.warning("incoming migration for %s failed: %s", name, e)
+            if isinstance(e, PlaintextPeer):
+                _refuse_plaintext(conn)
+            return
     vm_id = uuid.uuid4().hex[:12]
     rec = None
     try:
@@ -261,6 +291,23 @@ def _serve_incoming(m: Manager, name: str, listener: socket.socket, path: Path |
     finally:
         conn.close()
 
+def _refuse_plaintext(conn: socket.socket) -> None:
+    """A source without TLS at a TLS endpoint: say so in the migration protocol (an error
+    frame, which it prints) and close once it has read it (a little of its stream read and
+    dropped meanwhile: closing with unread bytes would reset the connection under the frame)."""
+    try:
+        proto.send_frame(conn, proto.ERROR, b"this endpoint takes TLS only (its pyvirtd has --tls-creds): "
+                                            b"give the source's pyvirtd --tls-creds too")
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(5)
+        for _ in range(64):                    # at most 4 MiB, 5 s a read
+            if not conn.recv(65536):
+                break
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
 def paths_of(state: Path, vm_id: str) -> VmPaths:
     from pyvirt.host.paths import vm_paths
     return vm_paths(state, vm_id)
@@ -283,24 +330,34 @@ def incoming_failed(runners: Supervisor, rec: VmRecord) -> bool:
 
 def migrate(m: Manager, name: str, to: str, token: str, downtime: float = proto.DEFAULT_DOWNTIME,
             timeout: float = proto.DEFAULT_TIMEOUT, on_timeout: str = "cancel",
-            copy_storage: bool = False) -> dict[str, Any]:
+            copy_storage: bool = False, tls_hostname: str | None = None) -> dict[str, Any]:
     """Move the running VM `name` to the daemon listening at `to`; returns its record (state
     migrated) or raises Conflict with why (the VM runs on).  `copy_storage`: its disks are
-    copied into the destination's VM directory (libvirt's --copy-storage-all), else shared."""
+    copied into the destination's VM directory (libvirt's --copy-storage-all), else shared.
+    Over TCP with the daemon's --tls-creds: TLS, the destination's certificate checked for
+    `tls_hostname` (default: the address's host)."""
     if on_timeout not in ("cancel", "force"):
         raise Invalid("--on-timeout is cancel or force")
     if not 0 < downtime <= 60 or not 0 < timeout <= 86400:
         raise Invalid("--downtime is 0-60 s and --timeout up to a day")
+    if tls_hostname and (m.tls is None or parse_address(to)[0] == socket.AF_UNIX):
+        raise Invalid("--tls-hostname: only for a TCP address, from a pyvirtd with --tls-creds")
     rec = m.runners.current(name)
     if rec.state in ("stopped", "crashed"):
-        return _migrate_cold(m, rec, to, token, copy_storage)
+        return _migrate_cold(m, rec, to, token, copy_storage, tls_hostname)
     rec = m.runners.running(name)
-    sock = connect(to)
+    sock, relay = connect(to, tls=m.tls, tls_hostname=tls_hostname)
     try:
         req = control.Migrate(token=token, downtime=downtime, timeout=timeout,
                               on_timeout="force" if on_timeout == "force" else "cancel", to=to,
                               copy_storage=copy_storage)
-        m.runners.call(rec, req, control.Done, fds=[sock.fileno()])
+        try:
+            m.runners.call(rec, req, control.Done, fds=[sock.fileno()])
+        except Conflict as e:
+            if relay is not None:
+                sock.close()
+                relay.join(2)                   # (its reason, when TLS ended it)
+            raise Conflict(_tls_why(str(e), relay)) from None
     finally:
         sock.close()
     deadline = time.monotonic() + timeout + 120
@@ -310,31 +367,35 @@ def migrate(m: Manager, name: str, to: str, token: str, downtime: float = proto.
             if now.state == "migrated":
                 log.info("VM %s migrated to %s", name, to)
                 return m.inspect(rec.id)
-            raise Conflict(f"VM {name} ended during the migration: {now.reason}")
+            raise Conflict(_tls_why(f"VM {name} ended during the migration: {now.reason}", relay))
         st = m.runners.status(now)
         mig = st.migration if st is not None else None
         if mig is not None and mig.outcome in ("failed", "cancelled"):
-            raise Conflict(f"migration of {name} {mig.outcome}: {mig.error}; it runs on here")
+            raise Conflict(_tls_why(f"migration of {name} {mig.outcome}: {mig.error}", relay) + "; it runs on here")
         time.sleep(0.1)
     raise Conflict(f"migration of {name}: no outcome in time")
 
 
-def _migrate_cold(m: Manager, rec: VmRecord, to: str, token: str, copy_storage: bool = False) -> dict[str, Any]:
+def _migrate_cold(m: Manager, rec: VmRecord, to: str, token: str, copy_storage: bool = False,
+                  tls_hostname: str | None = None) -> dict[str, Any]:
     """A stopped VM: its definition moves (its disks shared, or copied with `copy_storage`:
     opened read-only here, which also keeps it from starting meanwhile), it arrives stopped."""
     from pyvirt.backends.disk import open_disk
     spec = rec.spec_dict
     spec["ports"] = [p for p in spec.get("ports", []) if p.get("name") == AGENT_PORT]
     disks: list[Any] = []
-    sock = None
+    sock = relay = None
     try:
         if copy_storage:
             for d in VmSpec.model_validate(rec.spec_dict).disks:
                 disks.append(open_disk(d.path, read_only=True, fmt=d.format))
-        sock = connect(to)
+        sock, relay = connect(to, tls=m.tls, tls_hostname=tls_hostname)
         proto.send_cold(sock, token, spec, disks)
     except (proto.MigrationError, ImageError) as e:
-        raise Conflict(f"migration of {rec.name}: {e}") from None
+        if relay is not None and sock is not None:
+            sock.close()
+            relay.join(2)                       # (its reason, when TLS ended it)
+        raise Conflict(_tls_why(f"migration of {rec.name}: {e}", relay)) from None
     finally:
         for d in disks:
             d.close()

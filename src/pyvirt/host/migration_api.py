@@ -1,9 +1,10 @@
 """pyvirtd's migration endpoints (added to the app by api.make_app; host/migration.py):
 
     POST /migrations/incoming      {name, tcp?, allow?}   an endpoint for VM NAME to arrive on:
-                                                          {address, token} (one connection, once)
+                                                          {address, token, tls} (one connection, once)
     GET  /migrations/incoming/{name}                      how it goes (waiting, receiving, failed)
-    POST /vms/{name}/migrate       {to, token, downtime?, timeout?, on_timeout?, copy_storage?}
+    POST /vms/{name}/migrate       {to, token, downtime?, timeout?, on_timeout?, copy_storage?,
+                                    tls_hostname?}
                                                           move the running VM there (returns when done)
 """
 
@@ -38,6 +39,9 @@ class MigrateRequest(BaseModel):
                             description="cancel (the VM stays here) or force (pause it and finish)")
     copy_storage: bool = Field(False, description="copy the disks into the destination's VM directory "
                                                   "(libvirt's --copy-storage-all); else they must be shared")
+    tls_hostname: str | None = Field(None, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$",
+                                     description="over TCP with TLS: the name the destination's certificate "
+                                                 "must carry (default: the address's host)")
 
 
 def add_migration_routes(app: FastAPI, manager: Any, errors: dict[int | str, dict[str, Any]]) -> None:
@@ -55,4 +59,4 @@ def add_migration_routes(app: FastAPI, manager: Any, errors: dict[int | str, dic
     def migrate(name: str = Path(..., description="the VM's name (or id)"),
                 req: MigrateRequest = Body(...)) -> dict[str, Any]:
         return migration.migrate(manager, name, req.to, req.token, req.downtime, req.timeout, req.on_timeout,
-                                 req.copy_storage)
+                                 req.copy_storage, req.tls_hostname)

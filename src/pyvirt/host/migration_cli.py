@@ -3,7 +3,7 @@
     pyvirt incoming NAME [--tcp HOST:PORT] [--allow FILE]...   on the destination: prints the
                                                                address and one-time token
     pyvirt migrate VM --to ADDRESS --token TOKEN [--downtime MS] [--timeout S]
-                   [--on-timeout cancel|force] [--copy-storage-all]
+                   [--on-timeout cancel|force] [--copy-storage-all] [--tls-hostname NAME]
                                                                on the source: move VM there
 """
 
@@ -39,6 +39,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     m.add_argument("--copy-storage-all", action="store_true",
                    help="copy the VM's disks too, flattened (as libvirt's flag): without it they must be "
                         "shared storage, --allow'ed on the destination")
+    m.add_argument("--tls-hostname", metavar="NAME",
+                   help="over TCP with TLS (pyvirtd --tls-creds): the name the destination's certificate must "
+                        "carry (default: the host in --to)")
 
 
 def run(args: argparse.Namespace, client: Any) -> int:
@@ -49,6 +52,7 @@ def run(args: argparse.Namespace, client: Any) -> int:
     if not args.token:
         raise ConfigError("--token: give the token `pyvirt incoming` printed on the destination")
     vm = client.migrate(args.vm, args.to, args.token, downtime=args.downtime / 1000, timeout=args.timeout,
-                        on_timeout=args.on_timeout, copy_storage=args.copy_storage_all)
+                        on_timeout=args.on_timeout, copy_storage=args.copy_storage_all,
+                        tls_hostname=args.tls_hostname)
     print(f"{vm['name']} {vm['state']} ({vm.get('reason')})")
     return 0

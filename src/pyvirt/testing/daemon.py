@@ -24,16 +24,17 @@ T = TypeVar("T")
 class Daemon:
     """A pyvirtd process on `state`; `restart()` stops it (SIGTERM) and starts another."""
 
-    def __init__(self, state: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, state: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
         self.state = state
         self.env = dict(os.environ, **(env or {}))
+        self.args = list(args or [])          # pyvirtd's options (--tls-creds DIR)
         self.proc: subprocess.Popen[bytes] | None = None
         self.client = Client(state_dir=state)
         self.start()
 
     def start(self) -> None:
         log = open(self.state / "test-daemon.log", "ab")
-        self.proc = subprocess.Popen([PY, "-m", "pyvirt.host.daemon", "--state-dir", str(self.state)],
+        self.proc = subprocess.Popen([PY, "-m", "pyvirt.host.daemon", "--state-dir", str(self.state), *self.args],
                                      stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env)
         log.close()
         deadline = time.monotonic() + 20

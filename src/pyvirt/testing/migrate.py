@@ -105,19 +105,26 @@ def ticks(text: str) -> list[tuple[int, float]]:
 
 def migrate_once(workdir: Path, command: str, after: int = 50, memory: str = "256M", dest_seconds: float = 3.0,
                  run_on: float = 0.0, nets: list[str] | None = None, disks: list[str] | None = None,
-                 tcp: bool = False, **kw: Any) -> tuple[MigrationStats, str, str, Vm]:
+                 tcp: bool = False, tls: Path | None = None, **kw: Any) -> tuple[MigrationStats, str, str, Vm]:
     """Boot the default guest running `command` here, migrate it to a child destination once it
     printed tick `after`; (stats, source console, destination output, the source Vm, closed).
     A migration that did not complete leaves the VM running here `run_on` seconds more.
     `nets`, `disks`: the VM's NICs and disks (as --net, --disk; disks the source copies --
     copy_storage=True -- arrive in workdir/dest).  `tcp`: over TCP on 127.0.0.1 (else a Unix
-    socket), with a one-time random token either way.
+    socket), with a one-time random token either way.  `tls`: a --tls-creds directory: over
+    TCP with mutual TLS, each end in its own process as pyvirtd's relay (testing/tlsproxy.py).
     `kw`: Migration's options."""
     token = secrets.token_urlsafe(24)
     (workdir / "dest").mkdir(exist_ok=True)
-    dest = start_destination("tcp:127.0.0.1:0" if tcp else workdir / "mig.sock", token, dest_seconds,
+    dest = start_destination("tcp:127.0.0.1:0" if tcp and not tls else workdir / "mig.sock", token, dest_seconds,
                              workdir / "dest")
     sock: Path | str = dest.address                    # type: ignore[attr-defined]
+    proxies = []
+    if tls is not None:
+        from pyvirt.testing import tlsproxy
+        server, address = tlsproxy.start("server", tls, "tcp:127.0.0.1:0", str(sock))
+        client, sock = tlsproxy.start("client", tls, str(workdir / "tls.sock"), address)
+        proxies = [server, client]
     resolved = resolve(VmRequest(command=command, memory=memory, nets=nets or [], disks=disks or []))
     console = BufferBackend(limit=1 << 20)
     vm = Vm(resolved.spec, console)
@@ -141,6 +148,8 @@ def migrate_once(workdir: Path, command: str, after: int = 50, memory: str = "25
         vm.close()
         resolved.cleanup()
     out, _ = dest.communicate(timeout=300)
+    for p in proxies:
+        p.communicate(timeout=60)
     if not result:
         raise RuntimeError(f"the guest never printed tick {after}: {bytes(console.output[-300:])!r}")
     return result[0], console.output.decode(errors="replace"), out, vm

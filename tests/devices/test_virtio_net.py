@@ -39,6 +39,7 @@ class FakeBackend:
         self.inbox: list[bytes] = []
         self.accepting = True
         self.closed = False
+        self.flushes = 0
 
     def send(self, data: bytes) -> bool:
         if not self.accepting:
@@ -49,6 +50,9 @@ class FakeBackend:
     def recv(self, limit: int) -> list[bytes]:
         out, self.inbox = self.inbox[:limit], self.inbox[limit:]
         return out
+
+    def flush(self) -> None:
+        self.flushes += 1
 
     def fileno(self) -> int | None:
         return None
@@ -126,6 +130,9 @@ def test_transmit_reaches_backend_byte_exact(split: bool) -> None:
     assert [n for _, n in g.tx.used_entries()] == [0] * 4
     assert g.dev.stats["tx_frames"] == 4 and g.dev.stats["tx_dropped"] == 0
     assert g.rig.irq.level or g.rig.drv.interrupt_status() & INT_USED
+    assert g.backend.flushes == 0                   # the kicks only queue: poll() writes
+    g.dev.poll()
+    assert g.backend.flushes == 1
     g.sane()
 
 

@@ -19,7 +19,16 @@ Every buffer starts with the 12-byte header (5.1.6, the VERSION_1 layout)::
     u8 flags; u8 gso_type; le16 hdr_len; le16 gso_size; le16 csum_start;
     le16 csum_offset; le16 num_buffers
 
-Transmit (5.1.6.2): one chain is the header and one frame.  A frame shorter
+Transmit (5.1.6.2): one chain is the header and one frame.
+
+Both queues are served by `poll()` between every two CPU slices, so the
+device asks the driver for no kicks at all (`SplitQueue.polled`: avail_event
+kept behind the driver, or VIRTQ_USED_F_NO_NOTIFY): a kick would be an exit
+from guest code for each frame sent or each batch of receive buffers.  A
+kick that comes anyway is served at once.  Frames sent are queued in the
+back end and written together at the end of `poll()` (backends/net.py
+`flush`): one system call, and one wake-up of passt or the switch, per
+slice rather than per frame.  A frame shorter
 than an Ethernet header (14 bytes), longer than 65535 bytes, a header asking
 for an offload that was not offered, or a chain with device-writable buffers
 is dropped and counted in `stats`; the chain is still returned to the driver.
@@ -99,6 +108,8 @@ class VirtioNet(VirtioDevice):
         self.link_up = backend.link_up
         self.stats = {"tx_frames": 0, "rx_frames": 0, "tx_dropped": 0, "rx_dropped": 0}
         super().__init__()
+        for q in self.queues:
+            q.polled = True                     # poll() serves both queues after every slice
         self.device_reset()
 
     def features(self) -> int:
@@ -169,7 +180,7 @@ class VirtioNet(VirtioDevice):
                 continue
             self._write_frame(q, chains, frame)
             sent = True
-        q.publish_avail_event()                     # with EVENT_IDX: kick me for new buffers
+        q.publish_avail_event()                     # (polled: no kicks wanted for new buffers)
         if sent:
             self.signal_used(RX)
 
@@ -220,20 +231,20 @@ class VirtioNet(VirtioDevice):
         if self.backend.link_up != self.link_up:
             self.link_up = self.backend.link_up
             self.config_changed()
-        if not self.live:
-            return
-        try:
-            self._deliver()
-            tx = self.queues[TX]
-            if tx.ready and tx.has_work():
-                self._transmit(tx)
-                tx.publish_avail_event()
-                self.signal_used(TX)
-        except QueueError as e:
-            self.needs_reset(str(e))
-        except Exception as e:                      # a device bug must not kill the VM
-            log.exception("virtio-net: poll failed")
-            self.needs_reset(f"internal error {e!r}")
+        if self.live:
+            try:
+                self._deliver()
+                tx = self.queues[TX]
+                if tx.ready and tx.has_work():
+                    self._transmit(tx)
+                    tx.publish_avail_event()
+                    self.signal_used(TX)
+            except QueueError as e:
+                self.needs_reset(str(e))
+            except Exception as e:                      # a device bug must not kill the VM
+                log.exception("virtio-net: poll failed")
+                self.needs_reset(f"internal error {e!r}")
+        self.backend.flush()                       # what the guest sent during the slice goes now
 
     def next_deadline(self) -> int | None:
         """When a throttled frame (either direction) may go; None if none waits."""

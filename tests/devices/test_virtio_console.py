@@ -231,8 +231,21 @@ def test_unix_socket_port(tmp_path: Path) -> None:
                 break
             time.sleep(0.01)
         assert not port.connected
+        c2 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)   # the next client is served too
+        c2.connect(str(path))
+        c2.sendall(b"second")
+        got = b""
+        for _ in range(100):
+            got += port.poll(100)
+            if got:
+                break
+            time.sleep(0.01)
+        assert port.connected and got == b"second"
+        assert port.poll(100) == b""                  # nothing more: no error, nothing made up
+        c2.close()
     finally:
         port.close()
+    port.close()                                      # twice: nothing to do
     assert not path.exists()
 
 

@@ -34,16 +34,22 @@ for an offload that was not offered, or a chain with device-writable buffers
 is dropped and counted in `stats`; the chain is still returned to the driver.
 
 Receive (5.1.6.3, 5.1.6.4): frames from the backend wait in a bounded queue
-(`MAX_PENDING_FRAMES`, `MAX_PENDING_BYTES`; beyond that they are dropped and
-counted) until `poll()` finds receive buffers.  With MRG_RXBUF a frame takes
+(`MAX_PENDING_FRAMES`, `MAX_PENDING_BYTES`) until `poll()` finds receive
+buffers.  While `MAX_PENDING_FRAMES` wait, no more are taken from the back
+end -- they stay in its socket, so passt (TCP flow control towards the host)
+or the switch (its own bound per port) holds back, as QEMU stops reading its
+netdev while the guest has no buffers; its descriptor is left out of the
+idle wait meanwhile.  (Dropping them instead cost a guest receiving at full
+speed one TCP retransmission timeout after another.)  A frame that would
+pass `MAX_PENDING_BYTES` is dropped and counted.  With MRG_RXBUF a frame takes
 as many buffers as it needs and the first header's `num_buffers` says how
 many; without it a frame must fit in one buffer (5.1.6.3.1) or is dropped.
 A frame that could never fit even in every buffer of the queue is dropped.
 
 Rate limits (--net ...,tx_bw=,rx_bw=): a transmit chain refused by the tx
 limiter goes back on the available ring; a received frame refused by the rx
-limiter stays first in `pending` (so the bound on pending frames drops what
-the host sends beyond the rate).  `poll()` retries both; `next_deadline()`
+limiter stays first in `pending` (so the bound on pending frames holds back
+what the host sends beyond the rate).  `poll()` retries both; `next_deadline()`
 says when, so an idle VM wakes up for them.
 """
 
@@ -212,8 +218,16 @@ class VirtioNet(VirtioDevice):
         self.stats["rx_frames"] += 1
 
     # -- the host side ---------------------------------------------------------------------
+    def _full(self) -> bool:
+        """Frames wait for the guest up to the bound: take no more from the back end."""
+        return self.live and len(self.pending) >= MAX_PENDING_FRAMES
+
     def _take_from_backend(self) -> None:
-        for frame in self.backend.recv(POLL_FRAMES):
+        # Not live: drained and dropped (no busy wake-ups); live: no more than fit.
+        limit = min(POLL_FRAMES, MAX_PENDING_FRAMES - len(self.pending)) if self.live else POLL_FRAMES
+        if limit <= 0:
+            return
+        for frame in self.backend.recv(limit):
             if not MIN_FRAME <= len(frame) <= MAX_FRAME or not self.live:
                 self.stats["rx_dropped"] += 1
                 continue
@@ -227,7 +241,7 @@ class VirtioNet(VirtioDevice):
     def poll(self) -> None:
         """Between CPU slices: take frames from the host, deliver what fits, retry held-back
         transmissions, and report a change of link state."""
-        self._take_from_backend()                  # drained even when not live: no busy wake-ups
+        self._take_from_backend()
         if self.backend.link_up != self.link_up:
             self.link_up = self.backend.link_up
             self.config_changed()
@@ -257,7 +271,7 @@ class VirtioNet(VirtioDevice):
 
     def wait_fds(self) -> list[int]:
         fd = self.backend.fileno()
-        return [] if fd is None else [fd]
+        return [] if fd is None or self._full() else [fd]
 
     def close(self) -> None:
         self.backend.close()

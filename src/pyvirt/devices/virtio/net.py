@@ -209,10 +209,10 @@ class VirtioNet(VirtioDevice):
         return chains
 
     def _write_frame(self, q: SplitQueue, chains: list[Chain], frame: bytes) -> None:
-        data = HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, len(chains)) + frame
+        data = memoryview(HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, len(chains)) + frame)
         pos = 0
         for chain in chains:
-            n = q.scatter(chain.writable, data[pos:pos + chain.writable_len])
+            n = q.scatter(chain.writable, data[pos:pos + chain.writable_len])    # (no copy)
             q.push(chain.head, n)
             pos += n
         self.stats["rx_frames"] += 1
@@ -222,30 +222,30 @@ class VirtioNet(VirtioDevice):
         """Frames wait for the guest up to the bound: take no more from the back end."""
         return self.live and len(self.pending) >= MAX_PENDING_FRAMES
 
-    def _take_from_backend(self) -> None:
+    def _take_from_backend(self, live: bool) -> None:
         # Not live: drained and dropped (no busy wake-ups); live: no more than fit.
-        limit = min(POLL_FRAMES, MAX_PENDING_FRAMES - len(self.pending)) if self.live else POLL_FRAMES
+        pending = self.pending
+        limit = min(POLL_FRAMES, MAX_PENDING_FRAMES - len(pending)) if live else POLL_FRAMES
         if limit <= 0:
             return
         for frame in self.backend.recv(limit):
-            if not MIN_FRAME <= len(frame) <= MAX_FRAME or not self.live:
+            n = len(frame)
+            if not live or not MIN_FRAME <= n <= MAX_FRAME or self.pending_bytes + n > MAX_PENDING_BYTES:
                 self.stats["rx_dropped"] += 1
                 continue
-            if (len(self.pending) >= MAX_PENDING_FRAMES
-                    or self.pending_bytes + len(frame) > MAX_PENDING_BYTES):
-                self.stats["rx_dropped"] += 1
-                continue
-            self.pending.append(frame)
-            self.pending_bytes += len(frame)
+            pending.append(frame)
+            self.pending_bytes += n
 
     def poll(self) -> None:
         """Between CPU slices: take frames from the host, deliver what fits, retry held-back
         transmissions, and report a change of link state."""
-        self._take_from_backend()
+        live = self.live
+        self._take_from_backend(live)
         if self.backend.link_up != self.link_up:
             self.link_up = self.backend.link_up
             self.config_changed()
-        if self.live:
+            live = self.live
+        if live:
             try:
                 self._deliver()
                 tx = self.queues[TX]

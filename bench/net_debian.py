@@ -61,10 +61,11 @@ ROWS = (("g2h", "guest->host"), ("h2g", "host->guest"), ("v2v", "VM->VM"))
 
 
 def switch_port(mac: str, ip: str) -> str:
-    """Shell: give the interface with this MAC the address `ip` (networkd leaves it alone: no
-    DHCP server on the switch)."""
+    """Shell: give the interface with this MAC the address `ip`, and again every 2 s in the
+    background (systemd-networkd, which finds no DHCP server on the switch, removed it once
+    when it took the link over after the command had started)."""
     return (f"I=$(ip -o l|awk '/{mac[-8:]}/{{sub(/:$/,\"\",$2);print $2}}');"
-            f"ip a add {ip}/24 dev $I;ip l set $I up;")
+            f"(while :;do ip a add {ip}/24 dev $I 2>/dev/null;ip l set $I up;sleep 2;done)&")
 
 
 def commands(port: int, seconds: int) -> tuple[str, str]:

@@ -8,8 +8,9 @@ either: QEMU's `csum`, `guest_csum`, `gso` and TSO features are switched off
 so that both guests see the same NIC), and the same back ends:
 
 * user-mode networking: one `passt` per VM with the same options: pyvirt's
-  own (`--net user --port HOST:5001`: `passt --fd` on a socket pair,
-  `-t 127.0.0.1/HOST:5001`), and for QEMU the same command started here,
+  own (`--net user,port=HOST:5001,host-loopback=on`: `passt --fd` on a
+  socket pair, `-t 127.0.0.1/HOST:5001`, the gateway mapped to the host's
+  loopback), and for QEMU the same command started here,
   the other end of its socket pair given to `-netdev stream,addr.type=fd`.
   - guest -> host: the guest pipes `dd if=/dev/zero` (64 KiB blocks) into
     busybox `nc` to a sink on the host's loopback (passt's gateway address);
@@ -59,6 +60,9 @@ BLOCK = 65536
 # A listening busybox nc half-closes when its stdin ends: listeners read a FIFO held open.
 LISTEN = "mkfifo /tmp/p && exec 3<>/tmp/p && "
 NET_A, NET_B = "10.9.0.1", "10.9.0.2"
+# QEMU's virtio-net with every offload off (over -netdev stream it would offer none anyway).
+QEMU_NIC = ("csum=off,guest_csum=off,gso=off,host_tso4=off,host_tso6=off,guest_tso4=off,guest_tso6=off,"
+            "mrg_rxbuf=on")
 
 
 def free_port() -> int:
@@ -77,7 +81,8 @@ class Vmm:
         """`net`: "stream" (`where` a socket path), "user" (`where` HOST:GUEST, pyvirt's own passt) or
         "fd" (`where` a socket descriptor joined to a passt, for QEMU)."""
         if self.who == "pyvirt":
-            nic = f"stream={where},mac={mac}" if net == "stream" else f"user,port={where},mac={mac}"
+            nic = (f"stream={where},mac={mac}" if net == "stream"
+                   else f"user,port={where},mac={mac},host-loopback=on")
             return [sys.executable, "-m", "pyvirt", "run", "--engine", self.engine, "--timeout", str(timeout),
                     "--net", nic, "--command", command]
         addr = f"addr.type=unix,addr.path={where}" if net == "stream" else f"addr.type=fd,addr.str={where}"
@@ -86,8 +91,7 @@ class Vmm:
                 "-kernel", str(self.kernel), "-initrd", str(self.initrd),
                 "-append", f"{self.append} quiet loglevel=0 pyvirt.cmd={cmd64}",
                 "-netdev", f"stream,id=n0,server=off,{addr}",
-                "-device", f"virtio-net-device,netdev=n0,mac={mac},csum=off,guest_csum=off,gso=off,"
-                "host_tso4=off,host_tso6=off,guest_tso4=off,guest_tso6=off,mrg_rxbuf=on"]
+                "-device", f"virtio-net-device,netdev=n0,mac={mac},{QEMU_NIC}"]
 
 
 def qemu_passt(host_port: int) -> tuple[subprocess.Popen[bytes], socket.socket]:

@@ -8,7 +8,7 @@ PKGS="$EXTRA python3 python3-venv python3-dev build-essential swig pkg-config \
  qemu-system-misc qemu-utils qemu-user gcc-riscv64-linux-gnu binutils-riscv64-linux-gnu \
  linux-source-6.1 bc flex bison libssl-dev libelf-dev cpio xz-utils zstd \
  e2fsprogs gpgv gpg debian-archive-keyring passt mmdebstrap debootstrap device-tree-compiler opensbi \
- libc6-dev-riscv64-cross umoci skopeo docker-registry"
+ libc6-dev-riscv64-cross umoci skopeo docker-registry iperf3"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

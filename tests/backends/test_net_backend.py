@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvirt.backends.net import MAX_OUT, PasstBackend, StreamBackend, TapBackend
+from pyvirt.backends.net import FLUSH_AT, MAX_OUT, PasstBackend, StreamBackend, TapBackend
 from pyvirt.errors import ConfigError
 
 MAC = bytes.fromhex("525400123456")
@@ -49,6 +49,10 @@ def pair():
 def test_stream_frames_both_ways(pair) -> None:
     backend, peer = pair
     assert backend.send(frame(60, 1)) and backend.send(frame(1514, 2))
+    peer.setblocking(False)
+    with pytest.raises(BlockingIOError):             # queued until the flush: one write for both
+        peer.recv(65536)
+    backend.flush()
     peer.settimeout(5)
     want = framed(frame(60, 1)) + framed(frame(1514, 2))
     got = b""
@@ -58,6 +62,22 @@ def test_stream_frames_both_ways(pair) -> None:
     peer.sendall(framed(frame(100, 3)) + framed(frame(42, 4)))
     assert recv_until(backend, 2) == [frame(100, 3), frame(42, 4)]
     assert backend.fileno() is not None and backend.link_up
+
+
+def test_stream_send_writes_once_flush_at_bytes_wait(pair) -> None:
+    backend, peer = pair
+    big = frame(1514, 7)
+    count = FLUSH_AT // (len(big) + 4) + 1          # the last send crosses FLUSH_AT
+    for _ in range(count - 1):
+        assert backend.send(big)
+    assert len(backend.out) == (count - 1) * (len(big) + 4)
+    assert backend.send(big)
+    assert backend.out == bytearray()                # written without a flush()
+    peer.settimeout(5)
+    got = b""
+    while len(got) < count * (len(big) + 4):
+        got += peer.recv(1 << 20)
+    assert got == framed(big) * count
 
 
 def test_stream_split_writes(pair) -> None:

@@ -199,6 +199,16 @@ def test_bad_control_messages_are_ignored(guest: Guest, raw: bytes) -> None:
     assert guest.port.sent == [b"still works"]
 
 
+def first_input(port: UnixSocketPort) -> bytes:
+    """What the port's poll() hands over first (b"" if nothing within a second)."""
+    for _ in range(100):
+        got = port.poll(100)
+        if got:
+            return got
+        time.sleep(0.01)
+    return b""
+
+
 def test_unix_socket_port(tmp_path: Path) -> None:
     path = tmp_path / "port.sock"
     port = UnixSocketPort(path)
@@ -211,12 +221,7 @@ def test_unix_socket_port(tmp_path: Path) -> None:
         c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         c.connect(str(path))
         c.sendall(b"from client")
-        got = b""
-        for _ in range(100):
-            got += port.poll(100)
-            if got:
-                break
-            time.sleep(0.01)
+        got = first_input(port)
         assert port.connected and got == b"from client"
         assert port.send(b"to client")
         c.settimeout(5)
@@ -231,8 +236,16 @@ def test_unix_socket_port(tmp_path: Path) -> None:
                 break
             time.sleep(0.01)
         assert not port.connected
+        c2 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)   # the next client is served too
+        c2.connect(str(path))
+        c2.sendall(b"second")
+        got = first_input(port)
+        assert port.connected and got == b"second"
+        assert port.poll(100) == b""                  # nothing more: no error, nothing made up
+        c2.close()
     finally:
         port.close()
+    port.close()                                      # twice: nothing to do
     assert not path.exists()
 
 

@@ -11,6 +11,7 @@ from pyvirt.devices.virtio.device import INT_CONFIG, INT_USED, STATUS_DEVICE_NEE
 from pyvirt.devices.virtio.net import (
     HDR_SIZE,
     MAX_PENDING_FRAMES,
+    POLL_FRAMES,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU,
@@ -39,6 +40,8 @@ class FakeBackend:
         self.inbox: list[bytes] = []
         self.accepting = True
         self.closed = False
+        self.flushes = 0
+        self.fd: int | None = None
 
     def send(self, data: bytes) -> bool:
         if not self.accepting:
@@ -50,8 +53,11 @@ class FakeBackend:
         out, self.inbox = self.inbox[:limit], self.inbox[limit:]
         return out
 
+    def flush(self) -> None:
+        self.flushes += 1
+
     def fileno(self) -> int | None:
-        return None
+        return self.fd
 
     def close(self) -> None:
         self.closed = True
@@ -126,6 +132,9 @@ def test_transmit_reaches_backend_byte_exact(split: bool) -> None:
     assert [n for _, n in g.tx.used_entries()] == [0] * 4
     assert g.dev.stats["tx_frames"] == 4 and g.dev.stats["tx_dropped"] == 0
     assert g.rig.irq.level or g.rig.drv.interrupt_status() & INT_USED
+    assert g.backend.flushes == 0                   # the kicks only queue: poll() writes
+    g.dev.poll()
+    assert g.backend.flushes == 1
     g.sane()
 
 
@@ -201,20 +210,37 @@ def test_receive_without_mergeable_needs_one_big_buffer() -> None:
     g.sane()
 
 
-def test_receive_waits_for_buffers_and_queue_is_bounded() -> None:
+def test_receive_waits_for_buffers_and_holds_the_backend_back() -> None:
     g = Guest()
     g.backend.inbox += [frame(60, i) for i in range(MAX_PENDING_FRAMES + 10)]
-    g.dev.poll()
-    g.dev.poll()
-    g.dev.poll()
-    g.dev.poll()
-    g.dev.poll()
+    for _ in range(MAX_PENDING_FRAMES // POLL_FRAMES + 3):
+        g.dev.poll()
     assert len(g.dev.pending) == MAX_PENDING_FRAMES
-    assert g.dev.stats["rx_dropped"] == 10
+    assert len(g.backend.inbox) == 10 and g.dev.stats["rx_dropped"] == 0    # left in the back end
     assert g.rx.used_entries() == []
     posted = g.post_rx(128, count=4)                           # the kick delivers at once
     assert g.received(posted) == [frame(60, i) for i in range(4)]
     assert len(g.dev.pending) == MAX_PENDING_FRAMES - 4
+    g.dev.poll()                                               # room for 4 more: taken in order
+    assert len(g.dev.pending) == MAX_PENDING_FRAMES and len(g.backend.inbox) == 6
+    posted = g.post_rx(128, count=MAX_PENDING_FRAMES)
+    g.dev.poll()
+    g.dev.poll()
+    assert g.received(posted) == [frame(60, i) for i in range(4, MAX_PENDING_FRAMES + 4)]
+    assert g.dev.stats["rx_dropped"] == 0
+
+
+def test_full_receive_queue_leaves_the_backend_out_of_the_idle_wait() -> None:
+    g = Guest()
+    g.backend.fd = 7
+    assert g.dev.wait_fds() == [7]
+    g.backend.inbox += [frame(60, i) for i in range(MAX_PENDING_FRAMES)]
+    for _ in range(MAX_PENDING_FRAMES // POLL_FRAMES):
+        g.dev.poll()
+    assert len(g.dev.pending) == MAX_PENDING_FRAMES
+    assert g.dev.wait_fds() == []                              # nothing to take: no wake-ups
+    g.received(g.post_rx(128, count=1))
+    assert g.dev.wait_fds() == [7]
 
 
 def test_frame_larger_than_every_buffer_is_dropped() -> None:

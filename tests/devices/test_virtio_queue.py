@@ -88,6 +88,33 @@ def test_no_interrupt_flag_without_event_idx() -> None:
     assert not q.should_notify()
 
 
+def driver_kicks(q: SplitQueue, mock: MockQueue, old: int) -> bool:
+    """Linux's decision after making entries old..avail_idx available (virtqueue_kick_prepare)."""
+    if q.event_idx:
+        return vring_need_event(mock.avail_event(), mock.avail_idx, old)
+    return not mock.bus.read(mock.used, 2) & 1             # VIRTQ_USED_F_NO_NOTIFY
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_polled_queue_asks_for_no_kicks(event_idx: bool) -> None:
+    _, mock, q = make(event_idx=event_idx)
+    q.publish_avail_event()
+    old = mock.avail_idx
+    mock.add([Buffer(RAM + 0x20000, 8, True)])
+    assert driver_kicks(q, mock, old)                     # an ordinary queue wants the kick
+    q.polled = True
+    for batch in (1, 3, 8, 8, 5):                         # around the ring several times
+        q.publish_avail_event()
+        old = mock.avail_idx
+        while (c := q.pop()) is not None:
+            q.push(c.head, 8)
+        mock.used_entries()
+        for _ in range(batch):
+            mock.add([Buffer(RAM + 0x20000, 8, True)])
+        assert not driver_kicks(q, mock, old), batch
+    assert q.pop() is not None                            # the entries are there all the same
+
+
 def test_event_idx() -> None:
     _, mock, q = make(event_idx=True)
     for _ in range(3):

@@ -48,6 +48,6 @@ def test_nic_receive_bandwidth_limit(default_image, host_server) -> None:  # noq
     wget = f"wget -q -O /tmp/f http://{GATEWAY}:{port}/file"
     free = guest_seconds("--net", "user,host-loopback=on", cmd=wget)      # (the host's 127.0.0.1)
     limited = guest_seconds("--net", "user,host-loopback=on,rx_bw=100k", cmd=wget)
-    # 300 kB at 100 KiB/s: ~2.9 s (frames beyond the pending bound are dropped and resent by TCP)
+    # 300 kB at 100 KiB/s: ~2.9 s (beyond the pending bound frames wait in passt, TCP holds back)
     assert 2.0 < limited < 15.0, limited
     assert free < limited / 2, (free, limited)

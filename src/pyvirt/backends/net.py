@@ -1,9 +1,13 @@
 """Network backends: where a virtio-net device's Ethernet frames come from and go to.
 
 A `NetBackend` knows nothing about virtio.  It takes whole frames with
-`send()`, hands over whole frames from the host with `recv()` (never
-blocking), exposes a file descriptor the VMM's idle wait can watch, says
-whether the link is up, and releases everything in `close()`.
+`send()`, writes what it has taken by the end of `flush()` at the latest,
+hands over whole frames from the host with `recv()` (never blocking),
+exposes a file descriptor the VMM's idle wait can watch, says whether the
+link is up, and releases everything in `close()`.  The device flushes once
+per poll (between CPU slices), so a stream back end writes the frames a
+guest sent during one slice with one system call -- and wakes its peer
+(passt, the switch) once for them -- instead of once per frame.
 
 * `StreamBackend` -- a connected Unix stream socket carrying QEMU's
   `-netdev stream` framing: every frame is preceded by its length as a
@@ -47,6 +51,7 @@ MAX_FRAME = 65535              # the longest frame either side may send
 MIN_FRAME = 14                 # an Ethernet header
 LENGTH = struct.Struct(">I")   # -netdev stream's frame prefix
 MAX_OUT = 1 << 20              # bytes queued towards a stream peer before send() says "full"
+FLUSH_AT = 64 * 1024           # send() writes at once when this much is queued (else flush() does)
 PASST_START_TIMEOUT = 10.0
 
 
@@ -58,6 +63,10 @@ class NetBackend(Protocol):
     def send(self, frame: bytes) -> bool:
         """Queue one frame for the host; False (nothing taken) when the host is not keeping
         up.  A frame for a link that is down is taken and dropped."""
+        ...
+
+    def flush(self) -> None:
+        """Write what `send()` queued, as far as the host takes it now (never blocking)."""
         ...
 
     def recv(self, limit: int) -> list[bytes]:
@@ -76,7 +85,8 @@ class StreamBackend:
     """Frames over a connected stream socket, each preceded by a 4-byte big-endian length.
 
     Partial reads and writes are carried over between calls; output waiting
-    for the peer is bounded by `MAX_OUT`.  End of file, a socket error, or
+    for the peer is bounded by `MAX_OUT`.  `send()` only queues (up to
+    `FLUSH_AT` bytes): `flush()` -- or the next `recv()` -- writes.  End of file, a socket error, or
     a peer announcing a frame over `MAX_FRAME` bytes puts the link down for
     good (the socket is closed); frames sent then are dropped.
     """
@@ -126,7 +136,8 @@ class StreamBackend:
         self.stream.queue(LENGTH.pack(len(frame)))
         self.stream.queue(frame)
         self.stats["tx_frames"] += 1
-        self.flush()
+        if len(self.stream.out) >= FLUSH_AT:
+            self.flush()
         return True
 
     def flush(self) -> None:
@@ -182,6 +193,8 @@ class StreamBackend:
         return self.stream.fileno()
 
     def close(self) -> None:
+        if self.link_up:
+            self.stream.flush()            # the last frames, as far as the peer takes them now
         self.stream.close()
         self.link_up = False
 
@@ -370,6 +383,9 @@ class TapBackend:
             log.debug("tap %s: write failed: %s", self.name, e.strerror)
             self.stats["tx_dropped"] += 1
         return True
+
+    def flush(self) -> None:
+        """Nothing waits: every send() is one write()."""
 
     def recv(self, limit: int) -> list[bytes]:
         frames: list[bytes] = []

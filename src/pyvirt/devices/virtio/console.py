@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import select
 import struct
 from pathlib import Path
 from typing import Any, Protocol
@@ -103,7 +104,12 @@ class NullPort:
 class UnixSocketPort:
     """A Unix stream socket the VMM listens on (mode 0600 from the start); one client at a time
     is the host side, served through a `pyvirt.stream.BufferedStream`.  Output while no client
-    is connected is kept for the next one (up to MAX_OUT bytes; beyond, dropped)."""
+    is connected is kept for the next one (up to MAX_OUT bytes; beyond, dropped).
+
+    `poll()` runs after every CPU slice: it asks the kernel whether the listening socket (or
+    the client) has anything with one `poll(2)` of that descriptor, and calls accept() or
+    recv() only then -- a non-blocking accept() or recv() with nothing there costs an
+    exception in Python, several times the price, on every slice."""
 
     MAX_OUT = 256 * 1024
     CLOSE_FLUSH_TIMEOUT = 5.0      # seconds close() waits for a client to take the last output
@@ -117,15 +123,34 @@ class UnixSocketPort:
         self.client: BufferedStream | None = None
         self.out = bytearray()                   # output while no client is connected
         self.connected = False
+        self._poller = select.poll()
+        self._watched: int | None = None
+        self._watch(self.server.fileno())
+
+    def _watch(self, fd: int) -> None:
+        """Make `fd` the one descriptor `_ready()` asks about."""
+        if self._watched is not None:
+            self._poller.unregister(self._watched)
+        self._watched = None
+        if fd >= 0:                              # (-1: the listener is closed already)
+            self._poller.register(fd, select.POLLIN)
+            self._watched = fd
+
+    def _ready(self) -> bool:
+        """Something to accept or read -- or an end or error, which accept/recv then report."""
+        return bool(self._poller.poll(0))
 
     def _drop(self) -> None:
         if self.client is not None:
             self.client.close()
         self.client = None
         self.connected = False
+        self._watch(self.server.fileno())
 
     def poll(self, want: int) -> bytes:
         if self.client is None:
+            if not self._ready():
+                return b""
             try:
                 conn, _ = self.server.accept()
             except (BlockingIOError, InterruptedError):
@@ -134,9 +159,12 @@ class UnixSocketPort:
             self.client.queue(self.out)
             self.out.clear()
             self.connected = True
+            self._watch(conn.fileno())
         if self.client.flush() is not None or want <= 0:
             if self.client.closed:
                 self._drop()
+            return b""
+        if not self._ready():
             return b""
         data = self.client.recv(want)
         if data is None or isinstance(data, OSError):

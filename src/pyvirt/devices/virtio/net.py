@@ -19,22 +19,37 @@ Every buffer starts with the 12-byte header (5.1.6, the VERSION_1 layout)::
     u8 flags; u8 gso_type; le16 hdr_len; le16 gso_size; le16 csum_start;
     le16 csum_offset; le16 num_buffers
 
-Transmit (5.1.6.2): one chain is the header and one frame.  A frame shorter
+Transmit (5.1.6.2): one chain is the header and one frame.
+
+Both queues are served by `poll()` between every two CPU slices, so the
+device asks the driver for no kicks at all (`SplitQueue.polled`: avail_event
+kept behind the driver, or VIRTQ_USED_F_NO_NOTIFY): a kick would be an exit
+from guest code for each frame sent or each batch of receive buffers.  A
+kick that comes anyway is served at once.  Frames sent are queued in the
+back end and written together at the end of `poll()` (backends/net.py
+`flush`): one system call, and one wake-up of passt or the switch, per
+slice rather than per frame.  A frame shorter
 than an Ethernet header (14 bytes), longer than 65535 bytes, a header asking
 for an offload that was not offered, or a chain with device-writable buffers
 is dropped and counted in `stats`; the chain is still returned to the driver.
 
 Receive (5.1.6.3, 5.1.6.4): frames from the backend wait in a bounded queue
-(`MAX_PENDING_FRAMES`, `MAX_PENDING_BYTES`; beyond that they are dropped and
-counted) until `poll()` finds receive buffers.  With MRG_RXBUF a frame takes
+(`MAX_PENDING_FRAMES`, `MAX_PENDING_BYTES`) until `poll()` finds receive
+buffers.  While `MAX_PENDING_FRAMES` wait, no more are taken from the back
+end -- they stay in its socket, so passt (TCP flow control towards the host)
+or the switch (its own bound per port) holds back, as QEMU stops reading its
+netdev while the guest has no buffers; its descriptor is left out of the
+idle wait meanwhile.  (Dropping them instead left a Debian guest receiving
+with iperf3 at 0.24-0.40 MB/s, 2.7 with this: BENCHMARKS.md.)  A frame that would
+pass `MAX_PENDING_BYTES` is dropped and counted.  With MRG_RXBUF a frame takes
 as many buffers as it needs and the first header's `num_buffers` says how
 many; without it a frame must fit in one buffer (5.1.6.3.1) or is dropped.
 A frame that could never fit even in every buffer of the queue is dropped.
 
 Rate limits (--net ...,tx_bw=,rx_bw=): a transmit chain refused by the tx
 limiter goes back on the available ring; a received frame refused by the rx
-limiter stays first in `pending` (so the bound on pending frames drops what
-the host sends beyond the rate).  `poll()` retries both; `next_deadline()`
+limiter stays first in `pending` (so the bound on pending frames holds back
+what the host sends beyond the rate).  `poll()` retries both; `next_deadline()`
 says when, so an idle VM wakes up for them.
 """
 
@@ -99,6 +114,8 @@ class VirtioNet(VirtioDevice):
         self.link_up = backend.link_up
         self.stats = {"tx_frames": 0, "rx_frames": 0, "tx_dropped": 0, "rx_dropped": 0}
         super().__init__()
+        for q in self.queues:
+            q.polled = True                     # poll() serves both queues after every slice
         self.device_reset()
 
     def features(self) -> int:
@@ -169,7 +186,7 @@ class VirtioNet(VirtioDevice):
                 continue
             self._write_frame(q, chains, frame)
             sent = True
-        q.publish_avail_event()                     # with EVENT_IDX: kick me for new buffers
+        q.publish_avail_event()                     # (polled: no kicks wanted for new buffers)
         if sent:
             self.signal_used(RX)
 
@@ -192,48 +209,56 @@ class VirtioNet(VirtioDevice):
         return chains
 
     def _write_frame(self, q: SplitQueue, chains: list[Chain], frame: bytes) -> None:
-        data = HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, len(chains)) + frame
+        data = memoryview(HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, len(chains)) + frame)
         pos = 0
         for chain in chains:
-            n = q.scatter(chain.writable, data[pos:pos + chain.writable_len])
+            n = q.scatter(chain.writable, data[pos:pos + chain.writable_len])    # (no copy)
             q.push(chain.head, n)
             pos += n
         self.stats["rx_frames"] += 1
 
     # -- the host side ---------------------------------------------------------------------
-    def _take_from_backend(self) -> None:
-        for frame in self.backend.recv(POLL_FRAMES):
-            if not MIN_FRAME <= len(frame) <= MAX_FRAME or not self.live:
+    def _full(self) -> bool:
+        """Frames wait for the guest up to the bound: take no more from the back end."""
+        return self.live and len(self.pending) >= MAX_PENDING_FRAMES
+
+    def _take_from_backend(self, live: bool) -> None:
+        # Not live: drained and dropped (no busy wake-ups); live: no more than fit.
+        pending = self.pending
+        limit = min(POLL_FRAMES, MAX_PENDING_FRAMES - len(pending)) if live else POLL_FRAMES
+        if limit <= 0:
+            return
+        for frame in self.backend.recv(limit):
+            n = len(frame)
+            if not live or not MIN_FRAME <= n <= MAX_FRAME or self.pending_bytes + n > MAX_PENDING_BYTES:
                 self.stats["rx_dropped"] += 1
                 continue
-            if (len(self.pending) >= MAX_PENDING_FRAMES
-                    or self.pending_bytes + len(frame) > MAX_PENDING_BYTES):
-                self.stats["rx_dropped"] += 1
-                continue
-            self.pending.append(frame)
-            self.pending_bytes += len(frame)
+            pending.append(frame)
+            self.pending_bytes += n
 
     def poll(self) -> None:
         """Between CPU slices: take frames from the host, deliver what fits, retry held-back
         transmissions, and report a change of link state."""
-        self._take_from_backend()                  # drained even when not live: no busy wake-ups
+        live = self.live
+        self._take_from_backend(live)
         if self.backend.link_up != self.link_up:
             self.link_up = self.backend.link_up
             self.config_changed()
-        if not self.live:
-            return
-        try:
-            self._deliver()
-            tx = self.queues[TX]
-            if tx.ready and tx.has_work():
-                self._transmit(tx)
-                tx.publish_avail_event()
-                self.signal_used(TX)
-        except QueueError as e:
-            self.needs_reset(str(e))
-        except Exception as e:                      # a device bug must not kill the VM
-            log.exception("virtio-net: poll failed")
-            self.needs_reset(f"internal error {e!r}")
+            live = self.live
+        if live:
+            try:
+                self._deliver()
+                tx = self.queues[TX]
+                if tx.ready and tx.has_work():
+                    self._transmit(tx)
+                    tx.publish_avail_event()
+                    self.signal_used(TX)
+            except QueueError as e:
+                self.needs_reset(str(e))
+            except Exception as e:                      # a device bug must not kill the VM
+                log.exception("virtio-net: poll failed")
+                self.needs_reset(f"internal error {e!r}")
+        self.backend.flush()                       # what the guest sent during the slice goes now
 
     def next_deadline(self) -> int | None:
         """When a throttled frame (either direction) may go; None if none waits."""
@@ -246,7 +271,7 @@ class VirtioNet(VirtioDevice):
 
     def wait_fds(self) -> list[int]:
         fd = self.backend.fileno()
-        return [] if fd is None else [fd]
+        return [] if fd is None or self._full() else [fd]
 
     def close(self) -> None:
         self.backend.close()

@@ -27,7 +27,8 @@ other exception for guest input, and nothing touches memory outside RAM.
 Notification suppression (2.7.7, 2.7.10): without VIRTIO_F_EVENT_IDX the
 device interrupts unless the driver set VIRTQ_AVAIL_F_NO_INTERRUPT; with it,
 only when the used index passes the driver's `used_event`, and the device
-publishes `avail_event` so the driver kicks only when needed.
+publishes `avail_event` so the driver kicks only when needed -- never for a
+`polled` queue, which the device serves between CPU slices on its own.
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ class SplitQueue:
             raise ValueError(f"queue size {max_size} must be a power of two up to {MAX_QUEUE_SIZE}")
         self.max_size = max_size
         self.bus: Bus = bus  # type: ignore[assignment]   # set by the device's attach()
+        # The device looks at this queue between every two CPU slices anyway (virtio-net's
+        # poll): the driver need not kick it, and each kick would be an exit from guest code.
+        self.polled = False
         self.reset()
 
     def reset(self) -> None:
@@ -253,9 +257,19 @@ class SplitQueue:
         self._write16(self.used + 2, self.used_idx)
 
     def publish_avail_event(self) -> None:
-        """With EVENT_IDX: ask to be kicked when the driver makes entry `last_avail` available."""
-        if self.event_idx and self.ready and not self.broken:
-            self._write16(self.used + 4 + 8 * self.size, self.last_avail)
+        """With EVENT_IDX: ask to be kicked when the driver makes entry `last_avail` available.
+
+        A `polled` queue asks for no kicks: `avail_event` one behind `last_avail` (an entry the
+        driver has already passed: 2.7.10's test never fires for it until the index wraps,
+        and this is written again long before), or without EVENT_IDX the used ring's
+        VIRTQ_USED_F_NO_NOTIFY flag (2.7.7)."""
+        if not self.ready or self.broken:
+            return
+        if self.event_idx:
+            event = (self.last_avail - 1) & 0xFFFF if self.polled else self.last_avail
+            self._write16(self.used + 4 + 8 * self.size, event)
+        elif self.polled:
+            self._write16(self.used, VIRTQ_USED_F_NO_NOTIFY)
 
     def should_notify(self) -> bool:
         """Does the driver want an interrupt for what was used since the last decision?"""

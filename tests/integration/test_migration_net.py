@@ -1,7 +1,8 @@
 """Network continuity across a live migration: VM B streams 3 MB over TCP to VM A on a
 `pyvirt network` switch, and is migrated to another process in the middle of the transfer; the
 bytes arrive complete and in order (A's MD5 and size equal B's) and B, on its new port of the
-switch, gets A's acknowledgement (the switch learned B's MAC there from the announcement)."""
+switch, gets A's acknowledgement (the switch learned B's MAC there from the announcement).  Over
+a Unix socket and over TCP with mutual TLS and the token (issue 15 asks both transports)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from pyvirt.network import create_network
 from pyvirt.testing.cli import runtime_dir
 from pyvirt.testing.migrate import migrate_once
+from pyvirt.testing.tlscerts import make_creds
 
 from .test_switch import UP, VM_A
 
@@ -36,14 +38,16 @@ def runtime() -> Iterator[Path]:
         yield d
 
 
-def test_a_tcp_stream_survives_the_move(default_image: object, runtime: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["unix", "tls"])
+def test_a_tcp_stream_survives_the_move(default_image: object, runtime: Path, tmp_path: Path, transport: str) -> None:
+    tls = make_creds(tmp_path / "creds") if transport == "tls" else None
     create_network("lan")
     a = subprocess.Popen([sys.executable, "-m", "pyvirt", "run", "--timeout", "900", "--net",
                           "network=lan,mac=52:54:00:09:00:01", "--command", VM_A],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         stats, src, dst, _ = migrate_once(tmp_path, VM_B, after=1, memory="128M", dest_seconds=300,
-                                          nets=["network=lan,mac=52:54:00:09:00:02"])
+                                          nets=["network=lan,mac=52:54:00:09:00:02"], tcp=tls is not None, tls=tls)
         out, err = a.communicate(timeout=600)
     finally:
         if a.poll() is None:

@@ -40,15 +40,22 @@ class Fuse:
         self.unique += 1
         req = _IN.pack(_IN.size + len(body), opcode, self.unique, nodeid, 0, 0, 1, 0, 0) + body
         out = Buffer(self.drv.alloc(max(out_size, 4096), 4096), _OUT.size + out_size, True)
-        self.q.add([self.drv.buffer(req), out])
+        head = self.q.add([self.drv.buffer(req), out])
         self.drv.kick(1)
+        # As a driver does: the interrupt means "look at the used ring", not "the reply is
+        # there" -- virtiofsd signals each call eventfd once as it is handed over
+        # (SET_VRING_CALL), so the first interrupt can come before any reply has.
+        used: list[tuple[int, int]] = []
         end = time.monotonic() + 10
-        while not self.drv.interrupt_status() & 1:
+        while not used:
             assert time.monotonic() < end, "virtiofsd did not answer"
             time.sleep(0.005)
             self.dev.poll()
-        self.drv.ack_interrupt()
+            if self.drv.interrupt_status() & 1:
+                self.drv.ack_interrupt()
+                used = self.q.used_entries()
         length, error, unique = _OUT.unpack(self.drv.read(out, _OUT.size))
+        assert used == [(head, length)]         # this request, its reply's length written
         assert unique == self.unique
         return error, self.drv.read(out, length)[_OUT.size:], out
 
@@ -63,8 +70,14 @@ def rig(share: Path, read_only: bool) -> Any:
     drv = MockVirtioDriver(bus, MMIO)
     qs = drv.init(queues=2)
     fuse = Fuse(drv, qs[1], dev)
-    error, _, _ = fuse.call(FUSE_INIT, 0, struct.pack("<IIII", 7, 31, 0, 0), 64)
-    assert error == 0
+    try:
+        error, _, _ = fuse.call(FUSE_INIT, 0, struct.pack("<IIII", 7, 31, 0, 0), 64)
+        assert error == 0
+    except BaseException:
+        dev.close()
+        fsd.close()
+        bus.close()
+        raise
     return fsd, bus, dev, fuse
 
 

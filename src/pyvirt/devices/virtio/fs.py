@@ -12,7 +12,10 @@ serves no request itself: when the driver goes live (DRIVER_OK) the device hands
 end the negotiated features, guest RAM (the board's memfd) and each ready queue with three
 eventfds (`backends/vhost_user.py`).  The driver's QueueNotify writes the queue's *kick*
 eventfd; the board's I/O loop polls each *call* eventfd (they are in `wait_fds`, so an
-idle VM wakes) and raises the used-buffer interrupt.
+idle VM wakes) and raises the used-buffer interrupt.  virtiofsd (libvhost-user) also
+signals each call eventfd once when it is handed over, so DRIVER_OK brings one interrupt
+with nothing used -- legal (virtio lets a device interrupt spuriously): a driver checks
+the used ring on an interrupt and takes only what it finds there.
 
 Coherence.  virtiofsd writes guest pages behind the CPU's back (a file read lands in the
 page cache the guest later executes from).  Before the interrupt is raised -- and at every

@@ -469,6 +469,38 @@ def test_snapshot_files_are_the_owners_alone(tmp_path: Path) -> None:
         assert st.S_IMODE((d / name).stat().st_mode) & 0o077 == 0, name
 
 
+def test_snapshot_files_are_durable_before_the_manifest_is_trusted(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RAM and state files, the manifest and the directory naming them are fsynced by
+    save_snapshot before it returns, the RAM and state before the manifest that vouches for them
+    (issue 14: snapshots were recorded by the daemon before they were durable)."""
+    from pyvirt.images import cached_default_image
+    from pyvirt.vmm.snapfiles import MANIFEST
+    img = cached_default_image()
+    if img is None:
+        pytest.fail("the default image is not built: `make test` runs `pyvirt image build` first")
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    vm = Vm(make_spec(kernel=img.kernel, memory=16 << 20, engine="interp"), BufferBackend())
+    d = tmp_path / "snap"
+    try:
+        save_snapshot(vm, d, then="quit")
+    finally:
+        vm.close()
+    tmp = MANIFEST + ".tmp"                                # (fsynced, then renamed into place)
+    for name in ("ram", "state.json", tmp):
+        assert str(d / name) in synced, (name, synced)
+    assert str(d) in synced, synced
+    manifest = synced.index(str(d / tmp))
+    assert synced.index(str(d / "ram")) < manifest and synced.index(str(d / "state.json")) < manifest
+    assert synced.index(str(d)) > manifest                 # the directory names the renamed manifest
+
+
 def test_a_snapshot_naming_a_shared_folder_it_was_not_taken_with_is_refused(snapshot: Path, tmp_path: Path) -> None:
     """A VM with a share is snapshotted with the share unmounted (docs/shares.md) and its
     virtio-fs device in the state; a manifest edited to name a share its state lacks is refused

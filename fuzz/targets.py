@@ -171,6 +171,9 @@ def fuzz_virtio_net(data: bytes) -> None:
         def send(self, frame: bytes) -> bool:
             return True
 
+        def flush(self) -> None:
+            pass
+
         def recv(self, limit: int) -> list[bytes]:
             out, self.inbox = self.inbox[:limit], self.inbox[limit:]
             return out
@@ -669,8 +672,8 @@ def fuzz_migration(data: bytes) -> None:
         return
     _board()
     stream = _mig_frames(Input(data[1:])) if data[0] & 1 else data[1:]
+    _mig_spec()                                  # (makes the shared disk on the first input)
     before = sorted(p for p in TMP.rglob("*") if p.is_file())
-    _mig_spec()
     disk = hashlib.sha256((TMP / "m.img").read_bytes()).digest()
     vm_dir = TMP / "incoming"
     vm_dir.mkdir(exist_ok=True)

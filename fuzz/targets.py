@@ -653,6 +653,9 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+_MIG_DISK: dict[str, int] = {}                   # the shared disk's inode, from the first input on
+
+
 def fuzz_migration(data: bytes) -> None:
     """A hostile migration source: the stream (first byte 0: raw bytes; 1: frames built by
     `_mig_frames`) goes through `accept_handshake` (the greeting, the spec checked by
@@ -673,6 +676,9 @@ def fuzz_migration(data: bytes) -> None:
     _board()
     stream = _mig_frames(Input(data[1:])) if data[0] & 1 else data[1:]
     _mig_spec()                                  # (makes the shared disk on the first input)
+    inode = (TMP / "m.img").stat().st_ino
+    if _MIG_DISK.setdefault("inode", inode) != inode:
+        raise AssertionError("the shared disk was removed and made again since an earlier input")
     before = sorted(p for p in TMP.rglob("*") if p.is_file())
     disk = hashlib.sha256((TMP / "m.img").read_bytes()).digest()
     vm_dir = TMP / "incoming"

@@ -150,10 +150,20 @@ def recv_frame(sock: socket.socket, expect: tuple[int, ...], limit: int = MAX_FR
 
 
 def _decompress(data: bytes, limit: int, what: str) -> bytes:
+    """A frame's zstd body, at most `limit` bytes once inflated.  (A zstd frame that declares
+    its content size gets a buffer of that size from zstandard's decompress(), whatever
+    max_output_size says: the declared size is checked first, or a hostile peer names
+    terabytes and the allocation is the attack.)"""
     try:
+        declared = zstandard.frame_content_size(data)       # (-1: not declared)
+        if declared > limit:
+            raise MigrationError(f"bad migration stream: {what} declares {declared} bytes, "
+                                 f"over its limit of {limit}")
         out = zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
     except zstandard.ZstdError as e:
         raise MigrationError(f"bad migration stream: {what}: {e}") from None
+    except MemoryError:
+        raise MigrationError(f"bad migration stream: {what} too large") from None
     if len(out) > limit:
         raise MigrationError(f"bad migration stream: {what} too large")
     return out

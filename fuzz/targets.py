@@ -354,7 +354,8 @@ def fuzz_virtio_vsock(data: bytes) -> None:
         HDR,
         HDR_SIZE,
         HOST_CID,
-        MAX_CONNECTIONS,
+        MAX_GUEST_CONNECTIONS,
+        MAX_HOST_CONNECTIONS,
         MAX_PKT_DATA,
         MAX_STRAY_RST,
         VirtioVsock,
@@ -408,7 +409,9 @@ def fuzz_virtio_vsock(data: bytes) -> None:
             else:
                 dev.load_device(dev.save_device())   # a restore: the reset event
         _drive(Input(data), rig, qs, feed)
-        if len(dev.conns) > MAX_CONNECTIONS or len(dev.stray_rst) > MAX_STRAY_RST \
+        guest_opened = sum(1 for c in dev.conns.values() if c.from_guest)
+        if guest_opened > MAX_GUEST_CONNECTIONS or len(dev.conns) - guest_opened > MAX_HOST_CONNECTIONS \
+                or len(dev.stray_rst) > MAX_STRAY_RST \
                 or len(host.backend.handshakes) > MAX_HANDSHAKES:
             raise AssertionError(f"{len(dev.conns)} connections, {len(dev.stray_rst)} RSTs, "
                                  f"{len(host.backend.handshakes)} handshakes")

@@ -13,10 +13,12 @@ from pyvirt.backends.vsock import MAX_HANDSHAKES, UnixVsockBackend, connect_gues
 from pyvirt.devices.virtio.device import STATUS_DEVICE_NEEDS_RESET
 from pyvirt.devices.virtio.vsock import (
     BUF_ALLOC,
+    CLOSE_TIMEOUT,
     HDR,
     HDR_SIZE,
     HOST_CID,
-    MAX_CONNECTIONS,
+    MAX_GUEST_CONNECTIONS,
+    MAX_HOST_CONNECTIONS,
     MAX_STRAY_RST,
     OP_CREDIT_REQUEST,
     OP_CREDIT_UPDATE,
@@ -273,11 +275,49 @@ def test_request_flood_is_bounded() -> None:
     for p in range(2000):
         g.send(pkt(OP_REQUEST, 50000, p))
         g.send(pkt(OP_RW, 60000, p, b"x"))               # RW to unknown connections: RSTs
-    assert len(g.dev.conns) == MAX_CONNECTIONS
+    assert len(g.dev.conns) == MAX_GUEST_CONNECTIONS
     assert len(g.dev.stray_rst) == MAX_STRAY_RST
     g.post_rx(128)
     g.dev.poll()
     assert len(g.received()) == 128 and g.dev.live
+
+
+def test_a_guest_holding_all_its_connections_does_not_lock_host_clients_out() -> None:
+    """The CI failure of stop 14: a guest program filled every connection slot (to a host
+    listener that never reads) and the agent's next connection from the host was refused."""
+    g = Guest(rx_buffers=256)
+    g.backend.listening[5000] = []
+    for p in range(MAX_GUEST_CONNECTIONS + 10):
+        g.send(pkt(OP_REQUEST, 40000 + p, 5000))
+    assert sum(h[6] == OP_RESPONSE for h, _ in g.received()) == MAX_GUEST_CONNECTIONS
+    s, hp = g.connect_from_host(1024, b"ping")           # the agent's port: still reachable
+    g.send(pkt(OP_CREDIT_UPDATE, 1024, hp, buf_alloc=4096))
+    g.dev.poll()
+    assert [d for h, d in g.received() if h[6] == OP_RW] == [b"ping"]
+    for p in range(MAX_HOST_CONNECTIONS - 1):            # host clients have their own bound
+        g.backend.incoming.append((FakeStream(), 2000 + p))
+    g.backend.incoming.append((extra := FakeStream(), 9999))
+    g.dev.poll()
+    assert extra.closed and sum(not c.from_guest for c in g.dev.conns.values()) == MAX_HOST_CONNECTIONS
+
+
+def test_a_closed_connection_whose_host_peer_never_reads_is_reset_after_the_close_timeout() -> None:
+    now = [100.0]
+    g = Guest()
+    g.dev.clock = lambda: now[0]
+    g.backend.listening[5000] = []
+    g.send(pkt(OP_REQUEST, 40000, 5000))
+    peer = g.backend.listening[5000][0]
+    peer.room = 0                                         # never reads
+    g.send(pkt(OP_RW, 40000, 5000, b"d" * 1000))
+    g.send(pkt(OP_SHUTDOWN, 40000, 5000, flags=SHUTDOWN_RCV | SHUTDOWN_SEND))
+    g.received()
+    now[0] += CLOSE_TIMEOUT - 1
+    g.dev.poll()
+    assert (40000, 5000) in g.dev.conns and not peer.closed   # its data may still go out
+    now[0] += 2
+    g.dev.poll()
+    assert OP_RST in g.ops() and not g.dev.conns and peer.closed
 
 
 def test_hostile_descriptors_break_only_the_queue() -> None:

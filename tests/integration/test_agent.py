@@ -217,7 +217,7 @@ def test_hostile_vsock_peer_in_the_guest(guest: Agent, tmp_path: Path) -> None:
         before = _rss_kib(vmm)
         guest.write_file(exe, "/tmp/flood")
         code, out, _ = guest.run(["/tmp/flood", "200", "5000"])
-        assert code == 0 and 0 < int(out) <= 64         # MAX_CONNECTIONS
+        assert code == 0 and 0 < int(out) <= 64         # MAX_GUEST_CONNECTIONS
         assert _rss_kib(vmm) - before < 48 * 1024        # 64 x 256 KiB buffered at most, plus slack
         assert guest.run(["echo", "alive"])[1] == b"alive\n"
     finally:

@@ -17,7 +17,8 @@ Flow control (5.10.6.3): each side tells the other its receive buffer
 (`buf_alloc`) and how much of it it has consumed (`fwd_cnt`); a sender keeps
 ``tx_cnt - peer_fwd_cnt <= peer_buf_alloc``.  Here each connection buffers at
 most `BUF_ALLOC` bytes from the guest not yet taken by the host socket, so
-all connections together hold at most ``MAX_CONNECTIONS * BUF_ALLOC``;
+all connections together hold at most
+``(MAX_GUEST_CONNECTIONS + MAX_HOST_CONNECTIONS) * BUF_ALLOC``;
 data for the guest is read from the host socket only when the guest has
 credit and a receive buffer for it, straight into that buffer.
 
@@ -27,6 +28,14 @@ CID than the guest's, to another CID than the host's, or of an unknown type
 or op is dropped and counted (`stats`); a connection whose guest side sends
 more than its credit allows is reset.  Control replies (RST to unknown
 connections) wait in a bounded queue (`MAX_STRAY_RST`).
+
+Connections the guest opens and connections host clients open have separate
+budgets, so a guest program that opens all it may (to a host listener that
+never reads) cannot lock host clients, the guest agent among them, out of
+the guest.  A connection the guest has closed in both directions while its
+data still waits for a host peer that does not read is reset after
+`CLOSE_TIMEOUT`, as Linux does on its side, so it does not hold its slot
+for ever.
 
 Snapshots: connections are host sockets and are not saved.  After a restore
 the device behaves as if reset under the driver: it sends
@@ -65,10 +74,12 @@ SHUTDOWN_RCV, SHUTDOWN_SEND = 1, 2
 EVENT_TRANSPORT_RESET = 0
 
 BUF_ALLOC = 256 * 1024                       # our receive buffer per connection (guest -> host)
-MAX_CONNECTIONS = 64                         # so at most 16 MiB buffered in all
+MAX_GUEST_CONNECTIONS = 64                   # opened by the guest
+MAX_HOST_CONNECTIONS = 64                    # opened by host clients: 32 MiB buffered at most in all
 MAX_PKT_DATA = 64 * 1024                     # Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE
 MAX_STRAY_RST = 256
 CONNECT_TIMEOUT = 5.0                        # seconds the guest has to answer a host REQUEST
+CLOSE_TIMEOUT = 8.0                          # seconds a closed connection's data may wait (Linux's too)
 FIRST_HOST_PORT = 1 << 30                    # host ports given to host-initiated connections
 M32 = 0xFFFF_FFFF
 
@@ -122,6 +133,8 @@ class Conn:
     guest_shut: int = 0           # SHUTDOWN flags from the guest
     ctrl: list[tuple[int, int]] = field(default_factory=list)   # (op, flags) to send, in order
     closing: bool = False         # RST once `out` is flushed
+    from_guest: bool = False      # the guest opened it (counts against MAX_GUEST_CONNECTIONS)
+    closing_since: float = 0.0    # when the guest closed it with data still in `out`
 
     def credit(self) -> int:
         """Bytes the guest can still take on this connection."""
@@ -236,14 +249,18 @@ class VirtioVsock(VirtioDevice):
             c.guest_shut |= flags & (SHUTDOWN_RCV | SHUTDOWN_SEND)
             if c.guest_shut == SHUTDOWN_RCV | SHUTDOWN_SEND:
                 c.closing = True                             # RST once the data is out
+                c.closing_since = self.clock()
             elif c.guest_shut & SHUTDOWN_SEND and not c.out:
                 c.stream.shutdown_write()
         elif op == OP_CREDIT_REQUEST:
             c.want(OP_CREDIT_UPDATE)
         # OP_CREDIT_UPDATE: the header fields above were all it carried
 
+    def _count(self, from_guest: bool) -> int:
+        return sum(1 for c in self.conns.values() if c.from_guest == from_guest)
+
     def _guest_connects(self, guest_port: int, host_port: int, buf_alloc: int, fwd_cnt: int) -> None:
-        if len(self.conns) >= MAX_CONNECTIONS:
+        if self._count(from_guest=True) >= MAX_GUEST_CONNECTIONS:
             self.stats["refused"] += 1
             self._rst_stray(guest_port, host_port)
             return
@@ -253,7 +270,7 @@ class VirtioVsock(VirtioDevice):
             self._rst_stray(guest_port, host_port)
             return
         c = Conn(guest_port, host_port, stream, True, self.clock(),
-                 peer_buf_alloc=buf_alloc, peer_fwd_cnt=fwd_cnt)
+                 peer_buf_alloc=buf_alloc, peer_fwd_cnt=fwd_cnt, from_guest=True)
         c.want(OP_RESPONSE)
         self.conns[(guest_port, host_port)] = c
 
@@ -292,7 +309,7 @@ class VirtioVsock(VirtioDevice):
 
     def _accept(self) -> None:
         for stream, port in self.backend.accept():
-            if not self.live or len(self.conns) >= MAX_CONNECTIONS:
+            if not self.live or self._count(from_guest=False) >= MAX_HOST_CONNECTIONS:
                 self.stats["refused"] += 1
                 stream.close()
                 continue
@@ -313,6 +330,8 @@ class VirtioVsock(VirtioDevice):
         for c in list(self.conns.values()):
             if not c.established and not c.closing and now - c.since > CONNECT_TIMEOUT:
                 self._close(c, rst=True)
+            elif c.closing and c.out and now - c.closing_since > CLOSE_TIMEOUT:
+                self._close(c, rst=True)                     # the host peer never took its data
 
     # -- packets for the driver (rx queue) --------------------------------------------------------
     def _header(self, c: Conn | None, guest_port: int, host_port: int, op: int, flags: int = 0,

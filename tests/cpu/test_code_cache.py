@@ -16,6 +16,7 @@ import pytest
 
 from pyvirt.clock import Clock
 from pyvirt.cpu.riscv import codecache, native
+from pyvirt.cpu.riscv import engine as engine_mod
 from pyvirt.cpu.riscv.codecache import CodeCache
 from pyvirt.cpu.riscv.engine import Engine
 from pyvirt.cpu.riscv.hart import Hart
@@ -44,18 +45,21 @@ def program(k: int) -> list[int]:
 
 
 def run(directory: Path, words: list[int], *, after: list[tuple[int, int]] | None = None,
-        max_file: int = codecache.MAX_FILE) -> tuple[Hart, Engine, CodeCache]:
+        max_file: int = codecache.MAX_FILE, at: tuple[int, ...] = (BASE,)) -> tuple[Hart, Engine, CodeCache]:
     """Run `words` at BASE for a while (then, for each (address, word) in `after`, store it
-    through the bus and run on from BASE); save the cache; (hart, engine, cache)."""
+    through the bus and run on from BASE); save the cache; (hart, engine, cache).  With
+    `at`, a copy of `words` at each of those addresses, run one after the other."""
     bus = Bus(BASE, 1 << 20)
-    for i, w in enumerate(words):
-        bus.write(BASE + 4 * i, 4, w)
+    for base in at:
+        for i, w in enumerate(words):
+            bus.write(base + 4 * i, 4, w)
     cache = CodeCache(directory, max_file=max_file)
     eng = Engine(bus, "native", code_cache=cache)
     hart = Hart(0, bus, Clock(), native_regs=True)
     eng.add_hart(hart)
-    hart.pc = BASE
-    eng.run(hart, 2000)
+    for base in at:
+        hart.pc = base
+        eng.run(hart, 2000)
     for addr, w in after or []:
         bus.write(addr, 4, w)
         hart.pc = BASE
@@ -79,6 +83,59 @@ def test_second_run_places_the_first_runs_code(tmp_path: Path) -> None:
     assert done is not None
     cut = done[1]
     assert c2.lookup(3, BASE, e2._page(BASE >> 12)) == (*fresh.last, cut)
+
+
+def pc_program() -> list[int]:
+    """x10 = pc + 0x1000 (auipc); x1 = the link of a jal over one instruction; x12 = 2;
+    a loop that counts x13 up to 3 (a backward branch); spin.  Every pc constant kind."""
+    return [addi(13, 0, 0),
+            0x1 << 12 | 10 << 7 | 0x17,             # auipc x10, 0x1
+            4 << 21 | 1 << 7 | 0x6F,                # jal x1, +8
+            addi(11, 0, 1),                         # (skipped)
+            addi(12, 0, 2),
+            addi(13, 13, 1),                        # loop: x13 += 1
+            addi(14, 0, 3),
+            bne(13, 14, -8),                        # bne x13, x14, loop
+            JAL_SELF]
+
+
+def bne(rs1: int, rs2: int, off: int) -> int:
+    o = off & 0x1FFF
+    return ((o >> 12 & 1) << 31 | (o >> 5 & 0x3F) << 25 | rs2 << 20 | rs1 << 15 | 1 << 12
+            | (o >> 1 & 0xF) << 8 | (o >> 11 & 1) << 7 | 0x63)
+
+
+def _pc_results(h: Hart, base: int) -> None:
+    assert (h.x[10], h.x[1], h.x[11], h.x[12], h.x[13]) == (base + 0x1004, base + 12, 0, 2, 3)
+
+
+@pytest.mark.parametrize("second", [BASE + 0x5000, BASE + 0x3_0000 + 0xFFF000 % 0x10000])
+def test_the_same_bytes_at_another_virtual_page_reuse_the_code_moved(tmp_path: Path, second: int) -> None:
+    """Address-space randomisation puts the same library at new addresses in every
+    process: an entry made at one page is placed at another as it is, and is byte for
+    byte what the translator makes there (its pc constants come from the entry pc)."""
+    h1, e1, c1 = run(tmp_path, pc_program())
+    _pc_results(h1, BASE)
+    assert len(e1.shared) == c1.stats["stored"]
+    h2, e2, c2 = run(tmp_path, pc_program(), at=(second,))
+    _pc_results(h2, second)
+    assert c2.stats["stored"] == 0 and c2.stats["hits"] == c1.stats["stored"] >= 3
+    pcs = sorted(pc for _, pc, _ in e2.block_keys())
+    assert len(pcs) >= 3 and pcs[0] == second
+    for pc in pcs:
+        hit = c2.lookup(3, pc, e2._page(pc >> 12))
+        fresh = native.Translator()
+        done = fresh.translate(e2._decode_block(pc, pc >> 12), 3)
+        assert hit is not None and done is not None and hit == (*fresh.last, done[1])
+
+
+def test_a_run_reuses_its_own_entries_at_another_page(tmp_path: Path) -> None:
+    """Within one run (no file yet): the second copy of the code is placed from the
+    first one's entries, read back from the run's spool."""
+    h, e, c = run(tmp_path, pc_program(), at=(BASE, BASE + 0x9000))
+    _pc_results(h, BASE + 0x9000)
+    assert c.stats["stored"] >= 3 and c.stats["hits"] == c.stats["stored"]
+    assert e.stats["invalidated"] == 0
 
 
 def test_changed_page_content_is_translated_afresh(tmp_path: Path) -> None:
@@ -108,8 +165,8 @@ def test_self_modifying_code_after_a_hit(tmp_path: Path) -> None:
 
 
 def test_remapped_page_with_other_bytes_misses(tmp_path: Path) -> None:
-    """The same (privilege, pc) fetched from another physical page: hits only if the
-    footprint's bytes are the same there."""
+    """The same page offset fetched from another physical page, at the same or another
+    virtual page: hits only if the footprint's bytes are the same there."""
     run(tmp_path, program(5))
     c = CodeCache(tmp_path)
     same = bytearray(4096)
@@ -121,7 +178,9 @@ def test_remapped_page_with_other_bytes_misses(tmp_path: Path) -> None:
     assert c.lookup(3, BASE, same) is not None
     assert c.lookup(3, BASE, other) is None
     assert c.lookup(1, BASE, same) is None   # another privilege
-    assert c.lookup(3, BASE + 0x1000, same) is None
+    assert c.lookup(3, BASE + 4, same) is None     # another page offset
+    assert c.lookup(3, BASE + 0x7000, same) is not None   # another virtual page: the same code
+    assert c.lookup(3, BASE + 0x7000, other) is None
 
 
 def _cache_file(directory: Path) -> Path:
@@ -358,4 +417,76 @@ def test_a_loaded_file_is_shared_page_cache_not_private_memory(tmp_path: Path) -
     assert r.stats["loaded"] == 6000
     assert grown < 4 << 20, (grown, size)
     hit = r.lookup(3, BASE + 4 * 5999, page)       # entries are still read from the file
-    assert hit is not None and hit[0] == bytes([5999 & 0xFF]) * 4000 and hit[2] == 1
+    assert hit is not None and hit[2] == 1           # (one made with the same bytes at that page offset)
+    assert hit[0] in {bytes([i & 0xFF]) * 4000 for i in range(5999 % 1024, 6000, 1024)}
+
+
+CODE_PAGE = BASE + 0x20_0000
+
+
+def paged(*vas: int) -> tuple[Bus, Engine, Hart]:
+    """S-mode under Sv39 with CODE_PAGE (pc_program) mapped at each of `vas`."""
+    ram, root = BASE, BASE + 0x10_0000
+    code_page = CODE_PAGE
+    bus = Bus(ram, 4 << 20)
+    l1, l0 = root + 0x1000, root + 0x2000
+    bus.write(root + 8 * 1, 8, ((l1 >> 12) << 10) | 1)
+    bus.write(l1, 8, ((l0 >> 12) << 10) | 1)
+    for va in vas:
+        bus.write(l0 + 8 * ((va >> 12) & 0x1FF), 8, ((code_page >> 12) << 10) | 0xCF)   # V R W X A D
+    for i, w in enumerate(pc_program()):
+        bus.write(code_page + 4 * i, 4, w)
+    eng = Engine(bus, "native")
+    h = Hart(0, bus, Clock(), native_regs=True)
+    eng.add_hart(h)
+    h.set_priv(1)
+    h.write_satp((8 << 60) | (root >> 12))
+    return bus, eng, h
+
+
+def test_one_translation_serves_a_page_at_every_virtual_address() -> None:
+    """A physical page of code mapped at two virtual addresses (a library in two
+    processes, at randomised addresses) is translated once: the second address runs the
+    first one's machine code, with its own pc values (auipc, links); a store into the
+    page drops the block at both addresses."""
+    va1, va2 = 0x4000_1000, 0x4000_5000
+    bus, eng, h = paged(va1, va2)
+    assert eng.native is not None
+    h.pc = va1
+    eng.run(h, 2000)
+    _pc_results(h, va1)
+    made = eng.native.stats["native_blocks"]
+    assert made >= 3 and len(eng.shared) == made
+    h.x[13] = 0
+    h.pc = va2
+    eng.run(h, 2000)
+    _pc_results(h, va2)
+    assert eng.native.stats["native_blocks"] == made        # nothing translated or placed again
+    assert {pc >> 12 for _, pc, _ in eng.block_keys()} == {va1 >> 12, va2 >> 12}
+    bus.write(CODE_PAGE, 4, addi(13, 0, 1))                 # a store into the page: both go
+    assert not eng.shared and not eng.block_keys()
+    h.pc = va2
+    eng.run(h, 2000)
+    _pc_results(h, va2)
+    assert eng.native.stats["native_blocks"] > made
+
+
+def test_too_many_addresses_are_forgotten_but_the_code_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At MAX_BLOCKS the engine forgets every block's address, not its code: the page at
+    new addresses runs the code placed before, and a store into the page still drops it."""
+    vas = [0x4000_1000 + 0x1000 * i for i in range(8)]
+    bus, eng, h = paged(*vas)
+    assert eng.native is not None
+    monkeypatch.setattr(engine_mod, "MAX_BLOCKS", 4)
+    for va in vas:
+        h.x[13] = 0
+        h.pc = va
+        eng.run(h, 2000)
+        _pc_results(h, va)
+    made = eng.native.stats["native_blocks"]
+    assert eng.stats["forgets"] >= 2 and eng.stats["flushes"] == 0 and made == len(eng.shared)
+    bus.write(CODE_PAGE + 4, 4, 0x2 << 12 | 10 << 7 | 0x17)    # auipc x10, 0x2: the page is still watched
+    h.x[13] = 0
+    h.pc = vas[0]
+    eng.run(h, 2000)
+    assert h.x[10] == vas[0] + 0x2004 and eng.native.stats["native_blocks"] > made

@@ -1,13 +1,20 @@
 """A persistent cache of native translations, so that a second boot skips translating.
 
-Translating a block to x86-64 is a pure function of the block's guest bytes, its virtual
-pc, the privilege it runs at and the translator itself; native code reaches everything
-else (registers, TLB tables, guest RAM) through the state buffer, and its only absolute
-targets are the far jumps to its code chunk's stub, which `CodeBuffer.put` patches where
-the code lands.  So a translation made in one run can be placed as is in another.
+Translating a block to x86-64 is a pure function of the block's guest bytes, the page
+offset of its pc (block formation never leaves the entry's page), the privilege it runs
+at and the translator itself; native code reaches everything else (registers, TLB
+tables, guest RAM) through the state buffer, its pc constants (exit targets, links,
+auipc) are the entry pc it finds there plus a distance (native._BlockGen._mov_pc), and
+its only absolute targets are the far jumps to its code chunk's stub, which
+`CodeBuffer.put` patches where the code lands.  So a translation made in one run can be
+placed as is in another, at any virtual page.
 
-An entry is keyed by (privilege, virtual pc) and holds:
+That is what makes an entry worth keeping in a system with address-space randomisation:
+each process maps its libraries (and a position-independent program) at new addresses,
+and every `exec` would translate libc again.  An entry is therefore keyed by content,
+(privilege, page offset, the entry instruction's bytes), and holds:
 
+* the pc it was made at (for reading the file; the code does not depend on it);
 * the *footprint*: every guest byte the block was formed from, as (page offset, bytes)
   runs — the instructions decoded (direct jumps inside the page included) and the half
   word that stopped decoding at the page's end;
@@ -15,10 +22,12 @@ An entry is keyed by (privilege, virtual pc) and holds:
 * the code bytes and the offsets of their far jumps.
 
 A lookup hits only when every footprint byte equals the guest page's bytes now, so a
-changed page (self-modifying code, another program at the same address, a remapped page)
-misses and is translated afresh; invalidation on later stores is the engine's as always.
-Nothing else of the guest is trusted, and the guest decides only which of its own blocks
-are stored: translating the same bytes would give the same code.
+changed page (self-modifying code, another program there, a remapped page) misses and is
+translated afresh; invalidation on later stores is the engine's as always.  Nothing else
+of the guest is trusted, and the guest decides only which of its own blocks are stored:
+translating the same bytes would give the same code.  Entries a run makes are found by
+that run too (from its spool file), so the second process to map a library places the
+first one's code.
 
 The files (one per translator version, the digest of this package's source, and kernel:
 see `for_board`) live in the cache directory the board names (~/.cache/pyvirt/code),
@@ -47,16 +56,16 @@ from typing import Any, BinaryIO
 
 from pyvirt.cpu.riscv.decode import Insn
 
-MAGIC = b"PYVCODE1"
-MAX_FILE = 64 << 20            # bytes in one cache file
-KEEP_FILES = 6                 # files (translator versions x kernels) kept side by side
-MAX_CANDIDATES = 4             # entries kept per (privilege, pc): different code at one address
+MAGIC = b"PYVCODE2"
+MAX_FILE = 256 << 20           # bytes in one cache file (a systemd boot with its user space: ~120 MB)
+KEEP_FILES = 4                 # files (translator versions x kernels) kept side by side
+MAX_CANDIDATES = 16            # entries kept per key: blocks with the same first instruction
 KEY_BYTES = 32
 SAVE_FRACTION = 100            # rewrite a loaded file only for 1/100 of its entries new or more
 MIN_NEW = 64                   # ... and never for fewer new entries than this (a tiny test guest
                                # would otherwise push a real kernel's file out of the directory)
 _HEAD = struct.Struct("<8s32sIQ32s")          # magic, translator digest, entries, body length, MAC
-_REC = struct.Struct("<QBBHIH")               # pc, priv, runs, cut, code length, far jumps
+_REC = struct.Struct("<QQBBHIH")              # pc, lead, priv, runs, cut, code length, far jumps
 _RUN = struct.Struct("<HH")                   # page offset, length
 
 
@@ -125,6 +134,16 @@ def footprint(insns: Sequence[tuple[Insn, int]], stop_half: int | None) -> tuple
     return tuple(runs)
 
 
+def _lead(page: memoryview | bytes | bytearray, off: int) -> int:
+    """The entry instruction's bytes at page offset `off` (2 or 4: always part of the
+    footprint), as the key's integer."""
+    return int.from_bytes(page[off:off + (4 if page[off] & 3 == 3 else 2)], "little")
+
+
+def _key(lead: int, off: int, priv: int) -> int:
+    return lead << 14 | off << 2 | priv
+
+
 class CodeCache:
     """The cache file of one translator version in `directory`, loaded at construction."""
 
@@ -138,8 +157,8 @@ class CodeCache:
         self.path = self.dir / f"native-{self.digest[:8].hex()}-{label}.bin"
         self.stats = {"loaded": 0, "hits": 0, "misses": 0, "stored": 0, "rejected": 0}
         self._blob: bytes | mmap.mmap = b""
-        # pc << 2 | priv -> offset of its record in the file (a tuple when there are several):
-        # small, for a boot's tens of thousands of blocks
+        # _key(...) -> offset of its record in the file (a tuple when there are several);
+        # records this run made are in it too, as -1 - (offset in the spool)
         self._index: dict[int, int | tuple[int, ...]] = {}
         self._used: set[int] = set()           # offsets of loaded records this run hit
         self._spool: BinaryIO | None = None    # this run's new file (see _open_spool)
@@ -228,11 +247,10 @@ class CodeCache:
             return False
         # The MAC says this run's translator wrote it; the bounds are checked all the same.
         at, end = _HEAD.size, len(data)
-        index = self._index
         for _ in range(count):
             if at + _REC.size > end:
                 return False
-            pc, priv, nruns, cut, ncode, nfar = _REC.unpack_from(data, at)
+            pc, lead, priv, nruns, cut, ncode, nfar = _REC.unpack_from(data, at)
             size = _REC.size + nruns * _RUN.size + 4 * nfar + ncode
             runs_at = at + _REC.size
             if priv not in (0, 1, 3) or nruns == 0 or cut == 0 or ncode == 0 or at + size > end:
@@ -246,14 +264,7 @@ class CodeCache:
             size += total
             if at + size > end:
                 return False
-            k = pc << 2 | priv
-            cands = index.get(k)
-            if cands is None:
-                index[k] = at
-            elif isinstance(cands, int):
-                index[k] = (cands, at)
-            elif len(cands) < MAX_CANDIDATES:
-                index[k] = (*cands, at)
+            self._add(_key(lead, pc & 0xFFF, priv), at)
             at += size
         if at != end:
             return False
@@ -262,34 +273,70 @@ class CodeCache:
         return True
 
     # -- use -------------------------------------------------------------------------------
+    def _add(self, k: int, at: int) -> None:
+        cands = self._index.get(k)
+        if cands is None:
+            self._index[k] = at
+        elif isinstance(cands, int):
+            self._index[k] = (cands, at)
+        elif len(cands) < MAX_CANDIDATES:
+            self._index[k] = (*cands, at)
+
+    def _record(self, at: int) -> tuple[bytes | mmap.mmap | bytearray, int]:
+        """(buffer, offset) of the record `at` names: in the loaded file, or this run's
+        spool (written, or still pending)."""
+        if at >= 0:
+            return self._blob, at
+        at = -1 - at
+        written = self._spool_bytes - len(self._pending)     # (header excluded: see store)
+        if at >= written:
+            return self._pending, at - written
+        assert self._spool is not None
+        fd = self._spool.fileno()
+        head = os.pread(fd, _REC.size, _HEAD.size + at)
+        _pc, _lead, _priv, nruns, _cut, ncode, nfar = _REC.unpack(head)
+        runs = struct.unpack(f"<{2 * nruns}H", os.pread(fd, nruns * _RUN.size, _HEAD.size + at + _REC.size))
+        size = _REC.size + nruns * _RUN.size + sum(runs[1::2]) + 4 * nfar + ncode
+        return os.pread(fd, size, _HEAD.size + at), 0
+
     def lookup(self, priv: int, pc: int, page: memoryview | bytes | bytearray
                ) -> tuple[bytes, list[int], int] | None:
-        """(code, far-jump offsets, cut) of an entry for (priv, pc) whose footprint matches
-        `page` (the 4 KiB physical page the block is fetched from), else None."""
-        cands = self._index.get(pc << 2 | priv)
+        """(code, far-jump offsets, cut) of an entry for a block at `pc` (or at the same
+        page offset of any other page) whose footprint matches `page` (the 4 KiB physical
+        page the block is fetched from), else None."""
+        off = pc & 0xFFF
+        cands = self._index.get(_key(_lead(page, off), off, priv))
         if cands is not None:
-            data = self._blob
             for at in (cands,) if isinstance(cands, int) else cands:
-                _pc, _priv, nruns, cut, ncode, nfar = _REC.unpack_from(data, at)
-                p = at + _REC.size
+                try:
+                    data, p = self._record(at)
+                except OSError:
+                    continue
+                _made_at, _lead_, _priv, nruns, cut, ncode, nfar = _REC.unpack_from(data, p)
+                p += _REC.size
                 q = p + nruns * _RUN.size
                 for i in range(nruns):
-                    off, n = _RUN.unpack_from(data, p + 4 * i)
-                    if page[off:off + n] != data[q:q + n]:
+                    o, n = _RUN.unpack_from(data, p + 4 * i)
+                    if page[o:o + n] != data[q:q + n]:
                         break
                     q += n
                 else:
                     far = list(struct.unpack_from(f"<{nfar}I", data, q))
                     q += 4 * nfar
-                    self._used.add(at)
+                    code = bytes(data[q:q + ncode])
+                    if len(code) != ncode or any(o + 4 > ncode for o in far):
+                        continue                      # (a short read of the spool)
+                    if at >= 0:
+                        self._used.add(at)
                     self.stats["hits"] += 1
-                    return data[q:q + ncode], far, cut
+                    return code, far, cut
         self.stats["misses"] += 1
         return None
 
     def store(self, priv: int, pc: int, runs: tuple[tuple[int, int], ...],
               page: memoryview | bytes | bytearray, code: bytes, far: Sequence[int], cut: int) -> None:
-        """Record a translation made this run from `page`'s bytes at `runs`."""
+        """Record a translation made this run from `page`'s bytes at `runs` (found by
+        this run's later lookups too)."""
         if (self._spool is None or self._spool_bytes >= self.max_file // 2
                 or cut > 0xFFFF or len(far) > 0xFFFF):
             return
@@ -298,11 +345,14 @@ class CodeCache:
         if self._spool_bytes + size > self.max_file - _HEAD.size:
             return
         buf = self._pending
-        buf += _REC.pack(pc, priv, len(runs), cut, len(code), len(far))
-        for off, n in runs:
-            buf += _RUN.pack(off, n)
-        for off, n in runs:
-            buf += page[off:off + n]
+        off = pc & 0xFFF
+        lead = _lead(page, off)
+        self._add(_key(lead, off, priv), -1 - self._spool_bytes)
+        buf += _REC.pack(pc, lead, priv, len(runs), cut, len(code), len(far))
+        for o, n in runs:
+            buf += _RUN.pack(o, n)
+        for o, n in runs:
+            buf += page[o:o + n]
         buf += struct.pack(f"<{len(far)}I", *far)
         buf += code
         self._spool_count += 1
@@ -317,7 +367,7 @@ class CodeCache:
 
     def _size(self, at: int) -> int:
         """The length of the (loaded, checked) record at offset `at`."""
-        _pc, _priv, nruns, _cut, ncode, nfar = _REC.unpack_from(self._blob, at)
+        _pc, _lead, _priv, nruns, _cut, ncode, nfar = _REC.unpack_from(self._blob, at)
         runs = struct.unpack_from(f"<{2 * nruns}H", self._blob, at + _REC.size)
         return _REC.size + nruns * _RUN.size + sum(runs[1::2]) + 4 * nfar + ncode
 
@@ -374,7 +424,8 @@ class CodeCache:
             self._spool = spool
             blob = memoryview(self._blob)
             old = sorted(at for cands in self._index.values()
-                         for at in ((cands,) if isinstance(cands, int) else cands) if at not in self._used)
+                         for at in ((cands,) if isinstance(cands, int) else cands)
+                         if at >= 0 and at not in self._used)
             for at in (*sorted(self._used), *old):
                 size = self._size(at)
                 if self._spool_bytes + size > self.max_file - _HEAD.size:

@@ -36,7 +36,9 @@ from pyvirt.engines import ENGINES, default_engine  # noqa: F401 - re-exported
 from pyvirt.memory import Bus
 
 MAX_BLOCK = 64
-# Bounds on the translation cache; reaching either empties it (see Engine._build).
+# Bounds on the translation cache (see Engine._build): reaching MAX_BLOCKS forgets every
+# block's address (the native code stays, found again through Engine.shared); reaching
+# MAX_NATIVE_CODE empties it all.
 MAX_BLOCKS = 250_000
 MAX_NATIVE_CODE = 192 << 20
 MAX_CROSSING = 4096         # page-crossing instructions remembered (see Engine.lookup)
@@ -102,8 +104,13 @@ class Engine:
         self.page_keys: dict[int, list[tuple[int, int, int]]] = {}
         self.crossing: dict[tuple[int, int, int], Entry] = {}   # see lookup()
         self.native_code: dict[Callable[[Hart], int], int] = {}  # native entry -> code address
+        # (privilege, physical page, page offset) -> (code address, instructions covered) of
+        # the native blocks in the code buffer: the same code serves that page at any virtual
+        # address (native._BlockGen._mov_pc), e.g. a library in every process that maps it
+        self.shared: dict[tuple[int, int, int], tuple[int, int]] = {}
+        self.shared_pages: dict[int, list[tuple[int, int]]] = {}   # ppn -> its (privilege, offset)s
         self.globals: dict[str, Any] = dict(_BASE_GLOBALS, ram=bus.ram)
-        self.stats = {"translated": 0, "interp_blocks": 0, "invalidated": 0, "flushes": 0}
+        self.stats = {"translated": 0, "interp_blocks": 0, "invalidated": 0, "flushes": 0, "forgets": 0}
         if mode == "native" and not native.available():
             raise ValueError("the native engine needs an x86-64 Linux host")
         self.native = native.Translator() if mode == "native" else None
@@ -249,13 +256,24 @@ class Engine:
         return out
 
     def _build(self, key: tuple[int, int, int]) -> Entry:
-        if len(self.blocks) >= MAX_BLOCKS or (self.native is not None and self.native.used >= MAX_NATIVE_CODE):
-            # The translation cache is full (a long-lived guest runs ever new code:
-            # every process, with address-space randomisation, maps its libraries at
-            # new addresses).  Start again from empty, as QEMU's tb_flush does.
+        if self.native is not None and self.native.used >= MAX_NATIVE_CODE:
+            # The code buffer is full (a long-lived guest runs ever new code).  Start
+            # again from empty, as QEMU's tb_flush does.
             self.flush()
             self.stats["flushes"] += 1
+        elif len(self.blocks) >= MAX_BLOCKS:
+            # Too many addresses (every process maps its libraries at new addresses, and
+            # the blocks of processes long gone stay): forget them all; native code stays
+            # and is found again by its physical page.
+            self._forget_addresses()
+            self.stats["forgets"] += 1
         priv, pc, ppn = key
+        if self.native is not None:
+            shared = self.shared.get((priv, ppn, pc & 0xFFF))
+            if shared is not None:
+                ent = self._native_at(key, *shared)
+                self._register(key, ent)
+                return ent
         if self.code_cache is not None:
             ent = self._cached_native(key)
             if ent is not None:
@@ -336,12 +354,24 @@ class Engine:
         done = self.native.translate(insns, priv)
         if done is None:
             return None
-        fn, cut, code = done
-        self.jumps.insert(priv, pc, ppn, code)
+        code, cut = done
         if self.code_cache is not None:
             self.code_cache.store(priv, pc, footprint(insns, self._stop_half), self._page(ppn),
                                   *self.native.last, cut)
-        run = native.native_entry(fn, cut)
+        self._share(key, code, cut)
+        return self._native_at(key, code, cut)
+
+    def _share(self, key: tuple[int, int, int], code: int, cut: int) -> None:
+        priv, pc, ppn = key
+        self.shared[(priv, ppn, pc & 0xFFF)] = (code, cut)
+        self.shared_pages.setdefault(ppn, []).append((priv, pc & 0xFFF))
+
+    def _native_at(self, key: tuple[int, int, int], code: int, cut: int) -> Entry:
+        """The entry for native code at `code` run at key's pc."""
+        priv, pc, ppn = key
+        assert self.jumps is not None
+        self.jumps.insert(priv, pc, ppn, code)
+        run = native.native_entry(code, cut, pc)
         self.native_code[run] = code
         return (run, cut, ppn)
 
@@ -360,11 +390,9 @@ class Engine:
         if hit is None:
             return None
         code, far, cut = hit
-        fn, addr = self.native.place(code, far)
-        self.jumps.insert(priv, pc, ppn, addr)
-        run = native.native_entry(fn, cut)
-        self.native_code[run] = addr
-        return (run, cut, ppn)
+        addr = self.native.place(code, far)
+        self._share(key, addr, cut)
+        return self._native_at(key, addr, cut)
 
     def _rechain(self, h: Hart, pc: int) -> None:
         """Native code failed to chain to `pc`: if the block there is native, put back
@@ -477,6 +505,8 @@ class Engine:
             if keys is None:
                 continue
             self.bus.unwatch(ppn, self._code_written)
+            for priv, off in self.shared_pages.pop(ppn, ()):
+                self.shared.pop((priv, ppn, off), None)
             for key in keys:
                 if self.jumps is not None:
                     self.jumps.remove(*key)
@@ -488,6 +518,19 @@ class Engine:
                     del cache[key[1]]
                 self.stats["invalidated"] += 1
 
+    def _forget_addresses(self) -> None:
+        """Drop every block's entry by address; keep the native code, which `_build` finds
+        again in `shared`, and keep watching its pages (their key lists start empty)."""
+        self.blocks.clear()
+        self.crossing.clear()
+        self.native_code.clear()
+        if self.jumps is not None:
+            self.jumps.clear()
+        for c in self.caches.values():
+            c.clear()
+        for keys in self.page_keys.values():
+            keys.clear()
+
     def flush(self) -> None:
         """Drop every translation (e.g. after loading a snapshot into RAM)."""
         for ppn in list(self.page_keys):
@@ -496,6 +539,8 @@ class Engine:
         self.blocks.clear()
         self.crossing.clear()
         self.native_code.clear()
+        self.shared.clear()
+        self.shared_pages.clear()
         if self.jumps is not None:
             self.jumps.clear()
         for c in self.caches.values():

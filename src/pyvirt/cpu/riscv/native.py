@@ -98,6 +98,7 @@ W_WALK_W = 57      # ... and on a write-table miss (walk_code; or one that alway
 W_NWALKS = 58      # TLB refills the native walk made (a counter for bench/tlb_counters.py)
 W_WALK_X = 59      # the walk routine for instruction fetches (walk_code's "fetch", or "decline")
 W_NFWALKS = 60     # fetch-table refills the native walk made (of W_NWALKS, for tlb_counters.py)
+W_PC0 = 61         # the virtual pc the running block was entered at (its first instruction stores rax)
 STATE_WORDS = 64
 SP_BITS = 10
 SP_ENTRIES = 1 << SP_BITS   # superpage table: superpage numbers (all ones: empty) ...
@@ -686,17 +687,12 @@ def fetch_walk_setting() -> bool:
 
 _BLOCK_TYPE = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p)
 _EXIT_COUNT: dict[tuple[bool, int], bytes] = {}
-_PACK_I, _PACK_SI, _PACK_Q = struct.Struct("<I").pack, struct.Struct("<i").pack, struct.Struct("<Q").pack
+_PACK_I, _PACK_SI = struct.Struct("<I").pack, struct.Struct("<i").pack
 
 
-def _mov_rax(value: int) -> bytes:
-    """mov rax, value: what Asm.mov_imm(RAX, value) encodes, without its memo (exit
-    targets are pcs, nearly all different, and filled the memo with one-offs)."""
-    if value < 1 << 32:
-        return b"\xb8" + _PACK_I(value)                 # mov eax, imm32 (zero-extends)
-    if value >= (1 << 64) - (1 << 31):
-        return b"\x48\xc7\xc0" + _PACK_SI(value - (1 << 64))   # mov rax, simm32
-    return b"\x48\xb8" + _PACK_Q(value)                  # movabs rax, imm64
+# pc constants: rax (or another register) = [W_PC0] + k, where k is a distance within the
+# guest code; see _BlockGen._mov_pc.
+_PC0_DISP = _PACK_I(8 * W_PC0)
 
 
 class Translator:
@@ -715,9 +711,12 @@ class Translator:
         self.code = CodeBuffer()
         self.used = 0
 
-    def translate(self, insns: list[tuple[Insn, int]],
-                  priv: int = 0) -> tuple[Callable[..., int], int, int] | None:
-        """(callable, number of instructions covered, code address) or None."""
+    def translate(self, insns: list[tuple[Insn, int]], priv: int = 0) -> tuple[int, int] | None:
+        """(code address, number of instructions covered) or None.
+
+        The code is the same for these guest bytes at any virtual page: it finds its
+        pc in [W_PC0] (see _BlockGen._mov_pc), so one translation serves every address
+        space that maps the page at the same page offset (`native_entry`)."""
         cut = 0
         for ins, _ in insns:
             if not supported(ins, priv):
@@ -731,17 +730,16 @@ class Translator:
         gen.emit()
         code = a.finish()
         self.last = (code, a.far)
-        fn, addr = self.place(code, a.far)
-        return fn, cut, addr
+        return self.place(code, a.far), cut
 
-    def place(self, code: bytes, far: list[int]) -> tuple[Callable[..., int], int]:
+    def place(self, code: bytes, far: list[int]) -> int:
         """Put a block's code (made now, or by an earlier run: see codecache.py) into the
-        code buffer; (callable, code address)."""
+        code buffer; its address."""
         addr = self.code.put(code, far)
         self.used += len(code)
         self.stats["native_blocks"] += 1
         self.stats["native_bytes"] += len(code)
-        return _BLOCK_TYPE(addr), addr
+        return addr
 
 
 class _BlockGen:
@@ -779,11 +777,26 @@ class _BlockGen:
             count = _EXIT_COUNT[key] = bytes(c.buf)
         a.buf += count
         if target is not None:
-            a.buf += _mov_rax(target | (1 if odd else 0))   # a pc: rarely seen twice
+            self._mov_pc(RAX, target | (1 if odd else 0))
         if odd:
             a.buf.append(0xC3)                               # ret
         else:
             a.jmp_far()
+
+    def _mov_pc(self, reg: int, value: int) -> None:
+        """reg = `value`, a pc or a value made from one (exit targets, links, auipc): as
+        the entry pc in [W_PC0] plus the distance, so that the code does not depend on
+        the virtual page it runs at."""
+        k = (value - self.entry) & M64
+        if k >= 1 << 63:
+            k -= 1 << 64
+        a = self.a
+        if reg == RAX and -(1 << 31) <= k < 1 << 31:
+            a.buf += b"\x48\xc7\xc0" + _PACK_SI(k)         # mov rax, simm32
+            a.buf += b"\x48\x03\x87" + _PC0_DISP           # add rax, [rdi + 8 * W_PC0]
+        else:
+            a.mov_imm(reg, k & M64)
+            a.alu_mem(ALU_ADD, reg, RDI, 8 * W_PC0)
 
     def _miss(self, index: int, pc: int) -> Label:
         label = self.a.label()
@@ -804,6 +817,7 @@ class _BlockGen:
     # -- the block ---------------------------------------------------------------------
     def emit(self) -> None:
         a = self.a
+        a.store(RDI, 8 * W_PC0, RAX)             # entered with rax = its pc (native_entry, the chain stub)
         top = a.label()
         if self.loop:
             a.alu(ALU_XOR, R10, R10, w=False)
@@ -831,7 +845,7 @@ class _BlockGen:
         a.jcc(CC_L, self.top)
         a.alu_mem(ALU_ADD, R10, RDI, 8 * W_RET)
         a.store(RDI, 8 * W_RET, R10)
-        a.mov_imm(RAX, self.entry)
+        self._mov_pc(RAX, self.entry)
         a.jmp_far()
 
     def _goto(self, index: int, target: int) -> None:
@@ -935,7 +949,7 @@ class _BlockGen:
                 self._set(rd, RAX)
         elif name == "auipc":
             if rd:
-                a.mov_imm(RAX, (pc + imm) & M64)
+                self._mov_pc(RAX, pc + imm)
                 self._set(rd, RAX)
         elif name == "fence":
             pass
@@ -988,7 +1002,7 @@ class _BlockGen:
         elif name == "jal":
             target = (pc + imm) & M64
             if rd:
-                a.mov_imm(RAX, npc)
+                self._mov_pc(RAX, npc)
                 self._set(rd, RAX)
             if nxt == target:
                 return False
@@ -1000,7 +1014,7 @@ class _BlockGen:
                 a.alu_imm(ALU_ADD, RAX, imm)
             a.alu_imm(ALU_AND, RAX, -2)
             if rd:
-                a.mov_imm(RCX, npc)
+                self._mov_pc(RCX, npc)
                 self._set(rd, RCX)
             self._exit(i, None)
             return True
@@ -1209,14 +1223,33 @@ class _BlockGen:
         a.alu_mem(ALU_ADD, RAX, RDX, 8)
 
 
-def native_entry(fn: Callable[..., int], n: int) -> Callable[[Any], int]:
-    """Wrap a native block as a dispatcher entry `run(hart) -> next pc`.
+_ENTER: Any = None
+_ENTER_TYPE = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64)
+
+
+def _enter() -> Any:
+    """enter(state, pc, code): rax = pc, jump to code -- how Python enters a block (the
+    chain stub enters the same way); made once, in a page of its own."""
+    global _ENTER
+    if _ENTER is None:
+        m = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        m[:5] = b"\x48\x89\xf0\xff\xe2"               # mov rax, rsi; jmp rdx
+        _ENTER = (_ENTER_TYPE(ctypes.addressof(ctypes.c_char.from_buffer(m))), m)
+    return _ENTER[0]
+
+
+def native_entry(code: int, n: int, entry_pc: int) -> Callable[[Any], int]:
+    """Wrap the native block at `code`, entered at virtual `entry_pc`, as a dispatcher
+    entry `run(hart) -> next pc`.  (One block's code serves every pc with its bytes at the same
+    page offset: each gets an entry of its own.)
 
     The dispatcher charges `n`; native code counted what really retired
     (chained blocks and loop iterations included) in [W_RET]."""
+    enter = _enter()
 
     def run(h: Any) -> int:
-        pc = fn(h)
+        pc = enter(h, entry_pc, code)
         x = h.sq
         if x[W_RESYNC]:
             x[W_RESYNC] = 0

@@ -533,17 +533,11 @@ class Engine:
 
     def flush(self) -> None:
         """Drop every translation (e.g. after loading a snapshot into RAM)."""
+        self._forget_addresses()
         for ppn in list(self.page_keys):
             self.bus.unwatch(ppn, self._code_written)
         self.page_keys.clear()
-        self.blocks.clear()
-        self.crossing.clear()
-        self.native_code.clear()
         self.shared.clear()
         self.shared_pages.clear()
-        if self.jumps is not None:
-            self.jumps.clear()
-        for c in self.caches.values():
-            c.clear()
         if self.native is not None:
             self.native.reset()

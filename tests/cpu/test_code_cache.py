@@ -323,6 +323,9 @@ def test_one_file_per_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert a.path.parent == tmp_path / "code"
     same = codecache.for_board(tmp_path, k1)
     assert same is not None and same.path == a.path
+    (tmp_path / "copy").write_bytes(b"one")            # the same kernel elsewhere (a build's scratch copy)
+    copy = codecache.for_board(tmp_path, tmp_path / "copy")
+    assert copy is not None and copy.path == a.path
     monkeypatch.setenv("PYVIRT_CODE_CACHE", "off")
     assert codecache.for_board(tmp_path, k1) is None
     with pytest.raises(ValueError):

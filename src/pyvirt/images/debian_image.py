@@ -51,6 +51,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from pyvirt.errors import BuildError
 from pyvirt.images import cache
@@ -340,6 +341,40 @@ def second_stage_qemu(kernel: Path, initrd: Path, disk: Path, log: Path,
 CONFIGURE_WITH = ("qemu", "pyvirt")
 
 
+def unconfigured_image(scratch: Path, archive: Any, kpkg: Any, bpkg: Any, log: Path,
+                       progress: Progress) -> tuple[float, str, list[tuple[str, bytes]]]:
+    """Steps 1-4: Image, initrd.cpio and disk.img (not yet configured) in `scratch`;
+    (seconds of the first stage, kernel release, the initramfs's modules)."""
+    from pyvirt.images.debian import DebFile
+    from pyvirt.images.initramfs import BUSYBOX_PATHS, busybox_applets
+
+    root = scratch / "root"
+    progress.step(f"fetching Debian {SUITE} {ARCH} packages (debootstrap --foreign)")
+    t0 = time.monotonic()
+    first_stage(root, archive.mirror, log)
+    t_first = time.monotonic() - t0
+    progress.step(f"unpacking {kpkg.name} {kpkg.version}")
+    release, image = install_kernel(root, archive.download_package(kpkg))
+    install_guest_files(root)
+    progress.step("writing the initramfs")
+    bdeb = DebFile(archive.download_package(bpkg))
+    inside = next((p for p in BUSYBOX_PATHS if p in set(bdeb.names())), None)
+    if inside is None:
+        raise BuildError(f"{bpkg.name} has no busybox binary")
+    busybox = bdeb.read(inside)
+    exe = scratch / "busybox"
+    exe.write_bytes(busybox)
+    exe.chmod(0o755)
+    modules = root_modules(root, release)
+    initrd_bytes = make_debian_initramfs(busybox, busybox_applets(exe), modules)
+    (scratch / "initrd.cpio").write_bytes(initrd_bytes)
+    (scratch / "Image").write_bytes(image)
+    progress.step("making the ext4 root file system")
+    make_ext4(root, scratch / "disk.img", DISK_SIZE, log)
+    shutil.rmtree(root)
+    return t_first, release, modules
+
+
 def build_debian_image(progress: Progress | None = None, engine: str | None = None,
                        configure_with: str = "qemu") -> DebianImage:
     """The cached Debian image, built if missing (root needed).
@@ -348,9 +383,9 @@ def build_debian_image(progress: Progress | None = None, engine: str | None = No
     about 7 minutes here) or "pyvirt" (a pyvirt VM; an hour or more -- see BENCHMARKS.md)."""
     if configure_with not in CONFIGURE_WITH:
         raise BuildError(f"unknown --configure-with {configure_with!r} (qemu or pyvirt)")
-    from pyvirt.images.debian import DebFile, DebianArchive
+    from pyvirt.images.debian import DebianArchive
     from pyvirt.images.debian_kernel import METAPACKAGE, image_package_name
-    from pyvirt.images.initramfs import BUSYBOX_PACKAGE, BUSYBOX_PATHS, busybox_applets
+    from pyvirt.images.initramfs import BUSYBOX_PACKAGE
 
     progress = progress or Progress()
     archive = DebianArchive(SUITE, ARCH, progress=progress)
@@ -371,31 +406,8 @@ def build_debian_image(progress: Progress | None = None, engine: str | None = No
         scratch = cache.scratch_dir(final.name)
         started = time.monotonic()
         try:
-            root = scratch / "root"
-            progress.step(f"fetching Debian {SUITE} {ARCH} packages (debootstrap --foreign)")
-            t0 = time.monotonic()
-            first_stage(root, archive.mirror, log)
-            t_first = time.monotonic() - t0
-            progress.step(f"unpacking {kpkg.name} {kpkg.version}")
-            release, image = install_kernel(root, archive.download_package(kpkg))
-            install_guest_files(root)
-            progress.step("writing the initramfs")
-            bdeb = DebFile(archive.download_package(bpkg))
-            inside = next((p for p in BUSYBOX_PATHS if p in set(bdeb.names())), None)
-            if inside is None:
-                raise BuildError(f"{bpkg.name} has no busybox binary")
-            busybox = bdeb.read(inside)
-            exe = scratch / "busybox"
-            exe.write_bytes(busybox)
-            exe.chmod(0o755)
-            modules = root_modules(root, release)
-            initrd_bytes = make_debian_initramfs(busybox, busybox_applets(exe), modules)
-            (scratch / "initrd.cpio").write_bytes(initrd_bytes)
-            (scratch / "Image").write_bytes(image)
-            progress.step("making the ext4 root file system")
+            t_first, release, modules = unconfigured_image(scratch, archive, kpkg, bpkg, log, progress)
             disk = scratch / "disk.img"
-            make_ext4(root, disk, DISK_SIZE, log)
-            shutil.rmtree(root)
             progress.step(f"configuring the packages inside a {configure_with} VM (debootstrap --second-stage)")
             if configure_with == "pyvirt":
                 t_second = second_stage(scratch / "Image", scratch / "initrd.cpio", disk, log, progress, engine)

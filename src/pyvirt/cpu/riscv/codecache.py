@@ -71,17 +71,18 @@ _RUN = struct.Struct("<HH")                   # page offset, length
 
 def for_board(root: Path, kernel: Path | None) -> CodeCache | None:
     """The code cache under cache directory `root` for a board booting `kernel`, unless
-    $PYVIRT_CODE_CACHE is "off".  Each kernel file (by path, size and time) has a file of
-    its own, so that a small guest does not load a large one's entries; the label only
-    sorts entries into files: what is used is checked against the guest's bytes."""
+    $PYVIRT_CODE_CACHE is "off".  Each kernel (by content) has a file of its own, so that
+    a small guest does not load a large one's entries; the label only sorts entries into
+    files: what is used is checked against the guest's bytes."""
     if os.environ.get("PYVIRT_CODE_CACHE", "on").lower() in ("off", "0", "no"):
         return None
     label = "none"
     if kernel is not None:
         try:
-            st = os.stat(kernel)
-            label = hashlib.blake2b(f"{Path(kernel).resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode(),
-                                    digest_size=6).hexdigest()
+            # By content (the board reads the whole file anyway): the same kernel at another
+            # path -- the image build's scratch copy of Debian's, a copied image -- shares it.
+            with open(kernel, "rb") as f:
+                label = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=6)).hexdigest()
         except OSError:
             pass
     return CodeCache(root / "code", label)

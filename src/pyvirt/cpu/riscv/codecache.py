@@ -81,8 +81,11 @@ def for_board(root: Path, kernel: Path | None) -> CodeCache | None:
         try:
             # By content (the board reads the whole file anyway): the same kernel at another
             # path -- the image build's scratch copy of Debian's, a copied image -- shares it.
+            h = hashlib.blake2b(digest_size=6)
             with open(kernel, "rb") as f:
-                label = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=6)).hexdigest()
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            label = h.hexdigest()
         except OSError:
             pass
     return CodeCache(root / "code", label)

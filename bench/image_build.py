@@ -9,7 +9,8 @@ pyvirt VM (`second_stage`, what `--configure-with pyvirt` runs) and on the other
 qemu-system-riscv64 (`second_stage_qemu`, the same kernel, initramfs and script).  Each
 VM's wall time is printed, and each disk must pass `e2fsck -fn` afterwards.  One after
 the other by default; with --together both run at once (one core each on a 2-core
-machine: the same load for both).
+machine: the same load for both).  pyvirt's native code cache starts empty, as on a
+machine that never booted this kernel (a fresh clone's CI), unless --warm-code-cache.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> int:
     ap.add_argument("--together", action="store_true", help="run both VMs at the same time")
     ap.add_argument("--only", choices=("pyvirt", "qemu"))
     ap.add_argument("--dir", default="/var/tmp", help="where the scratch disks go (2 GiB sparse each)")
+    ap.add_argument("--warm-code-cache", action="store_true", help="use ~/.cache/pyvirt/code as it is")
     args = ap.parse_args()
     from pyvirt.images.debian import DebianArchive
     from pyvirt.images.debian_kernel import METAPACKAGE, image_package_name
@@ -45,6 +47,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="pyvirt-image-bench-") as tmp:
         scratch = Path(tmp)
         log = scratch / "build.log"
+        if not args.warm_code_cache:
+            from pyvirt.cpu.riscv import codecache
+            for_board = codecache.for_board
+            codecache.for_board = lambda root, kernel: for_board(scratch / "cache", kernel)  # type: ignore[assignment]
         di.unconfigured_image(scratch, archive, kpkg, bpkg, log, progress)
         for vmm in vmms:
             subprocess.run(["cp", "--sparse=always", str(scratch / "disk.img"), str(scratch / f"{vmm}.img")],

@@ -24,11 +24,10 @@ How it is built (`build_debian_image`):
    data/debian/setup -- `debootstrap --second-stage` (every package's
    configuration, riscv64 maintainer scripts), `depmod`, the passwordless root
    account, systemd-networkd.  The VM reports the script's exit status through
-   the test finisher.  The VM is qemu-system-riscv64 by default (about 7
-   minutes here) or, with `configure_with="pyvirt"`, a pyvirt VM -- which
-   works but took over an hour (its TLB-miss path is the bottleneck on this
-   fork/exec-heavy load; BENCHMARKS.md).  No qemu-user or binfmt_misc (global
-   host state) is involved either way.
+   the test finisher.  The VM is pyvirt itself by default (about 18 minutes
+   here, 1.6x qemu-system-riscv64 side by side: BENCHMARKS.md) or, with
+   `configure_with="qemu"`, qemu-system-riscv64.  No qemu-user or binfmt_misc
+   (global host state) is involved either way.
 6. The disk is checked with `e2fsck -fn` and the result cached as
    debian-<key>/{disk.img, Image, initrd.cpio, manifest.json}, the key
    covering the package index, the kernel and busybox packages, the package
@@ -127,7 +126,7 @@ def cached_debian_image() -> DebianImage | None:
     return _image_from(best[1]) if best else None
 
 
-def debian_image(build: bool = True, progress: bool = True, configure_with: str = "qemu") -> DebianImage:
+def debian_image(build: bool = True, progress: bool = True, configure_with: str = "pyvirt") -> DebianImage:
     """The Debian image from the cache, or built now (BuildError when not built and not `build`)."""
     from pyvirt.images.progress import make_progress
     found = cached_debian_image()
@@ -376,11 +375,11 @@ def unconfigured_image(scratch: Path, archive: Any, kpkg: Any, bpkg: Any, log: P
 
 
 def build_debian_image(progress: Progress | None = None, engine: str | None = None,
-                       configure_with: str = "qemu") -> DebianImage:
+                       configure_with: str = "pyvirt") -> DebianImage:
     """The cached Debian image, built if missing (root needed).
 
-    `configure_with`: where the riscv64 second stage runs: "qemu" (qemu-system-riscv64,
-    about 7 minutes here) or "pyvirt" (a pyvirt VM; an hour or more -- see BENCHMARKS.md)."""
+    `configure_with`: where the riscv64 second stage runs: "pyvirt" (a pyvirt VM, the
+    default: 1.6x QEMU's time here, BENCHMARKS.md) or "qemu" (qemu-system-riscv64)."""
     if configure_with not in CONFIGURE_WITH:
         raise BuildError(f"unknown --configure-with {configure_with!r} (qemu or pyvirt)")
     from pyvirt.images.debian import DebianArchive

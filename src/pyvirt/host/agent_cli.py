@@ -125,6 +125,9 @@ def _cp(client: Any, src: str, dest: str) -> int:
     return 0
 
 
+ACCEPT_WAKEUP = 0.5              # seconds: how soon `pyvirt port` notices a signal another thread took
+
+
 def _port(client: Any, name: str, spec: str) -> int:
     host, sep, guest = spec.rpartition(":")
     try:
@@ -141,14 +144,27 @@ def _port(client: Any, name: str, spec: str) -> int:
     except OSError as e:
         raise ConfigError(f"cannot listen on 127.0.0.1:{hport}: {e.strerror}") from None
     srv.listen(64)
+    # Ctrl-C sets a flag and accept() wakes up twice a second to look at it.  A SIGINT the
+    # kernel hands to a forwarding thread only makes the main thread run the handler at
+    # its next bytecode, which a main thread blocked in accept() for good never reaches (a
+    # Ctrl-C that did nothing, seen in a test run); and a KeyboardInterrupt raised there,
+    # at the loop's back edge, escapes an enclosing try on CPython 3.11.
+    stop = threading.Event()
+    old = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    srv.settimeout(ACCEPT_WAKEUP)
     print(f"forwarding 127.0.0.1:{hport} -> {name}:{gport} (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
-        while True:
-            c, _ = srv.accept()
-            threading.Thread(target=_forward, args=(client, name, gport, c), daemon=True).start()
-    except KeyboardInterrupt:
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except (socket.timeout, InterruptedError):
+                c = None
+            if c is not None:
+                c.settimeout(None)
+                threading.Thread(target=_forward, args=(client, name, gport, c), daemon=True).start()
         return 0
     finally:
+        signal.signal(signal.SIGINT, old)
         srv.close()
 
 

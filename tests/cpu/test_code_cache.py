@@ -110,7 +110,7 @@ def _pc_results(h: Hart, base: int) -> None:
 
 
 @pytest.mark.parametrize("second", [BASE + 0x5000, BASE + 0x3_0000 + 0xFFF000 % 0x10000])
-def test_the_same_bytes_at_another_virtual_page_reuse_the_code_moved(tmp_path: Path, second: int) -> None:
+def test_the_same_bytes_at_another_virtual_page_reuse_the_same_code(tmp_path: Path, second: int) -> None:
     """Address-space randomisation puts the same library at new addresses in every
     process: an entry made at one page is placed at another as it is, and is byte for
     byte what the translator makes there (its pc constants come from the entry pc)."""

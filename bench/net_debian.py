@@ -60,12 +60,16 @@ PING = re.compile(r"^R ping (.*)$", re.M)
 ROWS = (("g2h", "guest->host"), ("h2g", "host->guest"), ("v2v", "VM->VM"))
 
 
-def switch_port(mac: str, ip: str) -> str:
+def switch_port(mac: str, ip: str, wait: bool = False) -> str:
     """Shell: give the interface with this MAC the address `ip`, and again every 2 s in the
     background (systemd-networkd, which finds no DHCP server on the switch, removed it once
-    when it took the link over after the command had started)."""
-    return (f"I=$(ip -o l|awk '/{mac[-8:]}/{{sub(/:$/,\"\",$2);print $2}}');"
-            f"(while :;do ip a add {ip}/24 dev $I 2>/dev/null;ip l set $I up;sleep 2;done)&")
+    when it took the link over after the command had started).  With `wait` the interface
+    is looked for until it is there (one run of guest B found none, udev renaming it, as
+    far as can be told); guest A's command has no room for that loop on the kernel command
+    line (1,024 bytes on riscv64)."""
+    find = f"I=$(ip -o l|awk '/{mac[-8:]}/{{sub(/:$/,\"\",$2);print $2}}')"
+    return ((f"until {find};[ \"$I\" ];do sleep 1;done;" if wait else f"{find};")
+            + f"(while :;do ip a add {ip}/24 dev $I 2>/dev/null;ip l set $I up;sleep 2;done)&")
 
 
 def commands(port: int, seconds: int) -> tuple[str, str]:
@@ -79,7 +83,7 @@ def commands(port: int, seconds: int) -> tuple[str, str]:
          "echo R ping $(busybox ping -c20 -i.2 10.9.0.2|tail -1);"
          f"for i in $(seq 60);do o=$({c} 10.9.0.2 2>&1)&&break;sleep 2;done;"
          "echo R v2v $(echo \"$o\"|grep receiver)")
-    b = switch_port(MAC_B, "10.9.0.2") + "timeout 3000 iperf3 -s -1 -B 10.9.0.2 >/dev/null;echo R done"
+    b = switch_port(MAC_B, "10.9.0.2", wait=True) + "timeout 3000 iperf3 -s -1 -B 10.9.0.2 >/dev/null;echo R done"
     return a, b
 
 

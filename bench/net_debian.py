@@ -83,7 +83,8 @@ def commands(port: int, seconds: int) -> tuple[str, str]:
          "echo R ping $(busybox ping -c20 -i.2 10.9.0.2|tail -1);"
          f"for i in $(seq 60);do o=$({c} 10.9.0.2 2>&1)&&break;sleep 2;done;"
          "echo R v2v $(echo \"$o\"|grep receiver)")
-    b = switch_port(MAC_B, "10.9.0.2", wait=True) + "timeout 3000 iperf3 -s -1 -B 10.9.0.2 >/dev/null;echo R done"
+    b = (switch_port(MAC_B, "10.9.0.2", wait=True) + "until ip a show dev $I|grep -q 10.9.0.2;do sleep 1;done;"
+         + "timeout 3000 iperf3 -s -1 -B 10.9.0.2 >/dev/null;echo R done")
     return a, b
 
 

@@ -157,7 +157,7 @@ def _port(client: Any, name: str, spec: str) -> int:
         while not stop.is_set():
             try:
                 c, _ = srv.accept()
-            except (socket.timeout, InterruptedError):
+            except socket.timeout:                   # (EINTR is retried: PEP 475)
                 c = None
             if c is not None:
                 c.settimeout(None)

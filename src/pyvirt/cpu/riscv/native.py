@@ -685,7 +685,6 @@ def fetch_walk_setting() -> bool:
     raise ConfigError(f"PYVIRT_NATIVE_FETCH_WALK must be on or off, not {v[:40]!r}")
 
 
-_BLOCK_TYPE = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p)
 _EXIT_COUNT: dict[tuple[bool, int], bytes] = {}
 _PACK_I, _PACK_SI = struct.Struct("<I").pack, struct.Struct("<i").pack
 

@@ -30,7 +30,7 @@ import bisect
 import ctypes
 import mmap
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from struct import Struct
 from typing import Any, Protocol
 
@@ -318,6 +318,20 @@ class Bus:
         self.mark_dirty(addr, length)
         if self.watched and length > 0:
             self._notify(addr, length)
+
+    def dma_written_spans(self, spans: Sequence[tuple[int, int]]) -> None:
+        """`dma_written` for each (addr, length) of a device's scatter list, in one pass."""
+        if self.dirty_log is not None:
+            for addr, length in spans:
+                self.mark_dirty(addr, length)
+        watched = self.watched
+        if not watched:
+            return
+        for addr, length in spans:
+            if length > 0:
+                page = addr >> PAGE_SHIFT
+                if page in watched or (addr + length - 1) >> PAGE_SHIFT != page:
+                    self._notify(addr, length)
 
     # -- state ---------------------------------------------------------------------
     def save_devices(self) -> dict[str, Any]:

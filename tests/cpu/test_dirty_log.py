@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pyvirt.clock import Clock
 from pyvirt.cpu.riscv.engine import Engine
@@ -87,3 +89,30 @@ def test_bus_writers_mark_and_harvest_clears() -> None:
     assert len(bus.dirty_log) == 256
     bus.stop_dirty_log()
     assert bus.dirty_log is None
+
+
+@given(spans=st.lists(st.tuples(st.integers(0, 0x1_0000 - 1), st.integers(0, 0x3000)), max_size=12),
+       watched=st.sets(st.integers(0, 15), max_size=6), logging=st.booleans())
+def test_a_scatter_list_written_at_once_tells_what_each_span_would(spans: list[tuple[int, int]],
+                                                                   watched: set[int], logging: bool) -> None:
+    """Bus.dma_written_spans (a virtio device's whole scatter list) calls the same watchers with
+    the same ranges and marks the same dirty pages as dma_written for each span in turn."""
+    results = []
+    for batched in (False, True):
+        bus = Bus(RAM, 1 << 20)
+        calls: list[tuple[int, int, int]] = []
+        for page in watched:
+            bus.watch((RAM >> 12) + page, lambda a, n, page=page, calls=calls: calls.append((page, a, n)))
+        bus.watch((RAM >> 12) + 200, lambda a, n, calls=calls: calls.append((200, a, n)))    # never hit
+        if logging:
+            bus.start_dirty_log()
+        absolute = [(RAM + a, n) for a, n in spans]
+        if batched:
+            bus.dma_written_spans(absolute)
+        else:
+            for a, n in absolute:
+                bus.dma_written(a, n)
+        results.append((calls, bus.harvest_dirty() if logging else None))
+    assert results[0] == results[1]
+    hit = {p for a, n in spans if n for p in range(a >> 12, ((a + n - 1) >> 12) + 1)} & watched
+    assert {page for page, _, _ in results[1][0]} == hit

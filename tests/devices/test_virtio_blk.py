@@ -83,7 +83,7 @@ def test_features_and_config(mem) -> None:
     assert not f & VIRTIO_BLK_F_RO
     assert rig.drv.config_read(0, 8) == DISK // 512
     assert rig.drv.config_read(0, 4) | rig.drv.config_read(4, 4) << 32 == DISK // 512
-    assert rig.drv.config_read(12, 4) == 126 and rig.drv.config_read(20, 4) == 512
+    assert rig.drv.config_read(12, 4) == 1022 and rig.drv.config_read(20, 4) == 512
     assert rig.drv.config_read(0x400, 4) == 0
 
 
@@ -446,3 +446,21 @@ def test_qcow2_discard_and_write_zeroes(tmp_path: Path) -> None:
         assert qemu_img.check(img)["returncode"] == 0
         assert qemu_img.to_raw(img) == model
 
+
+
+def test_a_request_of_seg_max_segments_is_served_whole(mem) -> None:
+    """seg_max (1022) is what a chain of the queue's size (1024) holds besides the header and
+    status: 1 MiB of scattered 4 KiB pages is one request, and one segment more is refused."""
+    rig, q = rig_for(mem)
+    seg_max = rig.drv.config_read(12, 4)
+    assert seg_max == 1022
+    data = [rig.drv.buffer(512, writable=True) for _ in range(seg_max)]
+    status = rig.drv.buffer(1, writable=True)
+    n = submit(rig, q, [header(rig, VIRTIO_BLK_T_IN, 0)] + data + [status], indirect=True)
+    assert n == 512 * seg_max + 1 and rig.drv.read(status)[0] == VIRTIO_BLK_S_OK
+    assert b"".join(rig.drv.read(d) for d in data) == PATTERN[:512 * seg_max]
+    rig.drv.ack_interrupt()
+    q.add([header(rig, VIRTIO_BLK_T_IN, 0)] + data + [rig.drv.buffer(512, writable=True), status],
+          indirect=True)
+    rig.drv.kick()
+    assert rig.drv.status & STATUS_DEVICE_NEEDS_RESET and q.used_entries() == []

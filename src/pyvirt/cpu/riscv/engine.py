@@ -22,6 +22,7 @@ write TLBs never map them.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -119,6 +120,10 @@ class Engine:
         self.fetch_walk = native.fetch_walk_setting() if mode == "native" else False
         self.code_cache = code_cache if self.native is not None else None
         self._stop_half: int | None = None     # see _decode_block
+        # PYVIRT_PERF_MAP=1: name each native block in /tmp/perf-PID.map, as QEMU's -perfmap,
+        # so `perf report` on the VM's process shows guest pcs ("g_<priv>_<pc>")
+        self.perf_map = (open(f"/tmp/perf-{os.getpid()}.map", "a", buffering=1)   # noqa: SIM115
+                         if self.native is not None and os.environ.get("PYVIRT_PERF_MAP") else None)
         bus.add_log_hook(self.drop_write_entries)
 
     def drop_write_entries(self) -> None:
@@ -358,6 +363,8 @@ class Engine:
         if self.code_cache is not None:
             self.code_cache.store(priv, pc, footprint(insns, self._stop_half), self._page(ppn),
                                   *self.native.last, cut)
+        if self.perf_map is not None:
+            self.perf_map.write(f"{code:x} {len(self.native.last[0]):x} g_{priv}_{pc:x}\n")
         self._share(key, code, cut)
         return self._native_at(key, code, cut)
 
@@ -391,6 +398,8 @@ class Engine:
             return None
         code, far, cut = hit
         addr = self.native.place(code, far)
+        if self.perf_map is not None:
+            self.perf_map.write(f"{addr:x} {len(code):x} g_{priv}_{pc:x}\n")
         self._share(key, addr, cut)
         return self._native_at(key, addr, cut)
 

@@ -81,8 +81,9 @@ VIRTIO_BLK_S_UNSUPP = 2
 VIRTIO_BLK_ID_BYTES = 20
 HEADER = struct.Struct("<IIQ")
 SIZE_MAX = 1 << 20          # bytes per segment, as advertised
-SEG_MAX = 126               # segments per request: the queue (256) less header and status...
-QUEUE_SIZE = 256            # ...with room to spare for indirect tables
+QUEUE_SIZE = 1024           # descriptors a chain may have (2.7.5.3.1), indirect tables included
+SEG_MAX = QUEUE_SIZE - 2    # segments per request: a chain less its header and status, so that
+                            # a 1 MiB transfer of scattered pages is one request (256 pages)
 _CONFIG = struct.Struct("<QIIHBBI8xBxH IIIIIB3x".replace(" ", ""))
 SEGMENT = struct.Struct("<QII")       # discard / write-zeroes segment: sector, num_sectors, flags
 MAX_DISCARD_SECTORS = 1 << 22         # 2 GiB a segment

@@ -39,7 +39,6 @@ from struct import Struct
 from typing import Any
 
 from pyvirt.compat import DATACLASS_SLOTS
-from pyvirt.errors import GuestMemoryError
 from pyvirt.memory import Bus
 from pyvirt.state import U16, U64, Schema, boolean, integer, record, text
 
@@ -204,8 +203,14 @@ class SplitQueue:
         if head >= size:
             raise QueueError(f"head descriptor {head} is beyond the queue size {size}")
         bus = self.bus
+        ram, ram_base, ram_end = bus.ram, bus.ram_base, bus.ram_end
+        unpack = _DESC.unpack_from
         chain = Chain(head)
-        table, table_len, idx = self.desc, size, head
+        readable, writable = chain.readable, chain.writable
+        readable_len = writable_len = 0
+        # Descriptors are read straight from RAM: the ring's table was checked to lie in RAM
+        # when the queue was enabled (_check_layout), an indirect table is checked below.
+        table, table_len, idx = self.desc - ram_base, size, head
         indirect = False
         count = 0
         while True:
@@ -213,7 +218,7 @@ class SplitQueue:
             if count > size:
                 raise QueueError(f"descriptor chain from head {head} is longer than the "
                                  f"queue size {size} (a loop?)")
-            addr, length, flags, nxt = _DESC.unpack(bus.read_bytes(table + 16 * idx, 16))
+            addr, length, flags, nxt = unpack(ram, table + 16 * idx)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if indirect:
                     raise QueueError("indirect descriptor inside an indirect table")
@@ -221,22 +226,23 @@ class SplitQueue:
                     raise QueueError("indirect descriptor with NEXT set")
                 if length == 0 or length % 16:
                     raise QueueError(f"indirect table length {length} is not a multiple of 16")
-                if not bus.is_ram(addr, length):
+                if not (ram_base <= addr and addr + length <= ram_end):
                     raise QueueError(f"indirect table {addr:#x}+{length:#x} is outside RAM")
-                table, table_len, idx, indirect = addr, length // 16, 0, True
+                table, table_len, idx, indirect = addr - ram_base, length // 16, 0, True
                 count -= 1                 # the table pointer is not a buffer
                 continue
-            if not bus.is_ram(addr, length):
+            if not (ram_base <= addr and addr + length <= ram_end):
                 raise QueueError(f"buffer {addr:#x}+{length:#x} is outside RAM")
             if flags & VIRTQ_DESC_F_WRITE:
-                chain.writable.append((addr, length))
-                chain.writable_len += length
+                writable.append((addr, length))
+                writable_len += length
             else:
-                if chain.writable:
+                if writable:
                     raise QueueError("device-readable buffer after a device-writable one")
-                chain.readable.append((addr, length))
-                chain.readable_len += length
+                readable.append((addr, length))
+                readable_len += length
             if not flags & VIRTQ_DESC_F_NEXT:
+                chain.readable_len, chain.writable_len = readable_len, writable_len
                 return chain
             if nxt >= table_len:
                 raise QueueError(f"next descriptor {nxt} is beyond its table of {table_len}")
@@ -287,10 +293,13 @@ class SplitQueue:
     # -- buffers --------------------------------------------------------------------------------
     def views(self, spans: Sequence[Span]) -> list[memoryview]:
         """Zero-copy views of guest RAM; release them after use (`release_views`)."""
-        try:
-            return [self.bus.view(a, n) for a, n in spans]
-        except GuestMemoryError as e:            # cannot happen for checked spans
-            raise QueueError(str(e)) from None
+        bus = self.bus
+        base, end = bus.ram_base, bus.ram_end
+        for a, n in spans:
+            if not (base <= a and a + n <= end and n >= 0):    # cannot happen for checked spans
+                raise QueueError(f"guest range {a:#x}+{n:#x} is outside RAM")
+        with memoryview(bus.ram) as ram:
+            return [ram[a - base:a - base + n] for a, n in spans]
 
     @staticmethod
     def release_views(views: Sequence[memoryview]) -> None:
@@ -299,13 +308,9 @@ class SplitQueue:
 
     def dma_written(self, spans: Sequence[Span], count: int | None = None) -> None:
         """Tell the bus that the device wrote the first `count` bytes of `spans`."""
-        left = spans_len(spans) if count is None else count
-        for addr, length in spans:
-            if left <= 0:
-                break
-            n = min(length, left)
-            self.bus.dma_written(addr, n)
-            left -= n
+        if count is not None:
+            spans, _ = split_spans(spans, count)
+        self.bus.dma_written_spans(spans)
 
     def gather(self, spans: Sequence[Span], limit: int) -> bytes:
         """Up to `limit` bytes read from `spans` in order."""

@@ -23,6 +23,14 @@ class Clock:
         now = self._paused_at if self._paused_at is not None else time.monotonic_ns()
         return (now - self._offset_ns) * self.hz // 1_000_000_000
 
+    def native_params(self) -> tuple[int, int]:
+        """(host monotonic ns at tick 0, host ns per tick) for native code's rdtime, which
+        computes `ticks` as (monotonic ns - the first) // the second; the second is 0
+        (native code leaves rdtime to Python) when paused or when a tick is not a whole
+        number of ns."""
+        per_tick, rest = divmod(1_000_000_000, self.hz)
+        return self._offset_ns, per_tick if not rest and self._paused_at is None else 0
+
     def seconds_until(self, tick: int) -> float:
         """Host seconds until the clock reaches `tick` (0 if already there)."""
         delta = tick - self.ticks()

@@ -197,6 +197,12 @@ class Bus:
         first = addr >> PAGE_SHIFT
         last = (addr + length - 1) >> PAGE_SHIFT
         watched = self.watched
+        if first == last:
+            cbs = watched.get(first)
+            if cbs is not None:
+                for cb in list(cbs):
+                    cb(addr, length)
+            return
         for page in range(first, last + 1):
             cbs = watched.get(page)
             if cbs is not None:
@@ -315,7 +321,8 @@ class Bus:
     def dma_written(self, addr: int, length: int) -> None:
         """Tell the bus that `length` bytes at `addr` were written through a view (or by an
         external back end): translated code from those pages is dropped, the log marks them."""
-        self.mark_dirty(addr, length)
+        if self.dirty_log is not None:
+            self.mark_dirty(addr, length)
         if self.watched and length > 0:
             self._notify(addr, length)
 

@@ -67,6 +67,23 @@ class BufferedStream:
             return None
         return data
 
+    def recv_into(self, buf: memoryview) -> int | OSError | None:
+        """`recv` into `buf` (no new buffer per call): the bytes read, 0 when none wait now,
+        None when the peer ended the stream, or the OSError that broke it."""
+        if self.sock is None:
+            return None
+        try:
+            n = self.sock.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as e:
+            self.close()
+            return e
+        if not n:
+            self.close()
+            return None
+        return n
+
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()

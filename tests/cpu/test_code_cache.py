@@ -341,8 +341,9 @@ def _jal(offset: int) -> int:
 
 @pytest.mark.parametrize("engine", ["native", "jit", "interp"])
 def test_page_straddling_instruction_rewritten(engine: str) -> None:
-    """A 32-bit instruction straddling two pages runs from Engine.crossing after its first
-    time; rewritten into a 16-bit one (and a c.nop after it), the next runs do the new one."""
+    """A 32-bit instruction straddling two pages runs as a block of its own after its first
+    time, kept under both pages; rewritten into a 16-bit one (and a c.nop after it), the
+    next runs do the new one."""
     bus = Bus(BASE, 1 << 20)
     bus.write(BASE, 4, addi(5, 5, 1))
     bus.write(BASE + 4, 4, _jal(0xFFE - 4))
@@ -356,8 +357,9 @@ def test_page_straddling_instruction_rewritten(engine: str) -> None:
     eng.run(hart, 400)
     x5, x6 = hart.x[5], hart.x[6]
     assert x5 > 20 and x6 in (3 * x5, 3 * (x5 - 1))
-    if engine == "native":
-        assert len(eng.crossing) == 1
+    key = (hart.priv, BASE + 0xFFE, BASE >> 12)
+    assert key in eng.blocks and not eng.crossing
+    assert key in eng.page_keys[BASE >> 12] and key in eng.page_keys[(BASE >> 12) + 1]
     c_addi_x6_5 = 0x0001 | 6 << 7 | 5 << 2
     bus.write(BASE + 0xFFE, 2, c_addi_x6_5)
     bus.write(BASE + 0x1000, 2, 0x0001)                 # c.nop
@@ -366,6 +368,42 @@ def test_page_straddling_instruction_rewritten(engine: str) -> None:
     eng.run(hart, 400)
     x5, x6 = hart.x[5], hart.x[6]
     assert x5 > 20 and x6 in (5 * x5, 5 * (x5 - 1))
+
+
+@pytest.mark.parametrize("engine", ["native", "jit", "interp"])
+def test_a_straddling_instruction_follows_the_second_page_of_each_address_space(engine: str) -> None:
+    """Two address spaces (ASIDs 1 and 2, switched without sfence.vma) map the same page
+    before a boundary and different pages after it: the instruction straddling the boundary
+    is addi x6, x6, 3 in one and addi x6, x6, 5 in the other (the immediate is in the
+    second half).  Each runs its own, back and forth, though its first page is the same."""
+    va = 0x4000_1000
+    bus = Bus(BASE, 4 << 20)
+    p1, p2a, p2b = BASE + 0x20_0000, BASE + 0x20_1000, BASE + 0x20_2000
+    roots = {}
+    for asid, (root, p2) in {1: (BASE + 0x10_0000, p2a), 2: (BASE + 0x18_0000, p2b)}.items():
+        l1, l0 = root + 0x1000, root + 0x2000
+        bus.write(root + 8 * 1, 8, ((l1 >> 12) << 10) | 1)
+        bus.write(l1, 8, ((l0 >> 12) << 10) | 1)
+        bus.write(l0 + 8 * ((va >> 12) & 0x1FF), 8, ((p1 >> 12) << 10) | 0xCF)          # V R W X A D
+        bus.write(l0 + 8 * (((va >> 12) + 1) & 0x1FF), 8, ((p2 >> 12) << 10) | 0xCF)
+        roots[asid] = (8 << 60) | (asid << 44) | (root >> 12)
+    bus.write(p1 + 0xFFE, 2, addi(6, 6, 3) & 0xFFFF)           # the same low half: rd, rs1's low bit
+    bus.write(p2a, 2, addi(6, 6, 3) >> 16)
+    bus.write(p2b, 2, addi(6, 6, 5) >> 16)
+    for p2 in (p2a, p2b):
+        bus.write(p2 + 2, 4, _jal(-4))                          # back to the straddling instruction
+    eng = Engine(bus, engine, hot=2)
+    h = Hart(0, bus, Clock(), native_regs=engine == "native")
+    eng.add_hart(h)
+    h.set_priv(1)
+    for asid in (1, 2, 1, 2):
+        h.write_satp(roots[asid])
+        h.x[6] = 0
+        h.pc = va + 0xFFE
+        ran = eng.run(h, 400)
+        step = 3 if asid == 1 else 5
+        assert ran >= 400 and h.x[6] in (step * (ran // 2), step * (ran // 2 + 1)), (asid, ran, h.x[6])
+    assert (1, va + 0xFFE, p1 >> 12) in eng.blocks
 
 
 def test_a_failed_chain_puts_back_the_jump_and_fetch_entries() -> None:

@@ -52,6 +52,7 @@ MIN_FRAME = 14                 # an Ethernet header
 LENGTH = struct.Struct(">I")   # -netdev stream's frame prefix
 MAX_OUT = 1 << 20              # bytes queued towards a stream peer before send() says "full"
 FLUSH_AT = 64 * 1024           # send() writes at once when this much is queued (else flush() does)
+RECV_CHUNK = 256 * 1024        # what one read from a stream peer takes at most
 PASST_START_TIMEOUT = 10.0
 
 
@@ -94,7 +95,9 @@ class StreamBackend:
     def __init__(self, sock: socket.socket, name: str = "stream") -> None:
         self.stream = BufferedStream(sock, MAX_OUT)
         self.name = name
-        self.inbuf = bytearray()
+        self.inbuf = bytearray()       # bytes read from the peer, frames not yet taken from inpos on
+        self.inpos = 0
+        self._chunk = memoryview(bytearray(RECV_CHUNK))    # what one read fills
         self.link_up = True
         self.stats = {"rx_frames": 0, "tx_frames": 0, "tx_dropped": 0, "rx_empty": 0}
 
@@ -120,6 +123,7 @@ class StreamBackend:
         self.link_up = False
         self.stream.close()
         self.inbuf.clear()
+        self.inpos = 0
 
     # -- to the peer ---------------------------------------------------------------------
     def send(self, frame: bytes) -> bool:
@@ -163,31 +167,35 @@ class StreamBackend:
                 continue
             if self.stream.closed:                   # the peer broke the framing
                 break
-            data = self.stream.recv(256 * 1024)
-            if isinstance(data, OSError):
-                self._down(f"receive failed: {data.strerror}")
+            got = self.stream.recv_into(self._chunk)
+            if isinstance(got, OSError):
+                self._down(f"receive failed: {got.strerror}")
                 break
-            if data is None:
+            if got is None:
                 self._down("the peer closed the connection")
                 break
-            if not data:
+            if not got:
                 break
-            self.inbuf += data
+            if self.inpos:                     # drop the frames taken, once per read
+                del self.inbuf[:self.inpos]
+                self.inpos = 0
+            self.inbuf += self._chunk[:got]
         return frames
 
     def _next_frame(self) -> bytes | None:
         """One whole frame from the input buffer (b"" for an empty one), or None."""
-        if len(self.inbuf) < LENGTH.size:
+        buf, pos = self.inbuf, self.inpos
+        if len(buf) - pos < LENGTH.size:
             return None
-        (n,) = LENGTH.unpack_from(self.inbuf)
+        (n,) = LENGTH.unpack_from(buf, pos)
         if n > MAX_FRAME:
             self._down(f"the peer announced a {n}-byte frame (more than {MAX_FRAME})")
             return None
-        if len(self.inbuf) < LENGTH.size + n:
+        start = pos + LENGTH.size
+        if len(buf) - start < n:
             return None
-        frame = bytes(self.inbuf[LENGTH.size:LENGTH.size + n])
-        del self.inbuf[:LENGTH.size + n]
-        return frame
+        self.inpos = start + n
+        return bytes(buf[start:start + n])
 
     def fileno(self) -> int | None:
         return self.stream.fileno()

@@ -29,7 +29,7 @@ from typing import Any
 
 from pyvirt.cpu.riscv import isa, native
 from pyvirt.cpu.riscv.codecache import CodeCache, footprint
-from pyvirt.cpu.riscv.decode import Insn, decode
+from pyvirt.cpu.riscv.decode import ILLEGAL, Insn, decode
 from pyvirt.cpu.riscv.emit import BlockEmitter, GenericEmitter
 from pyvirt.cpu.riscv.hart import Hart
 from pyvirt.cpu.riscv.traps import ILLEGAL_INSN, ContextChange, StopSlice, Trap
@@ -149,6 +149,8 @@ class Engine:
         lookup = self.lookup
         start = budget
         pc = h.pc
+        if self.native is not None:
+            h.set_clock_words(*h.clock.native_params())
         while True:
             cache = caches[h.priv]
             itlb = h.itlb
@@ -192,14 +194,55 @@ class Engine:
                 return ent
             ent = self._build(key)
             if ent[0] is self._crossing_insn:
-                # It reads h.pc, so it must go through lookup every time; kept apart so
-                # that it is not decoded again each time (the Debian kernel runs such
-                # instructions 60 k times a boot).  It fetches both halves itself, so a
-                # store to either page cannot make it stale.
-                if len(self.crossing) < MAX_CROSSING:
-                    self.crossing[key] = ent
-                return ent
+                fast = self._crossing_block(h, key)
+                if fast is not None:
+                    ent = fast
+                else:
+                    # It reads h.pc, so it must go through lookup every time; kept apart so
+                    # that it is not decoded again each time.  It fetches both halves
+                    # itself, so a store to either page cannot make it stale.
+                    if len(self.crossing) < MAX_CROSSING:
+                        self.crossing[key] = ent
+                    return ent
         self.caches[h.priv][pc] = ent
+        return ent
+
+    def _crossing_block(self, h: Hart, key: tuple[int, int, int]) -> Entry | None:
+        """A 32-bit instruction straddling two pages, decoded once: a block of its own (the
+        Debian kernel's network receive path runs such instructions about 10 k times a
+        second, each an exit from native code into the generic path below).
+
+        Both pages are watched, so a store to either drops it, as for any block; its
+        first page is checked as any block's is (Engine.run), the second by the fetch
+        TLB at each run: another address space may map another page after the first,
+        and then the generic path fetches both halves.  None where that path must run
+        (the first half now a 16-bit instruction, an illegal one: its tval is the
+        instruction, read from h.pc)."""
+        priv, pc, ppn = key
+        lo = h.fetch_half(pc)
+        if lo & 3 != 3:
+            return None
+        pc2 = (pc + 2) & isa.M
+        ppn2 = h.fetch_ppn(pc2)
+        ins = decode(lo | h.fetch_half(pc2) << 16)
+        if ins.name == ILLEGAL:
+            return None
+        d = (HANDLERS[ins.name], ins.rd, ins.rs1, ins.rs2, ins.rs3, ins.imm, ins.rm, ins.length,
+             ins.raw, pc)
+        handler = d[0]
+        after = (pc + 4) & isa.M
+        vpn2 = pc2 >> 12
+        generic = self._crossing_insn
+
+        def run(h: Hart) -> int:
+            if h.itlb.get(vpn2) != ppn2:
+                h.pc = pc
+                return generic(h)
+            nxt = handler(h, d)
+            return after if nxt is None else nxt
+        ent = (run, 1, ppn)
+        self._register(key, ent)
+        self._watch(ppn2).append(key)
         return ent
 
     def block_keys(self) -> list[tuple[int, int, int]]:
@@ -306,7 +349,11 @@ class Engine:
         return ent
 
     def _register(self, key: tuple[int, int, int], ent: Entry) -> None:
-        ppn = key[2]
+        self._watch(key[2]).append(key)
+        self.blocks[key] = ent
+
+    def _watch(self, ppn: int) -> list[tuple[int, int, int]]:
+        """The keys of the blocks made from page `ppn`; watched from the first on."""
         keys = self.page_keys.get(ppn)
         if keys is None:
             keys = self.page_keys[ppn] = []
@@ -314,8 +361,7 @@ class Engine:
             for h in self.harts:
                 h.drop_write_mapping(ppn)
             self.bus.clear_native_write(ppn)
-        keys.append(key)
-        self.blocks[key] = ent
+        return keys
 
     def _interp_block(self, key: tuple[int, int, int], insns: list[tuple[Insn, int]],
                       ops: tuple[tuple[Any, ...], ...], end_pc: int) -> Callable[[Hart], int]:

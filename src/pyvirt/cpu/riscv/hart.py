@@ -113,13 +113,16 @@ def _no_rechain(h: Hart, pc: int) -> None:
     pass
 
 
+_CLOCK_GETTIME = native.clock_gettime_address() if native.available() else 0
+
+
 class Hart(CsrMixin):
     __slots__ = (
         "hartid", "bus", "clock", "ram", "ram_base", "ram_end",
         "x", "f", "pc", "priv", "fflags", "frm",
         "medeleg", "mideleg", "mtvec", "stvec",
         "mscratch", "mepc", "mcause", "mtval",
-        "mcounteren", "scounteren", "mcountinhibit", "menvcfg", "senvcfg", "pmp",
+        "mcountinhibit", "menvcfg", "senvcfg", "pmp",
         "instret", "adj", "idle", "state", "stimecmp",
         "tlbs", "rtlb", "wtlb", "itlb", "superpages", "ctx",
         "gtlbs", "asid_sets", "cur_set", "tagbits", "next_tag", "_wrev", "_wrev_n", "_su_all",
@@ -205,6 +208,8 @@ class Hart(CsrMixin):
     stval = _state_word(native.W_STVAL)
     satp = _state_word(native.W_SATP)
     resv = _state_word(native.W_RESV, signed=True)     # a RAM offset, or -1
+    mcounteren = _state_word(native.W_MCOUNTEREN)      # (native rdtime checks TM)
+    scounteren = _state_word(native.W_SCOUNTEREN)
 
     # -- state ------------------------------------------------------------------
     def reset(self) -> None:
@@ -219,6 +224,7 @@ class Hart(CsrMixin):
         self._state[native.W_PFLAGS] = self.bus.page_flags_address
         self._state[native.W_SPTAB] = ctypes.addressof(self._sptab)
         self._state[native.W_WALK_R], self._state[native.W_WALK_W], self._state[native.W_WALK_X] = self._walk
+        self._state[native.W_TIME_FN] = _CLOCK_GETTIME
         for i in range(32):
             self.x[i] = 0
         self.f = [0] * 32
@@ -298,6 +304,7 @@ class Hart(CsrMixin):
         dec = w.addr["decline"]
         self._walk = (w.addr["load"], w.addr["store"], w.addr["fetch"] if fetch else dec) if on else (dec,) * 3
         self._state[native.W_WALK_R], self._state[native.W_WALK_W], self._state[native.W_WALK_X] = self._walk
+        self._state[native.W_TIME_FN] = _CLOCK_GETTIME
         self._fetch_walk = w.fetch if on and fetch else None
 
     def tlb_bytes(self) -> dict[str, int]:
@@ -309,6 +316,12 @@ class Hart(CsrMixin):
         return {"native tables": sum(ctypes.sizeof(t) for t in self._ntlb.values()) + ctypes.sizeof(self._sptab),
                 "python dicts": sum(sys.getsizeof(d) for d in dicts.values()),
                 "python entries": sum(len(d) for d in dicts.values())}
+
+    def set_clock_words(self, offset_ns: int, ns_per_tick: int) -> None:
+        """What native rdtime reads (Clock.native_params), set before native code runs."""
+        st = self._state
+        st[native.W_CLK_OFF] = offset_ns & native.M64
+        st[native.W_CLK_DIV] = ns_per_tick
 
     def set_priv(self, priv: int) -> None:
         self.priv = priv

@@ -99,7 +99,15 @@ W_NWALKS = 58      # TLB refills the native walk made (a counter for bench/tlb_c
 W_WALK_X = 59      # the walk routine for instruction fetches (walk_code's "fetch", or "decline")
 W_NFWALKS = 60     # fetch-table refills the native walk made (of W_NWALKS, for tlb_counters.py)
 W_PC0 = 61         # the virtual pc the running block was entered at (its first instruction stores rax)
-STATE_WORDS = 64
+W_MCOUNTEREN = 62  # Hart.mcounteren ...
+W_SCOUNTEREN = 63  # ... and Hart.scounteren: may this privilege read `time` (bit 1, TM)?
+# rdtime in native code: clock_gettime(CLOCK_MONOTONIC) through the C library, less the
+# clock's offset, divided into ticks, exactly as clock.Clock.ticks does it.  The engine sets
+# the offset and the divisor (0: no native rdtime) at each slice (Engine.run).
+W_CLK_OFF = 64     # Clock: host monotonic ns at guest tick 0
+W_CLK_DIV = 65     # Clock: host ns per tick, or 0
+W_TIME_FN = 66     # host address of clock_gettime
+STATE_WORDS = 72
 SP_BITS = 10
 SP_ENTRIES = 1 << SP_BITS   # superpage table: superpage numbers (all ones: empty) ...
 SP_HASH = 0x9E3779B97F4A7C15   # ... hashed by multiplication: the kernel's text and its
@@ -159,6 +167,8 @@ _SNIPPET_LIMIT = 1 << 16
 
 
 CSR_SSTATUS = 0x100
+CSR_TIME = 0xC01
+CLOCK_MONOTONIC = 1
 _CSR_OPS = {"csrrw": (1, False), "csrrs": (2, False), "csrrc": (3, False),
             "csrrwi": (1, True), "csrrsi": (2, True), "csrrci": (3, True)}
 _SSTATUS_WRITABLE = SIE | SPIE | SPP | FS | SUM | MXR
@@ -178,9 +188,19 @@ def supported(ins: Insn, priv: int) -> bool:
     if name in SUPPORTED:
         return True
     if name in _CSR_OPS:
+        if ins.imm == CSR_TIME:
+            # rdtime (csrrs/csrrc with x0 or zimm 0: a pure read; any write is illegal),
+            # from any privilege: the kernel's clocksource, the C library's clock_gettime.
+            return _CSR_OPS[name][0] != 1 and ins.rs1 == 0
         # sstatus from S- or M-mode: the kernel's interrupt enable/disable.
         return (ins.imm == CSR_SSTATUS or ins.imm in PLAIN_CSRS) and priv >= 1
     return False
+
+
+def clock_gettime_address() -> int:
+    """The host address of the C library's clock_gettime (what native rdtime calls)."""
+    fn = ctypes.CDLL(None).clock_gettime
+    return ctypes.cast(fn, ctypes.c_void_p).value or 0
 
 
 def available() -> bool:
@@ -977,7 +997,9 @@ class _BlockGen:
                 a.movsxd(RCX, RCX)
             self._set(rd, RCX)
         elif name in _CSR_OPS:
-            if ins.imm == CSR_SSTATUS:
+            if ins.imm == CSR_TIME:
+                self._rdtime(i, pc, ins)
+            elif ins.imm == CSR_SSTATUS:
                 self._sstatus(i, pc, ins)
             else:
                 self._plain_csr(ins)
@@ -1090,6 +1112,46 @@ class _BlockGen:
             a.bind(same)
         a.store(RDI, 8 * W_MSTATUS, R9)
         self._set(ins.rd, RDX)
+
+    def _rdtime(self, i: int, pc: int, ins: Insn) -> None:
+        """rd = the clock's ticks, as Clock.ticks computes them: (monotonic ns - [W_CLK_OFF])
+        // [W_CLK_DIV], the ns from the C library's clock_gettime (the vDSO's: no system
+        call).  Below M-mode mcounteren.TM must be set, in U-mode scounteren.TM too, and
+        the divisor non-zero; else the interpreter runs the instruction (and raises the
+        illegal-instruction trap).  rdi and r10 are kept across the call; the C call
+        gets a 16-byte aligned stack and a timespec on it."""
+        a = self.a
+        miss = self._miss(i, pc)
+        for word in ((W_MCOUNTEREN,) if self.priv == 1 else (W_MCOUNTEREN, W_SCOUNTEREN)
+                     if self.priv == 0 else ()):
+            a.load(RCX, RDI, 8 * word)
+            a.test_imm(RCX, 2)
+            a.jcc(CC_E, miss)
+        a.load(RCX, RDI, 8 * W_CLK_DIV)
+        a.alu_imm(ALU_CMP, RCX, 0)
+        a.jcc(CC_E, miss)
+        a.load(RAX, RDI, 8 * W_TIME_FN)
+        a.buf += (b"\x57"                       # push rdi
+                  b"\x41\x52"                   # push r10
+                  b"\x55"                       # push rbp
+                  b"\x48\x89\xe5"               # mov rbp, rsp
+                  b"\x48\x83\xe4\xf0"           # and rsp, -16
+                  b"\x48\x83\xec\x10"           # sub rsp, 16: struct timespec
+                  b"\xbf" + _PACK_I(CLOCK_MONOTONIC) +    # mov edi, CLOCK_MONOTONIC
+                  b"\x48\x89\xe6"               # mov rsi, rsp
+                  b"\xff\xd0"                   # call rax
+                  b"\x48\x8b\x04\x24"           # mov rax, [rsp]: tv_sec
+                  b"\x48\x69\xc0" + _PACK_I(1_000_000_000) +   # imul rax, rax, 10^9
+                  b"\x48\x03\x44\x24\x08"       # add rax, [rsp + 8]: tv_nsec
+                  b"\x48\x89\xec"               # mov rsp, rbp
+                  b"\x5d"                       # pop rbp
+                  b"\x41\x5a"                   # pop r10
+                  b"\x5f")                      # pop rdi
+        a.alu_mem(ALU_SUB, RAX, RDI, 8 * W_CLK_OFF)
+        a.load(RCX, RDI, 8 * W_CLK_DIV)
+        a.alu(ALU_XOR, RDX, RDX, w=False)
+        a.divide(RCX, signed=False)
+        self._set(ins.rd, RAX)
 
     def _csr_operand(self, ins: Insn, op: int, immediate: bool) -> None:
         """r9 = what csrrw/csrrs/csrrc (op 1/2/3) make of the CSR's value in rdx and

@@ -51,6 +51,8 @@ VIRTQ_USED_F_NO_NOTIFY = 1
 MAX_QUEUE_SIZE = 32768       # 2.7: "The maximum Queue Size value is 32768"
 
 _DESC = Struct("<QIHH")
+_U16 = Struct("<H")
+_USED_ELEM = Struct("<II")
 
 Span = tuple[int, int]       # (guest-physical address, length)
 
@@ -149,11 +151,15 @@ class SplitQueue:
                 raise QueueError(f"{name} {base:#x}+{length:#x} is outside RAM")
 
     # -- checked guest memory (only ring fields; the layout is already known to be in RAM)
+    # (straight into RAM: every ring field lies in the rings _check_layout found in RAM)
     def _read16(self, addr: int) -> int:
-        return self.bus.read(addr, 2)
+        bus = self.bus
+        return _U16.unpack_from(bus.ram, addr - bus.ram_base)[0]
 
     def _write16(self, addr: int, value: int) -> None:
-        self.bus.write(addr, 2, value)
+        bus = self.bus
+        _U16.pack_into(bus.ram, addr - bus.ram_base, value)
+        bus.dma_written(addr, 2)
 
     def _fail(self, why: str) -> QueueError:
         self.broken = why
@@ -257,8 +263,9 @@ class SplitQueue:
         if not self.ready or self.broken:
             return
         slot = self.used + 4 + 8 * (self.used_idx & (self.size - 1))
-        self.bus.write(slot, 4, head)
-        self.bus.write(slot + 4, 4, written & 0xFFFF_FFFF)
+        bus = self.bus
+        _USED_ELEM.pack_into(bus.ram, slot - bus.ram_base, head, written & 0xFFFF_FFFF)
+        bus.dma_written(slot, 8)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._write16(self.used + 2, self.used_idx)
 

@@ -408,9 +408,9 @@ def test_a_straddling_instruction_follows_the_second_page_of_each_address_space(
 
 def test_a_failed_chain_puts_back_the_jump_and_fetch_entries() -> None:
     """Two native blocks on two pages jump to each other (chained).  When the jump-table
-    entry of one and its page's native fetch-table entry are gone (as when another process's
-    block at the same pc, or another address space's page, takes their slots), the next
-    chain there fails once and returns to Python, which puts both back."""
+    entry of one and its page's native fetch-table entry are gone (as when another block
+    whose physical address hashes to the same set, or another address space's page, takes
+    their slots), the next chain there fails once and returns to Python, which puts both back."""
     bus = Bus(BASE, 1 << 20)
     a, b = BASE, BASE + 0x1000
     bus.write(a, 4, addi(5, 5, 1))
@@ -429,7 +429,7 @@ def test_a_failed_chain_puts_back_the_jump_and_fetch_entries() -> None:
     xslot = 4 * native.TLB_ENTRIES + 2 * ((b >> 12) & (native.TLB_ENTRIES - 1))
     xv = hart._ntlb_views[3]
     assert xv[xslot] == b >> 12
-    eng.jumps.remove(3, b, b >> 12)
+    eng.jumps.remove(3, b)                    # (M-mode: the physical address is the pc)
     xv[xslot] = (1 << 64) - 1
     x5, x6 = hart.x[5], hart.x[6]
     eng.run(hart, 1000)
@@ -510,6 +510,25 @@ def test_one_translation_serves_a_page_at_every_virtual_address() -> None:
     eng.run(h, 2000)
     _pc_results(h, va2)
     assert eng.native.stats["native_blocks"] > made
+
+
+def test_native_code_chains_into_a_page_at_a_new_address_without_python() -> None:
+    """Blocks chain to one another by physical address: the page run at a second virtual
+    address (a library in a new process) goes through Python for its first block only --
+    the rest chain natively to the code made at the first address."""
+    va1, va2 = 0x4000_1000, 0x4000_5000
+    bus, eng, h = paged(va1, va2)
+    assert eng.native is not None
+    h.pc = va1
+    eng.run(h, 2000)
+    _pc_results(h, va1)
+    first = [pc for _, pc, _ in eng.block_keys() if pc >> 12 == va1 >> 12]
+    assert len(first) >= 3
+    h.x[13] = 0
+    h.pc = va2
+    eng.run(h, 2000)
+    _pc_results(h, va2)
+    assert [pc for _, pc, _ in eng.block_keys() if pc >> 12 == va2 >> 12] == [va2]
 
 
 def test_too_many_addresses_are_forgotten_but_the_code_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:

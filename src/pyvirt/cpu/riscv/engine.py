@@ -418,12 +418,12 @@ class Engine:
         priv, pc, ppn = key
         self.shared[(priv, ppn, pc & 0xFFF)] = (code, cut)
         self.shared_pages.setdefault(ppn, []).append((priv, pc & 0xFFF))
+        assert self.jumps is not None
+        self.jumps.insert(priv, ppn << 12 | (pc & 0xFFF), code)
 
     def _native_at(self, key: tuple[int, int, int], code: int, cut: int) -> Entry:
         """The entry for native code at `code` run at key's pc."""
         priv, pc, ppn = key
-        assert self.jumps is not None
-        self.jumps.insert(priv, pc, ppn, code)
         run = native.native_entry(code, cut, pc)
         self.native_code[run] = code
         return (run, cut, ppn)
@@ -450,17 +450,17 @@ class Engine:
         return self._native_at(key, addr, cut)
 
     def _rechain(self, h: Hart, pc: int) -> None:
-        """Native code failed to chain to `pc`: if the block there is native, put back
-        what the chaining stub looks at — its jump-table entry (a block at the same pc
-        in another process takes it) and its page's native fetch-table entry (another
-        page or another address space takes that slot, and nothing refilled it while
-        the itlb dict held the page)."""
-        ent = self.caches[h.priv].get(pc)
-        if ent is None:
+        """Native code failed to chain to `pc`: if its page has native code there, put
+        back what the chaining stub looks at — the jump-table entry of that physical
+        address (another block whose address hashes to the same set takes it) and the
+        page's native fetch-table entry (another page or another address space takes
+        that slot, and nothing refilled it while the itlb dict held the page)."""
+        ppn = h.itlb.get(pc >> 12)
+        if ppn is None or self.jumps is None:
             return
-        code = self.native_code.get(ent[0])
-        if code is not None and self.jumps is not None and h.itlb.get(pc >> 12) == ent[2]:
-            self.jumps.insert(h.priv, pc, ent[2], code)
+        shared = self.shared.get((h.priv, ppn, pc & 0xFFF))
+        if shared is not None:
+            self.jumps.insert(h.priv, ppn << 12 | (pc & 0xFFF), shared[0])
             h.native_fetch_refill(pc)
 
     def close(self) -> None:
@@ -562,9 +562,9 @@ class Engine:
             self.bus.unwatch(ppn, self._code_written)
             for priv, off in self.shared_pages.pop(ppn, ()):
                 self.shared.pop((priv, ppn, off), None)
-            for key in keys:
                 if self.jumps is not None:
-                    self.jumps.remove(*key)
+                    self.jumps.remove(priv, ppn << 12 | off)
+            for key in keys:
                 ent = self.blocks.pop(key, None)
                 if ent is not None:
                     self.native_code.pop(ent[0], None)
@@ -579,8 +579,6 @@ class Engine:
         self.blocks.clear()
         self.crossing.clear()
         self.native_code.clear()
-        if self.jumps is not None:
-            self.jumps.clear()
         for c in self.caches.values():
             c.clear()
         for keys in self.page_keys.values():
@@ -594,5 +592,7 @@ class Engine:
         self.page_keys.clear()
         self.shared.clear()
         self.shared_pages.clear()
+        if self.jumps is not None:
+            self.jumps.clear()              # (the jump table holds the physical addresses' code)
         if self.native is not None:
             self.native.reset()

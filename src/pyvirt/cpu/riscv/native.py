@@ -250,26 +250,16 @@ class CodeBuffer:
 
 
 def _chain_stub() -> bytes:
-    """rax = next pc.  Jump to its native block if the jump table has one for this
-    pc and physical page (checked through the native fetch TLB) and the chaining
-    budget allows; else return rax to Python."""
+    """rax = next pc.  If the chaining budget allows and the native fetch TLB maps pc's
+    page, jump to the native block the jump table has for that physical address (the
+    same code serves every virtual address of the page: `_BlockGen._mov_pc`); else
+    return rax to Python.  So a process that maps a library page at new addresses runs
+    the code made for it without leaving native code."""
     a = Asm()
     out = a.label()
     a.load(RCX, RDI, 8 * W_RET)
     a.alu_imm(ALU_CMP, RCX, CHAIN_BUDGET)
     a.jcc(CC_GE, out)
-    found = a.label()
-    a.mov_imm(RCX, JMP_HASH)
-    a.imul(RCX, RAX)
-    a.shift_imm(SHR, RCX, 64 - JMP_SET_BITS)
-    a.shift_imm(SHL, RCX, 6, w=False)
-    a.alu_mem(ALU_ADD, RCX, RDI, 8 * W_JMP)
-    a.alu_mem(ALU_CMP, RAX, RCX, 0)
-    a.jcc(CC_E, found)
-    a.alu_imm(ALU_ADD, RCX, 32)
-    a.alu_mem(ALU_CMP, RAX, RCX, 0)
-    a.jcc(CC_NE, out)
-    a.bind(found)
     a.mov(RDX, RAX)
     a.shift_imm(SHR, RDX, 12)
     a.mov32(R8, RDX)
@@ -283,10 +273,24 @@ def _chain_stub() -> bytes:
     a.alu_mem(ALU_CMP, RDX, R8, 0)                 # the current address space's
     a.jcc(CC_NE, out)
     a.bind(hit)
-    a.load(RDX, R8, 8)
-    a.alu_mem(ALU_CMP, RDX, RCX, 8)
+    a.load(RCX, R8, 8)                             # the physical page
+    a.shift_imm(SHL, RCX, 12)
+    a.mov32(RDX, RAX)
+    a.alu_imm(ALU_AND, RDX, 0xFFF, w=False)
+    a.alu(ALU_OR, RCX, RDX)                        # rcx = the physical address of pc
+    a.mov_imm(RDX, JMP_HASH)
+    a.imul(RDX, RCX)
+    a.shift_imm(SHR, RDX, 64 - JMP_SET_BITS)
+    a.shift_imm(SHL, RDX, 6, w=False)
+    a.alu_mem(ALU_ADD, RDX, RDI, 8 * W_JMP)
+    found = a.label()
+    a.alu_mem(ALU_CMP, RCX, RDX, 0)
+    a.jcc(CC_E, found)
+    a.alu_imm(ALU_ADD, RDX, 32)
+    a.alu_mem(ALU_CMP, RCX, RDX, 0)
     a.jcc(CC_NE, out)
-    a.jmp_mem(RCX, 16)
+    a.bind(found)
+    a.jmp_mem(RDX, 16)
     a.bind(out)
     a.ret()
     return a.finish()
@@ -1330,11 +1334,11 @@ def native_entry(code: int, n: int, entry_pc: int) -> Callable[[Any], int]:
 
 
 class JumpTables:
-    """Per privilege, the native code address of each native block by (pc, ppn).
+    """Per privilege, the native code address of each native block by the physical
+    address of its first instruction (any virtual address of the page runs it).
 
     The tables are anonymous mappings, so only the sets in use take memory; an
-    empty entry is all zeros (physical page 0 is never RAM, so it never matches
-    the fetch TLB's page)."""
+    empty entry is all zeros (physical address 0 is never RAM, so it never matches)."""
 
     def __init__(self) -> None:
         # Private: MADV_DONTNEED then reads back zeros (a shared mapping would keep its data).
@@ -1346,27 +1350,36 @@ class JumpTables:
         return self._addr[priv]
 
     @staticmethod
-    def set_of(pc: int) -> int:
-        """Index in the table's words of the first entry of `pc`'s two-way set."""
-        return 8 * (((pc * JMP_HASH) & M64) >> (64 - JMP_SET_BITS))
+    def set_of(pa: int) -> int:
+        """Index in the table's words of the first entry of `pa`'s two-way set."""
+        return 8 * (((pa * JMP_HASH) & M64) >> (64 - JMP_SET_BITS))
 
-    def insert(self, priv: int, pc: int, ppn: int, code: int) -> None:
-        """Enter a block: over an entry for the same pc, else into a free way,
+    def insert(self, priv: int, pa: int, code: int) -> None:
+        """Enter a block: over an entry for the same address, else into a free way,
         else over the second way (the first keeps the older, often hotter, block)."""
         v = self.views[priv]
-        s = self.set_of(pc)
-        if v[s] == pc or v[s + 1] == 0:
+        s = self.set_of(pa)
+        if v[s] == pa or v[s] == 0:
             slot = s
         else:
             slot = s + 4
-        v[slot], v[slot + 1], v[slot + 2] = pc, ppn, code
+        v[slot], v[slot + 2] = pa, code
 
-    def remove(self, priv: int, pc: int, ppn: int) -> None:
+    def get(self, priv: int, pa: int) -> int | None:
+        """The code entered for `pa`, or None."""
         v = self.views[priv]
-        s = self.set_of(pc)
+        s = self.set_of(pa)
         for slot in (s, s + 4):
-            if v[slot] == pc and v[slot + 1] == ppn:
-                v[slot] = v[slot + 1] = v[slot + 2] = 0
+            if v[slot] == pa:
+                return v[slot + 2]
+        return None
+
+    def remove(self, priv: int, pa: int) -> None:
+        v = self.views[priv]
+        s = self.set_of(pa)
+        for slot in (s, s + 4):
+            if v[slot] == pa:
+                v[slot] = v[slot + 2] = 0
 
     def clear(self) -> None:
         for m in self.maps.values():

@@ -27,6 +27,14 @@ while writing the same range a second time ran 2.5x faster.  Whichever VMM ran
 second reused the pages the first had freed.  So before each boot the script
 writes and deletes a scratch file as large as the disks (`warm_host_pages`), and
 the order of the two VMMs alternates from run to run.
+
+The command waits `--settle` seconds (15) before the first transfer: when systemd
+reports the system running, its services still start and settle for a while (in
+pyvirt, about 2 s of the guest's CPU in the first seconds: systemd, udev,
+networkd, journald, seccomp filters), and without the wait the raw rows, which come
+first, measured that as much as the disk (pyvirt's raw sequential read 490 MB/s
+then, 800-1,100 after a 10 s wait, in the same guest; QEMU's guest settles
+sooner).  Both guests wait the same time.
 """
 
 from __future__ import annotations
@@ -51,9 +59,9 @@ IOPING = re.compile(r"^R (\w+) (rand\w+) (\d+) ([\d.]+) ([\d.]+)", re.M)
 SIZES = re.compile(r"^S (\w+) (\d+)$", re.M)
 
 
-def guest_command(mib: int, seconds: int) -> str:
+def guest_command(mib: int, seconds: int, settle: int = 0) -> str:
     io = f"ioping -B -R -D -s 4k -S 64m -w {seconds}"
-    return ("for x in 'vdb raw' 'vdc qcow2'; do set -- $x; d=/dev/$1; "
+    return ((f"sleep {settle};" if settle else "") + "for x in 'vdb raw' 'vdc qcow2'; do set -- $x; d=/dev/$1; "
             "echo S $2 $(cat /sys/block/$1/size); "
             f"echo R $2 seqwrite $(dd if=/dev/zero of=$d bs=1M count={mib} oflag=direct conv=fsync 2>&1 | tail -1); "
             f"echo R $2 seqread $(dd if=$d of=/dev/null bs=1M count={mib} iflag=direct 2>&1 | tail -1); "
@@ -94,13 +102,15 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--mib", type=int, default=48)
     ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--settle", type=int, default=15,
+                    help="seconds the guest waits before the first transfer (see above)")
     args = ap.parse_args()
     if shutil.which("qemu-system-riscv64") is None:
         sys.exit("bench/disk_debian.py: qemu-system-riscv64 is not installed (scripts/setup-system.sh)")
     img = cached_debian_image()
     if img is None:
         sys.exit("bench/disk_debian.py: build the Debian image first (pyvirt image build debian)")
-    command = guest_command(args.mib, args.seconds)
+    command = guest_command(args.mib, args.seconds, args.settle)
     sizes = {"raw": (args.mib + 48) << 20, "qcow2": (args.mib + 64) << 20}
     results: dict[str, dict[tuple[str, str], list[float]]] = {"pyvirt": {}, "qemu": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +147,7 @@ def main() -> int:
                 print(who, {f"{a}/{b}": round(v, 1) for (a, b), v in got.items()},
                       file=sys.stderr, flush=True)
     print(f"Debian guest: dd {args.mib} MiB sequential (1 MiB, O_DIRECT), ioping -R random 4 KiB for "
-          f"{args.seconds} s; runs {args.runs} ({sys.implementation.name} {sys.version.split()[0]})")
+          f"{args.seconds} s, after {args.settle} s of settling; runs {args.runs} ({sys.implementation.name} {sys.version.split()[0]})")
     print("| image | workload | pyvirt (median) | QEMU (median) | pyvirt / QEMU |")
     print("|---|---|---:|---:|---:|")
     for f in FORMATS:

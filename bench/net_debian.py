@@ -31,7 +31,11 @@ measured in the same run, each next to QEMU.
 
 Figures are iperf3's receiver-side throughput.  S is kept at 8 s by default:
 Debian 12's passt resets a guest -> host connection 24 s after it opened
-(bench/net.py).  The boots are not timed.
+(bench/net.py).  The boots are not timed.  Guest A waits `--settle` seconds (15)
+once its network is up, before the first transfer, as bench/disk_debian.py does:
+systemd's services still start and settle for a while after it reports the system
+running, and the first rows would measure that as much as the network.  Both VMMs'
+guests wait the same time.
 """
 
 from __future__ import annotations
@@ -72,11 +76,12 @@ def switch_port(mac: str, ip: str, wait: bool = False) -> str:
             + f"(while :;do ip a add {ip}/24 dev $I 2>/dev/null;ip l set $I up;sleep 2;done)&")
 
 
-def commands(port: int, seconds: int) -> tuple[str, str]:
+def commands(port: int, seconds: int, settle: int = 0) -> tuple[str, str]:
     """Guest A's and guest B's commands (each must fit the kernel command line)."""
     c = f"iperf3 -f k -t {seconds} -c"
     a = ("for i in $(seq 900);do ip r|grep -q ^def&&break;sleep 1;done;"
          "G=$(ip r|awk '/^def/{print $3;exit}');" + switch_port(MAC_A, "10.9.0.1")
+         + (f"sleep {settle};" if settle else "")
          + f"echo R g2h $({c} $G -p {port}|grep receiver);"
          f"echo R h2g $({c} $G -p {port} -R|grep receiver);"
          "for i in $(seq 300);do busybox ping -c1 -W1 10.9.0.2 >/dev/null&&break;done;"
@@ -111,7 +116,7 @@ def pyvirt_argv(engine: str, root: Path, command: str, nets: list[str]) -> list[
 
 
 def one_run(who: str, engine: str, tmp: Path, img, seconds: int, iperf_port: int,
-            base_src: str | None = None) -> dict[str, float]:
+            base_src: str | None = None, settle: int = 0) -> dict[str, float]:
     from pyvirt.network import create_network, remove_network
     os.environ["PYVIRT_RUNTIME_DIR"] = str(tmp / "run")
     name = f"benchd{os.getpid()}"
@@ -121,7 +126,7 @@ def one_run(who: str, engine: str, tmp: Path, img, seconds: int, iperf_port: int
         r.unlink(missing_ok=True)
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(img.disk), "-F", "raw", str(r)],
                        check=True)
-    a, b = commands(iperf_port, seconds)
+    a, b = commands(iperf_port, seconds, settle)
     host_port = free_port()
     passt = pair = None
     env = dict(os.environ, PYTHONPATH=base_src) if who == "base" and base_src else None
@@ -170,6 +175,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--settle", type=int, default=15, help="seconds guest A waits before the first transfer")
     ap.add_argument("--engine", default=default_engine(), choices=ENGINES)
     ap.add_argument("--only", choices=("pyvirt", "qemu"), help="run one VMM only (profiling)")
     ap.add_argument("--base-src", help="also run pyvirt from this source tree (its src directory)")
@@ -191,7 +197,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for _ in range(args.runs):
                 for who in whos:
-                    r = one_run(who, args.engine, Path(tmp), img, args.seconds, iperf_port, args.base_src)
+                    r = one_run(who, args.engine, Path(tmp), img, args.seconds, iperf_port, args.base_src,
+                                args.settle)
                     for k, v in r.items():
                         results[who].setdefault(k, []).append(v)
                     print(who, {k: round(v, 3) for k, v in r.items()}, file=sys.stderr, flush=True)
@@ -199,7 +206,7 @@ def main() -> int:
         server.kill()
         server.wait()
     print(f"Debian guest, iperf3 -t {args.seconds} (receiver's figure), no offloads, engine {args.engine}, "
-          f"runs {args.runs} ({sys.implementation.name} {sys.version.split()[0]})")
+          f"settle {args.settle} s, runs {args.runs} ({sys.implementation.name} {sys.version.split()[0]})")
     ratios = [w for w in whos if w != "qemu"] if "qemu" in whos else []
     print("| measurement | " + " | ".join(f"{w} (min / median / max)" for w in whos)
           + "".join(f" | {w} / QEMU" for w in ratios) + " |")

@@ -22,10 +22,11 @@ write TLBs never map them.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TextIO
 
 from pyvirt.cpu.riscv import isa, native
 from pyvirt.cpu.riscv.codecache import CodeCache, footprint
@@ -35,6 +36,8 @@ from pyvirt.cpu.riscv.hart import Hart
 from pyvirt.cpu.riscv.traps import ILLEGAL_INSN, ContextChange, StopSlice, Trap
 from pyvirt.engines import ENGINES, default_engine  # noqa: F401 - re-exported
 from pyvirt.memory import Bus
+
+log = logging.getLogger(__name__)
 
 MAX_BLOCK = 64
 # Bounds on the translation cache (see Engine._build): reaching MAX_BLOCKS forgets every
@@ -122,8 +125,12 @@ class Engine:
         self._stop_half: int | None = None     # see _decode_block
         # PYVIRT_PERF_MAP=1: name each native block in /tmp/perf-PID.map, as QEMU's -perfmap,
         # so `perf report` on the VM's process shows guest pcs ("g_<priv>_<pc>")
-        self.perf_map = (open(f"/tmp/perf-{os.getpid()}.map", "a", buffering=1)   # noqa: SIM115
-                         if self.native is not None and os.environ.get("PYVIRT_PERF_MAP") else None)
+        self.perf_map: TextIO | None = None
+        if self.native is not None and os.environ.get("PYVIRT_PERF_MAP"):
+            try:
+                self.perf_map = open(f"/tmp/perf-{os.getpid()}.map", "a", buffering=1)   # noqa: SIM115
+            except OSError as e:                      # (a jailed runner cannot write there)
+                log.warning("PYVIRT_PERF_MAP: cannot write the perf map: %s", e.strerror)
         bus.add_log_hook(self.drop_write_entries)
 
     def drop_write_entries(self) -> None:

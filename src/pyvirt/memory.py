@@ -197,12 +197,6 @@ class Bus:
         first = addr >> PAGE_SHIFT
         last = (addr + length - 1) >> PAGE_SHIFT
         watched = self.watched
-        if first == last:
-            cbs = watched.get(first)
-            if cbs is not None:
-                for cb in list(cbs):
-                    cb(addr, length)
-            return
         for page in range(first, last + 1):
             cbs = watched.get(page)
             if cbs is not None:

@@ -488,8 +488,10 @@ def paged(*vas: int) -> tuple[Bus, Engine, Hart]:
 def test_one_translation_serves_a_page_at_every_virtual_address() -> None:
     """A physical page of code mapped at two virtual addresses (a library in two
     processes, at randomised addresses) is translated once: the second address runs the
-    first one's machine code, with its own pc values (auipc, links); a store into the
-    page drops the block at both addresses."""
+    first one's machine code, with its own pc values (auipc, links), and goes through
+    Python for its first block only -- the rest chain natively by physical address to
+    the code made at the first address; a store into the page drops the block at both
+    addresses."""
     va1, va2 = 0x4000_1000, 0x4000_5000
     bus, eng, h = paged(va1, va2)
     assert eng.native is not None
@@ -498,37 +500,20 @@ def test_one_translation_serves_a_page_at_every_virtual_address() -> None:
     _pc_results(h, va1)
     made = eng.native.stats["native_blocks"]
     assert made >= 3 and len(eng.shared) == made
+    assert len([pc for _, pc, _ in eng.block_keys() if pc >> 12 == va1 >> 12]) >= 3
     h.x[13] = 0
     h.pc = va2
     eng.run(h, 2000)
     _pc_results(h, va2)
     assert eng.native.stats["native_blocks"] == made        # nothing translated or placed again
     assert {pc >> 12 for _, pc, _ in eng.block_keys()} == {va1 >> 12, va2 >> 12}
+    assert [pc for _, pc, _ in eng.block_keys() if pc >> 12 == va2 >> 12] == [va2]
     bus.write(CODE_PAGE, 4, addi(13, 0, 1))                 # a store into the page: both go
     assert not eng.shared and not eng.block_keys()
     h.pc = va2
     eng.run(h, 2000)
     _pc_results(h, va2)
     assert eng.native.stats["native_blocks"] > made
-
-
-def test_native_code_chains_into_a_page_at_a_new_address_without_python() -> None:
-    """Blocks chain to one another by physical address: the page run at a second virtual
-    address (a library in a new process) goes through Python for its first block only --
-    the rest chain natively to the code made at the first address."""
-    va1, va2 = 0x4000_1000, 0x4000_5000
-    bus, eng, h = paged(va1, va2)
-    assert eng.native is not None
-    h.pc = va1
-    eng.run(h, 2000)
-    _pc_results(h, va1)
-    first = [pc for _, pc, _ in eng.block_keys() if pc >> 12 == va1 >> 12]
-    assert len(first) >= 3
-    h.x[13] = 0
-    h.pc = va2
-    eng.run(h, 2000)
-    _pc_results(h, va2)
-    assert [pc for _, pc, _ in eng.block_keys() if pc >> 12 == va2 >> 12] == [va2]
 
 
 def test_too_many_addresses_are_forgotten_but_the_code_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:

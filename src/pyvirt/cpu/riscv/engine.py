@@ -416,13 +416,14 @@ class Engine:
         if self.code_cache is not None:
             self.code_cache.store(priv, pc, footprint(insns, self._stop_half), self._page(ppn),
                                   *self.native.last, cut)
-        if self.perf_map is not None:
-            self.perf_map.write(f"{code:x} {len(self.native.last[0]):x} g_{priv}_{pc:x}\n")
-        self._share(key, code, cut)
+        self._share(key, code, cut, len(self.native.last[0]))
         return self._native_at(key, code, cut)
 
-    def _share(self, key: tuple[int, int, int], code: int, cut: int) -> None:
+    def _share(self, key: tuple[int, int, int], code: int, cut: int, size: int) -> None:
+        """Native code of `size` bytes at `code` was placed for key's page and offset."""
         priv, pc, ppn = key
+        if self.perf_map is not None:
+            self.perf_map.write(f"{code:x} {size:x} g_{priv}_{pc:x}\n")
         self.shared[(priv, ppn, pc & 0xFFF)] = (code, cut)
         self.shared_pages.setdefault(ppn, []).append((priv, pc & 0xFFF))
         assert self.jumps is not None
@@ -451,9 +452,7 @@ class Engine:
             return None
         code, far, cut = hit
         addr = self.native.place(code, far)
-        if self.perf_map is not None:
-            self.perf_map.write(f"{addr:x} {len(code):x} g_{priv}_{pc:x}\n")
-        self._share(key, addr, cut)
+        self._share(key, addr, cut, len(code))
         return self._native_at(key, addr, cut)
 
     def _rechain(self, h: Hart, pc: int) -> None:

@@ -304,7 +304,6 @@ class Hart(CsrMixin):
         dec = w.addr["decline"]
         self._walk = (w.addr["load"], w.addr["store"], w.addr["fetch"] if fetch else dec) if on else (dec,) * 3
         self._state[native.W_WALK_R], self._state[native.W_WALK_W], self._state[native.W_WALK_X] = self._walk
-        self._state[native.W_TIME_FN] = _CLOCK_GETTIME
         self._fetch_walk = w.fetch if on and fetch else None
 
     def tlb_bytes(self) -> dict[str, int]:

@@ -169,6 +169,8 @@ _SNIPPET_LIMIT = 1 << 16
 CSR_SSTATUS = 0x100
 CSR_TIME = 0xC01
 CLOCK_MONOTONIC = 1
+# The counter-enable words whose TM bit (1) a privilege needs to read `time`.
+_TM_WORDS = {0: (W_MCOUNTEREN, W_SCOUNTEREN), 1: (W_MCOUNTEREN,), 3: ()}
 _CSR_OPS = {"csrrw": (1, False), "csrrs": (2, False), "csrrc": (3, False),
             "csrrwi": (1, True), "csrrsi": (2, True), "csrrci": (3, True)}
 _SSTATUS_WRITABLE = SIE | SPIE | SPP | FS | SUM | MXR
@@ -1126,8 +1128,7 @@ class _BlockGen:
         gets a 16-byte aligned stack and a timespec on it."""
         a = self.a
         miss = self._miss(i, pc)
-        for word in ((W_MCOUNTEREN,) if self.priv == 1 else (W_MCOUNTEREN, W_SCOUNTEREN)
-                     if self.priv == 0 else ()):
+        for word in _TM_WORDS[self.priv]:
             a.load(RCX, RDI, 8 * word)
             a.test_imm(RCX, 2)
             a.jcc(CC_E, miss)

@@ -1,6 +1,6 @@
 """Guest physical memory: RAM in one mmap, plus MMIO dispatch.
 
-RAM is anonymous memory, a snapshot's copy-on-write file mapping (restore), or
+RAM is private anonymous memory (in huge pages where the host allows), a snapshot's copy-on-write file mapping (restore), or
 a memfd mapped MAP_SHARED (`shared_ram`: a VM with a shared folder, whose
 vhost-user back end maps the same pages through the descriptor).
 
@@ -54,6 +54,7 @@ class MmioDevice(Protocol):
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 RAM_TAIL = 8            # bytes mapped past the end of RAM (see Bus.__init__)
+HUGE_PAGE = 2 << 20     # the host's transparent huge page (x86-64, arm64 with 4 KiB pages)
 
 _UNPACK = {1: Struct("<B").unpack_from, 2: Struct("<H").unpack_from,
            4: Struct("<I").unpack_from, 8: Struct("<Q").unpack_from}
@@ -68,6 +69,30 @@ class BusError(Exception):
     def __init__(self, addr: int) -> None:
         super().__init__(f"no memory or device at physical address {addr:#x}")
         self.addr = addr
+
+
+def anonymous_ram(size: int) -> mmap.mmap:
+    """Fresh zeroed memory of at least `size` bytes, private to this process (a page it never touched
+    reads as zeros and takes no host memory), in huge pages where the host's transparent huge
+    pages allow ("madvise" or "always"): native guest code reaches RAM at random addresses,
+    and with 4 KiB pages most of those accesses miss the host's TLB.  (Python's default
+    `mmap(-1, n)` is MAP_SHARED shared memory, which takes no huge pages by default.)"""
+    # A whole number of huge pages: the kernel then aligns the mapping to one (else RAM's
+    # huge pages would straddle the guest's 2 MiB pages, and the first and last stay small).
+    m = mmap.mmap(-1, -(-size // HUGE_PAGE) * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    want_huge_pages(m)
+    return m
+
+
+def want_huge_pages(m: mmap.mmap) -> None:
+    """MADV_HUGEPAGE on a private anonymous mapping, where the host has it (else nothing)."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        try:
+            m.madvise(advice)
+        except OSError:                 # (a kernel without transparent huge pages)
+            pass
 
 
 def shared_ram(ram_size: int) -> tuple[mmap.mmap, int]:
@@ -102,7 +127,7 @@ class Bus:
         # stay inside the buffer; the CPU never maps it to the guest.
         if ram is not None and len(ram) < ram_size + RAM_TAIL:
             raise ConfigError(f"RAM mapping of {len(ram)} bytes is too small for {ram_size} bytes of RAM")
-        self.ram = mmap.mmap(-1, ram_size + RAM_TAIL) if ram is None else ram
+        self.ram = anonymous_ram(ram_size + RAM_TAIL) if ram is None else ram
         # Private anonymous memory that only this process writes: a page it never touched
         # reads as zeros (see `touched_pages`).  Not so for a file's copy-on-write mapping
         # or a memfd another process maps; the owner of a `ram` of its own may set it.

@@ -301,7 +301,9 @@ def test_round_one_sends_every_non_zero_page_and_reads_only_those_touched(tmp_pa
         assert m.stats.outcome == "completed", m.stats
         touched = bus.touched_pages(0, npages)                      # (before the comparison reads all)
         assert touched is not None and {5000, 6000, 7000, 8000} <= set(touched)
-        assert len(touched) < npages // 2, len(touched)              # the rest never mapped
+        # The rest never mapped: nothing was written at 10-18 MiB (pages 2560-4607; RAM may be in
+        # 2 MiB huge pages, so a neighbour of a written page may count as touched).
+        assert not [p for p in touched if 2560 <= p < 4608], len(touched)
         assert copy[:] == bus.ram[:bus.ram_size]
     finally:
         vm.close()

@@ -71,7 +71,7 @@ import zstandard
 from pyvirt.backends.char import CharBackend
 from pyvirt.backends.dirty import BLOCK, TrackedBackend
 from pyvirt.errors import PyvirtError
-from pyvirt.memory import PAGE_SIZE, RAM_TAIL
+from pyvirt.memory import PAGE_SIZE, RAM_TAIL, anonymous_ram
 from pyvirt.spec import VmSpec
 from pyvirt.state import encode_bytes
 
@@ -938,7 +938,7 @@ def receive_machine(sock: socket.socket, spec: VmSpec, console: CharBackend, tim
     disks: DiskReceiver | None = None
     board = None
     try:
-        ram = mmap.mmap(-1, spec.memory + RAM_TAIL)
+        ram = anonymous_ram(spec.memory + RAM_TAIL)
         npages = spec.memory // PAGE_SIZE
         state_raw = None
         if copies:

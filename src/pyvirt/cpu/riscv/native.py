@@ -66,6 +66,7 @@ from pyvirt.cpu.riscv.x86asm import (
 )
 from pyvirt.engines import native_available
 from pyvirt.errors import ConfigError
+from pyvirt.memory import want_huge_pages
 
 M64 = (1 << 64) - 1
 
@@ -233,6 +234,7 @@ class CodeBuffer:
         if not self._chunks or self._free + len(code) > self.CHUNK:
             m = mmap.mmap(-1, self.CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                           prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+            want_huge_pages(m)                  # (the code of a distribution's boot spans many MiB)
             self._chunks.append(m)
             self._base = ctypes.addressof(ctypes.c_char.from_buffer(m))
             stub = _chain_stub()
@@ -1344,6 +1346,8 @@ class JumpTables:
     def __init__(self) -> None:
         # Private: MADV_DONTNEED then reads back zeros (a shared mapping would keep its data).
         self.maps = {p: mmap.mmap(-1, JMP_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) for p in (0, 1, 3)}
+        for m in self.maps.values():
+            want_huge_pages(m)      # (chaining looks up random sets: 4 KiB pages miss the host's TLB)
         self.views = {p: memoryview(m).cast("Q") for p, m in self.maps.items()}
         self._addr = {p: ctypes.addressof(ctypes.c_char.from_buffer(m)) for p, m in self.maps.items()}
 

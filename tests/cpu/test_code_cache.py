@@ -501,6 +501,7 @@ def test_one_translation_serves_a_page_at_every_virtual_address() -> None:
     made = eng.native.stats["native_blocks"]
     assert made >= 3 and len(eng.shared) == made
     assert len([pc for _, pc, _ in eng.block_keys() if pc >> 12 == va1 >> 12]) >= 3
+    assert eng.stats["links"] >= 1                          # (the loop's exit back into the page)
     h.x[13] = 0
     h.pc = va2
     eng.run(h, 2000)

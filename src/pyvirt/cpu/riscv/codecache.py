@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pyvirt.cpu.riscv.decode import Insn
+from pyvirt.cpu.riscv.native import far_jump_fits
 
 MAGIC = b"PYVCODE2"
 MAX_FILE = 256 << 20           # bytes in one cache file (a systemd boot with its user space: ~120 MB)
@@ -328,7 +329,7 @@ class CodeCache:
                     far = list(struct.unpack_from(f"<{nfar}I", data, q))
                     q += 4 * nfar
                     code = bytes(data[q:q + ncode])
-                    if len(code) != ncode or any(o + 4 > ncode for o in far):
+                    if len(code) != ncode or any(not far_jump_fits(o, ncode) for o in far):
                         continue                      # (a short read of the spool)
                     if at >= 0:
                         self._used.add(at)

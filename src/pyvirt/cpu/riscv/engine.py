@@ -113,8 +113,11 @@ class Engine:
         # address (native._BlockGen._mov_pc), e.g. a library in every process that maps it
         self.shared: dict[tuple[int, int, int], tuple[int, int]] = {}
         self.shared_pages: dict[int, list[tuple[int, int]]] = {}   # ppn -> its (privilege, offset)s
+        # ppn -> (privilege, page offset) -> host addresses of the exit jumps (rel32s) of that
+        # page's blocks that go to that offset once a native block is there (see _link)
+        self.links: dict[int, dict[tuple[int, int], list[int]]] = {}
         self.globals: dict[str, Any] = dict(_BASE_GLOBALS, ram=bus.ram)
-        self.stats = {"translated": 0, "interp_blocks": 0, "invalidated": 0, "flushes": 0, "forgets": 0}
+        self.stats = {"translated": 0, "interp_blocks": 0, "invalidated": 0, "flushes": 0, "forgets": 0, "links": 0}
         if mode == "native" and not native.available():
             raise ValueError("the native engine needs an x86-64 Linux host")
         self.native = native.Translator() if mode == "native" else None
@@ -416,18 +419,43 @@ class Engine:
         if self.code_cache is not None:
             self.code_cache.store(priv, pc, footprint(insns, self._stop_half), self._page(ppn),
                                   *self.native.last, cut)
-        self._share(key, code, cut, len(self.native.last[0]))
+        self._share(key, code, cut, *self.native.last)
         return self._native_at(key, code, cut)
 
-    def _share(self, key: tuple[int, int, int], code: int, cut: int, size: int) -> None:
-        """Native code of `size` bytes at `code` was placed for key's page and offset."""
+    def _share(self, key: tuple[int, int, int], code: int, cut: int, made: bytes, far: list[int]) -> None:
+        """Native code `made` (its far jumps at `far`) was placed for key's page and offset,
+        entered at `code`."""
         priv, pc, ppn = key
+        off = pc & 0xFFF
         if self.perf_map is not None:
-            self.perf_map.write(f"{code:x} {size:x} g_{priv}_{pc:x}\n")
-        self.shared[(priv, ppn, pc & 0xFFF)] = (code, cut)
-        self.shared_pages.setdefault(ppn, []).append((priv, pc & 0xFFF))
+            self.perf_map.write(f"{code - native.LINKED_ENTRY:x} {len(made):x} g_{priv}_{pc:x}\n")
+        self.shared[(priv, ppn, off)] = (code, cut)
+        self.shared_pages.setdefault(ppn, []).append((priv, off))
         assert self.jumps is not None
-        self.jumps.insert(priv, ppn << 12 | (pc & 0xFFF), code)
+        self.jumps.insert(priv, ppn << 12 | off, code)
+        self._link(priv, ppn, off, code, native.direct_exits(made, far))
+
+    def _link(self, priv: int, ppn: int, off: int, code: int, exits: list[tuple[int, int]]) -> None:
+        """Jumps between the native blocks of one page, made direct (no chain stub, no
+        jump-table lookup): the new block's exits to a pc in its own page go straight to
+        the block there if it exists, else wait for it (`links`); and the exits waiting
+        for this block go to it now.  Every address of the page runs the same code, and
+        a write to the page drops all of its blocks together, so a direct jump never
+        outlives its target."""
+        waiting = self.links.setdefault(ppn, {})
+        base = code - native.LINKED_ENTRY
+        for at, k in exits:
+            target = off + k
+            if not 0 <= target < 4096:
+                continue                              # (another page: the chain stub's)
+            there = self.shared.get((priv, ppn, target))
+            if there is None:
+                waiting.setdefault((priv, target), []).append(base + at)
+            elif native.link(base + at, there[0]):
+                self.stats["links"] += 1
+        for site in waiting.pop((priv, off), ()):
+            if native.link(site, code):
+                self.stats["links"] += 1
 
     def _native_at(self, key: tuple[int, int, int], code: int, cut: int) -> Entry:
         """The entry for native code at `code` run at key's pc."""
@@ -452,7 +480,7 @@ class Engine:
             return None
         code, far, cut = hit
         addr = self.native.place(code, far)
-        self._share(key, addr, cut, len(code))
+        self._share(key, addr, cut, code, far)
         return self._native_at(key, addr, cut)
 
     def _rechain(self, h: Hart, pc: int) -> None:
@@ -566,6 +594,7 @@ class Engine:
             if keys is None:
                 continue
             self.bus.unwatch(ppn, self._code_written)
+            self.links.pop(ppn, None)
             for priv, off in self.shared_pages.pop(ppn, ()):
                 self.shared.pop((priv, ppn, off), None)
                 if self.jumps is not None:
@@ -598,6 +627,7 @@ class Engine:
         self.page_keys.clear()
         self.shared.clear()
         self.shared_pages.clear()
+        self.links.clear()
         if self.jumps is not None:
             self.jumps.clear()              # (the jump table holds the physical addresses' code)
         if self.native is not None:

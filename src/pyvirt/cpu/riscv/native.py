@@ -31,7 +31,7 @@ import ctypes
 import mmap
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pyvirt.cpu.riscv.csr import FS, MXR, SD, SIE, SPIE, SPP, SSTATUS_MASK, SUM, UXL_SXL
@@ -122,6 +122,8 @@ TLB_ENTRIES = 4096
 TLB_BYTES = TLB_ENTRIES * 16
 LOOP_BUDGET = 20_000
 CHAIN_BUDGET = 20_000      # instructions native code runs before returning to Python
+LINK = 1 << 31             # marks a far jump that `link` may point at another block (see _BlockGen._exit)
+LINKED_ENTRY = 14          # bytes of each block's linked-entry prologue (_BlockGen.emit)
 JMP_ENTRIES = 1 << 17     # jump table: (pc, ppn, code address, unused) per entry
 JMP_SET_BITS = 16          # two-way sets: 2**16 sets of two entries
 JMP_HASH = 0x9E3779B97F4A7C15   # set = (pc * JMP_HASH mod 2**64) >> (64 - JMP_SET_BITS)
@@ -247,6 +249,7 @@ class CodeBuffer:
         if far:
             code = bytearray(code)
             for off in far:
+                off &= ~LINK
                 struct.pack_into("<i", code, off, self._stub - (addr + off + 4))
         memoryview(m)[at:at + len(code)] = code
         self._free = (at + len(code) + 15) & ~15
@@ -298,6 +301,32 @@ def _chain_stub() -> bytes:
     a.bind(out)
     a.ret()
     return a.finish()
+
+
+def far_jump_fits(off: int, size: int) -> bool:
+    """Whether a far-jump offset (with its LINK mark) fits code of `size` bytes (the code
+    cache checks what it reads back)."""
+    pos = off & ~LINK
+    return pos + 4 <= size and (not off & LINK or pos >= 12)
+
+
+def direct_exits(code: bytes | bytearray, far: Sequence[int]) -> list[tuple[int, int]]:
+    """(offset of the rel32, distance k of the target from the block's entry pc) of each
+    exit to a pc fixed by the guest code: a jump marked LINK follows `mov rax, k; add rax,
+    [rdi + 8 * W_PC0]` (_BlockGen._exit), so k is the simm32 12 bytes before the rel32."""
+    return [(off & ~LINK, int.from_bytes(code[(off & ~LINK) - 12:(off & ~LINK) - 8], "little", signed=True))
+            for off in far if off & LINK]
+
+
+def link(site: int, entry: int) -> bool:
+    """Point the exit jump whose rel32 is at host address `site` straight at the native
+    block entered at `entry` (through its linked entry, which checks the chaining budget);
+    False if the distance does not fit a rel32 (the exit keeps going to the chain stub)."""
+    disp = entry - LINKED_ENTRY - (site + 4)
+    if not -(1 << 31) <= disp < 1 << 31:
+        return False
+    ctypes.c_int32.from_address(site).value = disp
+    return True
 
 
 # -- the native page walk -----------------------------------------------------------------------
@@ -715,6 +744,9 @@ def fetch_walk_setting() -> bool:
 
 _EXIT_COUNT: dict[tuple[bool, int], bytes] = {}
 _PACK_I, _PACK_SI = struct.Struct("<I").pack, struct.Struct("<i").pack
+# cmp qword [rdi + 8 * W_RET], CHAIN_BUDGET; jl +1; ret
+_LINKED_PROLOGUE = b"\x48\x81\xbf" + _PACK_SI(8 * W_RET) + _PACK_SI(CHAIN_BUDGET) + b"\x7c\x01\xc3"
+assert len(_LINKED_PROLOGUE) == LINKED_ENTRY
 
 
 # pc constants: rax (or another register) = [W_PC0] + k, where k is a distance within the
@@ -762,7 +794,7 @@ class Translator:
     def place(self, code: bytes, far: list[int]) -> int:
         """Put a block's code (made now, or by an earlier run: see codecache.py) into the
         code buffer; its address."""
-        addr = self.code.put(code, far)
+        addr = self.code.put(code, far) + LINKED_ENTRY
         self.used += len(code)
         self.stats["native_blocks"] += 1
         self.stats["native_bytes"] += len(code)
@@ -808,7 +840,15 @@ class _BlockGen:
         if odd:
             a.buf.append(0xC3)                               # ret
         else:
-            a.jmp_far()
+            a.jmp_far(self._link_mark(target))
+
+    def _link_mark(self, target: int | None) -> int:
+        """LINK for an exit to a pc fixed by the guest code in the block's own page, whose
+        rax was just set by `_mov_pc`'s short form: the engine may point it straight at the
+        block there (Engine._link), as every address of the page runs this same code.  (An
+        exit elsewhere needs the chain stub: the other page's mapping differs by address
+        space.)"""
+        return 0 if target is None or (target ^ self.entry) >> 12 else LINK
 
     def _mov_pc(self, reg: int, value: int) -> None:
         """reg = `value`, a pc or a value made from one (exit targets, links, auipc): as
@@ -844,6 +884,9 @@ class _BlockGen:
     # -- the block ---------------------------------------------------------------------
     def emit(self) -> None:
         a = self.a
+        # The linked entry: an exit that `link` pointed here comes with rax = this pc and
+        # returns it to Python once the chaining budget is spent, as the chain stub does.
+        a.buf += _LINKED_PROLOGUE
         a.store(RDI, 8 * W_PC0, RAX)             # entered with rax = its pc (native_entry, the chain stub)
         top = a.label()
         if self.loop:
@@ -873,7 +916,7 @@ class _BlockGen:
         a.alu_mem(ALU_ADD, R10, RDI, 8 * W_RET)
         a.store(RDI, 8 * W_RET, R10)
         self._mov_pc(RAX, self.entry)
-        a.jmp_far()
+        a.jmp_far(self._link_mark(self.entry))
 
     def _goto(self, index: int, target: int) -> None:
         if self.loop and target == self.entry:

@@ -263,11 +263,11 @@ class Asm:
         self._fixups.append((len(self.buf), label))
         self.buf += b"\0\0\0\0"
 
-    def jmp_far(self) -> None:
+    def jmp_far(self, flag: int = 0) -> None:
         """jmp rel32 to an address outside this code, patched where it is placed
-        (its offsets are in `far`)."""
+        (its offsets are in `far`, each or'ed with `flag`: the caller's mark)."""
         self.buf.append(0xE9)
-        self.far.append(len(self.buf))
+        self.far.append(len(self.buf) | flag)
         self.buf += b"\0\0\0\0"
 
     @_memo

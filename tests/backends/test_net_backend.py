@@ -353,3 +353,31 @@ def test_a_dead_passt_is_started_again(monkeypatch: pytest.MonkeyPatch, tmp_path
     finally:
         b.close()
     assert b.proc is None
+
+
+def test_stream_a_short_read_ends_the_poll_without_another_system_call(pair) -> None:
+    """What the peer sent fits one read: recv() returns its frames after that one read (a
+    second would only find the socket empty, one system call and exception per poll); what
+    arrives later, the next recv() reads; a read that fills the buffer is followed by another."""
+    backend, peer = pair
+    reads: list[int] = []
+    real = backend.stream.recv_into
+
+    def counted(buf):
+        n = real(buf)
+        reads.append(n)
+        return n
+    backend.stream.recv_into = counted
+    peer.sendall(framed(frame(100, 3)) + framed(frame(42, 4)))
+    time.sleep(0.05)
+    assert backend.recv(64) == [frame(100, 3), frame(42, 4)] and reads == [150]
+    peer.sendall(framed(frame(60, 5)))
+    time.sleep(0.05)
+    assert backend.recv(64) == [frame(60, 5)] and reads == [150, 64]
+    backend._chunk = memoryview(bytearray(4096))                # (reads of 4 KiB)
+    many = [frame(1500, i) for i in range(60)]                 # 90 KiB: many reads
+    peer.sendall(b"".join(framed(f) for f in many))
+    time.sleep(0.05)
+    reads.clear()
+    assert recv_until(backend, 60) == many
+    assert len(reads) >= 22 and reads[0] == 4096

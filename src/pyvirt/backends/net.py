@@ -155,6 +155,7 @@ class StreamBackend:
         self.flush()
         frames: list[bytes] = []
         taken = 0                  # frames taken, empty ones too: a peer sending only empty
+        drained = False            # a read came back short: the socket had no more just now
         while taken < limit and not self.stream.closed:    # frames cannot keep us here
             frame = self._next_frame()
             if frame is not None:
@@ -165,7 +166,7 @@ class StreamBackend:
                 else:
                     self.stats["rx_empty"] += 1
                 continue
-            if self.stream.closed:                   # the peer broke the framing
+            if self.stream.closed or drained:        # the peer broke the framing; or no more now
                 break
             got = self.stream.recv_into(self._chunk)
             if isinstance(got, OSError):
@@ -180,6 +181,7 @@ class StreamBackend:
                 del self.inbuf[:self.inpos]
                 self.inpos = 0
             self.inbuf += self._chunk[:got]
+            drained = got < len(self._chunk)  # (another read now would find nothing: a system call saved)
         return frames
 
     def _next_frame(self) -> bytes | None:

@@ -314,8 +314,12 @@ def direct_exits(code: bytes | bytearray, far: Sequence[int]) -> list[tuple[int,
     """(offset of the rel32, distance k of the target from the block's entry pc) of each
     exit to a pc fixed by the guest code: a jump marked LINK follows `mov rax, k; add rax,
     [rdi + 8 * W_PC0]` (_BlockGen._exit), so k is the simm32 12 bytes before the rel32."""
-    return [(off & ~LINK, int.from_bytes(code[(off & ~LINK) - 12:(off & ~LINK) - 8], "little", signed=True))
-            for off in far if off & LINK]
+    out = []
+    for off in far:
+        if off & LINK:
+            pos = off & ~LINK
+            out.append((pos, int.from_bytes(code[pos - 12:pos - 8], "little", signed=True)))
+    return out
 
 
 def link(site: int, entry: int) -> bool:
@@ -848,7 +852,10 @@ class _BlockGen:
         block there (Engine._link), as every address of the page runs this same code.  (An
         exit elsewhere needs the chain stub: the other page's mapping differs by address
         space.)"""
-        return 0 if target is None or (target ^ self.entry) >> 12 else LINK
+        if target is None or (target ^ self.entry) >> 12:
+            return 0
+        assert self.a.buf[-14:-11] == b"\x48\xc7\xc0", "direct_exits reads k from this mov"
+        return LINK
 
     def _mov_pc(self, reg: int, value: int) -> None:
         """reg = `value`, a pc or a value made from one (exit targets, links, auipc): as

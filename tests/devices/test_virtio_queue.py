@@ -115,6 +115,28 @@ def test_polled_queue_asks_for_no_kicks(event_idx: bool) -> None:
     assert q.pop() is not None                            # the entries are there all the same
 
 
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_polled_queue_taken_mid_batch_asks_for_no_kick(event_idx: bool) -> None:
+    """The device polls between CPU slices, so it can take entries of a batch the driver has
+    not yet decided about (Linux's receive refill adds many, then decides once)."""
+    _, mock, q = make(event_idx=event_idx)
+    q.polled = True
+    for _ in range(3):                                    # around the ring several times
+        old = mock.avail_idx                              # the driver's last decision
+        for _ in range(3):
+            mock.add([Buffer(RAM + 0x20000, 8, True)])
+        while (c := q.pop()) is not None:                 # a poll in the middle of the batch
+            q.push(c.head, 8)
+        q.publish_avail_event()
+        mock.used_entries()
+        for _ in range(2):
+            mock.add([Buffer(RAM + 0x20000, 8, True)])
+        assert not driver_kicks(q, mock, old)
+        while (c := q.pop()) is not None:
+            q.push(c.head, 8)
+        mock.used_entries()
+
+
 def test_event_idx() -> None:
     _, mock, q = make(event_idx=True)
     for _ in range(3):
@@ -301,3 +323,20 @@ def test_garbage_rings_never_escape(data, size, last) -> None:
         q.push(c.head, c.writable_len)
     q.should_notify()
     assert bus.stray == []
+
+
+def test_push_many_puts_chains_on_the_used_ring_in_order_round_the_ring() -> None:
+    _, mock, q = make()
+    for rounds in range(3 * q.size // 5):                 # the used index wraps the ring
+        heads = []
+        for n in range(5):
+            mock.add([Buffer(RAM + 0x20000, 8, True)])
+            c = q.pop()
+            assert c is not None
+            heads.append((c.head, n + rounds))
+        before = mock.used_idx()
+        q.push_many(heads)
+        assert mock.used_idx() == (before + 5) & 0xFFFF
+        assert mock.used_entries() == heads
+    q.push_many([])                                       # nothing: the index stays
+    assert mock.used_entries() == []

@@ -269,17 +269,36 @@ class SplitQueue:
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._write16(self.used + 2, self.used_idx)
 
+    def push_many(self, entries: Sequence[tuple[int, int]]) -> None:
+        """`push` for several finished chains, (head, written) in order: the used elements,
+        then the used index once, so the driver sees them together (2.7.8)."""
+        if not self.ready or self.broken or not entries:
+            return
+        bus = self.bus
+        ram, ring, mask, idx = bus.ram, self.used + 4 - bus.ram_base, self.size - 1, self.used_idx
+        pack = _USED_ELEM.pack_into
+        for head, written in entries:
+            pack(ram, ring + 8 * (idx & mask), head, written & 0xFFFF_FFFF)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        _U16.pack_into(ram, self.used + 2 - bus.ram_base, idx)
+        bus.dma_written(self.used, 4 + 8 * self.size)
+
     def publish_avail_event(self) -> None:
         """With EVENT_IDX: ask to be kicked when the driver makes entry `last_avail` available.
 
-        A `polled` queue asks for no kicks: `avail_event` one behind `last_avail` (an entry the
-        driver has already passed: 2.7.10's test never fires for it until the index wraps,
-        and this is written again long before), or without EVENT_IDX the used ring's
-        VIRTQ_USED_F_NO_NOTIFY flag (2.7.7)."""
+        A `polled` queue asks for no kicks: `avail_event` half the index space behind
+        `last_avail`, or without EVENT_IDX the used ring's VIRTQ_USED_F_NO_NOTIFY flag
+        (2.7.7).  The driver kicks when a batch it made available, from the index of its last
+        decision on, passes `avail_event` (2.7.10).  Such a batch starts at most a queue's
+        size behind `last_avail`, so it never reaches an entry that far back; the device
+        writes this again long before the index gets round.  (One entry behind was not
+        enough: a poll between two slices can take entries the driver has made available
+        but not yet decided about, and then its batch started before `last_avail - 1`.)"""
         if not self.ready or self.broken:
             return
         if self.event_idx:
-            event = (self.last_avail - 1) & 0xFFFF if self.polled else self.last_avail
+            event = (self.last_avail - 0x8000) & 0xFFFF if self.polled else self.last_avail
             self._write16(self.used + 4 + 8 * self.size, event)
         elif self.polled:
             self._write16(self.used, VIRTQ_USED_F_NO_NOTIFY)

@@ -8,13 +8,14 @@ from __future__ import annotations
 from pyvirt.clock import Clock
 from pyvirt.cpu.riscv import hart as hart_mod
 from pyvirt.cpu.riscv import mmu, native
-from pyvirt.cpu.riscv.csr import STCE, STIP
+from pyvirt.cpu.riscv.csr import STCE, STIP, SUM
 from pyvirt.cpu.riscv.hart import ASID_SETS, Hart
+from pyvirt.cpu.riscv.traps import LOAD_PAGE_FAULT, STORE_PAGE_FAULT, Trap
 from pyvirt.memory import Bus
 
 RAM = 0x8000_0000
 ROOT = RAM + 0x10_0000           # root table; its L1 and L0 tables follow
-V, R, W, X, G, A, D = 1, 2, 4, 8, 32, 64, 128
+V, R, W, X, U, G, A, D = 1, 2, 4, 8, 16, 32, 64, 128
 VA_USER = 0x4000_0000            # non-global, 4 KiB pages
 VA_KERN = 0x4020_0000            # global, 4 KiB pages
 PAGE = RAM + 0x20_0000           # the data pages
@@ -161,3 +162,91 @@ def test_sstc_drives_stip() -> None:
     h.csr_op(0x14D, 1, h.clock.ticks() + 10**9, 5, 0, 0)       # from S with STCE and TM
     assert not h.mip & STIP
     assert h.csr_read(0x14D) > h.clock.ticks()
+
+
+class Regs:
+    """A device whose registers read back its name and count the accesses."""
+
+    def __init__(self, tag: int) -> None:
+        self.tag, self.reads, self.writes = tag, 0, []
+
+    def read(self, offset: int, size: int) -> int:
+        self.reads += 1
+        return self.tag + offset
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append((offset, value))
+
+
+DEV_A, DEV_B = 0x1000_0000, 0x1000_1000
+VA_DEV = VA_USER + 0x8000          # the user table's slot after its eight RAM pages
+
+
+def with_device(flags: int) -> tuple[Hart, Bus, Regs, Regs, int]:
+    h, bus = machine()
+    a, b = Regs(0x100), Regs(0x200)
+    bus.add_mmio(DEV_A, 0x1000, a, "a")
+    bus.add_mmio(DEV_B, 0x1000, b, "b")
+    slot = ROOT + 0x2000 + 8 * ((VA_DEV >> 12) & 511)
+    bus.write(slot, 8, pte(DEV_A, flags))
+    h.write_satp(satp(1))
+    return h, bus, a, b, slot
+
+
+def counting_walks() -> tuple[list[object], object]:
+    walks: list[object] = []
+    orig = mmu.walk
+
+    def counting(*args: object) -> tuple[int, int, bool]:
+        walks.append(args)
+        return orig(*args)  # type: ignore[arg-type]
+    mmu.walk = counting  # type: ignore[assignment]
+    return walks, orig
+
+
+def test_device_pages_are_walked_once_until_sfence() -> None:
+    h, bus, a, b, slot = with_device(V | R | W | A | D)
+    walks, orig = counting_walks()
+    try:
+        assert h.mem_load(VA_DEV + 4, 4, False) == 0x104
+        h.mem_store(VA_DEV + 8, 4, 7)
+        assert len(walks) == 2                                 # one for loads, one for stores
+        for _ in range(3):
+            assert h.mem_load(VA_DEV + 4, 4, False) == 0x104
+            h.mem_store(VA_DEV + 8, 4, 7)
+        assert len(walks) == 2 and a.reads == 4 and len(a.writes) == 4
+        bus.write(slot, 8, pte(DEV_B, V | R | W | A | D))     # remapped, not yet fenced
+        h.sfence_vma(1, VA_DEV, 0)
+        assert h.mem_load(VA_DEV + 4, 4, False) == 0x204       # the new page after sfence.vma
+        h.write_satp(satp(2))                                  # another address space walks
+        n = len(walks)
+        assert h.mem_load(VA_DEV + 4, 4, False) == 0x204 and len(walks) == n + 1
+    finally:
+        mmu.walk = orig  # type: ignore[assignment]
+
+
+def test_device_page_held_for_loads_does_not_let_a_store_through() -> None:
+    h, _, a, _, _ = with_device(V | R | A)                     # read-only
+    assert h.mem_load(VA_DEV, 4, False) == 0x100
+    try:
+        h.mem_store(VA_DEV, 4, 1)
+    except Trap as t:
+        assert t.cause == STORE_PAGE_FAULT
+    else:
+        raise AssertionError("a store to a read-only device page went through")
+    assert a.writes == []
+
+
+def test_device_page_of_user_mode_needs_sum_again_after_sum_goes() -> None:
+    h, _, _, _, _ = with_device(V | R | W | U | A | D)
+    h.mstatus |= SUM
+    h.set_priv(1)
+    assert h.mem_load(VA_DEV, 4, False) == 0x100               # S with SUM reaches a user page
+    h.mstatus &= ~SUM
+    h.set_priv(1)
+    try:
+        h.mem_load(VA_DEV, 4, False)
+    except Trap as t:
+        assert t.cause == LOAD_PAGE_FAULT
+    else:
+        raise AssertionError("S-mode read a user device page without SUM")

@@ -62,6 +62,7 @@ from pyvirt.state import U64, Schema, boolean, integer, listof, one_of, record
 M64 = (1 << 64) - 1
 TLB_LIMIT = 8192          # entries in one TLB dict before its address space starts again
 GLOBAL_LIMIT = 4 * TLB_LIMIT
+IO_TLB_LIMIT = 256        # device pages held for loads and stores (Hart.io_tlb)
 # Interrupt priority order (3.1.9): MEI, MSI, MTI, SEI, SSI, STI.
 _PRIORITY = (11, 3, 7, 9, 1, 5)
 _SEXT = {1: (0x80, 0x100), 2: (0x8000, 0x10000), 4: (0x80000000, 1 << 32), 8: (1 << 63, 1 << 64)}
@@ -154,6 +155,11 @@ class Hart(CsrMixin):
         self.cur_set: list[Any] = [1, self.tlbs]
         self.asid_sets: OrderedDict[int, list[Any]] = OrderedDict({0: self.cur_set})
         self.gtlbs = _su_dicts(mdicts)           # global mappings ([3] unused)
+        # Device pages (outside RAM) the page walk mapped for loads and stores, which the
+        # TLB dicts do not hold: (vpn, access, privilege, satp, SUM|MXR) -> physical page.
+        # A driver's register accesses (a network interrupt reads and writes four) would
+        # each walk the page table again.  Emptied by every sfence.vma as the TLB is.
+        self.io_tlb: dict[tuple[int, int, int, int, int], int] = {}
         self.tagbits = 1 << native.TAG_SHIFT
         self.next_tag = 2
         # Reverse map for drop_write_mapping: physical page -> [(write dict, vpn)]
@@ -392,6 +398,7 @@ class Hart(CsrMixin):
         """Drop every S/U mapping of every address space, global ones included
         (sfence.vma x0, x0); M-mode's too with `all_modes`.  The current dicts
         are emptied in place (the dispatcher holds the fetch dict)."""
+        self.io_tlb.clear()
         cur = self.tlbs
         for ctx in SU_CTX:
             for d in cur[ctx]:
@@ -415,6 +422,7 @@ class Hart(CsrMixin):
 
     def flush_asid(self, asid: int) -> None:
         """Drop the non-global mappings of address space `asid` (sfence.vma x0, asid)."""
+        self.io_tlb.clear()
         entry = self.asid_sets.get(asid)
         if entry is None:
             return
@@ -449,6 +457,7 @@ class Hart(CsrMixin):
     def flush_tlb_page(self, va: int, asid: int | None = None) -> None:
         """Drop the mappings of `va`'s page: of every address space and global ones
         (sfence.vma va, x0), or only address space `asid`'s non-global ones."""
+        self.io_tlb.clear()
         vpn = (va & M64) >> 12
         if self._in_superpage(vpn):
             # Cached per 4 KiB page: which of a superpage's pages are held is not known.
@@ -581,6 +590,11 @@ class Hart(CsrMixin):
             pa = va
         else:
             vpn = va >> 12
+            io = self.io_tlb
+            if io and not mprv and access != mmu.FETCH:
+                page = io.get((vpn, access, priv, self.satp, self.mstatus & (SUM | MXR)))
+                if page is not None:
+                    return page | (va & 0xFFF)
             g = None if mprv else self.gtlbs[self.ctx][_DICT_OF[access]].get(vpn)
             if g is not None:
                 # A global mapping another address space already walked.
@@ -599,6 +613,10 @@ class Hart(CsrMixin):
                     st = self.mstatus
                     pa, level, glob = mmu.walk(self.bus, mode, self.satp & ((1 << 44) - 1), va, access, priv,
                                                bool(st & SUM), bool(st & MXR))
+                    if not mprv and access != mmu.FETCH and not self.ram_base <= pa < self.ram_end:
+                        if len(io) >= IO_TLB_LIMIT:
+                            io.clear()
+                        io[(vpn, access, priv, self.satp, st & (SUM | MXR))] = pa & ~0xFFF
         if not mprv and self.ram_base <= pa < self.ram_end:
             vpn = va >> 12
             ppn = pa >> 12

@@ -139,16 +139,20 @@ class VirtioNet(VirtioDevice):
             self._deliver()
 
     def _transmit(self, queue: SplitQueue) -> None:
-        while (chain := queue.pop()) is not None:
-            limiter = self.tx_limiter
-            if limiter is not None and not limiter.consume(max(0, chain.readable_len - HDR_SIZE)):
-                queue.unpop()                       # throttled: poll() tries again
-                return
-            frame = self._tx_frame(queue, chain)
-            if frame is not None and not self.backend.send(frame):
-                queue.unpop()                       # the host is congested: try again in poll()
-                return
-            queue.push(chain.head, 0)
+        done: list[tuple[int, int]] = []           # finished chains, put on the used ring together
+        try:
+            while (chain := queue.pop()) is not None:
+                limiter = self.tx_limiter
+                if limiter is not None and not limiter.consume(max(0, chain.readable_len - HDR_SIZE)):
+                    queue.unpop()                       # throttled: poll() tries again
+                    return
+                frame = self._tx_frame(queue, chain)
+                if frame is not None and not self.backend.send(frame):
+                    queue.unpop()                       # the host is congested: try again in poll()
+                    return
+                done.append((chain.head, 0))
+        finally:
+            queue.push_many(done)
 
     def _tx_frame(self, queue: SplitQueue, chain: Chain) -> bytes | None:
         """The frame a transmit chain carries, or None (dropped and counted)."""
@@ -156,13 +160,20 @@ class VirtioNet(VirtioDevice):
         if chain.writable or n < MIN_FRAME or n > MAX_FRAME:
             self.stats["tx_dropped"] += 1
             return None
-        data = queue.gather(chain.readable, chain.readable_len)
-        flags, gso_type = data[0], data[1]
+        if len(chain.readable) == 1:                # header and frame in one buffer (Linux's way)
+            bus = queue.bus
+            ram, off = bus.ram, chain.readable[0][0] - bus.ram_base    # (_walk checked it is RAM)
+            flags, gso_type = ram[off], ram[off + 1]
+            frame = ram[off + HDR_SIZE:off + HDR_SIZE + n]
+        else:
+            data = queue.gather(chain.readable, chain.readable_len)
+            flags, gso_type = data[0], data[1]
+            frame = data[HDR_SIZE:]
         if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM or gso_type != VIRTIO_NET_HDR_GSO_NONE:
             self.stats["tx_dropped"] += 1             # offloads were never offered
             return None
         self.stats["tx_frames"] += 1
-        return data[HDR_SIZE:]
+        return frame
 
     def _deliver(self) -> None:
         """Move waiting frames into the guest's receive buffers (5.1.6.4)."""

@@ -14,6 +14,8 @@ from typing import Union
 
 import libfdt
 
+MAX_DTB = 1 << 20          # bytes: far beyond any board's tree
+
 
 @dataclass(frozen=True)
 class U64:
@@ -64,18 +66,29 @@ def reg(*pairs: tuple[int, int]) -> bytes:
 
 
 def to_dtb(root: Node, boot_cpuid: int = 0) -> bytes:
-    sw = libfdt.FdtSw()
-    sw.finish_reservemap()
+    size = 4096
+    while True:
+        sw = libfdt.FdtSw(size)
+        sw.finish_reservemap()
 
-    def emit(node: Node) -> None:
-        sw.begin_node(node.name)
-        for name, value in node.props.items():
-            sw.property(name, _encode(value))
-        for child in node.children:
-            emit(child)
-        sw.end_node()
+        def emit(node: Node) -> None:
+            sw.begin_node(node.name)
+            for name, value in node.props.items():
+                sw.property(name, _encode(value))
+            for child in node.children:
+                emit(child)
+            sw.end_node()
 
-    emit(root)
-    fdt = sw.as_fdt()
-    fdt.pack()
-    return bytes(fdt.as_bytearray())
+        emit(root)
+        try:
+            fdt = sw.as_fdt()
+        except libfdt.FdtException as e:
+            # pylibfdt grows the buffer as properties go in, but not for fdt_finish's last
+            # step: a tree that just fills it fails there (a 1,911-byte kernel command line
+            # on the default board did).  Start again with room to spare.
+            if e.err != -libfdt.NOSPACE or size >= MAX_DTB:
+                raise
+            size *= 2
+            continue
+        fdt.pack()
+        return bytes(fdt.as_bytearray())

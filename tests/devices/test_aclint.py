@@ -47,6 +47,32 @@ def test_mtimecmp_and_poll() -> None:
     assert c.next_deadline() == 5000
 
 
+def test_lines_follow_the_clock_through_polls_with_nothing_due() -> None:
+    """poll() skips the lines while all are down and nothing is due; it must still raise
+    each one when its time comes and lower it when its compare value moves on."""
+    c, clock, _, mtip = make(3)
+    c.write(0x4000, 8, 300)
+    c.write(0x4010, 8, 100)
+    for _ in range(99):
+        clock.advance(1)
+        c.poll()
+    assert not any(line.level for line in mtip)
+    clock.advance(1)
+    c.poll()
+    assert [line.level for line in mtip] == [False, False, True]
+    clock.advance(200)
+    c.poll()
+    assert [line.level for line in mtip] == [True, False, True]
+    c.write(0x4010, 8, M64)                       # hart 2 disarmed; hart 0 stays up
+    c.poll()
+    assert [line.level for line in mtip] == [True, False, False]
+    c.load(c.save() | {"mtimecmp": [M64, M64, M64]})
+    assert not any(line.level for line in mtip)
+    clock.advance(1 << 40)
+    c.poll()
+    assert not any(line.level for line in mtip)
+
+
 def test_mtime_follows_clock_and_is_read_only() -> None:
     c, clock, _, _ = make()
     clock.advance((7 << 32) + 123)

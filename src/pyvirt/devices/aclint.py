@@ -56,14 +56,28 @@ class Aclint:
         self.mtimecmp = [M64] * self.n
         for line in self.msip_lines:
             line.set(False)
+        self._compared()
+
+    def _compared(self) -> None:
+        """mtimecmp changed: every line again, and the earliest compare value kept."""
+        self._soonest = min(self.mtimecmp)
+        self._up = True                 # (as if a line were up: poll sets each one)
         self.poll()
 
     # -- time -----------------------------------------------------------------------------
     def poll(self) -> None:
-        """Bring the MTIP lines up to date with the clock."""
+        """Bring the MTIP lines up to date with the clock.  Between two slices this is
+        one comparison while every line is down and no compare value has come (a guest
+        with Sstc never arms mtimecmp)."""
         now = self.clock.ticks()
+        if not self._up and now < self._soonest:
+            return
+        up = False
         for line, cmp in zip_strict(self.mtip_lines, self.mtimecmp):
-            line.set(now >= cmp)
+            level = now >= cmp
+            line.set(level)
+            up = up or level
+        self._up = up
 
     def next_deadline(self) -> int | None:
         """The earliest mtimecmp still in the future, in clock ticks (None: none armed)."""
@@ -109,8 +123,7 @@ class Aclint:
             h = (offset - MTIMECMP_BASE) >> 3
             old = self.mtimecmp[h]
             self.mtimecmp[h] = (old & ~(mask << shift) & M64) | ((value & mask) << shift)
-            now = self.clock.ticks()
-            self.mtip_lines[h].set(now >= self.mtimecmp[h])
+            self._compared()
         # mtime is read-only: it follows the VM clock.
 
     # -- state ------------------------------------------------------------------------------
@@ -128,4 +141,4 @@ class Aclint:
         self.mtimecmp = list(state["mtimecmp"])
         for line, v in zip_strict(self.msip_lines, self.msip):
             line.set(bool(v))
-        self.poll()
+        self._compared()

@@ -84,8 +84,8 @@ def to_dtb(root: Node, boot_cpuid: int = 0) -> bytes:
             fdt = sw.as_fdt()
         except libfdt.FdtException as e:
             # pylibfdt grows the buffer as properties go in, but not for fdt_finish's last
-            # step: a tree that just fills it fails there (a 1,911-byte kernel command line
-            # on the default board did).  Start again with room to spare.
+            # step: a tree that just fills it fails there (a long --command with --image debian
+            # did; a bare tree with a 1,911-byte command line does).  Start again with room to spare.
             if e.err != -libfdt.NOSPACE or size >= MAX_DTB:
                 raise
             size *= 2

@@ -65,21 +65,21 @@ def reg(*pairs: tuple[int, int]) -> bytes:
     return b"".join(struct.pack(">QQ", a, s) for a, s in pairs)
 
 
+def _emit(sw: libfdt.FdtSw, node: Node) -> None:
+    sw.begin_node(node.name)
+    for name, value in node.props.items():
+        sw.property(name, _encode(value))
+    for child in node.children:
+        _emit(sw, child)
+    sw.end_node()
+
+
 def to_dtb(root: Node, boot_cpuid: int = 0) -> bytes:
     size = 4096
     while True:
         sw = libfdt.FdtSw(size)
         sw.finish_reservemap()
-
-        def emit(node: Node) -> None:
-            sw.begin_node(node.name)
-            for name, value in node.props.items():
-                sw.property(name, _encode(value))
-            for child in node.children:
-                emit(child)
-            sw.end_node()
-
-        emit(root)
+        _emit(sw, root)
         try:
             fdt = sw.as_fdt()
         except libfdt.FdtException as e:

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from pyvirt.devices.virtio.device import INT_CONFIG, INT_USED, STATUS_DEVICE_NEEDS_RESET
+from pyvirt.devices.virtio.device import INT_CONFIG, INT_USED, STATUS_DEVICE_NEEDS_RESET, VIRTIO_F_EVENT_IDX
 from pyvirt.devices.virtio.net import (
     HDR_SIZE,
     MAX_PENDING_FRAMES,
@@ -19,6 +19,7 @@ from pyvirt.devices.virtio.net import (
     VirtioNet,
     parse_mac,
 )
+from pyvirt.devices.virtio.queue import vring_need_event
 from pyvirt.testing.virtio_rig import RAM, make_rig
 from pyvirt.testing.virtq import Buffer
 
@@ -64,7 +65,7 @@ class FakeBackend:
 
 
 class Guest:
-    def __init__(self, mergeable: bool = True, queue_size: int | None = None) -> None:
+    def __init__(self, mergeable: bool = True, queue_size: int | None = None, event_idx: bool = True) -> None:
         self.backend = FakeBackend()
         self.rig = make_rig(VirtioNet(self.backend, MAC))
         self.dev: VirtioNet = self.rig.device
@@ -72,6 +73,8 @@ class Guest:
         accept = drv.device_features()
         if not mergeable:
             accept &= ~VIRTIO_NET_F_MRG_RXBUF
+        if not event_idx:
+            accept &= ~VIRTIO_F_EVENT_IDX
         self.qs = drv.init(accept=accept, queues=2, queue_size=queue_size)
         self.rx, self.tx = self.qs
 
@@ -132,9 +135,48 @@ def test_transmit_reaches_backend_byte_exact(split: bool) -> None:
     assert [n for _, n in g.tx.used_entries()] == [0] * 4
     assert g.dev.stats["tx_frames"] == 4 and g.dev.stats["tx_dropped"] == 0
     assert g.rig.irq.level or g.rig.drv.interrupt_status() & INT_USED
-    assert g.backend.flushes == 0                   # the kicks only queue: poll() writes
-    g.dev.poll()
-    assert g.backend.flushes == 1
+    assert g.backend.flushes == 4                   # a kick's frame is written at once
+    g.sane()
+
+
+def driver_kicks_tx(g: Guest, old: int) -> bool:
+    """Linux's kick decision for the transmit entries made available since `old`."""
+    q = g.tx
+    if q.event_idx:
+        return vring_need_event(q.avail_event(), q.avail_idx, old)
+    return not g.rig.bus.read(q.used, 2) & 1              # VIRTQ_USED_F_NO_NOTIFY
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_a_quiet_transmit_queue_asks_for_a_kick_and_sends_at_once(event_idx: bool) -> None:
+    """While frames flow, poll() sends them and the driver is asked for no kicks; once a poll
+    finds the queue quiet, the next frame kicks and goes out at once, not at the end of the
+    slice (a ping's request and reply each waited up to a slice), and the frames after it
+    wait for the poll again."""
+    g = Guest(event_idx=event_idx)
+    assert g.tx.event_idx == event_idx
+    drv = g.rig.drv
+    g.dev.poll()                                          # quiet: the next frame should kick
+    for round_ in range(3):
+        old = g.tx.avail_idx
+        g.tx.add([drv.buffer(HDR.pack(0, 0, 0, 0, 0, 0, 0) + frame(60, round_))])
+        assert driver_kicks_tx(g, old), round_
+        flushes = g.backend.flushes
+        drv.kick(1)
+        assert g.backend.sent[-1] == frame(60, round_) and g.backend.flushes == flushes + 1
+        old = g.tx.avail_idx                              # a burst follows: no more kicks
+        for i in range(3):
+            g.tx.add([drv.buffer(HDR.pack(0, 0, 0, 0, 0, 0, 0) + frame(61, i))])
+        assert not driver_kicks_tx(g, old)
+        g.dev.poll()                                      # the poll sends them ...
+        assert g.backend.sent[-3:] == [frame(61, i) for i in range(3)]
+        g.tx.used_entries()
+        old = g.tx.avail_idx                              # ... and, busy, asks for no kick yet
+        g.tx.add([drv.buffer(HDR.pack(0, 0, 0, 0, 0, 0, 0) + frame(62, 0))])
+        assert not driver_kicks_tx(g, old)
+        g.dev.poll()                                      # sent; the poll after that is quiet
+        g.tx.used_entries()
+        g.dev.poll()
     g.sane()
 
 

@@ -22,10 +22,13 @@ Every buffer starts with the 12-byte header (5.1.6, the VERSION_1 layout)::
 Transmit (5.1.6.2): one chain is the header and one frame.
 
 Both queues are served by `poll()` between every two CPU slices, so the
-device asks the driver for no kicks at all (`SplitQueue.polled`: avail_event
+device asks the driver for no kicks (`SplitQueue.polled`: avail_event
 kept behind the driver, or VIRTQ_USED_F_NO_NOTIFY): a kick would be an exit
-from guest code for each frame sent or each batch of receive buffers.  A
-kick that comes anyway is served at once.  Frames sent are queued in the
+from guest code for each frame sent or each batch of receive buffers.  The
+one exception is a transmit queue a poll found quiet: the next frame kicks,
+goes out at once with a flush, and the queue is polled again (a ping's
+request and reply otherwise waited for the end of a slice).  A kick that
+comes anyway is served at once.  Frames sent are queued in the
 back end and written together at the end of `poll()` (backends/net.py
 `flush`): one system call, and one wake-up of passt or the switch, per
 slice rather than per frame.  A frame shorter
@@ -134,7 +137,11 @@ class VirtioNet(VirtioDevice):
     # -- requests --------------------------------------------------------------------------
     def process(self, index: int, queue: SplitQueue) -> None:
         if index == TX:
+            # The kick asked for after a quiet poll: the frame goes now, not at the end of
+            # the slice, and the queue is polled again (no kick for the frames after it).
+            queue.polled = True
             self._transmit(queue)
+            self.backend.flush()
         else:
             self._deliver()
 
@@ -304,8 +311,12 @@ class VirtioNet(VirtioDevice):
                 tx = self.queues[TX]
                 if tx.ready and tx.has_work():
                     self._transmit(tx)
+                    tx.polled = True
                     tx.publish_avail_event()
                     self.signal_used(TX)
+                elif tx.ready and tx.polled:
+                    tx.polled = False               # quiet: the next frame kicks (see above)
+                    tx.publish_avail_event()
             except QueueError as e:
                 self.needs_reset(str(e))
             except Exception as e:                      # a device bug must not kill the VM

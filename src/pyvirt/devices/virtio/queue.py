@@ -300,8 +300,8 @@ class SplitQueue:
         if self.event_idx:
             event = (self.last_avail - 0x8000) & 0xFFFF if self.polled else self.last_avail
             self._write16(self.used + 4 + 8 * self.size, event)
-        elif self.polled:
-            self._write16(self.used, VIRTQ_USED_F_NO_NOTIFY)
+        else:
+            self._write16(self.used, VIRTQ_USED_F_NO_NOTIFY if self.polled else 0)
 
     def should_notify(self) -> bool:
         """Does the driver want an interrupt for what was used since the last decision?"""

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from pyvirt.devices.virtio import net as net_mod
 from pyvirt.devices.virtio.device import INT_CONFIG, INT_USED, STATUS_DEVICE_NEEDS_RESET, VIRTIO_F_EVENT_IDX
 from pyvirt.devices.virtio.net import (
     HDR_SIZE,
@@ -148,14 +149,16 @@ def driver_kicks_tx(g: Guest, old: int) -> bool:
 
 
 @pytest.mark.parametrize("event_idx", [True, False])
-def test_a_quiet_transmit_queue_asks_for_a_kick_and_sends_at_once(event_idx: bool) -> None:
-    """While frames flow, poll() sends them and the driver is asked for no kicks; once a poll
-    finds the queue quiet, the next frame kicks and goes out at once, not at the end of the
+def test_a_quiet_transmit_queue_asks_for_a_kick_and_sends_at_once(event_idx: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While frames flow, poll() sends them and the driver is asked for no kicks; once the
+    queue has been quiet for TX_QUIET, the next frame kicks and goes out at once, not at the end of the
     slice (a ping's request and reply each waited up to a slice), and the frames after it
     wait for the poll again."""
     g = Guest(event_idx=event_idx)
     assert g.tx.event_idx == event_idx
     drv = g.rig.drv
+    clock = [100.0]
+    monkeypatch.setattr(net_mod.time, "monotonic", lambda: clock[0])
     g.dev.poll()                                          # quiet: the next frame should kick
     for round_ in range(3):
         old = g.tx.avail_idx
@@ -174,8 +177,16 @@ def test_a_quiet_transmit_queue_asks_for_a_kick_and_sends_at_once(event_idx: boo
         old = g.tx.avail_idx                              # ... and, busy, asks for no kick yet
         g.tx.add([drv.buffer(HDR.pack(0, 0, 0, 0, 0, 0, 0) + frame(62, 0))])
         assert not driver_kicks_tx(g, old)
-        g.dev.poll()                                      # sent; the poll after that is quiet
+        g.dev.poll()                                      # sent; polls after it are quiet ...
         g.tx.used_entries()
+        clock[0] += net_mod.TX_QUIET / 2
+        g.dev.poll()
+        old = g.tx.avail_idx                              # ... but not yet for long enough
+        g.tx.add([drv.buffer(HDR.pack(0, 0, 0, 0, 0, 0, 0) + frame(63, 0))])
+        assert not driver_kicks_tx(g, old)
+        g.dev.poll()
+        g.tx.used_entries()
+        clock[0] += 2 * net_mod.TX_QUIET
         g.dev.poll()
     g.sane()
 

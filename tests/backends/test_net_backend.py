@@ -102,6 +102,7 @@ def test_stream_oversize_length_drops_connection(pair, caplog: pytest.LogCapture
         for _ in range(3):
             backend.recv(8)
     assert got == [frame(60)]
+    assert backend.stats["rx_frames"] == 1            # the frame before it is counted, as returned
     assert not backend.link_up and backend.fileno() is None
     assert "65536-byte frame" in caplog.text
     assert backend.send(frame(60))                    # dropped, never an exception

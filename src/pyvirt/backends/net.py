@@ -186,14 +186,14 @@ class StreamBackend:
         unpack = LENGTH.unpack_from
         empty = 0
         first = len(frames)
+        too_long = 0
         view = memoryview(buf)        # (slices copied once, into bytes)
         try:
             while taken < limit and end - pos >= 4:
                 (n,) = unpack(buf, pos)
                 if n > MAX_FRAME:
-                    view.release()
-                    self._down(f"the peer announced a {n}-byte frame (more than {MAX_FRAME})")
-                    return taken
+                    too_long = n
+                    break
                 if end - pos - 4 < n:
                     break
                 pos += 4
@@ -204,10 +204,12 @@ class StreamBackend:
                 pos += n
                 taken += 1
         finally:
-            view.release()
+            view.release()            # (before _down empties the buffer)
         self.inpos = pos
         self.stats["rx_frames"] += len(frames) - first
         self.stats["rx_empty"] += empty
+        if too_long:
+            self._down(f"the peer announced a {too_long}-byte frame (more than {MAX_FRAME})")
         return taken
 
     def fileno(self) -> int | None:

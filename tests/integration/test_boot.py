@@ -14,8 +14,8 @@ from pyvirt.testing.guest import PtyConsole, pyvirt
 pytestmark = pytest.mark.slow
 
 
-def test_command_output_and_status(default_image, engine: str) -> None:
-    r = pyvirt("run", "--engine", engine, "--command", "cat /proc/cpuinfo; uname -m; echo $((6*7))")
+def test_command_output_and_status(default_image, every_engine: str) -> None:
+    r = pyvirt("run", "--engine", every_engine, "--command", "cat /proc/cpuinfo; uname -m; echo $((6*7))")
     assert r.code == 0, r.err
     assert "processor\t: 0" in r.out
     assert "isa\t\t: rv64imafdc" in r.out
@@ -29,8 +29,8 @@ def test_command_exit_status(default_image, engine: str) -> None:
     assert r.out == "bye\n"
 
 
-def test_four_cpus_online(default_image, engine: str) -> None:
-    r = pyvirt("run", "--engine", engine, "--cpus", "4", "--command",
+def test_four_cpus_online(default_image, every_engine: str) -> None:
+    r = pyvirt("run", "--engine", every_engine, "--cpus", "4", "--command",
                "grep -c ^processor /proc/cpuinfo; cat /sys/devices/system/cpu/online")
     assert r.code == 0, r.err
     assert r.out.split() == ["4", "0-3"]
@@ -64,10 +64,10 @@ def _debugfs_cat(image: Path, name: str) -> bytes:
     return p.stdout
 
 
-def test_disk_write_survives_poweroff(default_image, engine: str, tmp_path: Path) -> None:
+def test_disk_write_survives_poweroff(default_image, every_engine: str, tmp_path: Path) -> None:
     img = tmp_path / "data.img"
     _mkfs(img, {"hello.txt": b"from the host\n"})
-    r = pyvirt("run", "--engine", engine, "--disk", str(img), "--command",
+    r = pyvirt("run", "--engine", every_engine, "--disk", str(img), "--command",
                "mount /dev/vda /mnt && cat /mnt/hello.txt && echo written-in-guest > /mnt/new.txt "
                "&& sync && umount /mnt")
     assert r.code == 0, r.out + r.err

@@ -32,22 +32,22 @@ def free_port() -> int:
     return port
 
 
-def with_address(net: str, command: str):  # noqa: ANN201
+def with_address(net: str, command: str, engine: str | None = None):  # noqa: ANN201
     """`pyvirt run --net NET` running `command` once eth0 has its address (exit status 0)."""
-    r = pyvirt("run", "--net", net, "--command", f"ip -4 addr show eth0 | grep -q 'inet ' || exit 9; {command}",
-               timeout=300)
+    r = pyvirt("run", "--net", net, *(["--engine", engine] if engine else []), "--command",
+               f"ip -4 addr show eth0 | grep -q 'inet ' || exit 9; {command}", timeout=600)
     assert r.code == 0, (r.out, r.err)
     return r
 
 
 @needs_passt
-def test_guest_reaches_host_loopback(default_image, host_server) -> None:
+def test_guest_reaches_host_loopback(default_image, host_server, every_engine: str) -> None:
     www, port = host_server
     content = os.urandom(200_000)
     (www / "file").write_bytes(content)
     (www / "small").write_text("hello from the host\n")
     r = with_address("user,host-loopback=on", f"wget -q -O - http://{GATEWAY}:{port}/small && "
-                     f"wget -q -O /tmp/f http://{GATEWAY}:{port}/file && md5sum /tmp/f")
+                     f"wget -q -O /tmp/f http://{GATEWAY}:{port}/file && md5sum /tmp/f", every_engine)
     assert r.out == f"hello from the host\n{hashlib.md5(content).hexdigest()}  /tmp/f\n"
 
 

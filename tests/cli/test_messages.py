@@ -59,3 +59,21 @@ def test_state_dir_before_the_subcommand(capsys: Any, tmp_path: Path) -> None:
 def test_sizes_as_typed() -> None:
     assert parse_size("1.5G") == 3 << 29 and parse_size("8", default_unit="g") == 8 << 30
     assert format_size(64 << 30) == "64G" and format_size(320 << 20) == "320M" and format_size(1000) == "1000"
+
+
+@pytest.mark.parametrize("flag", ["--kernel", "--initrd", "--bios"])
+def test_a_boot_file_that_is_a_fifo_or_a_device_is_one_line_not_a_hang(capsys: Any, tmp_path: Path,
+                                                                        flag: str) -> None:
+    """`--kernel /dev/zero` was read until memory ran out (the code cache hashed it first), a FIFO
+    as --kernel, --initrd or --bios waited for a writer forever."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    what = {"--kernel": "kernel", "--initrd": "initrd", "--bios": "firmware"}[flag]
+    image = tmp_path / "Image"                                       # (a Linux Image header)
+    image.write_bytes(bytes(48) + b"RISCV\0\0\0RSC\x05" + bytes(4096))
+    extra = ["--kernel", str(image)] if flag == "--initrd" else []
+    command = [] if flag == "--bios" else ["--command", "true"]
+    for path in (str(fifo), "/dev/zero"):
+        one_line_error(run(capsys, "run", *extra, flag, path, *command), f"{what} {path} is not a regular file")

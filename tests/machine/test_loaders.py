@@ -99,3 +99,30 @@ def test_corrupt_program_headers(tmp_path: Path) -> None:
     struct.pack_into("<Q", data, 32, 1 << 40)        # e_phoff far beyond the file
     with pytest.raises(ImageError, match="corrupt"):
         parse_elf(bytes(data))
+
+
+@pytest.mark.parametrize("what", ["kernel", "firmware", "initrd"])
+def test_a_device_or_fifo_is_refused_without_reading_it(tmp_path: Path, what: str) -> None:
+    """/dev/zero as a kernel was read until the host ran out of memory, and a FIFO waited for a
+    writer forever: only regular files are read, and none larger than guest RAM."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", fifo):
+        with pytest.raises(ImageError, match=f"^{what} .* is not a regular file$"):
+            if what == "kernel":
+                boot.load_kernel(Bus(RAM, 16 << 20), path)
+            elif what == "firmware":
+                boot.load_firmware(Bus(RAM, 16 << 20), path)
+            else:
+                boot.read_file(path, what, 16 << 20)
+
+
+def test_a_file_larger_than_ram_is_not_read(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate((16 << 20) + 1)                      # (sparse: nothing is read to refuse it)
+    with pytest.raises(ImageError, match=r"^initrd .* \(16.0 MiB\) is larger than guest RAM \(16 MiB\)$"):
+        boot.read_file(big, "initrd", 16 << 20)
+    assert len(boot.read_file(big, "initrd", 32 << 20)) == (16 << 20) + 1

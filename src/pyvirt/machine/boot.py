@@ -9,6 +9,8 @@ a1 = physical address of the device tree.
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +32,36 @@ class Loaded:
     end: int
 
 
-def read_file(path: str | Path, what: str) -> bytes:
+def read_file(path: str | Path, what: str, limit: int) -> bytes:
+    """The whole of a regular file of at most `limit` bytes (guest RAM: nothing larger can be
+    placed).  A FIFO, a device or a file that grows past `limit` while it is read is refused in
+    one line: /dev/zero as a kernel would be read until the host ran out of memory, a FIFO
+    would wait for a writer."""
     p = Path(path)
     try:
-        return p.read_bytes()
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ImageError(f"{what} {p} does not exist") from None
     except IsADirectoryError:
         raise ImageError(f"{what} {p} is a directory") from None
     except OSError as e:
         raise ImageError(f"cannot read {what} {p}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ImageError(f"{what} {p} is {kind}")
+    with os.fdopen(fd, "rb") as f:
+        if st.st_size > limit:
+            raise ImageError(f"{what} {p} ({st.st_size / MIB:.1f} MiB) is larger than guest RAM "
+                             f"({limit // MIB} MiB)")
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise ImageError(f"cannot read {what} {p}: {e.strerror}") from None
+    if len(data) > limit:
+        raise ImageError(f"{what} {p} is larger than guest RAM ({limit // MIB} MiB)")
+    return data
 
 
 def _place(bus: Bus, addr: int, data: bytes, memsz: int, what: str) -> None:
@@ -69,7 +91,7 @@ def _load_elf(bus: Bus, image: ElfImage, base: int, what: str) -> Loaded:
 
 def load_kernel(bus: Bus, path: str | Path) -> Loaded:
     """Load a Linux `Image` or ELF `vmlinux` 2 MiB above the start of RAM."""
-    data = read_file(path, "kernel")
+    data = read_file(path, "kernel", bus.ram_size)
     base = bus.ram_base + KERNEL_OFFSET
     if is_elf(data):
         return _load_elf(bus, parse_elf(data, f"kernel {path}"), base, "kernel")
@@ -84,7 +106,7 @@ def load_kernel(bus: Bus, path: str | Path) -> Loaded:
 
 def load_firmware(bus: Bus, path: str | Path) -> tuple[Loaded, dict[str, int]]:
     """Load an M-mode ELF (bare-metal program, OpenSBI) at its physical addresses."""
-    data = read_file(path, "firmware")
+    data = read_file(path, "firmware", bus.ram_size)
     image = parse_elf(data, f"firmware {path}")
     if not all(bus.is_ram(s.paddr, s.memsz) for s in image.segments):
         raise ImageError(f"firmware {path} is not linked to run from guest RAM at {bus.ram_base:#x}")

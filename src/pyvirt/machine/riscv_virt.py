@@ -308,7 +308,7 @@ class VirtBoard:
             floor = max(floor, firmware.end)
             self.tohost = symbols.get("tohost")
         # Device tree and initrd go at the top of RAM, the device tree highest.
-        initrd_data = boot.read_file(spec.initrd, "initrd") if spec.initrd else None
+        initrd_data = boot.read_file(spec.initrd, "initrd", bus.ram_size) if spec.initrd else None
         bootargs = spec.append if spec.append is not None else "console=ttyS0"
         fdt_size_guess = 64 << 10
         initrd_range = None

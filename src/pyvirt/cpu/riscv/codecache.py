@@ -82,11 +82,17 @@ def for_board(root: Path, kernel: Path | None) -> CodeCache | None:
         try:
             # By content (the board reads the whole file anyway): the same kernel at another
             # path -- the image build's scratch copy of Debian's, a copied image -- shares it.
-            h = hashlib.blake2b(digest_size=6)
-            with open(kernel, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            label = h.hexdigest()
+            # Only a regular file, and only as many bytes as it had when opened: /dev/zero or a
+            # FIFO named as the kernel is refused by the loader (boot.read_file), not read here.
+            with open(os.open(kernel, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+                st = os.fstat(f.fileno())
+                if stat.S_ISREG(st.st_mode):
+                    h = hashlib.blake2b(digest_size=6)
+                    left = st.st_size
+                    while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+                        h.update(chunk)
+                        left -= len(chunk)
+                    label = h.hexdigest()
         except OSError:
             pass
     return CodeCache(root / "code", label)

@@ -1,5 +1,6 @@
 """Private directories and Unix sockets for pyvirt's background processes (network switches,
-pyvirtd and its VM runners), and where pyvirt's cache directory is."""
+pyvirtd and its VM runners), where pyvirt's cache directory is, and reading files a user
+names (`open_regular`, `read_regular`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import socket
 import stat
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pyvirt.errors import ConfigError
 
@@ -22,6 +23,45 @@ def cache_root() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "pyvirt"
+
+
+class NotRegularFile(OSError):
+    """A path named where a file is expected is a FIFO, a device, a socket or a directory."""
+
+
+class FileTooLarge(OSError):
+    """A file is larger than what its reader takes."""
+
+
+def open_regular(path: str | Path, *, follow: bool = True) -> BinaryIO:
+    """`path` opened for reading if it is a regular file, else NotRegularFile (an OSError whose
+    strerror says what it is): opened without waiting, so a FIFO's open returns at once
+    instead of waiting for a writer, and /dev/zero is never read.  `follow=False`: a symlink
+    at the last component is refused too (ELOOP)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise NotRegularFile(errno.EINVAL, kind, str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | Path, limit: int, *, follow: bool = True) -> bytes:
+    """The whole of regular file `path` (open_regular), or FileTooLarge past `limit` bytes --
+    checked before reading and again while reading, for a file that grows meanwhile."""
+    with open_regular(path, follow=follow) as f:
+        if os.fstat(f.fileno()).st_size > limit:
+            raise FileTooLarge(errno.EFBIG, f"larger than {limit} bytes", str(path))
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLarge(errno.EFBIG, f"larger than {limit} bytes", str(path))
+    return data
 
 
 def private_dir(d: Path, what: str) -> Path:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from pydantic.fields import FieldInfo
 
 from pyvirt.engines import ENGINES, EngineName
 from pyvirt.errors import ConfigError
+from pyvirt.fsutil import open_regular
 from pyvirt.spec import (
     DEVICE_FIELD_HOOKS,
     DiskSpec,
@@ -365,9 +365,9 @@ def _new_root_disk_ok(path: str | None) -> None:
 
 
 def _is_opensbi(path: str) -> bool:
-    try:                                  # (not waiting for a FIFO's writer: the boot refuses it)
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-            return stat.S_ISREG(os.fstat(f.fileno()).st_mode) and b"OpenSBI" in f.read(16 << 20)
+    try:                                  # (a FIFO or a device: the boot says so)
+        with open_regular(path) as f:
+            return b"OpenSBI" in f.read(16 << 20)
     except OSError:
         return False                      # (the boot says why it cannot read it)
 

@@ -197,7 +197,7 @@ def snapshot(program: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def copy_of(snapshot: Path, tmp_path: Path) -> Path:
     d = tmp_path / "copy"
-    d.mkdir()
+    d.mkdir(parents=True)
     for f in snapshot.iterdir():
         (d / f.name).write_bytes(f.read_bytes())
     return d
@@ -411,6 +411,24 @@ def test_state_must_have_a_digest(snapshot: Path, tmp_path: Path) -> None:
     state_without_digest(d)
     with pytest.raises(ConfigError, match="no sha256 for state.json"):
         load_snapshot(d, BufferBackend())
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_manifest_or_state_that_is_not_a_file_is_refused_without_reading_it(snapshot: Path, tmp_path: Path,
+                                                                              kind: str) -> None:
+    """A FIFO as a snapshot's manifest.json made the restore wait for a writer forever; a
+    state.json that is a FIFO or a link to /dev/zero is refused before it is read."""
+    for name in ("manifest.json", "state.json"):
+        d = copy_of(snapshot, tmp_path / f"{kind}-{name}")
+        (d / name).unlink()
+        if kind == "fifo":
+            os.mkfifo(d / name)
+        else:
+            (d / name).symlink_to("/dev/zero")
+        expected = {"manifest.json": "cannot read manifest.json: not a regular file",
+                    "state.json": "state.json is not a regular file"}[name]
+        with pytest.raises(ConfigError, match=expected):
+            load_snapshot(d, BufferBackend())
 
 
 @pytest.mark.parametrize("args, message", [

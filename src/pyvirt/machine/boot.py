@@ -9,13 +9,12 @@ a1 = physical address of the device tree.
 
 from __future__ import annotations
 
-import os
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyvirt.errors import ImageError
+from pyvirt.fsutil import FileTooLarge, NotRegularFile, read_regular
 from pyvirt.machine.elf import ElfImage, is_elf, parse_elf
 from pyvirt.memory import Bus
 
@@ -34,34 +33,19 @@ class Loaded:
 
 def read_file(path: str | Path, what: str, limit: int) -> bytes:
     """The whole of a regular file of at most `limit` bytes (guest RAM: nothing larger can be
-    placed).  A FIFO, a device or a file that grows past `limit` while it is read is refused in
-    one line: /dev/zero as a kernel would be read until the host ran out of memory, a FIFO
-    would wait for a writer."""
+    placed), in one line's error otherwise: /dev/zero as a kernel would be read until the host
+    ran out of memory, a FIFO would wait for a writer (fsutil.read_regular)."""
     p = Path(path)
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_regular(p, limit)
     except FileNotFoundError:
         raise ImageError(f"{what} {p} does not exist") from None
-    except IsADirectoryError:
-        raise ImageError(f"{what} {p} is a directory") from None
+    except NotRegularFile as e:
+        raise ImageError(f"{what} {p} is {e.strerror}") from None
+    except FileTooLarge:
+        raise ImageError(f"{what} {p} is larger than guest RAM ({limit // MIB} MiB)") from None
     except OSError as e:
         raise ImageError(f"cannot read {what} {p}: {e.strerror}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise ImageError(f"{what} {p} is {kind}")
-    with os.fdopen(fd, "rb") as f:
-        if st.st_size > limit:
-            raise ImageError(f"{what} {p} ({st.st_size / MIB:.1f} MiB) is larger than guest RAM "
-                             f"({limit // MIB} MiB)")
-        try:
-            data = f.read(limit + 1)
-        except OSError as e:
-            raise ImageError(f"cannot read {what} {p}: {e.strerror}") from None
-    if len(data) > limit:
-        raise ImageError(f"{what} {p} is larger than guest RAM ({limit // MIB} MiB)")
-    return data
 
 
 def _place(bus: Bus, addr: int, data: bytes, memsz: int, what: str) -> None:

@@ -26,6 +26,7 @@ from pyvirt.vmm.snapshot import (
     map_ram,
     ram_file_size,
     read_manifest,
+    read_small,
 )
 from pyvirt.vmm.vm import Vm
 
@@ -64,7 +65,7 @@ def load_snapshot(
         raise ConfigError(f"snapshot {d}: RAM size does not match the spec's {spec.memory} bytes")
     if len(m["disks"]) != len(spec.disks):
         raise ConfigError(f"snapshot {d}: {len(m['disks'])} disks recorded, the spec has {len(spec.disks)}")
-    raw = (d / STATE).read_bytes()
+    raw = read_small(d, STATE)
     state = _parse_json(raw, f"snapshot {d}: {STATE}")
     if spec_given is None:
         spec, cleanup = _restored_spec(d, m, spec, overrides or Overrides())

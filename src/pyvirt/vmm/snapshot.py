@@ -43,6 +43,7 @@ from pydantic import ValidationError
 
 from pyvirt.backends.disk import open_disk
 from pyvirt.errors import ConfigError
+from pyvirt.fsutil import FileTooLarge, read_regular
 from pyvirt.memory import PAGE_SIZE, shared_ram
 from pyvirt.spec import NetSpec, PortSpec, VmSpec
 from pyvirt.state import encode_bytes
@@ -415,12 +416,11 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     d = Path(directory)
     path = d / MANIFEST
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_MANIFEST + 1)
+        raw = read_regular(path, MAX_MANIFEST)
+    except FileTooLarge:
+        raise ConfigError(f"snapshot {d}: {MANIFEST} is larger than {MAX_MANIFEST} bytes") from None
     except OSError as e:
         raise ConfigError(f"snapshot {d}: cannot read {MANIFEST}: {e.strerror or e}") from None
-    if len(raw) > MAX_MANIFEST:
-        raise ConfigError(f"snapshot {d}: {MANIFEST} is larger than {MAX_MANIFEST} bytes")
     m = _parse_json(raw, f"snapshot {d}: {MANIFEST}")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ConfigError(f"snapshot {d}: not a pyvirt snapshot (format is not {FORMAT!r})")
@@ -469,8 +469,18 @@ def _check_file(d: Path, name: Any, entry: Any) -> None:
     if digest is not None:
         if entry["size"] > MAX_STATE:
             raise ConfigError(f"snapshot {d}: {name} is larger than {MAX_STATE} bytes")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+        if hashlib.sha256(read_small(d, name)).hexdigest() != digest:
             raise ConfigError(f"snapshot {d}: {name} does not match its sha256 in the manifest")
+
+
+def read_small(d: Path, name: str) -> bytes:
+    """Snapshot file `name` of at most MAX_STATE bytes: a regular file, not through a symlink."""
+    try:
+        return read_regular(d / name, MAX_STATE, follow=False)
+    except FileTooLarge:
+        raise ConfigError(f"snapshot {d}: {name} is larger than {MAX_STATE} bytes") from None
+    except OSError as e:
+        raise ConfigError(f"snapshot {d}: cannot read {name}: {e.strerror or e}") from None
 
 
 def _map_ram(path: Path, size: int) -> mmap.mmap:

@@ -56,6 +56,7 @@ from typing import Any, BinaryIO
 
 from pyvirt.cpu.riscv.decode import Insn
 from pyvirt.cpu.riscv.native import far_jump_fits
+from pyvirt.fsutil import open_regular
 
 MAGIC = b"PYVCODE2"
 MAX_FILE = 256 << 20           # bytes in one cache file (a systemd boot with its user space: ~120 MB)
@@ -82,17 +83,14 @@ def for_board(root: Path, kernel: Path | None) -> CodeCache | None:
         try:
             # By content (the board reads the whole file anyway): the same kernel at another
             # path -- the image build's scratch copy of Debian's, a copied image -- shares it.
-            # Only a regular file, and only as many bytes as it had when opened: /dev/zero or a
-            # FIFO named as the kernel is refused by the loader (boot.read_file), not read here.
-            with open(os.open(kernel, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-                st = os.fstat(f.fileno())
-                if stat.S_ISREG(st.st_mode):
-                    h = hashlib.blake2b(digest_size=6)
-                    left = st.st_size
-                    while left > 0 and (chunk := f.read(min(left, 1 << 20))):
-                        h.update(chunk)
-                        left -= len(chunk)
-                    label = h.hexdigest()
+            # A FIFO or a device named as the kernel is refused by the loader (boot.read_file).
+            with open_regular(kernel) as f:
+                h = hashlib.blake2b(digest_size=6)
+                left = os.fstat(f.fileno()).st_size      # (no more than it had when opened)
+                while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+                    h.update(chunk)
+                    left -= len(chunk)
+                label = h.hexdigest()
         except OSError:
             pass
     return CodeCache(root / "code", label)

@@ -16,6 +16,7 @@ from typing import Any, Callable, TypeVar
 from pyvirt.host.client import Client
 from pyvirt.host.paths import proc_start_time
 from pyvirt.host.store import Store
+from pyvirt.testing import stretch
 
 PY = sys.executable
 T = TypeVar("T")
@@ -59,7 +60,7 @@ class Daemon:
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([PY, "-m", "pyvirt", *args, "--state-dir", str(self.state)],
-                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                              capture_output=True, text=True, timeout=stretch(timeout), stdin=subprocess.DEVNULL)
 
     def cleanup(self) -> None:
         """End every runner this daemon started (whatever state the test left it in)."""
@@ -82,8 +83,9 @@ class Daemon:
 
 
 def wait_for(pred: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """`pred()` once it is true (polled every `interval` s); an AssertionError after `timeout` s."""
-    deadline = time.monotonic() + timeout
+    """`pred()` once it is true (polled every `interval` s); an AssertionError after `timeout` s
+    (on the native engine; `stretch`ed for a slower one)."""
+    deadline = time.monotonic() + stretch(timeout)
     while True:
         v = pred()
         if v:

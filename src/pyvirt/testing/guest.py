@@ -12,6 +12,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from pyvirt.testing import stretch
+
 GATEWAY = "$(ip route | awk '/^default/ {print $3}')"     # in the guest: passt's gateway
 
 
@@ -24,7 +26,7 @@ class Run:
 
 def pyvirt(*args: str, timeout: float = 600, stdin: bytes | None = None) -> Run:
     p = subprocess.run([sys.executable, "-m", "pyvirt", *args], input=stdin or b"",
-                       capture_output=True, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                       capture_output=True, timeout=stretch(timeout), env=dict(os.environ, PYTHONUNBUFFERED="1"))
     return Run(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
 
 
@@ -38,7 +40,7 @@ class PtyConsole:
         if self.pid == 0:
             os.execv(sys.executable, [sys.executable, "-m", "pyvirt", "run", *args])
         self.buf = b""
-        self.deadline = time.monotonic() + timeout
+        self.deadline = time.monotonic() + stretch(timeout)
 
     def expect(self, pattern: bytes) -> None:
         while not re.search(pattern, self.buf):
@@ -55,7 +57,7 @@ class PtyConsole:
 
     def wait_exit(self, timeout: float) -> int | None:
         """The exit status once the VMM ends (reading its console meanwhile), None at the timeout."""
-        end = time.monotonic() + timeout
+        end = time.monotonic() + stretch(timeout)
         while time.monotonic() < end:
             done, status = os.waitpid(self.pid, os.WNOHANG)
             if done:

@@ -201,3 +201,48 @@ def test_freeze_refused_broken_or_not_thawed(fake_vm) -> None:
             frozen_filesystems(fake_vm(freezer(frame("T", b"/mnt/d\n"), frame("X", b"thaw /mnt/d: bad")))) as fr:
         raise RuntimeError("the snapshot failed")                # (it is thawed all the same)
     assert not fr.thawed and fr.describe() == "froze /mnt/d (thaw: thaw /mnt/d: bad)"
+
+
+def test_the_clock_is_sent_again_while_the_guest_answers_slowly(tmp_path: Path) -> None:
+    """A clone restored on a busy host (or a slower engine) took 1.9 s to take its clock and
+    ended that far behind the host's: set_clock sends the host's time again while the agent
+    takes over CLOCK_CLOSE to answer, at most CLOCK_TRIES times, and each time sends the time
+    of that sending."""
+    import time
+
+    from pyvirt.host.agent import CLOCK_CLOSE, CLOCK_TRIES
+
+    path = tmp_path / "vsock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen()
+    delays = [0.4, 0.2, 0.0, 0.0]              # the agent's answers: slow, slow, then quick
+    got: list[tuple[float, float]] = []        # (the time sent, the host's time when it came)
+
+    def serve() -> None:
+        for delay in delays:
+            c, _ = srv.accept()
+            with c:
+                line = b""
+                while not line.endswith(b"\n"):
+                    line += c.recv(1)
+                c.sendall(b"OK 1073741824\n")
+                hello(c)
+                typ, data = read_frame(c)
+                sec, ns = struct.unpack("<qI", data)
+                got.append((sec + ns / 1e9, time.time()))
+                time.sleep(delay)
+                c.sendall(frame("Z"))
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        took = Agent(path).set_clock()
+        assert len(got) == 3 and took <= CLOCK_CLOSE and CLOCK_TRIES >= 3
+        for sent, came in got:
+            assert abs(came - sent) < 0.05        # the time of each sending, not of the first
+        assert got[2][0] - got[0][0] >= 0.6       # (after the two slow answers)
+        Agent(path).set_clock(1_000_000_000.5)    # a given time: sent once, however slow
+        t.join(5)
+        assert len(got) == 4 and got[3][0] == 1_000_000_000.5
+    finally:
+        srv.close()

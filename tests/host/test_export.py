@@ -110,7 +110,10 @@ def test_bad_archives_are_refused_and_leave_nothing(daemon: Daemon, tmp_path: Pa
 def test_garbage_file_and_missing_file(daemon: Daemon, tmp_path: Path) -> None:
     junk = tmp_path / "junk.pyvirt"
     junk.write_bytes(os.urandom(5000))
-    for path, words in ((junk, "not a valid archive"), (tmp_path / "none.pyvirt", "cannot open")):
+    fifo = tmp_path / "fifo.pyvirt"                     # (its open waited for a writer, forever)
+    os.mkfifo(fifo)
+    for path, words in ((junk, "not a valid archive"), (tmp_path / "none.pyvirt", "cannot open"),
+                        (fifo, "not a regular file")):
         e = pytest.raises(ApiError, daemon.client.import_, path).value
         assert e.status == 422 and words in e.detail, e.detail
     assert daemon.client.list() == [] and vm_dirs(daemon) == set()

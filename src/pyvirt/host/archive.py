@@ -42,6 +42,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from pyvirt.fsutil import open_regular
 from pyvirt.oci.tar import TarFormatError, header_block, pax_records, read_up_to, tar_number
 from pyvirt.vmm import snapfiles
 
@@ -287,7 +288,7 @@ def unpack(archive: Path, dest: Path) -> dict[str, Any]:
 
     archive = Path(archive).expanduser()
     try:
-        f = open(archive, "rb")
+        f = open_regular(archive)                   # (a FIFO would hold the daemon's thread)
     except (OSError, ValueError) as e:              # (ValueError: a NUL in the path)
         raise ArchiveError(f"cannot open {str(archive)[:200]!r}: {getattr(e, 'strerror', None) or e}") from None
     dest.mkdir(mode=0o700)

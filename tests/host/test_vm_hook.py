@@ -14,6 +14,7 @@ from pyvirt.backends.char import BufferBackend
 from pyvirt.guestcmd import command_append
 from pyvirt.images import cached_default_image
 from pyvirt.spec import make_spec
+from pyvirt.testing import stretch
 from pyvirt.vmm.vm import Vm, Watch
 
 pytestmark = pytest.mark.slow
@@ -44,7 +45,7 @@ def test_watch_pause_resume_quit() -> None:
     vm.watches.append(Watch(lambda: [r], on_ready, on_tick=lambda: ticks.append(1)))
 
     def driver() -> None:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + stretch(30)
         while b"tick" not in console.output and time.monotonic() < deadline:
             time.sleep(0.05)
         for cmd, after in ((b"p", 0.5), (b"r", 2.0), (b"q", 1.0)):     # 2 s paused

@@ -20,6 +20,7 @@ from typing import IO
 import pytest
 
 from pyvirt.host.agent import Agent, AgentError
+from pyvirt.testing import stretch
 
 pytestmark = pytest.mark.usefixtures("default_image")
 _VMM_PID = [0]
@@ -43,12 +44,12 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
                              "--command", "sleep 100000"], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
         agent = Agent(sock)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + stretch(120)
         while not sock.exists():
             assert proc.poll() is None, (d / "vm.log").read_text()
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        agent.wait(timeout=120)
+        agent.wait(timeout=stretch(120))
         _VMM_PID[0] = proc.pid
         yield agent
     finally:
@@ -146,7 +147,7 @@ def test_copy_errors_are_one_line(guest: Agent, tmp_path: Path) -> None:
 def test_listening_ports_clock_and_hostname(guest: Agent) -> None:
     s = guest.exec(["nc", "-l", "-p", "4567"])
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + stretch(20)
         while 4567 not in guest.listening_ports():
             assert time.monotonic() < deadline
             time.sleep(0.2)
@@ -237,7 +238,7 @@ def test_agent_on_the_debian_guest(tmp_path: Path) -> None:
                              "--command", "sleep 100000"], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
         agent = Agent(sock)
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + stretch(600)
         while True:
             try:
                 agent.wait(5)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvirt.testing import stretch
 from pyvirt.testing.guest import pyvirt
 
 MIB = 1 << 20
@@ -104,7 +105,7 @@ def test_a_signal_cleans_up_every_temporary_file_and_child(default_image, tmp_pa
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          env=dict(os.environ, TMPDIR=str(tmp)))
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + stretch(60)
         def passt_pid() -> str:
             return "".join(f.read_text().strip() for f in tmp.glob("pyvirt-passt-*/passt.pid"))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvirt.testing import stretch
 from pyvirt.testing.guest import GATEWAY, pyvirt
 
 pytestmark = pytest.mark.slow
@@ -69,12 +70,12 @@ def test_host_reaches_guest_through_forwarded_ports(default_image) -> None:
     cmd = ("mkdir -p /www && echo 'served by the guest' > /www/index.html && httpd -p 80 -h /www && "
            "nc -l -p 81 </dev/null >/dev/null; echo bye")
     p = subprocess.Popen([sys.executable, "-m", "pyvirt", "run", "--port", f"{page}:80",
-                          "--port", f"{done}:81", "--timeout", "240", "--command", cmd],
+                          "--port", f"{done}:81", "--timeout", str(int(stretch(240))), "--command", cmd],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         body = b""
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + stretch(180)
         while time.monotonic() < deadline:
             assert p.poll() is None, p.communicate()
             try:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pyvirt.testing import oci as t
+from pyvirt.testing import stretch
 from pyvirt.testing.guest import PtyConsole, pyvirt
 
 
@@ -186,7 +187,7 @@ def test_a_published_port_reaches_the_container(images) -> None:
                           "-u", "root", "sh", "-c", "echo hello-web > /tmp/index.html; httpd -f -p 8080 -h /tmp"],
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + stretch(120)
         body = b""
         while time.monotonic() < deadline and p.poll() is None:
             try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvirt.testing import stretch
 from pyvirt.testing.asm import toolchain_missing, user_elf
 from pyvirt.testing.guest import pyvirt
 from pyvirt.vmm.snapshot import SHARE_REFUSAL
@@ -111,7 +112,7 @@ class Guest:
     """`pyvirt run --command SCRIPT` with the script's stdin and stdout on pipes."""
 
     def __init__(self, script: str, *args: str) -> None:
-        self.p = subprocess.Popen([sys.executable, "-m", "pyvirt", "run", "--timeout", "240", *args,
+        self.p = subprocess.Popen([sys.executable, "-m", "pyvirt", "run", "--timeout", str(int(stretch(240))), *args,
                                    "--command", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         self.out: list[str] = []
@@ -232,7 +233,7 @@ ln -s ../../../../../../etc/passwd up; cat up 2>&1
 ls -a /mnt/work/.. 2>&1
 echo DONE
 """
-    r = pyvirt("run", "--timeout", "240", "--share", f"{share}:work", "--command", script)
+    r = pyvirt("run", "--timeout", str(int(stretch(240))), "--share", f"{share}:work", "--command", script)
     assert r.code == 0, r.err
     assert "DONE" in r.out
     assert "TOPSECRET" not in r.out
@@ -257,7 +258,7 @@ rm keep 2>/dev/null && echo WROTE4
 chmod 777 keep 2>/dev/null && echo WROTE5
 echo DONE
 """
-    r = pyvirt("run", "--timeout", "240", "--share", f"{share}:ro,ro", "--command", script)
+    r = pyvirt("run", "--timeout", str(int(stretch(240))), "--share", f"{share}:ro,ro", "--command", script)
     assert r.code == 0, r.err
     assert "original" in r.out and "DONE" in r.out
     assert "WROTE" not in r.out                      # even remounted read-write in the guest

@@ -246,3 +246,53 @@ def test_the_clock_is_sent_again_while_the_guest_answers_slowly(tmp_path: Path) 
         assert len(got) == 4 and got[3][0] == 1_000_000_000.5
     finally:
         srv.close()
+
+
+def test_an_agent_that_answers_after_the_restore_still_gets_its_clock(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four jit clones on a busy host answered after AFTER_RESTORE_TIMEOUT: after_restore named
+    them (the caller sets their host names through the console-port agent, which sets no
+    clock) and gave up, and their clocks stayed the snapshot's, 21 s behind.  It now goes on
+    waiting for them in the background and sets clock, host name and MACs when they answer."""
+    import time
+
+    from pyvirt.host import agent as agent_mod
+
+    monkeypatch.setattr(agent_mod, "AFTER_RESTORE_TIMEOUT", 0.3)
+    monkeypatch.setattr(agent_mod, "LATE_TIMEOUT", 20.0)
+    path = tmp_path / "vsock"
+    got: list[tuple[str, bytes]] = []
+    done = threading.Event()
+
+    def serve() -> None:
+        time.sleep(1.0)                                  # the guest's agent comes up late
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(str(path))
+        srv.listen()
+        with srv:
+            while not done.is_set():
+                c, _ = srv.accept()
+                with c:
+                    line = b""
+                    while not line.endswith(b"\n"):
+                        line += c.recv(1)
+                    c.sendall(b"OK 1073741824\n")
+                    hello(c)
+                    head = c.recv(5, socket.MSG_WAITALL)
+                    if len(head) < 5:
+                        continue                         # (a wait(): the greeting only)
+                    n, typ = struct.unpack("<IB", head)
+                    got.append((chr(typ), c.recv(n, socket.MSG_WAITALL) if n else b""))
+                    c.sendall(frame("Z"))
+                    if got[-1][0] == "A":
+                        done.set()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    began = time.monotonic()
+    failed = agent_mod.after_restore([agent_mod.Restored(path, "clone-2", ["52:54:00:12:34:56"])])
+    assert failed == ["clone-2"] and time.monotonic() - began < 1.0
+    assert done.wait(15), got
+    (c, clock), (h, name), (a, mac) = got[-3:]
+    assert (c, h, a) == ("C", "H", "A") and name == b"clone-2" and mac == b"eth0 52:54:00:12:34:56"
+    sec, ns = struct.unpack("<qI", clock)
+    assert abs(sec + ns / 1e9 - time.time()) < 5

@@ -458,6 +458,7 @@ def _share_script(agent: Agent, script: str, what: str) -> None:
 
 
 AFTER_RESTORE_TIMEOUT = 10.0
+LATE_TIMEOUT = 300.0     # how long a VM whose agent missed AFTER_RESTORE_TIMEOUT is waited for
 
 
 @dataclass
@@ -477,28 +478,28 @@ def after_restore(vms: list[Restored]) -> list[str]:
     agents, all at once: the wall clock set to the host's (the snapshot's is stale), the host
     name to the VM's, each NIC's MAC, then their shares mounted again.  Returns the names of
     the VMs whose agent did not answer in AFTER_RESTORE_TIMEOUT (logged; the caller may try
-    the console-port agent for them)."""
+    the console-port agent for them, which sets no clock).  Those are not given up: a thread
+    each waits up to LATE_TIMEOUT more and brings them up to date when their agent answers
+    (a busy host or a slower engine: four jit clones' agents took over 10 s, and their clocks
+    stayed the snapshot's, 21 s behind)."""
     import threading
 
     failed: list[str] = []
 
     def one(vm: Restored) -> None:
-        agent = Agent(vm.sock)
         try:
-            agent.wait(AFTER_RESTORE_TIMEOUT)
-            agent.set_clock()
-            agent.set_hostname(vm.name)
-            for i, mac in enumerate(vm.macs):
-                agent.set_mac(f"eth{i}", mac)
+            _bring_up_to_date(vm, AFTER_RESTORE_TIMEOUT)
         except AgentError as e:
-            log.warning("VM %s: the guest agent did not take its clock, host name and MACs: %s", vm.name, e)
+            log.warning("VM %s: the guest agent did not take its clock, host name and MACs yet: %s", vm.name, e)
             failed.append(vm.name)
-            return
-        if vm.shares:
-            try:
-                remount_shares(agent)
-            except AgentError as e:
-                log.warning("VM %s: its shared folders are not mounted again: %s", vm.name, e)
+            threading.Thread(target=late, args=(vm,), name=f"after-restore-{vm.name}", daemon=True).start()
+
+    def late(vm: Restored) -> None:
+        try:
+            _bring_up_to_date(vm, LATE_TIMEOUT)
+            log.info("VM %s: the guest agent answered late; its clock, host name and MACs are set", vm.name)
+        except AgentError as e:
+            log.warning("VM %s: the guest agent never answered; its clock stays the snapshot's: %s", vm.name, e)
 
     threads = [threading.Thread(target=one, args=(vm,)) for vm in vms]
     for t in threads:
@@ -506,6 +507,22 @@ def after_restore(vms: list[Restored]) -> list[str]:
     for t in threads:
         t.join()
     return failed
+
+
+def _bring_up_to_date(vm: Restored, wait: float) -> None:
+    """after_restore's work for one VM, once its agent answers within `wait` s (AgentError if
+    it does not); a share that does not mount again is logged, not raised."""
+    agent = Agent(vm.sock)
+    agent.wait(wait)
+    agent.set_clock()
+    agent.set_hostname(vm.name)
+    for i, mac in enumerate(vm.macs):
+        agent.set_mac(f"eth{i}", mac)
+    if vm.shares:
+        try:
+            remount_shares(agent)
+        except AgentError as e:
+            log.warning("VM %s: its shared folders are not mounted again: %s", vm.name, e)
 
 
 def local_target(guest_path: str, dest: str | Path) -> Path:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvirt.testing import stretch
 from pyvirt.testing.daemon import Daemon, wait_agent, wait_for
 
 MIB = 1 << 20
@@ -135,7 +136,7 @@ def test_restored_and_cloned_vms_answer_at_once(daemon: Daemon) -> None:
     # The acceptance point is 1 s; bench/restore_exec.py measures it (BENCHMARKS.md).  Here,
     # beside other tests on a shared machine, the bound has slack: no retry loop, no wait for
     # a slow agent, an answer in seconds, not the 10 s after_restore would wait.
-    assert all(v < 3.0 for v in took.values()), took
+    assert all(v < stretch(3.0) for v in took.values()), took
 
 
 def _free_port() -> int:

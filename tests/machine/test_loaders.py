@@ -123,6 +123,6 @@ def test_a_file_larger_than_ram_is_not_read(tmp_path: Path) -> None:
     big = tmp_path / "big"
     with open(big, "wb") as f:
         f.truncate((16 << 20) + 1)                      # (sparse: nothing is read to refuse it)
-    with pytest.raises(ImageError, match=r"^initrd .* is larger than guest RAM \(16 MiB\)$"):
+    with pytest.raises(ImageError, match=r"^initrd .* does not fit in guest RAM \(16 MiB\)$"):
         boot.read_file(big, "initrd", 16 << 20)
     assert len(boot.read_file(big, "initrd", 32 << 20)) == (16 << 20) + 1

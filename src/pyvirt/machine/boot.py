@@ -43,7 +43,7 @@ def read_file(path: str | Path, what: str, limit: int) -> bytes:
     except NotRegularFile as e:
         raise ImageError(f"{what} {p} is {e.strerror}") from None
     except FileTooLarge:
-        raise ImageError(f"{what} {p} is larger than guest RAM ({limit // MIB} MiB)") from None
+        raise ImageError(f"{what} {p} does not fit in guest RAM ({limit // MIB} MiB)") from None
     except OSError as e:
         raise ImageError(f"cannot read {what} {p}: {e.strerror}") from None
 

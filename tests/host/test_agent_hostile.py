@@ -34,6 +34,15 @@ def read_frame(c: socket.socket) -> tuple[str, bytes]:
     return chr(t), data
 
 
+def vsock_handshake(c: socket.socket) -> None:
+    """The VMM side of a connection to guest port 1024 (the agent's) on the vsock socket."""
+    line = b""
+    while not line.endswith(b"\n"):
+        line += c.recv(1)
+    assert line == b"CONNECT 1024\n"
+    c.sendall(b"OK 1073741824\n")
+
+
 @pytest.fixture
 def fake_vm(tmp_path: Path) -> Iterator[Callable[[Script], Agent]]:
     path = tmp_path / "vsock"
@@ -46,11 +55,7 @@ def fake_vm(tmp_path: Path) -> Iterator[Callable[[Script], Agent]]:
         def serve() -> None:
             c, _ = srv.accept()
             with c:
-                line = b""
-                while not line.endswith(b"\n"):
-                    line += c.recv(1)
-                assert line == b"CONNECT 1024\n"
-                c.sendall(b"OK 1073741824\n")
+                vsock_handshake(c)
                 try:
                     script(c)
                 except OSError:
@@ -223,10 +228,7 @@ def test_the_clock_is_sent_again_while_the_guest_answers_slowly(tmp_path: Path) 
         for delay in delays:
             c, _ = srv.accept()
             with c:
-                line = b""
-                while not line.endswith(b"\n"):
-                    line += c.recv(1)
-                c.sendall(b"OK 1073741824\n")
+                vsock_handshake(c)
                 hello(c)
                 typ, data = read_frame(c)
                 sec, ns = struct.unpack("<qI", data)
@@ -273,10 +275,7 @@ def test_an_agent_that_answers_after_the_restore_still_gets_its_clock(tmp_path: 
             while not done.is_set():
                 c, _ = srv.accept()
                 with c:
-                    line = b""
-                    while not line.endswith(b"\n"):
-                        line += c.recv(1)
-                    c.sendall(b"OK 1073741824\n")
+                    vsock_handshake(c)
                     hello(c)
                     head = c.recv(5, socket.MSG_WAITALL)
                     if len(head) < 5:

@@ -17,13 +17,13 @@ import hashlib
 import json
 import os
 import re
-import stat
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from pyvirt.errors import ImageError
+from pyvirt.fsutil import NotRegularFile, open_regular
 from pyvirt.images import cache
 
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -143,15 +143,13 @@ def file_chunks(f: Any, size: int = 1 << 20) -> Iterable[bytes]:
     return iter(lambda: f.read(size), b"")
 
 
-def reader(path: Path, opener: Callable[..., Any] = open) -> Any:
+def reader(path: Path) -> Any:
     """`path` opened for reading without following a symlink at its last component; a
     regular file only (a directory or a FIFO -- opened without waiting for a writer -- is
-    refused)."""
+    refused): fsutil.open_regular, its errors in the OCI code's words."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        return open_regular(path, follow=False)
+    except NotRegularFile:
+        raise OciError(f"{path}: not a regular file") from None
     except OSError as e:
         raise OciError(f"{path}: cannot read it ({e.strerror})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OciError(f"{path}: not a regular file")
-    return opener(fd, "rb")
